@@ -1,0 +1,240 @@
+"""Emitters: ONNX, torch.export (.pt2) and archc checkpoints (.pt), each verified and written atomically.
+
+Every emit is checked against the eager graph it came from on a random input: the ONNX file in ONNX
+Runtime with graph optimizations disabled (so the file itself is checked, not ORT's rewrite of it),
+`.pt2` and `.pt` by reloading them from the bytes written. Relative error is
+`max|y - y_ref| / max|y_ref|`; above the tolerance the emit fails and nothing is written.
+
+ONNX path: `torch.onnx.export(dynamo=True, optimize=True, external_data=False)` at a pinned opset,
+then onnx-simplifier, kept only if its own numeric check passes, then the ONNX Runtime parity run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from archc.errors import CheckpointError, ExportError
+from archc.fileio import atomic_output
+
+DEFAULT_OPSET = 18
+CHECKPOINT_FORMAT = "archc-checkpoint"
+CHECKPOINT_VERSION = 1
+FORMATS = (".onnx", ".pt", ".pt2")
+
+
+@dataclass
+class EmitReport:
+    path: Path
+    format: str
+    bytes: int = 0
+    verified_with: str = ""
+    max_abs_error: float = float("nan")
+    relative_error: float = float("nan")
+    notes: list[str] = field(default_factory=list)
+
+
+def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, float]:
+    """(max |Δ|, max |Δ| / max |reference|)."""
+    reference = reference.detach().double()
+    delta = (candidate.detach().double() - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    return delta, delta / scale if scale > 0 else delta
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence exporter chatter (progress prints, torchvision-missing warnings)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _input_name(gm: GraphModule) -> str:
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ExportError(f"expected a graph with one input, found {len(placeholders)}")
+    return str(placeholders[0])
+
+
+def _check(report: EmitReport, reference: torch.Tensor, output: torch.Tensor, rtol: float) -> None:
+    if tuple(output.shape) != tuple(reference.shape):
+        raise ExportError(f"{report.verified_with}: output shape {tuple(output.shape)} "
+                          f"!= eager {tuple(reference.shape)}")
+    report.max_abs_error, report.relative_error = relative_error(reference, output)
+    if not report.relative_error <= rtol:
+        raise ExportError(f"{report.verified_with} output differs from eager PyTorch: relative error "
+                          f"{report.relative_error:.3g} > tolerance {rtol:g}")
+
+
+def export_onnx(gm: GraphModule, path: str | Path, example_input: torch.Tensor, *,
+                opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, simplify: bool = True,
+                rtol: float = 1e-5) -> EmitReport:
+    """Export to a single-file ONNX model, verified in ONNX Runtime. Returns the report."""
+    import onnx
+
+    report = EmitReport(Path(path), "onnx", verified_with="onnxruntime (graph optimizations off)")
+    gm = gm.eval()
+    dynamic_shapes = {_input_name(gm): {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                gm, (example_input,), dynamo=True, optimize=True, external_data=False,
+                opset_version=opset, input_names=["input"], output_names=["output"],
+                dynamic_shapes=dynamic_shapes, verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many unrelated types
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    model = program.model_proto
+    if simplify:
+        model = _simplify(model, report)
+    onnx.checker.check_model(model)
+    data = model.SerializeToString()
+    with torch.no_grad():
+        reference = gm(example_input)
+    _check(report, reference, _run_onnxruntime(data, example_input), rtol)
+    if dynamic_batch:
+        batch = torch.cat([example_input, example_input.flip(0)], 0)
+        with torch.no_grad():
+            _check(report, gm(batch), _run_onnxruntime(data, batch), rtol)
+        report.notes.append(f"dynamic batch checked at {example_input.shape[0]} and {batch.shape[0]}")
+    with atomic_output(report.path) as temporary:
+        temporary.write_bytes(data)
+    report.bytes = len(data)
+    return report
+
+
+def _simplify(model, report: EmitReport):
+    import onnxsim
+
+    try:
+        with _quiet():
+            simplified, ok = onnxsim.simplify(model, check_n=2)
+    except Exception as exc:  # onnxsim failures must not lose a valid export
+        report.notes.append(f"onnx-simplifier skipped: {type(exc).__name__}")
+        return model
+    if not ok:
+        report.notes.append("onnx-simplifier result failed its check; kept the exporter's graph")
+        return model
+    before, after = len(model.graph.node), len(simplified.graph.node)
+    report.notes.append(f"onnx-simplifier: {before} -> {after} nodes")
+    return simplified
+
+
+def _run_onnxruntime(model_bytes: bytes, example_input: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {session.get_inputs()[0].name: example_input.numpy()})
+    return torch.from_numpy(output)
+
+
+def export_program(gm: GraphModule, path: str | Path, example_input: torch.Tensor, *,
+                   dynamic_batch: bool = False, rtol: float = 1e-5) -> EmitReport:
+    """torch.export to a `.pt2` archive, reloaded and verified."""
+    report = EmitReport(Path(path), "pt2", verified_with="torch.export.load")
+    dynamic_shapes = {_input_name(gm): {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    try:
+        with _quiet():
+            program = torch.export.export(gm.eval(), (example_input,), dynamic_shapes=dynamic_shapes)
+    except Exception as exc:
+        raise ExportError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    data = buffer.getvalue()
+    reloaded = torch.export.load(io.BytesIO(data)).module()
+    with torch.no_grad():
+        _check(report, gm(example_input), reloaded(example_input), rtol)
+    with atomic_output(report.path) as temporary:
+        temporary.write_bytes(data)
+    report.bytes = len(data)
+    return report
+
+
+def save_checkpoint(gm: GraphModule, spec: dict[str, Any], path: str | Path,
+                    example_input: torch.Tensor, *, rtol: float = 1e-5) -> EmitReport:
+    """An archc checkpoint: {format, version, spec, state_dict}; loads with weights_only=True."""
+    report = EmitReport(Path(path), "pt", verified_with="torch.load(weights_only=True) + rebuild")
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "spec": spec,
+               "state_dict": {k: v.detach().clone() for k, v in gm.state_dict().items()}}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    _, rebuilt = load_checkpoint_bytes(data, str(path))
+    with torch.no_grad():
+        _check(report, gm(example_input), rebuilt(example_input), rtol)
+    with atomic_output(report.path) as temporary:
+        temporary.write_bytes(data)
+    report.bytes = len(data)
+    return report
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], GraphModule]:
+    """Load an archc checkpoint: (spec dict, GraphModule with its weights). Raises CheckpointError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return load_checkpoint_bytes(data, str(path))
+
+
+def load_checkpoint_bytes(data: bytes, source: str) -> tuple[dict[str, Any], GraphModule]:
+    """`load_checkpoint` on bytes already read; `source` names them in errors."""
+    from archc.errors import SpecError
+    from archc.lower import build
+    from archc.spec import spec_from_mapping
+
+    try:
+        payload = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # truncated zip, random bytes, pickled code refused by weights_only
+        raise CheckpointError(f"{source}: not a loadable checkpoint ({_first_line(exc)})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{source}: not an archc checkpoint (no format: {CHECKPOINT_FORMAT!r})")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{source}: checkpoint version {payload.get('version')!r} "
+                              f"is not supported (expected {CHECKPOINT_VERSION})")
+    try:
+        spec = spec_from_mapping(payload.get("spec"), f"{source}[spec]")
+    except SpecError as exc:
+        raise CheckpointError(str(exc)) from None
+    gm = build(spec, device="meta")
+    state = payload.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: state_dict is missing")
+    try:
+        gm.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: state_dict does not match its spec: "
+                              f"{_state_dict_mismatch(exc)}") from None
+    return spec.to_dict(), gm.eval()
+
+
+def _state_dict_mismatch(exc: RuntimeError) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines[1:3]) if len(lines) > 1 else lines[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__

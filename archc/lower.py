@@ -1,0 +1,82 @@
+"""Lowering: spec -> nn.Module -> torch.fx.GraphModule.
+
+The network is pycls' AnyNet: `stem`, stages `s1..sN` of blocks `b1..bK` (the first block of a stage
+takes the previous width and the stage stride, the others stride 1), then `head`. Tracing keeps the
+module hierarchy, so graph nodes carry readable qualified names (`s2.b1.f.b.conv`).
+
+Weights come from `archc.init` (pycls' scheme by default, per-tensor numpy generators keyed by
+(seed, name), independent of torch's RNG stream). `build(..., device="meta")` skips allocation and
+initialisation entirely, for analysis of large models.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from archc.blocks import BLOCKS, ClassifierHead, build_stem
+from archc.spec import Spec, load_spec
+
+Init = Literal["pycls", "random"]
+
+
+class Network(nn.Module):
+    """stem -> s1 .. sN -> head."""
+
+    def __init__(self, spec: Spec):
+        super().__init__()
+        self.stem = build_stem(spec.stem, spec.input.channels)
+        width = spec.stem.width
+        for stage_index, stage in enumerate(spec.stages(), start=1):
+            block_cls = BLOCKS[stage.block]
+            blocks: OrderedDict[str, nn.Module] = OrderedDict()
+            for block_index in range(stage.depth):
+                stride = stage.stride if block_index == 0 else 1
+                blocks[f"b{block_index + 1}"] = block_cls(width, stage.width, stride, stage)
+                width = stage.width
+            self.add_module(f"s{stage_index}", nn.Sequential(blocks))
+        self.head = ClassifierHead(spec.head, width, spec.num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for module in self.children():
+            x = module(x)
+        return x
+
+
+def input_shape(spec: Spec, batch: int = 1, size: int | None = None) -> tuple[int, int, int, int]:
+    side = size or spec.input.size
+    return (batch, spec.input.channels, side, side)
+
+
+def build_module(spec: Spec | Any, *, seed: int = 0, init: Init = "pycls",
+                 device: str | torch.device = "cpu") -> nn.Module:
+    """The eager nn.Module of a spec, in eval mode."""
+    from archc import init as initializers
+
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    with torch.device(device):
+        model = Network(spec)
+    if torch.device(device).type != "meta":
+        if init == "pycls":
+            initializers.pycls_init(model, seed)
+        else:
+            calibration = initializers.random_input(input_shape(spec, batch=2), seed)
+            initializers.randomize(model, seed, calibration_input=calibration)
+    return model.eval()
+
+
+def build(spec: Spec | Any, *, seed: int = 0, init: Init = "pycls",
+          device: str | torch.device = "cpu") -> torch.fx.GraphModule:
+    """Lower a spec (object, mapping or path) to a traced GraphModule in eval mode.
+
+    `init="random"` gives random non-degenerate weights and BN statistics calibrated on a random
+    batch and then perturbed (see `archc.init.randomize`): the setting for verification.
+    """
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    model = build_module(spec, seed=seed, init=init, device=device)
+    graph_module = torch.fx.symbolic_trace(model)
+    graph_module.meta["archc_spec"] = spec.to_dict()
+    return graph_module.eval()

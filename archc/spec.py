@@ -1,0 +1,282 @@
+"""The archc spec language: the one schema file.
+
+A spec is a YAML or JSON mapping::
+
+    name: regnetx_600mf
+    input: {channels: 3, size: 224}
+    num_classes: 1000
+    stem: {type: simple, width: 32}
+    body: {type: regnet, depth: 16, w0: 48, wa: 36.97, wm: 2.24, group_width: 24}
+    head: {type: classifier}
+
+Two body forms exist. `anynet` is the explicit form: a list of stages, each `depth` blocks of one
+registered block type, the first block of a stage carrying the stage's stride. `regnet` is the
+compact form of Radosavovic et al. (2020): (depth, w0, wa, wm, group_width, bottleneck) generate the
+stage list (see `archc.regnet`). Everything downstream of `Spec.stages()` sees only explicit stages.
+
+Bottleneck width: pycls' *multiplier* `bot_mul` gives the bottleneck width `w_b = round(w * bot_mul)`;
+the paper's bottleneck *ratio* `b` is its reciprocal (`w_b = w / b`). Specs say which one they mean:
+`bottleneck_multiplier` or `bottleneck_ratio`, never both.
+
+Validation happens in two steps with one error format (`file:field.path: what is wrong`):
+structure and ranges here (pydantic), then block-specific checks by the registered block classes
+(`archc.blocks`), which live beside the modules they describe.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from archc.errors import SpecError
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors; types are not coerced (a string is not a number)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class InputSpec(_Strict):
+    channels: PositiveInt = 3  # input channels (3 for RGB)
+    size: Annotated[int, Field(ge=8, le=4096)] = 224  # square input side, pixels
+
+
+class StemSpec(_Strict):
+    # simple: 3x3 conv stride 2 + BN + ReLU (pycls SimpleStem);
+    # resnet: 7x7 conv stride 2 + BN + ReLU + 3x3 max-pool stride 2
+    type: Literal["simple", "resnet"] = "simple"
+    width: PositiveInt = 32  # stem output channels (RegNet: always 32)
+
+
+class HeadSpec(_Strict):
+    type: Literal["classifier"] = "classifier"  # global average pool, flatten, Linear
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # dropout before the classifier
+
+
+class _BottleneckFields(_Strict):
+    # pycls' bot_mul: bottleneck width = round(width * bottleneck_multiplier)
+    bottleneck_multiplier: Annotated[float, Field(gt=0.0, le=64.0)] | None = None
+    # the paper's b (= 1 / bottleneck_multiplier); give one of the two at most
+    bottleneck_ratio: Annotated[float, Field(gt=0.0, le=64.0)] | None = None
+    # squeeze-excitation width = round(se_ratio * block input width); 0 disables SE
+    se_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _one_bottleneck_form(self):
+        if self.bottleneck_multiplier is not None and self.bottleneck_ratio is not None:
+            raise ValueError(
+                "give bottleneck_multiplier (pycls bot_mul) or bottleneck_ratio (the paper's b),"
+                " not both: one is the reciprocal of the other"
+            )
+        return self
+
+    @property
+    def bottleneck(self) -> float:
+        """The bottleneck multiplier (pycls bot_mul)."""
+        if self.bottleneck_ratio is not None:
+            return 1.0 / self.bottleneck_ratio
+        return 1.0 if self.bottleneck_multiplier is None else self.bottleneck_multiplier
+
+
+class StageSpec(_BottleneckFields):
+    block: str = "res_bottleneck"  # a registered block type (`archc blocks` lists them)
+    depth: PositiveInt  # number of blocks
+    width: PositiveInt  # output channels of every block in the stage
+    stride: Annotated[int, Field(ge=1, le=8)] = 2  # stride of the stage's first block
+    group_width: PositiveInt | None = None  # channels per group of the grouped conv; None: dense
+
+
+class AnyNetBody(_Strict):
+    type: Literal["anynet"]
+    stages: Annotated[list[StageSpec], Field(min_length=1)]  # the explicit stage list
+
+
+class RegNetBody(_BottleneckFields):
+    type: Literal["regnet"]
+    depth: Annotated[int, Field(ge=1, le=256)]  # d: total number of blocks
+    w0: Annotated[int, Field(ge=1)]  # initial width, a multiple of q
+    wa: Annotated[float, Field(ge=0.0)]  # slope of the linear widths u_j = w0 + wa * j
+    wm: Annotated[float, Field(gt=1.0)]  # width multiplier between stages (> 1)
+    group_width: PositiveInt  # g: channels per group
+    q: PositiveInt = 8  # widths are quantized to multiples of q
+    num_stages: PositiveInt | None = 4  # stages the config must give; null accepts any count
+    block: str = "res_bottleneck"  # block type of every stage
+
+    @model_validator(mode="after")
+    def _w0_quantized(self):
+        if self.w0 % self.q:
+            raise ValueError(f"w0 = {self.w0} is not a multiple of q = {self.q}")
+        return self
+
+
+Body = Annotated[AnyNetBody | RegNetBody, Field(discriminator="type")]
+
+
+class Spec(_Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]  # model name
+    input: InputSpec = InputSpec()
+    num_classes: PositiveInt = 1000  # classifier outputs
+    stem: StemSpec = StemSpec()
+    body: Body
+    head: HeadSpec = HeadSpec()
+
+    def stages(self) -> list[StageSpec]:
+        """The explicit stage list (a regnet body is lowered by `archc.regnet`)."""
+        if isinstance(self.body, AnyNetBody):
+            return list(self.body.stages)
+        from archc.regnet import regnet_stages
+
+        return regnet_stages(self.body)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and error formatting
+
+_UNION_TAGS = {"anynet", "regnet"}
+
+
+def _field_path(loc: tuple) -> str:
+    parts: list[str] = []
+    for index, item in enumerate(loc):
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif index > 0 and loc[index - 1] == "body" and item in _UNION_TAGS:
+            continue  # pydantic's discriminator tag, not a field of the file
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "<root>"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that owns the last element of `loc` (for key suggestions)."""
+    model: Any = Spec
+    for item in loc[:-1]:
+        if isinstance(item, int):
+            continue
+        if model is Spec and item == "body":
+            model = None
+            continue
+        if model is None and item in _UNION_TAGS:
+            model = AnyNetBody if item == "anynet" else RegNetBody
+            continue
+        if model is AnyNetBody and item == "stages":
+            model = StageSpec
+            continue
+        field = model.model_fields.get(item) if model else None
+        annotation = getattr(field, "annotation", None)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _describe(error: dict) -> str:
+    kind, loc = error["type"], error["loc"]
+    if kind == "extra_forbidden":
+        model = _model_at(loc)
+        message = f"unknown key {loc[-1]!r}"
+        if model is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+            else:
+                message += f"; valid keys: {', '.join(model.model_fields)}"
+        return message
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "union_tag_invalid":
+        return f"unknown body type {error['input']!r}; valid types: anynet, regnet"
+    if kind == "union_tag_not_found":
+        return "body needs a 'type' (anynet or regnet)"
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    if kind not in ("model_type", "dict_type") and not isinstance(value, (dict, list)):
+        message += f" (got {value!r})"
+    return message
+
+
+def spec_from_mapping(data: Any, source: str = "<spec>") -> Spec:
+    """Validate a mapping as a spec; raise `SpecError` naming `source` and the field path."""
+    if not isinstance(data, Mapping):
+        raise SpecError(f"a spec must be a mapping, got {type(data).__name__}", "<root>", source)
+    try:
+        spec = Spec.model_validate(dict(data))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise SpecError(_describe(first), _field_path(first["loc"]), source) from None
+    try:
+        _check_semantics(spec)
+    except SpecError as exc:
+        raise exc.with_source(source) from None
+    return spec
+
+
+def _check_semantics(spec: Spec) -> None:
+    """Checks that need more than one field: RegNet stage count, block-specific rules."""
+    from archc.blocks import check_stage
+
+    if isinstance(spec.body, RegNetBody):
+        check_stage(spec.body.block, None, "body.block")
+        stages = spec.stages()
+        if spec.body.num_stages is not None and len(stages) != spec.body.num_stages:
+            raise SpecError(
+                f"these (depth, w0, wa, wm, q) give {len(stages)} stages "
+                f"(widths {[s.width for s in stages]}), {spec.body.num_stages} requested",
+                "body",
+            )
+        return
+    for index, stage in enumerate(spec.body.stages):
+        check_stage(stage.block, stage, f"body.stages[{index}]")
+
+
+def load_spec(source: str | Path | Mapping[str, Any]) -> Spec:
+    """Load a spec from a YAML/JSON file path or a mapping. Raises `SpecError`."""
+    if isinstance(source, Mapping):
+        return spec_from_mapping(source)
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError("no such file", "", str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read: {exc}", "", str(path)) from None
+    return spec_from_mapping(_parse(text, path), str(path))
+
+
+def _parse(text: str, path: Path) -> Any:
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"invalid JSON: {exc.msg}", f"line {exc.lineno}", str(path)) from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"invalid YAML: {problem}", where, str(path)) from None
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the spec language (`archc schema`)."""
+    from archc.blocks import BLOCKS
+
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "archc spec"
+    stage = schema["$defs"]["StageSpec"]["properties"]["block"]
+    stage["enum"] = sorted(BLOCKS)
+    return schema
+
