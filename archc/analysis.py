@@ -3,9 +3,9 @@
 Shapes come from running the graph under a FakeTensorMode (no real computation, works for graphs
 whose weights live on the meta device). Complexity follows pycls' counting rules, per node:
 
-- flops are multiply-adds. Conv (any dim, groups g): `prod(k) * c_in * c_out * prod(out_spatial) / g`,
-  plus `c_out * prod(out_spatial)` with a bias. Linear: `c_in * c_out * rows`, plus `c_out * rows`
-  with a bias. Everything else (BN, activations, adds, SE multiply, pooling) counts 0.
+- flops are multiply-adds. Conv (any dim, groups g): `prod(k) * c_in * c_out * prod(out_spatial) /
+  g`, plus `c_out * prod(out_spatial)` with a bias. Linear: `c_in * c_out * rows`, plus `c_out *
+  rows` with a bias. Everything else (BN, activations, adds, SE multiply, pooling) counts 0.
 - params: the parameters of every module the graph calls (each module once), plus parameters read
   directly by `get_attr`. BN counts its affine gamma and beta (2C), never running statistics.
 - acts: output elements of every conv, linear and non-global pooling node (pycls counts max-pool).
@@ -24,13 +24,31 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONVS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_FUNCTIONAL_CONVS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d,
-                     torch.nn.functional.conv2d, torch.nn.functional.conv3d}
+_FUNCTIONAL_CONVS = {
+    torch.conv1d,
+    torch.conv2d,
+    torch.conv3d,
+    torch.nn.functional.conv1d,
+    torch.nn.functional.conv2d,
+    torch.nn.functional.conv3d,
+}
 _FUNCTIONAL_LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
-_FUNCTIONAL_POOLS = {torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
-                     torch.max_pool2d, torch.nn.functional.max_pool1d, torch.nn.functional.avg_pool1d}
+_FUNCTIONAL_POOLS = {
+    torch.nn.functional.max_pool2d,
+    torch.nn.functional.avg_pool2d,
+    torch.max_pool2d,
+    torch.nn.functional.max_pool1d,
+    torch.nn.functional.avg_pool1d,
+}
 
 
 @dataclass
@@ -55,7 +73,9 @@ class ComplexityReport:
     stages: dict[str, Complexity] = field(default_factory=dict)  # in graph order
 
 
-def propagate_shapes(gm: GraphModule, input_shapes: tuple[int, ...] | list[tuple[int, ...]]) -> None:
+def propagate_shapes(
+    gm: GraphModule, input_shapes: tuple[int, ...] | list[tuple[int, ...]]
+) -> None:
     """Annotate every node with `meta['tensor_meta']` (shape, dtype) for the given input shapes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -63,7 +83,9 @@ def propagate_shapes(gm: GraphModule, input_shapes: tuple[int, ...] | list[tuple
     reference = next(gm.parameters(), torch.empty(0))
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        inputs = [torch.empty(shape, dtype=reference.dtype, device=reference.device) for shape in shapes]
+        inputs = [
+            torch.empty(shape, dtype=reference.dtype, device=reference.device) for shape in shapes
+        ]
     ShapeProp(gm, fake_mode=mode).propagate(*inputs)
 
 
@@ -91,8 +113,10 @@ def _node_complexity(gm: GraphModule, node: Node, seen: set[str]) -> Complexity:
             cx.acts = _per_sample(out)
         elif isinstance(module, nn.Linear):
             rows = math.prod(out[1:-1]) if len(out) > 2 else 1
-            cx.flops = rows * (module.in_features * module.out_features
-                               + (module.out_features if module.bias is not None else 0))
+            cx.flops = rows * (
+                module.in_features * module.out_features
+                + (module.out_features if module.bias is not None else 0)
+            )
             cx.acts = _per_sample(out)
         elif isinstance(module, _POOLS):
             cx.acts = _per_sample(out)
@@ -113,7 +137,9 @@ def _node_complexity(gm: GraphModule, node: Node, seen: set[str]) -> Complexity:
                     cx.flops += w_shape[0] * spatial if bias is not None else 0
                 else:
                     rows = math.prod(out[1:-1]) if len(out) > 2 else 1
-                    cx.flops = rows * (w_shape[0] * w_shape[1] + (w_shape[0] if bias is not None else 0))
+                    cx.flops = rows * (
+                        w_shape[0] * w_shape[1] + (w_shape[0] if bias is not None else 0)
+                    )
                 cx.acts = _per_sample(out)
         elif node.target in _FUNCTIONAL_POOLS:
             cx.acts = _per_sample(out)
@@ -128,7 +154,9 @@ def _module_conv_flops(module: nn.Module, node: Node, out: tuple[int, ...]) -> i
             return 0
         kernel = math.prod(module.kernel_size)
         macs = kernel * module.in_channels * module.out_channels // module.groups
-        return macs * math.prod(source[2:]) + (module.out_channels * math.prod(out[2:]) if bias else 0)
+        return macs * math.prod(source[2:]) + (
+            module.out_channels * math.prod(out[2:]) if bias else 0
+        )
     spatial = math.prod(out[2:])
     kernel = math.prod(module.kernel_size)
     macs = kernel * module.in_channels * module.out_channels // module.groups * spatial
@@ -159,7 +187,9 @@ def stage_of(node: Node) -> str:
     return "<top>"
 
 
-def complexity_report(gm: GraphModule, input_shape: tuple[int, ...] | None = None) -> ComplexityReport:
+def complexity_report(
+    gm: GraphModule, input_shape: tuple[int, ...] | None = None
+) -> ComplexityReport:
     """flops, params and acts of a graph, in total and per stage.
 
     `input_shape` (N, C, H, W) triggers shape propagation; without it the nodes must already

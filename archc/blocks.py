@@ -55,8 +55,9 @@ def check_stage(block: str, stage: StageSpec | None, path: str) -> None:
         raise SpecError(message, f"{path}.{field}")
 
 
-def conv_bn(w_in: int, w_out: int, kernel: int, stride: int = 1, groups: int = 1,
-            relu: bool = True) -> nn.Sequential:
+def conv_bn(
+    w_in: int, w_out: int, kernel: int, stride: int = 1, groups: int = 1, relu: bool = True
+) -> nn.Sequential:
     """conv (no bias, padding (k-1)//2) -> BN -> optional ReLU, named conv/bn/act."""
     layers: OrderedDict[str, nn.Module] = OrderedDict(
         conv=nn.Conv2d(w_in, w_out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
@@ -112,7 +113,10 @@ class ResBottleneck(Block):
     def check(cls, stage):
         w_b = cls.bottleneck_width(stage)
         if w_b < 1:
-            return "bottleneck_multiplier", f"bottleneck width round({stage.width} * {stage.bottleneck}) is 0"
+            return (
+                "bottleneck_multiplier",
+                f"bottleneck width round({stage.width} * {stage.bottleneck}) is 0",
+            )
         if stage.group_width is not None and w_b % stage.group_width:
             return "group_width", (
                 f"bottleneck width {w_b} (width {stage.width} x bottleneck {stage.bottleneck:g}) "

@@ -1,4 +1,4 @@
-"""Emitters: ONNX, torch.export (.pt2) and archc checkpoints (.pt), each verified and written atomically.
+"""Emitters: ONNX, torch.export (.pt2) and archc checkpoints (.pt), verified, written atomically.
 
 Every emit is checked against the eager graph it came from on a random input: the ONNX file in ONNX
 Runtime with graph optimizations disabled (so the file itself is checked, not ORT's rewrite of it),
@@ -76,17 +76,28 @@ def _input_name(gm: GraphModule) -> str:
 
 def _check(report: EmitReport, reference: torch.Tensor, output: torch.Tensor, rtol: float) -> None:
     if tuple(output.shape) != tuple(reference.shape):
-        raise ExportError(f"{report.verified_with}: output shape {tuple(output.shape)} "
-                          f"!= eager {tuple(reference.shape)}")
+        raise ExportError(
+            f"{report.verified_with}: output shape {tuple(output.shape)} "
+            f"!= eager {tuple(reference.shape)}"
+        )
     report.max_abs_error, report.relative_error = relative_error(reference, output)
     if not report.relative_error <= rtol:
-        raise ExportError(f"{report.verified_with} output differs from eager PyTorch: relative error "
-                          f"{report.relative_error:.3g} > tolerance {rtol:g}")
+        raise ExportError(
+            f"{report.verified_with} output differs from eager PyTorch: relative error "
+            f"{report.relative_error:.3g} > tolerance {rtol:g}"
+        )
 
 
-def export_onnx(gm: GraphModule, path: str | Path, example_input: torch.Tensor, *,
-                opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, simplify: bool = True,
-                rtol: float = 1e-5) -> EmitReport:
+def export_onnx(
+    gm: GraphModule,
+    path: str | Path,
+    example_input: torch.Tensor,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
+    simplify: bool = True,
+    rtol: float = 1e-5,
+) -> EmitReport:
     """Export to a single-file ONNX model, verified in ONNX Runtime. Returns the report."""
     import onnx
 
@@ -96,12 +107,21 @@ def export_onnx(gm: GraphModule, path: str | Path, example_input: torch.Tensor, 
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(
-                gm, (example_input,), dynamo=True, optimize=True, external_data=False,
-                opset_version=opset, input_names=["input"], output_names=["output"],
-                dynamic_shapes=dynamic_shapes, verbose=False,
+                gm,
+                (example_input,),
+                dynamo=True,
+                optimize=True,
+                external_data=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
             )
     except Exception as exc:  # the exporter raises many unrelated types
-        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(
+            f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from exc
     model = program.model_proto
     if simplify:
         model = _simplify(model, report)
@@ -114,7 +134,9 @@ def export_onnx(gm: GraphModule, path: str | Path, example_input: torch.Tensor, 
         batch = torch.cat([example_input, example_input.flip(0)], 0)
         with torch.no_grad():
             _check(report, gm(batch), _run_onnxruntime(data, batch), rtol)
-        report.notes.append(f"dynamic batch checked at {example_input.shape[0]} and {batch.shape[0]}")
+        report.notes.append(
+            f"dynamic batch checked at {example_input.shape[0]} and {batch.shape[0]}"
+        )
     with atomic_output(report.path) as temporary:
         temporary.write_bytes(data)
     report.bytes = len(data)
@@ -149,16 +171,26 @@ def _run_onnxruntime(model_bytes: bytes, example_input: torch.Tensor) -> torch.T
     return torch.from_numpy(output)
 
 
-def export_program(gm: GraphModule, path: str | Path, example_input: torch.Tensor, *,
-                   dynamic_batch: bool = False, rtol: float = 1e-5) -> EmitReport:
+def export_program(
+    gm: GraphModule,
+    path: str | Path,
+    example_input: torch.Tensor,
+    *,
+    dynamic_batch: bool = False,
+    rtol: float = 1e-5,
+) -> EmitReport:
     """torch.export to a `.pt2` archive, reloaded and verified."""
     report = EmitReport(Path(path), "pt2", verified_with="torch.export.load")
     dynamic_shapes = {_input_name(gm): {0: torch.export.Dim("batch")}} if dynamic_batch else None
     try:
         with _quiet():
-            program = torch.export.export(gm.eval(), (example_input,), dynamic_shapes=dynamic_shapes)
+            program = torch.export.export(
+                gm.eval(), (example_input,), dynamic_shapes=dynamic_shapes
+            )
     except Exception as exc:
-        raise ExportError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(
+            f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from exc
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     data = buffer.getvalue()
@@ -171,12 +203,22 @@ def export_program(gm: GraphModule, path: str | Path, example_input: torch.Tenso
     return report
 
 
-def save_checkpoint(gm: GraphModule, spec: dict[str, Any], path: str | Path,
-                    example_input: torch.Tensor, *, rtol: float = 1e-5) -> EmitReport:
+def save_checkpoint(
+    gm: GraphModule,
+    spec: dict[str, Any],
+    path: str | Path,
+    example_input: torch.Tensor,
+    *,
+    rtol: float = 1e-5,
+) -> EmitReport:
     """An archc checkpoint: {format, version, spec, state_dict}; loads with weights_only=True."""
     report = EmitReport(Path(path), "pt", verified_with="torch.load(weights_only=True) + rebuild")
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "spec": spec,
-               "state_dict": {k: v.detach().clone() for k, v in gm.state_dict().items()}}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "spec": spec,
+        "state_dict": {k: v.detach().clone() for k, v in gm.state_dict().items()},
+    }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
@@ -190,7 +232,7 @@ def save_checkpoint(gm: GraphModule, spec: dict[str, Any], path: str | Path,
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], GraphModule]:
-    """Load an archc checkpoint: (spec dict, GraphModule with its weights). Raises CheckpointError."""
+    """Load an archc checkpoint: (spec dict, GraphModule with weights). Raises CheckpointError."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -210,10 +252,14 @@ def load_checkpoint_bytes(data: bytes, source: str) -> tuple[dict[str, Any], Gra
     except Exception as exc:  # truncated zip, random bytes, pickled code refused by weights_only
         raise CheckpointError(f"{source}: not a loadable checkpoint ({_first_line(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{source}: not an archc checkpoint (no format: {CHECKPOINT_FORMAT!r})")
+        raise CheckpointError(
+            f"{source}: not an archc checkpoint (no format: {CHECKPOINT_FORMAT!r})"
+        )
     if payload.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{source}: checkpoint version {payload.get('version')!r} "
-                              f"is not supported (expected {CHECKPOINT_VERSION})")
+        raise CheckpointError(
+            f"{source}: checkpoint version {payload.get('version')!r} "
+            f"is not supported (expected {CHECKPOINT_VERSION})"
+        )
     try:
         spec = spec_from_mapping(payload.get("spec"), f"{source}[spec]")
     except SpecError as exc:
@@ -225,8 +271,9 @@ def load_checkpoint_bytes(data: bytes, source: str) -> tuple[dict[str, Any], Gra
     try:
         gm.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{source}: state_dict does not match its spec: "
-                              f"{_state_dict_mismatch(exc)}") from None
+        raise CheckpointError(
+            f"{source}: state_dict does not match its spec: {_state_dict_mismatch(exc)}"
+        ) from None
     return spec.to_dict(), gm.eval()
 
 

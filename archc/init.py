@@ -9,12 +9,12 @@ Two schemes:
 * `pycls_init` (archc's default, as pycls): conv `W ~ N(0, sqrt(2 / fan_out))` with
   `fan_out = kh * kw * out_channels` (not divided by groups); BN `gamma = 1, beta = 0`;
   Linear `W ~ N(0, 0.01)`, bias 0. Conv biases are 0.
-* `randomize` (tests, goldens, verification): every weight `~ N(0, 1 / sqrt(fan_in))`, biases
-  `~ N(0, 0.1)`, BN `gamma ~ U(0.5, 1.5)`, `beta ~ N(0, 0.2)`, and running statistics that are
-  either random (`mean ~ N(0, 0.3)`, `var ~ U(0.5, 2)`) or, given a calibration batch, the batch
-  statistics of that input perturbed (`mean += 0.2 * std * N(0,1)`, `var *= U(0.5, 2)`), so that deep
-  networks keep O(1) activations while every BN still does real, non-identity work. A network with
-  default BN statistics can be totally wrong and still pass an absolute-tolerance check.
+* `randomize` (tests, goldens, verification): every weight `~ N(0, 1 / sqrt(fan_in))`, biases `~
+N(0, 0.1)`, BN `gamma ~ U(0.5, 1.5)`, `beta ~ N(0, 0.2)`, and running statistics that are either
+random (`mean ~ N(0, 0.3)`, `var ~ U(0.5, 2)`) or, given a calibration batch, the batch statistics
+of that input perturbed (`mean += 0.2 * std * N(0,1)`, `var *= U(0.5, 2)`), so that deep networks
+keep O(1) activations while every BN still does real, non-identity work. A network with default BN
+statistics can be totally wrong and still pass an absolute-tolerance check.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def generator(seed: int, name: str) -> np.random.Generator:
     """The numpy generator of one named tensor."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(name.encode())])))
+    return np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(name.encode())]))
+    )
 
 
 def _fill(tensor: torch.Tensor, values: np.ndarray) -> None:
@@ -105,7 +107,11 @@ def randomize(
 
 def _calibrate_bn(model: nn.Module, seed: int, calibration_input) -> None:
     """Set each BN's running statistics to its batch statistics on the input, then perturb them."""
-    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
+    bns = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, _BN_TYPES) and m.track_running_stats
+    ]
     saved = [(m.momentum, m.training) for _, m in bns]
     model.eval()
     for _, bn in bns:
@@ -119,14 +125,20 @@ def _calibrate_bn(model: nn.Module, seed: int, calibration_input) -> None:
         bn.momentum = momentum
         bn.train(training)
         std = bn.running_var.clamp_min(1e-6).sqrt()
-        noise = torch.from_numpy(generator(seed, f"{name}.calibration").normal(size=tuple(std.shape)))
-        scale = torch.from_numpy(generator(seed, f"{name}.calibration_var").uniform(0.5, 2.0, size=tuple(std.shape)))
+        noise = torch.from_numpy(
+            generator(seed, f"{name}.calibration").normal(size=tuple(std.shape))
+        )
+        scale = torch.from_numpy(
+            generator(seed, f"{name}.calibration_var").uniform(0.5, 2.0, size=tuple(std.shape))
+        )
         with torch.no_grad():
             bn.running_mean.add_(0.2 * std * noise.to(std.dtype))
             bn.running_var.mul_(scale.to(std.dtype))
     model.eval()
 
 
-def random_input(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def random_input(
+    shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """A standard-normal input tensor from the versioned numpy generator."""
     return torch.from_numpy(generator(seed, "input").standard_normal(size=shape)).to(dtype)

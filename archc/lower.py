@@ -51,8 +51,9 @@ def input_shape(spec: Spec, batch: int = 1, size: int | None = None) -> tuple[in
     return (batch, spec.input.channels, side, side)
 
 
-def build_module(spec: Spec | Any, *, seed: int = 0, init: Init = "pycls",
-                 device: str | torch.device = "cpu") -> nn.Module:
+def build_module(
+    spec: Spec | Any, *, seed: int = 0, init: Init = "pycls", device: str | torch.device = "cpu"
+) -> nn.Module:
     """The eager nn.Module of a spec, in eval mode."""
     from archc import init as initializers
 
@@ -68,8 +69,9 @@ def build_module(spec: Spec | Any, *, seed: int = 0, init: Init = "pycls",
     return model.eval()
 
 
-def build(spec: Spec | Any, *, seed: int = 0, init: Init = "pycls",
-          device: str | torch.device = "cpu") -> torch.fx.GraphModule:
+def build(
+    spec: Spec | Any, *, seed: int = 0, init: Init = "pycls", device: str | torch.device = "cpu"
+) -> torch.fx.GraphModule:
     """Lower a spec (object, mapping or path) to a traced GraphModule in eval mode.
 
     `init="random"` gives random non-degenerate weights and BN statistics calibrated on a random

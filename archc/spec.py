@@ -14,9 +14,9 @@ registered block type, the first block of a stage carrying the stage's stride. `
 compact form of Radosavovic et al. (2020): (depth, w0, wa, wm, group_width, bottleneck) generate the
 stage list (see `archc.regnet`). Everything downstream of `Spec.stages()` sees only explicit stages.
 
-Bottleneck width: pycls' *multiplier* `bot_mul` gives the bottleneck width `w_b = round(w * bot_mul)`;
-the paper's bottleneck *ratio* `b` is its reciprocal (`w_b = w / b`). Specs say which one they mean:
-`bottleneck_multiplier` or `bottleneck_ratio`, never both.
+Bottleneck width: pycls' *multiplier* `bot_mul` gives the bottleneck width `w_b = round(w *
+bot_mul)`; the paper's bottleneck *ratio* `b` is its reciprocal (`w_b = w / b`). Specs say which
+one they mean: `bottleneck_multiplier` or `bottleneck_ratio`, never both.
 
 Validation happens in two steps with one error format (`file:field.path: what is wrong`):
 structure and ranges here (pydantic), then block-specific checks by the registered block classes
@@ -175,7 +175,11 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
             continue
         field = model.model_fields.get(item) if model else None
         annotation = getattr(field, "annotation", None)
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
     return model
 
 
@@ -279,4 +283,3 @@ def json_schema() -> dict[str, Any]:
     stage = schema["$defs"]["StageSpec"]["properties"]["block"]
     stage["enum"] = sorted(BLOCKS)
     return schema
-
