@@ -31,7 +31,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from archc.errors import SpecError
 
@@ -101,20 +109,22 @@ class AnyNetBody(_Strict):
 
 class RegNetBody(_BottleneckFields):
     type: Literal["regnet"]
+    q: PositiveInt = 8  # widths are quantized to multiples of q (validated before w0)
     depth: Annotated[int, Field(ge=1, le=256)]  # d: total number of blocks
     w0: Annotated[int, Field(ge=1)]  # initial width, a multiple of q
     wa: Annotated[float, Field(ge=0.0)]  # slope of the linear widths u_j = w0 + wa * j
     wm: Annotated[float, Field(gt=1.0)]  # width multiplier between stages (> 1)
     group_width: PositiveInt  # g: channels per group
-    q: PositiveInt = 8  # widths are quantized to multiples of q
     num_stages: PositiveInt | None = 4  # stages the config must give; null accepts any count
     block: str = "res_bottleneck"  # block type of every stage
 
-    @model_validator(mode="after")
-    def _w0_quantized(self):
-        if self.w0 % self.q:
-            raise ValueError(f"w0 = {self.w0} is not a multiple of q = {self.q}")
-        return self
+    @field_validator("w0")
+    @classmethod
+    def _w0_quantized(cls, w0: int, info: ValidationInfo) -> int:
+        q = info.data.get("q")
+        if q and w0 % q:
+            raise ValueError(f"w0 = {w0} is not a multiple of q = {q}")
+        return w0
 
 
 Body = Annotated[AnyNetBody | RegNetBody, Field(discriminator="type")]
@@ -198,12 +208,16 @@ def _describe(error: dict) -> str:
     if kind == "missing":
         return "required field is missing"
     if kind == "union_tag_invalid":
-        return f"unknown body type {error['input']!r}; valid types: anynet, regnet"
+        return f"unknown body type {error['ctx']['tag']!r}; valid types: anynet, regnet"
     if kind == "union_tag_not_found":
         return "body needs a 'type' (anynet or regnet)"
-    message = error["msg"].removeprefix("Value error, ")
+    if kind in ("model_type", "dict_type"):
+        return "should be a mapping"
+    if kind == "value_error":
+        return error["msg"].removeprefix("Value error, ")
     value = error.get("input")
-    if kind not in ("model_type", "dict_type") and not isinstance(value, (dict, list)):
+    message = error["msg"]
+    if not isinstance(value, (dict, list)):
         message += f" (got {value!r})"
     return message
 
@@ -215,8 +229,13 @@ def spec_from_mapping(data: Any, source: str = "<spec>") -> Spec:
     try:
         spec = Spec.model_validate(dict(data))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise SpecError(_describe(first), _field_path(first["loc"]), source) from None
+        # an unknown key explains a "missing" one beside it (a misspelling): report it first
+        errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+        first = errors[0]
+        path = _field_path(first["loc"])
+        if first["type"] == "union_tag_invalid":
+            path += ".type"
+        raise SpecError(_describe(first), path, source) from None
     try:
         _check_semantics(spec)
     except SpecError as exc:
@@ -259,18 +278,52 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> Spec:
 def _parse(text: str, path: Path) -> Any:
     if path.suffix.lower() == ".json":
         try:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise SpecError(f"invalid JSON: {exc.msg}", f"line {exc.lineno}", str(path)) from None
+        except _DuplicateKey as exc:
+            raise SpecError(f"invalid JSON: duplicate key {exc.args[0]!r}", "", str(path)) from None
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_key_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"invalid YAML: {problem}", where, str(path)) from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader that rejects duplicate keys (plain safe_load keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def json_schema() -> dict[str, Any]:
