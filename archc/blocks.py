@@ -174,7 +174,9 @@ class Vanilla(Block):
         return self.b(self.a(x))
 
 
-def build_stem(stem: StemSpec, in_channels: int) -> nn.Sequential:
+def build_stem(stem: StemSpec, in_channels: int) -> nn.Module | None:
+    if stem.type == "none":
+        return None
     if stem.type == "simple":
         return conv_bn(in_channels, stem.width, 3, stride=2)
     layers = conv_bn(in_channels, stem.width, 7, stride=2)
@@ -197,3 +199,176 @@ class ClassifierHead(nn.Module):
         if self.dropout is not None:
             x = self.dropout(x)
         return self.fc(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train-form (over-parameterized) blocks: several linear branches that the passes collapse into
+# one conv per block (structural re-parameterization, REWRITES.md R1-R9).
+
+
+def _groups(w_in: int, stage: StageSpec) -> int:
+    """Groups of a train-form block's convs; dense where the input width does not divide
+    (e.g. a stage's first block reading the 3-channel image)."""
+    if not stage.group_width or w_in % stage.group_width:
+        return 1
+    return w_in // stage.group_width
+
+
+class TrainFormBlock(Block):
+    """`act(sum of branches(x))`: every branch is linear in x; checks the input width's groups."""
+
+    uses = frozenset({"group_width"})
+
+    @classmethod
+    def check(cls, stage):
+        if stage.group_width is not None and stage.width % stage.group_width:
+            return "group_width", (
+                f"width {stage.width} is not divisible by group_width {stage.group_width}"
+            )
+        return None
+
+    def branch_outputs(self, x: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        outputs = self.branch_outputs(x)
+        total = outputs[0]
+        for output in outputs[1:]:
+            total = total + output
+        return self.act(total)
+
+
+@register_block
+class RepVGG(TrainFormBlock):
+    """RepVGG (Ding et al. 2021): relu(BN(3x3 x) + BN(1x1 x) + BN(x)), the identity branch only
+    when w_in == w_out and stride 1. Deploy form: one 3x3 conv with bias."""
+
+    name = "repvgg"
+
+    def __init__(self, w_in: int, w_out: int, stride: int, stage: StageSpec):
+        super().__init__()
+        groups = _groups(w_in, stage)
+        self.conv3x3 = conv_bn(w_in, w_out, 3, stride, groups, relu=False)
+        self.conv1x1 = conv_bn(w_in, w_out, 1, stride, groups, relu=False)
+        self.identity = nn.BatchNorm2d(w_out) if w_in == w_out and stride == 1 else None
+        self.act = nn.ReLU()
+
+    def branch_outputs(self, x):
+        outputs = [self.conv3x3(x), self.conv1x1(x)]
+        if self.identity is not None:
+            outputs.append(self.identity(x))
+        return outputs
+
+
+@register_block
+class ACB(TrainFormBlock):
+    """ACNet's asymmetric convolution block (Ding et al. 2019): relu(BN(3x3 x) + BN(1x3 x) +
+    BN(3x1 x)). Deploy form: one 3x3 conv with bias (1x3 and 3x1 centre-embedded)."""
+
+    name = "acb"
+
+    def __init__(self, w_in: int, w_out: int, stride: int, stage: StageSpec):
+        super().__init__()
+        groups = _groups(w_in, stage)
+        self.square = conv_bn(w_in, w_out, 3, stride, groups, relu=False)
+        self.horizontal = _conv_bn_rect(w_in, w_out, (1, 3), stride, groups)
+        self.vertical = _conv_bn_rect(w_in, w_out, (3, 1), stride, groups)
+        self.act = nn.ReLU()
+
+    def branch_outputs(self, x):
+        return [self.square(x), self.horizontal(x), self.vertical(x)]
+
+
+def _conv_bn_rect(
+    w_in: int, w_out: int, kernel: tuple[int, int], stride: int, groups: int
+) -> nn.Sequential:
+    padding = ((kernel[0] - 1) // 2, (kernel[1] - 1) // 2)
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(w_in, w_out, kernel, stride, padding, groups=groups, bias=False),
+            bn=nn.BatchNorm2d(w_out),
+        )
+    )
+
+
+@register_block
+class DBB(TrainFormBlock):
+    """Diverse Branch Block (Ding et al. 2021), KxK = 3:
+    relu(BN(3x3 x) + BN(1x1 x) + BN(avg3x3(BN(1x1 x))) + BN(3x3'(BN(1x1 x)))).
+
+    DBB's BNAndPad (pad the BN output with BN(0)) is written with standard ops: the 1x1 convs of
+    the avg and 1x1->3x3 branches zero-pad by 1 and have no bias, so BN sees zeros at the border
+    and emits BN(0) there; the avg-pool and the 3x3' then use no padding. This is exactly DBB's
+    train form, and it makes the sequential merges exact (REWRITES.md R6 border trap, R8 p2 = 0).
+    Deploy form: one 3x3 conv with bias."""
+
+    name = "dbb"
+
+    def __init__(self, w_in: int, w_out: int, stride: int, stage: StageSpec):
+        super().__init__()
+        groups = _groups(w_in, stage)
+        self.square = conv_bn(w_in, w_out, 3, stride, groups, relu=False)
+        self.pointwise = conv_bn(w_in, w_out, 1, stride, groups, relu=False)
+        self.avg = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(w_in, w_out, 1, padding=1, groups=groups, bias=False),
+                bn=nn.BatchNorm2d(w_out),
+                pool=nn.AvgPool2d(3, stride, padding=0),
+                pool_bn=nn.BatchNorm2d(w_out),
+            )
+        )
+        self.pointwise_square = nn.Sequential(
+            OrderedDict(
+                conv1=nn.Conv2d(w_in, w_in, 1, padding=1, groups=groups, bias=False),
+                bn1=nn.BatchNorm2d(w_in),
+                conv2=nn.Conv2d(w_in, w_out, 3, stride, padding=0, groups=groups, bias=False),
+                bn2=nn.BatchNorm2d(w_out),
+            )
+        )
+        self.act = nn.ReLU()
+
+    def branch_outputs(self, x):
+        return [self.square(x), self.pointwise(x), self.avg(x), self.pointwise_square(x)]
+
+
+class MobileOneUnit(nn.Module):
+    """One MobileOne re-parameterizable conv: relu(Σ_k BN(KxK_k x) + BN(1x1 x) + BN(x)), the 1x1
+    'scale' branch only when K > 1, the identity BN only when shapes allow."""
+
+    def __init__(self, w_in: int, w_out: int, kernel: int, stride: int, groups: int, branches: int):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            conv_bn(w_in, w_out, kernel, stride, groups, relu=False) for _ in range(branches)
+        )
+        self.scale = conv_bn(w_in, w_out, 1, stride, groups, relu=False) if kernel > 1 else None
+        self.identity = nn.BatchNorm2d(w_out) if w_in == w_out and stride == 1 else None
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        total = self.convs[0](x)
+        for conv in self.convs[1:]:
+            total = total + conv(x)
+        if self.scale is not None:
+            total = total + self.scale(x)
+        if self.identity is not None:
+            total = total + self.identity(x)
+        return self.act(total)
+
+
+@register_block
+class MobileOne(Block):
+    """MobileOne block (Vasu et al. 2023): a depthwise 3x3 unit (stride s) then a pointwise 1x1
+    unit, each with k over-parameterized conv branches (`branches`). Deploy form: a depthwise 3x3
+    conv and a 1x1 conv, each with bias, each followed by ReLU."""
+
+    name = "mobileone"
+    uses = frozenset({"branches"})
+
+    def __init__(self, w_in: int, w_out: int, stride: int, stage: StageSpec):
+        super().__init__()
+        branches = stage.branches or 1
+        self.depthwise = MobileOneUnit(w_in, w_in, 3, stride, w_in, branches)
+        self.pointwise = MobileOneUnit(w_in, w_out, 1, 1, 1, branches)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise(self.depthwise(x))

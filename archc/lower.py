@@ -24,12 +24,14 @@ Init = Literal["pycls", "random"]
 
 
 class Network(nn.Module):
-    """stem -> s1 .. sN -> head."""
+    """[stem] -> s1 .. sN -> head."""
 
     def __init__(self, spec: Spec):
         super().__init__()
-        self.stem = build_stem(spec.stem, spec.input.channels)
-        width = spec.stem.width
+        stem = build_stem(spec.stem, spec.input.channels)
+        if stem is not None:
+            self.stem = stem
+        width = spec.input.channels if stem is None else spec.stem.width
         for stage_index, stage in enumerate(spec.stages(), start=1):
             block_cls = BLOCKS[stage.block]
             blocks: OrderedDict[str, nn.Module] = OrderedDict()

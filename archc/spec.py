@@ -59,9 +59,16 @@ class InputSpec(_Strict):
 
 class StemSpec(_Strict):
     # simple: 3x3 conv stride 2 + BN + ReLU (pycls SimpleStem);
-    # resnet: 7x7 conv stride 2 + BN + ReLU + 3x3 max-pool stride 2
-    type: Literal["simple", "resnet"] = "simple"
-    width: PositiveInt = 32  # stem output channels (RegNet: always 32)
+    # resnet: 7x7 conv stride 2 + BN + ReLU + 3x3 max-pool stride 2;
+    # none: no stem, the first stage reads the input (RepVGG's stem is its first block)
+    type: Literal["simple", "resnet", "none"] = "simple"
+    width: PositiveInt = 32  # stem output channels (RegNet: always 32); not used by none
+
+    @model_validator(mode="after")
+    def _no_width_without_stem(self):
+        if self.type == "none" and "width" in self.model_fields_set:
+            raise ValueError("a stem of type none has no width")
+        return self
 
 
 class HeadSpec(_Strict):
@@ -100,6 +107,7 @@ class StageSpec(_BottleneckFields):
     width: PositiveInt  # output channels of every block in the stage
     stride: Annotated[int, Field(ge=1, le=8)] = 2  # stride of the stage's first block
     group_width: PositiveInt | None = None  # channels per group of the grouped conv; None: dense
+    branches: Annotated[int, Field(ge=1, le=16)] | None = None  # mobileone: k conv branches (1)
 
 
 class AnyNetBody(_Strict):
