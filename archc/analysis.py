@@ -231,3 +231,8 @@ def _input_channels(gm: GraphModule) -> int:
     if spec:
         return spec.get("input", {}).get("channels", 3)
     return 3
+
+
+def flops_per_sample(gm: GraphModule, inputs: tuple[torch.Tensor, ...]) -> int:
+    """Multiply-adds of `gm` for one sample of `inputs` (the pass reports' FLOP counter)."""
+    return complexity(gm, tuple(inputs[0].shape))[0]

@@ -46,7 +46,12 @@ def check_stage(block: str, stage: StageSpec | None, path: str) -> None:
     if stage is None:
         return
     cls = BLOCKS[block]
-    unused = sorted(stage.model_fields_set - cls.uses - {"block", "depth", "width", "stride"})
+    optional = set(type(stage).model_fields) - {"block", "depth", "width", "stride"}
+    unused = sorted(
+        field
+        for field in optional - cls.uses
+        if getattr(stage, field) != type(stage).model_fields[field].default
+    )
     if unused:
         raise SpecError(f"block {block!r} does not use this field", f"{path}.{unused[0]}")
     problem = cls.check(stage)
@@ -178,8 +183,8 @@ def build_stem(stem: StemSpec, in_channels: int) -> nn.Module | None:
     if stem.type == "none":
         return None
     if stem.type == "simple":
-        return conv_bn(in_channels, stem.width, 3, stride=2)
-    layers = conv_bn(in_channels, stem.width, 7, stride=2)
+        return conv_bn(in_channels, stem.channels, 3, stride=2)
+    layers = conv_bn(in_channels, stem.channels, 7, stride=2)
     layers.add_module("pool", nn.MaxPool2d(3, stride=2, padding=1))
     return layers
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 OUTPUT_FORMATS = (".onnx", ".pt", ".pt2")  # mirrors archc.export.FORMATS without importing torch
+FUSE_FORMATS = (".pt2", ".onnx", ".py")
 
 
 def _positive_int(text: str) -> int:
@@ -25,13 +26,60 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _output_path(text: str) -> Path:
-    path = Path(text)
-    if path.suffix.lower() not in OUTPUT_FORMATS:
-        raise argparse.ArgumentTypeError(
-            f"cannot tell the format of {text!r}: use one of {', '.join(OUTPUT_FORMATS)}"
-        )
-    return path
+def _output_path(formats: tuple[str, ...]):
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if path.suffix.lower() not in formats:
+            raise argparse.ArgumentTypeError(
+                f"cannot tell the format of {text!r}: use one of {', '.join(formats)}"
+            )
+        return path
+
+    return parse
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,224,224") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape of positive sizes")
+    return shape
+
+
+def _add_pass_options(parser: argparse.ArgumentParser, default_text: str) -> None:
+    group = parser.add_argument_group("passes")
+    group.add_argument(
+        "--passes",
+        default=None,
+        metavar="PIPELINE",
+        help=f"'default', 'none' or a comma-separated list of pass names "
+        f"({default_text}; `archc passes` lists them)",
+    )
+    group.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="do not compare outputs before/after each function-preserving pass",
+    )
+    group.add_argument(
+        "--dump-after",
+        nargs=2,
+        metavar=("PASS|all", "DIR"),
+        help="write the graph's code after PASS (or every pass) into DIR",
+    )
+    group.add_argument(
+        "--explain",
+        action="store_true",
+        help="list every rewrite, and where a rule almost matched, why it refused",
+    )
+    group.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-5,
+        help="relative tolerance of every verification (default 1e-5)",
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -52,7 +100,7 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "-o",
         "--output",
-        type=_output_path,
+        type=_output_path(OUTPUT_FORMATS),
         required=True,
         metavar="OUT",
         help="output file: .onnx, .pt2 or .pt",
@@ -87,12 +135,47 @@ def make_parser() -> argparse.ArgumentParser:
         "statistics (what verification tests use)",
     )
     build.add_argument("--no-simplify", action="store_true", help="skip onnx-simplifier")
-    build.add_argument(
-        "--rtol",
-        type=float,
-        default=1e-5,
-        help="relative tolerance of the parity check (default 1e-5)",
+    _add_pass_options(build, "default: 'default'; a .pt checkpoint keeps the spec form")
+
+    fuse = commands.add_parser(
+        "fuse",
+        help="run the pass pipeline on a checkpoint and emit the deploy form",
+        description="Read CKPT (an archc checkpoint .pt, a torch.export program .pt2, or a whole "
+        "pickled nn.Module with --trust-pickle), run the passes (default: fold BN, "
+        "merge branches and linear convs), verify, and emit OUT: .pt2 (default "
+        "<name>.fused.pt2), .onnx, or .py (a standalone module + <name>.weights.pt).",
     )
+    fuse.add_argument("checkpoint", type=Path, metavar="CKPT", help=".pt or .pt2 file")
+    fuse.add_argument(
+        "-o",
+        "--output",
+        type=_output_path(FUSE_FORMATS),
+        metavar="OUT",
+        help="output file: .pt2, .onnx or .py (default CKPT's name + .fused.pt2)",
+    )
+    fuse.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a whole pickled nn.Module: unpickling runs its code",
+    )
+    fuse.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="N,C,H,W",
+        help="example input shape (default: from the spec or the program; "
+        "1,3,224,224 for a pickled module)",
+    )
+    fuse.add_argument(
+        "--opset",
+        type=_positive_int,
+        default=18,
+        metavar="N",
+        help="ONNX opset for .onnx output (default 18)",
+    )
+    fuse.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
+    _add_pass_options(fuse, "default: 'default'")
+
+    commands.add_parser("passes", help="list the registered passes and named pipelines")
 
     info = commands.add_parser(
         "info",
@@ -119,7 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     from archc.errors import ArchcError
 
     try:
-        return {"build": _build, "info": _info, "schema": _schema}[args.command](args)
+        commands = {
+            "build": _build,
+            "fuse": _fuse,
+            "info": _info,
+            "schema": _schema,
+            "passes": _passes,
+        }
+        return commands[args.command](args)
     except ArchcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -134,6 +224,7 @@ def _build(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # spec errors surface before torch is imported
     from archc import export, lower
     from archc.analysis import complexity_report
+    from archc.errors import ArchcError
     from archc.init import random_input
 
     gm = lower.build(spec, seed=args.seed, init=args.init)
@@ -141,34 +232,125 @@ def _build(args: argparse.Namespace) -> int:
     report = complexity_report(gm, shape).total
     example = random_input(shape, args.seed)
     suffix = args.output.suffix.lower()
-    if suffix == ".onnx":
-        emitted = export.export_onnx(
-            gm,
-            args.output,
-            example,
-            opset=args.opset,
-            dynamic_batch=args.dynamic_batch,
-            simplify=not args.no_simplify,
-            rtol=args.rtol,
-        )
-    elif suffix == ".pt2":
-        emitted = export.export_program(
-            gm, args.output, example, dynamic_batch=args.dynamic_batch, rtol=args.rtol
-        )
-    else:
+    if suffix == ".pt":
+        if args.passes not in (None, "none"):
+            raise ArchcError(
+                "a .pt checkpoint stores the spec's own (train) form; run passes "
+                "with `archc fuse model.pt`, or emit .onnx / .pt2"
+            )
         emitted = export.save_checkpoint(gm, spec.to_dict(), args.output, example, rtol=args.rtol)
+    else:
+        gm = _run_passes(gm, args, example)
+        if suffix == ".onnx":
+            emitted = export.export_onnx(
+                gm,
+                args.output,
+                example,
+                opset=args.opset,
+                dynamic_batch=args.dynamic_batch,
+                simplify=not args.no_simplify,
+                rtol=args.rtol,
+            )
+        else:
+            emitted = export.export_program(
+                gm, args.output, example, dynamic_batch=args.dynamic_batch, rtol=args.rtol
+            )
     print(
         f"{spec.name}: {report.params:,} params, {report.flops / 1e6:,.1f}M flops "
         f"(multiply-adds), {report.acts / 1e6:,.2f}M acts per sample at "
-        f"{'x'.join(map(str, shape[1:]))}"
+        f"{'x'.join(map(str, shape[1:]))} (spec form)"
     )
+    _print_emitted(emitted, args.rtol)
+    return 0
+
+
+def _run_passes(gm, args: argparse.Namespace, example):
+    """Run `--passes` with the CLI's options; print the per-pass report; return the graph."""
+    from archc.analysis import flops_per_sample
+    from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
+
+    names = resolve_pipeline(args.passes or "default")
+    if not names:
+        return gm
+    dump_after, dump_dir = None, None
+    if args.dump_after:
+        which, folder = args.dump_after
+        dump_after = "all" if which == "all" else {which}
+        dump_dir = Path(folder)
+    ctx = PassContext(
+        verify=args.verify,
+        rtol=args.rtol,
+        example_inputs=(example,),
+        seed=args.seed,
+        dump_after=dump_after,
+        dump_dir=dump_dir,
+        explain=args.explain,
+        measure=flops_per_sample,
+    )
+    result = run_pipeline(gm, names, ctx)
+    print(result.format())
+    return result.graph_module
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    from archc import export
+    from archc.importers import load_model
+    from archc.init import random_input
+
+    model = load_model(args.checkpoint, trust_pickle=args.trust_pickle)
+    shape = args.input_shape or model.input_shape or (1, 3, 224, 224)
+    example = random_input(shape, args.seed)
+    print(f"{model.name}: {model.kind}, example input {'x'.join(map(str, shape))}")
+    gm = _run_passes(model.graph_module, args, example)
+    output = args.output or args.checkpoint.with_name(f"{model.name}.fused.pt2")
+    suffix = output.suffix.lower()
+    if suffix == ".onnx":
+        emitted = export.export_onnx(gm, output, example, opset=args.opset, rtol=args.rtol)
+    elif suffix == ".py":
+        from archc.emit_python import emit_python
+
+        emitted = emit_python(
+            gm, output, example, model_name=model.name, source=args.checkpoint.name, rtol=args.rtol
+        )
+    else:
+        emitted = export.export_program(gm, output, example, rtol=args.rtol)
+    _print_deploy_summary(gm)
+    _print_emitted(emitted, args.rtol)
+    return 0
+
+
+def _print_deploy_summary(gm) -> None:
+    from collections import Counter
+
+    kinds = Counter(
+        type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"
+    )
+    convs = sum(count for kind, count in kinds.items() if kind.startswith("Conv"))
+    norms = sum(count for kind, count in kinds.items() if "Norm" in kind)
+    params = sum(p.numel() for p in gm.parameters())
+    print(f"deploy form: {convs} convs, {norms} normalization layers, {params:,} params")
+
+
+def _print_emitted(emitted, rtol: float) -> None:
     details = "; ".join([f"{emitted.bytes / 1e6:.1f} MB", *emitted.notes])
     print(f"wrote {emitted.path} ({details})")
     print(
         f"verified with {emitted.verified_with} against eager PyTorch: max abs error "
         f"{emitted.max_abs_error:.2e}, relative {emitted.relative_error:.2e} "
-        f"(tolerance {args.rtol:g})"
+        f"(tolerance {rtol:g})"
     )
+
+
+def _passes(args: argparse.Namespace) -> int:
+    from archc.pipeline import list_passes
+    from passes.pipelines import PIPELINES
+
+    for name, summary, preserves in list_passes():
+        kind = "exact" if preserves else "CHANGES THE FUNCTION"
+        print(f"{name:<28} {kind:<21} {summary}")
+    print()
+    for name, names in PIPELINES.items():
+        print(f"pipeline {name}: {', '.join(names) or '(no passes)'}")
     return 0
 
 

@@ -31,7 +31,7 @@ class Network(nn.Module):
         stem = build_stem(spec.stem, spec.input.channels)
         if stem is not None:
             self.stem = stem
-        width = spec.input.channels if stem is None else spec.stem.width
+        width = spec.input.channels if stem is None else spec.stem.channels
         for stage_index, stage in enumerate(spec.stages(), start=1):
             block_cls = BLOCKS[stage.block]
             blocks: OrderedDict[str, nn.Module] = OrderedDict()

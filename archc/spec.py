@@ -62,13 +62,17 @@ class StemSpec(_Strict):
     # resnet: 7x7 conv stride 2 + BN + ReLU + 3x3 max-pool stride 2;
     # none: no stem, the first stage reads the input (RepVGG's stem is its first block)
     type: Literal["simple", "resnet", "none"] = "simple"
-    width: PositiveInt = 32  # stem output channels (RegNet: always 32); not used by none
+    width: PositiveInt | None = None  # output channels, default 32 (RegNet: always 32); not for none
 
     @model_validator(mode="after")
     def _no_width_without_stem(self):
-        if self.type == "none" and "width" in self.model_fields_set:
+        if self.type == "none" and self.width is not None:
             raise ValueError("a stem of type none has no width")
         return self
+
+    @property
+    def channels(self) -> int:
+        return 32 if self.width is None else self.width
 
 
 class HeadSpec(_Strict):
