@@ -61,7 +61,7 @@ def _flatten(gm: GraphModule) -> GraphModule:
     """A copy whose called modules and attributes live directly on the root under flat names."""
     root: dict[str, object] = {}
     graph = torch.fx.Graph()
-    graph.graph_copy(gm.graph, {})
+    graph.output(graph.graph_copy(gm.graph, {}))
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
             value = gm.get_submodule(node.target) if node.op == "call_module" else _attr(gm, node)
@@ -79,8 +79,10 @@ def _attr(gm: GraphModule, node) -> object:
 
 def _constructor(name: str, module: nn.Module) -> str:
     if type(module).__module__.split(".")[:2] != ["torch", "nn"] or module._modules:
-        raise ExportError(f"cannot emit module {name!r} of type {type(module).__qualname__}: "
-                          f"only leaf torch.nn modules have a source form")
+        raise ExportError(
+            f"cannot emit module {name!r} of type {type(module).__qualname__}: "
+            f"only leaf torch.nn modules have a source form"
+        )
     text = f"nn.{repr(module)}"
     try:
         ast.parse(text, mode="eval")
@@ -89,8 +91,9 @@ def _constructor(name: str, module: nn.Module) -> str:
     return text
 
 
-def python_source(gm: GraphModule, model_name: str, source: str, weights_name: str,
-                  stem: str) -> tuple[str, dict[str, torch.Tensor]]:
+def python_source(
+    gm: GraphModule, model_name: str, source: str, weights_name: str, stem: str
+) -> tuple[str, dict[str, torch.Tensor]]:
     """(source text, state_dict) of the standalone module."""
     flat = _flatten(gm)
     init_lines, tensors = [], {}
@@ -100,43 +103,61 @@ def python_source(gm: GraphModule, model_name: str, source: str, weights_name: s
         if node.op == "get_attr":
             value = getattr(flat, node.target)
             if isinstance(value, nn.Parameter):
-                init_lines.append(f"self.{node.target} = nn.Parameter(torch.empty"
-                                  f"({tuple(value.shape)}, dtype={value.dtype}))")
+                init_lines.append(
+                    f"self.{node.target} = nn.Parameter(torch.empty"
+                    f"({tuple(value.shape)}, dtype={value.dtype}))"
+                )
             elif isinstance(value, torch.Tensor):
-                init_lines.append(f"self.register_buffer({node.target!r}, torch.empty"
-                                  f"({tuple(value.shape)}, dtype={value.dtype}))")
+                init_lines.append(
+                    f"self.register_buffer({node.target!r}, torch.empty"
+                    f"({tuple(value.shape)}, dtype={value.dtype}))"
+                )
             else:
-                raise ExportError(f"cannot emit attribute {node.target!r} of type "
-                                  f"{type(value).__name__}")
+                raise ExportError(
+                    f"cannot emit attribute {node.target!r} of type {type(value).__name__}"
+                )
     forward = flat.graph.python_code(root_module="self").src
     if "fx_pytree" in forward or "torch.fx" in forward:
         raise ExportError("the graph uses torch.fx calling conventions that standalone code lacks")
     class_name = _class_name(model_name)
     body = "\n".join(init_lines)
-    code = HEADER.format(title=f"{model_name}: deploy form emitted by archc.", source=source,
-                         stem=stem, weights=weights_name)
+    code = HEADER.format(
+        title=f"{model_name}: deploy form emitted by archc.",
+        source=source,
+        stem=stem,
+        weights=weights_name,
+    )
     code += f"\n\nclass {class_name}(nn.Module):\n"
     code += "    def __init__(self):\n        super().__init__()\n"
-    code += textwrap.indent(body, " " * 8) + "\n"
+    code += textwrap.indent(body, " " * 8) + "\n\n"
     code += textwrap.indent(_tidy(forward), "    ")
-    code += (f"\n\ndef load(weights: str | Path = Path(__file__).with_name({weights_name!r}))"
-             f" -> {class_name}:\n"
-             f'    """The model with its weights, in eval mode."""\n'
-             f"    model = {class_name}()\n"
-             f"    model.load_state_dict(torch.load(weights, weights_only=True))\n"
-             f"    return model.eval()\n")
+    code += (
+        f"\n\ndef load(weights: str | Path = Path(__file__).with_name({weights_name!r}))"
+        f" -> {class_name}:\n"
+        f'    """The model with its weights, in eval mode."""\n'
+        f"    model = {class_name}()\n"
+        f"    model.load_state_dict(torch.load(weights, weights_only=True))\n"
+        f"    return model.eval()\n"
+    )
     state = {k: v.detach().clone().contiguous() for k, v in flat.state_dict().items()}
     return code, state
 
 
 def _tidy(forward: str) -> str:
     """FX's forward without blank leading lines and `; x = None` memory-freeing tails."""
-    lines = [re.sub(r";\s+[\w\s=]+= None$", "", line) for line in forward.strip("\n").splitlines()]
+    lines = [re.sub(r";\s+[\w\s=]+= None$", "", line) for line in forward.strip().splitlines()]
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
-def emit_python(gm: GraphModule, path: str | Path, example_input: torch.Tensor, *,
-                model_name: str, source: str, rtol: float = 1e-5) -> EmitReport:
+def emit_python(
+    gm: GraphModule,
+    path: str | Path,
+    example_input: torch.Tensor,
+    *,
+    model_name: str,
+    source: str,
+    rtol: float = 1e-5,
+) -> EmitReport:
     """Write `path` (.py) and `<stem>.weights.pt`; verified in a fresh interpreter (torch only)."""
     path = Path(path)
     weights_path = path.with_name(f"{path.stem}.weights.pt")
@@ -156,10 +177,10 @@ def emit_python(gm: GraphModule, path: str | Path, example_input: torch.Tensor, 
 
 
 _RUNNER = """
-import importlib.util, sys, torch
-spec = importlib.util.spec_from_file_location("emitted", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
+import importlib.machinery, importlib.util, sys, torch
+loader = importlib.machinery.SourceFileLoader("emitted", sys.argv[1])  # any suffix
+module = importlib.util.module_from_spec(importlib.util.spec_from_loader("emitted", loader))
+loader.exec_module(module)
 model = module.load(sys.argv[2])
 x = torch.load(sys.argv[3], weights_only=True)
 with torch.no_grad():
@@ -169,16 +190,29 @@ sys.exit(3 if bad else 0)
 """
 
 
-def _run_standalone(code_path: Path, weights_path: Path, example_input: torch.Tensor) -> torch.Tensor:
+def _run_standalone(
+    code_path: Path, weights_path: Path, example_input: torch.Tensor
+) -> torch.Tensor:
     """Run the emitted file in a separate, isolated interpreter (`-I`: no user site, no cwd)."""
     folder = code_path.parent
     input_path, output_path = folder / f".{code_path.name}.in", folder / f".{code_path.name}.out"
     try:
         torch.save(example_input, input_path)
         result = subprocess.run(
-            [sys.executable, "-I", "-c", _RUNNER, str(code_path), str(weights_path),
-             str(input_path), str(output_path)],
-            capture_output=True, text=True, timeout=600, cwd=folder,
+            [
+                sys.executable,
+                "-I",
+                "-c",
+                _RUNNER,
+                str(code_path),
+                str(weights_path),
+                str(input_path),
+                str(output_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=folder,
         )
         if result.returncode == 3:
             raise ExportError("the emitted module imported archc; it must need only torch")

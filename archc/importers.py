@@ -62,8 +62,9 @@ def load_model(path: str | Path, *, trust_pickle: bool = False) -> ImportedModel
         from archc.lower import input_shape
         from archc.spec import spec_from_mapping
 
-        return ImportedModel(gm, spec["name"], "archc checkpoint",
-                             input_shape(spec_from_mapping(spec)), spec)
+        return ImportedModel(
+            gm, spec["name"], "archc checkpoint", input_shape(spec_from_mapping(spec)), spec
+        )
     if isinstance(payload, dict):
         raise CheckpointError(
             f"{path}: a bare state_dict has no architecture; save an archc checkpoint "
@@ -83,7 +84,9 @@ def _load_pickled_module(data: bytes, path: Path) -> ImportedModel:
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot unpickle ({_first_line(exc)})") from None
     if not isinstance(model, nn.Module):
-        raise CheckpointError(f"{path}: the pickle holds a {type(model).__name__}, not an nn.Module")
+        raise CheckpointError(
+            f"{path}: the pickle holds a {type(model).__name__}, not an nn.Module"
+        )
     return ImportedModel(trace(model, str(path)), path.stem, "pickled nn.Module", None)
 
 
@@ -104,8 +107,9 @@ def _load_program(data: bytes, path: Path) -> ImportedModel:
     try:
         program = torch.export.load(io.BytesIO(data))
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a loadable torch.export program "
-                              f"({_first_line(exc)})") from None
+        raise CheckpointError(
+            f"{path}: not a loadable torch.export program ({_first_line(exc)})"
+        ) from None
     shape = None
     example = getattr(program, "example_inputs", None)
     if example and example[0] and isinstance(example[0][0], torch.Tensor):
@@ -113,13 +117,17 @@ def _load_program(data: bytes, path: Path) -> ImportedModel:
     try:
         gm = lift_aten_graph(program.module())
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot import the program's graph "
-                              f"({_first_line(exc)})") from None
+        raise CheckpointError(
+            f"{path}: cannot import the program's graph ({_first_line(exc)})"
+        ) from None
     return ImportedModel(gm, path.stem, "torch.export program", shape)
 
 
-_CONVS = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv2d.default: nn.Conv2d,
-          torch.ops.aten.conv3d.default: nn.Conv3d}
+_CONVS = {
+    torch.ops.aten.conv1d.default: nn.Conv1d,
+    torch.ops.aten.conv2d.default: nn.Conv2d,
+    torch.ops.aten.conv3d.default: nn.Conv3d,
+}
 _BATCH_NORMS = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _FUNCTIONS = {
     torch.ops.aten.relu.default: torch.relu,
@@ -191,9 +199,16 @@ def _conv_module(exported: nn.Module, node: Node) -> nn.Module:
     )
     if isinstance(padding, str):
         raise ValueError(f"string padding {padding!r} is not supported")
-    module = _CONVS[node.target](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                                 stride=stride, padding=padding, dilation=dilation, groups=groups,
-                                 bias=bias is not None)
+    module = _CONVS[node.target](
+        weight.shape[1] * groups,
+        weight.shape[0],
+        tuple(weight.shape[2:]),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias is not None,
+    )
     _assign(module, weight=weight, bias=bias)
     return module
 
@@ -204,8 +219,9 @@ def _batch_norm_module(exported: nn.Module, node: Node) -> nn.Module | None:
         return None  # batch statistics: not a module-level eval BN, leave it as it is
     mean_t = _attr(exported, mean)
     rank = len(node.meta["val"].shape) if "val" in node.meta else 4
-    module = _BATCH_NORMS[rank](mean_t.shape[0], eps=eps, momentum=momentum,
-                                affine=weight is not None)
+    module = _BATCH_NORMS[rank](
+        mean_t.shape[0], eps=eps, momentum=momentum, affine=weight is not None
+    )
     _assign(module, weight=_attr(exported, weight), bias=_attr(exported, bias))
     module.running_mean.copy_(mean_t)
     module.running_var.copy_(_attr(exported, var))

@@ -40,7 +40,7 @@ EXPECTED = {
     "stage_not_a_mapping.yaml": ("body.stages[0]", "mapping"),
     "bool_for_int.yaml": ("num_classes", "integer"),
     "json_string_for_float.json": ("body.wm", "number"),
-    "unknown_stem_type.yaml": ("stem.type", "'simple' or 'resnet'"),
+    "unknown_stem_type.yaml": ("stem.type", "'simple', 'resnet' or 'none'"),
     "dropout_out_of_range.yaml": ("head.dropout", "less than 1"),
     "invalid_name.yaml": ("name", "pattern"),
     "input_size_zero.yaml": ("input.size", "greater than or equal to 8"),

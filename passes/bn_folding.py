@@ -1,0 +1,290 @@
+"""Fold eval-mode BatchNorm into a neighbouring conv or linear layer (REWRITES.md R1, R2).
+
+An eval-mode BN is a per-channel affine map: `BN(x) = t x + u` with `t = γ / sqrt(σ² + ε)` and
+`u = β - μ t` (γ = 1, β = 0 without affine), using the BN's own ε.
+
+    R1  BN(conv(x)) = conv'(x),  W' = t W (per output channel),  b' = t b + u
+        Conv1d/2d/3d with any groups, stride, dilation and padding; Linear -> BatchNorm1d;
+        ConvTranspose (W is [I, O/g, k...], t scales dim 1 group by group).
+    R2  conv(BN(x)) = conv'(x),  W'[o, i] = W[o, i] t_i,  b'_o = b_o + Σ_{i,k} W[o, i, k] u_i
+        Conv1d/2d/3d with any groups; BatchNorm1d -> Linear. Exact only if the conv does not
+        zero-pad: the border would see BN(0) = u after folding instead of 0. Reflect, replicate
+        and circular padding copy values within a channel, so they commute with BN and are exact.
+
+One pass, `fold_bn`, holds both rule families; R1 rules come first, so a BN between two convs folds
+into the one before it (always exact). Layers and BNs are modules (`nn.Conv2d`, `nn.BatchNorm2d`)
+or functional calls (`F.conv2d`, `F.batch_norm`) on `get_attr` constants; functional weights are
+replaced by new constants, never written in place, so a constant read elsewhere keeps its value.
+The algebra runs in float64 (`archc.weight_algebra`) and is cast back; a layer without bias gains
+one. Nothing is folded through a non-linearity, into a module used twice, or across a tensor with
+other users (R12).
+
+BN normalizes dim 1, a Linear mixes the last dim, a conv's channel dim is 1 only when batched: the
+ranks are read from shape propagation on the context's example inputs. Without inputs, a Linear/BN
+pair is refused and a conv is taken as batched when the BN has the conv's spatial dimensionality.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+
+from archc import weight_algebra as wa
+from archc.pipeline import PassContext, PassResult, Refusal, register_pass
+from archc.rules import (
+    Match,
+    Op,
+    Rule,
+    apply_rules,
+    arg,
+    bypass,
+    called_once,
+    describe,
+    has_other_users,
+    node_shape,
+    propagate_shapes,
+    set_arg,
+    set_weights,
+)
+
+TRAINING = "BN is in training mode: it normalizes with batch statistics"
+NO_RUNNING_STATS = ("BN has no running statistics (track_running_stats=False): it always uses "
+                    "batch statistics")
+SUBCLASS = ("a subclass of a torch conv/linear/BN type (its forward may differ, e.g. weight "
+            "standardization): the fold algebra is not known to apply")
+SHARED_MODULE = ("the conv/linear module is used more than once (called elsewhere or its weights "
+                 "read): folding would change its other uses")
+NOT_CONSTANT = ("a functional weight or BN statistic is computed in the graph, not a get_attr "
+                "constant")
+OTHER_USERS = "the intermediate tensor has other users: they need the unfolded value"
+CHANNEL_MISMATCH = "channel mismatch: the BN's num_features differs from the conv/linear channels"
+PADDING = ("conv pads its input: the border would see BN(0) instead of 0 after folding; move the "
+           "padding upstream (not supported)")
+LINEAR_RANK = ("BatchNorm1d and Linear fold only on 2-D (N, C) tensors: BN normalizes dim 1, "
+               "Linear mixes the last dim (shape unknown or not 2-D; give example inputs)")
+UNBATCHED = "the conv runs unbatched: BN's channel dim 1 is not the conv's channel dim"
+NO_NEIGHBOUR = "no adjacent conv/linear to fold into: its input and its users are other ops"
+
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_F_CONVS = (F.conv1d, F.conv2d, F.conv3d)
+_F_CONV_TRANSPOSES = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+_EXACT_TYPES = (*_BNS, *_CONVS, *_CONV_TRANSPOSES, nn.Linear)
+# A batched conv with d spatial dims makes a (d + 2)-D tensor, which only BatchNorm{d}d accepts.
+_BN_SPATIAL_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+
+
+@dataclass
+class _Layer:
+    """A conv, conv-transpose or linear node, module or functional, seen through its weights."""
+
+    node: Node
+    kind: str  # "conv", "transpose" or "linear"
+    weight: Tensor
+    bias: Tensor | None
+    groups: int
+    zero_pads: bool
+    reason: str | None  # why its weights cannot be replaced
+    replace: Callable[[Tensor, Tensor], None]  # install (W', b')
+
+    def channels(self, output: bool) -> int:
+        if self.kind == "transpose":
+            return self.weight.shape[1] * self.groups if output else self.weight.shape[0]
+        return self.weight.shape[0] if output else self.weight.shape[1] * self.groups
+
+
+@dataclass
+class _Norm:
+    """A BatchNorm node, module or functional: its statistics and affine parameters."""
+
+    node: Node
+    mean: Tensor | None
+    var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    spatial_dims: int | None  # BatchNorm{d}d; None for F.batch_norm (any rank)
+    reason: str | None  # why it cannot fold at all
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """(t, u) in float64 with BN(x) = t x + u."""
+        def double(t):
+            return None if t is None else t.double()
+
+        return wa.bn_affine(double(self.mean), double(self.var), double(self.weight),
+                            double(self.bias), self.eps)
+
+
+def _pads(padding, kernel: tuple[int, ...], dilation) -> bool:
+    """Whether a zero-padding conv with this `padding` argument pads anything."""
+    if padding == "valid":
+        return False
+    if padding == "same":
+        dilation = (dilation,) * len(kernel) if isinstance(dilation, int) else dilation
+        return any(d * (k - 1) > 0 for k, d in zip(kernel, dilation))
+    return any(p > 0 for p in ((padding,) if isinstance(padding, int) else padding))
+
+
+def _constants(gm: GraphModule, args: list) -> list[Tensor | None] | None:
+    """The tensors behind get_attr arguments (None stays None); None if one is computed."""
+    values = []
+    for node in args:
+        value = None
+        if node is not None:
+            if not isinstance(node, Node) or node.op != "get_attr":
+                return None
+            value = operator.attrgetter(node.target)(gm)
+        values.append(value)
+    return values
+
+
+def _fresh_name(gm: GraphModule, base: str) -> str:
+    name, index = base, 0
+    while hasattr(gm, name):
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
+def _layer(gm: GraphModule, node: Node) -> _Layer:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        kind = ("linear" if isinstance(module, nn.Linear)
+                else "transpose" if isinstance(module, _CONV_TRANSPOSES) else "conv")
+        reason = (SUBCLASS if type(module) not in _EXACT_TYPES
+                  else SHARED_MODULE if not called_once(gm, node) else None)
+        zero_pads = kind == "conv" and module.padding_mode == "zeros" and _pads(
+            module.padding, module.kernel_size, module.dilation)
+        return _Layer(node, kind, module.weight, module.bias, getattr(module, "groups", 1),
+                      zero_pads, reason, lambda w, b: set_weights(module, w, b))
+    # F.conv{d}(x, W, b, stride, padding, dilation, groups), F.conv_transpose{d}(x, W, b, stride,
+    # padding, output_padding, groups, dilation), F.linear(x, W, b)
+    kind = ("transpose" if node.target in _F_CONV_TRANSPOSES
+            else "conv" if node.target in _F_CONVS else "linear")
+    constants = _constants(gm, [arg(node, 1, "weight"), arg(node, 2, "bias")])
+    if constants is None:
+        return _Layer(node, kind, None, None, 1, False, NOT_CONSTANT, None)
+    weight, bias = constants
+    zero_pads = kind == "conv" and _pads(arg(node, 4, "padding", 0), tuple(weight.shape[2:]),
+                                         arg(node, 5, "dilation", 1))
+
+    def replace(new_weight: Tensor, new_bias: Tensor) -> None:
+        for position, keyword, value in ((1, "weight", new_weight), (2, "bias", new_bias)):
+            name = _fresh_name(gm, f"{node.name}_{keyword}")
+            if isinstance(weight, nn.Parameter):
+                gm.register_parameter(name, nn.Parameter(value.to(weight), weight.requires_grad))
+            else:
+                gm.register_buffer(name, value.to(weight))
+            with gm.graph.inserting_before(node):
+                set_arg(node, position, keyword, gm.graph.get_attr(name))
+
+    return _Layer(node, kind, weight, bias, arg(node, 6, "groups", 1) if kind != "linear" else 1,
+                  zero_pads, None, replace)
+
+
+def _norm(gm: GraphModule, node: Node) -> _Norm:
+    if node.op == "call_module":
+        bn = gm.get_submodule(node.target)
+        reason = (TRAINING if bn.training else NO_RUNNING_STATS if bn.running_mean is None
+                  else SUBCLASS if type(bn) not in _EXACT_TYPES else None)
+        return _Norm(node, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
+                     _BN_SPATIAL_DIMS.get(type(bn)), reason)
+    # F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    names = ("running_mean", "running_var", "weight", "bias")
+    constants = _constants(gm, [arg(node, i, name) for i, name in enumerate(names, start=1)])
+    reason = (TRAINING if arg(node, 5, "training", False)
+              else NO_RUNNING_STATS if arg(node, 1, "running_mean") is None
+              else NOT_CONSTANT if constants is None else None)
+    mean, var, weight, bias = constants or (None,) * 4
+    return _Norm(node, mean, var, weight, bias, arg(node, 7, "eps", 1e-5), None, reason)
+
+
+def _check(match: Match, layer_index: int) -> str | None:
+    """Legality of folding the BN into the layer; `match.nodes[0]` produces the tensor between."""
+    gm, (between, consumer) = match.gm, match.nodes
+    norm, layer = _norm(gm, match.nodes[1 - layer_index]), _layer(gm, match.nodes[layer_index])
+    if norm.reason or layer.reason:
+        return norm.reason or layer.reason
+    if has_other_users(between, consumer):
+        return OTHER_USERS
+    if norm.mean.numel() != layer.channels(output=layer_index == 0):
+        return CHANNEL_MISMATCH
+    shape = node_shape(between)
+    if layer.kind == "linear":
+        if shape is None or len(shape) != 2:
+            return LINEAR_RANK
+    elif (norm.spatial_dims not in (None, layer.weight.ndim - 2)
+          or (shape is not None and len(shape) != layer.weight.ndim)):
+        return UNBATCHED
+    return PADDING if layer_index == 1 and layer.zero_pads else None
+
+
+def _fold_into_preceding(match: Match) -> str:
+    layer, norm = _layer(match.gm, match.nodes[0]), _norm(match.gm, match.nodes[1])
+    with torch.no_grad():
+        t, u = norm.affine()
+        weight = layer.weight.double()
+        bias = None if layer.bias is None else layer.bias.double()
+        if layer.kind == "transpose":
+            layer.replace(*wa.fold_bn_after_transpose(weight, bias, t, u, layer.groups))
+        else:
+            layer.replace(*wa.fold_bn_after(weight, bias, t, u))
+    bypass(match.gm, norm.node, layer.node)
+    return f"folded {describe(norm.node)} into {describe(layer.node)}"
+
+
+def _fold_into_following(match: Match) -> str:
+    norm, layer = _norm(match.gm, match.nodes[0]), _layer(match.gm, match.nodes[1])
+    with torch.no_grad():
+        t, u = norm.affine()
+        weight = layer.weight.double()
+        bias = None if layer.bias is None else layer.bias.double()
+        layer.replace(*wa.fold_bn_before(weight, bias, t, u, layer.groups))
+    bypass(match.gm, norm.node, norm.node.args[0])
+    return f"folded {describe(norm.node)} into the following {describe(layer.node)}"
+
+
+def _before(match: Match) -> str | None:
+    return _check(match, 0)
+
+
+def _after(match: Match) -> str | None:
+    return _check(match, 1)
+
+
+_BN = Op(modules=_BNS, functions=(F.batch_norm,))
+_BN1D = Op(modules=(nn.BatchNorm1d,), functions=(F.batch_norm,))
+_CONV = Op(modules=_CONVS, functions=_F_CONVS)
+_CONV_TRANSPOSE = Op(modules=_CONV_TRANSPOSES, functions=_F_CONV_TRANSPOSES)
+_LINEAR = Op(modules=(nn.Linear,), functions=(F.linear,))
+
+RULES = (
+    # R1  BN(conv(x)) -> conv'(x)
+    Rule("conv_bn", (_CONV, _BN), _before, _fold_into_preceding, "BN(W*x+b) = (tW)*x + (tb+u)"),
+    Rule("linear_bn", (_LINEAR, _BN1D), _before, _fold_into_preceding, "BN(Wx+b) = (tW)x + (tb+u)"),
+    Rule("conv_transpose_bn", (_CONV_TRANSPOSE, _BN), _before, _fold_into_preceding,
+         "BN(W*^T x+b) = (W t_per_group)*^T x + (tb+u)"),
+    # R2  conv(BN(x)) -> conv'(x)
+    Rule("bn_conv", (_BN, _CONV), _after, _fold_into_following, "W*(tx+u)+b = (Wt)*x + (b+ΣWu)"),
+    Rule("bn_linear", (_BN1D, _LINEAR), _after, _fold_into_following, "W(tx+u)+b = (Wt)x + (b+Wu)"),
+)
+
+
+@register_pass("fold_bn", "fold eval-mode BatchNorm into the conv/linear before (R1) or after (R2)",
+               True)
+def fold_bn(gm: GraphModule, ctx: PassContext) -> PassResult:
+    if any(rule.match(gm, node) for node in gm.graph.nodes for rule in RULES):
+        propagate_shapes(gm, ctx.inputs(gm))  # ranks decide whether BN and layer channels agree
+    result = apply_rules(gm, RULES)
+    refused = {name for refusal in result.report.refusals for name in refusal.nodes}
+    for node in gm.graph.nodes:
+        if _BN.matches(gm, node) and describe(node) not in refused:
+            result.report.refusals.append(Refusal("fold_bn", (describe(node),), NO_NEIGHBOUR))
+    return result
