@@ -96,7 +96,7 @@ def python_source(
 ) -> tuple[str, dict[str, torch.Tensor]]:
     """(source text, state_dict) of the standalone module."""
     flat = _flatten(gm)
-    init_lines, tensors = [], {}
+    init_lines = []
     for name, value in flat.named_children():
         init_lines.append(f"self.{name} = {_constructor(name, value)}")
     for node in flat.graph.nodes:

@@ -26,8 +26,8 @@ from archc.errors import CheckpointError
 from archc.export import CHECKPOINT_FORMAT, load_checkpoint_bytes
 
 PICKLE_HINT = (
-    "it holds pickled Python objects (a whole nn.Module?); unpickling runs arbitrary code, so archc "
-    "reads it only with --trust-pickle, if you trust where it came from"
+    "it holds pickled Python objects (a whole nn.Module?); unpickling runs arbitrary code, "
+    "so archc reads it only with --trust-pickle, if you trust where it came from"
 )
 
 
@@ -41,7 +41,7 @@ class ImportedModel:
 
 
 def load_model(path: str | Path, *, trust_pickle: bool = False) -> ImportedModel:
-    """Read a checkpoint, program or (with trust_pickle) a pickled module. Raises CheckpointError."""
+    """Read a checkpoint, a program or (trust_pickle) a pickled module; raises CheckpointError."""
     path = Path(path)
     try:
         data = path.read_bytes()

@@ -39,7 +39,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from archc import weight_algebra as wa
-from archc.pipeline import PassContext, PassReport, PassResult, Refusal, register_pass
+from archc.pipeline import PassContext, PassReport, PassResult, Refusal, op_kind, register_pass
 from archc.rules import describe, node_shape
 from passes import sequential_merging as seq
 from passes.sequential_merging import (
@@ -127,7 +127,9 @@ def _branch(analysis: Analysis, leaf: Node, coefficient: float, consumers: set[N
 
 def _sum_operands(analysis: Analysis, node: Node) -> list[tuple[Node, float]] | None:
     """`[(a, 1), (b, ±alpha)]` for `a + alpha b` / `a - alpha b` of two non-constant tensors."""
-    if node.op not in ("call_function", "call_method") or node.target not in seq._ADD | seq._SUB:
+    if node.op not in ("call_function", "call_method"):
+        return None
+    if node.target not in seq.ADD_TARGETS | seq.SUB_TARGETS:
         return None
     if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
         return None
@@ -137,7 +139,7 @@ def _sum_operands(analysis: Analysis, node: Node) -> list[tuple[Node, float]] | 
     a, b = node.args
     if not (analysis.is_tensor(a) and analysis.is_tensor(b)):
         return None
-    return [(a, 1.0), (b, (-alpha if node.target in seq._SUB else alpha) * 1.0)]
+    return [(a, 1.0), (b, (-alpha if node.target in seq.SUB_TARGETS else alpha) * 1.0)]
 
 
 def _is_sum_root(analysis: Analysis, node: Node) -> bool:
@@ -268,7 +270,7 @@ class _Merger:
         for group in self._groups(branches).values():
             if len(group) < 2:
                 continue
-            same = [b for b in group if node_shape(b.leaf) in (None, shape) or shape is None]
+            same = [b for b in group if shape is None or node_shape(b.leaf) in (None, shape)]
             for branch in group:
                 if branch not in same:
                     self.refuse("parallel_sum", (branch.leaf, root), BROADCAST)
@@ -313,7 +315,7 @@ class _Merger:
                     new_tensors.append(result[0])
             erased += [n for b in members for n in b.segment]
         self._explain_apart(branches, cat, "parallel_cat")
-        if not erased and len(new_tensors) == len(tensors):
+        if len(new_tensors) == len(tensors):
             return False
         cat.update_arg(0, new_tensors)
         erase_chain(self.gm, erased, self.analysis)
@@ -424,7 +426,7 @@ class _Merger:
             return DIFFERENT_INPUTS
         if branch.stop_reason:
             return branch.stop_reason
-        return f"{NONLINEAR} ({seq._kind(self.gm, branch.stop)} at {describe(branch.stop)})"
+        return f"{NONLINEAR} ({op_kind(self.gm, branch.stop)} at {describe(branch.stop)})"
 
     def _reaches(self, node: Node, ancestor: Node) -> bool:
         """Whether `ancestor` is an input of `node`, directly or not."""

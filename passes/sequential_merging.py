@@ -43,7 +43,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from archc import weight_algebra as wa
-from archc.pipeline import PassContext, PassReport, PassResult, Refusal, register_pass
+from archc.pipeline import PassContext, PassReport, PassResult, Refusal, op_kind, register_pass
 from archc.rules import delete_if_unused, describe, module_uses, node_dtype, node_shape
 from archc.rules import propagate_shapes as _propagate_shapes
 
@@ -91,8 +91,8 @@ _PAD_PARAMS = (("input", None), ("pad", None), ("mode", "constant"), ("value", N
 # Binary arithmetic by target (call_function callables and call_method names).
 _MUL = {operator.mul, torch.mul, "mul"}
 _DIV = {operator.truediv, torch.div, "div"}
-_ADD = {operator.add, torch.add, "add"}
-_SUB = {operator.sub, torch.sub, "sub"}
+ADD_TARGETS = {operator.add, torch.add, "add"}
+SUB_TARGETS = {operator.sub, torch.sub, "sub"}
 _NEG = {operator.neg, torch.neg, "neg"}
 _PASS_THROUGH_METHODS = {"contiguous"}
 # Pure ops evaluated when all their inputs are constants (a layer-scale's gamma.view(1, -1, 1, 1)).
@@ -545,7 +545,7 @@ def _arithmetic(analysis: Analysis, node: Node) -> LinearOp | NotLinear:
     else:
         return NotLinear()
     alpha = node.kwargs.get("alpha", 1)
-    extra = set(node.kwargs) - ({"alpha"} if target in _ADD | _SUB else set())
+    extra = set(node.kwargs) - ({"alpha"} if target in ADD_TARGETS | SUB_TARGETS else set())
     if extra or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         return NotLinear()
     if not _same_dtype(node, x):
@@ -558,9 +558,9 @@ def _arithmetic(analysis: Analysis, node: Node) -> LinearOp | NotLinear:
         affine = Affine(constant, zero)
     elif target in _DIV and x_first:
         affine = Affine(1 / constant, zero)
-    elif target in _ADD:  # x + alpha c  or  c + alpha x
+    elif target in ADD_TARGETS:  # x + alpha c  or  c + alpha x
         affine = Affine(one, alpha * constant) if x_first else Affine(alpha * one, constant)
-    elif target in _SUB:  # x - alpha c  or  c - alpha x
+    elif target in SUB_TARGETS:  # x - alpha c  or  c - alpha x
         affine = Affine(one, -alpha * constant) if x_first else Affine(-alpha * one, constant)
     else:
         return NotLinear()
@@ -705,12 +705,6 @@ def _delete_module_if_unused(gm: GraphModule, target: str) -> None:
 
 # ---- the pass ----
 
-def _kind(gm: GraphModule, node: Node) -> str:
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__
-    return getattr(node.target, "__name__", str(node.target))
-
-
 def _is_conv_module(gm: GraphModule, node: Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target),
                                                    tuple(_CONVS))
@@ -788,7 +782,7 @@ class _Sweep:
         if isinstance(op, NotLinear) and op.reason:
             self.refuse([inputs[0], node, second], op.reason)
         elif isinstance(op, NotLinear):
-            self.refuse([inputs[0], node, second], f"{NONLINEAR} ({_kind(self.gm, node)})")
+            self.refuse([inputs[0], node, second], f"{NONLINEAR} ({op_kind(self.gm, node)})")
 
 
 def _rule(first: Conv, second: Conv) -> str:

@@ -1,4 +1,4 @@
-"""`archc build`: ONNX / .pt / .pt2 outputs reproduce eager PyTorch with randomized BN statistics."""
+"""`archc build`: ONNX, .pt and .pt2 outputs reproduce eager PyTorch (randomized BN statistics)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,10 @@ def test_randomized_model_is_non_degenerate():
 @pytest.mark.slow
 def test_onnx_build_matches_eager(tmp_path, capsys):
     out = tmp_path / "model.onnx"
-    assert main(["build", SPEC, "-o", str(out), "--init", "random", "--seed", "3",
-                 "--dynamic-batch"]) == 0
+    assert (
+        main(["build", SPEC, "-o", str(out), "--init", "random", "--seed", "3", "--dynamic-batch"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "6,196,040 params" in printed and "relative" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # one file, no .data
@@ -63,22 +65,44 @@ def test_pt_checkpoint_reloads_with_weights_only(tmp_path):
 
 def test_pt2_program_reloads(tmp_path):
     out = tmp_path / "model.pt2"
-    assert main(["build", SPEC, "-o", str(out), "--init", "random", "--seed", "7",
-                 "--dynamic-batch"]) == 0
+    assert (
+        main(["build", SPEC, "-o", str(out), "--init", "random", "--seed", "7", "--dynamic-batch"])
+        == 0
+    )
     program = torch.export.load(str(out))
     _, x, y = eager_reference(seed=7, shape=(3, 3, 224, 224))
     with torch.no_grad():
         assert relative_error(y, program.module()(x))[1] <= 1e-5
 
 
-@pytest.mark.parametrize("passes, message", [
-    ("none", "differs from eager PyTorch"),  # the emitted file fails its parity check
-    ("default", "pass 'fold_bn' (after remove_identity): output changed"),  # a pass fails
-])
+@pytest.mark.parametrize(
+    "passes, message",
+    [
+        ("none", "differs from eager PyTorch"),  # the emitted file fails its parity check
+        ("default", "pass 'fold_bn' (after remove_identity): output changed"),  # a pass fails
+    ],
+)
 def test_failed_verification_writes_nothing(passes, message, tmp_path, capsys):
     out = tmp_path / "model.onnx"
-    assert main(["build", SPEC, "-o", str(out), "--init", "random", "--rtol", "0",
-                 "--input-size", "64", "--passes", passes]) == 2
+    assert (
+        main(
+            [
+                "build",
+                SPEC,
+                "-o",
+                str(out),
+                "--init",
+                "random",
+                "--rtol",
+                "0",
+                "--input-size",
+                "64",
+                "--passes",
+                passes,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert list(tmp_path.iterdir()) == []
@@ -86,8 +110,10 @@ def test_failed_verification_writes_nothing(passes, message, tmp_path, capsys):
 
 def test_build_options_change_the_example_input(tmp_path, capsys):
     out = tmp_path / "small.onnx"
-    assert main(["build", SPEC, "-o", str(out), "--input-size", "96", "--batch", "2",
-                 "--opset", "20"]) == 0
+    assert (
+        main(["build", SPEC, "-o", str(out), "--input-size", "96", "--batch", "2", "--opset", "20"])
+        == 0
+    )
     assert "3x96x96" in capsys.readouterr().out
     model = onnx.load(str(out))
     assert model.opset_import[0].version == 20

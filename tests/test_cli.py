@@ -16,13 +16,24 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["build", "--help"], ["info", "--help"],
-                                  ["build", "x.yaml", "-o", "y.tflite"], ["build", "x.yaml"],
-                                  ["frobnicate"], ["info", "x.yaml", "--input-size", "-3"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["build", "--help"],
+        ["info", "--help"],
+        ["build", "x.yaml", "-o", "y.tflite"],
+        ["build", "x.yaml"],
+        ["frobnicate"],
+        ["info", "x.yaml", "--input-size", "-3"],
+    ],
+)
 def test_help_and_argument_errors_do_not_import_torch(argv):
-    code = ("import sys\nfrom archc.cli import main\n"
-            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
-            "print('torch' in sys.modules, 'pydantic' in sys.modules)")
+    code = (
+        "import sys\nfrom archc.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'pydantic' in sys.modules)"
+    )
     result = run_python(code)
     assert result.stdout.strip().splitlines()[-1] == "False False", result.stderr
 
@@ -31,16 +42,18 @@ def test_help_is_fast():
     timings = []
     for _ in range(5):
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "archc", "--help"], capture_output=True,
-                                timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "archc", "--help"], capture_output=True, timeout=60
+        )
         timings.append(time.perf_counter() - start)
         assert result.returncode == 0
     assert min(timings) < 0.5, timings
 
 
 def test_argument_error_exit_code():
-    result = subprocess.run([sys.executable, "-m", "archc", "build"], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "archc", "build"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
@@ -49,8 +62,17 @@ def test_schema_is_a_json_schema_with_every_field(capsys, tmp_path):
     schema = json.loads(capsys.readouterr().out)
     assert schema["title"] == "archc spec"
     regnet = schema["$defs"]["RegNetBody"]["properties"]
-    assert {"depth", "w0", "wa", "wm", "group_width", "q", "bottleneck_ratio",
-            "bottleneck_multiplier", "se_ratio"} <= set(regnet)
+    assert {
+        "depth",
+        "w0",
+        "wa",
+        "wm",
+        "group_width",
+        "q",
+        "bottleneck_ratio",
+        "bottleneck_multiplier",
+        "se_ratio",
+    } <= set(regnet)
     assert "res_bottleneck" in schema["$defs"]["StageSpec"]["properties"]["block"]["enum"]
     assert main(["schema", "-o", str(tmp_path / "schema.json")]) == 0
     assert json.loads((tmp_path / "schema.json").read_text()) == schema

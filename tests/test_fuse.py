@@ -56,10 +56,12 @@ class ForeignRepVGGBlock(nn.Module):
 
     def __init__(self, c_in, c_out, stride):
         super().__init__()
-        self.rbr_dense = nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
-                                       nn.BatchNorm2d(c_out))
-        self.rbr_1x1 = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False),
-                                     nn.BatchNorm2d(c_out))
+        self.rbr_dense = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
+        )
+        self.rbr_1x1 = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False), nn.BatchNorm2d(c_out)
+        )
         self.rbr_identity = nn.BatchNorm2d(c_in) if c_in == c_out and stride == 1 else None
         self.nonlinearity = nn.ReLU()
 
@@ -104,10 +106,12 @@ def fuse_and_load(argv, out):
 def test_fuse_pickled_foreign_model(foreign_model, tmp_path, capsys):
     ckpt, out = tmp_path / "foreign.pt", tmp_path / "foreign.fused.pt2"
     torch.save(foreign_model, ckpt)
-    fused = fuse_and_load(["fuse", str(ckpt), "--trust-pickle", "--input-shape", "1,3,32,32",
-                           "-o", str(out)], out)
+    fused = fuse_and_load(
+        ["fuse", str(ckpt), "--trust-pickle", "--input-shape", "1,3,32,32", "-o", str(out)], out
+    )
     assert f"deploy form: 4 convs, 0 normalization layers, {foreign_deploy_params():,}" in (
-        capsys.readouterr().out)
+        capsys.readouterr().out
+    )
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert relative_error(foreign_model(x), fused(x))[1] <= 1e-5
@@ -118,7 +122,8 @@ def test_fuse_exported_program(foreign_model, tmp_path, capsys):
     torch.export.save(torch.export.export(foreign_model, (torch.randn(1, 3, 32, 32),)), program)
     fused = fuse_and_load(["fuse", str(program), "-o", str(out)], out)
     assert f"deploy form: 4 convs, 0 normalization layers, {foreign_deploy_params():,}" in (
-        capsys.readouterr().out)
+        capsys.readouterr().out
+    )
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert relative_error(foreign_model(x), fused(x))[1] <= 1e-5
@@ -127,22 +132,33 @@ def test_fuse_exported_program(foreign_model, tmp_path, capsys):
 def test_fuse_to_standalone_python(foreign_model, tmp_path):
     ckpt, out = tmp_path / "foreign.pt", tmp_path / "deploy.py"
     torch.save(foreign_model, ckpt)
-    assert main(["fuse", str(ckpt), "--trust-pickle", "--input-shape", "1,3,32,32",
-                 "-o", str(out)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy.py", "deploy.weights.pt",
-                                                          "foreign.pt"]
+    assert (
+        main(["fuse", str(ckpt), "--trust-pickle", "--input-shape", "1,3,32,32", "-o", str(out)])
+        == 0
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "deploy.py",
+        "deploy.weights.pt",
+        "foreign.pt",
+    ]
     source = out.read_text()
     assert "archc" not in source.split('"""', 2)[2]  # only the docstring names its origin
     x = torch.randn(2, 3, 32, 32)
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
         torch.save(foreign_model(x), tmp_path / "y.pt")
-    script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from deploy import load; "
-              "x = torch.load(sys.argv[1] + '/x.pt'); y = torch.load(sys.argv[1] + '/y.pt'); "
-              "m = load(); print(float(((m(x) - y).abs().max() / y.abs().max())), "
-              "any(k.startswith(('archc', 'passes')) for k in sys.modules))")
-    result = subprocess.run([sys.executable, "-I", "-c", script, str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); from deploy import load; "
+        "x = torch.load(sys.argv[1] + '/x.pt'); y = torch.load(sys.argv[1] + '/y.pt'); "
+        "m = load(); print(float(((m(x) - y).abs().max() / y.abs().max())), "
+        "any(k.startswith(('archc', 'passes')) for k in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     error, imported_archc = result.stdout.split()
     assert float(error) <= 1e-5 and imported_archc == "False", result.stderr
 
@@ -150,8 +166,10 @@ def test_fuse_to_standalone_python(foreign_model, tmp_path):
 def test_fuse_to_onnx(foreign_model, tmp_path, capsys):
     ckpt, out = tmp_path / "foreign.pt", tmp_path / "deploy.onnx"
     torch.save(foreign_model, ckpt)
-    assert main(["fuse", str(ckpt), "--trust-pickle", "--input-shape", "1,3,32,32",
-                 "-o", str(out)]) == 0
+    assert (
+        main(["fuse", str(ckpt), "--trust-pickle", "--input-shape", "1,3,32,32", "-o", str(out)])
+        == 0
+    )
     import onnx
 
     ops = [node.op_type for node in onnx.load(str(out)).graph.node]
@@ -167,8 +185,9 @@ def bad_checkpoints(tmp_path, foreign_model):
     assert main(["build", "specs/regnetx_200mf.yaml", "-o", str(good)]) == 0
     data = good.read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    (tmp_path / "random.pt").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8)
-                                         .numpy().tobytes())
+    (tmp_path / "random.pt").write_bytes(
+        torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes()
+    )
     payload = torch.load(good, weights_only=True)
     payload["state_dict"]["s1.b1.f.a.conv.weight"] = torch.zeros(3, 3, 1, 1)
     torch.save(payload, tmp_path / "mismatch.pt")
@@ -206,8 +225,12 @@ def test_bad_checkpoints(tmp_path, foreign_model, capsys):
 
 def test_bad_checkpoint_in_a_real_process(tmp_path):
     (tmp_path / "random.pt").write_bytes(b"\x80\x02garbage" * 100)
-    result = subprocess.run([sys.executable, "-m", "archc", "fuse", str(tmp_path / "random.pt")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "archc", "fuse", str(tmp_path / "random.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["random.pt"]

@@ -1,4 +1,4 @@
-"""Lowering: names, deterministic seeded weights, every block and stem, complexity from the graph."""
+"""Lowering: names, seeded weights, every block and stem, complexity from the graph."""
 
 from __future__ import annotations
 
@@ -33,8 +33,16 @@ def test_qualified_names_are_readable_and_deterministic():
     first, second = archc.build(spec), archc.build(spec)
     targets = [n.target for n in first.graph.nodes if n.op == "call_module"]
     assert targets[:3] == ["stem.conv", "stem.bn", "stem.act"]
-    for name in ("s1.b1.proj.conv", "s1.b1.f.a.conv", "s1.b1.f.b.conv", "s1.b1.f.se.reduce",
-                 "s1.b1.f.se.expand", "s1.b1.f.c.bn", "s4.b7.act", "head.fc"):
+    for name in (
+        "s1.b1.proj.conv",
+        "s1.b1.f.a.conv",
+        "s1.b1.f.b.conv",
+        "s1.b1.f.se.reduce",
+        "s1.b1.f.se.expand",
+        "s1.b1.f.c.bn",
+        "s4.b7.act",
+        "head.fc",
+    ):
         assert name in targets
     assert first.code == second.code
 
@@ -51,9 +59,16 @@ def test_seeded_weights_do_not_depend_on_torch_rng():
 
 
 def test_pycls_initialisation():
-    gm = archc.build({"name": "wide", "input": {"size": 32},
-                      "body": {"type": "anynet", "stages": [{"block": "res_basic", "depth": 1,
-                                                             "width": 256}]}})
+    gm = archc.build(
+        {
+            "name": "wide",
+            "input": {"size": 32},
+            "body": {
+                "type": "anynet",
+                "stages": [{"block": "res_basic", "depth": 1, "width": 256}],
+            },
+        }
+    )
     conv = gm.get_submodule("s1.b1.f.b.conv")
     assert conv.weight.std().item() == pytest.approx((2 / (9 * 256)) ** 0.5, rel=0.02)
     assert gm.get_submodule("head.fc").weight.std().item() == pytest.approx(0.01, rel=0.05)
@@ -62,17 +77,29 @@ def test_pycls_initialisation():
     assert not gm.training
 
 
-@pytest.mark.parametrize("block, extra", [
-    ("res_bottleneck", {"group_width": 8, "bottleneck_ratio": 2, "se_ratio": 0.25}),
-    ("res_basic", {}),
-    ("vanilla", {}),
-])
+@pytest.mark.parametrize(
+    "block, extra",
+    [
+        ("res_bottleneck", {"group_width": 8, "bottleneck_ratio": 2, "se_ratio": 0.25}),
+        ("res_basic", {}),
+        ("vanilla", {}),
+    ],
+)
 @pytest.mark.parametrize("stem", ["simple", "resnet"])
 def test_every_block_and_stem_builds_and_runs(block, extra, stem):
-    spec = {"name": "net", "input": {"size": 64}, "num_classes": 7, "stem": {"type": stem},
-            "body": {"type": "anynet", "stages": [
+    spec = {
+        "name": "net",
+        "input": {"size": 64},
+        "num_classes": 7,
+        "stem": {"type": stem},
+        "body": {
+            "type": "anynet",
+            "stages": [
                 {"block": block, "depth": 2, "width": 32, "stride": 2, **extra},
-                {"block": block, "depth": 1, "width": 32, "stride": 1, **extra}]}}
+                {"block": block, "depth": 1, "width": 32, "stride": 1, **extra},
+            ],
+        },
+    }
     gm = archc.build(spec, init="random")
     y = gm(torch.randn(2, 3, 64, 64))
     assert y.shape == (2, 7) and torch.isfinite(y).all()
@@ -82,8 +109,14 @@ def test_every_block_and_stem_builds_and_runs(block, extra, stem):
 
 
 def test_bottleneck_ratio_sets_the_bottleneck_width():
-    spec = {"name": "b", "input": {"size": 32}, "body": {"type": "anynet", "stages": [
-        {"depth": 1, "width": 64, "bottleneck_ratio": 4, "group_width": 16}]}}
+    spec = {
+        "name": "b",
+        "input": {"size": 32},
+        "body": {
+            "type": "anynet",
+            "stages": [{"depth": 1, "width": 64, "bottleneck_ratio": 4, "group_width": 16}],
+        },
+    }
     conv = archc.build(spec).get_submodule("s1.b1.f.b.conv")
     assert (conv.in_channels, conv.out_channels, conv.groups) == (16, 16, 1)
 

@@ -1,4 +1,4 @@
-"""Malformed specs: one line `error: <file>:<field path>: <what>`, exit 2, no traceback, no output."""
+"""Malformed specs: one line `error: <file>:<field path>: <what>`, exit 2, no output."""
 
 from __future__ import annotations
 
@@ -32,7 +32,10 @@ EXPECTED = {
     "negative_wa.yaml": ("body.wa", "greater than or equal to 0"),
     "regnet_too_few_stages.yaml": ("body", "give 2 stages"),
     "both_bottleneck_forms.yaml": ("body", "not both"),
-    "anynet_width_not_divisible.yaml": ("body.stages[1].group_width", "not divisible by group_width 24"),
+    "anynet_width_not_divisible.yaml": (
+        "body.stages[1].group_width",
+        "not divisible by group_width 24",
+    ),
     "unknown_block.yaml": ("body.stages[0].block", "did you mean 'res_bottleneck'"),
     "field_unused_by_block.yaml": ("body.stages[0].se_ratio", "does not use"),
     "zero_depth_stage.yaml": ("body.stages[0].depth", "greater than or equal to 1"),
@@ -74,7 +77,9 @@ def test_malformed_spec_in_a_real_process(name, tmp_path):
     output = tmp_path / "model.onnx"
     result = subprocess.run(
         [sys.executable, "-m", "archc", "build", str(BAD / name), "-o", str(output)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
