@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -133,6 +133,7 @@ class PassContext:
     dump_dir: Path | None = None
     explain: bool = False  # the pipeline's report lists every rewrite and refusal
     measure: Measure | None = None  # FLOP counter; without it FLOPs are not reported
+    options: dict[str, Any] = field(default_factory=dict)  # per-pass options, "pass.option": value
 
     def inputs(self, gm: nn.Module) -> tuple[Tensor, ...] | None:
         """The example inputs: given ones, or random ones of `input_shape` in the model's dtype."""

@@ -62,9 +62,8 @@ class StemSpec(_Strict):
     # resnet: 7x7 conv stride 2 + BN + ReLU + 3x3 max-pool stride 2;
     # none: no stem, the first stage reads the input (RepVGG's stem is its first block)
     type: Literal["simple", "resnet", "none"] = "simple"
-    width: PositiveInt | None = (
-        None  # output channels, default 32 (RegNet: always 32); not for none
-    )
+    # output channels, default 32 (RegNet: always 32); not allowed with none
+    width: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _no_width_without_stem(self):
