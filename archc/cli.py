@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-OUTPUT_FORMATS = (".onnx", ".pt", ".pt2")  # mirrors archc.export.FORMATS without importing torch
+OUTPUT_FORMATS = (".onnx", ".pt", ".pt2", ".py")
 FUSE_FORMATS = (".pt2", ".onnx", ".py")
 
 
@@ -46,6 +46,23 @@ def _shape(text: str) -> tuple[int, ...]:
     if not shape or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape of positive sizes")
     return shape
+
+
+def _add_deploy_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("deploy form (.onnx, .pt2, .py)")
+    group.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="cast the emitted model after folding in float32 (default fp32); "
+        "verified at 10 units of the format's rounding",
+    )
+    group.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="emit the PyTorch module and its inputs in torch.channels_last "
+        "memory format (.pt2, .py)",
+    )
 
 
 def _add_pass_options(parser: argparse.ArgumentParser, default_text: str) -> None:
@@ -136,6 +153,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--no-simplify", action="store_true", help="skip onnx-simplifier")
     _add_pass_options(build, "default: 'default'; a .pt checkpoint keeps the spec form")
+    _add_deploy_options(build)
 
     fuse = commands.add_parser(
         "fuse",
@@ -174,6 +192,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     fuse.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     _add_pass_options(fuse, "default: 'default'")
+    _add_deploy_options(fuse)
 
     commands.add_parser("passes", help="list the registered passes and named pipelines")
 
@@ -231,37 +250,78 @@ def _build(args: argparse.Namespace) -> int:
     shape = lower.input_shape(spec, args.batch, args.input_size)
     report = complexity_report(gm, shape).total
     example = random_input(shape, args.seed)
-    suffix = args.output.suffix.lower()
-    if suffix == ".pt":
-        if args.passes not in (None, "none"):
+    if args.output.suffix.lower() == ".pt":
+        if args.passes not in (None, "none") or args.dtype != "fp32" or args.channels_last:
             raise ArchcError(
-                "a .pt checkpoint stores the spec's own (train) form; run passes "
-                "with `archc fuse model.pt`, or emit .onnx / .pt2"
+                "a .pt checkpoint stores the spec's own float32 (train) form; run passes with "
+                "`archc fuse model.pt`, or emit .onnx / .pt2 / .py"
             )
         emitted = export.save_checkpoint(gm, spec.to_dict(), args.output, example, rtol=args.rtol)
     else:
         gm = _run_passes(gm, args, example)
-        if suffix == ".onnx":
-            emitted = export.export_onnx(
-                gm,
-                args.output,
-                example,
-                opset=args.opset,
-                dynamic_batch=args.dynamic_batch,
-                simplify=not args.no_simplify,
-                rtol=args.rtol,
-            )
-        else:
-            emitted = export.export_program(
-                gm, args.output, example, dynamic_batch=args.dynamic_batch, rtol=args.rtol
-            )
+        emitted = _emit(gm, args.output, example, args, spec.name, str(args.spec))
     print(
         f"{spec.name}: {report.params:,} params, {report.flops / 1e6:,.1f}M flops "
         f"(multiply-adds), {report.acts / 1e6:,.2f}M acts per sample at "
         f"{'x'.join(map(str, shape[1:]))} (spec form)"
     )
-    _print_emitted(emitted, args.rtol)
+    _print_emitted(emitted)
     return 0
+
+
+def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source: str):
+    """Cast to the deploy dtype/layout, then write `output` in the format of its extension."""
+    from archc import export
+    from archc.errors import ExportError
+
+    suffix = output.suffix.lower()
+    if suffix == ".onnx" and args.channels_last:
+        raise ExportError(
+            "ONNX is NCHW by specification; channels_last is the runtime's "
+            "business: use it with .pt2 or .py"
+        )
+    if suffix == ".onnx" and args.dtype == "bf16":
+        raise ExportError(
+            "ONNX Runtime on CPU has no bfloat16 Conv, so a bf16 .onnx cannot be "
+            "verified: use fp16 for .onnx, or bf16 with .pt2 / .py"
+        )
+    form = export.deploy_form(
+        gm, example, dtype=args.dtype, channels_last=args.channels_last, rtol=args.rtol
+    )
+    dynamic_batch = getattr(args, "dynamic_batch", False)
+    if suffix == ".onnx":
+        emitted = export.export_onnx(
+            form.graph_module,
+            output,
+            form.example_input,
+            opset=args.opset,
+            dynamic_batch=dynamic_batch,
+            simplify=not getattr(args, "no_simplify", False),
+            rtol=form.rtol,
+        )
+    elif suffix == ".py":
+        from archc.emit_python import emit_python
+
+        emitted = emit_python(
+            form.graph_module,
+            output,
+            form.example_input,
+            model_name=name,
+            source=source,
+            channels_last=args.channels_last,
+            rtol=form.rtol,
+        )
+    else:
+        emitted = export.export_program(
+            form.graph_module,
+            output,
+            form.example_input,
+            dynamic_batch=dynamic_batch,
+            rtol=form.rtol,
+        )
+    emitted.notes[:0] = form.notes
+    emitted.rtol = form.rtol
+    return emitted
 
 
 def _run_passes(gm, args: argparse.Namespace, example):
@@ -293,7 +353,6 @@ def _run_passes(gm, args: argparse.Namespace, example):
 
 
 def _fuse(args: argparse.Namespace) -> int:
-    from archc import export
     from archc.importers import load_model
     from archc.init import random_input
 
@@ -303,19 +362,9 @@ def _fuse(args: argparse.Namespace) -> int:
     print(f"{model.name}: {model.kind}, example input {'x'.join(map(str, shape))}")
     gm = _run_passes(model.graph_module, args, example)
     output = args.output or args.checkpoint.with_name(f"{model.name}.fused.pt2")
-    suffix = output.suffix.lower()
-    if suffix == ".onnx":
-        emitted = export.export_onnx(gm, output, example, opset=args.opset, rtol=args.rtol)
-    elif suffix == ".py":
-        from archc.emit_python import emit_python
-
-        emitted = emit_python(
-            gm, output, example, model_name=model.name, source=args.checkpoint.name, rtol=args.rtol
-        )
-    else:
-        emitted = export.export_program(gm, output, example, rtol=args.rtol)
+    emitted = _emit(gm, output, example, args, model.name, args.checkpoint.name)
     _print_deploy_summary(gm)
-    _print_emitted(emitted, args.rtol)
+    _print_emitted(emitted)
     return 0
 
 
@@ -331,13 +380,13 @@ def _print_deploy_summary(gm) -> None:
     print(f"deploy form: {convs} convs, {norms} normalization layers, {params:,} params")
 
 
-def _print_emitted(emitted, rtol: float) -> None:
+def _print_emitted(emitted) -> None:
     details = "; ".join([f"{emitted.bytes / 1e6:.1f} MB", *emitted.notes])
     print(f"wrote {emitted.path} ({details})")
     print(
         f"verified with {emitted.verified_with} against eager PyTorch: max abs error "
         f"{emitted.max_abs_error:.2e}, relative {emitted.relative_error:.2e} "
-        f"(tolerance {rtol:g})"
+        f"(tolerance {emitted.rtol:g})"
     )
 
 

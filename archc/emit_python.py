@@ -6,8 +6,9 @@ readable attribute name (`s1.b1.conv3x3.conv` -> `s1_b1_conv3x3_conv`), and whos
 graph's own code. Weights go to `<name>.weights.pt`, a plain state_dict (loads with
 `torch.load(weights_only=True)`); `load()` in the generated file reads them.
 
-Only torch.nn modules with a constructor-form repr are emitted; anything else (a custom module a
-trace kept as a leaf) is an ExportError naming it.
+`prepare_input(x)` casts an input to the emitted dtype and memory format (`channels_last` when
+emitted with it). Only torch.nn modules with a constructor-form repr are emitted; anything
+else (a custom module a trace kept as a leaf) is an ExportError naming it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def _flatten(gm: GraphModule) -> GraphModule:
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     for node in graph.nodes:
+        node.type = None  # annotations would need the tracer's globals (`x: _Tensor_`)
         if node.op in ("call_module", "get_attr"):
             value = gm.get_submodule(node.target) if node.op == "call_module" else _attr(gm, node)
             node.target = flat_name(str(node.target))
@@ -92,9 +94,14 @@ def _constructor(name: str, module: nn.Module) -> str:
 
 
 def python_source(
-    gm: GraphModule, model_name: str, source: str, weights_name: str, stem: str
+    gm: GraphModule,
+    model_name: str,
+    source: str,
+    weights_name: str,
+    stem: str,
+    channels_last: bool = False,
 ) -> tuple[str, dict[str, torch.Tensor]]:
-    """(source text, state_dict) of the standalone module."""
+    """(source text, state_dict) of the standalone module, in `gm`'s parameter dtype."""
     flat = _flatten(gm)
     init_lines = []
     for name, value in flat.named_children():
@@ -131,13 +138,20 @@ def python_source(
     code += "    def __init__(self):\n        super().__init__()\n"
     code += textwrap.indent(body, " " * 8) + "\n\n"
     code += textwrap.indent(_tidy(forward), "    ")
+    dtype = next((p.dtype for p in gm.parameters()), torch.float32)
+    memory_format = "torch.channels_last" if channels_last else "torch.contiguous_format"
     code += (
+        f"\n\nDTYPE = {dtype}\n"
+        f"MEMORY_FORMAT = {memory_format}\n"
+        f"\n\ndef prepare_input(x: torch.Tensor) -> torch.Tensor:\n"
+        f'    """An input in the dtype and memory format the model was emitted for."""\n'
+        f"    return x.to(dtype=DTYPE, memory_format=MEMORY_FORMAT)\n"
         f"\n\ndef load(weights: str | Path = Path(__file__).with_name({weights_name!r}))"
         f" -> {class_name}:\n"
         f'    """The model with its weights, in eval mode."""\n'
-        f"    model = {class_name}()\n"
+        f"    model = {class_name}().to(DTYPE)\n"
         f"    model.load_state_dict(torch.load(weights, weights_only=True))\n"
-        f"    return model.eval()\n"
+        f"    return model.to(memory_format=MEMORY_FORMAT).eval()\n"
     )
     state = {k: v.detach().clone().contiguous() for k, v in flat.state_dict().items()}
     return code, state
@@ -156,13 +170,16 @@ def emit_python(
     *,
     model_name: str,
     source: str,
+    channels_last: bool = False,
     rtol: float = 1e-5,
 ) -> EmitReport:
-    """Write `path` (.py) and `<stem>.weights.pt`; verified in a fresh interpreter (torch only)."""
+    """Write `path` (.py) and `<stem>.weights.pt`; verified in a fresh interpreter (torch only).
+
+    `example_input` is in the emitted dtype and memory format; so is `gm`."""
     path = Path(path)
     weights_path = path.with_name(f"{path.stem}.weights.pt")
     report = EmitReport(path, "py", verified_with="a fresh python process importing only torch")
-    code, state = python_source(gm, model_name, source, weights_path.name, path.stem)
+    code, state = python_source(gm, model_name, source, weights_path.name, path.stem, channels_last)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     with atomic_output(weights_path) as weights_tmp, atomic_output(path) as code_tmp:
@@ -182,7 +199,7 @@ loader = importlib.machinery.SourceFileLoader("emitted", sys.argv[1])  # any suf
 module = importlib.util.module_from_spec(importlib.util.spec_from_loader("emitted", loader))
 loader.exec_module(module)
 model = module.load(sys.argv[2])
-x = torch.load(sys.argv[3], weights_only=True)
+x = module.prepare_input(torch.load(sys.argv[3], weights_only=True))
 with torch.no_grad():
     torch.save(model(x), sys.argv[4])
 bad = [name for name in sys.modules if name == "archc" or name.startswith(("archc.", "passes"))]
@@ -202,6 +219,7 @@ def _run_standalone(
             [
                 sys.executable,
                 "-I",
+                "-B",
                 "-c",
                 _RUNNER,
                 str(code_path),

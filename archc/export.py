@@ -29,7 +29,6 @@ from archc.fileio import atomic_output
 DEFAULT_OPSET = 18
 CHECKPOINT_FORMAT = "archc-checkpoint"
 CHECKPOINT_VERSION = 1
-FORMATS = (".onnx", ".pt", ".pt2")
 
 
 @dataclass
@@ -40,6 +39,7 @@ class EmitReport:
     verified_with: str = ""
     max_abs_error: float = float("nan")
     relative_error: float = float("nan")
+    rtol: float = 1e-5  # the tolerance it was verified at
     notes: list[str] = field(default_factory=list)
 
 
@@ -107,6 +107,7 @@ def _check(report: EmitReport, reference: torch.Tensor, output: torch.Tensor, rt
             f"{report.verified_with}: output shape {tuple(output.shape)} "
             f"!= eager {tuple(reference.shape)}"
         )
+    report.rtol = rtol
     report.max_abs_error, report.relative_error = relative_error(reference, output)
     if not report.relative_error <= rtol:
         raise ExportError(
@@ -310,3 +311,60 @@ def _state_dict_mismatch(exc: RuntimeError) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+DEPLOY_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_tolerance(dtype: torch.dtype, rtol: float) -> float:
+    """Relative tolerance of a model run in `dtype`: `rtol` for float32 and wider, else 10 units
+    of the format's rounding (fp16 ~1e-2, bf16 ~8e-2)."""
+    if dtype in (torch.float32, torch.float64):
+        return rtol
+    return max(rtol, 10 * torch.finfo(dtype).eps)
+
+
+@dataclass
+class DeployForm:
+    graph_module: GraphModule
+    example_input: torch.Tensor
+    rtol: float  # tolerance for checks of this form
+    cast_error: float = 0.0  # relative error of the cast/layout change against float32
+    notes: list[str] = field(default_factory=list)
+
+
+def deploy_form(
+    gm: GraphModule,
+    example_input: torch.Tensor,
+    *,
+    dtype: str = "fp32",
+    channels_last: bool = False,
+    rtol: float = 1e-5,
+) -> DeployForm:
+    """Cast a (folded, float32) graph to the deploy dtype and memory format, checked against it.
+
+    Weights are folded in float64/float32 by the passes first, then cast: folding in half
+    precision loses accuracy (REWRITES.md R1)."""
+    import copy
+
+    target = DEPLOY_DTYPES[dtype]
+    if target == torch.float32 and not channels_last:
+        return DeployForm(gm, example_input, rtol)
+    tolerance = dtype_tolerance(target, rtol)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    cast = copy.deepcopy(gm).to(target).to(memory_format=memory_format).eval()
+    x = example_input.to(dtype=target, memory_format=memory_format)
+    with torch.no_grad():
+        reference, output = gm(example_input), cast(x)
+    form = DeployForm(cast, x, tolerance)
+    _, form.cast_error = relative_error(reference, output.float())
+    if not form.cast_error <= tolerance:
+        raise ExportError(
+            f"the {dtype} model differs from float32 by relative error "
+            f"{form.cast_error:.3g} > tolerance {tolerance:g}"
+        )
+    form.notes.append(
+        f"{dtype}{', channels_last' if channels_last else ''}: relative error "
+        f"{form.cast_error:.2e} against float32 (tolerance {tolerance:g})"
+    )
+    return form
