@@ -190,6 +190,11 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="ONNX opset for .onnx output (default 18)",
     )
+    fuse.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="make the batch dimension dynamic (.onnx, .pt2)",
+    )
     fuse.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     _add_pass_options(fuse, "default: 'default'")
     _add_deploy_options(fuse)
@@ -288,7 +293,7 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
     form = export.deploy_form(
         gm, example, dtype=args.dtype, channels_last=args.channels_last, rtol=args.rtol
     )
-    dynamic_batch = getattr(args, "dynamic_batch", False)
+    dynamic_batch = args.dynamic_batch
     if suffix == ".onnx":
         emitted = export.export_onnx(
             form.graph_module,

@@ -20,8 +20,10 @@ a cost rule decides: merge only if the merged conv needs no more multiply-adds p
 than the branches and the adds it replaces, and every decision is reported with both numbers.
 
 Branches that read the same input tensor merge even when others do not (the rest of the sum
-stays); a branch whose chain reaches the input only through a tensor with other users, or
-through a non-linear op, does not. A sum followed by a BN becomes a conv followed by a BN, which
+stays), and when a sum of three or more cannot merge as a whole, the cheapest branch whose
+removal lets the rest merge stays apart (a dilated DBB's avg-pool branch). A branch whose chain
+reaches the input only through a tensor with other users, or through a non-linear op, does not
+merge. A sum followed by a BN becomes a conv followed by a BN, which
 the next `fold_bn` folds (R1). The pass sweeps until nothing merges, so a merged inner sum can
 merge into an outer one.
 
@@ -64,7 +66,7 @@ KERNEL_PARITY = "kernel size cannot be embedded: K - k must be even on every axi
 GROUPS_MISMATCH = ("groups mismatch: densifying the grouped branches to block-diagonal form costs "
                    "more multiply-adds than the branches")
 MERGE_COST = "cost rule: the merged conv needs more multiply-adds than the branches"
-NONLINEAR = "branch contains a non-linear op"
+NONLINEAR = "branch contains a non-linear op (or one that is not a mergeable linear op)"
 OTHER_USERS = "a branch tensor has other users: they need the unmerged value"
 IDENTITY_MISMATCH = "identity branch needs C_in = C_out and stride 1 (channel or stride mismatch)"
 BROADCAST = "branch outputs differ in shape: the sum broadcasts"
@@ -78,7 +80,7 @@ SHAPES_UNKNOWN = seq.SHAPES_UNKNOWN
 MAX_SWEEPS = 100
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Branch:
     """One operand of a sum or cat: the linear nodes from `leaf` back to the first op that is not
     linear (`stop`). The branch proper is `nodes[:split]`; its input is the first tensor on the
@@ -227,6 +229,44 @@ def _align(states: Sequence[Linear], concat: bool) -> _Plan:
     return _Plan(tuple(kernel), stride, tuple(dilation), tuple(padding), groups)
 
 
+def _plan(states: Sequence[Linear], coefficients: Sequence[float], concat: bool
+          ) -> tuple[_Plan, Conv, str]:
+    """The merged conv and the cost decision (`; merged .. vs unmerged ..`), or `Unmergeable`."""
+    plan = _align(states, concat)
+    conv = _merged_conv(plan, states, coefficients, concat)
+    adds = 0 if concat else (len(states) - 1) * conv.weight.shape[0]
+    merged, unmerged = conv.weight.numel(), sum(s.macs() for s in states) + adds
+    numbers = f"merged {merged} vs unmerged {unmerged} MACs per output pixel"
+    densified = sorted({s.conv.groups for s in states
+                        if s.conv is not None and not _diagonal(s)} - {plan.groups})
+    if merged > unmerged:
+        raise Unmergeable(f"{GROUPS_MISMATCH if densified else MERGE_COST}: {numbers}")
+    if densified:
+        numbers = f"groups {'/'.join(map(str, densified))} densified to {plan.groups}; {numbers}"
+    return plan, conv, f"; {numbers}"
+
+
+def _leave_one_out(states: Sequence[Linear], coefficients: Sequence[float]
+                   ) -> tuple[int, tuple[_Plan, Conv, str]] | None:
+    """The sum without one branch (the cheapest that works), when the whole one cannot merge:
+    e.g. DBB's avg-pool branch at dilation 2 stays apart, the other five merge."""
+    if len(states) < 3:
+        return None
+    for drop in sorted(range(len(states)), key=lambda index: states[index].macs()):
+        rest = [index for index in range(len(states)) if index != drop]
+        try:
+            return drop, _plan([states[i] for i in rest], [coefficients[i] for i in rest], False)
+        except Unmergeable:
+            continue
+    return None
+
+
+def _diagonal(state: Linear) -> bool:
+    """A per-channel affine of the input (BN-only identity, scale): any groups hold it for free."""
+    conv = state.conv
+    return conv.pointwise and conv.groups == state.in_channels == state.out_channels
+
+
 def _merged_conv(plan: _Plan, states: Sequence[Linear], coefficients: Sequence[float],
                  concat: bool) -> Conv:
     """R3/R4/R9/scale on every branch, then R5 (sum) or R10 (cat), in float64."""
@@ -317,7 +357,11 @@ class _Merger:
         self._explain_apart(branches, cat, "parallel_cat")
         if len(new_tensors) == len(tensors):
             return False
-        cat.update_arg(0, new_tensors)
+        if len(new_tensors) == 1:  # cat of one tensor: the tensor
+            cat.replace_all_uses_with(new_tensors[0])
+            erased.insert(0, cat)
+        else:
+            cat.update_arg(0, new_tensors)
         erase_chain(self.gm, erased, self.analysis)
         return True
 
@@ -363,20 +407,16 @@ class _Merger:
                 self.refuse(rule, (branch.leaf, anchor), refusal.reason)
         if len(members) < 2:
             return None
-        nodes = [b.leaf for b in members] + [anchor]
         try:
-            plan = _align(states, concat)
+            plan, conv, note = _plan(states, [b.coefficient for b in members], concat)
         except Unmergeable as refusal:
-            self.refuse(rule, nodes, refusal.reason)
-            return None
-        conv = _merged_conv(plan, states, [b.coefficient for b in members], concat)
-        adds = 0 if concat else (len(states) - 1) * conv.weight.shape[0]
-        merged_macs, unmerged_macs = conv.weight.numel(), sum(s.macs() for s in states) + adds
-        numbers = f"merged {merged_macs} vs unmerged {unmerged_macs} MACs per output pixel"
-        densified = sorted({s.conv.groups for s in states if s.conv is not None} - {plan.groups})
-        if merged_macs > unmerged_macs:
-            self.refuse(rule, nodes, f"{GROUPS_MISMATCH if densified else MERGE_COST}: {numbers}")
-            return None
+            kept = None if concat else _leave_one_out(states, [b.coefficient for b in members])
+            if kept is None:
+                self.refuse(rule, [b.leaf for b in members] + [anchor], refusal.reason)
+                return None
+            index, (plan, conv, note) = kept
+            self.refuse(rule, (members[index].leaf, anchor), refusal.reason)
+            del members[index], states[index]
         name = self._module_name(members)
         modules = [self.gm.get_submodule(n.target) for b in members for n in b.segment
                    if n.op == "call_module"]
@@ -385,12 +425,10 @@ class _Merger:
         self.gm.add_submodule(name, conv_module(state, like))
         with self.gm.graph.inserting_before(anchor):
             new = self.gm.graph.call_module(name, (members[0].input,))
-        groups_note = (f", groups {'/'.join(map(str, densified))} densified to {plan.groups}"
-                       if densified else "")
         self.rewrites.append(
             f"merged {len(members)} branches ({', '.join(describe(b.leaf) for b in members)}) "
             f"of {describe(members[0].input)} into {name} ({conv_label(conv, plan.padding)}"
-            f"{groups_note}; {numbers})")
+            f"{note})")
         return new, members
 
     def _module_name(self, members: Sequence[_Branch]) -> str:
@@ -426,7 +464,10 @@ class _Merger:
             return DIFFERENT_INPUTS
         if branch.stop_reason:
             return branch.stop_reason
-        return f"{NONLINEAR} ({op_kind(self.gm, branch.stop)} at {describe(branch.stop)})"
+        stop = branch.stop
+        if _sum_operands(self.analysis, stop) is not None or _cat_operands(self.analysis, stop):
+            return f"{NONLINEAR}: it joins other tensors at {describe(stop)}"
+        return f"{NONLINEAR}: {op_kind(self.gm, stop)} at {describe(stop)}"
 
     def _reaches(self, node: Node, ancestor: Node) -> bool:
         """Whether `ancestor` is an input of `node`, directly or not."""
@@ -472,13 +513,13 @@ def merge_branches(gm: GraphModule, inputs: tuple[torch.Tensor, ...] | None) -> 
     refusals: list[Refusal] = []
     for _ in range(MAX_SWEEPS):
         analysis = Analysis(gm)
-        anchors = [n for n in gm.graph.nodes
-                   if _is_sum_root(analysis, n) or _cat_operands(analysis, n) is not None]
-        if not anchors:
+        if not any(_is_sum_root(analysis, n) or n.target is torch.cat for n in gm.graph.nodes):
             refusals = []
             break
-        propagate_shapes(gm, inputs)  # channels, ranks and per-channel constants
+        propagate_shapes(gm, inputs)  # channels, ranks, cat dims and per-channel constants
         merger = _Merger(gm, rewrites)
+        anchors = [n for n in gm.graph.nodes if _is_sum_root(merger.analysis, n)
+                   or _cat_operands(merger.analysis, n) is not None]
         changed = False
         for anchor in anchors:
             if getattr(anchor, "_erased", False):

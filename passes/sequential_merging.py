@@ -112,7 +112,7 @@ class Unmergeable(Exception):
         self.reason = reason
 
 
-# ---- the elements of a linear chain (float64) ----
+# ---- the elements of a linear chain ----
 
 @dataclass(frozen=True)
 class Affine:
@@ -140,7 +140,7 @@ class Pool:
 
 @dataclass(frozen=True)
 class Conv:
-    """An unpadded conv (its padding is a `Pad` before it)."""
+    """An unpadded conv (its padding is a `Pad` before it); float64 once composed."""
 
     weight: Tensor  # [O, C/g, *k]
     bias: Tensor  # [O]
@@ -199,10 +199,6 @@ class Linear:
     @property
     def out_channels(self) -> int:
         return self.in_channels if self.conv is None else self.conv.weight.shape[0]
-
-    @property
-    def stride(self) -> tuple[int, ...]:
-        return (1,) * self.spatial_dims if self.conv is None else self.conv.stride
 
     def macs(self) -> int:
         """Multiply-adds of the unmerged ops per output pixel of the chain."""
@@ -277,12 +273,11 @@ class Linear:
         if pool.divisor is not None:
             weight = weight * (math.prod(pool.kernel) / pool.divisor)
         n = self.spatial_dims
-        conv = Conv(weight, weight.new_zeros(channels), pool.stride, (1,) * n, channels)
-        merged = self._then_conv(conv)
-        costs = (*self.costs, (channels * math.prod(pool.kernel), pool.stride))
-        return replace(merged, costs=costs)
+        return self._then_conv(Conv(weight, weight.new_zeros(channels), pool.stride, (1,) * n,
+                                    channels))
 
     def _then_conv(self, conv: Conv) -> Linear:
+        conv = replace(conv, weight=conv.weight.double(), bias=conv.bias.double())
         if conv.weight.ndim - 2 != self.spatial_dims:
             raise Unmergeable(SHAPES_UNKNOWN)
         if conv.weight.shape[1] * conv.groups != self.out_channels:
@@ -464,8 +459,8 @@ def _conv_elements(weight: Tensor, bias: Tensor | None, stride, padding, dilatio
     pads = _conv_pads(padding, weight.shape[2:], dilation)
     if pads is None:
         return None
-    weight = weight.detach().double()
-    bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.detach().double()
+    weight = weight.detach()  # float64 copies only when composed (`Linear.then`)
+    bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.detach()
     return Pad(pads), Conv(weight, bias, _tuple(stride, n), dilation, groups)
 
 
@@ -503,7 +498,9 @@ def _spatial_dims(node: Node) -> int | None:
 def _channel_constant(value, node: Node) -> Tensor | None:
     """`value` as a per-channel vector (0-d if it is a scalar) for the output of `node`, or None if
     it does not broadcast like one."""
-    value = torch.as_tensor(value).detach()
+    if isinstance(value, (int, float)):  # a Python scalar is exact in float64
+        return torch.tensor(value, dtype=torch.float64)
+    value = value.detach()
     if value.dtype == torch.bool or value.is_complex():
         return None
     value = value.double()
@@ -743,7 +740,8 @@ class _Sweep:
         for op_node in (first, second):
             op = analysis.op(op_node)
             if isinstance(op, NotLinear):
-                self.refuse(chain, op.reason or NONLINEAR)
+                if op.reason:
+                    self.refuse(chain, op.reason)
                 return False
         if any(set(n.users) != {user} for n, user in zip(chain, chain[1:])):
             self.refuse(chain, OTHER_USERS)
@@ -782,7 +780,7 @@ class _Sweep:
         if isinstance(op, NotLinear) and op.reason:
             self.refuse([inputs[0], node, second], op.reason)
         elif isinstance(op, NotLinear):
-            self.refuse([inputs[0], node, second], f"{NONLINEAR} ({op_kind(self.gm, node)})")
+            self.refuse([inputs[0], node, second], f"{NONLINEAR}: {op_kind(self.gm, node)}")
 
 
 def _rule(first: Conv, second: Conv) -> str:
