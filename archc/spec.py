@@ -18,6 +18,11 @@ Bottleneck width: pycls' *multiplier* `bot_mul` gives the bottleneck width `w_b 
 bot_mul)`; the paper's bottleneck *ratio* `b` is its reciprocal (`w_b = w / b`). Specs say which
 one they mean: `bottleneck_multiplier` or `bottleneck_ratio`, never both.
 
+Width multiplier (MobileNet): an anynet body with `width_multiplier` m scales every stage width to
+`make_divisible(w * m, width_divisor)`, torchvision's rule: round to the nearest multiple d of the
+divisor, `max(d, int(v + d / 2) // d * d)`, plus d if that fell below 0.9 v. Stem and head widths
+are never scaled: a spec states them.
+
 Validation happens in two steps with one error format (`file:field.path: what is wrong`):
 structure and ranges here (pydantic), then block-specific checks by the registered block classes
 (`archc.blocks`), which live beside the modules they describe.
@@ -44,6 +49,14 @@ from pydantic import (
 from archc.errors import SpecError
 
 PositiveInt = Annotated[int, Field(ge=1)]
+Activation = Literal["relu", "relu6", "hardswish"]
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """torchvision's `_make_divisible`: nearest multiple of `divisor` (at least `divisor`), one
+    multiple more if rounding lost over 10% of `value`."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
 
 
 class _Strict(BaseModel):
@@ -58,17 +71,22 @@ class InputSpec(_Strict):
 
 
 class StemSpec(_Strict):
-    # simple: 3x3 conv stride 2 + BN + ReLU (pycls SimpleStem);
-    # resnet: 7x7 conv stride 2 + BN + ReLU + 3x3 max-pool stride 2;
+    # simple: 3x3 conv + BN + act (pycls SimpleStem); simple_pool: simple + 3x3 max-pool stride 2
+    # (ShuffleNet); resnet: 7x7 conv + BN + act + 3x3 max-pool stride 2;
     # none: no stem, the first stage reads the input (RepVGG's stem is its first block)
-    type: Literal["simple", "resnet", "none"] = "simple"
+    type: Literal["simple", "simple_pool", "resnet", "none"] = "simple"
     # output channels, default 32 (RegNet: always 32); not allowed with none
     width: PositiveInt | None = None
+    stride: Annotated[int, Field(ge=1, le=4)] = 2  # stride of the stem conv (1: CIFAR-size input)
+    activation: Activation = "relu"  # activation after the stem's BN
 
     @model_validator(mode="after")
-    def _no_width_without_stem(self):
-        if self.type == "none" and self.width is not None:
-            raise ValueError("a stem of type none has no width")
+    def _nothing_without_stem(self):
+        if self.type == "none":
+            given = [name for name, field in type(self).model_fields.items()
+                     if name != "type" and getattr(self, name) != field.default]
+            if given:
+                raise ValueError(f"a stem of type none has no {given[0]}")
         return self
 
     @property
@@ -77,8 +95,18 @@ class StemSpec(_Strict):
 
 
 class HeadSpec(_Strict):
-    type: Literal["classifier"] = "classifier"  # global average pool, flatten, Linear
+    type: Literal["classifier"] = "classifier"  # [1x1 conv BN act], avg pool, flatten, Linear
+    # output channels of a 1x1 conv + BN + act before the pool (MobileNetV2 1280); None: no conv
+    width: PositiveInt | None = None
+    activation: Activation = "relu"  # activation of that conv (needs width)
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # dropout before the classifier
+
+    @field_validator("activation")
+    @classmethod
+    def _activation_needs_conv(cls, activation: str, info: ValidationInfo) -> str:
+        if activation != "relu" and info.data.get("width") is None:
+            raise ValueError("the head has an activation only after its 1x1 conv: give width")
+        return activation
 
 
 class _BottleneckFields(_Strict):
@@ -112,12 +140,45 @@ class StageSpec(_BottleneckFields):
     width: PositiveInt  # output channels of every block in the stage
     stride: Annotated[int, Field(ge=1, le=8)] = 2  # stride of the stage's first block
     group_width: PositiveInt | None = None  # channels per group of the grouped conv; None: dense
+    groups: PositiveInt | None = None  # number of groups instead (ResNeXt's cardinality)
     branches: Annotated[int, Field(ge=1, le=16)] | None = None  # mobileone: k conv branches (1)
+    activation: Activation = "relu"  # the block's non-linearity
+    # inverted_residual: expansion t (hidden = round(t * w_in)); reducenet: branch1 width factor
+    expansion: Annotated[float, Field(gt=0.0, le=64.0)] = 1.0
+    se_base: Literal["input", "inner"] = "input"  # SE width from the block input or SE's input
+    se_divisor: PositiveInt = 1  # SE width: make_divisible(se_ratio * base, se_divisor); 1: round
+    se_gate: Literal["sigmoid", "hardsigmoid"] = "sigmoid"  # SE gate
+    dense_first: bool = False  # shufflenet_v1: the strided first unit has a dense first 1x1 conv
+    phase: Literal["train", "reduced"] = "train"  # reducenet: train (scaler 1) or reduced (0)
+
+    @field_validator("groups")
+    @classmethod
+    def _one_group_form(cls, groups: int | None, info: ValidationInfo) -> int | None:
+        if groups is not None and info.data.get("group_width") is not None:
+            raise ValueError("give group_width (channels per group) or groups, not both")
+        return groups
+
+    @field_validator("se_base", "se_divisor", "se_gate")
+    @classmethod
+    def _se_options_need_se(cls, value: Any, info: ValidationInfo) -> Any:
+        if value != cls.model_fields[info.field_name].default and not info.data.get("se_ratio"):
+            raise ValueError(f"{info.field_name} needs squeeze-excitation: set se_ratio > 0")
+        return value
 
 
 class AnyNetBody(_Strict):
     type: Literal["anynet"]
     stages: Annotated[list[StageSpec], Field(min_length=1)]  # the explicit stage list
+    # MobileNet's alpha: stage width w -> make_divisible(w * alpha, width_divisor); None: as given
+    width_multiplier: Annotated[float, Field(gt=0.0, le=16.0)] | None = None
+    width_divisor: PositiveInt = 8  # rounding quantum of multiplied widths (needs the multiplier)
+
+    @field_validator("width_divisor")
+    @classmethod
+    def _divisor_needs_multiplier(cls, divisor: int, info: ValidationInfo) -> int:
+        if divisor != 8 and info.data.get("width_multiplier") is None:
+            raise ValueError("width_divisor rounds multiplied widths: give width_multiplier")
+        return divisor
 
 
 class RegNetBody(_BottleneckFields):
@@ -152,9 +213,14 @@ class Spec(_Strict):
     head: HeadSpec = HeadSpec()
 
     def stages(self) -> list[StageSpec]:
-        """The explicit stage list (a regnet body is lowered by `archc.regnet`)."""
+        """The explicit stage list (a regnet body is lowered by `archc.regnet`; an anynet width
+        multiplier is applied)."""
         if isinstance(self.body, AnyNetBody):
-            return list(self.body.stages)
+            alpha, divisor = self.body.width_multiplier, self.body.width_divisor
+            if alpha is None:
+                return list(self.body.stages)
+            return [stage.model_copy(update={"width": make_divisible(stage.width * alpha, divisor)})
+                    for stage in self.body.stages]
         from archc.regnet import regnet_stages
 
         return regnet_stages(self.body)
@@ -270,8 +336,10 @@ def _check_semantics(spec: Spec) -> None:
                 "body",
             )
         return
-    for index, stage in enumerate(spec.body.stages):
-        check_stage(stage.block, stage, f"body.stages[{index}]")
+    width = spec.input.channels if spec.stem.type == "none" else spec.stem.channels
+    for index, stage in enumerate(spec.stages()):
+        check_stage(stage.block, stage, f"body.stages[{index}]", width)
+        width = stage.width
 
 
 def load_spec(source: str | Path | Mapping[str, Any]) -> Spec:

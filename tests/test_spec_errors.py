@@ -43,10 +43,20 @@ EXPECTED = {
     "stage_not_a_mapping.yaml": ("body.stages[0]", "mapping"),
     "bool_for_int.yaml": ("num_classes", "integer"),
     "json_string_for_float.json": ("body.wm", "number"),
-    "unknown_stem_type.yaml": ("stem.type", "'simple', 'resnet' or 'none'"),
+    "unknown_stem_type.yaml": ("stem.type", "'simple', 'simple_pool', 'resnet' or 'none'"),
     "dropout_out_of_range.yaml": ("head.dropout", "less than 1"),
     "invalid_name.yaml": ("name", "pattern"),
     "input_size_zero.yaml": ("input.size", "greater than or equal to 8"),
+    "shufflenet_v2_odd_width.yaml": ("body.stages[0].width", "width 117 is odd"),
+    "shufflenet_v1_groups.yaml": (
+        "body.stages[0].groups",
+        "bottleneck width 60 is not a positive multiple of groups 8",
+    ),
+    "shufflenet_stride1_width.yaml": ("body.stages[1].width", "must equal the input width 48"),
+    "groups_and_group_width.yaml": ("body.stages[0].groups", "not both"),
+    "se_gate_without_se.yaml": ("body.stages[0].se_gate", "set se_ratio > 0"),
+    "head_activation_without_width.yaml": ("head.activation", "give width"),
+    "width_divisor_without_multiplier.yaml": ("body.width_divisor", "give width_multiplier"),
 }
 
 
