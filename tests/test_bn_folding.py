@@ -19,6 +19,7 @@ from archc.pipeline import PassContext, relative_error, run_pipeline
 from archc.rules import apply_rules
 from passes import bn_folding
 from passes.pipelines import PIPELINES
+from tests.helpers import assert_default_pipeline_exact_idempotent_honest
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -337,28 +338,9 @@ def chains(draw):
     return Chain(*layers), shape
 
 
-def _snapshot(gm) -> tuple:
-    return gm.code, sorted(n for n, _ in gm.named_modules()), sorted(gm.state_dict())
-
-
 @settings(max_examples=30, deadline=None)
 @given(chains(), st.integers(0, 2**16))
 def test_default_pipeline_is_exact_idempotent_and_honest(chain, seed):
     model, shape = chain
     model = randomize(model, seed)
-    ctx = PassContext(input_shape=shape, seed=seed)
-    gm = torch.fx.symbolic_trace(model)
-    for name in PIPELINES["default"]:  # modified is True exactly when the pass changed something
-        before = _snapshot(gm)
-        result = run_pipeline(gm, [name], ctx)
-        assert result.reports[0].modified == (_snapshot(result.graph_module) != before)
-        gm = result.graph_module
-    first = run_pipeline(model, PIPELINES["default"], ctx)
-    assert first.max_error <= 1e-5
-    assert first.graph_module.code == gm.code
-    x = random_input(shape, seed + 1)
-    with torch.no_grad():
-        assert relative_error([model(x)], [first.graph_module(x)]) <= 1e-5
-    second = run_pipeline(first.graph_module, PIPELINES["default"], ctx)
-    assert not any(report.modified for report in second.reports)
-    assert second.graph_module.code == first.graph_module.code
+    assert_default_pipeline_exact_idempotent_honest(model, shape, seed)

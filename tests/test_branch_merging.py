@@ -18,6 +18,7 @@ from archc.init import random_input, randomize
 from archc.pipeline import PassContext, op_kind, relative_error, resolve_pipeline, run_pipeline
 from passes import branch_merging as bm
 from passes.pipelines import PIPELINES
+from tests.helpers import BNAndPad, Fn, assert_default_pipeline_exact_idempotent_honest
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 SHAPE = (2, 8, 9, 9)
@@ -66,20 +67,6 @@ class ACNet(nn.Module):
 
     def forward(self, x):
         return F.relu(self.square(x) + self.hor(x) + self.ver(x))
-
-
-class BNAndPad(nn.Module):
-    """DBB's BNAndPadLayer: BN, then pad with the BN's own shift (what BN makes of a zero)."""
-
-    def __init__(self, c, pad):
-        super().__init__()
-        self.bn, self.pad = nn.BatchNorm2d(c), pad
-
-    def forward(self, x):
-        bn = self.bn
-        shift = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        shift = shift.view(1, -1, 1, 1)
-        return F.pad(bn(x) - shift, [self.pad] * 4) + shift
 
 
 class DBB(nn.Module):
@@ -346,15 +333,6 @@ class Sum(nn.Module):
         return out
 
 
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
@@ -527,31 +505,12 @@ def networks(draw):
     return Stack(*layers), shape
 
 
-def _snapshot(gm) -> tuple:
-    return gm.code, sorted(n for n, _ in gm.named_modules()), sorted(gm.state_dict())
-
-
 @settings(max_examples=40, deadline=None)
 @given(networks(), st.integers(0, 2**16))
 def test_default_pipeline_is_exact_idempotent_and_honest(network, seed):
     model, shape = network
     model = randomize(model, seed)
-    ctx = PassContext(input_shape=shape, seed=seed)
-    gm = torch.fx.symbolic_trace(model)
-    for name in PIPELINES["default"]:  # modified is True exactly when the pass changed something
-        before = _snapshot(gm)
-        result = run_pipeline(gm, [name], ctx)
-        assert result.reports[0].modified == (_snapshot(result.graph_module) != before)
-        gm = result.graph_module
-    first = run_pipeline(model, PIPELINES["default"], ctx)
-    assert first.max_error <= 1e-5
-    assert first.graph_module.code == gm.code
-    x = random_input(shape, seed + 1)
-    with torch.no_grad():
-        assert relative_error([model(x)], [first.graph_module(x)]) <= 1e-5
-    second = run_pipeline(first.graph_module, PIPELINES["default"], ctx)
-    assert not any(report.modified for report in second.reports)
-    assert second.graph_module.code == first.graph_module.code
+    assert_default_pipeline_exact_idempotent_honest(model, shape, seed)
 
 
 def test_sum_tree_reads_alpha_subtraction_and_constant_operands():

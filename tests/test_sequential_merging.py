@@ -17,6 +17,7 @@ from archc.init import random_input, randomize
 from archc.pipeline import PassContext, op_kind, relative_error, resolve_pipeline, run_pipeline
 from passes import sequential_merging as sm
 from passes.pipelines import PIPELINES
+from tests.helpers import BNAndPad, Fn
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 SHAPE = (2, 8, 10, 10)
@@ -35,29 +36,6 @@ def _one_thread():
 
 class Chain(nn.Sequential):
     """Modules applied in order."""
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
-class BNAndPad(nn.Module):
-    """DBB's BNAndPadLayer: BN, then pad with the BN's own shift (what BN makes of a zero)."""
-
-    def __init__(self, c, pad):
-        super().__init__()
-        self.bn, self.pad = nn.BatchNorm2d(c), pad
-
-    def forward(self, x):
-        bn = self.bn
-        shift = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        shift = shift.view(1, -1, 1, 1)
-        return F.pad(bn(x) - shift, [self.pad] * 4) + shift
 
 
 def _conv(*args, **kwargs):

@@ -1,0 +1,62 @@
+"""Test helpers shared by the pass test modules."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archc.init import random_input
+from archc.pipeline import PassContext, relative_error, run_pipeline
+from passes.pipelines import PIPELINES
+
+
+class Fn(nn.Module):
+    """Wrap a function as a module (a non-linearity, a custom op) in hand-built graphs."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class BNAndPad(nn.Module):
+    """DBB's BNAndPadLayer: BN, then pad with the BN's own shift (what BN makes of a zero)."""
+
+    def __init__(self, c, pad):
+        super().__init__()
+        self.bn, self.pad = nn.BatchNorm2d(c), pad
+
+    def forward(self, x):
+        bn = self.bn
+        shift = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = shift.view(1, -1, 1, 1)
+        return F.pad(bn(x) - shift, [self.pad] * 4) + shift
+
+
+def snapshot(gm) -> tuple:
+    return gm.code, sorted(n for n, _ in gm.named_modules()), sorted(gm.state_dict())
+
+
+def assert_default_pipeline_exact_idempotent_honest(model, shape, seed) -> None:
+    """The property every rewrite family is tested for: each default pass reports `modified`
+    exactly when it changed the graph; the pipeline preserves the output (rel <= 1e-5), and a
+    second run changes nothing."""
+    ctx = PassContext(input_shape=shape, seed=seed)
+    gm = torch.fx.symbolic_trace(model)
+    for name in PIPELINES["default"]:
+        before = snapshot(gm)
+        result = run_pipeline(gm, [name], ctx)
+        assert result.reports[0].modified == (snapshot(result.graph_module) != before), name
+        gm = result.graph_module
+    first = run_pipeline(model, PIPELINES["default"], ctx)
+    assert first.max_error <= 1e-5
+    assert first.graph_module.code == gm.code
+    x = random_input(shape, seed + 1)
+    with torch.no_grad():
+        assert relative_error([model(x)], [first.graph_module(x)]) <= 1e-5
+    second = run_pipeline(first.graph_module, PIPELINES["default"], ctx)
+    assert not any(report.modified for report in second.reports)
+    assert second.graph_module.code == first.graph_module.code
