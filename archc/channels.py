@@ -1,0 +1,580 @@
+"""Channel-dependency analysis: which channel dimensions of an FX graph must change together.
+
+Every tensor of rank >= 2 has a *channel space*, its dim 1 (the C of [N, C, H, W], the features F
+of [N, F]). The analysis partitions the spaces into `ChannelGroup`s: sets of dimensions that must
+keep one size and one channel order, so that pruning or padding edits a whole group at once.
+
+- Ties (one group): an elementwise op ties its result to every operand with the same channel
+  count, `y = relu(x)`, `y = a + b` (a residual add ties both branches), `y = x * g` with the SE
+  gate `g` of shape [N, C, 1, 1]; an operand of size 1 on dim 1 broadcasts and is not tied. So do
+  BN, pooling, dropout, casts, reshapes that keep dims 0 and 1 (`flatten(x, 1)` of an
+  [N, C, 1, 1] tensor, which ties conv channels to a Linear's in-features), reductions over dims
+  >= 2, and a depthwise conv (groups = C_in = C_out: channel c only reads channel c).
+- Producers and consumers: a conv or Linear *produces* its output's group (rows `W[o]`, `b[o]`)
+  and *consumes* its input's group (columns `W[:, i]`); the two groups are independent. BN and
+  depthwise convs are `channelwise` members (per-channel parameters in the group's order).
+- Composites: `cat(dim=1)` makes its result's group the concatenation of its inputs' groups
+  (`parts`); a split, chunk or slice on dim 1 makes its input's group the concatenation of the
+  pieces. Two segmentations of one group with the same boundaries identify their pieces
+  (`cat([a, b])` split at the same point gives back a and b); different boundaries conflict.
+- Grouped convs: a conv with g groups (not depthwise) reads g equal segments of its input group
+  and writes g equal segments of its output group; `groups` lists these g, and a new size must
+  stay divisible by `divisor = lcm(groups)` with every segment changed alike.
+- Fixed: a group whose size cannot change carries the reason in `fixed`: model inputs and outputs,
+  an op the analysis does not model (the conservative default: anything unknown fixes every
+  channel space it touches), a graph that reads or hard-codes the channel count (`x.size(1)`,
+  `view(n, 64)`), a reshape or permute that moves dim 1 (ShuffleNet's channel shuffle), a module
+  called twice, conflicting segmentations, a grouped conv on a composite. A fixed composite fixes
+  its parts (their sizes sum to its size); a fixed part leaves its composite free.
+
+Usage::
+
+    graph = analyze_channels(gm, (torch.randn(1, 3, 64, 64),))
+    for group in graph.groups:
+        print(group)  # g3 24 ch, grouped 3; producers s1.b1.f.a.conv; consumers s1.b1.f.b.conv
+    graph.of(node)  # the group of a tensor node's dim 1
+
+`analyze_channels` runs the graph once on the example inputs (shape propagation).
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from networkx.utils import UnionFind
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_aggregate
+
+from archc.rules import arg, called_once, describe, node_shape, propagate_shapes
+
+# Why a group is fixed, most telling first (a group shows the first that applies).
+MODEL_INPUT = "model input: its channels are fixed"
+MODEL_OUTPUT = "model output: its channels are fixed"
+MOVES_CHANNELS = "a reshape or permute moves the channel dimension (e.g. a channel shuffle)"
+SHARED_MODULE = "a module called more than once reads or writes these channels"
+SEGMENT_CONFLICT = "concatenated or split with different segment boundaries"
+GROUPED_PARTS = "a grouped conv reads or writes a concatenated or split group"
+SIZE_READ = "the graph reads or hard-codes this channel count (size(1), shape[1], view)"
+UNSUPPORTED = "an op the channel analysis does not model touches these channels"
+_PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHARED_MODULE, SEGMENT_CONFLICT,
+             GROUPED_PARTS, SIZE_READ, UNSUPPORTED)
+
+# Ops that map channel c of every operand to channel c of the result; modules by exact type (a
+# subclass may compute something else).
+_ELEMENTWISE = {
+    nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Hardswish, nn.SiLU, nn.GELU,
+    nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
+    operator.add, operator.sub, operator.mul, operator.iadd, operator.isub, operator.imul,
+    operator.neg, torch.add, torch.sub, torch.mul, torch.neg, torch.relu, torch.sigmoid,
+    torch.tanh, torch.clamp, F.relu, F.relu6, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid,
+    F.silu, F.gelu, F.leaky_relu, F.elu, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d,
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
+    "add", "sub", "mul", "add_", "sub_", "mul_", "neg", "relu", "relu_", "sigmoid", "tanh",
+    "clamp", "clamp_min", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16",
+    "to",
+}
+_HARMLESS_ATTRIBUTES = {"dtype", "device", "ndim", "is_cuda", "layout"}
+
+# op kind -> the _Builder method that handles it (anything else: `unsupported`)
+_RULES: dict[object, str] = {
+    **dict.fromkeys(_ELEMENTWISE, "elementwise"),
+    **dict.fromkeys((operator.truediv, torch.div, "div"), "division"),
+    **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"),
+    nn.Linear: "linear",
+    **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "channelwise"),
+    **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), "cat"),
+    **dict.fromkeys((torch.split, torch.chunk, "split", "chunk"), "split"),
+    operator.getitem: "getitem",
+    **dict.fromkeys((nn.Flatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+                     "view", "reshape", "flatten", "squeeze", "unsqueeze"), "reshape"),
+    **dict.fromkeys((torch.transpose, torch.permute, "transpose", "permute"), "transpose"),
+    **dict.fromkeys((nn.ChannelShuffle, torch.channel_shuffle, torch.native_channel_shuffle,
+                     F.channel_shuffle), "shuffle"),
+    **dict.fromkeys((torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax",
+                     "amin"), "reduction"),
+    **dict.fromkeys((builtins.getattr, "size", "dim"), "metadata"),
+}
+
+
+@dataclass(frozen=True)
+class Part:
+    """A segment of a composite group: channels [offset, offset + size) are group `group`."""
+
+    group: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channel dimensions that must keep one size and one order (see the module docstring)."""
+
+    index: int
+    size: int
+    tensors: tuple[Node, ...]  # nodes whose result has this group as dim 1 (graph order)
+    producers: tuple[Node, ...]  # define the channels: conv/Linear outputs, inputs, opaque ops
+    consumers: tuple[Node, ...]  # conv/Linear layers reading them as input channels
+    channelwise: tuple[Node, ...]  # per-channel parameters on the way: BN, depthwise convs
+    groups: tuple[int, ...] = ()  # group counts g of grouped convs reading or writing it
+    parts: tuple[Part, ...] = ()  # a composite's segments in channel order; () for a leaf
+    fixed: str = ""  # why the size cannot change; "" if it can
+
+    @property
+    def divisor(self) -> int:
+        """A new size must be a multiple of this (equal segments for every grouped conv)."""
+        return math.lcm(*self.groups) if self.groups else 1
+
+    def label(self) -> str:
+        """A short readable name: its first producer, else its first tensor."""
+        nodes = self.producers or self.tensors
+        return describe(nodes[0]) if nodes else f"g{self.index}"
+
+    def __str__(self) -> str:
+        text = f"g{self.index} {self.size} ch"
+        if self.groups:
+            text += f", grouped {'/'.join(map(str, self.groups))}"
+        if self.parts:
+            text += " = " + " + ".join(f"g{p.group}" for p in self.parts)
+        for role in ("producers", "consumers", "channelwise"):
+            nodes = getattr(self, role)
+            if nodes:
+                text += f"; {role} {', '.join(describe(n) for n in nodes)}"
+        return text + (f"; fixed: {self.fixed}" if self.fixed else "")
+
+
+@dataclass
+class ChannelGraph:
+    """The groups of one graph and the group of every tensor node."""
+
+    groups: list[ChannelGroup]
+    index: dict[Node, int]  # channel tensor node -> index into `groups`
+    cuts: dict[Node, int] = field(default_factory=dict)  # split/chunk/slice node -> cut group
+
+    def of(self, node: Node) -> ChannelGroup:
+        return self.groups[self.index[node]]
+
+    def leaves(self, group: ChannelGroup) -> list[ChannelGroup]:
+        """The non-composite groups a group is made of (itself if it is a leaf)."""
+        if not group.parts:
+            return [group]
+        return [leaf for p in group.parts for leaf in self.leaves(self.groups[p.group])]
+
+    def format(self) -> str:
+        return "\n".join(map(str, self.groups))
+
+    __str__ = format
+
+
+def analyze_channels(gm: GraphModule, example_inputs: tuple[Tensor, ...]) -> ChannelGraph:
+    """The channel groups of `gm` (runs it once on `example_inputs` to learn the shapes)."""
+    propagate_shapes(gm, tuple(example_inputs))
+    builder = _Builder(gm)
+    for node in gm.graph.nodes:
+        builder.visit(node)
+    return builder.finish()
+
+
+def channel_groups(gm: GraphModule, example_inputs: tuple[Tensor, ...]) -> list[ChannelGroup]:
+    """The channel groups of `gm`; `analyze_channels` also maps nodes to groups."""
+    return analyze_channels(gm, example_inputs).groups
+
+
+def _channel_shape(value) -> tuple[int, ...] | None:
+    shape = node_shape(value) if isinstance(value, Node) else None
+    return shape if shape is not None and len(shape) >= 2 else None
+
+
+def _target(gm: GraphModule, node: Node):
+    """What a node computes: its module's exact type, its function or its method name."""
+    return type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
+
+
+def _dim(value, rank: int) -> int | None:
+    return value % rank if isinstance(value, int) and -rank <= value < rank else None
+
+
+def _priority(reason: str) -> int:
+    return next(i for i, known in enumerate(_PRIORITY) if reason.startswith(known))
+
+
+def _node_args(node: Node) -> list[Node]:
+    found: list[Node] = []
+    map_aggregate((node.args, node.kwargs), lambda a: found.append(a) if isinstance(a, Node) else a)
+    return found
+
+
+class _Builder:
+    """Union-find over channel spaces (one per channel tensor, plus unnamed split pieces)."""
+
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.uf = UnionFind()
+        self.space: dict[Node, int] = {}  # channel tensor -> its space
+        self.size: list[int] = []  # space -> channel count
+        self.reasons: list[tuple[int, str]] = []  # (space, reason)
+        self.segmentations: list[tuple[int, list[int]]] = []  # (whole, pieces in order)
+        self.grouped: list[tuple[int, int]] = []  # (space, g)
+        self.roles: dict[str, list[tuple[int, Node]]] = {
+            "producers": [], "consumers": [], "channelwise": []}
+        self.cuts: dict[Node, int] = {}  # split/chunk/slice node -> the space it cuts
+        self.done: set[Node] = set()  # nodes handled by another node's rule (split getitems)
+
+    # ---- spaces ----
+
+    def new_space(self, size: int) -> int:
+        self.size.append(size)
+        space = len(self.size) - 1
+        self.uf[space]  # noqa: B018 - registers the element
+        return space
+
+    def of(self, node: Node) -> int:
+        if node not in self.space:
+            self.space[node] = self.new_space(_channel_shape(node)[1])
+        return self.space[node]
+
+    def tie(self, a: Node | int, b: Node | int) -> None:
+        a = self.of(a) if isinstance(a, Node) else a
+        b = self.of(b) if isinstance(b, Node) else b
+        assert self.size[a] == self.size[b], "tied spaces of different sizes"
+        self.uf.union(a, b)
+
+    def fix(self, nodes: Iterable[Node], reason: str) -> None:
+        for node in nodes:
+            if _channel_shape(node) is not None:
+                self.reasons.append((self.of(node), reason))
+
+    def role(self, role: str, node: Node, tensor: Node) -> None:
+        self.roles[role].append((self.of(tensor), node))
+
+    def opaque(self, node: Node, reason: str) -> None:
+        """Fix every channel tensor `node` reads or writes; its result's channels are its own."""
+        self.fix([*_node_args(node), node], reason)
+        if _channel_shape(node) is not None:
+            self.role("producers", node, node)
+
+    def unsupported(self, node: Node, what: str = "") -> None:
+        target = _target(self.gm, node)
+        what = what or getattr(target, "__name__", str(target))
+        self.opaque(node, f"{UNSUPPORTED}: {what} ({node.name})")
+
+    # ---- rules, one per kind of op ----
+
+    def visit(self, node: Node) -> None:
+        if node in self.done:
+            return
+        if node.op in ("call_module", "call_function", "call_method"):
+            self.visit_call(node, _target(self.gm, node))
+        elif node.op == "placeholder":
+            if _channel_shape(node) is not None:
+                self.role("producers", node, node)
+            self.fix([node], MODEL_INPUT)
+        elif node.op == "output":
+            self.fix(_node_args(node), MODEL_OUTPUT)
+        elif node.op == "get_attr":
+            self.unsupported(node, "constant tensor")
+        if node.op != "output" and _channel_shape(node) is not None:
+            self.of(node)  # every channel tensor has a group
+
+    def visit_call(self, node: Node, target) -> None:
+        try:
+            rule = _RULES.get(target)
+        except TypeError:  # an unhashable target
+            rule = None
+        if rule is not None:
+            getattr(self, rule)(node, target)
+        elif _channel_shape(node) is not None or any(map(_channel_shape, _node_args(node))):
+            self.unsupported(node)
+
+    def elementwise(self, node: Node, target=None) -> None:
+        out = _channel_shape(node)
+        operands = [a for a in _node_args(node) if node_shape(a) is not None]
+        if out is None:
+            if any(map(_channel_shape, operands)):
+                self.unsupported(node)
+            return
+        self.of(node)
+        for operand in operands:
+            shape = node_shape(operand)
+            lead = len(out) - len(shape)  # broadcasting aligns trailing dims
+            if lead < 0:
+                return self.unsupported(node, "broadcast to a lower rank")
+            position = 1 - lead  # the operand's dim that lines up with the result's channels
+            if position < 0 or shape[position] != out[1]:
+                continue  # no channel dim, or size 1 broadcast over the channels
+            if lead == 0:
+                self.tie(operand, node)
+            elif out[1] != 1:
+                return self.unsupported(node, "per-channel operand of a lower rank")
+
+    def division(self, node: Node, target) -> None:
+        divisor = _channel_shape(arg(node, 1, "other"))
+        if divisor is not None and divisor[1] > 1:  # padded channels would divide by 0
+            return self.unsupported(node, "division by a tensor")
+        self.elementwise(node)
+
+    def channelwise(self, node: Node, target=None) -> None:
+        """A module with per-channel parameters that maps channel c to channel c (BN, depthwise
+        conv): ties input and output."""
+        x = node.args[0]
+        if _channel_shape(x) is None or _channel_shape(node) is None:
+            return self.unsupported(node)
+        self.tie(x, node)
+        self.role("channelwise", node, node)
+        if not called_once(self.gm, node):
+            self.fix([node], SHARED_MODULE)
+
+    def conv(self, node: Node, target=None) -> None:
+        module = self.gm.get_submodule(node.target)
+        g = module.groups
+        if g > 1 and g == module.in_channels == module.out_channels:
+            return self.channelwise(node)
+        x = node.args[0]
+        if _channel_shape(x) is None or _channel_shape(node) is None:
+            return self.unsupported(node)
+        self.role("consumers", node, x)
+        self.role("producers", node, node)
+        if g > 1:
+            self.grouped += [(self.of(x), g), (self.of(node), g)]
+        if not called_once(self.gm, node):
+            self.fix([x, node], SHARED_MODULE)
+
+    def linear(self, node: Node, target=None) -> None:
+        x = node.args[0]
+        shape = _channel_shape(x)
+        if shape is None or len(shape) != 2 or len(_channel_shape(node) or ()) != 2:
+            return self.unsupported(node, "Linear on a tensor of rank other than 2")
+        self.role("consumers", node, x)
+        self.role("producers", node, node)
+        if not called_once(self.gm, node):
+            self.fix([x, node], SHARED_MODULE)
+
+    def cat(self, node: Node, target=None) -> None:
+        tensors = arg(node, 0, "tensors")
+        out = _channel_shape(node)
+        if out is None or not all(map(_channel_shape, tensors)):
+            return self.unsupported(node)
+        if _dim(arg(node, 1, "dim", 0), len(out)) != 1:
+            for t in tensors:
+                self.tie(t, node)
+            return
+        pieces = [t for t in tensors if _channel_shape(t)[1] > 0]
+        if len(pieces) == 1:
+            self.tie(pieces[0], node)
+        else:
+            self.segmentations.append((self.of(node), [self.of(t) for t in pieces]))
+
+    def split(self, node: Node, target=None) -> None:
+        x = node.args[0]
+        shape = _channel_shape(x)
+        metas = node.meta.get("tensor_meta")
+        users = list(node.users)
+        if shape is None or not isinstance(metas, (tuple, list)) or not all(
+                u.target is operator.getitem and isinstance(u.args[1], int) for u in users):
+            return self.unsupported(node, "split used as a whole")
+        self.done.update(users)
+        if _dim(arg(node, 2, "dim", 0), len(shape)) != 1:
+            for user in users:
+                self.tie(x, user)
+            return
+        sizes = [m.shape[1] for m in metas]
+        if len(sizes) == 1 or 0 in sizes:
+            return self.unsupported(node, "split into one or empty pieces")
+        pieces = [self.new_space(size) for size in sizes]
+        for user in users:
+            self.tie(pieces[user.args[1] % len(sizes)], user)
+        self.cuts[node] = self.of(x)
+        self.segmentations.append((self.of(x), pieces))
+
+    def getitem(self, node: Node, target=None) -> None:
+        x, index = node.args
+        shape = _channel_shape(x)
+        if shape is None:
+            if _channel_shape(node) is not None:
+                self.unsupported(node)
+            return
+        items = index if isinstance(index, tuple) else (index,)
+        if len(items) < 2:
+            items = (*items, slice(None))
+        plain = all(isinstance(i, int) or isinstance(i, slice) and not any(
+            isinstance(v, Node) for v in (i.start, i.stop, i.step)) for i in items)
+        if not plain or not isinstance(items[0], slice) or not isinstance(items[1], slice) \
+                or items[1].step not in (None, 1) or _channel_shape(node) is None:
+            return self.unsupported(node, "indexing")
+        start, stop, _ = items[1].indices(shape[1])
+        if stop <= start:
+            return self.unsupported(node, "empty channel slice")
+        if (start, stop) == (0, shape[1]):
+            return self.tie(x, node)
+        pieces = [self.new_space(start)] if start else []
+        pieces.append(self.of(node))
+        pieces += [self.new_space(shape[1] - stop)] if stop < shape[1] else []
+        self.cuts[node] = self.of(x)
+        self.segmentations.append((self.of(x), pieces))
+
+    def reshape(self, node: Node, target) -> None:
+        x = node.args[0] if node.args else node.kwargs["input"]
+        before, after = _channel_shape(x), _channel_shape(node)
+        if before is None or after is None or after[:2] != before[:2]:
+            return self.opaque(node, MOVES_CHANNELS)
+        if target in ("view", "reshape", torch.reshape):
+            shape = node.args[1:] if target != torch.reshape else node.args[1:2]
+            if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+                shape = shape[0]
+            if len(shape) < 2 or shape[1] != -1:
+                return self.opaque(node, SIZE_READ)
+        self.tie(x, node)
+
+    def transpose(self, node: Node, target) -> None:
+        x = node.args[0]
+        shape = _channel_shape(x)
+        if shape is None:
+            return self.unsupported(node)
+        dims = node.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        dims = [_dim(d, len(shape)) for d in dims]
+        if target in ("permute", torch.permute):
+            keeps = dims[:2] == [0, 1]
+        else:
+            keeps = len(dims) == 2 and None not in dims and (dims[0] == dims[1] or min(dims) >= 2)
+        if not keeps or _channel_shape(node) is None:
+            return self.opaque(node, MOVES_CHANNELS)
+        self.tie(x, node)
+
+    def shuffle(self, node: Node, target) -> None:
+        self.opaque(node, MOVES_CHANNELS)
+
+    def reduction(self, node: Node, target=None) -> None:
+        x = node.args[0]
+        shape = _channel_shape(x)
+        if shape is None:
+            return self.unsupported(node) if _channel_shape(node) else None
+        dims = arg(node, 1, "dim")
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        dims = [_dim(d, len(shape)) for d in dims]
+        if not dims or any(d is None or d < 2 for d in dims) or _channel_shape(node) is None:
+            return self.unsupported(node, "reduction over the channels")
+        self.tie(x, node)
+
+    def metadata(self, node: Node, target) -> None:
+        """`x.size()`, `x.shape`, `x.dim()`, `x.dtype`: only the channel count matters."""
+        if target == "dim" or target is builtins.getattr and node.args[1] in _HARMLESS_ATTRIBUTES:
+            return
+        if target is builtins.getattr and node.args[1] != "shape":
+            return self.unsupported(node, f"attribute {node.args[1]}")
+        x = node.args[0]
+        shape = _channel_shape(x)
+        if shape is None:
+            return
+        dim = arg(node, 1, "dim") if target == "size" else None
+        if dim is not None:
+            read = [_dim(dim, len(shape))]
+        else:  # a whole torch.Size: which items does the graph take?
+            read = []
+            for user in node.users:
+                index = user.args[1] if user.target is operator.getitem else None
+                if isinstance(index, int):
+                    read.append(_dim(index, len(shape)))
+                elif isinstance(index, slice):
+                    read += list(range(*index.indices(len(shape))))
+                else:
+                    read.append(1)  # the shape escapes whole
+        if 1 in read:
+            self.fix([x], SIZE_READ)
+
+    # ---- groups ----
+
+    def finish(self) -> ChannelGraph:
+        conflicts = self.unify_segmentations()
+        find = self.uf.__getitem__
+        roots = list(dict.fromkeys(find(s) for s in range(len(self.size))))  # creation order
+        number = {root: i for i, root in enumerate(roots)}
+        parts: dict[int, list[int]] = {}  # the first segmentation of each whole
+        pieces_of: dict[int, set[int]] = {}  # the pieces of all of them
+        for whole, pieces in self.segmentations:
+            parts.setdefault(find(whole), [find(p) for p in pieces])
+            pieces_of.setdefault(find(whole), set()).update(find(p) for p in pieces)
+        members = self.members()
+        groups_of: dict[int, set[int]] = {}
+        for space, g in self.grouped:
+            groups_of.setdefault(find(space), set()).add(g)
+        reasons: dict[int, list[str]] = {}
+        for space, reason in self.reasons:
+            reasons.setdefault(find(space), []).append(reason)
+        for root in conflicts:
+            reasons.setdefault(root, []).append(SEGMENT_CONFLICT)
+        for root in groups_of.keys() & parts.keys():
+            reasons.setdefault(root, []).append(GROUPED_PARTS)
+        pieces = set().union(*pieces_of.values())
+        for root in roots:  # a safety net: no rule leaves such a group
+            if root not in parts and root not in pieces and not members[root]["producers"]:
+                reasons.setdefault(root, []).append(f"{UNSUPPORTED}: no op writes these channels")
+        fixed = {root: min(rs, key=_priority) for root, rs in reasons.items()}
+        for root in sorted(roots, key=lambda r: -self.size[r]):  # wholes before their pieces
+            if root in fixed:
+                for piece in pieces_of.get(root, ()):
+                    fixed.setdefault(piece, fixed[root])
+        groups = []
+        for root in roots:
+            offsets = [0]
+            for piece in parts.get(root, ()):
+                offsets.append(offsets[-1] + self.size[piece])
+            groups.append(ChannelGroup(
+                index=number[root], size=self.size[root],
+                **{role: tuple(nodes) for role, nodes in members[root].items()},
+                groups=tuple(sorted(groups_of.get(root, ()))),
+                parts=tuple(Part(number[p], offset, self.size[p])
+                            for p, offset in zip(parts.get(root, ()), offsets)),
+                fixed=fixed.get(root, "")))
+        index = {node: number[find(space)] for node, space in self.space.items()}
+        cuts = {node: number[find(space)] for node, space in self.cuts.items()}
+        return ChannelGraph(groups, index, cuts)
+
+    def members(self) -> dict[int, dict[str, list[Node]]]:
+        """root -> {"tensors" | role: nodes in graph order}."""
+        find = self.uf.__getitem__
+        order = {node: i for i, node in enumerate(self.gm.graph.nodes)}
+        members: dict[int, dict[str, list[Node]]] = {
+            find(s): {"tensors": [], **{role: [] for role in self.roles}}
+            for s in range(len(self.size))}
+        for node, space in sorted(self.space.items(), key=lambda item: order[item[0]]):
+            members[find(space)]["tensors"].append(node)
+        for role, entries in self.roles.items():
+            for space, node in sorted(entries, key=lambda e: order[e[1]]):
+                listed = members[find(space)][role]
+                if node not in listed:
+                    listed.append(node)
+        return members
+
+    def unify_segmentations(self) -> set[int]:
+        """Identify the pieces of segmentations of one group with equal boundaries, to a
+        fixpoint; return the groups whose segmentations still disagree."""
+        find = self.uf.__getitem__
+        while True:
+            first: dict[int, list[int]] = {}
+            conflicts: set[int] = set()
+            changed = False
+            for whole, pieces in self.segmentations:
+                seen = first.setdefault(find(whole), pieces)
+                if seen is pieces:
+                    continue
+                if [self.size[p] for p in seen] != [self.size[p] for p in pieces]:
+                    conflicts.add(find(whole))
+                    continue
+                for a, b in zip(seen, pieces):
+                    if find(a) != find(b):
+                        self.uf.union(a, b)
+                        changed = True
+            if not changed:
+                return conflicts

@@ -1,0 +1,214 @@
+"""Layout passes: channel counts that suit tensor cores (DECISIONS.md, GPU-friendly layout).
+
+`align_channels` (opt-in, function-preserving) zero-pads every internal channel group
+(`archc.channels`) to a multiple of N = `ctx.options["align_channels.multiple"]` (default 8, for
+fp16/bf16 tensor cores; 16 for int8). A group of C channels gets C' >= C; its old channel i moves to
+position π(i) and the other C' - C positions are padding:
+
+- producers (conv/Linear writing the group): W'[π(o)] = W[o], b'[π(o)] = b[o], zero rows and bias
+  elsewhere, so a padded channel is exactly 0; a depthwise conv gets zero filters, C' groups;
+- BN on the group: μ = 0, σ² = 1, γ = 0, β = 0 on padded channels, so BN(x) = 0 there (copied
+  statistics would give β - μγ/σ, not 0);
+- consumers (conv/Linear reading the group): W'[:, π(i)] = W[:, i], zero columns elsewhere, so
+  Σ_i' W'[o, i'] x'_i' = Σ_i W[o, i] x_i whatever the padded channels hold;
+- everything in between is elementwise and keeps padded channels finite (relu(0) = 0; an SE gate
+  sigmoid(0) = 0.5 multiplies a 0 channel), and only zero columns ever read them.
+
+Model inputs and outputs are fixed, so every output is unchanged (up to float summation order).
+The layouts π:
+
+- a leaf group pads at its end, π(i) = i. With grouped convs it is s = lcm(g) equal segments of
+  p = C / s channels, each padded to p' = ceil(p / N) N: π(j p + i) = j p' + i, so every conv group
+  keeps its own channels and every per-group width (s / g) p' is a multiple of N;
+- a composite (cat, split, chunk or slice on dim 1) is the concatenation of its parts' layouts:
+  segment boundaries move with the padding, cat needs nothing, splits and slices get new sizes.
+
+A group is skipped, with a refusal that gives the numbers, when C' > 2 C (TVM's rule: more padding
+than channels), and when the analysis fixed it (its reason). The report gives parameters and FLOPs
+before and after (`archc.analysis`). Every group ends aligned or refused, so a second run changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+
+from archc.analysis import complexity_report
+from archc.channels import ChannelGraph, ChannelGroup, analyze_channels
+from archc.errors import PassError
+from archc.pipeline import PassContext, PassReport, PassResult, Refusal, register_pass
+from archc.rules import describe, propagate_shapes, set_weights
+
+NAME = "align_channels"
+MULTIPLE = "align_channels.multiple"
+DOUBLES = "padding would more than double the channels"
+NEEDS_INPUTS = "needs example inputs (PassContext.example_inputs or input_shape) for the shapes"
+
+Layouts = dict[int, tuple[int, Tensor]]  # group index -> (padded size C', π as a LongTensor)
+
+
+@register_pass(NAME, "zero-pad internal channel counts to a multiple of N (opt-in, GPU)", True)
+def align_channels(gm: GraphModule, ctx: PassContext) -> PassResult:
+    multiple = ctx.options.get(MULTIPLE, 8)
+    if type(multiple) is not int or multiple < 1:
+        raise PassError(f"option {MULTIPLE} must be a positive integer, got {multiple!r}", NAME)
+    inputs = ctx.inputs(gm)
+    if inputs is None:
+        raise PassError(NEEDS_INPUTS, NAME)
+    graph = analyze_channels(gm, inputs)
+    layouts, rewrites, refusals = plan(graph, multiple)
+    if not layouts:
+        return PassResult(gm, False, PassReport(refusals=refusals))
+    before = complexity_report(gm).total
+    apply_layouts(gm, graph, layouts)
+    gm.recompile()
+    propagate_shapes(gm, inputs)
+    after = complexity_report(gm).total
+    rewrites.append(f"params {_growth(before.params, after.params)}, "
+                    f"flops {_growth(before.flops, after.flops)} per sample")
+    return PassResult(gm, True, PassReport(rewrites=rewrites, refusals=refusals))
+
+
+def plan(graph: ChannelGraph, multiple: int) -> tuple[Layouts, list[str], list[Refusal]]:
+    """The layout of every group that changes, what is padded and what is refused."""
+    layouts: Layouts = {}
+    rewrites: list[str] = []
+    refusals: list[Refusal] = []
+    for group in sorted(graph.groups, key=lambda g: g.size):  # parts before their composites
+        if group.parts:
+            if any(p.group in layouts for p in group.parts):
+                layouts[group.index] = _concatenate(graph, group, layouts)
+            continue
+        if group.fixed:
+            if group.size % multiple:
+                refusals.append(Refusal(NAME, _names(graph, group), group.fixed))
+            continue
+        segments = group.divisor
+        width = group.size // segments
+        padded = -(-width // multiple) * multiple
+        if padded == width:
+            continue
+        split = f" ({segments} segments of {width} -> {padded})" if segments > 1 else ""
+        if segments * padded > 2 * group.size:
+            refusals.append(Refusal(NAME, _names(graph, group),
+                                    f"{DOUBLES}: {group.size} -> {segments * padded}{split}"))
+            continue
+        index = (torch.arange(segments)[:, None] * padded + torch.arange(width)).flatten()
+        layouts[group.index] = (segments * padded, index)
+        rewrites.append(f"padded {', '.join(_names(graph, group))}: "
+                        f"{group.size} -> {segments * padded} channels{split}")
+    return layouts, rewrites, refusals
+
+
+def _concatenate(graph: ChannelGraph, group: ChannelGroup, layouts: Layouts) -> tuple[int, Tensor]:
+    """A composite's layout: its parts' layouts one after the other."""
+    offset, pieces = 0, []
+    for part in group.parts:
+        size, index = _layout(graph.groups[part.group], layouts)
+        pieces.append(index + offset)
+        offset += size
+    return offset, torch.cat(pieces)
+
+
+def _layout(group: ChannelGroup, layouts: Layouts) -> tuple[int, Tensor]:
+    return layouts.get(group.index, (group.size, torch.arange(group.size)))
+
+
+def _names(graph: ChannelGraph, group: ChannelGroup) -> tuple[str, ...]:
+    nodes = group.producers or group.tensors or group.consumers
+    if nodes:
+        return tuple(describe(n) for n in nodes[:3]) + (("...",) if len(nodes) > 3 else ())
+    whole = next((g for g in graph.groups if any(p.group == group.index for p in g.parts)), None)
+    return (f"part of {', '.join(_names(graph, whole))}",) if whole else (f"g{group.index}",)
+
+
+def _growth(before: int, after: int) -> str:
+    return f"{before:,} -> {after:,} (+{(after - before) / max(before, 1):.1%})"
+
+
+# ---- rewriting the graph ----
+
+def apply_layouts(gm: GraphModule, graph: ChannelGraph, layouts: Layouts) -> None:
+    """Pad the layers and re-cut the splits of every group in `layouts`."""
+    changed = [graph.groups[index] for index in layouts]
+    layers = {n for g in changed for n in (*g.producers, *g.consumers, *g.channelwise)}
+    for node in sorted(layers, key=lambda n: n.name):  # analysis: conv, Linear or BN modules
+        module = gm.get_submodule(node.target)
+        out_size, out_index = _layout(graph.of(node), layouts)
+        in_size, in_index = _layout(graph.of(node.args[0]), layouts)
+        if isinstance(module, nn.Linear):
+            weight = scatter_weight(module.weight, out_index, out_size, in_index, in_size, 1, 1)
+            set_weights(module, weight, _scatter(module.bias, out_index, out_size))
+            module.in_features, module.out_features = in_size, out_size
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            _pad_norm(module, out_size, out_index)
+        else:
+            _pad_conv(module, in_size, in_index, out_size, out_index)
+    for node, whole in graph.cuts.items():
+        if whole in layouts:
+            _recut(node, graph.groups[whole], graph, layouts)
+
+
+def scatter_weight(weight: Tensor, out_index: Tensor, out_size: int, in_index: Tensor,
+                   in_size: int, groups: int, new_groups: int) -> Tensor:
+    """The weight of a conv or Linear (`[O, I / groups, k...]`, groups 1 for Linear) whose output
+    channel o moves to `out_index[o]` of `out_size` and input channel i to `in_index[i]` of
+    `in_size`, with `new_groups` groups; every other entry is 0:
+    W'[π_o(o), π_i(G(o) I/g + i) - G'(o) I'/g'] = W[o, i], G(o) = o // (O/g), G'(o) =
+    π_o(o) // (O'/g')."""
+    out_channels, per_group = weight.shape[:2]
+    old_inputs = ((torch.arange(out_channels) // (out_channels // groups))[:, None] * per_group
+                  + torch.arange(per_group))
+    new_group = out_index // (out_size // new_groups)
+    columns = in_index[old_inputs] - new_group[:, None] * (in_size // new_groups)
+    result = weight.new_zeros((out_size, in_size // new_groups, *weight.shape[2:]))
+    result[out_index[:, None].expand_as(columns), columns] = weight.detach()
+    return result
+
+
+def _scatter(vector: Tensor | None, index: Tensor, size: int, fill: float = 0.0) -> Tensor | None:
+    """`v'[index[i]] = v[i]`, `fill` elsewhere."""
+    if vector is None:
+        return None
+    result = vector.detach().new_full((size,), fill)
+    result[index] = vector.detach()
+    return result
+
+
+def _pad_conv(conv: nn.Module, in_size: int, in_index: Tensor, out_size: int,
+              out_index: Tensor) -> None:
+    depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+    new_groups = out_size if depthwise else conv.groups
+    weight = scatter_weight(conv.weight, out_index, out_size, in_index, in_size, conv.groups,
+                            new_groups)
+    set_weights(conv, weight, _scatter(conv.bias, out_index, out_size))
+    conv.in_channels, conv.out_channels, conv.groups = in_size, out_size, new_groups
+
+
+def _pad_norm(norm: nn.Module, size: int, index: Tensor) -> None:
+    """Padded channels: μ = 0, σ² = 1, γ = 0, β = 0, so BN gives exactly 0 there."""
+    if norm.affine:
+        set_weights(norm, _scatter(norm.weight, index, size), _scatter(norm.bias, index, size))
+    if norm.running_mean is not None:
+        norm.running_mean = _scatter(norm.running_mean, index, size)
+        norm.running_var = _scatter(norm.running_var, index, size, fill=1.0)
+    norm.num_features = size
+
+
+def _recut(node: Node, whole: ChannelGroup, graph: ChannelGraph, layouts: Layouts) -> None:
+    """Give a split, chunk or channel slice of a padded group its padded segment bounds."""
+    sizes = [_layout(graph.groups[p.group], layouts)[0] for p in whole.parts]
+    x = node.args[0]
+    if node.target is not operator.getitem:  # chunk(n) -> split(sizes): pieces may differ
+        node.target = "split" if node.op == "call_method" else torch.split
+        node.args, node.kwargs = (x, sizes), {"dim": 1}
+        return
+    items = node.args[1]  # (batch slice, channel slice, ...)
+    start = items[1].indices(whole.size)[0]
+    part = next(i for i, p in enumerate(whole.parts) if p.offset == start)
+    begin = sum(sizes[:part])
+    node.args = (x, (items[0], slice(begin, begin + sizes[part]), *items[2:]))
