@@ -65,6 +65,18 @@ def _add_deploy_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _pass_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not PASS.OPTION=VALUE")
+    for convert in (int, float):
+        try:
+            return key, convert(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def _add_pass_options(parser: argparse.ArgumentParser, default_text: str) -> None:
     group = parser.add_argument_group("passes")
     group.add_argument(
@@ -90,6 +102,14 @@ def _add_pass_options(parser: argparse.ArgumentParser, default_text: str) -> Non
         "--explain",
         action="store_true",
         help="list every rewrite, and where a rule almost matched, why it refused",
+    )
+    group.add_argument(
+        "--pass-option",
+        type=_pass_option,
+        action="append",
+        default=[],
+        metavar="PASS.OPTION=VALUE",
+        help="an option of one pass in the pipeline, e.g. align_channels.multiple=16 (repeatable)",
     )
     group.add_argument(
         "--rtol",
@@ -332,9 +352,17 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
 def _run_passes(gm, args: argparse.Namespace, example):
     """Run `--passes` with the CLI's options; print the per-pass report; return the graph."""
     from archc.analysis import flops_per_sample
+    from archc.errors import ArchcError
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 
     names = resolve_pipeline(args.passes or "default")
+    options = dict(args.pass_option)
+    for key in options:
+        if key.split(".")[0] not in names:
+            raise ArchcError(
+                f"--pass-option {key}: pass {key.split('.')[0]!r} is not in the "
+                f"pipeline ({', '.join(names) or 'none'})"
+            )
     if not names:
         return gm
     dump_after, dump_dir = None, None
@@ -351,6 +379,7 @@ def _run_passes(gm, args: argparse.Namespace, example):
         dump_dir=dump_dir,
         explain=args.explain,
         measure=flops_per_sample,
+        options=options,
     )
     result = run_pipeline(gm, names, ctx)
     print(result.format())

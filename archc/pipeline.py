@@ -213,16 +213,19 @@ def list_passes() -> list[tuple[str, str, bool]]:
 
 
 def resolve_pipeline(text: str) -> list[str]:
-    """`default`, `none` (any name in `passes.pipelines.PIPELINES`) or `pass_a,pass_b,...`."""
+    """A comma-separated list of pass names and pipeline names (`passes.pipelines.PIPELINES`,
+    expanded in place): `default`, `none`, `fold_bn,eliminate_dead_code`, `default,align_channels`.
+    """
     from passes.pipelines import PIPELINES
 
-    text = text.strip()
-    if text in PIPELINES:
-        return list(PIPELINES[text])
-    names = [name.strip() for name in text.split(",")]
+    names: list[str] = []
     passes = _registry()
-    for name in names:
-        if name not in passes:
+    for name in (part.strip() for part in text.split(",")):
+        if name in PIPELINES:
+            names += PIPELINES[name]
+        elif name in passes:
+            names.append(name)
+        else:
             pipelines = ", ".join(PIPELINES)
             raise ArchcError(f"{_unknown('pass', name, passes)}; pipelines: {pipelines}")
     return names

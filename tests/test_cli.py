@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from archc.cli import main
 
@@ -82,3 +83,39 @@ def test_info_table(capsys):
     assert main(["info", "specs/regnetx_200mf.yaml"]) == 0
     out = capsys.readouterr().out
     assert "199,040,872" in out and "2,684,792" in out and "res_bottleneck" in out
+
+
+ODD = """name: odd
+input: {channels: 3, size: 32}
+num_classes: 10
+stem: {type: simple, width: 20}
+body:
+  type: anynet
+  stages:
+    - {block: res_bottleneck, depth: 2, width: 36, stride: 2, group_width: 12, se_ratio: 0.25}
+"""
+
+
+def test_pass_option_reaches_the_pass(tmp_path, capsys):
+    spec = tmp_path / "odd.yaml"
+    spec.write_text(ODD)
+    out = tmp_path / "odd.pt2"
+    argv = ["build", str(spec), "-o", str(out), "--init", "random", "--explain",
+            "--passes", "default,align_channels", "--pass-option", "align_channels.multiple=16"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "padded stem.conv: 20 -> 32 channels" in printed
+    assert "s1.b1.f.se.reduce: padding would more than double the channels: 5 -> 16" in printed
+    module = torch.export.load(str(out)).module()
+    widths = {p.shape[0] for n, p in module.named_parameters() if n.endswith("weight")}
+    assert widths == {32, 48, 16, 5, 10}  # 5: the skipped SE width; 10: the model output
+
+
+def test_pass_option_for_a_pass_outside_the_pipeline(tmp_path, capsys):
+    spec = tmp_path / "odd.yaml"
+    spec.write_text(ODD)
+    argv = ["build", str(spec), "-o", str(tmp_path / "o.pt2"), "--pass-option",
+            "align_channels.multiple=16"]
+    assert main(argv) == 2
+    assert "pass 'align_channels' is not in the pipeline" in capsys.readouterr().err
+    assert not (tmp_path / "o.pt2").exists()

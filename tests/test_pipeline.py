@@ -62,6 +62,8 @@ def test_resolve_pipeline():
     assert default[:2] == ["remove_identity", "fold_bn"] and default[-1] == "eliminate_dead_code"
     assert resolve_pipeline("none") == []
     assert resolve_pipeline(" fold_bn, eliminate_dead_code ") == ["fold_bn", "eliminate_dead_code"]
+    assert resolve_pipeline("default,align_channels") == [*PIPELINES["default"], "align_channels"]
+    assert resolve_pipeline("none,fold_bn") == ["fold_bn"]
     with pytest.raises(ArchcError, match=r"unknown pass 'fold_bm' \(did you mean 'fold_bn'\?\); "
                                          r"valid: .*remove_identity.*; pipelines: default, none"):
         resolve_pipeline("remove_identity,fold_bm")
