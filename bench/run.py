@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SPECS = ["repvgg_a0", "mobileone_style", "dbb_style", "regnetx_600mf"]
+DEFAULT_SPECS = ["regnetx_600mf", "regnety_600mf", "repvgg_a0", "mobileone_style", "dbb_style",
+                 "mobilenet_v2", "shufflenet_v2_x1_0", "resnet50"]
 
 
 @dataclass
