@@ -458,6 +458,7 @@ def _info(args: argparse.Namespace) -> int:
                 depth=stage.depth,
                 width=stage.width,
                 group_width=stage.group_width,
+                groups=stage.groups,
                 stride=stage.stride,
                 bottleneck=stage.bottleneck,
                 se_ratio=stage.se_ratio,
@@ -481,21 +482,28 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     print(f"{spec.name}  input {'x'.join(map(str, shape))}  (flops = multiply-adds)")
     header = (
-        f"{'stage':<6} {'block':<15} {'depth':>5} {'width':>6} {'gw':>5} {'stride':>6} "
+        f"{'stage':<6} {'block':<17} {'depth':>5} {'width':>6} {'groups':>7} {'stride':>6} "
         f"{'flops':>15} {'params':>12} {'acts':>12}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         print(
-            f"{row['stage']:<6} {row.get('block', ''):<15} {row.get('depth', ''):>5} "
-            f"{row.get('width', ''):>6} {row.get('group_width') or '':>5} "
+            f"{row['stage']:<6} {row.get('block', ''):<17} {row.get('depth', ''):>5} "
+            f"{row.get('width', ''):>6} {_groups_text(row):>7} "
             f"{row.get('stride', ''):>6} "
             f"{row['flops']:>15,} {row['params']:>12,} {row['acts']:>12,}"
         )
     print("-" * len(header))
-    print(f"{'total':<42} {total.flops:>15,} {total.params:>12,} {total.acts:>12,}")
+    print(f"{'total':<46} {total.flops:>15,} {total.params:>12,} {total.acts:>12,}")
     return 0
+
+
+def _groups_text(row: dict) -> str:
+    """`gw 24` (channels per group), `g 3` (number of groups) or blank (dense)."""
+    if row.get("group_width"):
+        return f"gw {row['group_width']}"
+    return f"g {row['groups']}" if row.get("groups") else ""
 
 
 def _schema(args: argparse.Namespace) -> int:
