@@ -3,11 +3,12 @@
     python bench/run.py                       # the default spec set, writes docs/performance.md
     python bench/run.py --specs repvgg_a0 --rounds 5 --out /tmp/perf.md
 
-Protocol (DECISIONS.md): every configuration is built and warmed up first (sessions created once,
-their creation timed separately); then configurations are *interleaved* in rounds: each round runs
-every configuration `--iters` times and keeps that round's median; the result is the median of
-the round medians, with the spread (min-max of round medians). Ratios compare medians measured in
-the same run. Nothing here is asserted: the numbers go to docs/performance.md.
+Protocol (DECISIONS.md): ONNX Runtime sessions do not spin-wait between runs (else interleaved
+sessions steal each other's cores); every configuration is built and warmed up first (sessions
+created once, their creation timed separately); then configurations are *interleaved* in rounds:
+each round runs every configuration `--iters` times and keeps that round's median; the result is
+the median of the round medians, with the spread (min-max of round medians). Ratios compare medians
+measured in the same run. Nothing here is asserted: the numbers go to docs/performance.md.
 
 Measured per spec:
 - eager PyTorch: train form vs archc deploy form (default pipeline), intra-op threads as the
@@ -103,6 +104,9 @@ def ort_session(model_bytes: bytes, threads: int):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # idle workers must not spin: with interleaved sessions, one session's spinning thread pool
+    # steals the cores from the next one (measured: a 2x penalty on whichever runs second)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     start = time.perf_counter()
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
