@@ -22,6 +22,7 @@ from archc.errors import PassError
 from archc.init import random_input, randomize
 from archc.pipeline import PassContext, relative_error, run_pipeline
 from passes import layout
+from tests.helpers import Fn
 
 SHAPE = (2, 3, 8, 8)
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -32,13 +33,7 @@ FAST_SPECS = {"regnetx_200mf", "regnety_200mf", "regnety_400mf", "mobilenet_v1",
               "mobileone_style"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread only adds contention on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _align(model: nn.Module, multiple: int, shape=SHAPE, randomized: bool = True,
@@ -192,15 +187,6 @@ class Fixture(nn.Module):
 
     def forward(self, x):
         return self.b(self.middle(self.a(x)))
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 class Shared(nn.Module):

@@ -24,14 +24,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 SHAPE = (2, 8, 9, 9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread; two OpenMP threads per xdist worker on two busy cores
-    spin against each other and run these tests ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def conv_bn(c_in, c_out, kernel, stride=1, padding=0, groups=1, dilation=1):

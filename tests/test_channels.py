@@ -17,13 +17,7 @@ from archc.channels import analyze_channels, channel_groups
 X = (torch.randn(2, 3, 8, 8),)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread only adds contention on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _graph(model: nn.Module, inputs=X):

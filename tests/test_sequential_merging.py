@@ -24,14 +24,7 @@ SHAPE = (2, 8, 10, 10)
 MERGE = PIPELINES["default"].index("merge_sequential_convs")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread; two OpenMP threads per xdist worker on two busy cores
-    spin against each other and run these tests ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 class Chain(nn.Sequential):
