@@ -1,7 +1,7 @@
-"""Graph analysis: shape propagation and complexity, computed from the FX graph itself.
+"""Graph analysis: complexity, computed from the FX graph itself.
 
-Shapes come from running the graph under a FakeTensorMode (no real computation, works for graphs
-whose weights live on the meta device). Complexity follows pycls' counting rules, per node:
+Shapes come from `archc.shapes` (one propagation on meta tensors: no real computation, works for
+graphs whose weights live on the meta device). Complexity follows pycls' counting rules, per node:
 
 - flops are multiply-adds. Conv (any dim, groups g): `prod(k) * c_in * c_out * prod(out_spatial) /
   g`, plus `c_out * prod(out_spatial)` with a bias. Linear: `c_in * c_out * rows`, plus `c_out *
@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
-from torch.fx.passes.shape_prop import ShapeProp
+
+from archc.graph import arg, attribute
+from archc.shapes import has_shapes, node_shape, propagate_shapes
 
 _CONVS = (
     nn.Conv1d,
@@ -73,33 +75,12 @@ class ComplexityReport:
     stages: dict[str, Complexity] = field(default_factory=dict)  # in graph order
 
 
-def propagate_shapes(
-    gm: GraphModule, input_shapes: tuple[int, ...] | list[tuple[int, ...]]
-) -> None:
-    """Annotate every node with `meta['tensor_meta']` (shape, dtype) for the given input shapes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    shapes = [input_shapes] if isinstance(input_shapes[0], int) else list(input_shapes)
-    reference = next(gm.parameters(), torch.empty(0))
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        inputs = [
-            torch.empty(shape, dtype=reference.dtype, device=reference.device) for shape in shapes
-        ]
-    ShapeProp(gm, fake_mode=mode).propagate(*inputs)
-
-
-def _shape(node: Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
 def _per_sample(shape: tuple[int, ...]) -> int:
     return math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
 
 
 def _node_complexity(gm: GraphModule, node: Node, seen: set[str]) -> Complexity:
-    out = _shape(node)
+    out = node_shape(node)
     cx = Complexity()
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
@@ -121,15 +102,15 @@ def _node_complexity(gm: GraphModule, node: Node, seen: set[str]) -> Complexity:
         elif isinstance(module, _POOLS):
             cx.acts = _per_sample(out)
     elif node.op == "get_attr":
-        value = _attr(gm, node.target)
+        value = attribute(gm, node.target)
         if isinstance(value, nn.Parameter) and node.target not in seen:
             seen.add(node.target)
             cx.params = value.numel()
     elif node.op == "call_function" and out is not None:
         if node.target in _FUNCTIONAL_CONVS or node.target in _FUNCTIONAL_LINEAR:
-            weight = _arg(node, 1, "weight")
-            bias = _arg(node, 2, "bias")
-            w_shape = _shape(weight) if isinstance(weight, Node) else None
+            weight = arg(node, 1, "weight")
+            bias = arg(node, 2, "bias")
+            w_shape = node_shape(weight) if isinstance(weight, Node) else None
             if w_shape is not None:
                 if node.target in _FUNCTIONAL_CONVS:  # weight [c_out, c_in / g, k...]
                     spatial = math.prod(out[2:])
@@ -149,7 +130,7 @@ def _node_complexity(gm: GraphModule, node: Node, seen: set[str]) -> Complexity:
 def _module_conv_flops(module: nn.Module, node: Node, out: tuple[int, ...]) -> int:
     bias = module.bias is not None
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        source = _shape(node.args[0]) if isinstance(node.args[0], Node) else None
+        source = node_shape(node.args[0]) if isinstance(node.args[0], Node) else None
         if source is None:
             return 0
         kernel = math.prod(module.kernel_size)
@@ -161,19 +142,6 @@ def _module_conv_flops(module: nn.Module, node: Node, out: tuple[int, ...]) -> i
     kernel = math.prod(module.kernel_size)
     macs = kernel * module.in_channels * module.out_channels // module.groups * spatial
     return macs + (module.out_channels * spatial if bias else 0)
-
-
-def _arg(node: Node, index: int, name: str):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name)
-
-
-def _attr(gm: GraphModule, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def stage_of(node: Node) -> str:
@@ -196,7 +164,7 @@ def complexity_report(
     carry shapes. Figures are per sample whatever N is.
     """
     if input_shape is not None:
-        propagate_shapes(gm, input_shape)
+        propagate_shapes(gm, [tuple(input_shape)])
     total, stages, seen = Complexity(), {}, set()
     for node in gm.graph.nodes:
         cx = _node_complexity(gm, node, seen)
@@ -233,6 +201,57 @@ def _input_channels(gm: GraphModule) -> int:
     return 3
 
 
-def flops_per_sample(gm: GraphModule, inputs: tuple[torch.Tensor, ...]) -> int:
-    """Multiply-adds of `gm` for one sample of `inputs` (the pass reports' FLOP counter)."""
-    return complexity(gm, tuple(inputs[0].shape))[0]
+def flops_per_sample(gm: GraphModule) -> int:
+    """Multiply-adds of `gm` per sample at its recorded shapes (the pass reports' FLOP counter)."""
+    return complexity_report(gm).total.flops
+
+
+@dataclass(frozen=True)
+class Census:
+    """What a graph executes: conv and linear layers, normalization layers (modules, and
+    functional or aten batch_norm calls), parameters, multiply-adds per sample (None without
+    recorded shapes)."""
+
+    convs: int
+    linears: int
+    norms: int
+    params: int
+    macs: int | None
+
+    def changes(self, after: Census) -> str:
+        """`44 -> 22 convs, 61 -> 0 normalization layers, ...`: this graph, then `after`."""
+        def arrow(before, now, fmt=str):
+            return fmt(now) if before == now else f"{fmt(before)} -> {fmt(now)}"
+
+        parts = [f"{arrow(self.convs, after.convs)} convs",
+                 f"{arrow(self.linears, after.linears)} linear",
+                 f"{arrow(self.norms, after.norms)} normalization layers",
+                 f"{arrow(self.params, after.params, '{:,}'.format)} params"]
+        if self.macs is not None and after.macs is not None:
+            parts.append(f"{arrow(self.macs, after.macs, lambda m: f'{m / 1e6:,.1f}M')} MACs")
+        return ", ".join(parts)
+
+
+_NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+                 nn.modules.instancenorm._InstanceNorm)
+_NORM_FUNCTIONS = {torch.nn.functional.batch_norm, torch.batch_norm,
+                   torch.nn.functional.layer_norm, torch.nn.functional.group_norm}
+
+
+def census(gm: GraphModule) -> Census:
+    """Count what `gm` executes (see `Census`)."""
+    convs = linears = norms = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            convs += isinstance(module, _CONVS)
+            linears += isinstance(module, nn.Linear)
+            norms += isinstance(module, _NORM_MODULES)
+        elif node.op == "call_function":
+            name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+            convs += node.target in _FUNCTIONAL_CONVS or name.startswith(("conv", "convolution"))
+            linears += node.target in _FUNCTIONAL_LINEAR or name == "linear"
+            norms += node.target in _NORM_FUNCTIONS or "batch_norm" in name or name in (
+                "layer_norm", "group_norm")
+    macs = complexity_report(gm).total.flops if has_shapes(gm) else None
+    return Census(convs, linears, norms, sum(p.numel() for p in gm.parameters()), macs)

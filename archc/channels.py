@@ -34,7 +34,8 @@ Usage::
         print(group)  # g3 24 ch, grouped 3; producers s1.b1.f.a.conv; consumers s1.b1.f.b.conv
     graph.of(node)  # the group of a tensor node's dim 1
 
-`analyze_channels` runs the graph once on the example inputs (shape propagation).
+`analyze_channels` reads the shapes recorded by `archc.shapes` (propagating them first when
+given example inputs).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
-from archc.rules import arg, called_once, describe, node_shape, propagate_shapes
+from archc.graph import arg, called_once, describe
+from archc.shapes import node_shape, propagate_shapes
 
 # Why a group is fixed, most telling first (a group shows the first that applies).
 MODEL_INPUT = "model input: its channels are fixed"
@@ -176,16 +178,20 @@ class ChannelGraph:
     __str__ = format
 
 
-def analyze_channels(gm: GraphModule, example_inputs: tuple[Tensor, ...]) -> ChannelGraph:
-    """The channel groups of `gm` (runs it once on `example_inputs` to learn the shapes)."""
-    propagate_shapes(gm, tuple(example_inputs))
+def analyze_channels(gm: GraphModule, example_inputs: tuple[Tensor, ...] | None = None
+                     ) -> ChannelGraph:
+    """The channel groups of `gm`, from its recorded shapes (propagated first for
+    `example_inputs`, if given)."""
+    if example_inputs is not None:
+        propagate_shapes(gm, tuple(example_inputs))
     builder = _Builder(gm)
     for node in gm.graph.nodes:
         builder.visit(node)
     return builder.finish()
 
 
-def channel_groups(gm: GraphModule, example_inputs: tuple[Tensor, ...]) -> list[ChannelGroup]:
+def channel_groups(gm: GraphModule, example_inputs: tuple[Tensor, ...] | None = None
+                   ) -> list[ChannelGroup]:
     """The channel groups of `gm`; `analyze_channels` also maps nodes to groups."""
     return analyze_channels(gm, example_inputs).groups
 

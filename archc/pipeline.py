@@ -1,46 +1,57 @@
-"""Pass infrastructure: a registry of named passes, a context object and the pipeline runner.
+"""Pass infrastructure: a registry of named passes and pipelines, a context object, the runner.
 
 A pass is a function `(gm, ctx) -> PassResult(graph_module, modified, report)`, registered by name
-with `@register_pass(name, summary, preserves_function)`. It may rewrite `gm` in place; it must
-report `modified=False` exactly when it left the graph unchanged, so that a second run of a pipeline
-is a no-op. Built-in passes live in `passes/` and register on first use of the registry.
+with `@register_pass(name, summary, preserves_function, options)`. It may rewrite `gm` in place
+and must report `modified=False` exactly when it left the graph unchanged, so that a second run
+of a pipeline is a no-op. A pass declares its options (`PassOption`: type, default, one-line
+help); `ctx.option(pass, name)` reads them, and an unknown or mistyped option is a user error
+before anything runs. The engine knows no pass by itself: the catalogue (`passes`) registers its
+passes and named pipelines when imported.
 
-`run_pipeline` works on a deep copy of the model (the caller's module is never touched) and, around
-every pass: refuses models in training mode, times the pass, runs `graph.lint()` and
-`recompile()`, records nodes / op histogram / parameters / FLOPs before and after, and with
-`ctx.verify` compares the outputs on a random input. The relative error is
+`run_pipeline` never touches the caller's module. It works on a copy, propagates shapes once on
+meta tensors (`archc.shapes`), and around every pass: refuses models in training mode, times the
+pass, runs `graph.lint()` and `recompile()`, records nodes / op histogram / parameters / FLOPs
+before and after. Verification (`ctx.verify`, `archc.verify`):
 
-    err = max|y_after - y_before| / max|y_before|        (over every output tensor)
+- the copy is float64, so each function-preserving pass is checked in float64 against the graph
+  before it: relative error <= `FLOAT64_RTOL` (1e-9), else `PassError` naming the pass and those
+  before it. Exact rewrites agree to ~1e-15 there; a wrong identity shows at 1e-3 or more. A pass
+  whose rewrites are exact only up to the rounding of the model's own constants says so
+  (`PassReport.rounded_in`) and is held to that rounding (`verify.rounding_tolerance`);
+- the result is cast back to the model's dtype once (one rounding per weight) and judged against
+  the float64 reference by the model's own rounding: relative error <= `max(rtol, 10 * noise)`,
+  noise being the input model's own distance from float64. Both figures are reported.
 
-and a function-preserving pass with `err > ctx.rtol` raises `PassError` naming the pass and the
-passes before it. The whole pipeline is checked the same way against the input model.
+A model that does not run in float64 (it casts explicitly) is worked on and checked in its own
+dtype at `rtol`, and the report says why. With `verify=False` the copy shares the caller's
+tensors (passes replace tensors, never write them) and each rewrite rounds to the model's dtype.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import functools
-import importlib
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.fx import GraphModule, Node
-from torch.utils._pytree import tree_leaves
+from torch.fx import GraphModule
 
+from archc import verify
 from archc.errors import ArchcError, PassError
+from archc.graph import SOURCE_DTYPE, copy_module, model_dtype, op_kind
 from archc.init import random_input
+from archc.shapes import has_shapes, propagate_shapes, refresh_shapes
 
 TRAINING_MODE = "model is in training mode; call .eval() — BN would use batch statistics"
 
-# A FLOP counter the caller may plug in: (graph module, example inputs) -> multiply-adds or None.
-Measure = Callable[[GraphModule, tuple[Tensor, ...]], "int | None"]
+# A FLOP counter the caller may plug in: graph module (shapes recorded) -> multiply-adds or None.
+Measure = Callable[[GraphModule], "int | None"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +89,11 @@ class PassReport:
     before: GraphStats | None = None
     after: GraphStats | None = None
     seconds: float = 0.0
+    verify_seconds: float = 0.0
     error: float | None = None  # relative error against the graph before the pass, if verified
-    check: str = ""  # "verified", "not verified: changes the function", ...
+    check: str = ""  # "verified in float64", "not verified: changes the function", ...
+    rounded_in: torch.dtype | None = None  # exact only up to the rounding of constants in this
+    fired: Counter[str] = field(default_factory=Counter)  # rule name -> rewrites
 
     def row(self) -> str:
         b, a = self.before, self.after
@@ -101,13 +115,32 @@ class PassReport:
                 lines.append(f"    ops: {ops}")
         if explain:
             lines += [f"    rewrote: {r}" for r in self.rewrites]
-            lines += [f"    refused: {r}" for r in self.refusals]
+            lines += grouped_refusals(self.refusals)
         return lines
 
     def format(self, explain: bool = True) -> str:
         return "\n".join([self.row(), *self.details(explain)])
 
     __str__ = format
+
+
+def grouped_refusals(refusals: Sequence[Refusal], shown: int = 3) -> list[str]:
+    """One line per rule and reason (the part before its details): the first refusal in full,
+    how many there are, and where the next few are."""
+    groups: dict[tuple[str, str], list[Refusal]] = {}
+    for refusal in refusals:
+        groups.setdefault((refusal.rule, refusal.reason.split(": ")[0]), []).append(refusal)
+    lines = []
+    for items in groups.values():
+        first, more = items[0], items[1:]
+        count = f" ({len(items)}x)" if more else ""
+        where = ""
+        if more:
+            places = "; ".join(" -> ".join(r.nodes) for r in more[:shown])
+            rest = f" and {len(more) - shown} more" if len(more) > shown else ""
+            where = f" [also at {places}{rest}]"
+        lines.append(f"    refused{count}: {first}{where}")
+    return lines
 
 
 @dataclass
@@ -120,12 +153,53 @@ class PassResult:
 PassFn = Callable[[GraphModule, "PassContext"], PassResult]
 
 
+@dataclass(frozen=True)
+class PassOption:
+    """An option a pass declares: `--pass-option PASS.NAME=VALUE` on the command line."""
+
+    name: str
+    type: type  # int, float, bool or str
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None  # why a well-typed value is invalid
+
+    def coerce(self, value: Any) -> Any:
+        """The value as this option's type (strings are parsed); `ValueError` with why not."""
+        if isinstance(value, str) and self.type is not str:
+            value = _parse_option_text(value, self.type)
+        if self.type is float and type(value) is int:
+            value = float(value)
+        if type(value) is not self.type:
+            raise ValueError(f"expected {_TYPE_NAMES[self.type]}, got {value!r}")
+        problem = self.check(value) if self.check else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _parse_option_text(text: str, kind: type) -> Any:
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "yes", "1", "on"):
+            return True
+        if lowered in ("false", "no", "0", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"expected {_TYPE_NAMES[kind]}, got {text!r}") from None
+
+
 @dataclass
 class PassContext:
     """Options of one pipeline run (the CLI fills it)."""
 
-    verify: bool = True  # compare outputs before/after every function-preserving pass
-    rtol: float = 1e-5  # max relative error max|Δ| / max|ref| accepted by verification
+    verify: bool = True  # check every function-preserving pass in float64 and the result
+    rtol: float = 1e-5  # relative tolerance of the result in the model's dtype (see module doc)
     example_inputs: tuple[Tensor, ...] | None = None  # if None: random inputs of `input_shape`
     input_shape: tuple[int, ...] | None = None
     seed: int = 0  # seed of the random inputs
@@ -134,6 +208,7 @@ class PassContext:
     explain: bool = False  # the pipeline's report lists every rewrite and refusal
     measure: Measure | None = None  # FLOP counter; without it FLOPs are not reported
     options: dict[str, Any] = field(default_factory=dict)  # per-pass options, "pass.option": value
+    progress: Callable[[str], None] | None = None  # called with a line as each pass starts
 
     def inputs(self, gm: nn.Module) -> tuple[Tensor, ...] | None:
         """The example inputs: given ones, or random ones of `input_shape` in the model's dtype."""
@@ -141,9 +216,13 @@ class PassContext:
             return tuple(self.example_inputs)
         if self.input_shape is None:
             return None
-        tensors = [*gm.parameters(), *gm.buffers()]
-        dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
-        return (random_input(tuple(self.input_shape), self.seed, dtype),)
+        return (random_input(tuple(self.input_shape), self.seed, model_dtype(gm)),)
+
+    def option(self, pass_name: str, name: str) -> Any:
+        """The value of one of a pass's declared options (its default if not given)."""
+        declared = {o.name: o for o in get_pass(pass_name).options}[name]
+        key = f"{pass_name}.{name}"
+        return declared.coerce(self.options[key]) if key in self.options else declared.default
 
 
 @dataclass(frozen=True)
@@ -152,15 +231,20 @@ class PassInfo:
     summary: str
     preserves_function: bool
     fn: PassFn
+    options: tuple[PassOption, ...] = ()
 
 
 _PASSES: dict[str, PassInfo] = {}
+_PIPELINES: dict[str, tuple[str, ...]] = {}
+NO_CATALOGUE = "no passes are registered: import the catalogue first (`import passes`)"
 
 
-def register_pass(name: str, summary: str, preserves_function: bool) -> Callable[[PassFn], PassFn]:
+def register_pass(name: str, summary: str, preserves_function: bool,
+                  options: Sequence[PassOption] = ()) -> Callable[[PassFn], PassFn]:
     """Register `fn(gm, ctx) -> PassResult` under `name`.
 
-    The registered function refuses models in training mode, times the pass and fills the
+    The registered function refuses models in training mode, makes sure the graph's shapes are
+    recorded (propagating them from the context's inputs if not), times the pass and fills the
     report's name, `preserves_function` and wall time. It rewrites `gm` in place.
     """
 
@@ -171,6 +255,9 @@ def register_pass(name: str, summary: str, preserves_function: bool) -> Callable
             if training:
                 raise PassError(f"{TRAINING_MODE} (training: {', '.join(training[:5])})", name)
             start = time.perf_counter()
+            refresh_shapes(gm)
+            if not has_shapes(gm):
+                propagate_shapes(gm, ctx.inputs(gm))
             result = fn(gm, ctx)
             report = replace(result.report, name=name, preserves_function=preserves_function,
                              modified=result.modified, seconds=time.perf_counter() - start)
@@ -179,10 +266,15 @@ def register_pass(name: str, summary: str, preserves_function: bool) -> Callable
         known = _PASSES.get(name)
         if known is not None and known.fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"pass {name!r} is registered twice ({known.fn.__qualname__})")
-        _PASSES[name] = PassInfo(name, summary, preserves_function, run)
+        _PASSES[name] = PassInfo(name, summary, preserves_function, run, tuple(options))
         return run
 
     return decorate
+
+
+def register_pipeline(name: str, passes: Sequence[str]) -> None:
+    """Name an ordered list of passes (and pipelines, expanded when resolved)."""
+    _PIPELINES[name] = tuple(passes)
 
 
 def _training_modules(gm: GraphModule) -> list[str]:
@@ -192,43 +284,62 @@ def _training_modules(gm: GraphModule) -> list[str]:
                   if any(m.training for m in gm.get_submodule(name).modules()))
 
 
-def _registry() -> dict[str, PassInfo]:
-    from passes.pipelines import PASS_MODULES
-
-    for module in PASS_MODULES:
-        importlib.import_module(module)
-    return _PASSES
-
-
 def get_pass(name: str) -> PassInfo:
-    passes = _registry()
-    if name not in passes:
-        raise ArchcError(_unknown("pass", name, passes))
-    return passes[name]
+    if name not in _PASSES:
+        raise ArchcError(_unknown("pass", name, _PASSES) if _PASSES else NO_CATALOGUE)
+    return _PASSES[name]
 
 
-def list_passes() -> list[tuple[str, str, bool]]:
-    """(name, summary, preserves_function) of every registered pass, sorted by name."""
-    return [(p.name, p.summary, p.preserves_function) for _, p in sorted(_registry().items())]
+def list_passes() -> list[PassInfo]:
+    """Every registered pass, sorted by name."""
+    return [info for _, info in sorted(_PASSES.items())]
+
+
+def pipelines() -> dict[str, tuple[str, ...]]:
+    """The registered named pipelines, in registration order."""
+    return dict(_PIPELINES)
 
 
 def resolve_pipeline(text: str) -> list[str]:
-    """A comma-separated list of pass names and pipeline names (`passes.pipelines.PIPELINES`,
-    expanded in place): `default`, `none`, `fold_bn,eliminate_dead_code`, `default,align_channels`.
-    """
-    from passes.pipelines import PIPELINES
-
+    """A comma-separated list of pass names and pipeline names (expanded in place): `default`,
+    `none`, `fold_bn,eliminate_dead_code`, `default,align_channels`."""
+    if not _PASSES:
+        raise ArchcError(NO_CATALOGUE)
     names: list[str] = []
-    passes = _registry()
     for name in (part.strip() for part in text.split(",")):
-        if name in PIPELINES:
-            names += PIPELINES[name]
-        elif name in passes:
+        if name in _PIPELINES:
+            names += resolve_pipeline(",".join(_PIPELINES[name])) if _PIPELINES[name] else []
+        elif name in _PASSES:
             names.append(name)
         else:
-            pipelines = ", ".join(PIPELINES)
-            raise ArchcError(f"{_unknown('pass', name, passes)}; pipelines: {pipelines}")
+            raise ArchcError(f"{_unknown('pass', name, _PASSES)}; pipelines: "
+                             f"{', '.join(_PIPELINES)}")
     return names
+
+
+def check_options(options: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """`options` ("pass.option" -> value) coerced to the declared types; `ArchcError` for an
+    unknown pass or option (with a suggestion), a wrong type or value, or a pass that is not in
+    `names` (the pipeline)."""
+    checked = {}
+    for key, value in options.items():
+        pass_name, _, option_name = key.partition(".")
+        info = get_pass(pass_name)
+        declared = {o.name: o for o in info.options}
+        if option_name not in declared:
+            valid = f"its options: {', '.join(declared)}" if declared else "it has no options"
+            close = difflib.get_close_matches(option_name, list(declared), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ArchcError(f"pass option {key}: {pass_name} has no option "
+                             f"{option_name!r}{hint}; {valid}")
+        try:
+            checked[key] = declared[option_name].coerce(value)
+        except ValueError as exc:
+            raise ArchcError(f"pass option {key}: {exc}") from None
+        if pass_name not in names:
+            raise ArchcError(f"pass option {key}: pass {pass_name!r} is not in the pipeline "
+                             f"({', '.join(names) or 'none'})")
+    return checked
 
 
 def _unknown(kind: str, name: str, valid: Iterable[str]) -> str:
@@ -244,10 +355,27 @@ class PipelineResult:
     reports: list[PassReport]
     max_error: float | None  # relative error of the result against the input model, if verified
     explain: bool = False
+    exactness: str = ""  # how the passes were checked: "float64", or the model's dtype and why
+    artifact_error: float | None = None  # the result in the model's dtype vs float64
+    noise: float | None = None  # the input model in its own dtype vs float64
+    tolerance: float | None = None  # what artifact_error was allowed
 
     @property
     def modified(self) -> bool:
         return any(r.modified for r in self.reports)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.reports)
+
+    @property
+    def verify_seconds(self) -> float:
+        return sum(r.verify_seconds for r in self.reports)
+
+    @property
+    def fired(self) -> Counter[str]:
+        """How often each rule rewrote, over every pass."""
+        return sum((r.fired for r in self.reports), Counter())
 
     def format(self, explain: bool | None = None) -> str:
         explain = self.explain if explain is None else explain
@@ -257,36 +385,63 @@ class PipelineResult:
         for report in self.reports:
             lines.append(report.row())
             lines += report.details(explain)
-        if self.max_error is not None:
-            lines.append(f"pipeline: rel err {self.max_error:.1e} against the input model")
+        lines += self.summary()
         return "\n".join(lines)
+
+    def summary(self) -> list[str]:
+        """The verification figures, one line each."""
+        lines = []
+        if self.max_error is not None:
+            lines.append(f"pipeline: rel err {self.max_error:.1e} in {self.exactness} against "
+                         f"the input model")
+        if self.artifact_error is not None:
+            noise = "" if self.noise is None else (
+                f"; the input model's own rounding: {self.noise:.1e}")
+            lines.append(f"result in the model's dtype: rel err {self.artifact_error:.1e} "
+                         f"against float64{noise} (tolerance {self.tolerance:.1e})")
+        return lines
 
     __str__ = format
 
 
+@dataclass
+class _Baseline:
+    """What verification compares against: the inputs in the working dtype and the outputs of
+    the graph before the next pass."""
+
+    inputs: tuple[Tensor, ...]
+    outputs: list[Tensor]
+    rtol: float
+
+
 def run_pipeline(model: nn.Module, names: list[str], ctx: PassContext | None = None
                  ) -> PipelineResult:
-    """Run the named passes in order on a deep copy of `model` (traced if not a GraphModule)."""
+    """Run the named passes in order on a copy of `model` (traced if not a GraphModule)."""
     ctx = ctx or PassContext()
     infos = [get_pass(name) for name in names]
+    check_options(ctx.options, names)
     dumped = set() if ctx.dump_after in (None, "all") else set(ctx.dump_after)
     unknown = sorted(dumped - set(names))
     if unknown:
         raise ArchcError(_unknown("pass in dump_after", unknown[0], names))
     if ctx.dump_after and ctx.dump_dir is None:
         raise ArchcError("dump_after needs a dump_dir")
-    gm = copy.deepcopy(model)
-    if not isinstance(gm, GraphModule):
-        gm = torch.fx.symbolic_trace(gm)
-    inputs = ctx.inputs(gm)
+    inputs = ctx.inputs(model)
     if ctx.verify and inputs is None:
         raise PassError("verification needs example_inputs or input_shape (or verify=False)")
-    original = previous = _outputs(gm, inputs) if ctx.verify else None
-    stats = graph_stats(gm, inputs, ctx.measure)
+    dtype = model_dtype(model)
+    gm, baseline, exactness = _working_copy(model, inputs, ctx, dtype)
+    gm.meta[SOURCE_DTYPE] = dtype
+    propagate_shapes(gm, baseline.inputs if baseline else inputs)
+    stats = graph_stats(gm, ctx.measure)
     reports: list[PassReport] = []
     exact = True  # every pass that changed the graph preserves the function
+    original = baseline.outputs if baseline else None
+    pipeline_tolerance = baseline.rtol if baseline else 0.0
     for index, info in enumerate(infos, start=1):
         preceding = tuple(names[:index - 1])
+        if ctx.progress is not None:
+            ctx.progress(f"pass {index}/{len(infos)}: {info.name}")
         code = gm.code
         result = info.fn(gm, ctx)
         gm, report = result.graph_module, result.report
@@ -297,33 +452,101 @@ def run_pipeline(model: nn.Module, names: list[str], ctx: PassContext | None = N
         gm.recompile()
         if not result.modified and gm.code != code:
             raise PassError("reported modified=False but changed the graph", info.name, preceding)
-        after = graph_stats(gm, inputs, ctx.measure) if result.modified else stats
-        report = replace(report, before=stats, after=after, check=_check_text(result, info, ctx))
+        after = graph_stats(gm, ctx.measure) if result.modified else stats
+        report = replace(report, before=stats, after=after,
+                         check=_check_text(result, info, ctx, exactness))
         stats = after
         exact = exact and (info.preserves_function or not result.modified)
-        if result.modified and ctx.verify:
-            outputs = _outputs(gm, inputs)
+        if result.modified and baseline is not None:
+            start = time.perf_counter()
+            outputs = verify.outputs(gm, baseline.inputs)
             if info.preserves_function:
-                report.error = relative_error(previous, outputs)
-                _require_close(report.error, ctx.rtol, info.name, preceding)
-            previous = outputs
+                report.error = verify.relative_error(baseline.outputs, outputs)
+                tolerance = _pass_tolerance(baseline.rtol, report)
+                _require_close(report.error, tolerance, info.name, preceding)
+                pipeline_tolerance = max(pipeline_tolerance, tolerance)
+            baseline.outputs = outputs
+            report.verify_seconds = time.perf_counter() - start
         reports.append(report)
         if ctx.dump_after == "all" or (ctx.dump_after and info.name in ctx.dump_after):
             Path(ctx.dump_dir).mkdir(parents=True, exist_ok=True)
             (Path(ctx.dump_dir) / f"{index:02d}_{info.name}.py").write_text(gm.code)
-    max_error = None
-    if ctx.verify and exact:
-        max_error = relative_error(original, previous)
-        _require_close(max_error, ctx.rtol, "", tuple(names))
-    return PipelineResult(gm, reports, max_error, ctx.explain)
+    result = PipelineResult(gm, reports, None, ctx.explain, exactness)
+    if baseline is not None and exact:
+        result.max_error = verify.relative_error(original, baseline.outputs)
+        _require_close(result.max_error, pipeline_tolerance, "", tuple(names))
+    if model_dtype(gm) != dtype:
+        result.graph_module = _cast_back(gm, dtype, inputs)
+    if baseline is not None and exact and exactness == "float64":
+        _judge_artifact(result, model, inputs, original, ctx.rtol, tuple(names))
+    return result
 
 
-def _check_text(result: PassResult, info: PassInfo, ctx: PassContext) -> str:
+def _working_copy(model: nn.Module, inputs: tuple[Tensor, ...] | None, ctx: PassContext,
+                  dtype: torch.dtype) -> tuple[GraphModule, _Baseline | None, str]:
+    """The graph the passes rewrite, the verification baseline and how exactness is judged."""
+    traced = _traced(copy_module(model))  # tracing stores constants on the module it traces
+    if not ctx.verify:
+        return traced, None, ""
+    floating = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    why = "its tensors have several floating dtypes" if len(floating) > 1 else None
+    if why is None:
+        found = verify.float64_reference(traced, inputs)
+        if isinstance(found, str):
+            why = f"it does not run in float64 ({found})"
+        else:
+            copy, outputs = found
+            return copy, _Baseline(verify.in_float64(inputs), outputs, verify.FLOAT64_RTOL), \
+                "float64"
+    baseline = _Baseline(inputs, verify.outputs(traced, inputs), ctx.rtol)
+    return traced, baseline, f"{str(dtype).removeprefix('torch.')} ({why})"
+
+
+def _traced(model: nn.Module) -> GraphModule:
+    return model if isinstance(model, GraphModule) else torch.fx.symbolic_trace(model)
+
+
+def _cast_back(gm: GraphModule, dtype: torch.dtype, inputs: tuple[Tensor, ...] | None
+               ) -> GraphModule:
+    """The float64 working graph in the model's dtype, shapes recorded for its inputs."""
+    cast = copy_module(gm, dtype)
+    propagate_shapes(cast, inputs)
+    return cast
+
+
+def _judge_artifact(result: PipelineResult, model: nn.Module, inputs: tuple[Tensor, ...],
+                    reference: list[Tensor], rtol: float, names: tuple[str, ...]) -> None:
+    """The result in the model's dtype against the float64 reference, allowed the input model's
+    own rounding (`archc.verify`)."""
+    result.noise = verify.relative_error(reference, verify.outputs(model, inputs))
+    result.artifact_error = verify.relative_error(
+        reference, verify.outputs(result.graph_module, inputs))
+    result.tolerance = verify.artifact_tolerance(rtol, result.noise)
+    if not result.artifact_error <= result.tolerance:
+        raise PassError(
+            f"the result in the model's dtype differs from the float64 reference by relative "
+            f"error {result.artifact_error:.3g} > {result.tolerance:.3g} (rtol {rtol:g}, the "
+            f"input model's own rounding {result.noise:.3g})", "", names)
+
+
+def _pass_tolerance(rtol: float, report: PassReport) -> float:
+    """`rtol`, or the rounding of the model's constants for a pass exact only up to it."""
+    if report.rounded_in is None:
+        return rtol
+    return max(rtol, verify.rounding_tolerance(report.rounded_in))
+
+
+def _check_text(result: PassResult, info: PassInfo, ctx: PassContext, exactness: str) -> str:
     if not result.modified:
         return "unchanged"
     if not info.preserves_function:
         return "not verified: changes the function"
-    return "verified" if ctx.verify else "not verified: verify off"
+    if not ctx.verify:
+        return "not verified: verify off"
+    rounded = result.report.rounded_in
+    suffix = (f" up to {str(rounded).removeprefix('torch.')} rounding of the model's constants"
+              if rounded is not None else "")
+    return f"verified in {exactness.split(' ')[0]}{suffix}"
 
 
 def _require_close(error: float, rtol: float, pass_name: str, preceding: tuple[str, ...]) -> None:
@@ -332,45 +555,11 @@ def _require_close(error: float, rtol: float, pass_name: str, preceding: tuple[s
                         pass_name, preceding)
 
 
-def _outputs(gm: GraphModule, inputs: tuple[Tensor, ...]) -> list[Tensor]:
-    with torch.no_grad():
-        return [t for t in tree_leaves(gm(*inputs)) if isinstance(t, Tensor)]
-
-
-def relative_error(reference: list[Tensor], candidate: list[Tensor]) -> float:
-    """max|Δ| / max|reference| over all tensors (max|Δ| if the reference is 0); NaN where the
-    reference is finite, or a change of structure or shape, gives inf."""
-    if len(reference) != len(candidate) or any(r.shape != c.shape
-                                               for r, c in zip(reference, candidate)):
-        return float("inf")
-    delta = scale = 0.0
-    for ref, out in zip(reference, candidate):
-        ref, out = ref.detach().double(), out.detach().double()
-        diff = (out - ref).abs()
-        diff = torch.where(ref.isnan() & out.isnan(), 0.0, diff.nan_to_num(nan=float("inf")))
-        if diff.numel():
-            delta = max(delta, diff.max().item())
-            scale = max(scale, ref.nan_to_num(nan=0.0).abs().max().item())
-    return delta / scale if scale > 0 else delta
-
-
-def op_kind(gm: GraphModule, node: Node) -> str:
-    """Module type, function name or `Tensor.method` computed by a node."""
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    if node.op == "call_method":
-        return f"Tensor.{node.target}"
-    return node.op
-
-
-def graph_stats(gm: GraphModule, inputs: tuple[Tensor, ...] | None = None,
-                measure: Measure | None = None) -> GraphStats:
+def graph_stats(gm: GraphModule, measure: Measure | None = None) -> GraphStats:
     """Nodes, op histogram (placeholders and outputs excluded), parameter count and FLOPs."""
     ops = Counter(op_kind(gm, n) for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
     params = sum(p.numel() for p in gm.parameters())
-    flops = measure(gm, inputs) if measure is not None and inputs is not None else None
+    flops = measure(gm) if measure is not None else None
     return GraphStats(len(gm.graph.nodes), ops, params, flops)
 
 

@@ -1,30 +1,52 @@
-"""Rewrite rules as data: pattern -> check -> rewrite, and a fixpoint applier.
+"""The rewrite engine: rules as data, one fixpoint driver for every pass.
 
-A pattern is a chain of op matchers `(m_0, ..., m_k)`; it matches nodes `n_0 -> ... -> n_k` where
-every `n_{i+1}` takes `n_i` as its first argument. The applier tries every node as the anchor `n_k`
-and walks the chain backwards, so a node anchors at most one match per rule. A shape that is not
-a chain (a sum of parallel branches) anchors on one node, narrowed by `Op.where`, and `check`
-inspects the rest.
+A rule is pattern -> check -> rewrite.
 
-`check(match)` returns None (the rewrite is legal) or the reason it is not; `rewrite(match)`
-mutates the graph and returns one readable line ("folded s1.bn into s1.conv"). `apply_rules` sweeps
-the rules in order (earlier rules win) until a sweep changes nothing; the refusals of that last
-sweep are the ones reported, so they describe the final graph.
+- The pattern says where the rule may apply. Most are chains of op matchers `(m_0, ..., m_k)`:
+  nodes `n_0 -> ... -> n_k` where every `n_{i+1}` takes `n_i` as its first argument, anchored at
+  `n_k`. A shape that is no chain (a tree of adds, a reshape-spelled channel shuffle, a conv
+  reached back through BNs and pads) is a `Matcher`: a function of an anchor node that returns
+  the matched nodes or None. Either way a node anchors at most one match per rule and sweep.
+- The check decides legality and does the work the rewrite needs: it returns a *plan* (any
+  object: the folded weights' inputs, the merged conv's geometry and weights) or `Refuse(reason)`
+  (a list of them when several parts refuse; an empty one when there is nothing to do and
+  nothing to say; any other object, a list of nodes included, is a plan). `Partial(plan,
+  refusals)` applies a plan while reporting what it left out.
+- The rewrite applies the plan, `rewrite(match, plan)`, mutating the graph, and returns one
+  readable line per change ("folded s1.bn into s1.conv"), or `Done(line, rounded=dtype)` for a
+  change that is exact only up to the rounding of the model's own constants in `dtype` (a bias
+  the graph cancels with a constant it computed in float32): the pass's report then says so,
+  and verification allows that rounding.
+
+`apply_rules` sweeps the rules in order (earlier rules win; within a rule, nodes in graph order)
+until a sweep rewrites nothing, then reports every rewrite and the refusals of that last sweep,
+which therefore describe the final graph. A sweep may share a memo among its rules (`memo`, built
+fresh per sweep, e.g. the linear-op reading of `archc.linear_chains`). After each rewrite the
+shapes of the nodes it created are computed (`archc.shapes.refresh_shapes`), so every rule sees
+current shapes. At most `MAX_SWEEPS` sweeps: rules that keep rewriting each other are an archc
+bug, raised as `FixpointError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.fx import GraphModule, Node
-from torch.fx.passes.shape_prop import ShapeProp
 
+from archc.graph import ALIASES, describe, is_erased, module_aliases
 from archc.pipeline import PassReport, PassResult, Refusal
+from archc.shapes import refresh_shapes
 
 MAX_SWEEPS = 100
+
+
+class FixpointError(RuntimeError):
+    """Rules kept rewriting: an internal error (exit code 1), never a user's."""
 
 
 @dataclass(frozen=True)
@@ -53,20 +75,58 @@ class Op:
 class Match:
     gm: GraphModule
     nodes: tuple[Node, ...]  # producer first, the anchor last
+    memo: Any = None  # the sweep's shared memo, if the rule set has one
+
+    @property
+    def anchor(self) -> Node:
+        return self.nodes[-1]
 
     def module(self, index: int) -> nn.Module:
         return self.gm.get_submodule(self.nodes[index].target)
 
 
 @dataclass(frozen=True)
+class Refuse:
+    """A failed check: why, where (default: the match's nodes) and under which rule name
+    (default: the rule's own; a rule with several sides names each)."""
+
+    reason: str
+    nodes: tuple[Node | str, ...] = ()
+    rule: str | None = None
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A plan to apply, and refusals for the parts of the match it leaves alone."""
+
+    plan: Any
+    refusals: tuple[Refuse, ...] = ()
+
+
+@dataclass(frozen=True)
+class Done:
+    """A rewrite's line, exact only up to the rounding of the model's constants in `rounded`."""
+
+    line: str
+    rounded: torch.dtype | None = None
+
+
+# A matcher: (graph module, anchor node, sweep memo) -> the matched nodes, anchor last, or None.
+Matcher = Callable[[GraphModule, Node, Any], "tuple[Node, ...] | None"]
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
-    pattern: tuple[Op, ...]
-    check: Callable[[Match], str | None]  # None: legal; else the reason the rule refuses
-    rewrite: Callable[[Match], str]  # mutates the graph; returns what it did
+    pattern: tuple[Op, ...] | Matcher
+    check: Callable[[Match], Any]  # a plan, Refuse, a sequence of Refuse, or Partial
+    rewrite: Callable[[Match, Any], str | Done | list[str | Done]]  # applies the plan
     identity: str  # the identity the rewrite relies on, e.g. "x * 1 -> x"
 
-    def match(self, gm: GraphModule, anchor: Node) -> Match | None:
+    def match(self, gm: GraphModule, anchor: Node, memo: Any = None) -> Match | None:
+        if callable(self.pattern):
+            nodes = self.pattern(gm, anchor, memo)
+            return None if nodes is None else Match(gm, tuple(nodes), memo)
         if not self.pattern[-1].matches(gm, anchor):
             return None
         nodes = [anchor]
@@ -75,121 +135,84 @@ class Rule:
             if not isinstance(producer, Node) or not op.matches(gm, producer):
                 return None
             nodes.insert(0, producer)
-        return Match(gm, tuple(nodes))
+        return Match(gm, tuple(nodes), memo)
 
 
-def apply_rules(gm: GraphModule, rules: tuple[Rule, ...] | list[Rule]) -> PassResult:
-    """Apply `rules` until none fires; report every rewrite and the final refusals."""
+@dataclass
+class _Sweep:
+    rewrites: list[str] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    rounded: torch.dtype | None = None
+    fired: Counter[str] = field(default_factory=Counter)
+
+
+def apply_rules(gm: GraphModule, rules: Sequence[Rule],
+                memo: Callable[[GraphModule], Any] | None = None) -> PassResult:
+    """Apply `rules` until none fires; report every rewrite and the final sweep's refusals."""
+    try:
+        return _sweeps(gm, rules, memo)
+    finally:
+        gm.meta.pop(ALIASES, None)
+
+
+def _sweeps(gm: GraphModule, rules: Sequence[Rule], memo) -> PassResult:
     rewrites: list[str] = []
+    history: list[list[str]] = []
+    rounded = None
+    fired: Counter[str] = Counter()
     for _ in range(MAX_SWEEPS):
-        refusals: list[Refusal] = []
-        changed = False
+        gm.meta[ALIASES] = module_aliases(gm)
+        sweep = _Sweep()
+        shared = memo(gm) if memo is not None else None
         for rule in rules:
             for node in list(gm.graph.nodes):
-                if getattr(node, "_erased", False):  # erased by an earlier rewrite of this sweep
-                    continue
-                match = rule.match(gm, node)
-                if match is None:
-                    continue
-                reason = rule.check(match)
-                if reason is None:
-                    rewrites.append(rule.rewrite(match))
-                    changed = True
-                else:
-                    refusals.append(Refusal(rule.name, tuple(map(describe, match.nodes)), reason))
-        if not changed:
-            return PassResult(gm, bool(rewrites), PassReport(rewrites=rewrites, refusals=refusals))
-    raise RuntimeError(f"rules {[r.name for r in rules]} did not reach a fixpoint")
+                if not is_erased(node):
+                    _try(gm, rule, node, shared, sweep)
+        rewrites += sweep.rewrites
+        rounded = rounded or sweep.rounded
+        fired += sweep.fired
+        if not sweep.rewrites:
+            return PassResult(gm, bool(rewrites), PassReport(
+                rewrites=rewrites, refusals=sweep.refusals, rounded_in=rounded, fired=fired))
+        history.append(sweep.rewrites)
+    last = "; ".join(history[-1][:3])
+    raise FixpointError(
+        f"internal error: rules {', '.join(r.name for r in rules)} did not reach a fixpoint in "
+        f"{MAX_SWEEPS} sweeps (the last sweep still rewrote: {last})")
 
 
-# ---- helpers for patterns, checks and rewrites ----
-
-def describe(node: Node) -> str:
-    """A module's qualified name for call_module nodes, else the node's name."""
-    return node.target if node.op == "call_module" else node.name
-
-
-def arg(node: Node, position: int, keyword: str, default=None):
-    """A call's argument given positionally or by keyword."""
-    if len(node.args) > position:
-        return node.args[position]
-    return node.kwargs.get(keyword, default)
-
-
-def set_arg(node: Node, position: int, keyword: str, value) -> None:
-    """Set a call's argument where it is given (positionally or by keyword), else by keyword."""
-    if len(node.args) > position:
-        node.update_arg(position, value)
+def _try(gm: GraphModule, rule: Rule, node: Node, memo: Any, sweep: _Sweep) -> None:
+    match = rule.match(gm, node, memo)
+    if match is None:
+        return
+    outcome = rule.check(match)
+    refusals: Sequence[Refuse] = ()
+    plan: Any = None
+    applies = True
+    if isinstance(outcome, Refuse):
+        refusals, applies = (outcome,), False
+    elif isinstance(outcome, (list, tuple)) and all(isinstance(r, Refuse) for r in outcome):
+        refusals, applies = outcome, False
+    elif isinstance(outcome, Partial):
+        plan, refusals = outcome.plan, outcome.refusals
     else:
-        node.update_kwarg(keyword, value)
+        plan = outcome
+    for refusal in refusals:
+        nodes = refusal.nodes or match.nodes
+        names = tuple(n if isinstance(n, str) else describe(n) for n in nodes)
+        sweep.refusals.append(Refusal(refusal.rule or rule.name, names, refusal.reason))
+    if applies:
+        done = rule.rewrite(match, plan)
+        sweep.fired[rule.name] += 1
+        for item in [done] if isinstance(done, (str, Done)) else done:
+            if isinstance(item, Done):
+                sweep.rewrites.append(item.line)
+                sweep.rounded = sweep.rounded or item.rounded
+            else:
+                sweep.rewrites.append(item)
+        refresh_shapes(gm)
 
 
-def unique_user(node: Node) -> Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def has_other_users(node: Node, user: Node) -> bool:
-    """Whether the tensor `node` is read by anything besides `user` (the graph output counts)."""
-    return any(other is not user for other in node.users)
-
-
-def module_uses(gm: GraphModule, module: nn.Module) -> int:
-    """How often the graph uses `module`: calls (under any alias) plus `get_attr` reads of its
-    parameters or buffers."""
-    names = {name for name, m in gm.named_modules(remove_duplicate=False) if m is module}
-    return sum(1 for node in gm.graph.nodes
-               if (node.op == "call_module" and node.target in names)
-               or (node.op == "get_attr" and node.target.rpartition(".")[0] in names))
-
-
-def called_once(gm: GraphModule, node: Node) -> bool:
-    """Whether the module of call_module `node` is used by this node only."""
-    return module_uses(gm, gm.get_submodule(node.target)) == 1
-
-
-def in_training(*modules: nn.Module) -> bool:
-    return any(m.training for m in modules)
-
-
-def bypass(gm: GraphModule, node: Node, replacement: Node) -> None:
-    """Send the users of `node` to `replacement`, erase `node` and delete its module if unused."""
-    node.replace_all_uses_with(replacement)
-    gm.graph.erase_node(node)
-    if node.op == "call_module":
-        delete_if_unused(gm, node.target)
-
-
-def delete_if_unused(gm: GraphModule, target: str) -> None:
-    if not module_uses(gm, gm.get_submodule(target)):
-        gm.delete_submodule(target)
-
-
-def set_weights(module: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
-    """Replace `module.weight` (and `.bias`) by new parameters in the old weight's dtype.
-
-    New Parameter objects, not in-place copies: a tied weight elsewhere keeps its value.
-    """
-    like = module.weight
-    module.weight = nn.Parameter(weight.to(like), requires_grad=like.requires_grad)
-    if bias is not None:
-        module.bias = nn.Parameter(bias.to(like), requires_grad=like.requires_grad)
-
-
-def node_shape(node: Node) -> tuple[int, ...] | None:
-    """The output shape recorded by shape propagation, if any."""
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def node_dtype(node: Node) -> torch.dtype | None:
-    meta = node.meta.get("tensor_meta")
-    return getattr(meta, "dtype", None)
-
-
-def propagate_shapes(gm: GraphModule, inputs: tuple[Tensor, ...] | None) -> None:
-    """Record shapes and dtypes in `node.meta["tensor_meta"]` by running the graph once on the
-    example inputs (cheaper here than fake tensors, whose first use costs seconds); no-op
-    without inputs."""
-    if inputs is not None:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+def always(match: Match) -> None:
+    """A check for rules whose pattern is their whole condition."""
+    return None

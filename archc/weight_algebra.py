@@ -1,4 +1,4 @@
-"""Weight algebra of the exact structural re-parameterizations (REWRITES.md R1..R11).
+"""Weight algebra of the exact structural re-parameterizations (R1..R11 of `docs/rewrites.md`).
 
 Pure tensor functions: no modules, no graphs, inputs are never mutated and results keep the
 inputs' float dtype (callers fold in float64 and cast back). Layouts: conv `W[O, I/g, *k]`,
@@ -26,6 +26,9 @@ Notation: `W ⋆ x` is the conv, sums over `c` run within the group of the outpu
          contiguous output blocks, so a plain cat of grouped weights regroups the channels)
     R11  shuffle y[:, j] = x[:, π_j]:   W ⋆ y = W' ⋆ x,  W'[:, π_j] = W[:, j]   (groups 1)
          (W ⋆ x + b)[:, π]      = W[π] ⋆ x + b[π]
+    pad  channel padding: W'[π_o(o), π_i(i)] = W[o, i], zeros elsewhere (`scatter_weight`)
+
+The identities, their conditions and the traps around them are written out in `docs/rewrites.md`.
 """
 
 from __future__ import annotations
@@ -90,8 +93,9 @@ def _as_permutation(perm: Tensor | Sequence[int], length: int, name: str) -> Ten
 
 
 def _check_kernel_size(name: str, kernel_size: Sequence[int]) -> tuple[int, ...]:
+    """A kernel size; `()` is a Linear layer's (a conv without spatial dims)."""
     kernel_size = tuple(kernel_size)
-    if not kernel_size or any(k < 1 for k in kernel_size):
+    if any(k < 1 for k in kernel_size):
         raise ValueError(f"{name}: invalid kernel size {kernel_size}")
     return kernel_size
 
@@ -325,6 +329,24 @@ def merge_sequential(
     return merged.transpose(0, 1).contiguous(), bias
 
 
+def merge_sequential_grouped(
+    w1: Tensor, b1: Tensor | None, factor: int | Sequence[int], w2: Tensor, b2: Tensor | None,
+    groups: int,
+) -> tuple[Tensor, Tensor]:
+    """R8 for two convs with the same `groups`: `merge_sequential` (groups 1) on each group's
+    slices, concatenated. `factor` spaces W2's taps on W1's grid (s1 for dilation 1, s1 d2 / d1
+    in general)."""
+    if groups < 1 or w1.shape[0] % groups or w2.shape[0] % groups:
+        raise ValueError(f"merge_sequential_grouped: {groups} groups do not divide the outputs")
+    mid, out = w1.shape[0] // groups, w2.shape[0] // groups
+    b1 = _bias_or_zeros(b1, w1.shape[0], w1)
+    b2 = _bias_or_zeros(b2, w2.shape[0], w2)
+    parts = [merge_sequential(w1[g * mid:(g + 1) * mid], b1[g * mid:(g + 1) * mid], factor,
+                              w2[g * out:(g + 1) * out], b2[g * out:(g + 1) * out])
+             for g in range(groups)]
+    return torch.cat([w for w, _ in parts]), torch.cat([b for _, b in parts])
+
+
 def concat_convs(branches: Sequence[tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor]:
     """R10: parallel groups-1 convs on one input, concatenated along the output channels.
 
@@ -384,3 +406,27 @@ def permute_output_channels(
 def permute_vector(vector: Tensor, perm: Tensor | Sequence[int]) -> Tensor:
     """`v[π]`: BN statistics and affine parameters of a BN that follows a permuted producer."""
     return vector[_as_permutation(perm, vector.shape[0], "permute_vector")]
+
+
+def scatter_weight(weight: Tensor, out_index: Tensor, out_size: int, in_index: Tensor,
+                   in_size: int, groups: int, new_groups: int) -> Tensor:
+    """Channel padding: the weight of a conv or Linear (`[O, I / groups, k...]`, groups 1 for
+    Linear) whose output channel o moves to `out_index[o]` of `out_size` and input channel i to
+    `in_index[i]` of `in_size`, with `new_groups` groups; every other entry is 0:
+    W'[π_o(o), π_i(G(o) I/g + i) - G'(o) I'/g'] = W[o, i], G(o) = o // (O/g), G'(o) =
+    π_o(o) // (O'/g')."""
+    out_channels, per_group = weight.shape[:2]
+    old_inputs = ((torch.arange(out_channels) // (out_channels // groups))[:, None] * per_group
+                  + torch.arange(per_group))
+    new_group = out_index // (out_size // new_groups)
+    columns = in_index[old_inputs] - new_group[:, None] * (in_size // new_groups)
+    result = weight.new_zeros((out_size, in_size // new_groups, *weight.shape[2:]))
+    result[out_index[:, None].expand_as(columns), columns] = weight.detach()
+    return result
+
+
+def scatter_vector(vector: Tensor, index: Tensor, size: int, fill: float = 0.0) -> Tensor:
+    """Channel padding of a per-channel vector: `v'[index[i]] = v[i]`, `fill` elsewhere."""
+    result = vector.detach().new_full((size,), fill)
+    result[index] = vector.detach()
+    return result

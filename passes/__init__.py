@@ -1,0 +1,17 @@
+"""The rewrite catalogue: importing it registers every built-in pass and named pipeline with the
+engine (`archc.pipeline`). One module per family; `pipelines` names the pipelines."""
+
+from archc.pipeline import register_pipeline
+from passes import (  # noqa: F401 - imported to register their passes
+    bn_folding,
+    branch_merging,
+    canonical,
+    channel_shuffle,
+    cleanup,
+    layout,
+    sequential_merging,
+)
+from passes.pipelines import PIPELINES
+
+for _name, _passes in PIPELINES.items():
+    register_pipeline(_name, _passes)

@@ -1,4 +1,4 @@
-"""Fold eval-mode BatchNorm into a neighbouring conv or linear layer (REWRITES.md R1, R2).
+"""Fold eval-mode BatchNorm into a neighbouring conv or linear layer (R1, R2 of `docs/rewrites.md`).
 
 An eval-mode BN is a per-channel affine map: `BN(x) = t x + u` with `t = γ / sqrt(σ² + ε)` and
 `u = β - μ t` (γ = 1, β = 0 without affine), using the BN's own ε.
@@ -11,22 +11,28 @@ An eval-mode BN is a per-channel affine map: `BN(x) = t x + u` with `t = γ / sq
         zero-pad: the border would see BN(0) = u after folding instead of 0. Reflect, replicate
         and circular padding copy values within a channel, so they commute with BN and are exact.
 
-One pass, `fold_bn`, holds both rule families; R1 rules come first, so a BN between two convs folds
-into the one before it (always exact). Layers and BNs are modules (`nn.Conv2d`, `nn.BatchNorm2d`)
-or functional calls (`F.conv2d`, `F.batch_norm`) on `get_attr` constants; functional weights are
-replaced by new constants, never written in place, so a constant read elsewhere keeps its value.
-The algebra runs in float64 (`archc.weight_algebra`) and is cast back; a layer without bias gains
-one. Nothing is folded through a non-linearity, into a module used twice, or across a tensor with
+One pass, `fold_bn`, holds both rule families and a third, `layer_affine`: a constant
+per-channel scale after a conv or linear (a layer scale, an averaging `/ 2`) folds in like R1.
+R1 rules come first, so a BN between two convs folds into the one before it (always exact).
+Layers and BNs are modules (`nn.Conv2d`, `nn.BatchNorm2d`) or functional calls (`F.conv2d`,
+`F.batch_norm`) on `get_attr` constants; functional weights are replaced by new constants, never
+written in place, so a constant read elsewhere keeps its value.
+The per-channel factors (t, u) are computed in float64; the weights are rewritten in their own
+dtype or float32, whichever is wider (`archc.weight_algebra`): float64 when the pipeline works on
+a float64 copy (verification on), float32 otherwise, one rounding of t and of each product, and
+a half-precision layer is folded in float32 and cast back. A layer without bias gains one.
+Nothing is folded through a non-linearity, into a module used twice, or across a tensor with
 other users (R12).
 
 BN normalizes dim 1, a Linear mixes the last dim, a conv's channel dim is 1 only when batched: the
-ranks are read from shape propagation on the context's example inputs. Without inputs, a Linear/BN
-pair is refused and a conv is taken as batched when the BN has the conv's spatial dimensionality.
+ranks are read from the recorded shapes (`archc.shapes`). Without them, a Linear/BN pair is
+refused and a conv is taken as batched when the BN has the conv's spatial dimensionality.
+
+A refusal reason starts with one of the constants below or of `archc.legality`.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,33 +42,31 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from archc import weight_algebra as wa
-from archc.pipeline import PassContext, PassResult, Refusal, register_pass
-from archc.rules import (
-    Match,
-    Op,
-    Rule,
-    apply_rules,
+from archc.graph import (
     arg,
+    attribute,
     bypass,
     called_once,
     describe,
     has_other_users,
-    node_shape,
-    propagate_shapes,
     set_arg,
     set_weights,
+    unique_name,
 )
+from archc.legality import (
+    NO_RUNNING_STATS,
+    OTHER_USERS,
+    SHARED_MODULE,
+    SUBCLASS,
+    TRAINING,
+)
+from archc.linear_chains import ChannelAffine, LinearNode, LinearReader
+from archc.pipeline import PassContext, PassResult, register_pass
+from archc.rules import Match, Op, Refuse, Rule, apply_rules
+from archc.shapes import node_shape
 
-TRAINING = "BN is in training mode: it normalizes with batch statistics"
-NO_RUNNING_STATS = ("BN has no running statistics (track_running_stats=False): it always uses "
-                    "batch statistics")
-SUBCLASS = ("a subclass of a torch conv/linear/BN type (its forward may differ, e.g. weight "
-            "standardization): the fold algebra is not known to apply")
-SHARED_MODULE = ("the conv/linear module is used more than once (called elsewhere or its weights "
-                 "read): folding would change its other uses")
 NOT_CONSTANT = ("a functional weight or BN statistic is computed in the graph, not a get_attr "
                 "constant")
-OTHER_USERS = "the intermediate tensor has other users: they need the unfolded value"
 CHANNEL_MISMATCH = "channel mismatch: the BN's num_features differs from the conv/linear channels"
 PADDING = ("conv pads its input: the border would see BN(0) instead of 0 after folding; move the "
            "padding upstream (not supported)")
@@ -140,17 +144,9 @@ def _constants(gm: GraphModule, args: list) -> list[Tensor | None] | None:
         if node is not None:
             if not isinstance(node, Node) or node.op != "get_attr":
                 return None
-            value = operator.attrgetter(node.target)(gm)
+            value = attribute(gm, node.target)
         values.append(value)
     return values
-
-
-def _fresh_name(gm: GraphModule, base: str) -> str:
-    name, index = base, 0
-    while hasattr(gm, name):
-        index += 1
-        name = f"{base}_{index}"
-    return name
 
 
 def _layer(gm: GraphModule, node: Node) -> _Layer:
@@ -177,7 +173,7 @@ def _layer(gm: GraphModule, node: Node) -> _Layer:
 
     def replace(new_weight: Tensor, new_bias: Tensor) -> None:
         for position, keyword, value in ((1, "weight", new_weight), (2, "bias", new_bias)):
-            name = _fresh_name(gm, f"{node.name}_{keyword}")
+            name = unique_name(gm, f"{node.name}_{keyword}")
             if isinstance(weight, nn.Parameter):
                 gm.register_parameter(name, nn.Parameter(value.to(weight), weight.requires_grad))
             else:
@@ -206,32 +202,46 @@ def _norm(gm: GraphModule, node: Node) -> _Norm:
     return _Norm(node, mean, var, weight, bias, arg(node, 7, "eps", 1e-5), None, reason)
 
 
-def _check(match: Match, layer_index: int) -> str | None:
+@dataclass(frozen=True)
+class _Fold:
+    layer: _Layer
+    norm: _Norm
+
+
+def _check(match: Match, layer_index: int) -> _Fold | Refuse:
     """Legality of folding the BN into the layer; `match.nodes[0]` produces the tensor between."""
     gm, (between, consumer) = match.gm, match.nodes
     norm, layer = _norm(gm, match.nodes[1 - layer_index]), _layer(gm, match.nodes[layer_index])
-    if norm.reason or layer.reason:
-        return norm.reason or layer.reason
-    if has_other_users(between, consumer):
-        return OTHER_USERS
-    if norm.mean.numel() != layer.channels(output=layer_index == 0):
-        return CHANNEL_MISMATCH
+    reason = norm.reason or layer.reason
+    if reason is None and has_other_users(between, consumer):
+        reason = OTHER_USERS
+    if reason is None and norm.mean.numel() != layer.channels(output=layer_index == 0):
+        reason = CHANNEL_MISMATCH
     shape = node_shape(between)
-    if layer.kind == "linear":
-        if shape is None or len(shape) != 2:
-            return LINEAR_RANK
-    elif (norm.spatial_dims not in (None, layer.weight.ndim - 2)
-          or (shape is not None and len(shape) != layer.weight.ndim)):
-        return UNBATCHED
-    return PADDING if layer_index == 1 and layer.zero_pads else None
+    if reason is None and layer.kind == "linear" and (shape is None or len(shape) != 2):
+        reason = LINEAR_RANK
+    elif reason is None and layer.kind != "linear" and (
+            norm.spatial_dims not in (None, layer.weight.ndim - 2)
+            or (shape is not None and len(shape) != layer.weight.ndim)):
+        reason = UNBATCHED
+    if reason is None and layer_index == 1 and layer.zero_pads:
+        reason = PADDING
+    return Refuse(reason) if reason else _Fold(layer, norm)
 
 
-def _fold_into_preceding(match: Match) -> str:
-    layer, norm = _layer(match.gm, match.nodes[0]), _norm(match.gm, match.nodes[1])
+def _in_algebra_dtype(layer: _Layer, norm: _Norm
+                      ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """(W, b, t, u) in the dtype the fold computes in: the layer's, at least float32."""
+    dtype = torch.promote_types(layer.weight.dtype, torch.float32)
+    t, u = (v.to(dtype) for v in norm.affine())
+    bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+    return layer.weight.detach().to(dtype), bias, t, u
+
+
+def _fold_into_preceding(match: Match, fold: _Fold) -> str:
+    layer, norm = fold.layer, fold.norm
     with torch.no_grad():
-        t, u = norm.affine()
-        weight = layer.weight.double()
-        bias = None if layer.bias is None else layer.bias.double()
+        weight, bias, t, u = _in_algebra_dtype(layer, norm)
         if layer.kind == "transpose":
             layer.replace(*wa.fold_bn_after_transpose(weight, bias, t, u, layer.groups))
         else:
@@ -240,22 +250,20 @@ def _fold_into_preceding(match: Match) -> str:
     return f"folded {describe(norm.node)} into {describe(layer.node)}"
 
 
-def _fold_into_following(match: Match) -> str:
-    norm, layer = _norm(match.gm, match.nodes[0]), _layer(match.gm, match.nodes[1])
+def _fold_into_following(match: Match, fold: _Fold) -> str:
+    norm, layer = fold.norm, fold.layer
     with torch.no_grad():
-        t, u = norm.affine()
-        weight = layer.weight.double()
-        bias = None if layer.bias is None else layer.bias.double()
+        weight, bias, t, u = _in_algebra_dtype(layer, norm)
         layer.replace(*wa.fold_bn_before(weight, bias, t, u, layer.groups))
     bypass(match.gm, norm.node, norm.node.args[0])
     return f"folded {describe(norm.node)} into the following {describe(layer.node)}"
 
 
-def _before(match: Match) -> str | None:
+def _before(match: Match) -> _Fold | Refuse:
     return _check(match, 0)
 
 
-def _after(match: Match) -> str | None:
+def _after(match: Match) -> _Fold | Refuse:
     return _check(match, 1)
 
 
@@ -265,7 +273,7 @@ _CONV = Op(modules=_CONVS, functions=_F_CONVS)
 _CONV_TRANSPOSE = Op(modules=_CONV_TRANSPOSES, functions=_F_CONV_TRANSPOSES)
 _LINEAR = Op(modules=(nn.Linear,), functions=(F.linear,))
 
-RULES = (
+FOLD_RULES = (
     # R1  BN(conv(x)) -> conv'(x)
     Rule("conv_bn", (_CONV, _BN), _before, _fold_into_preceding, "BN(W*x+b) = (tW)*x + (tb+u)"),
     Rule("linear_bn", (_LINEAR, _BN1D), _before, _fold_into_preceding, "BN(Wx+b) = (tW)x + (tb+u)"),
@@ -277,14 +285,83 @@ RULES = (
 )
 
 
+def _without_neighbour(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
+    """A BN that no fold rule matches: no conv/linear feeds it or reads it."""
+    if not _BN.matches(gm, node):
+        return None
+    anchors = [node, *node.users]
+    if any(rule.match(gm, anchor) for rule in FOLD_RULES for anchor in anchors):
+        return None
+    return (node,)
+
+
+def _scaled_layer(gm: GraphModule, node: Node, reader: LinearReader
+                  ) -> tuple[Node, ...] | None:
+    """`layer(x) * c`, `layer(x) / c`, `-layer(x)` with constant c (a scalar or one value per
+    output channel: a layer scale, an averaging `/ 2`): (layer, node). A constant *shift* stays:
+    it is how a graph pads with a value (`pad(y - v) + v`, DBB's BN-and-pad), which sequential
+    merging composes whole."""
+    if node.op not in ("call_function", "call_method") or _BN.matches(gm, node):
+        return None
+    op = reader.op(node)
+    if not isinstance(op, LinearNode) or not op.steps or not all(
+            isinstance(step, ChannelAffine) and not bool(step.shift.any()) for step in op.steps):
+        return None
+    layer = op.input
+    if not (_CONV.matches(gm, layer) or _LINEAR.matches(gm, layer)) or layer.op != "call_module":
+        return None
+    return (layer, node)
+
+
+@dataclass(frozen=True)
+class _Scale:
+    layer: _Layer
+    scale: Tensor  # per output channel (float64)
+    shift: Tensor
+
+
+def _check_scale(match: Match) -> _Scale | Refuse:
+    gm, (layer_node, node) = match.gm, match.nodes
+    layer = _layer(gm, layer_node)
+    if layer.reason:
+        return Refuse(layer.reason)
+    if has_other_users(layer_node, node):
+        return Refuse(OTHER_USERS)
+    channels = layer.channels(output=True)
+    scale = torch.ones(channels, dtype=torch.float64)
+    shift = torch.zeros(channels, dtype=torch.float64)
+    for step in match.memo.op(node).steps:  # t2 (t1 y + u1) + u2
+        step_scale, step_shift = (v.expand(channels) if v.ndim == 0 else v
+                                  for v in (step.scale, step.shift))
+        if step_scale.shape != (channels,) or step_shift.shape != (channels,):
+            return Refuse(CHANNEL_MISMATCH)
+        scale, shift = step_scale * scale, step_scale * shift + step_shift
+    return _Scale(layer, scale, shift)
+
+
+def _fold_scale(match: Match, plan: _Scale) -> str:
+    layer, node = plan.layer, match.nodes[1]
+    with torch.no_grad():
+        dtype = torch.promote_types(layer.weight.dtype, torch.float32)
+        bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+        layer.replace(*wa.fold_bn_after(layer.weight.detach().to(dtype), bias,
+                                        plan.scale.to(dtype), plan.shift.to(dtype)))
+    bypass(match.gm, node, layer.node)
+    return f"folded the constant affine {describe(node)} into {describe(layer.node)}"
+
+
+RULES = (
+    *FOLD_RULES,
+    # c (W x + b) -> (c W) x + c b   (a constant scale after a layer)
+    Rule("layer_affine", _scaled_layer, _check_scale, _fold_scale,
+         "t (W x + b) = (t W) x + t b"),
+    # BN between other ops: no fold applies (reported so --explain names every BN left)
+    Rule("fold_bn", _without_neighbour, lambda match: Refuse(NO_NEIGHBOUR), None,
+         "no identity: BN(x) stays an affine map"),
+)
+
+
 @register_pass("fold_bn", "fold eval-mode BatchNorm into the conv/linear before (R1) or after (R2)",
                True)
 def fold_bn(gm: GraphModule, ctx: PassContext) -> PassResult:
-    if any(rule.match(gm, node) for node in gm.graph.nodes for rule in RULES):
-        propagate_shapes(gm, ctx.inputs(gm))  # ranks decide whether BN and layer channels agree
-    result = apply_rules(gm, RULES)
-    refused = {name for refusal in result.report.refusals for name in refusal.nodes}
-    for node in gm.graph.nodes:
-        if _BN.matches(gm, node) and describe(node) not in refused:
-            result.report.refusals.append(Refusal("fold_bn", (describe(node),), NO_NEIGHBOUR))
-    return result
+    return apply_rules(gm, RULES, memo=LinearReader)

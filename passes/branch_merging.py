@@ -1,10 +1,12 @@
-"""Merge parallel linear branches on one input into one conv (REWRITES.md R3, R4, R5, R9, R10).
+"""Merge parallel linear branches on one input into one conv (R3, R4, R5, R9, R10 of
+`docs/rewrites.md`).
 
-Found from the graph, not from module names: a tree of adds (`+`, `-`, `torch.add(..., alpha=a)`,
-`sum([...])`) or a `torch.cat(..., dim=1)` whose operands are, per branch, a chain of linear ops
-on one shared input tensor. Each chain is composed into `conv_j(pad_j(x))` with the algebra of
-`passes.sequential_merging` (convs, eval BN, constant scales and biases, zero/constant pads,
-average pooling, 1x1 -> KxK via R6), then:
+    parallel_sum  Σ_j c_j branch_j(x)  = conv'(x)     a tree of adds: `+`, `-`, `torch.add(alpha=)`
+    parallel_cat  cat_j branch_j(x)    = conv'(x)     `torch.cat(..., dim=1)`
+
+Found from the graph, not from module names: every operand is a chain of linear ops on one
+shared input tensor, composed by `archc.linear_chains` into `conv_j(pad_j(x))` (convs, eval BN,
+constant scales and biases, zero/constant pads, average pooling, 1x1 -> KxK), then:
 
     R3  x             = W_id ⋆ x,  W_id[i, i mod C/g, centre] = 1   (C_in = C_out, stride 1)
     R4  W_k ⋆ x (pad p_K - d (K - k) / 2) = pad(W_k, (K - k) / 2 per side) ⋆ x (pad p_K)
@@ -15,19 +17,19 @@ average pooling, 1x1 -> KxK via R6), then:
 
 Alignment: the same stride; kernels larger than 1 on an axis share one dilation (a 1-wide kernel
 has none); K - k even; symmetric padding `p_k = p_K - d (K - k) / 2` per axis. Groups: the merged
-conv takes the gcd of the branches' groups and block-diagonalises the others (`grouped_to_dense`);
-a cost rule decides: merge only if the merged conv needs no more multiply-adds per output pixel
-than the branches and the adds it replaces, and every decision is reported with both numbers.
+conv takes the gcd of the branches' groups and block-diagonalises the others; a cost rule
+decides: merge only if the merged conv needs no more multiply-adds per output pixel than the
+branches and the adds it replaces, and every decision is reported with both numbers.
 
 Branches that read the same input tensor merge even when others do not (the rest of the sum
 stays), and when a sum of three or more cannot merge as a whole, the cheapest branch whose
 removal lets the rest merge stays apart (a dilated DBB's avg-pool branch). A branch whose chain
 reaches the input only through a tensor with other users, or through a non-linear op, does not
-merge. A sum followed by a BN becomes a conv followed by a BN, which
-the next `fold_bn` folds (R1). The pass sweeps until nothing merges, so a merged inner sum can
-merge into an outer one.
+merge. A sum followed by a BN becomes a conv followed by a BN, which the next `fold_bn` folds
+(R1); a merged inner sum can merge into an outer one in a later sweep.
 
-A refusal reason starts with one of the constants below; details may follow after ": ".
+A refusal reason starts with one of the constants below, of `archc.linear_chains` or of
+`archc.legality`; details may follow after ": ".
 """
 
 from __future__ import annotations
@@ -41,21 +43,25 @@ import torch
 from torch.fx import GraphModule, Node
 
 from archc import weight_algebra as wa
-from archc.pipeline import PassContext, PassReport, PassResult, Refusal, op_kind, register_pass
-from archc.rules import describe, node_shape
-from passes import sequential_merging as seq
-from passes.sequential_merging import (
-    Analysis,
-    Conv,
-    Linear,
+from archc.graph import describe, erase_unused, op_kind, source_dtype, unique_name
+from archc.legality import OTHER_USERS, SHAPES_UNKNOWN
+from archc.linear_chains import (
+    ADD_TARGETS,
+    SUB_TARGETS,
+    ComposedConv,
+    LinearNode,
+    LinearReader,
     NotLinear,
+    Step,
     Unmergeable,
+    UnpaddedConv,
     conv_label,
     conv_module,
-    erase_chain,
-    model_dtype,
-    propagate_shapes,
+    dtype_at,
 )
+from archc.pipeline import PassContext, PassResult, register_pass
+from archc.rules import Done, Match, Partial, Refuse, Rule, apply_rules
+from archc.shapes import node_shape
 
 DIFFERENT_INPUTS = "branches read different inputs"
 STRIDE_MISMATCH = "stride mismatch between branches"
@@ -67,18 +73,11 @@ GROUPS_MISMATCH = ("groups mismatch: densifying the grouped branches to block-di
                    "more multiply-adds than the branches")
 MERGE_COST = "cost rule: the merged conv needs more multiply-adds than the branches"
 NONLINEAR = "branch contains a non-linear op (or one that is not a mergeable linear op)"
-OTHER_USERS = "a branch tensor has other users: they need the unmerged value"
 IDENTITY_MISMATCH = "identity branch needs C_in = C_out and stride 1 (channel or stride mismatch)"
 BROADCAST = "branch outputs differ in shape: the sum broadcasts"
-# Reasons found while reading a branch's ops (shared with sequential merging).
-SHARED_MODULE = seq.SHARED_MODULE
-AVG_POOL = seq.AVG_POOL
-TRAINING = seq.TRAINING
-BORDER = seq.BORDER
-SHAPES_UNKNOWN = seq.SHAPES_UNKNOWN
 
-MAX_SWEEPS = 100
 
+# ---- reading sums, cats and branches ----
 
 @dataclass(frozen=True, eq=False)
 class _Branch:
@@ -89,7 +88,7 @@ class _Branch:
     leaf: Node
     coefficient: float
     nodes: tuple[Node, ...]  # leaf first
-    ops: tuple[seq.LinearOp, ...]
+    ops: tuple[LinearNode, ...]
     stop: Node
     stop_reason: str | None
     split: int
@@ -106,17 +105,18 @@ class _Branch:
     def segment(self) -> tuple[Node, ...]:
         return self.nodes[:self.split]
 
-    def elements(self) -> list[seq.Element]:
-        return [e for op in reversed(self.ops[:self.split]) for e in op.elements]
+    def steps(self) -> list[Step]:
+        return [step for op in reversed(self.ops[:self.split]) for step in op.steps]
 
 
-def _branch(analysis: Analysis, leaf: Node, coefficient: float, consumers: set[Node]) -> _Branch:
+def _branch(reader: LinearReader, leaf: Node, coefficient: float, consumers: set[Node]
+            ) -> _Branch:
     nodes: list[Node] = []
-    ops: list[seq.LinearOp] = []
+    ops: list[LinearNode] = []
     split = None
     node, downstream = leaf, consumers
     while True:
-        op = analysis.op(node)
+        op = reader.op(node)
         private = bool(node.users) and set(node.users) <= downstream
         if split is None and (not private or isinstance(op, NotLinear)):
             split = len(nodes)
@@ -127,11 +127,11 @@ def _branch(analysis: Analysis, leaf: Node, coefficient: float, consumers: set[N
         node, downstream = op.input, {node}
 
 
-def _sum_operands(analysis: Analysis, node: Node) -> list[tuple[Node, float]] | None:
+def _sum_operands(reader: LinearReader, node: Node) -> list[tuple[Node, float]] | None:
     """`[(a, 1), (b, ±alpha)]` for `a + alpha b` / `a - alpha b` of two non-constant tensors."""
     if node.op not in ("call_function", "call_method"):
         return None
-    if node.target not in seq.ADD_TARGETS | seq.SUB_TARGETS:
+    if node.target not in ADD_TARGETS | SUB_TARGETS:
         return None
     if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
         return None
@@ -139,27 +139,28 @@ def _sum_operands(analysis: Analysis, node: Node) -> list[tuple[Node, float]] | 
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         return None
     a, b = node.args
-    if not (analysis.is_tensor(a) and analysis.is_tensor(b)):
+    if not (reader.is_tensor(a) and reader.is_tensor(b)):
         return None
-    return [(a, 1.0), (b, (-alpha if node.target in seq.SUB_TARGETS else alpha) * 1.0)]
+    return [(a, 1.0), (b, (-alpha if node.target in SUB_TARGETS else alpha) * 1.0)]
 
 
-def _is_sum_root(analysis: Analysis, node: Node) -> bool:
-    if _sum_operands(analysis, node) is None:
-        return False
+def _sum_root(gm: GraphModule, node: Node, reader: LinearReader) -> tuple[Node, ...] | None:
+    """`(node,)` if `node` is the outermost add of a sum tree."""
+    if _sum_operands(reader, node) is None:
+        return None
     user = next(iter(node.users)) if len(node.users) == 1 else None
-    return user is None or _sum_operands(analysis, user) is None
+    return (node,) if user is None or _sum_operands(reader, user) is None else None
 
 
-def _sum_tree(analysis: Analysis, root: Node) -> tuple[list[Node], dict[Node, float]]:
+def _sum_tree(reader: LinearReader, root: Node) -> tuple[list[Node], dict[Node, float]]:
     """The add nodes of the tree under `root` (parents first) and its leaves with coefficients."""
     adds: list[Node] = []
     leaves: dict[Node, float] = {}
 
     def visit(node: Node, coefficient: float) -> None:
         adds.append(node)
-        for operand, sign in _sum_operands(analysis, node):
-            if _sum_operands(analysis, operand) is not None and len(operand.users) == 1:
+        for operand, sign in _sum_operands(reader, node):
+            if _sum_operands(reader, operand) is not None and len(operand.users) == 1:
                 visit(operand, coefficient * sign)
             else:
                 leaves[operand] = leaves.get(operand, 0.0) + coefficient * sign
@@ -168,7 +169,7 @@ def _sum_tree(analysis: Analysis, root: Node) -> tuple[list[Node], dict[Node, fl
     return list(dict.fromkeys(adds)), leaves
 
 
-def _cat_operands(analysis: Analysis, node: Node) -> list[Node] | None:
+def _cat_operands(reader: LinearReader, node: Node) -> list[Node] | None:
     """The tensors of `torch.cat(tensors, dim=1)`."""
     if node.op != "call_function" or node.target is not torch.cat or not node.args:
         return None
@@ -179,13 +180,19 @@ def _cat_operands(analysis: Analysis, node: Node) -> list[Node] | None:
     if dim != 1 and not (shape is not None and dim == 1 - len(shape)):
         return None
     tensors = node.args[0]
-    if not isinstance(tensors, (list, tuple)) or not all(map(analysis.is_tensor, tensors)):
+    if not isinstance(tensors, (list, tuple)) or not all(map(reader.is_tensor, tensors)):
         return None
     return list(tensors)
 
 
+def _cat_node(gm: GraphModule, node: Node, reader: LinearReader) -> tuple[Node, ...] | None:
+    return (node,) if _cat_operands(reader, node) is not None else None
+
+
+# ---- planning a merge ----
+
 @dataclass(frozen=True)
-class _Plan:
+class _Geometry:
     """The merged conv's geometry."""
 
     kernel: tuple[int, ...]
@@ -195,7 +202,7 @@ class _Plan:
     groups: int
 
 
-def _align(states: Sequence[Linear], concat: bool) -> _Plan:
+def _align(states: Sequence[ComposedConv], concat: bool) -> _Geometry:
     """The conv every branch embeds into (R3, R4), or `Unmergeable`."""
     n = states[0].spatial_dims
     convs = [s.conv for s in states if s.conv is not None]
@@ -226,28 +233,29 @@ def _align(states: Sequence[Linear], concat: bool) -> _Plan:
         dilation.append(d)
         padding.append(pad)
     groups = 1 if concat else math.gcd(*[c.groups for c in convs]) if convs else in_channels
-    return _Plan(tuple(kernel), stride, tuple(dilation), tuple(padding), groups)
+    return _Geometry(tuple(kernel), stride, tuple(dilation), tuple(padding), groups)
 
 
-def _plan(states: Sequence[Linear], coefficients: Sequence[float], concat: bool
-          ) -> tuple[_Plan, Conv, str]:
+def _plan(states: Sequence[ComposedConv], coefficients: Sequence[float], concat: bool
+          ) -> tuple[_Geometry, UnpaddedConv, str]:
     """The merged conv and the cost decision (`; merged .. vs unmerged ..`), or `Unmergeable`."""
-    plan = _align(states, concat)
-    conv = _merged_conv(plan, states, coefficients, concat)
+    geometry = _align(states, concat)
+    conv = _merged_conv(geometry, states, coefficients, concat)
     adds = 0 if concat else (len(states) - 1) * conv.weight.shape[0]
     merged, unmerged = conv.weight.numel(), sum(s.macs() for s in states) + adds
     numbers = f"merged {merged} vs unmerged {unmerged} MACs per output pixel"
     densified = sorted({s.conv.groups for s in states
-                        if s.conv is not None and not _diagonal(s)} - {plan.groups})
+                        if s.conv is not None and not _diagonal(s)} - {geometry.groups})
     if merged > unmerged:
         raise Unmergeable(f"{GROUPS_MISMATCH if densified else MERGE_COST}: {numbers}")
     if densified:
-        numbers = f"groups {'/'.join(map(str, densified))} densified to {plan.groups}; {numbers}"
-    return plan, conv, f"; {numbers}"
+        groups = "/".join(map(str, densified))
+        numbers = f"groups {groups} densified to {geometry.groups}; {numbers}"
+    return geometry, conv, f"; {numbers}"
 
 
-def _leave_one_out(states: Sequence[Linear], coefficients: Sequence[float]
-                   ) -> tuple[int, tuple[_Plan, Conv, str]] | None:
+def _leave_one_out(states: Sequence[ComposedConv], coefficients: Sequence[float]
+                   ) -> tuple[int, tuple[_Geometry, UnpaddedConv, str]] | None:
     """The sum without one branch (the cheapest that works), when the whole one cannot merge:
     e.g. DBB's avg-pool branch at dilation 2 stays apart, the other five merge."""
     if len(states) < 3:
@@ -261,235 +269,261 @@ def _leave_one_out(states: Sequence[Linear], coefficients: Sequence[float]
     return None
 
 
-def _diagonal(state: Linear) -> bool:
+def _diagonal(state: ComposedConv) -> bool:
     """A per-channel affine of the input (BN-only identity, scale): any groups hold it for free."""
     conv = state.conv
     return conv.pointwise and conv.groups == state.in_channels == state.out_channels
 
 
-def _merged_conv(plan: _Plan, states: Sequence[Linear], coefficients: Sequence[float],
-                 concat: bool) -> Conv:
+def _merged_conv(geometry: _Geometry, states: Sequence[ComposedConv],
+                 coefficients: Sequence[float], concat: bool) -> UnpaddedConv:
     """R3/R4/R9/scale on every branch, then R5 (sum) or R10 (cat), in float64."""
     parts = []
     for state, coefficient in zip(states, coefficients):
         if state.conv is None:
             channels = state.in_channels
-            weight = wa.identity_kernel(channels, plan.groups, plan.kernel, torch.float64)
+            weight = wa.identity_kernel(channels, geometry.groups, geometry.kernel, torch.float64)
             bias = weight.new_zeros(channels)
         else:
-            dense = wa.grouped_to_dense(state.conv.weight, state.conv.groups, plan.groups)
-            weight, bias = wa.pad_kernel(dense, plan.kernel), state.conv.bias
+            dense = wa.grouped_to_dense(state.conv.weight, state.conv.groups, geometry.groups)
+            weight, bias = wa.pad_kernel(dense, geometry.kernel), state.conv.bias
         if coefficient != 1:
             weight, bias = wa.scale_branch(weight, bias, coefficient)
         parts.append((weight, bias))
     weight, bias = wa.concat_convs(parts) if concat else wa.sum_branches(parts)
-    return Conv(weight, bias, plan.stride, plan.dilation, plan.groups)
+    return UnpaddedConv(weight, bias, geometry.stride, geometry.dilation, geometry.groups)
 
 
-class _Merger:
-    """One sweep over the sums and cats of a graph."""
+@dataclass(frozen=True)
+class _GroupMerge:
+    """Branches of one input that become one conv: what the rewrite inserts."""
 
-    def __init__(self, gm: GraphModule, rewrites: list[str]):
-        self.gm = gm
-        self.analysis = Analysis(gm)
-        self.rewrites = rewrites
-        self.refusals: list[Refusal] = []
-        self.order = {node: index for index, node in enumerate(gm.graph.nodes)}
-
-    def refuse(self, rule: str, nodes: Sequence[Node], reason: str) -> None:
-        self.refusals.append(Refusal(rule, tuple(map(describe, nodes)), reason))
-
-    # -- sums --
-
-    def merge_sum(self, root: Node) -> bool:
-        adds, leaves = _sum_tree(self.analysis, root)
-        branches = [_branch(self.analysis, leaf, coefficient, set(adds))
-                    for leaf, coefficient in leaves.items()]
-        shape = node_shape(root)
-        merged: dict[Node, tuple[Node, list[_Branch]]] = {}  # input -> (new node, its branches)
-        for group in self._groups(branches).values():
-            if len(group) < 2:
-                continue
-            same = [b for b in group if shape is None or node_shape(b.leaf) in (None, shape)]
-            for branch in group:
-                if branch not in same:
-                    self.refuse("parallel_sum", (branch.leaf, root), BROADCAST)
-            result = self._merge_group(same, root, "parallel_sum")
-            if result is not None:
-                merged[group[0].input] = result
-        self._explain_apart(branches, root, "parallel_sum")
-        if not merged:
-            return False
-        terms: list[tuple[Node, float]] = []
-        for branch in branches:
-            new, members = merged.get(branch.input, (None, []))
-            if branch not in members:
-                terms.append((branch.leaf, branch.coefficient))
-            elif branch is members[0]:
-                terms.append((new, 1.0))
-        with self.gm.graph.inserting_before(root):
-            total = _build_sum(self.gm, terms)
-        root.replace_all_uses_with(total)
-        segments = [n for _, members in merged.values() for b in members for n in b.segment]
-        erase_chain(self.gm, [*adds, *segments], self.analysis)
-        return True
-
-    # -- cats --
-
-    def merge_cat(self, cat: Node, tensors: list[Node]) -> bool:
-        branches = [_branch(self.analysis, leaf, 1.0, {cat}) for leaf in tensors]
-        runs: list[list[_Branch]] = []
-        for branch in branches:  # contiguous runs on one input
-            if runs and runs[-1][0].input is branch.input:
-                runs[-1].append(branch)
-            else:
-                runs.append([branch])
-        new_tensors, erased = [], []
-        for run in runs:
-            result = self._merge_group(run, cat, "parallel_cat") if len(run) > 1 else None
-            members = [] if result is None else result[1]
-            for branch in run:
-                if branch not in members:
-                    new_tensors.append(branch.leaf)
-                elif branch is members[0]:
-                    new_tensors.append(result[0])
-            erased += [n for b in members for n in b.segment]
-        self._explain_apart(branches, cat, "parallel_cat")
-        if len(new_tensors) == len(tensors):
-            return False
-        if len(new_tensors) == 1:  # cat of one tensor: the tensor
-            cat.replace_all_uses_with(new_tensors[0])
-            erased.insert(0, cat)
-        else:
-            cat.update_arg(0, new_tensors)
-        erase_chain(self.gm, erased, self.analysis)
-        return True
-
-    # -- shared --
-
-    def _groups(self, branches: Sequence[_Branch]) -> dict[Node, list[_Branch]]:
-        groups: dict[Node, list[_Branch]] = {}
-        for branch in branches:
-            groups.setdefault(branch.input, []).append(branch)
-        return groups
-
-    def _start(self, branches: Sequence[_Branch]) -> Linear:
-        """The identity on the branches' input: channels and rank from its shape, else from the
-        first conv in a branch."""
-        source = branches[0].input
-        dtype = model_dtype(self.gm, source)
-        shape = node_shape(source)
-        if shape is not None:
-            if len(shape) < 3:
-                raise Unmergeable(SHAPES_UNKNOWN)
-            return Linear.identity(shape[1], len(shape) - 2, dtype)
-        for element in (e for b in branches for e in b.elements()):
-            if isinstance(element, Conv):
-                channels = element.weight.shape[1] * element.groups
-                return Linear.identity(channels, element.weight.ndim - 2, dtype)
-        raise Unmergeable(SHAPES_UNKNOWN)
-
-    def _merge_group(self, group: list[_Branch], anchor: Node, rule: str
-                     ) -> tuple[Node, list[_Branch]] | None:
-        """Merge the branches of `group` (one input) into a new conv node before `anchor`."""
-        concat = rule == "parallel_cat"
-        try:
-            start = self._start(group)
-        except Unmergeable as refusal:
-            self.refuse(rule, [b.leaf for b in group] + [anchor], refusal.reason)
-            return None
-        members, states = [], []
-        for branch in group:
-            try:
-                states.append(start.then_all(branch.elements()))
-                members.append(branch)
-            except Unmergeable as refusal:
-                self.refuse(rule, (branch.leaf, anchor), refusal.reason)
-        if len(members) < 2:
-            return None
-        try:
-            plan, conv, note = _plan(states, [b.coefficient for b in members], concat)
-        except Unmergeable as refusal:
-            kept = None if concat else _leave_one_out(states, [b.coefficient for b in members])
-            if kept is None:
-                self.refuse(rule, [b.leaf for b in members] + [anchor], refusal.reason)
-                return None
-            index, (plan, conv, note) = kept
-            self.refuse(rule, (members[index].leaf, anchor), refusal.reason)
-            del members[index], states[index]
-        name = self._module_name(members)
-        modules = [self.gm.get_submodule(n.target) for b in members for n in b.segment
-                   if n.op == "call_module"]
-        like = next((p for m in modules for p in m.parameters()), None)
-        state = Linear(start.in_channels, tuple((p, p) for p in plan.padding), conv, start.dtype)
-        self.gm.add_submodule(name, conv_module(state, like))
-        with self.gm.graph.inserting_before(anchor):
-            new = self.gm.graph.call_module(name, (members[0].input,))
-        self.rewrites.append(
-            f"merged {len(members)} branches ({', '.join(describe(b.leaf) for b in members)}) "
-            f"of {describe(members[0].input)} into {name} ({conv_label(conv, plan.padding)}"
-            f"{note})")
-        return new, members
-
-    def _module_name(self, members: Sequence[_Branch]) -> str:
-        """`<common parent of the branch modules>.merged`, made unique."""
-        parents = [n.target.split(".")[:-1] for b in members for n in b.segment
-                   if n.op == "call_module"]
-        prefix = []
-        for parts in zip(*parents) if parents else ():
-            if len(set(parts)) > 1:
-                break
-            prefix.append(parts[0])
-        base = ".".join([*prefix, "merged"])
-        name, index = base, 0
-        while _exists(self.gm, name):
-            index += 1
-            name = f"{base}_{index}"
-        return name
-
-    def _explain_apart(self, branches: Sequence[_Branch], anchor: Node, rule: str) -> None:
-        """Why branches that read other tensors than the largest group stay apart (--explain)."""
-        groups = self._groups(branches)
-        if len(groups) < 2:
-            return
-        main = max(groups, key=lambda n: (len(groups[n]), -self.order.get(n, len(self.order))))
-        for branch in branches:
-            if branch.input is not main:
-                self.refuse(rule, (branch.leaf, anchor), self._why_apart(branch, main))
-
-    def _why_apart(self, branch: _Branch, main: Node) -> str:
-        if main in branch.path:
-            return OTHER_USERS
-        if not self._reaches(branch.stop, main):
-            return DIFFERENT_INPUTS
-        if branch.stop_reason:
-            return branch.stop_reason
-        stop = branch.stop
-        if _sum_operands(self.analysis, stop) is not None or _cat_operands(self.analysis, stop):
-            return f"{NONLINEAR}: it joins other tensors at {describe(stop)}"
-        return f"{NONLINEAR}: {op_kind(self.gm, stop)} at {describe(stop)}"
-
-    def _reaches(self, node: Node, ancestor: Node) -> bool:
-        """Whether `ancestor` is an input of `node`, directly or not."""
-        limit = self.order.get(ancestor, -1)
-        seen, pending = set(), [node]
-        while pending:
-            current = pending.pop()
-            if current is ancestor:
-                return True
-            for source in current.all_input_nodes:
-                if source not in seen and self.order.get(source, len(self.order)) >= limit:
-                    seen.add(source)
-                    pending.append(source)
-        return False
+    members: tuple[_Branch, ...]
+    state: ComposedConv  # the merged conv on the input, padding included
+    description: str
 
 
-def _exists(gm: GraphModule, name: str) -> bool:
+def _identity_on(gm: GraphModule, branches: Sequence[_Branch]) -> ComposedConv:
+    """The identity on the branches' input: channels and rank from its shape, else from the
+    first conv in a branch."""
+    source = branches[0].input
+    dtype, rounding = dtype_at(gm, source), source_dtype(gm)
+    shape = node_shape(source)
+    if shape is not None:
+        if len(shape) < 2:
+            raise Unmergeable(SHAPES_UNKNOWN)
+        return ComposedConv.identity(shape[1], len(shape) - 2, dtype, rounding)
+    for step in (s for b in branches for s in b.steps()):
+        if isinstance(step, UnpaddedConv):
+            channels = step.weight.shape[1] * step.groups
+            return ComposedConv.identity(channels, step.weight.ndim - 2, dtype, rounding)
+    raise Unmergeable(SHAPES_UNKNOWN)
+
+
+def _plan_group(gm: GraphModule, group: list[_Branch], anchor: Node, concat: bool
+                ) -> tuple[_GroupMerge | None, list[Refuse]]:
+    """How the branches of `group` (one input) merge, and what stays apart and why."""
+    refusals: list[Refuse] = []
     try:
-        operator.attrgetter(name)(gm)
-    except AttributeError:
-        return False
-    return True
+        start = _identity_on(gm, group)
+    except Unmergeable as refusal:
+        return None, [Refuse(refusal.reason, (*[b.leaf for b in group], anchor))]
+    members, states = [], []
+    for branch in group:
+        try:
+            states.append(start.then_all(branch.steps()))
+            members.append(branch)
+        except Unmergeable as refusal:
+            refusals.append(Refuse(refusal.reason, (branch.leaf, anchor)))
+    if len(members) < 2:
+        return None, refusals
+    try:
+        geometry, conv, note = _plan(states, [b.coefficient for b in members], concat)
+    except Unmergeable as refusal:
+        kept = None if concat else _leave_one_out(states, [b.coefficient for b in members])
+        if kept is None:
+            return None, [*refusals, Refuse(refusal.reason, (*[b.leaf for b in members], anchor))]
+        index, (geometry, conv, note) = kept
+        refusals.append(Refuse(refusal.reason, (members[index].leaf, anchor)))
+        del members[index], states[index]
+    rounded = any(s.rounded for s in states)
+    state = ComposedConv(start.in_channels, tuple((p, p) for p in geometry.padding), conv,
+                         start.dtype, start.rounding, rounded=rounded)
+    if rounded:
+        dtype = str(start.rounding).removeprefix("torch.")
+        note += f"; a border bias is zero up to {dtype} rounding"
+    description = (f"{len(members)} branches ({', '.join(describe(b.leaf) for b in members)}) "
+                   f"of {describe(members[0].input)} into {{name}} "
+                   f"({conv_label(conv, geometry.padding)}{note})")
+    return _GroupMerge(tuple(members), state, description), refusals
+
+
+def _insert(gm: GraphModule, merge: _GroupMerge, anchor: Node) -> tuple[Node, Done]:
+    """Add the merged conv as a module named after the branches' common parent, called on their
+    input before `anchor`; the new node and the report line."""
+    parents = [n.target.split(".")[:-1] for b in merge.members for n in b.segment
+               if n.op == "call_module"]
+    prefix = []
+    for parts in zip(*parents) if parents else ():
+        if len(set(parts)) > 1:
+            break
+        prefix.append(parts[0])
+    name = unique_name(gm, ".".join([*prefix, "merged"]))
+    like = next((p for b in merge.members for n in b.segment if n.op == "call_module"
+                 for p in gm.get_submodule(n.target).parameters()), None)
+    gm.add_submodule(name, conv_module(merge.state, like))
+    with gm.graph.inserting_before(anchor):
+        node = gm.graph.call_module(name, (merge.members[0].input,))
+    state = merge.state
+    return node, Done("merged " + merge.description.format(name=name),
+                      state.rounding if state.rounded else None)
+
+
+def _groups(branches: Sequence[_Branch]) -> dict[Node, list[_Branch]]:
+    groups: dict[Node, list[_Branch]] = {}
+    for branch in branches:
+        groups.setdefault(branch.input, []).append(branch)
+    return groups
+
+
+def _apart(gm: GraphModule, reader: LinearReader, branches: Sequence[_Branch], anchor: Node
+           ) -> list[Refuse]:
+    """Why branches that read other tensors than the largest group stay apart (--explain)."""
+    groups = _groups(branches)
+    if len(groups) < 2:
+        return []
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    main = max(groups, key=lambda n: (len(groups[n]), -order.get(n, len(order))))
+    return [Refuse(_why_apart(gm, reader, branch, main, order), (branch.leaf, anchor))
+            for branch in branches if branch.input is not main]
+
+
+def _why_apart(gm: GraphModule, reader: LinearReader, branch: _Branch, main: Node,
+               order: dict[Node, int]) -> str:
+    if main in branch.path:
+        return OTHER_USERS
+    if not _reaches(branch.stop, main, order):
+        return DIFFERENT_INPUTS
+    if branch.stop_reason:
+        return branch.stop_reason
+    stop = branch.stop
+    if _sum_operands(reader, stop) is not None or _cat_operands(reader, stop):
+        return f"{NONLINEAR}: it joins other tensors at {describe(stop)}"
+    return f"{NONLINEAR}: {op_kind(gm, stop)} at {describe(stop)}"
+
+
+def _reaches(node: Node, ancestor: Node, order: dict[Node, int]) -> bool:
+    """Whether `ancestor` is an input of `node`, directly or not."""
+    limit = order.get(ancestor, -1)
+    seen, pending = set(), [node]
+    while pending:
+        current = pending.pop()
+        if current is ancestor:
+            return True
+        for source in current.all_input_nodes:
+            if source not in seen and order.get(source, len(order)) >= limit:
+                seen.add(source)
+                pending.append(source)
+    return False
+
+
+# ---- the rules ----
+
+@dataclass(frozen=True)
+class _SumPlan:
+    adds: list[Node]
+    branches: list[_Branch]
+    merges: list[_GroupMerge]
+
+
+def _check_sum(match: Match) -> Partial | list[Refuse]:
+    gm, reader, root = match.gm, match.memo, match.anchor
+    adds, leaves = _sum_tree(reader, root)
+    branches = [_branch(reader, leaf, coefficient, set(adds))
+                for leaf, coefficient in leaves.items()]
+    shape = node_shape(root)
+    refusals: list[Refuse] = []
+    merges: list[_GroupMerge] = []
+    for group in _groups(branches).values():
+        if len(group) < 2:
+            continue
+        same = [b for b in group if shape is None or node_shape(b.leaf) in (None, shape)]
+        refusals += [Refuse(BROADCAST, (b.leaf, root)) for b in group if b not in same]
+        merge, why = _plan_group(gm, same, root, concat=False)
+        refusals += why
+        if merge is not None:
+            merges.append(merge)
+    refusals += _apart(gm, reader, branches, root)
+    if not merges:
+        return refusals
+    return Partial(_SumPlan(adds, branches, merges), tuple(refusals))
+
+
+def _merge_sum(match: Match, plan: _SumPlan) -> list[Done]:
+    gm, root = match.gm, match.anchor
+    done, new = [], {}
+    for merge in plan.merges:
+        new[merge.members[0]], line = _insert(gm, merge, root)
+        done.append(line)
+    merged = {b for merge in plan.merges for b in merge.members}
+    terms = [(new[b], 1.0) if b in new else (b.leaf, b.coefficient)
+             for b in plan.branches if b in new or b not in merged]
+    with gm.graph.inserting_before(root):
+        total = _build_sum(gm, terms)
+    root.replace_all_uses_with(total)
+    erase_unused(gm, [*plan.adds, *(n for b in merged for n in b.segment)])
+    return done
+
+
+@dataclass(frozen=True)
+class _CatPlan:
+    tensors: list[Node | _GroupMerge]  # the new operands: kept tensors and merged runs
+
+
+def _check_cat(match: Match) -> Partial | list[Refuse]:
+    gm, reader, cat = match.gm, match.memo, match.anchor
+    branches = [_branch(reader, leaf, 1.0, {cat}) for leaf in _cat_operands(reader, cat)]
+    runs: list[list[_Branch]] = []
+    for branch in branches:  # contiguous runs on one input
+        if runs and runs[-1][0].input is branch.input:
+            runs[-1].append(branch)
+        else:
+            runs.append([branch])
+    refusals: list[Refuse] = []
+    tensors: list[Node | _GroupMerge] = []
+    for run in runs:
+        merge, why = _plan_group(gm, run, cat, concat=True) if len(run) > 1 else (None, [])
+        refusals += why
+        members = merge.members if merge is not None else ()
+        for branch in run:
+            if branch not in members:
+                tensors.append(branch.leaf)
+            elif branch is members[0]:
+                tensors.append(merge)
+    refusals += _apart(gm, reader, branches, cat)
+    if len(tensors) == len(branches):
+        return refusals
+    return Partial(_CatPlan(tensors), tuple(refusals))
+
+
+def _merge_cat(match: Match, plan: _CatPlan) -> list[Done]:
+    gm, cat = match.gm, match.anchor
+    done, tensors, segments = [], [], []
+    for item in plan.tensors:
+        if isinstance(item, _GroupMerge):
+            node, line = _insert(gm, item, cat)
+            tensors.append(node)
+            done.append(line)
+            segments += [n for b in item.members for n in b.segment]
+        else:
+            tensors.append(item)
+    if len(tensors) == 1:  # cat of one tensor: the tensor
+        cat.replace_all_uses_with(tensors[0])
+        segments.insert(0, cat)
+    else:
+        cat.update_arg(0, tensors)
+    erase_unused(gm, segments)
+    return done
 
 
 def _build_sum(gm: GraphModule, terms: Sequence[tuple[Node, float]]) -> Node:
@@ -507,38 +541,23 @@ def _build_sum(gm: GraphModule, terms: Sequence[tuple[Node, float]]) -> Node:
     return total
 
 
-def merge_branches(gm: GraphModule, inputs: tuple[torch.Tensor, ...] | None) -> PassResult:
-    """Merge parallel branches until none merges; report every merge and the final refusals."""
-    rewrites: list[str] = []
-    refusals: list[Refusal] = []
-    for _ in range(MAX_SWEEPS):
-        analysis = Analysis(gm)
-        if not any(_is_sum_root(analysis, n) or n.target is torch.cat for n in gm.graph.nodes):
-            refusals = []
-            break
-        propagate_shapes(gm, inputs)  # channels, ranks, cat dims and per-channel constants
-        merger = _Merger(gm, rewrites)
-        anchors = [n for n in gm.graph.nodes if _is_sum_root(merger.analysis, n)
-                   or _cat_operands(merger.analysis, n) is not None]
-        changed = False
-        for anchor in anchors:
-            if getattr(anchor, "_erased", False):
-                continue
-            tensors = _cat_operands(merger.analysis, anchor)
-            if tensors is not None:
-                changed |= merger.merge_cat(anchor, tensors)
-            elif _is_sum_root(merger.analysis, anchor):
-                changed |= merger.merge_sum(anchor)
-        refusals = merger.refusals
-        if not changed:
-            break
-    else:
-        raise RuntimeError("merge_parallel_branches did not reach a fixpoint")
-    return PassResult(gm, bool(rewrites), PassReport(rewrites=rewrites, refusals=refusals))
+RULES = (
+    # Σ_j c_j (W_j ⋆ x + b_j) -> (Σ_j c_j W_j) ⋆ x + Σ_j c_j b_j   (R3, R4, R9, scale, R5)
+    Rule("parallel_sum", _sum_root, _check_sum, _merge_sum,
+         "Σ_j (W_j ⋆ x + b_j) = (Σ W_j) ⋆ x + Σ b_j"),
+    # cat_j (W_j ⋆ x + b_j) -> (cat_j W_j) ⋆ x + cat_j b_j   (R10)
+    Rule("parallel_cat", _cat_node, _check_cat, _merge_cat,
+         "cat_j (W_j ⋆ x + b_j) = (cat W_j) ⋆ x + cat b_j"),
+)
+
+
+def merge_branches(gm: GraphModule) -> PassResult:
+    """The rules of this pass on `gm` (no training-mode check: for tests of the refusals)."""
+    return apply_rules(gm, RULES, memo=LinearReader)
 
 
 @register_pass("merge_parallel_branches",
                "merge parallel linear branches on one input (sum or cat) into one conv "
                "(R3 identity, R4 kernel embedding, R5 sum, R9 avg-pool, R10 concat)", True)
 def merge_parallel_branches(gm: GraphModule, ctx: PassContext) -> PassResult:
-    return merge_branches(gm, ctx.inputs(gm))
+    return merge_branches(gm)

@@ -1,5 +1,5 @@
-"""Channel shuffles: recognize every spelling, fold them into dense neighbours (REWRITES.md R11),
-or insert them where grouped convs never mix (ShuffleNet).
+"""Channel shuffles: recognize every spelling, fold them into dense neighbours (R11 of
+`docs/rewrites.md`), or insert them where grouped convs never mix (ShuffleNet).
 
 A shuffle with g groups on C channels is a fixed permutation π of the channel dim 1:
 
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,28 +55,28 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from archc import weight_algebra as wa
-from archc.pipeline import PassContext, PassReport, PassResult, Refusal, op_kind, register_pass
-from archc.rules import (
+from archc.graph import (
     arg,
     called_once,
-    delete_if_unused,
     describe,
-    node_shape,
-    propagate_shapes,
+    erase_unused,
+    op_kind,
     set_weights,
+    writes_in_place,
 )
+from archc.legality import SHAPES_UNKNOWN, SHARED_MODULE
+from archc.pipeline import PassContext, PassResult, register_pass
+from archc.rules import Match, Refuse, Rule, apply_rules
+from archc.shapes import node_shape
 
 # fold_channel_shuffle
 UNKNOWN_GROUPS = "group count unknown: it is computed in the graph from values not known here"
-SHAPES_UNKNOWN = ("shapes unknown: give example inputs (dim 1 is the channel dim only of batched "
-                  "tensors)")
 CONSUMER_USERS = ("the shuffled tensor has other users: folding into one consumer would leave the "
                   "others unshuffled")
 PRODUCER_USERS = "the producer's output has other users: they need its channels unpermuted"
 NO_LAYER = "no dense conv/linear reached through BN and channel-agnostic ops"
 GROUPED_CONSUMER = "the consumer is a grouped conv: folding would densify it"
 GROUPED_PRODUCER = "the producer is a grouped conv: folding would densify it"
-SHARED_MODULE = "shared module: permuting its weights would change its other uses"
 CHANNEL_DIM = ("the layer does not read dim 1 as its channels (unbatched conv input, or a linear "
                "on a tensor that is not 2-D)")
 IN_PLACE = ("an op writes the shuffle's output in place: without the shuffle's fresh tensor it "
@@ -142,7 +142,7 @@ def _target(node: Node):
 
 def find_shuffles(gm: GraphModule) -> dict[Node, Shuffle]:
     """Every recognized shuffle by its output node. The reshape spelling needs recorded shapes
-    (`propagate_shapes`); a node belongs to at most one shuffle."""
+    (`archc.shapes`); a node belongs to at most one shuffle."""
     found: dict[Node, Shuffle] = {}
     claimed: set[Node] = set()
     for node in gm.graph.nodes:
@@ -288,24 +288,26 @@ def _size_value(value, shape_of: Callable[[Node], tuple[int, ...] | None]):
     return None
 
 
-def _erase(gm: GraphModule, nodes: Sequence[Node]) -> None:
-    """Erase a shuffle's now unused `nodes`, then the size computations only they read."""
-    pending = list(reversed(nodes))  # users before their inputs
-    while pending:
-        node = pending.pop(0)
-        if (node.users or getattr(node, "_erased", False) or node.is_impure()
-                or node.op not in ("call_function", "call_method", "call_module")):
-            continue
-        pending += node.all_input_nodes
-        gm.graph.erase_node(node)
-        if node.op == "call_module":
-            delete_if_unused(gm, node.target)
+class _Shuffles:
+    """A sweep's recognized shuffles, by output node and by first node; `inserted` names the
+    shuffles the running pass inserted (kept across its sweeps)."""
+
+    def __init__(self, gm: GraphModule, inserted: set[Node] | None = None):
+        self.by_output = find_shuffles(gm)
+        self.by_start = {shuffle.nodes[0]: shuffle for shuffle in self.by_output.values()}
+        self.inserted = set() if inserted is None else inserted
 
 
-def _propagate_if_needed(gm: GraphModule, ctx: PassContext) -> None:
-    """Shapes for the reshape spelling and ranks, only if something could be a shuffle."""
-    if any(_may_shuffle(gm, node) for node in gm.graph.nodes):
-        propagate_shapes(gm, ctx.inputs(gm))
+def _shuffle_at(gm: GraphModule, node: Node, shuffles: _Shuffles) -> tuple[Node, ...] | None:
+    shuffle = shuffles.by_output.get(node)
+    return None if shuffle is None else shuffle.nodes
+
+
+def _remove_shuffle(gm: GraphModule, shuffle: Shuffle) -> None:
+    """Route the shuffle's users to its input; erase its nodes and the size arithmetic only they
+    read."""
+    shuffle.output.replace_all_uses_with(shuffle.input)
+    erase_unused(gm, reversed(shuffle.nodes))
 
 
 # ---- neighbours: dense layers, BNs and channel-agnostic ops ----
@@ -330,21 +332,12 @@ def _value_users(node: Node) -> list[Node]:
             and not (_target(user) is getattr and user.args[1] in ("shape", "ndim"))]
 
 
-def _in_place(gm: GraphModule, node: Node) -> bool:
-    """Whether `node` writes its input: `inplace=True`, `relu_`, `x.add_(...)`."""
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return ((name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace") is True
-            or any(a is True for a in node.args[1:]))
-
-
 def _written_in_place(gm: GraphModule, shuffle: Shuffle) -> bool:
     """Whether a user modifies the shuffle's output in place: only a shuffle's own fresh tensor
     (torch.channel_shuffle always copies; the reshape spelling aliases x when g is 1 or C) keeps
     that write away from x, so such a shuffle stays (a producer fold is safe: x then has no other
     reader)."""
-    return any(_in_place(gm, user) for user in shuffle.output.users)
+    return any(writes_in_place(gm, user) for user in shuffle.output.users)
 
 
 def _name(gm: GraphModule, node: Node) -> str:
@@ -361,15 +354,15 @@ class _Fold:
     consumer: bool  # the layer reads the shuffle (else it produces it)
 
 
-def _plan(gm: GraphModule, shuffle: Shuffle, consumer: bool, rank: int) -> _Fold | Refusal:
+def _plan(gm: GraphModule, shuffle: Shuffle, consumer: bool, rank: int) -> _Fold | Refuse:
     """The fold on one side of `shuffle`, or why there is none."""
     path: list[Node] = []  # from the shuffle outwards
 
-    def refuse(reason: str) -> Refusal:
+    def refuse(reason: str) -> Refuse:
         names = [describe(n) for n in path]
         nodes = [shuffle.name, *names] if consumer else [*reversed(names), shuffle.name]
-        return Refusal("shuffle_into_consumer" if consumer else "shuffle_into_producer",
-                       tuple(nodes), reason)
+        return Refuse(reason, tuple(nodes),
+                      "shuffle_into_consumer" if consumer else "shuffle_into_producer")
 
     node = shuffle.output if consumer else shuffle.input
     while True:
@@ -381,7 +374,7 @@ def _plan(gm: GraphModule, shuffle: Shuffle, consumer: bool, rank: int) -> _Fold
         kind = _kind(gm, node)
         if kind is None:
             return refuse(f"{NO_LAYER}: stopped at {_name(gm, node)}")
-        if consumer and not path and _in_place(gm, node):
+        if consumer and not path and writes_in_place(gm, node):
             return refuse(f"{IN_PLACE}: {_name(gm, node)}")
         path.append(node)
         if kind == "layer":
@@ -417,7 +410,39 @@ def _permute_bn(bn: nn.Module, perm: Tensor) -> None:
             setattr(bn, name, permuted)
 
 
-def _fold(gm: GraphModule, shuffle: Shuffle, fold: _Fold, perm: Tensor) -> str:
+@dataclass(frozen=True)
+class _ShufflePlan:
+    shuffle: Shuffle
+    perm: Tensor
+    fold: _Fold | None  # None: the shuffle is the identity and goes
+
+
+def _check_fold(match: Match) -> _ShufflePlan | Refuse | list[Refuse]:
+    """Fold the shuffle (consumer side first), drop it if it is the identity, or say why not."""
+    gm, shuffle = match.gm, match.memo.by_output[match.anchor]
+    if shuffle.groups is None:
+        return Refuse(UNKNOWN_GROUPS, (shuffle.name,))
+    shape = node_shape(shuffle.output)
+    if shape is None:
+        return Refuse(SHAPES_UNKNOWN, (shuffle.name,))
+    perm = wa.channel_shuffle_permutation(shape[1], shuffle.groups)
+    if torch.equal(perm, torch.arange(len(perm))) and not _written_in_place(gm, shuffle):
+        return _ShufflePlan(shuffle, perm, None)
+    refusals = []
+    for consumer in (True, False):
+        plan = _plan(gm, shuffle, consumer, len(shape))
+        if isinstance(plan, _Fold):
+            return _ShufflePlan(shuffle, perm, plan)
+        refusals.append(plan)
+    return refusals
+
+
+def _fold(match: Match, plan: _ShufflePlan) -> str:
+    gm, shuffle, fold, perm = match.gm, plan.shuffle, plan.fold, plan.perm
+    if fold is None:
+        _remove_shuffle(gm, shuffle)
+        return (f"removed shuffle {shuffle.name}: groups={shuffle.groups} on {len(perm)} "
+                f"channels is the identity")
     # a consumer-side BN sees x[:, π]: its vectors become p[π⁻¹]; a producer-side one p[π]
     vector_perm = wa.invert_permutation(perm) if fold.consumer else perm
     with torch.no_grad():
@@ -430,8 +455,7 @@ def _fold(gm: GraphModule, shuffle: Shuffle, fold: _Fold, perm: Tensor) -> str:
         else:
             weight, bias = wa.permute_output_channels(layer.weight, layer.bias, perm)
             set_weights(layer, weight, bias if layer.bias is not None else None)
-    shuffle.output.replace_all_uses_with(shuffle.input)
-    _erase(gm, shuffle.nodes)
+    _remove_shuffle(gm, shuffle)
     side = "consumer" if fold.consumer else "producer"
     between = fold.between if fold.consumer else fold.between[::-1]  # in graph order
     through = f" through {', '.join(map(describe, between))}" if between else ""
@@ -439,73 +463,55 @@ def _fold(gm: GraphModule, shuffle: Shuffle, fold: _Fold, perm: Tensor) -> str:
             f"{describe(fold.layer)}{through}")
 
 
-def _fold_one(gm: GraphModule, shuffle: Shuffle) -> str | list[Refusal]:
-    """Fold `shuffle` (consumer side first); the rewrite, or the refusals of both sides."""
-    if shuffle.groups is None:
-        return [Refusal("fold_channel_shuffle", (shuffle.name,), UNKNOWN_GROUPS)]
-    shape = node_shape(shuffle.output)
-    if shape is None:
-        return [Refusal("fold_channel_shuffle", (shuffle.name,), SHAPES_UNKNOWN)]
-    perm = wa.channel_shuffle_permutation(shape[1], shuffle.groups)
-    if torch.equal(perm, torch.arange(len(perm))) and not _written_in_place(gm, shuffle):
-        shuffle.output.replace_all_uses_with(shuffle.input)
-        _erase(gm, shuffle.nodes)
-        return (f"removed shuffle {shuffle.name}: groups={shuffle.groups} on {shape[1]} channels "
-                f"is the identity")
-    refusals = []
-    for consumer in (True, False):
-        plan = _plan(gm, shuffle, consumer, len(shape))
-        if isinstance(plan, _Fold):
-            return _fold(gm, shuffle, plan, perm)
-        refusals.append(plan)
-    return refusals
+FOLD_RULES = (
+    # W ⋆ x[:, π] -> W[:, π⁻¹] ⋆ x;  (W ⋆ x + b)[:, π] -> W[π] ⋆ x + b[π]   (R11)
+    Rule("fold_channel_shuffle", _shuffle_at, _check_fold, _fold,
+         "W ⋆ x[:, π] = W[:, π⁻¹] ⋆ x"),
+)
 
 
 @register_pass("fold_channel_shuffle",
                "fold channel shuffles into a neighbouring dense conv/linear, through BN and "
                "activations (R11)", True)
 def fold_channel_shuffle(gm: GraphModule, ctx: PassContext) -> PassResult:
-    _propagate_if_needed(gm, ctx)
-    rewrites: list[str] = []
-    while True:  # a sweep that changes anything removes a shuffle: at most one per shuffle
-        done = len(rewrites)
-        refusals: list[Refusal] = []
-        for shuffle in find_shuffles(gm).values():
-            outcome = _fold_one(gm, shuffle)
-            if isinstance(outcome, str):
-                rewrites.append(outcome)
-            else:
-                refusals += outcome
-        if len(rewrites) == done:
-            return PassResult(gm, bool(rewrites), PassReport(rewrites=rewrites, refusals=refusals))
+    return apply_rules(gm, FOLD_RULES, memo=_Shuffles)
 
 
 # ---- canonicalize_channel_shuffle ----
+
+def _check_canonical(match: Match) -> Shuffle | Refuse | tuple[()]:
+    gm, shuffle = match.gm, match.memo.by_output[match.anchor]
+    if shuffle.canonical:
+        return ()
+    shape = node_shape(shuffle.output)
+    if shape is not None and len(shape) < 3:
+        return Refuse(RANK_2, (shuffle.name,))
+    if _written_in_place(gm, shuffle):
+        return Refuse(IN_PLACE, (shuffle.name,))
+    return shuffle
+
+
+def _canonicalize(match: Match, shuffle: Shuffle) -> str:
+    gm, output = match.gm, shuffle.output
+    with gm.graph.inserting_after(output):
+        canonical = gm.graph.call_function(torch.channel_shuffle, (shuffle.input, shuffle.groups))
+    output.replace_all_uses_with(canonical)
+    erase_unused(gm, reversed(shuffle.nodes))
+    return f"shuffle {shuffle.name} -> torch.channel_shuffle(groups={shuffle.groups})"
+
+
+CANONICAL_RULES = (
+    # any spelling of x[:, π] -> torch.channel_shuffle(x, g)
+    Rule("canonical_shuffle", _shuffle_at, _check_canonical, _canonicalize,
+         "reshape-transpose-reshape = channel_shuffle"),
+)
+
 
 @register_pass("canonicalize_channel_shuffle",
                "rewrite every recognized channel-shuffle spelling as torch.channel_shuffle(x, g)",
                True)
 def canonicalize_channel_shuffle(gm: GraphModule, ctx: PassContext) -> PassResult:
-    _propagate_if_needed(gm, ctx)
-    rewrites: list[str] = []
-    refusals: list[Refusal] = []
-    for shuffle in find_shuffles(gm).values():
-        if shuffle.canonical:
-            continue
-        shape = node_shape(shuffle.output)
-        reason = (RANK_2 if shape is not None and len(shape) < 3
-                  else IN_PLACE if _written_in_place(gm, shuffle) else None)
-        if reason is not None:
-            refusals.append(Refusal("canonical_shuffle", (shuffle.name,), reason))
-            continue
-        output = shuffle.output
-        with gm.graph.inserting_after(output):
-            canonical = gm.graph.call_function(torch.channel_shuffle,
-                                               (shuffle.input, shuffle.groups))
-        output.replace_all_uses_with(canonical)
-        _erase(gm, shuffle.nodes)
-        rewrites.append(f"shuffle {shuffle.name} -> torch.channel_shuffle(groups={shuffle.groups})")
-    return PassResult(gm, bool(rewrites), PassReport(rewrites=rewrites, refusals=refusals))
+    return apply_rules(gm, CANONICAL_RULES, memo=_Shuffles)
 
 
 # ---- insert_channel_shuffle ----
@@ -517,17 +523,18 @@ def _conv(gm: GraphModule, node: Node) -> nn.Module | None:
 
 
 def _next_conv(gm: GraphModule, node: Node, starts: dict[Node, Shuffle]
-               ) -> tuple[Node, bool] | None:
+               ) -> tuple[Node, Shuffle | None] | None:
     """The first conv after `node` that is not channel-wise, reached through tensors read once,
-    BNs, channel-agnostic ops, channel-wise convs and shuffles; and whether a shuffle was passed."""
-    shuffled = False
+    BNs, channel-agnostic ops, channel-wise convs and shuffles; and the shuffle passed, if any."""
+    shuffled = None
     while True:
         users = _value_users(node)
         user = users[0] if len(users) == 1 else None
         if user is None or not user.args or user.args[0] is not node:
             return None
         if user in starts:
-            node, shuffled = starts[user].output, True
+            shuffled = starts[user]
+            node = shuffled.output
             continue
         conv = _conv(gm, user)
         if conv is not None and conv.groups != conv.in_channels:
@@ -537,41 +544,55 @@ def _next_conv(gm: GraphModule, node: Node, starts: dict[Node, Shuffle]
         node = user
 
 
+def _grouped_pair(gm: GraphModule, node: Node, shuffles: _Shuffles) -> tuple[Node, ...] | None:
+    """A grouped conv (1 < groups < its input channels) and the next conv it feeds."""
+    conv = _conv(gm, node)
+    if conv is None or not 1 < conv.groups < conv.in_channels:
+        return None
+    found = _next_conv(gm, node, shuffles.by_start)
+    return None if found is None else (node, found[0])
+
+
+def _check_insert(match: Match) -> int | Refuse | tuple[()]:
+    gm, (first, second), shuffles = match.gm, match.nodes, match.memo
+    shuffled = _next_conv(gm, first, shuffles.by_start)[1]
+    g1, g2 = _conv(gm, first).groups, _conv(gm, second).groups
+    names = (describe(first), describe(second))
+    shape, rank = node_shape(second.args[0]), _conv(gm, second).weight.ndim
+    if shuffled is not None:
+        return () if shuffled.output in shuffles.inserted else Refuse(SHUFFLED)
+    if g2 == 1:
+        return Refuse(f"{DENSE_NEXT}: {names[1]} has groups=1")
+    if g2 % g1:
+        return Refuse(f"{MIXED}: groups={g2} of {names[1]} is not a multiple of groups={g1} of "
+                      f"{names[0]}")
+    if shape is not None and len(shape) != rank:
+        return Refuse(f"{CHANNEL_DIM}: {names[1]} on a {len(shape)}-D tensor")
+    return g1
+
+
+def _insert(match: Match, groups: int) -> str:
+    gm, (first, second) = match.gm, match.nodes
+    source = second.args[0]
+    with gm.graph.inserting_before(second):
+        shuffle = gm.graph.call_function(torch.channel_shuffle, (source, groups))
+    second.replace_input_with(source, shuffle)
+    match.memo.inserted.add(shuffle)
+    return (f"inserted channel_shuffle(groups={groups}) before {describe(second)}: each of its "
+            f"{_conv(gm, second).groups} groups saw one of the {groups} groups of "
+            f"{describe(first)}")
+
+
+INSERT_RULES = (
+    # conv_g1 -> [BN, act, depthwise]* -> conv_g2 (g1 | g2) -> ... shuffle_g1 -> conv_g2
+    Rule("insert_channel_shuffle", _grouped_pair, _check_insert, _insert,
+         "none: an architecture change"),
+)
+
+
 @register_pass("insert_channel_shuffle",
                "insert a channel shuffle between grouped convs whose groups never mix "
                "(ShuffleNet); an architecture change, for use before training", False)
 def insert_channel_shuffle(gm: GraphModule, ctx: PassContext) -> PassResult:
-    firsts = [n for n in gm.graph.nodes
-              if (conv := _conv(gm, n)) is not None and 1 < conv.groups < conv.in_channels]
-    if firsts:
-        propagate_shapes(gm, ctx.inputs(gm))
-    starts = {shuffle.nodes[0]: shuffle for shuffle in find_shuffles(gm).values()}
-    rewrites: list[str] = []
-    refusals: list[Refusal] = []
-    for first in firsts:
-        found = _next_conv(gm, first, starts)
-        if found is None:
-            continue
-        second, shuffled = found
-        g1, g2 = _conv(gm, first).groups, _conv(gm, second).groups
-        names = (describe(first), describe(second))
-        source = second.args[0]
-        shape, rank = node_shape(source), _conv(gm, second).weight.ndim
-        if shuffled:
-            reason = SHUFFLED
-        elif g2 == 1:
-            reason = f"{DENSE_NEXT}: {names[1]} has groups=1"
-        elif g2 % g1:
-            reason = (f"{MIXED}: groups={g2} of {names[1]} is not a multiple of groups={g1} of "
-                      f"{names[0]}")
-        elif shape is not None and len(shape) != rank:
-            reason = f"{CHANNEL_DIM}: {names[1]} on a {len(shape)}-D tensor"
-        else:
-            with gm.graph.inserting_before(second):
-                shuffle = gm.graph.call_function(torch.channel_shuffle, (source, g1))
-            second.replace_input_with(source, shuffle)
-            rewrites.append(f"inserted channel_shuffle(groups={g1}) before {names[1]}: each of its "
-                            f"{g2} groups saw one of the {g1} groups of {names[0]}")
-            continue
-        refusals.append(Refusal("insert_channel_shuffle", names, reason))
-    return PassResult(gm, bool(rewrites), PassReport(rewrites=rewrites, refusals=refusals))
+    inserted: set[Node] = set()
+    return apply_rules(gm, INSERT_RULES, memo=lambda gm: _Shuffles(gm, inserted))

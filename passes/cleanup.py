@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import inspect
 import operator
 from collections.abc import Callable
 
@@ -21,19 +20,19 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from archc.pipeline import PassContext, PassReport, PassResult, register_pass
-from archc.rules import (
-    Match,
-    Op,
-    Rule,
-    apply_rules,
+from archc.graph import (
+    PURE_FUNCTIONS,
+    PURE_METHODS,
     arg,
+    attribute,
     bypass,
     describe,
-    node_dtype,
-    node_shape,
-    propagate_shapes,
+    is_pure,
+    unique_name,
 )
+from archc.pipeline import PassContext, PassResult, register_pass
+from archc.rules import Match, Op, Refuse, Rule, always, apply_rules
+from archc.shapes import node_dtype, node_shape
 
 TRAINING_DROPOUT = "dropout module is in training mode: it zeroes activations at random"
 FUNCTIONAL_TRAINING = "functional dropout called with training=True: it is random, not the identity"
@@ -77,28 +76,28 @@ def _passthrough(node: Node) -> Node | None:
     return None
 
 
-def _check_dropout_module(match: Match) -> str | None:
-    return TRAINING_DROPOUT if match.module(0).training else None
+def _check_dropout_module(match: Match) -> Refuse | None:
+    return Refuse(TRAINING_DROPOUT) if match.module(0).training else None
 
 
-def _check_dropout_function(match: Match) -> str | None:
+def _check_dropout_function(match: Match) -> Refuse | None:
     node = match.nodes[0]
     keyword, default = _DROPOUT_FUNCTIONS[node.target]
     training = arg(node, 2, keyword, default)
-    return FUNCTIONAL_TRAINING if training and arg(node, 1, "p", 0.5) != 0 else None
+    return Refuse(FUNCTIONAL_TRAINING) if training and arg(node, 1, "p", 0.5) != 0 else None
 
 
-def _check_neutral(match: Match) -> str | None:
+def _check_neutral(match: Match) -> Refuse | None:
     node = match.nodes[0]
     x = _passthrough(node)
     if node_dtype(node) is None or node_dtype(x) is None:
-        return DTYPE_UNKNOWN
+        return Refuse(DTYPE_UNKNOWN)
     same = node_dtype(node) == node_dtype(x) and node_shape(node) == node_shape(x)
-    return None if same else CHANGES_DTYPE
+    return None if same else Refuse(CHANGES_DTYPE)
 
 
-def _remove(input_of: Callable[[Node], Node]) -> Callable[[Match], str]:
-    def rewrite(match: Match) -> str:
+def _remove(input_of: Callable[[Node], Node]) -> Callable[[Match, None], str]:
+    def rewrite(match: Match, plan: None) -> str:
         node = match.nodes[0]
         bypass(match.gm, node, input_of(node))
         return f"removed {describe(node)}"
@@ -120,7 +119,7 @@ NEUTRAL_RULE = Rule(
 
 IDENTITY_RULES = (
     # Identity(x) -> x
-    Rule("identity_module", (Op(modules=(nn.Identity,)),), lambda m: None, _remove(_first_input),
+    Rule("identity_module", (Op(modules=(nn.Identity,)),), always, _remove(_first_input),
          "Identity(x) -> x"),
     # Dropout(x) -> x in eval mode
     Rule("dropout_module", (Op(modules=_DROPOUT_MODULES),), _check_dropout_module,
@@ -134,58 +133,55 @@ IDENTITY_RULES = (
 
 @register_pass("remove_identity", "remove Identity, eval-mode dropout and x*1, x+0 ops", True)
 def remove_identity(gm: GraphModule, ctx: PassContext) -> PassResult:
-    if any(NEUTRAL_RULE.match(gm, node) for node in gm.graph.nodes):
-        propagate_shapes(gm, ctx.inputs(gm))  # dtypes decide whether x * 1 is x
     return apply_rules(gm, IDENTITY_RULES)
 
 
 # ---- dead code ----
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
-                      operator.ior, operator.ixor, operator.ilshift, operator.irshift,
-                      operator.imatmul}
+def _dead_nodes(gm: GraphModule) -> list[Node]:
+    """Nodes nothing reads, directly or through other dead nodes, whose only effect is their
+    result (never an op that writes a tensor in place: its result may be unused, its write not),
+    in graph order."""
+    dead: set[Node] = set()
+    for node in reversed(gm.graph.nodes):
+        if is_pure(gm, node) and all(user in dead for user in node.users):
+            dead.add(node)
+    return [node for node in gm.graph.nodes if node in dead]
 
 
-def _is_impure(node: Node) -> bool:
-    """fx's notion, plus ops that write into a tensor (in-place methods, `inplace=True`, `out=`):
-    their result may be unused while the mutation is not."""
-    if node.is_impure():
-        return True
-    if node.op == "call_method":
-        return node.target.endswith("_")
-    if node.op == "call_module":
-        return bool(getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False))
-    if node.op != "call_function":
-        return False
-    if node.target in _INPLACE_OPERATORS or node.kwargs.get("out") is not None:
-        return True
-    if getattr(node.target, "__name__", "").endswith("_"):
-        return True
-    try:  # F.relu(x, True): find `inplace` among positional arguments too
-        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-    except (TypeError, ValueError):  # builtins without a signature
-        return False
-    return bool(bound.arguments.get("inplace", False))
+def _output(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
+    """The graph as a whole, anchored at its output node."""
+    return (node,) if node.op == "output" else None
+
+
+def _check_dead(match: Match) -> list[Node] | tuple[()]:
+    return _dead_nodes(match.gm) or ()
+
+
+def _erase_dead(match: Match, dead: list[Node]) -> str:
+    for node in reversed(dead):
+        match.gm.graph.erase_node(node)
+    return f"deleted nodes: {', '.join(n.name for n in dead)}"
+
+
+DEAD_CODE_RULES = (
+    # f(x) with no reader and no side effect -> nothing
+    Rule("dead_code", _output, _check_dead, _erase_dead, "unread pure value -> nothing"),
+)
 
 
 @register_pass("eliminate_dead_code", "delete unused nodes, then unused submodules and attributes",
                True)
 def eliminate_dead_code(gm: GraphModule, ctx: PassContext) -> PassResult:
-    nodes = [n.name for n in gm.graph.nodes]
+    result = apply_rules(gm, DEAD_CODE_RULES)
     modules = [name for name, _ in gm.named_modules()]
-    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.delete_all_unused_submodules()
-    attributes = _delete_unused_attributes(gm)
-    alive = {n.name for n in gm.graph.nodes}
     remaining = {name for name, _ in gm.named_modules()}
-    deleted = {
-        "nodes": [n for n in nodes if n not in alive],
-        "submodules": [m for m in modules if m not in remaining],
-        "attributes": attributes,
-    }
-    rewrites = [f"deleted {kind}: {', '.join(names)}" for kind, names in deleted.items() if names]
-    return PassResult(gm, bool(rewrites), PassReport(rewrites=rewrites))
+    deleted = {"submodules": [m for m in modules if m not in remaining],
+               "attributes": _delete_unused_attributes(gm)}
+    result.report.rewrites += [f"deleted {kind}: {', '.join(names)}"
+                               for kind, names in deleted.items() if names]
+    return PassResult(gm, bool(result.report.rewrites), result.report)
 
 
 def _delete_unused_attributes(gm: GraphModule) -> list[str]:
@@ -202,15 +198,6 @@ def _delete_unused_attributes(gm: GraphModule) -> list[str]:
 
 # ---- constant folding ----
 
-_PURE_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
-                   torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.sqrt, torch.rsqrt,
-                   torch.reciprocal, torch.reshape, torch.flatten, torch.transpose, torch.permute,
-                   torch.t, torch.unsqueeze, torch.squeeze, torch.cat)
-_PURE_METHODS = ("add", "sub", "mul", "div", "neg", "sqrt", "rsqrt", "reciprocal", "reshape",
-                 "view", "flatten", "transpose", "permute", "t", "unsqueeze", "squeeze",
-                 "contiguous")
-
-
 def _reads_constants_only(node: Node) -> bool:
     inputs, gm = node.all_input_nodes, node.graph.owning_module
     return bool(inputs) and all(n.op == "get_attr" and isinstance(_constant(gm, n), torch.Tensor)
@@ -226,24 +213,22 @@ def _evaluate(node: Node, fetch: Callable[[Node], torch.Tensor]):
 
 
 def _constant(gm: GraphModule, node: Node) -> torch.Tensor:
-    return operator.attrgetter(node.target)(gm)
+    return attribute(gm, node.target)
 
 
-def _check_constant(match: Match) -> str | None:
+def _check_constant(match: Match) -> torch.Tensor | Refuse:
     node = match.nodes[0]
     inputs = [_constant(match.gm, n) for n in node.all_input_nodes]
-    result = _evaluate(node, lambda n: _constant(match.gm, n).to("meta"))
-    return GROWS if result.numel() > max(t.numel() for t in inputs) else None
+    shape = _evaluate(node, lambda n: _constant(match.gm, n).to("meta"))
+    if shape.numel() > max(t.numel() for t in inputs):
+        return Refuse(GROWS)
+    return _evaluate(node, lambda n: _constant(match.gm, n)).detach().clone()
 
 
-def _fold_constant(match: Match) -> str:
+def _fold_constant(match: Match, value: torch.Tensor) -> str:
     gm, node = match.gm, match.nodes[0]
     inputs = [_constant(gm, n) for n in node.all_input_nodes]
-    value = _evaluate(node, lambda n: _constant(gm, n)).detach().clone()
-    name, index = f"_folded_{node.name}", 0
-    while hasattr(gm, name):
-        index += 1
-        name = f"_folded_{node.name}_{index}"
+    name = unique_name(gm, f"_folded_{node.name}")
     parameters = [t for t in inputs if isinstance(t, nn.Parameter)]
     if parameters:  # keep parameters counted as parameters
         grad = any(p.requires_grad for p in parameters)
@@ -260,7 +245,8 @@ def _fold_constant(match: Match) -> str:
 CONSTANT_RULES = (
     # op(c1, c2) -> c3 for constants c1, c2
     Rule("fold_constant",
-         (Op(functions=_PURE_FUNCTIONS, methods=_PURE_METHODS, where=_reads_constants_only),),
+         (Op(functions=tuple(PURE_FUNCTIONS), methods=tuple(PURE_METHODS),
+             where=_reads_constants_only),),
          _check_constant, _fold_constant, "op(c1, c2) -> c3"),
 )
 

@@ -1,8 +1,8 @@
-"""Layout passes: channel counts that suit tensor cores (DECISIONS.md, GPU-friendly layout).
+"""Layout passes: channel counts that suit tensor cores (docs/performance.md, GPU section).
 
 `align_channels` (opt-in, function-preserving) zero-pads every internal channel group
-(`archc.channels`) to a multiple of N = `ctx.options["align_channels.multiple"]` (default 8, for
-fp16/bf16 tensor cores; 16 for int8). A group of C channels gets C' >= C; its old channel i moves to
+(`archc.channels`) to a multiple of N, its option `multiple` (default 8, for fp16/bf16 tensor
+cores; 16 for int8). A group of C channels gets C' >= C; its old channel i moves to
 position π(i) and the other C' - C positions are padding:
 
 - producers (conv/Linear writing the group): W'[π(o)] = W[o], b'[π(o)] = b[o], zero rows and bias
@@ -32,52 +32,90 @@ nothing.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
+from archc import weight_algebra as wa
 from archc.analysis import complexity_report
 from archc.channels import ChannelGraph, ChannelGroup, analyze_channels
 from archc.errors import PassError
-from archc.pipeline import PassContext, PassReport, PassResult, Refusal, register_pass
-from archc.rules import describe, propagate_shapes, set_weights
+from archc.graph import describe, set_weights
+from archc.pipeline import PassContext, PassOption, PassResult, register_pass
+from archc.rules import Match, Partial, Refuse, Rule, apply_rules
+from archc.shapes import has_shapes, node_value, propagate_shapes
 
 NAME = "align_channels"
-MULTIPLE = "align_channels.multiple"
 DOUBLES = "padding would more than double the channels"
 NEEDS_INPUTS = "needs example inputs (PassContext.example_inputs or input_shape) for the shapes"
 
 Layouts = dict[int, tuple[int, Tensor]]  # group index -> (padded size C', π as a LongTensor)
 
+MULTIPLE = PassOption("multiple", int, 8, "pad every channel group to a multiple of this "
+                      "(8 for fp16/bf16 tensor cores, 16 for int8)",
+                      lambda value: None if value >= 1 else f"must be positive, got {value}")
 
-@register_pass(NAME, "zero-pad internal channel counts to a multiple of N (opt-in, GPU)", True)
-def align_channels(gm: GraphModule, ctx: PassContext) -> PassResult:
-    multiple = ctx.options.get(MULTIPLE, 8)
-    if type(multiple) is not int or multiple < 1:
-        raise PassError(f"option {MULTIPLE} must be a positive integer, got {multiple!r}", NAME)
-    inputs = ctx.inputs(gm)
-    if inputs is None:
-        raise PassError(NEEDS_INPUTS, NAME)
-    graph = analyze_channels(gm, inputs)
-    layouts, rewrites, refusals = plan(graph, multiple)
+
+@dataclass(frozen=True)
+class _Settings:
+    multiple: int
+    inputs: tuple[Tensor, ...]  # meta stand-ins of the graph's inputs, to propagate shapes again
+
+
+@dataclass(frozen=True)
+class _Padding:
+    graph: ChannelGraph
+    layouts: Layouts
+    rewrites: list[str]
+
+
+def _check(match: Match) -> Partial | list[Refuse]:
+    graph = analyze_channels(match.gm)
+    layouts, rewrites, refusals = plan(graph, match.memo.multiple)
     if not layouts:
-        return PassResult(gm, False, PassReport(refusals=refusals))
+        return refusals
+    return Partial(_Padding(graph, layouts, rewrites), tuple(refusals))
+
+
+def _pad(match: Match, padding: _Padding) -> list[str]:
+    gm = match.gm
     before = complexity_report(gm).total
-    apply_layouts(gm, graph, layouts)
+    apply_layouts(gm, padding.graph, padding.layouts)
     gm.recompile()
-    propagate_shapes(gm, inputs)
+    propagate_shapes(gm, match.memo.inputs)  # channel counts changed everywhere
     after = complexity_report(gm).total
-    rewrites.append(f"params {_growth(before.params, after.params)}, "
-                    f"flops {_growth(before.flops, after.flops)} per sample")
-    return PassResult(gm, True, PassReport(rewrites=rewrites, refusals=refusals))
+    return [*padding.rewrites, f"params {_growth(before.params, after.params)}, "
+            f"flops {_growth(before.flops, after.flops)} per sample"]
 
 
-def plan(graph: ChannelGraph, multiple: int) -> tuple[Layouts, list[str], list[Refusal]]:
+def _graph(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
+    """The graph as a whole, anchored at its output node."""
+    return (node,) if node.op == "output" else None
+
+
+RULES = (
+    # x -> pad(x): zero filters and zero input columns, padded channels exactly 0 (docstring)
+    Rule(NAME, _graph, _check, _pad, "W' = scatter(W); sum over padded channels adds 0"),
+)
+
+
+@register_pass(NAME, "zero-pad internal channel counts to a multiple of N (opt-in, GPU)", True,
+               options=(MULTIPLE,))
+def align_channels(gm: GraphModule, ctx: PassContext) -> PassResult:
+    if not has_shapes(gm):
+        raise PassError(NEEDS_INPUTS, NAME)
+    inputs = tuple(node_value(n) for n in gm.graph.nodes if n.op == "placeholder")
+    settings = _Settings(ctx.option(NAME, "multiple"), inputs)
+    return apply_rules(gm, RULES, memo=lambda gm: settings)
+
+
+def plan(graph: ChannelGraph, multiple: int) -> tuple[Layouts, list[str], list[Refuse]]:
     """The layout of every group that changes, what is padded and what is refused."""
     layouts: Layouts = {}
     rewrites: list[str] = []
-    refusals: list[Refusal] = []
+    refusals: list[Refuse] = []
     for group in sorted(graph.groups, key=lambda g: g.size):  # parts before their composites
         if group.parts:
             if any(p.group in layouts for p in group.parts):
@@ -85,7 +123,7 @@ def plan(graph: ChannelGraph, multiple: int) -> tuple[Layouts, list[str], list[R
             continue
         if group.fixed:
             if group.size % multiple:
-                refusals.append(Refusal(NAME, _names(graph, group), group.fixed))
+                refusals.append(Refuse(group.fixed, _names(graph, group)))
             continue
         segments = group.divisor
         width = group.size // segments
@@ -94,8 +132,8 @@ def plan(graph: ChannelGraph, multiple: int) -> tuple[Layouts, list[str], list[R
             continue
         split = f" ({segments} segments of {width} -> {padded})" if segments > 1 else ""
         if segments * padded > 2 * group.size:
-            refusals.append(Refusal(NAME, _names(graph, group),
-                                    f"{DOUBLES}: {group.size} -> {segments * padded}{split}"))
+            refusals.append(Refuse(f"{DOUBLES}: {group.size} -> {segments * padded}{split}",
+                                   _names(graph, group)))
             continue
         index = (torch.arange(segments)[:, None] * padded + torch.arange(width)).flatten()
         layouts[group.index] = (segments * padded, index)
@@ -141,7 +179,7 @@ def apply_layouts(gm: GraphModule, graph: ChannelGraph, layouts: Layouts) -> Non
         out_size, out_index = _layout(graph.of(node), layouts)
         in_size, in_index = _layout(graph.of(node.args[0]), layouts)
         if isinstance(module, nn.Linear):
-            weight = scatter_weight(module.weight, out_index, out_size, in_index, in_size, 1, 1)
+            weight = wa.scatter_weight(module.weight, out_index, out_size, in_index, in_size, 1, 1)
             set_weights(module, weight, _scatter(module.bias, out_index, out_size))
             module.in_features, module.out_features = in_size, out_size
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -153,37 +191,15 @@ def apply_layouts(gm: GraphModule, graph: ChannelGraph, layouts: Layouts) -> Non
             _recut(node, graph.groups[whole], graph, layouts)
 
 
-def scatter_weight(weight: Tensor, out_index: Tensor, out_size: int, in_index: Tensor,
-                   in_size: int, groups: int, new_groups: int) -> Tensor:
-    """The weight of a conv or Linear (`[O, I / groups, k...]`, groups 1 for Linear) whose output
-    channel o moves to `out_index[o]` of `out_size` and input channel i to `in_index[i]` of
-    `in_size`, with `new_groups` groups; every other entry is 0:
-    W'[π_o(o), π_i(G(o) I/g + i) - G'(o) I'/g'] = W[o, i], G(o) = o // (O/g), G'(o) =
-    π_o(o) // (O'/g')."""
-    out_channels, per_group = weight.shape[:2]
-    old_inputs = ((torch.arange(out_channels) // (out_channels // groups))[:, None] * per_group
-                  + torch.arange(per_group))
-    new_group = out_index // (out_size // new_groups)
-    columns = in_index[old_inputs] - new_group[:, None] * (in_size // new_groups)
-    result = weight.new_zeros((out_size, in_size // new_groups, *weight.shape[2:]))
-    result[out_index[:, None].expand_as(columns), columns] = weight.detach()
-    return result
-
-
 def _scatter(vector: Tensor | None, index: Tensor, size: int, fill: float = 0.0) -> Tensor | None:
-    """`v'[index[i]] = v[i]`, `fill` elsewhere."""
-    if vector is None:
-        return None
-    result = vector.detach().new_full((size,), fill)
-    result[index] = vector.detach()
-    return result
+    return None if vector is None else wa.scatter_vector(vector, index, size, fill)
 
 
 def _pad_conv(conv: nn.Module, in_size: int, in_index: Tensor, out_size: int,
               out_index: Tensor) -> None:
     depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
     new_groups = out_size if depthwise else conv.groups
-    weight = scatter_weight(conv.weight, out_index, out_size, in_index, in_size, conv.groups,
+    weight = wa.scatter_weight(conv.weight, out_index, out_size, in_index, in_size, conv.groups,
                             new_groups)
     set_weights(conv, weight, _scatter(conv.bias, out_index, out_size))
     conv.in_channels, conv.out_channels, conv.groups = in_size, out_size, new_groups

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archc.init import random_input
-from archc.pipeline import PassContext, relative_error, run_pipeline
+from archc.init import random_input, randomize
+from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
+from archc.verify import relative_error
 from passes.pipelines import PIPELINES
 
 
@@ -36,6 +39,26 @@ class BNAndPad(nn.Module):
         return F.pad(bn(x) - shift, [self.pad] * 4) + shift
 
 
+# Pipeline tolerance and independent check per dtype: float32 at 1e-5, float64 models exactly.
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def run_randomized(model: nn.Module, passes: str | list[str], shape: tuple[int, ...],
+                   dtype=torch.float32, seed: int = 0, inputs: tuple | None = None, **ctx):
+    """Randomize `model` (seeded, non-trivial BN statistics), cast it, run `passes` (a pipeline
+    text such as "default" or a list of pass names) and check the result on a fresh input,
+    independently of the pipeline's own verification: (model, result, relative error)."""
+    model = randomize(model.to(dtype), seed)
+    names = resolve_pipeline(passes) if isinstance(passes, str) else list(passes)
+    context = PassContext(input_shape=None if inputs else shape, example_inputs=inputs,
+                          rtol=TOLERANCE[dtype], seed=seed, explain=True, **ctx)
+    result = run_pipeline(model, names, context)
+    fresh = inputs or (random_input(shape, seed + 1, dtype),)
+    with torch.no_grad():
+        error = relative_error([model(*fresh)], [result.graph_module(*fresh)])
+    return model, result, error
+
+
 def snapshot(gm) -> tuple:
     return gm.code, sorted(n for n, _ in gm.named_modules()), sorted(gm.state_dict())
 
@@ -45,7 +68,7 @@ def assert_default_pipeline_exact_idempotent_honest(model, shape, seed) -> None:
     exactly when it changed the graph; the pipeline preserves the output (rel <= 1e-5), and a
     second run changes nothing."""
     ctx = PassContext(input_shape=shape, seed=seed)
-    gm = torch.fx.symbolic_trace(model)
+    gm = torch.fx.symbolic_trace(copy.deepcopy(model))  # tracing stores constants on its root
     for name in PIPELINES["default"]:
         before = snapshot(gm)
         result = run_pipeline(gm, [name], ctx)

@@ -15,28 +15,16 @@ from torch import nn
 from archc import weight_algebra
 from archc.errors import PassError
 from archc.init import random_input, randomize
-from archc.pipeline import PassContext, relative_error, run_pipeline
+from archc.pipeline import PassContext, run_pipeline
 from archc.rules import apply_rules
+from archc.verify import relative_error
 from passes import bn_folding
 from passes.pipelines import PIPELINES
-from tests.helpers import assert_default_pipeline_exact_idempotent_honest
-
-TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
+from tests.helpers import TOLERANCE, BNAndPad, assert_default_pipeline_exact_idempotent_honest
 
 
 class Chain(nn.Sequential):
     """Modules applied in order; `bn(conv(x))` etc."""
-
-
-class Unary(nn.Module):
-    """Wraps a function so a chain can hold relu or a reshape."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 def _fold(model: nn.Module, shape: tuple[int, ...], dtype=torch.float32, seed: int = 0,
@@ -115,11 +103,17 @@ def test_conv_between_two_bns_prefers_the_exact_preceding_fold():
     assert result.reports[0].rewrites == ["folded 1 into 0"]
 
 
-def test_caller_module_and_tied_weights_are_untouched():
-    model = randomize(Chain(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 0)
+@pytest.mark.parametrize("verify", [True, False], ids=["float64-copy", "shared-tensors"])
+def test_caller_module_and_tied_weights_are_untouched(verify):
+    # BNAndPad's shift becomes a tensor constant that torch.fx would store on the module it traces
+    model = randomize(Chain(nn.Conv2d(3, 4, 1, bias=False), BNAndPad(4, 1),
+                            nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), 0)
     state = copy.deepcopy(model.state_dict())
-    run_pipeline(model, ["fold_bn"], PassContext(input_shape=(1, 3, 5, 5)))
+    attributes = set(vars(model))
+    run_pipeline(model, PIPELINES["default"], PassContext(input_shape=(1, 3, 5, 5),
+                                                          verify=verify))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert set(vars(model)) == attributes
 
 
 class Functional(nn.Module):
@@ -304,8 +298,8 @@ def test_verify_catches_a_wrong_fold(monkeypatch):
 
     monkeypatch.setattr(weight_algebra, "bn_affine", wrong_eps)
     model = randomize(Chain(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 0)
-    with pytest.raises(PassError,
-                       match=r"pass 'fold_bn' \(after remove_identity\): output changed"):
+    with pytest.raises(PassError, match=r"pass 'fold_bn' \(after remove_identity, "
+                                        r"canonicalize\): output changed"):
         run_pipeline(model, PIPELINES["default"], PassContext(input_shape=(1, 3, 6, 6)))
 
 

@@ -14,17 +14,25 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from torch import nn
 
+from archc import legality
+from archc import linear_chains as chains
+from archc.graph import op_kind
 from archc.init import random_input, randomize
-from archc.pipeline import PassContext, op_kind, relative_error, resolve_pipeline, run_pipeline
+from archc.linear_chains import LinearReader
+from archc.pipeline import PassContext, run_pipeline
 from passes import branch_merging as bm
 from passes.pipelines import PIPELINES
-from tests.helpers import BNAndPad, Fn, assert_default_pipeline_exact_idempotent_honest
+from tests.helpers import (
+    TOLERANCE,
+    BNAndPad,
+    Fn,
+    assert_default_pipeline_exact_idempotent_honest,
+    run_randomized,
+)
 
-TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 SHAPE = (2, 8, 9, 9)
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def conv_bn(c_in, c_out, kernel, stride=1, padding=0, groups=1, dilation=1):
@@ -220,19 +228,6 @@ BLOCKS = {
 }
 
 
-def _run(model: nn.Module, shape=SHAPE, dtype=torch.float32, seed=0, pipeline="default",
-         inputs=None):
-    """Randomize, cast, run the pipeline; return (model, result, independent relative error)."""
-    model = randomize(model.to(dtype), seed)
-    ctx = PassContext(input_shape=None if inputs else shape, example_inputs=inputs,
-                      rtol=TOLERANCE[dtype], seed=seed, explain=True)
-    result = run_pipeline(model, resolve_pipeline(pipeline), ctx)
-    fresh = inputs or (random_input(shape, seed + 1, dtype),)
-    with torch.no_grad():
-        error = relative_error([model(*fresh)], [result.graph_module(*fresh)])
-    return model, result, error
-
-
 def _ops(gm) -> Counter:
     return Counter(op_kind(gm, n) for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
 
@@ -245,7 +240,7 @@ def _reasons(result) -> list[str]:
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_block_collapses_to_one_conv(name, dtype):
     build, shape = BLOCKS[name]
-    model, result, error = _run(build(), shape, dtype)
+    model, result, error = run_randomized(build(), "default", shape, dtype)
     assert error <= TOLERANCE[dtype]
     assert result.max_error <= TOLERANCE[dtype]
     ops = _ops(result.graph_module)
@@ -257,12 +252,12 @@ def test_block_collapses_to_one_conv(name, dtype):
 
 
 def test_report_states_the_merge_and_the_cost_decision():
-    _, result, _ = _run(RepVGG(groups=4))
+    _, result, _ = run_randomized(RepVGG(groups=4), "default", SHAPE)
     merge = result.reports[PIPELINES["default"].index("merge_parallel_branches")]
     assert merge.rewrites == [
         "merged 3 branches (dense.0, one.0, identity) of x into merged (3x3 s1 p1 d1 g4; "
         "merged 144 vs unmerged 184 MACs per output pixel)"]
-    _, result, _ = _run(nn.Sequential(MobileOne(groups=8)))
+    _, result, _ = run_randomized(nn.Sequential(MobileOne(groups=8)), "default", SHAPE)
     assert "0.merged" in dict(result.graph_module.named_modules())
 
 
@@ -276,7 +271,7 @@ def test_partial_merge_keeps_the_other_operands():
         def forward(self, x):
             return self.a(x) + F.relu(self.c(x)) + self.b(x)
 
-    _, result, error = _run(Partial())
+    _, result, error = run_randomized(Partial(), "default", SHAPE)
     assert error <= 1e-5
     ops = _ops(result.graph_module)
     assert ops["Conv2d"] == 2 and ops["add"] == 1
@@ -285,7 +280,7 @@ def test_partial_merge_keeps_the_other_operands():
 
 def test_dilated_dbb_keeps_only_its_avg_pool_branch_apart():
     # avg-pool taps are 1 apart, the dilated 3x3's 2 apart: the other five branches still merge
-    _, result, error = _run(DBB(dilation=2))
+    _, result, error = run_randomized(DBB(dilation=2), "default", SHAPE)
     assert error <= 1e-5
     ops = _ops(result.graph_module)
     assert ops["Conv2d"] == 2 and ops["AvgPool2d"] == 1, ops  # merged + the avg branch's 1x1
@@ -305,7 +300,7 @@ def test_nested_sums_merge_through_a_bn():
             inner = self.a(x) + self.b(x)
             return self.bn(inner) + self.c(x) + inner
 
-    _, result, error = _run(Nested())
+    _, result, error = run_randomized(Nested(), "default", SHAPE)
     assert error <= 1e-5
     assert _ops(result.graph_module) == Counter({"Conv2d": 1})
 
@@ -372,12 +367,12 @@ REFUSED = {
                                 _conv(8, 8, (3, 1), padding=(1, 0))), SHAPE),
     bm.NONLINEAR: (lambda: Sum(_conv(8, 8, 3, padding=1),
                                nn.Sequential(_conv(8, 8, 1), nn.ReLU(), _conv(8, 8, 1))), SHAPE),
-    bm.OTHER_USERS: (OtherUser, SHAPE),
-    bm.SHARED_MODULE: (SharedConv, SHAPE),
-    bm.AVG_POOL: (lambda: Sum(_conv(8, 8, 3, padding=1),
+    legality.OTHER_USERS: (OtherUser, SHAPE),
+    legality.SHARED_MODULE: (SharedConv, SHAPE),
+    chains.AVG_POOL: (lambda: Sum(_conv(8, 8, 3, padding=1),
                               nn.AvgPool2d(3, 1, 1, count_include_pad=False)), SHAPE),
     bm.BROADCAST: (lambda: Sum(_conv(8, 8, 3, padding=1), _conv(8, 1, 1)), SHAPE),
-    bm.BORDER: (lambda: Sum(_conv(8, 8, 3, padding=1), _conv(8, 8, 1),
+    chains.BORDER: (lambda: Sum(_conv(8, 8, 3, padding=1), _conv(8, 8, 1),
                             nn.Sequential(_conv(8, 8, 1), _conv(8, 8, 3, padding=1))), SHAPE),
 }
 
@@ -385,7 +380,7 @@ REFUSED = {
 @pytest.mark.parametrize("reason", sorted(REFUSED), ids=lambda r: r[:30])
 def test_refusal_is_reported(reason):
     build, shape = REFUSED[reason]
-    _assert_refused(*_run(build(), shape)[1:], reason)
+    _assert_refused(*run_randomized(build(), "default", shape)[1:], reason)
 
 
 def _assert_refused(result, error, reason):
@@ -397,12 +392,13 @@ def _assert_refused(result, error, reason):
 
 def test_refusal_different_inputs():
     inputs = tuple(random_input(SHAPE, seed) for seed in (5, 6))
-    _assert_refused(*_run(TwoInputs(), inputs=inputs)[1:], bm.DIFFERENT_INPUTS)
+    result = run_randomized(TwoInputs(), "default", SHAPE, inputs=inputs)
+    _assert_refused(*result[1:], bm.DIFFERENT_INPUTS)
 
 
 def test_refusal_ceil_mode_avg_pool():
     model = Sum(_conv(8, 8, 3, stride=2, padding=1), nn.AvgPool2d(3, 2, 1, ceil_mode=True))
-    _assert_refused(*_run(model)[1:], bm.AVG_POOL)
+    _assert_refused(*run_randomized(model, "default", SHAPE)[1:], chains.AVG_POOL)
 
 
 def test_refusal_padding_not_aligned_and_identity_mismatch():
@@ -414,18 +410,18 @@ def test_refusal_padding_not_aligned_and_identity_mismatch():
     ]
     for reason, model in cases:
         gm = torch.fx.symbolic_trace(randomize(model, 0))
-        result = bm.merge_branches(gm, None)
+        result = bm.merge_branches(gm)
         assert not result.modified
         assert [r.reason for r in result.report.refusals] == [reason]
 
 
 def test_refusal_training_bn_and_unknown_shapes():
     gm = torch.fx.symbolic_trace(Sum(_conv(8, 8, 3, padding=1), nn.BatchNorm2d(8)).train())
-    result = bm.merge_branches(gm, None)
-    assert [r.reason for r in result.report.refusals] == [bm.TRAINING]
+    result = bm.merge_branches(gm)
+    assert [r.reason for r in result.report.refusals] == [legality.TRAINING]
     gm = torch.fx.symbolic_trace(Sum(lambda x: x, nn.BatchNorm2d(8)).eval())
-    result = bm.merge_branches(gm, None)
-    assert [r.reason for r in result.report.refusals] == [bm.SHAPES_UNKNOWN]
+    result = bm.merge_branches(gm)
+    assert [r.reason for r in result.report.refusals] == [legality.SHAPES_UNKNOWN]
 
 
 def test_nothing_to_merge_is_unchanged():
@@ -508,7 +504,7 @@ def test_default_pipeline_is_exact_idempotent_and_honest(network, seed):
 
 def test_sum_tree_reads_alpha_subtraction_and_constant_operands():
     gm = torch.fx.symbolic_trace(SignedSum())
-    analysis = bm.Analysis(gm)
+    analysis = LinearReader(gm)
     node = {n.name: n for n in gm.graph.nodes}
     assert bm._sum_operands(analysis, node["add"]) == [(node["b"], 1.0), (node["x"], 0.5)]
     assert bm._sum_operands(analysis, node["sub"]) == [(node["a"], 1.0), (node["add"], -1.0)]
@@ -516,5 +512,5 @@ def test_sum_tree_reads_alpha_subtraction_and_constant_operands():
     adds, leaves = bm._sum_tree(analysis, node["sub"])
     assert adds == [node["sub"], node["add"]]
     assert leaves == {node["a"]: 1.0, node["b"]: -1.0, node["x"]: -0.5}
-    _, result, error = _run(SignedSum(), pipeline="merge_parallel_branches")
+    _, result, error = run_randomized(SignedSum(), "merge_parallel_branches", SHAPE)
     assert error <= 1e-5 and _ops(result.graph_module) == Counter({"Conv2d": 1, "relu": 1})

@@ -14,11 +14,12 @@ from torch import nn
 
 from archc.export import export_onnx
 from archc.init import random_input, randomize
-from archc.pipeline import PassContext, graph_stats, list_passes, relative_error, run_pipeline
+from archc.pipeline import PassContext, graph_stats, list_passes, run_pipeline
+from archc.verify import relative_error
 from passes import channel_shuffle as cs
 from passes.pipelines import PIPELINES
+from tests.helpers import TOLERANCE, run_randomized
 
-TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 BATCH, SIDE = 2, 5
 # Op kinds (archc.pipeline.op_kind) that only a shuffle uses in these models.
 SHUFFLE_OPS = {"ChannelShuffle", "channel_shuffle", "Tensor.transpose", "Tensor.permute",
@@ -81,17 +82,6 @@ class Net(nn.Module):
         return x if self.consumer is None else self.consumer(x)
 
 
-def _run(model, passes, shape, dtype=torch.float32, seed=0, **ctx):
-    """Randomize, cast, run the passes; return (model, result, independent relative error)."""
-    model = randomize(model, seed).to(dtype)
-    ctx = PassContext(input_shape=shape, rtol=TOLERANCE[dtype], seed=seed, explain=True, **ctx)
-    result = run_pipeline(model, list(passes), ctx)
-    x = random_input(shape, seed + 1, dtype)
-    with torch.no_grad():
-        error = relative_error([model(x)], [result.graph_module(x)])
-    return model, result, error
-
-
 def _ops(gm) -> dict[str, int]:
     return {op: n for op, n in graph_stats(gm).ops.items() if n}
 
@@ -127,8 +117,8 @@ FOLDS = {  # the modules around the shuffle, built fresh per test
 @pytest.mark.parametrize("spelling", sorted(SPELLINGS))
 @pytest.mark.parametrize("case", sorted(FOLDS))
 def test_fold_is_exact_and_leaves_no_shuffle(case, spelling, dtype):
-    model, result, error = _run(Net(12, 3, spelling, **FOLDS[case]()), ["fold_channel_shuffle"],
-                                SHAPE, dtype)
+    model, result, error = run_randomized(Net(12, 3, spelling, **FOLDS[case]()),
+                                          ["fold_channel_shuffle"], SHAPE, dtype)
     assert error <= TOLERANCE[dtype] and result.max_error <= TOLERANCE[dtype]
     unshuffled = torch.fx.symbolic_trace(Net(12, 3, None, **FOLDS[case]()))
     assert _ops(result.graph_module) == _ops(unshuffled)  # no shuffle, no size arithmetic left
@@ -138,7 +128,7 @@ def test_fold_is_exact_and_leaves_no_shuffle(case, spelling, dtype):
 
 def test_fold_report_names_the_layer_and_the_bn():
     model = Net(12, 3, "torch.channel_shuffle", **FOLDS["conv_bn_relu_into_producer"]())
-    _, result, _ = _run(model, ["fold_channel_shuffle"], SHAPE)
+    _, result, _ = run_randomized(model, ["fold_channel_shuffle"], SHAPE)
     assert result.reports[0].rewrites == [
         "folded shuffle channel_shuffle (groups=3) into the producer producer through pre.0, pre.1"]
 
@@ -161,7 +151,7 @@ def _linear_net(consumer: bool) -> nn.Module:
 
 @pytest.mark.parametrize("consumer", [True, False], ids=["into_consumer", "into_producer"])
 def test_fold_into_linear_on_2d_tensors(consumer):
-    _, result, error = _run(_linear_net(consumer), ["fold_channel_shuffle"], (3, 5),
+    _, result, error = run_randomized(_linear_net(consumer), ["fold_channel_shuffle"], (3, 5),
                             torch.float64)
     assert error <= 1e-12 and _shuffle_ops(result.graph_module) == 0
     assert ("consumer fc2" if consumer else "producer fc1") in result.reports[0].rewrites[0]
@@ -171,7 +161,7 @@ def test_fold_into_linear_on_2d_tensors(consumer):
 def test_identity_shuffle_is_removed_between_grouped_convs(groups):
     model = Net(12, groups, "view_transpose", producer=nn.Conv2d(12, 12, 1, groups=3),
                 consumer=nn.Conv2d(12, 12, 1, groups=3))
-    _, result, error = _run(model, ["fold_channel_shuffle"], SHAPE)
+    _, result, error = run_randomized(model, ["fold_channel_shuffle"], SHAPE)
     assert error == 0 and _shuffle_ops(result.graph_module) == 0
     assert "is the identity" in result.reports[0].rewrites[0]
 
@@ -179,7 +169,7 @@ def test_identity_shuffle_is_removed_between_grouped_convs(groups):
 def test_two_shuffles_between_dense_convs_both_fold():
     model = Net(12, 3, "torch.channel_shuffle", producer=nn.Conv2d(12, 12, 1),
                 post=[nn.ChannelShuffle(4)], consumer=nn.Conv2d(12, 12, 1))
-    _, result, error = _run(model, ["fold_channel_shuffle"], SHAPE)
+    _, result, error = run_randomized(model, ["fold_channel_shuffle"], SHAPE)
     assert error <= 1e-5 and _shuffle_ops(result.graph_module) == 0
     assert len(result.reports[0].rewrites) == 2
 
@@ -191,7 +181,7 @@ def test_shufflenet_unit_with_a_dense_first_conv_in_the_default_pipeline():
                 post=[nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False),
                       nn.BatchNorm2d(12)],
                 consumer=nn.Conv2d(12, 24, 1, groups=3))
-    _, result, error = _run(model, PIPELINES["default"], (BATCH, 8, SIDE, SIDE))
+    _, result, error = run_randomized(model, PIPELINES["default"], (BATCH, 8, SIDE, SIDE))
     assert error <= 1e-5 and result.max_error <= 1e-5
     assert _shuffle_ops(result.graph_module) == 0
     assert "folded shuffle" in result.format(explain=True)
@@ -272,7 +262,7 @@ REFUSED = {  # model, input shape, the refusal reasons' beginnings (consumer sid
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_refusal_is_reported_and_the_shuffle_stays(case):
     build, shape, expected = REFUSED[case]
-    _, result, error = _run(build(), ["fold_channel_shuffle"], shape)
+    _, result, error = run_randomized(build(), ["fold_channel_shuffle"], shape)
     assert error <= 1e-5 and not result.modified
     assert _begin_with(_reasons(result), expected)
     assert all(reason in result.format(explain=True) for reason in _reasons(result))
@@ -306,7 +296,8 @@ def test_unknown_shapes_are_refused():
 @pytest.mark.parametrize("spelling", sorted(SPELLINGS))
 def test_every_spelling_canonicalizes_to_one_node(spelling):
     build = dict(producer=nn.Conv2d(12, 12, 1, groups=3), consumer=nn.Conv2d(12, 12, 1, groups=3))
-    _, result, error = _run(Net(12, 3, spelling, **build), ["canonicalize_channel_shuffle"], SHAPE)
+    _, result, error = run_randomized(Net(12, 3, spelling, **build),
+                                      ["canonicalize_channel_shuffle"], SHAPE)
     canonical = torch.fx.symbolic_trace(Net(12, 3, "torch.channel_shuffle", **build))
     assert error == 0 and _ops(result.graph_module) == _ops(canonical)
     assert result.reports[0].modified == (spelling not in ("torch.channel_shuffle",
@@ -338,19 +329,20 @@ class Lookalike(nn.Module):
 @pytest.mark.parametrize("kind", ["swaps_spatial_dims", "other_output_shape", "groups_from_height",
                                   "square_only"])
 def test_lookalikes_are_not_shuffles(kind):
-    _, result, _ = _run(Lookalike(kind), ["canonicalize_channel_shuffle",
+    _, result, _ = run_randomized(Lookalike(kind), ["canonicalize_channel_shuffle",
                                           "fold_channel_shuffle"], (BATCH, 12, 3, 3))
     assert not result.modified and not _reasons(result)
 
 
 def test_rank_2_shuffle_keeps_its_reshape_form():
-    _, result, _ = _run(_linear_net(True), ["canonicalize_channel_shuffle"], (3, 5))
+    _, result, _ = run_randomized(_linear_net(True), ["canonicalize_channel_shuffle"], (3, 5))
     assert _reasons(result) == [cs.RANK_2] and not result.modified
 
 
 def test_shuffle_written_in_place_keeps_its_spelling():
     model = Net(12, 12, "view_transpose", post=[nn.ReLU(inplace=True)])
-    _, result, error = _run(model, ["canonicalize_channel_shuffle", "fold_channel_shuffle"], SHAPE)
+    _, result, error = run_randomized(
+        model, ["canonicalize_channel_shuffle", "fold_channel_shuffle"], SHAPE)
     assert error == 0 and not result.modified
     expected = [cs.IN_PLACE, f"{cs.IN_PLACE}: post.0 (ReLU)", AT_INPUT]
     assert _reasons(result) == expected  # canonicalize, then fold's consumer and producer sides
@@ -460,7 +452,7 @@ INSERT = {  # model, shuffles it must gain, refusal reasons
 @pytest.mark.parametrize("case", sorted(INSERT))
 def test_insert_counts_and_reasons(case):
     build, count, reasons = INSERT[case]
-    _, result, _ = _run(build(), ["insert_channel_shuffle"], SHAPE)
+    _, result, _ = run_randomized(build(), ["insert_channel_shuffle"], SHAPE)
     report = result.reports[0]
     added = _ops(result.graph_module).get("channel_shuffle", 0) - _ops(
         torch.fx.symbolic_trace(build())).get("channel_shuffle", 0)
@@ -475,8 +467,9 @@ def test_insert_counts_and_reasons(case):
 
 
 def test_insert_reports_where_and_why_and_declares_a_function_change():
-    assert ("insert_channel_shuffle", False) in {(n, exact) for n, _, exact in list_passes()}
-    _, result, _ = _run(INSERT["two_grouped_1x1"][0](), ["insert_channel_shuffle"], SHAPE)
+    assert ("insert_channel_shuffle", False) in {(p.name, p.preserves_function)
+                                                 for p in list_passes()}
+    _, result, _ = run_randomized(INSERT["two_grouped_1x1"][0](), ["insert_channel_shuffle"], SHAPE)
     assert result.reports[0].rewrites == [
         "inserted channel_shuffle(groups=3) before 3: each of its 3 groups saw one of the 3 "
         "groups of 0"]
@@ -497,14 +490,14 @@ def test_inserted_shuffle_makes_every_output_group_see_every_input_group():
 
 def test_insert_refuses_an_unbatched_conv():
     model = Seq(nn.Conv2d(6, 6, 1, groups=3), nn.Conv2d(6, 6, 1, groups=3))
-    _, result, _ = _run(model, ["insert_channel_shuffle"], (6, SIDE, SIDE))
+    _, result, _ = run_randomized(model, ["insert_channel_shuffle"], (6, SIDE, SIDE))
     assert _reasons(result) == [f"{cs.CHANNEL_DIM}: 1 on a 3-D tensor"]
 
 
 # ---- the registry, the default pipeline, ONNX ----
 
 def test_passes_are_registered_and_fold_runs_in_default():
-    passes = {name: exact for name, _, exact in list_passes()}
+    passes = {p.name: p.preserves_function for p in list_passes()}
     assert passes["fold_channel_shuffle"] and passes["canonicalize_channel_shuffle"]
     default = PIPELINES["default"]
     assert default.index("fold_bn") < default.index("fold_channel_shuffle")
@@ -516,7 +509,7 @@ def test_remaining_shuffle_exports_to_reshape_transpose_reshape(canonical, tmp_p
     model = Net(12, 3, "view_transpose", producer=nn.Conv2d(12, 12, 1, groups=3),
                 pre=[nn.BatchNorm2d(12), nn.ReLU()], consumer=nn.Conv2d(12, 12, 1, groups=3))
     passes = [*PIPELINES["default"], *(["canonicalize_channel_shuffle"] if canonical else [])]
-    _, result, _ = _run(model, passes, SHAPE)
+    _, result, _ = run_randomized(model, passes, SHAPE)
     assert _shuffle_ops(result.graph_module) == 1
     x = random_input(SHAPE, 3)
     report = export_onnx(result.graph_module, tmp_path / "m.onnx", x)

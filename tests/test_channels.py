@@ -4,7 +4,6 @@ every reason a group is fixed."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +16,6 @@ from archc.channels import analyze_channels, channel_groups
 X = (torch.randn(2, 3, 8, 8),)
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _graph(model: nn.Module, inputs=X):

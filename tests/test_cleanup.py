@@ -7,22 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archc.init import random_input, randomize
-from archc.pipeline import PassContext, relative_error, run_pipeline
+from archc.pipeline import PassContext, run_pipeline
 from archc.rules import apply_rules
 from passes import cleanup
+from tests.helpers import TOLERANCE, run_randomized
 
 SHAPE = (2, 4, 5, 5)
 
 
-def _run(model: nn.Module, passes: list[str], dtype=torch.float32, **options):
-    model = randomize(model, 0).to(dtype)
-    ctx = PassContext(input_shape=SHAPE, rtol=1e-5 if dtype == torch.float32 else 1e-12,
-                      **options)
-    result = run_pipeline(model, passes, ctx)
-    x = random_input(SHAPE, 1, dtype)
-    with torch.no_grad():
-        assert relative_error([model(x)], [result.graph_module(x)]) <= ctx.rtol
+def _cleaned(model: nn.Module, passes: list[str], dtype=torch.float32):
+    _, result, error = run_randomized(model, passes, SHAPE, dtype)
+    assert error <= TOLERANCE[dtype]
     return result
 
 
@@ -51,7 +46,7 @@ class Identities(nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_remove_identity(dtype):
-    result = _run(Identities(), ["remove_identity", "eliminate_dead_code"], dtype)
+    result = _cleaned(Identities(), ["remove_identity", "eliminate_dead_code"], dtype)
     assert _kinds(result) == {"Conv2d", "add", "relu"}
     assert result.reports[0].refusals == []
     assert "removed drop2d" in result.reports[0].rewrites
@@ -77,7 +72,7 @@ def test_functional_dropout_in_training_refused():
 
 
 def test_promoting_op_refused():
-    result = _run(PromotesDtype(), ["remove_identity"])
+    result = _cleaned(PromotesDtype(), ["remove_identity"])
     assert _reasons(result) == [cleanup.CHANGES_DTYPE]
 
 
@@ -113,7 +108,7 @@ class Dead(nn.Module):
 
 
 def test_eliminate_dead_code_keeps_in_place_ops():
-    result = _run(Dead(), ["eliminate_dead_code"])
+    result = _cleaned(Dead(), ["eliminate_dead_code"])
     rewrites = result.reports[0].rewrites
     assert rewrites == ["deleted nodes: unused, scale, add", "deleted submodules: unused",
                         "deleted attributes: scale"]
@@ -137,7 +132,7 @@ def test_fold_constants():
     model = Constants()
     with torch.no_grad():
         model.scale.uniform_(0.5, 1.5)
-    result = _run(model, ["fold_constants", "eliminate_dead_code"])
+    result = _cleaned(model, ["fold_constants", "eliminate_dead_code"])
     assert result.reports[0].rewrites == ["folded mul into constant _folded_mul",
                                           "folded add into constant _folded_add",
                                           "folded reshape into constant _folded_reshape"]

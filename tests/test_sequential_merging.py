@@ -4,6 +4,7 @@ reason, and the chain algebra (`chain_convs`, `merge_sequential_grouped`) agains
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import hypothesis.strategies as st
@@ -13,18 +14,21 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from torch import nn
 
-from archc.init import random_input, randomize
-from archc.pipeline import PassContext, op_kind, relative_error, resolve_pipeline, run_pipeline
+from archc import legality
+from archc import linear_chains as chains
+from archc import weight_algebra as wa
+from archc.graph import op_kind
+from archc.init import randomize
+from archc.pipeline import PassContext, run_pipeline
+from archc.verify import relative_error
 from passes import sequential_merging as sm
 from passes.pipelines import PIPELINES
-from tests.helpers import BNAndPad, Fn
+from tests.helpers import TOLERANCE, BNAndPad, Fn, run_randomized
 
-TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 SHAPE = (2, 8, 10, 10)
 MERGE = PIPELINES["default"].index("merge_sequential_convs")
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 class Chain(nn.Sequential):
@@ -63,16 +67,6 @@ MERGED = {
 }
 
 
-def _run(model, shape=SHAPE, dtype=torch.float32, seed=0, pipeline="default"):
-    model = randomize(model.to(dtype), seed)
-    ctx = PassContext(input_shape=shape, rtol=TOLERANCE[dtype], seed=seed, explain=True)
-    result = run_pipeline(model, resolve_pipeline(pipeline), ctx)
-    x = random_input(shape, seed + 1, dtype)
-    with torch.no_grad():
-        error = relative_error([model(x)], [result.graph_module(x)])
-    return result, error
-
-
 def _ops(gm) -> Counter:
     return Counter(op_kind(gm, n) for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
 
@@ -81,7 +75,7 @@ def _ops(gm) -> Counter:
 @pytest.mark.parametrize("name", sorted(MERGED))
 def test_chain_merges_into_one_conv(name, dtype):
     build, rule = MERGED[name]
-    result, error = _run(build(), dtype=dtype)
+    _, result, error = run_randomized(build(), "default", SHAPE, dtype)
     assert error <= TOLERANCE[dtype] and result.max_error <= TOLERANCE[dtype]
     assert _ops(result.graph_module) == Counter({"Conv2d": 1})
     rewrites = result.reports[MERGE].rewrites
@@ -89,12 +83,12 @@ def test_chain_merges_into_one_conv(name, dtype):
 
 
 def test_report_gives_the_cost_both_ways():
-    result, _ = _run(Chain(_conv(8, 32, 3, 1, 1), _conv(32, 2, 3)))
+    _, result, _ = run_randomized(Chain(_conv(8, 32, 3, 1, 1), _conv(32, 2, 3)), "default", SHAPE)
     # merged 5x5: 25 * 8 * 2; unmerged: 9 * 8 * 32 + 9 * 32 * 2
     assert result.reports[MERGE].rewrites == [
         "merged 0 -> 1 into 1 (R8 KxK -> KxK; 5x5 s1 p1 d1 g1; "
         "merged 400 vs unmerged 2880 MACs per output pixel)"]
-    result, _ = _run(Chain(_conv(8, 8, 3, 1, 1), _conv(8, 8, 3)))
+    _, result, _ = run_randomized(Chain(_conv(8, 8, 3, 1, 1), _conv(8, 8, 3)), "default", SHAPE)
     assert [r.reason for r in result.reports[MERGE].refusals] == [
         f"{sm.COST}: merged 1600 vs unmerged 1152 MACs per output pixel"]
 
@@ -129,22 +123,23 @@ class Standardized(nn.Conv2d):
 
 
 REFUSED = {
-    sm.BORDER: lambda: Chain(_conv(8, 8, 1), _conv(8, 8, 3, 1, 1)),
+    chains.BORDER: lambda: Chain(_conv(8, 8, 1), _conv(8, 8, 3, 1, 1)),
     sm.COST: lambda: Chain(_conv(8, 8, 3, 1, 1), _conv(8, 2, 1), _conv(2, 8, 1)),
-    sm.GROUPS_MISMATCH: lambda: Chain(_conv(8, 6, 3, 1, 1, groups=2), _conv(6, 6, 1, groups=3)),
-    sm.OTHER_USERS: OtherUser,
-    sm.SHARED_MODULE: Shared,
-    sm.DILATION: lambda: Chain(_conv(8, 32, 3, 1, 2, 2), _conv(32, 2, 3)),
+    chains.GROUPS_MISMATCH: lambda: Chain(_conv(8, 6, 3, 1, 1, groups=2), _conv(6, 6, 1, groups=3)),
+    legality.OTHER_USERS: OtherUser,
+    legality.SHARED_MODULE: Shared,
+    chains.DILATION: lambda: Chain(_conv(8, 32, 3, 1, 2, 2), _conv(32, 2, 3)),
     sm.NONLINEAR: lambda: Chain(_conv(8, 8, 3, 1, 1), nn.ReLU(), _conv(8, 8, 1)),
-    sm.PADDING_MODE: lambda: Chain(_conv(8, 8, 3, 1, 1, padding_mode="reflect"), _conv(8, 8, 1)),
-    sm.ASYMMETRIC: lambda: Chain(_conv(8, 8, 1, bias=False), nn.ZeroPad2d((1, 0, 1, 0)),
+    chains.PADDING_MODE: lambda: Chain(_conv(8, 8, 3, 1, 1, padding_mode="reflect"),
+                                       _conv(8, 8, 1)),
+    chains.ASYMMETRIC: lambda: Chain(_conv(8, 8, 1, bias=False), nn.ZeroPad2d((1, 0, 1, 0)),
                                  _conv(8, 8, 2)),
 }
 
 
 @pytest.mark.parametrize("reason", sorted(REFUSED), ids=lambda r: r[:30])
 def test_refusal_is_reported(reason):
-    result, error = _run(REFUSED[reason]())
+    _, result, error = run_randomized(REFUSED[reason](), "default", SHAPE)
     assert error <= 1e-5
     refusals = result.reports[MERGE].refusals
     assert any(r.reason.startswith(reason) for r in refusals), refusals
@@ -159,21 +154,21 @@ def test_refusal_subclass_training_and_channels():
 
     model = randomize(Chain(Standardized(8, 8, 3), _conv(8, 8, 1)), 0)
     gm = torch.fx.GraphModule(model, KeepStandardized().trace(model))
-    assert [r.reason for r in sm.merge_convs(gm, None).report.refusals] == [sm.SUBCLASS]
+    assert [r.reason for r in sm.merge_convs(gm).report.refusals] == [legality.SUBCLASS]
     gm = torch.fx.symbolic_trace(Chain(_conv(8, 8, 3), nn.BatchNorm2d(8), _conv(8, 8, 1)).train())
-    assert [r.reason for r in sm.merge_convs(gm, None).report.refusals] == [sm.TRAINING]
+    assert [r.reason for r in sm.merge_convs(gm).report.refusals] == [legality.TRAINING]
     # Never run (a conv writing 6 channels into one reading 8): traced only.
     gm = torch.fx.symbolic_trace(Chain(_conv(8, 6, 1), _conv(8, 8, 1)).eval())
-    assert [r.reason for r in sm.merge_convs(gm, None).report.refusals] == [sm.CHANNELS]
+    assert [r.reason for r in sm.merge_convs(gm).report.refusals] == [chains.CHANNELS]
 
 
 def test_bias_pad_mismatch_is_the_border_trap():
     # Padding the intermediate with a value other than the first conv's bias stays refused.
     model = Chain(_conv(8, 8, 1), Fn(lambda y: F.pad(y, [1, 1, 1, 1], value=0.25)),
                   _conv(8, 8, 3))
-    result, error = _run(model)
+    _, result, error = run_randomized(model, "default", SHAPE)
     assert error <= 1e-5
-    assert [r.reason for r in result.reports[MERGE].refusals] == [sm.BORDER]
+    assert [r.reason for r in result.reports[MERGE].refusals] == [chains.BORDER]
 
 
 def test_nothing_to_merge_is_unchanged():
@@ -185,7 +180,7 @@ def test_nothing_to_merge_is_unchanged():
 
 # ---- the chain algebra against real convs (float64) ----
 
-def _apply(x, conv: sm.Conv, pads):
+def _apply(x, conv: chains.UnpaddedConv, pads):
     pad = [side for before_after in reversed(pads) for side in before_after]
     return F.conv2d(F.pad(x, pad), conv.weight, conv.bias, conv.stride, 0, conv.dilation,
                     conv.groups)
@@ -203,8 +198,8 @@ def conv_pairs(draw):
         g = draw(st.sampled_from([1, groups]))
         weight = torch.randn(c_out, c_in // g, *kernel, dtype=torch.float64,
                              generator=torch.Generator().manual_seed(draw(st.integers(0, 999))))
-        convs.append(sm.Conv(weight, torch.randn(c_out, dtype=torch.float64), stride, dilation,
-                             g))
+        bias = torch.randn(c_out, dtype=torch.float64)
+        convs.append(chains.UnpaddedConv(weight, bias, stride, dilation, g))
     return convs
 
 
@@ -214,14 +209,56 @@ def test_chain_convs_matches_two_unpadded_convs(pair):
     first, second = pair
     x = torch.randn(2, first.weight.shape[1] * first.groups, 13, 13, dtype=torch.float64)
     try:
-        merged = sm.chain_convs(first, second)
-    except sm.Unmergeable as refusal:
-        assert refusal.reason in (sm.DILATION, sm.GROUPS_MISMATCH)
+        merged = chains.chain_convs(first, second)
+    except chains.Unmergeable as refusal:
+        assert refusal.reason in (chains.DILATION, chains.GROUPS_MISMATCH)
         return
     no_pad = ((0, 0), (0, 0))
     reference = _apply(_apply(x, first, no_pad), second, no_pad)
     out = _apply(x, merged, no_pad)
     assert relative_error([reference], [out]) <= 1e-12
+
+
+@st.composite
+def step_chains(draw):
+    """(input channels, 1 to 4 steps): convs of random geometry, affines, average pools."""
+    groups = draw(st.sampled_from([1, 2, 4]))
+    channels = in_channels = groups * draw(st.integers(1, 2))
+    steps = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["conv", "conv", "affine", "pool"]))
+        if kind == "affine":
+            value = torch.ones(draw(st.sampled_from([(), (channels,)])), dtype=torch.float64)
+            steps.append(chains.ChannelAffine(value, value))
+        elif kind == "pool":
+            steps.append(chains.AvgPool(draw(st.sampled_from([(2, 2), (3, 1)])),
+                                        draw(st.sampled_from([(1, 1), (2, 2)])), None))
+        else:
+            g = draw(st.sampled_from([1, groups]))
+            out = g * draw(st.integers(1, 3))
+            kernel = draw(st.sampled_from([(1, 1), (3, 3), (1, 3), (2, 2)]))
+            weight = torch.ones(out, channels // g, *kernel, dtype=torch.float64)
+            steps.append(chains.UnpaddedConv(
+                weight, torch.zeros(out, dtype=torch.float64),
+                draw(st.sampled_from([(1, 1), (2, 2), (1, 2)])),
+                draw(st.sampled_from([(1, 1), (2, 2), (2, 1)])), g))
+            channels = out
+    return in_channels, steps
+
+
+@settings(max_examples=60, deadline=None)
+@given(step_chains())
+def test_chain_costs_from_shapes_equal_the_composed_conv(chain):
+    """The cost rule's numbers come before composing: they must be the composed conv's."""
+    channels, steps = chain
+    start = chains.ComposedConv.identity(channels, 2, torch.float64)
+    try:
+        state = start.then_all(steps)
+    except chains.Unmergeable as refusal:
+        with pytest.raises(chains.Unmergeable, match=re.escape(refusal.reason)):
+            chains.chain_costs(channels, 2, steps)
+        return
+    assert chains.chain_costs(channels, 2, steps) == (state.conv.weight.numel(), state.macs())
 
 
 def test_merge_sequential_grouped_matches_per_group_convs():
@@ -230,20 +267,20 @@ def test_merge_sequential_grouped_matches_per_group_convs():
     w2, b2 = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=gen), torch.randn(6).double()
     x = torch.randn(1, 4, 11, 11, dtype=torch.float64, generator=gen)
     reference = F.conv2d(F.conv2d(x, w1, b1, 2, groups=2), w2, b2, groups=2)
-    weight, bias = sm.merge_sequential_grouped(w1, b1, 2, w2, b2, groups=2)
+    weight, bias = wa.merge_sequential_grouped(w1, b1, 2, w2, b2, groups=2)
     assert weight.shape == (6, 2, 7, 7)
     out = F.conv2d(x, weight, bias, 2, groups=2)
     assert relative_error([reference], [out]) <= 1e-12
     with pytest.raises(ValueError, match="3 groups do not divide"):
-        sm.merge_sequential_grouped(w1, b1, 1, w2, b2, groups=3)
+        wa.merge_sequential_grouped(w1, b1, 1, w2, b2, groups=3)
 
 
 def test_pad_moves_before_a_zero_bias_1x1_only():
     one = torch.ones((), dtype=torch.float64)
-    start = sm.Linear.identity(4, 2, torch.float32)
-    conv = sm.Conv(torch.randn(4, 4, 1, 1, dtype=torch.float64), torch.zeros(4).double(),
-                   (2, 2), (1, 1), 1)
-    moved = start.then_all([conv, sm.Pad(((1, 0), (0, 2)))])
+    start = chains.ComposedConv.identity(4, 2, torch.float32)
+    conv = chains.UnpaddedConv(torch.randn(4, 4, 1, 1, dtype=torch.float64),
+                               torch.zeros(4).double(), (2, 2), (1, 1), 1)
+    moved = start.then_all([conv, chains.ZeroPad(((1, 0), (0, 2)))])
     assert moved.pads == ((2, 0), (0, 4))  # the 1x1's stride 2 doubles the pad
-    with pytest.raises(sm.Unmergeable, match="border"):
-        start.then_all([conv, sm.Affine(one, one), sm.Pad(((1, 1), (1, 1)))])
+    with pytest.raises(chains.Unmergeable, match="border"):
+        start.then_all([conv, chains.ChannelAffine(one, one), chains.ZeroPad(((1, 1), (1, 1)))])

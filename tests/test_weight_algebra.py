@@ -2,7 +2,8 @@
 
 float64 checks that each identity is exact (relative error `max|Δ| / max|ref|` <= 1e-12), float32
 that it holds at working precision (<= 1e-5). Each `test_trap_*` breaks one legality condition of
-REWRITES.md and shows the rewrite is then no longer exact: the caller's checks are what make it so.
+docs/rewrites.md and shows the rewrite is then no longer exact: the caller's checks are what make
+it so.
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ def test_trap_fold_bn_before_padded_conv():
 
 
 def test_fold_bn_before_padded_conv_is_exact_with_the_padding_moved_upstream():
-    # REWRITES.md R2's repair: pad before the BN with v = μ - β/t = -u/t, which the BN maps to 0.
+    # docs/rewrites.md R2's repair: pad before the BN with v = μ - β/t = -u/t, which BN maps to 0.
     gen = torch.Generator().manual_seed(9)
     x = randn(gen, 2, 4, 7, 7)
     w = randn(gen, 5, 4, 3, 3)
