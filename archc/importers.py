@@ -2,11 +2,11 @@
 
 - archc checkpoint (`.pt`): `{format, version, spec, state_dict}`, loaded with `weights_only=True`
   and rebuilt from its spec.
-- torch.export program (`.pt2`): its aten-level graph is *lifted* back to module level, so the
-  same structural rules match it as match a traced nn.Module:
-  `aten.conv{1,2,3}d(x, W, b, s, p, d, g)` -> `nn.ConvNd`, `aten.batch_norm(x, γ, β, μ, σ², False,
-  m, ε)` -> `nn.BatchNormNd`, `aten.linear` -> `nn.Linear`, `aten.add.Tensor` / `aten.mul.Tensor`
-  -> `operator.add` / `operator.mul`, `aten.relu` -> `torch.relu`. Parameters keep their names.
+- torch.export program (`.pt2`): the parameterized layers of its aten-level graph are *lifted*
+  back to modules: `aten.conv{1,2,3}d(x, W, b, s, p, d, g)` -> `nn.ConvNd`, `aten.linear` ->
+  `nn.Linear`; parameters keep their names. Functional aten ops become the torch functions a
+  traced module calls (`ATEN_TO_TORCH`: `aten.add.Tensor` -> `torch.add`, ...). aten BatchNorm
+  and in-place ops are brought to the same form as a traced module's by `canonicalize`.
 - a whole pickled `nn.Module` (`torch.save(model)`): unpickling runs arbitrary code, so it is read
   only with an explicit `trust_pickle=True` (`--trust-pickle`); then traced with `symbolic_trace`.
 """
@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import io
 import operator
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from archc.errors import CheckpointError
-from archc.export import CHECKPOINT_FORMAT, load_checkpoint_bytes
+from archc.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_bytes
+from archc.errors import CheckpointError, first_line
+from archc.graph import attribute
+from archc.loading import spec_from_mapping
+from archc.lower import input_shape
 
 PICKLE_HINT = (
     "it holds pickled Python objects (a whole nn.Module?); unpickling runs arbitrary code, "
@@ -56,12 +62,9 @@ def load_model(path: str | Path, *, trust_pickle: bool = False) -> ImportedModel
             if trust_pickle:
                 return _load_pickled_module(data, path)
             raise CheckpointError(f"{path}: {PICKLE_HINT}") from None
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line(exc)})") from None
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         spec, gm = load_checkpoint_bytes(data, str(path))
-        from archc.lower import input_shape
-        from archc.spec import spec_from_mapping
-
         return ImportedModel(
             gm, spec["name"], "archc checkpoint", input_shape(spec_from_mapping(spec)), spec
         )
@@ -79,15 +82,77 @@ def _needs_pickle(exc: Exception) -> bool:
 
 
 def _load_pickled_module(data: bytes, path: Path) -> ImportedModel:
+    """Unpickle a whole module; the classes it names are imported like a script's would be, from
+    the current directory first (the user opted into running that code)."""
+    sys.path.insert(0, os.getcwd())
     try:
         model = torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
+    except ModuleNotFoundError as exc:
+        raise CheckpointError(
+            f"{path}: the pickle's classes are in module {exc.name!r}, which cannot be imported: "
+            f"run archc from the directory that holds it, or add that directory to PYTHONPATH"
+        ) from None
+    except AttributeError as exc:
+        raise CheckpointError(
+            f"{path}: a class the pickle names is not in its module ({first_line(exc)}): the "
+            f"module has changed since the model was saved"
+        ) from None
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot unpickle ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: cannot unpickle ({first_line(exc)})") from None
+    finally:
+        sys.path.remove(os.getcwd())
     if not isinstance(model, nn.Module):
         raise CheckpointError(
             f"{path}: the pickle holds a {type(model).__name__}, not an nn.Module"
         )
-    return ImportedModel(trace(model, str(path)), path.stem, "pickled nn.Module", None)
+    gm = trace(model.eval(), str(path))
+    return ImportedModel(gm, path.stem, "pickled nn.Module", inferred_input_shape(gm))
+
+
+DEFAULT_SIDE = 224  # spatial size of a pickled model's example input, unless --input-shape
+
+
+def first_layer(gm: GraphModule) -> tuple[str, nn.Module] | None:
+    """The first conv or linear module the graph calls: it tells the input's rank and channels."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                return node.target, module
+    return None
+
+
+def inferred_input_shape(gm: GraphModule) -> tuple[int, ...] | None:
+    """(1, C, 224, ...) for a model whose first layer is a conv (its channels and spatial
+    rank), (1, F) for a linear one; None if there is neither."""
+    found = first_layer(gm)
+    if found is None:
+        return None
+    module = found[1]
+    if isinstance(module, nn.Linear):
+        return (1, module.in_features)
+    return (1, module.in_channels, *([DEFAULT_SIDE] * (module.weight.ndim - 2)))
+
+
+def check_example(gm: GraphModule, example: torch.Tensor, source: str) -> None:
+    """One-line errors for an example input the model cannot take (`--input-shape`)."""
+    found = first_layer(gm)
+    shape = "x".join(map(str, example.shape))
+    if found is not None:
+        name, module = found
+        rank = 2 if isinstance(module, nn.Linear) else module.weight.ndim
+        if example.ndim != rank:
+            raise CheckpointError(
+                f"{source}: --input-shape {','.join(map(str, example.shape))} has "
+                f"{example.ndim} dims, but the first layer {name} ({type(module).__name__}) "
+                f"takes {rank}-dimensional input")
+    try:
+        with torch.no_grad():
+            gm(example)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{source}: the model does not run at the example input {shape} "
+            f"({first_line(exc)}); give its input shape with --input-shape N,C,H,W") from None
 
 
 def trace(model: nn.Module, source: str) -> GraphModule:
@@ -98,7 +163,7 @@ def trace(model: nn.Module, source: str) -> GraphModule:
         return torch.fx.symbolic_trace(model)
     except Exception as exc:
         raise CheckpointError(
-            f"{source}: torch.fx cannot trace this model ({_first_line(exc)}); "
+            f"{source}: torch.fx cannot trace this model ({first_line(exc)}); "
             f"export it with torch.export and pass the .pt2 instead"
         ) from None
 
@@ -108,7 +173,7 @@ def _load_program(data: bytes, path: Path) -> ImportedModel:
         program = torch.export.load(io.BytesIO(data))
     except Exception as exc:
         raise CheckpointError(
-            f"{path}: not a loadable torch.export program ({_first_line(exc)})"
+            f"{path}: not a loadable torch.export program ({first_line(exc)})"
         ) from None
     shape = None
     example = getattr(program, "example_inputs", None)
@@ -118,7 +183,7 @@ def _load_program(data: bytes, path: Path) -> ImportedModel:
         gm = lift_aten_graph(program.module())
     except Exception as exc:
         raise CheckpointError(
-            f"{path}: cannot import the program's graph ({_first_line(exc)})"
+            f"{path}: cannot import the program's graph ({first_line(exc)})"
         ) from None
     return ImportedModel(gm, path.stem, "torch.export program", shape)
 
@@ -128,17 +193,30 @@ _CONVS = {
     torch.ops.aten.conv2d.default: nn.Conv2d,
     torch.ops.aten.conv3d.default: nn.Conv3d,
 }
-_BATCH_NORMS = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-_FUNCTIONS = {
-    torch.ops.aten.relu.default: torch.relu,
-    torch.ops.aten.add.Tensor: operator.add,
-    torch.ops.aten.mul.Tensor: operator.mul,
+# aten overloads whose positional arguments a torch function or operator takes as they are:
+# a lifted program calls what a traced module would, so one set of rules reads both.
+_ATEN = torch.ops.aten
+ATEN_TO_TORCH = {
+    _ATEN.add.Tensor: torch.add, _ATEN.sub.Tensor: torch.sub, _ATEN.mul.Tensor: operator.mul,
+    _ATEN.div.Tensor: operator.truediv, _ATEN.neg.default: operator.neg,
+    _ATEN.relu.default: torch.relu, _ATEN.sigmoid.default: torch.sigmoid,
+    _ATEN.tanh.default: torch.tanh, _ATEN.gelu.default: F.gelu, _ATEN.silu.default: F.silu,
+    _ATEN.hardswish.default: F.hardswish, _ATEN.hardsigmoid.default: F.hardsigmoid,
+    _ATEN.hardtanh.default: F.hardtanh, _ATEN.leaky_relu.default: F.leaky_relu,
+    _ATEN.dropout.default: torch.dropout, _ATEN.clone.default: torch.clone,
+    _ATEN.cat.default: torch.cat, _ATEN.mean.dim: torch.mean, _ATEN.flatten.using_ints:
+    torch.flatten, _ATEN.view.default: torch.reshape, _ATEN.reshape.default: torch.reshape,
+    _ATEN.transpose.int: torch.transpose, _ATEN.permute.default: torch.permute,
+    _ATEN.channel_shuffle.default: torch.channel_shuffle, _ATEN.chunk.default: torch.chunk,
+    _ATEN.split.Tensor: torch.split, _ATEN.unsqueeze.default: torch.unsqueeze,
+    _ATEN.squeeze.dim: torch.squeeze, _ATEN.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    _ATEN.avg_pool2d.default: F.avg_pool2d, _ATEN.max_pool2d.default: F.max_pool2d,
 }
 
 
 def lift_aten_graph(exported: nn.Module) -> GraphModule:
     """Turn an unlifted torch.export module (aten ops on get_attr parameters) into a module-level
-    GraphModule: convs, batch norms and linears become modules; see the module docstring."""
+    GraphModule: convs and linears become modules; see the module docstring."""
     root: dict[str, object] = {}
     graph = exported.graph
     for node in list(graph.nodes):
@@ -146,19 +224,13 @@ def lift_aten_graph(exported: nn.Module) -> GraphModule:
             graph.erase_node(node)
         elif node.op == "call_function" and node.target in _CONVS:
             _lift(node, _conv_module(exported, node), root, graph)
-        elif node.op == "call_function" and node.target == torch.ops.aten.batch_norm.default:
-            module = _batch_norm_module(exported, node)
-            if module is not None:
-                _lift(node, module, root, graph)
+        elif node.op == "call_function" and node.target in ATEN_TO_TORCH:
+            node.target = ATEN_TO_TORCH[node.target]
         elif node.op == "call_function" and node.target == torch.ops.aten.linear.default:
             weight, bias = _attr(exported, node.args[1]), _attr(exported, _arg(node, 2))
             module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
             _assign(module, weight=weight, bias=bias)
             _lift(node, module, root, graph)
-        elif node.op == "call_function" and node.target in _FUNCTIONS:
-            if node.target == torch.ops.aten.add.Tensor and node.kwargs.get("alpha", 1) != 1:
-                continue
-            node.target = _FUNCTIONS[node.target]
     for node in graph.nodes:
         if node.op == "get_attr" and node.users and node.target not in root:
             root[node.target] = _attr(exported, node)
@@ -213,21 +285,6 @@ def _conv_module(exported: nn.Module, node: Node) -> nn.Module:
     return module
 
 
-def _batch_norm_module(exported: nn.Module, node: Node) -> nn.Module | None:
-    _, weight, bias, mean, var, training, momentum, eps = (list(node.args) + [None] * 9)[:8]
-    if training or mean is None or var is None:
-        return None  # batch statistics: not a module-level eval BN, leave it as it is
-    mean_t = _attr(exported, mean)
-    rank = len(node.meta["val"].shape) if "val" in node.meta else 4
-    module = _BATCH_NORMS[rank](
-        mean_t.shape[0], eps=eps, momentum=momentum, affine=weight is not None
-    )
-    _assign(module, weight=_attr(exported, weight), bias=_attr(exported, bias))
-    module.running_mean.copy_(mean_t)
-    module.running_var.copy_(_attr(exported, var))
-    return module
-
-
 def _assign(module: nn.Module, **tensors) -> None:
     for name, tensor in tensors.items():
         if tensor is not None:
@@ -243,12 +300,4 @@ def _attr(module: nn.Module, node: Node | None):
         return None
     if not isinstance(node, Node) or node.op != "get_attr":
         raise ValueError(f"expected a parameter, got {node}")
-    value = module
-    for part in str(node.target).split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+    return attribute(module, str(node.target))

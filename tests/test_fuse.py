@@ -12,8 +12,8 @@ from torch import nn
 
 import archc
 from archc.cli import main
-from archc.export import relative_error
 from archc.init import randomize
+from archc.verify import relative_error
 
 REPVGG_A0_DEPLOY_PARAMS = 8_309_384
 SMALL = "1,3,64,64"
@@ -38,12 +38,13 @@ def test_fuse_archc_repvgg_a0(repvgg_checkpoint, tmp_path, capsys):
     out = tmp_path / "deploy.pt2"
     assert main(["fuse", str(repvgg_checkpoint), "-o", str(out), "--input-shape", SMALL]) == 0
     printed = capsys.readouterr().out
-    assert "deploy form: 22 convs, 0 normalization layers, 8,309,384 params" in printed
+    assert ("deploy form: 44 -> 22 convs, 1 linear, 61 -> 0 normalization layers, 9,108,968 -> "
+            "8,309,384 params") in printed
     fused = torch.export.load(str(out)).module()
     reference = archc.build("specs/repvgg_a0.yaml", init="random")
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert relative_error(reference(x), fused(x))[1] <= 1e-5
+        assert relative_error(reference(x), fused(x)) <= 1e-5
 
 
 def test_default_output_name(repvgg_checkpoint, capsys):
@@ -107,28 +108,27 @@ def test_fuse_pickled_foreign_model(foreign_model, tmp_path, capsys):
     ckpt, out = tmp_path / "foreign.pt", tmp_path / "foreign.fused.pt2"
     torch.save(foreign_model, ckpt)
     fused = fuse_and_load(
-        ["fuse", str(ckpt), "--trust-pickle", "--input-shape", "1,3,32,32", "--dynamic-batch",
-         "-o", str(out)],
+        ["fuse", str(ckpt), "--trust-pickle", "--input-shape", "1,3,32,32", "-o", str(out)],
         out,
     )
-    assert f"deploy form: 4 convs, 0 normalization layers, {foreign_deploy_params():,}" in (
-        capsys.readouterr().out
-    )
+    assert "-> 4 convs" in (printed := capsys.readouterr().out)
+    assert f"-> 0 normalization layers, {sum(p.numel() for p in foreign_model.parameters()):,} " \
+           f"-> {foreign_deploy_params():,} params" in printed
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert relative_error(foreign_model(x), fused(x))[1] <= 1e-5
+        assert relative_error(foreign_model(x), fused(x)) <= 1e-5
 
 
 def test_fuse_exported_program(foreign_model, tmp_path, capsys):
     program, out = tmp_path / "foreign.pt2", tmp_path / "deploy.pt2"
     torch.export.save(torch.export.export(foreign_model, (torch.randn(1, 3, 32, 32),)), program)
     fused = fuse_and_load(["fuse", str(program), "-o", str(out)], out)
-    assert f"deploy form: 4 convs, 0 normalization layers, {foreign_deploy_params():,}" in (
-        capsys.readouterr().out
-    )
-    x = torch.randn(1, 3, 32, 32)
+    printed = capsys.readouterr().out
+    assert "-> 4 convs" in printed and "-> 0 normalization layers" in printed
+    assert f"-> {foreign_deploy_params():,} params" in printed
+    x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert relative_error(foreign_model(x), fused(x))[1] <= 1e-5
+        assert relative_error(foreign_model(x), fused(x)) <= 1e-5
 
 
 def test_fuse_to_standalone_python(foreign_model, tmp_path):
@@ -236,3 +236,91 @@ def test_bad_checkpoint_in_a_real_process(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["random.pt"]
+
+
+# ---- pickled modules: input shapes and classes ----
+
+class Digits(nn.Module):
+    """A 1-channel model whose classifier fixes its input to 28x28."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 28 * 28, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+
+
+@pytest.fixture
+def digits_pickle(tmp_path):
+    path = tmp_path / "digits.pt"
+    torch.save(randomize(Digits(), 0).eval(), path)
+    return path
+
+
+def _one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_a_pickled_model_gets_its_input_channels_from_its_first_layer(digits_pickle, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "out.pt2"
+    assert main(["fuse", str(digits_pickle), "--trust-pickle", "-o", str(out)]) == 2
+    line = _one_line_error(capsys)
+    assert "does not run at the example input 1x1x224x224" in line and "--input-shape" in line
+    assert not out.exists()
+    assert main(["fuse", str(digits_pickle), "--trust-pickle", "-o", str(out),
+                 "--input-shape", "2,1,28,28"]) == 0
+
+
+def test_an_input_shape_of_the_wrong_rank_is_one_line(digits_pickle, tmp_path, capsys):
+    out = tmp_path / "out.pt2"
+    assert main(["fuse", str(digits_pickle), "--trust-pickle", "-o", str(out),
+                 "--input-shape", "1,1,28"]) == 2
+    line = _one_line_error(capsys)
+    assert "has 3 dims, but the first layer conv (Conv2d) takes 4-dimensional input" in line
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exit_code:
+        main(["fuse", str(digits_pickle), "--input-shape", "7"])
+    assert exit_code.value.code == 2 and "give N,C,H,W" in capsys.readouterr().err
+
+
+MODULE_SOURCE = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+'''
+
+
+def test_a_class_next_to_the_users_script_is_found_or_named(tmp_path):
+    """The pickle names `mymodels.Tiny`: found from the directory that holds mymodels.py; from
+    elsewhere, one line naming the module and what to do."""
+    (tmp_path / "mymodels.py").write_text(MODULE_SOURCE)
+    save = ("import torch, mymodels; torch.save(mymodels.Tiny().eval(), 'tiny.pt')")
+    subprocess.run([sys.executable, "-c", save], cwd=tmp_path, check=True)
+    archc_cli = [sys.executable, "-m", "archc", "fuse", str(tmp_path / "tiny.pt"),
+                 "--trust-pickle", "--input-shape", "1,3,16,16", "-o"]
+    found = subprocess.run([*archc_cli, "out.pt2"], cwd=tmp_path, capture_output=True,
+                           text=True)
+    assert found.returncode == 0, found.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    missing = subprocess.run([*archc_cli, "out.pt2"], cwd=elsewhere, capture_output=True,
+                             text=True)
+    lines = missing.stderr.strip().splitlines()
+    assert missing.returncode == 2 and len(lines) == 1, missing.stderr
+    assert "module 'mymodels'" in lines[0] and "run archc from the directory" in lines[0]
+    assert not (elsewhere / "out.pt2").exists()
