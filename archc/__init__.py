@@ -16,7 +16,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_spec": "archc.spec",
+    "load_spec": "archc.loading",
     "Spec": "archc.spec",
     "build": "archc.lower",
     "build_module": "archc.lower",
@@ -24,8 +24,8 @@ _EXPORTS = {
     "complexity_report": "archc.analysis",
     "export_onnx": "archc.export",
     "export_program": "archc.export",
-    "save_checkpoint": "archc.export",
-    "load_checkpoint": "archc.export",
+    "save_checkpoint": "archc.checkpoint",
+    "load_checkpoint": "archc.checkpoint",
     "ArchcError": "archc.errors",
     "SpecError": "archc.errors",
     "PassError": "archc.errors",

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from archc import cli_space
+
 OUTPUT_FORMATS = (".onnx", ".pt", ".pt2", ".py")
 FUSE_FORMATS = (".pt2", ".onnx", ".py")
 
@@ -39,11 +41,15 @@ def _output_path(formats: tuple[str, ...]):
 
 
 def _shape(text: str) -> tuple[int, ...]:
+    """N,C,H,W (or N,C,L / N,C,D,H,W for 1-D / 3-D convs, N,F for a linear model)."""
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,224,224") from None
-    if not shape or min(shape) < 1:
+    if not 2 <= len(shape) <= 5:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has {len(shape)} sizes: give N,C,H,W (2 to 5 sizes, batch first)")
+    if min(shape) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape of positive sizes")
     return shape
 
@@ -65,15 +71,11 @@ def _add_deploy_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _pass_option(text: str) -> tuple[str, object]:
+def _pass_option(text: str) -> tuple[str, str]:
+    """`PASS.OPTION=VALUE`; the value is parsed by the pass's declared option type."""
     key, sep, value = text.partition("=")
     if not sep or "." not in key:
         raise argparse.ArgumentTypeError(f"{text!r} is not PASS.OPTION=VALUE")
-    for convert in (int, float):
-        try:
-            return key, convert(value)
-        except ValueError:
-            pass
     return key, value
 
 
@@ -156,9 +158,10 @@ def make_parser() -> argparse.ArgumentParser:
         help="batch size of the example input (default 1)",
     )
     build.add_argument(
-        "--dynamic-batch",
+        "--static-batch",
         action="store_true",
-        help="make the batch dimension dynamic (.onnx, .pt2)",
+        help="fix the batch size of .onnx / .pt2 outputs to --batch (default: any batch size, "
+        "verified at two)",
     )
     build.add_argument(
         "--opset", type=_positive_int, default=18, metavar="N", help="ONNX opset (default 18)"
@@ -200,8 +203,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--input-shape",
         type=_shape,
         metavar="N,C,H,W",
-        help="example input shape (default: from the spec or the program; "
-        "1,3,224,224 for a pickled module)",
+        help="example input shape (default: from the spec or the program; for a pickled "
+        "module its first layer's channels at 224x224)",
     )
     fuse.add_argument(
         "--opset",
@@ -211,9 +214,10 @@ def make_parser() -> argparse.ArgumentParser:
         help="ONNX opset for .onnx output (default 18)",
     )
     fuse.add_argument(
-        "--dynamic-batch",
+        "--static-batch",
         action="store_true",
-        help="make the batch dimension dynamic (.onnx, .pt2)",
+        help="fix the batch size of .onnx / .pt2 outputs to the example input's (default: any "
+        "batch size, verified at two)",
     )
     fuse.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     _add_pass_options(fuse, "default: 'default'")
@@ -238,6 +242,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the spec language")
     schema.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE")
+    cli_space.add_commands(commands)  # space sample|sweep|analyze|fit, train, eval
     return parser
 
 
@@ -252,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             "info": _info,
             "schema": _schema,
             "passes": _passes,
+            **cli_space.HANDLERS,
         }
         return commands[args.command](args)
     except ArchcError as exc:
@@ -263,13 +269,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from archc.spec import load_spec
+    from archc.loading import load_spec
 
     spec = load_spec(args.spec)  # spec errors surface before torch is imported
-    from archc import export, lower
+    from archc import checkpoint, lower
     from archc.analysis import complexity_report
     from archc.errors import ArchcError
     from archc.init import random_input
+
+    pipeline = _pipeline(args)
 
     gm = lower.build(spec, seed=args.seed, init=args.init)
     shape = lower.input_shape(spec, args.batch, args.input_size)
@@ -281,10 +289,11 @@ def _build(args: argparse.Namespace) -> int:
                 "a .pt checkpoint stores the spec's own float32 (train) form; run passes with "
                 "`archc fuse model.pt`, or emit .onnx / .pt2 / .py"
             )
-        emitted = export.save_checkpoint(gm, spec.to_dict(), args.output, example, rtol=args.rtol)
+        emitted = checkpoint.save_checkpoint(gm, spec.to_dict(), args.output, example,
+                                             rtol=args.rtol)
     else:
-        gm = _run_passes(gm, args, example)
-        emitted = _emit(gm, args.output, example, args, spec.name, str(args.spec))
+        gm, noise = _run_passes(gm, args, example, pipeline)
+        emitted = _emit(gm, args.output, example, args, spec.name, str(args.spec), noise)
     print(
         f"{spec.name}: {report.params:,} params, {report.flops / 1e6:,.1f}M flops "
         f"(multiply-adds), {report.acts / 1e6:,.2f}M acts per sample at "
@@ -294,9 +303,12 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source: str):
-    """Cast to the deploy dtype/layout, then write `output` in the format of its extension."""
-    from archc import export
+def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source: str,
+          noise: float | None):
+    """Cast to the deploy dtype/layout, then write `output` in the format of its extension,
+    verified at `--rtol` or, for a model whose own float32 rounding is larger, at a multiple of
+    that rounding (`noise`: measured by the pipeline, else here)."""
+    from archc import export, verify
     from archc.errors import ExportError
 
     suffix = output.suffix.lower()
@@ -310,10 +322,13 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
             "ONNX Runtime on CPU has no bfloat16 Conv, so a bf16 .onnx cannot be "
             "verified: use fp16 for .onnx, or bf16 with .pt2 / .py"
         )
+    if noise is None:
+        noise = verify.rounding_noise(gm, (example,))
+    rtol = verify.artifact_tolerance(args.rtol, noise)
     form = export.deploy_form(
-        gm, example, dtype=args.dtype, channels_last=args.channels_last, rtol=args.rtol
+        gm, example, dtype=args.dtype, channels_last=args.channels_last, rtol=rtol
     )
-    dynamic_batch = args.dynamic_batch
+    dynamic_batch = not args.static_batch
     if suffix == ".onnx":
         emitted = export.export_onnx(
             form.graph_module,
@@ -349,22 +364,27 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
     return emitted
 
 
-def _run_passes(gm, args: argparse.Namespace, example):
-    """Run `--passes` with the CLI's options; print the per-pass report; return the graph."""
-    from archc.analysis import flops_per_sample
-    from archc.errors import ArchcError
-    from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
+def _pipeline(args: argparse.Namespace) -> tuple[list[str], dict]:
+    """The pass names of `--passes` and the checked `--pass-option`s (before any work)."""
+    import passes  # noqa: F401 - registers the catalogue
+    from archc.pipeline import check_options, resolve_pipeline
 
     names = resolve_pipeline(args.passes or "default")
-    options = dict(args.pass_option)
-    for key in options:
-        if key.split(".")[0] not in names:
-            raise ArchcError(
-                f"--pass-option {key}: pass {key.split('.')[0]!r} is not in the "
-                f"pipeline ({', '.join(names) or 'none'})"
-            )
+    return names, check_options(dict(args.pass_option), names)
+
+
+def _run_passes(gm, args: argparse.Namespace, example, pipeline: tuple[list[str], dict]):
+    """Run the pipeline with the CLI's options; print the per-pass report; return the graph and
+    the input model's own rounding error (None if not measured)."""
+    from archc.analysis import census, flops_per_sample
+    from archc.pipeline import PassContext, run_pipeline
+    from archc.shapes import propagate_shapes
+
+    names, options = pipeline
     if not names:
-        return gm
+        return gm, None
+    propagate_shapes(gm, [example])
+    before = census(gm)
     dump_after, dump_dir = None, None
     if args.dump_after:
         which, folder = args.dump_after
@@ -383,35 +403,27 @@ def _run_passes(gm, args: argparse.Namespace, example):
     )
     result = run_pipeline(gm, names, ctx)
     print(result.format())
-    return result.graph_module
+    print(f"deploy form: {before.changes(census(result.graph_module))}")
+    fired = ", ".join(f"{rule} {count}" for rule, count in result.fired.most_common())
+    print(f"rewrites: {fired or 'none'}")
+    return result.graph_module, result.noise
 
 
 def _fuse(args: argparse.Namespace) -> int:
-    from archc.importers import load_model
+    from archc.importers import check_example, load_model
     from archc.init import random_input
 
+    pipeline = _pipeline(args)
     model = load_model(args.checkpoint, trust_pickle=args.trust_pickle)
     shape = args.input_shape or model.input_shape or (1, 3, 224, 224)
     example = random_input(shape, args.seed)
+    check_example(model.graph_module, example, str(args.checkpoint))
     print(f"{model.name}: {model.kind}, example input {'x'.join(map(str, shape))}")
-    gm = _run_passes(model.graph_module, args, example)
+    gm, noise = _run_passes(model.graph_module, args, example, pipeline)
     output = args.output or args.checkpoint.with_name(f"{model.name}.fused.pt2")
-    emitted = _emit(gm, output, example, args, model.name, args.checkpoint.name)
-    _print_deploy_summary(gm)
+    emitted = _emit(gm, output, example, args, model.name, args.checkpoint.name, noise)
     _print_emitted(emitted)
     return 0
-
-
-def _print_deploy_summary(gm) -> None:
-    from collections import Counter
-
-    kinds = Counter(
-        type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"
-    )
-    convs = sum(count for kind, count in kinds.items() if kind.startswith("Conv"))
-    norms = sum(count for kind, count in kinds.items() if "Norm" in kind)
-    params = sum(p.numel() for p in gm.parameters())
-    print(f"deploy form: {convs} convs, {norms} normalization layers, {params:,} params")
 
 
 def _print_emitted(emitted) -> None:
@@ -425,20 +437,23 @@ def _print_emitted(emitted) -> None:
 
 
 def _passes(args: argparse.Namespace) -> int:
-    from archc.pipeline import list_passes
-    from passes.pipelines import PIPELINES
+    import passes  # noqa: F401 - registers the catalogue
+    from archc.pipeline import list_passes, pipelines
 
-    for name, summary, preserves in list_passes():
-        kind = "exact" if preserves else "CHANGES THE FUNCTION"
-        print(f"{name:<28} {kind:<21} {summary}")
+    for info in list_passes():
+        kind = "exact" if info.preserves_function else "CHANGES THE FUNCTION"
+        print(f"{info.name:<28} {kind:<21} {info.summary}")
+        for option in info.options:
+            print(f"    option {info.name}.{option.name} ({option.type.__name__}, default "
+                  f"{option.default!r}): {option.help}")
     print()
-    for name, names in PIPELINES.items():
+    for name, names in pipelines().items():
         print(f"pipeline {name}: {', '.join(names) or '(no passes)'}")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    from archc.spec import load_spec
+    from archc.loading import load_spec
 
     spec = load_spec(args.spec)
     from archc import lower
@@ -507,7 +522,7 @@ def _groups_text(row: dict) -> str:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from archc.spec import json_schema
+    from archc.loading import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if args.output is None:

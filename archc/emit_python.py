@@ -27,8 +27,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 from archc.errors import ExportError
-from archc.export import EmitReport, _check
+from archc.export import EmitReport, check_output
 from archc.fileio import atomic_output
+from archc.graph import attribute
 
 HEADER = '''"""{title}
 
@@ -66,17 +67,11 @@ def _flatten(gm: GraphModule) -> GraphModule:
     for node in graph.nodes:
         node.type = None  # annotations would need the tracer's globals (`x: _Tensor_`)
         if node.op in ("call_module", "get_attr"):
-            value = gm.get_submodule(node.target) if node.op == "call_module" else _attr(gm, node)
+            value = (gm.get_submodule(node.target) if node.op == "call_module"
+                     else attribute(gm, str(node.target)))
             node.target = flat_name(str(node.target))
             root[node.target] = value
     return GraphModule(root, graph)
-
-
-def _attr(gm: GraphModule, node) -> object:
-    value = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _constructor(name: str, module: nn.Module) -> str:
@@ -187,7 +182,7 @@ def emit_python(
         code_tmp.write_text(code)
         output = _run_standalone(code_tmp, weights_tmp, example_input)
         with torch.no_grad():
-            _check(report, gm(example_input), output, rtol)
+            check_output(report, gm(example_input), output, rtol)
     report.bytes = len(code.encode()) + len(buffer.getvalue())
     report.notes.append(f"weights in {weights_path.name}")
     return report

@@ -31,6 +31,23 @@ class SpecError(ArchcError):
         return SpecError(self.message, self.path, source)
 
 
+class SpaceError(SpecError):
+    """A malformed design-space, samples or results file, or a space nothing can be sampled from:
+    `file:field.path: what is wrong` (the path is a line number in a JSON-lines file)."""
+
+    def with_source(self, source: str) -> SpaceError:
+        return SpaceError(self.message, self.path, source)
+
+
+class DataError(ArchcError):
+    """A data set that is missing, unreadable or does not fit the model."""
+
+
+class TrainingError(ArchcError):
+    """Training cannot run or failed: a trainer that cannot be imported or returns no metrics, a
+    loss that is not finite."""
+
+
 class PassError(ArchcError):
     """A pass failed or refused the whole model; names the pass and the passes before it."""
 
@@ -51,5 +68,7 @@ class CheckpointError(ArchcError):
     """A checkpoint is corrupt, truncated, of the wrong format or does not match its spec."""
 
 
-class VerificationError(ArchcError):
-    """Two computations that must agree numerically do not."""
+def first_line(exc: BaseException) -> str:
+    """`Type: the first line of the message` (at most 160 characters), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__

@@ -1,9 +1,10 @@
-"""Emitters: ONNX, torch.export (.pt2) and archc checkpoints (.pt), verified, written atomically.
+"""Emitters: ONNX and torch.export (.pt2), verified, written atomically; the deploy dtype/layout.
 
 Every emit is checked against the eager graph it came from on a random input: the ONNX file in ONNX
 Runtime with graph optimizations disabled (so the file itself is checked, not ORT's rewrite of it),
-`.pt2` and `.pt` by reloading them from the bytes written. Relative error is
-`max|y - y_ref| / max|y_ref|`; above the tolerance the emit fails and nothing is written.
+`.pt2` by reloading it from the bytes written (`archc.checkpoint` and `archc.emit_python` check
+theirs the same way, with `verify_emitted`). Relative error is `max|y - y_ref| / max|y_ref|`
+(`archc.verify`); above the tolerance the emit fails and nothing is written.
 
 ONNX path: `torch.onnx.export(dynamo=True, optimize=True, external_data=False)` at a pinned opset,
 then onnx-simplifier, kept only if its own numeric check passes, then the ONNX Runtime parity run.
@@ -18,17 +19,15 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.fx import GraphModule
 
-from archc.errors import CheckpointError, ExportError
+from archc.errors import ExportError
 from archc.fileio import atomic_output
+from archc.verify import max_abs_error, relative_error
 
 DEFAULT_OPSET = 18
-CHECKPOINT_FORMAT = "archc-checkpoint"
-CHECKPOINT_VERSION = 1
 
 
 @dataclass
@@ -41,14 +40,6 @@ class EmitReport:
     relative_error: float = float("nan")
     rtol: float = 1e-5  # the tolerance it was verified at
     notes: list[str] = field(default_factory=list)
-
-
-def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, float]:
-    """(max |Δ|, max |Δ| / max |reference|)."""
-    reference = reference.detach().double()
-    delta = (candidate.detach().double() - reference).abs().max().item()
-    scale = reference.abs().max().item()
-    return delta, delta / scale if scale > 0 else delta
 
 
 @contextlib.contextmanager
@@ -81,12 +72,13 @@ def _check_inputs(example_input: torch.Tensor, dynamic_batch: bool) -> list[torc
     return [example_input, torch.cat([example_input, example_input.flip(-1), example_input], 0)]
 
 
-def _verify(report, gm, run, example_input, dynamic_batch, rtol) -> None:
+def verify_emitted(report: EmitReport, gm, run, example_input: torch.Tensor,
+                   dynamic_batch: bool, rtol: float) -> None:
     """Compare `run(x)` with eager `gm(x)` on every check input; keep the worst error."""
     worst = (0.0, 0.0)
     for x in _check_inputs(example_input, dynamic_batch):
         with torch.no_grad():
-            _check(report, gm(x), run(x), rtol)
+            check_output(report, gm(x), run(x), rtol)
         worst = max(worst, (report.relative_error, report.max_abs_error))
     report.relative_error, report.max_abs_error = worst
     if dynamic_batch:
@@ -101,14 +93,18 @@ def _input_name(gm: GraphModule) -> str:
     return str(placeholders[0])
 
 
-def _check(report: EmitReport, reference: torch.Tensor, output: torch.Tensor, rtol: float) -> None:
+def check_output(report: EmitReport, reference: torch.Tensor, output: torch.Tensor,
+                 rtol: float) -> None:
+    """Record the emitted artifact's error on one input in `report`; `ExportError` if it is not
+    within `rtol` or the output shape differs."""
     if tuple(output.shape) != tuple(reference.shape):
         raise ExportError(
             f"{report.verified_with}: output shape {tuple(output.shape)} "
             f"!= eager {tuple(reference.shape)}"
         )
     report.rtol = rtol
-    report.max_abs_error, report.relative_error = relative_error(reference, output)
+    report.max_abs_error = max_abs_error(reference, output)
+    report.relative_error = relative_error(reference, output)
     if not report.relative_error <= rtol:
         raise ExportError(
             f"{report.verified_with} output differs from eager PyTorch: relative error "
@@ -156,7 +152,7 @@ def export_onnx(
     onnx.checker.check_model(model)
     data = model.SerializeToString()
     session = _onnxruntime_session(data)
-    _verify(report, gm, session, example_input, dynamic_batch, rtol)
+    verify_emitted(report, gm, session, example_input, dynamic_batch, rtol)
     with atomic_output(report.path) as temporary:
         temporary.write_bytes(data)
     report.bytes = len(data)
@@ -223,94 +219,11 @@ def export_program(
     torch.export.save(program, buffer)
     data = buffer.getvalue()
     reloaded = torch.export.load(io.BytesIO(data)).module()
-    _verify(report, gm, reloaded, example_input, dynamic_batch, rtol)
+    verify_emitted(report, gm, reloaded, example_input, dynamic_batch, rtol)
     with atomic_output(report.path) as temporary:
         temporary.write_bytes(data)
     report.bytes = len(data)
     return report
-
-
-def save_checkpoint(
-    gm: GraphModule,
-    spec: dict[str, Any],
-    path: str | Path,
-    example_input: torch.Tensor,
-    *,
-    rtol: float = 1e-5,
-) -> EmitReport:
-    """An archc checkpoint: {format, version, spec, state_dict}; loads with weights_only=True."""
-    report = EmitReport(Path(path), "pt", verified_with="torch.load(weights_only=True) + rebuild")
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "spec": spec,
-        "state_dict": {k: v.detach().clone() for k, v in gm.state_dict().items()},
-    }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
-    _, rebuilt = load_checkpoint_bytes(data, str(path))
-    _verify(report, gm, rebuilt, example_input, False, rtol)
-    with atomic_output(report.path) as temporary:
-        temporary.write_bytes(data)
-    report.bytes = len(data)
-    return report
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], GraphModule]:
-    """Load an archc checkpoint: (spec dict, GraphModule with weights). Raises CheckpointError."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return load_checkpoint_bytes(data, str(path))
-
-
-def load_checkpoint_bytes(data: bytes, source: str) -> tuple[dict[str, Any], GraphModule]:
-    """`load_checkpoint` on bytes already read; `source` names them in errors."""
-    from archc.errors import SpecError
-    from archc.lower import build
-    from archc.spec import spec_from_mapping
-
-    try:
-        payload = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as exc:  # truncated zip, random bytes, pickled code refused by weights_only
-        raise CheckpointError(f"{source}: not a loadable checkpoint ({_first_line(exc)})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{source}: not an archc checkpoint (no format: {CHECKPOINT_FORMAT!r})"
-        )
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{source}: checkpoint version {payload.get('version')!r} "
-            f"is not supported (expected {CHECKPOINT_VERSION})"
-        )
-    try:
-        spec = spec_from_mapping(payload.get("spec"), f"{source}[spec]")
-    except SpecError as exc:
-        raise CheckpointError(str(exc)) from None
-    gm = build(spec, device="meta")
-    state = payload.get("state_dict")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{source}: state_dict is missing")
-    try:
-        gm.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{source}: state_dict does not match its spec: {_state_dict_mismatch(exc)}"
-        ) from None
-    return spec.to_dict(), gm.eval()
-
-
-def _state_dict_mismatch(exc: RuntimeError) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return "; ".join(lines[1:3]) if len(lines) > 1 else lines[0]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
 
 
 DEPLOY_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -344,7 +257,7 @@ def deploy_form(
     """Cast a (folded, float32) graph to the deploy dtype and memory format, checked against it.
 
     Weights are folded in float64/float32 by the passes first, then cast: folding in half
-    precision loses accuracy (REWRITES.md R1)."""
+    precision loses accuracy (`docs/rewrites.md`, R1)."""
     import copy
 
     target = DEPLOY_DTYPES[dtype]
@@ -357,7 +270,7 @@ def deploy_form(
     with torch.no_grad():
         reference, output = gm(example_input), cast(x)
     form = DeployForm(cast, x, tolerance)
-    _, form.cast_error = relative_error(reference, output.float())
+    form.cast_error = relative_error(reference, output.float())
     if not form.cast_error <= tolerance:
         raise ExportError(
             f"the {dtype} model differs from float32 by relative error "

@@ -18,9 +18,16 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         prefix=f".{path.name}.", suffix=".partial", dir=path.parent
     )
     os.close(handle)
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
     try:
         yield Path(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -8,9 +8,11 @@ Two schemes:
 
 * `pycls_init` (archc's default, as pycls): conv `W ~ N(0, sqrt(2 / fan_out))` with
   `fan_out = kh * kw * out_channels` (not divided by groups); BN `gamma = 1, beta = 0`;
-  Linear `W ~ N(0, 0.01)`, bias 0. Conv biases are 0.
+  Linear `W ~ N(0, 0.01)`, bias 0. Conv biases are 0. Layer scales (`archc.blocks.LayerScale`)
+  hold their block's initial value (FastViT: 1e-5).
 * `randomize` (tests, goldens, verification): every weight `~ N(0, 1 / sqrt(fan_in))`, biases `~
-N(0, 0.1)`, BN `gamma ~ U(0.5, 1.5)`, `beta ~ N(0, 0.2)`, and running statistics that are either
+N(0, 0.1)`, layer scales `~ U(0.5, 1.5)` (at 1e-5 a residual branch would be invisible to a
+check), BN `gamma ~ U(0.5, 1.5)`, `beta ~ N(0, 0.2)`, and running statistics that are either
 random (`mean ~ N(0, 0.3)`, `var ~ U(0.5, 2)`) or, given a calibration batch, the batch statistics
 of that input perturbed (`mean += 0.2 * std * N(0,1)`, `var *= U(0.5, 2)`), so that deep networks
 keep O(1) activations while every BN still does real, non-identity work. A network with default BN
@@ -24,6 +26,8 @@ import zlib
 import numpy as np
 import torch
 from torch import nn
+
+from archc.blocks import LayerScale
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -75,6 +79,8 @@ def pycls_init(model: nn.Module, seed: int = 0) -> nn.Module:
             _normal(module.weight, seed, prefix + "weight", 0.01)
             if module.bias is not None:
                 module.bias.data.zero_()
+        elif isinstance(module, LayerScale):
+            module.gamma.data.fill_(module.init_value)
     return model
 
 
@@ -100,6 +106,8 @@ def randomize(
             if module.track_running_stats:
                 _normal(module.running_mean, seed, prefix + "running_mean", 0.3)
                 _uniform(module.running_var, seed, prefix + "running_var", 0.5, 2.0)
+        elif isinstance(module, LayerScale):
+            _uniform(module.gamma, seed, prefix + "gamma", 0.5, 1.5)
     if calibration_input is not None:
         _calibrate_bn(model, seed, calibration_input)
     return model.eval()
@@ -119,8 +127,13 @@ def _calibrate_bn(model: nn.Module, seed: int, calibration_input) -> None:
         bn.momentum = None  # cumulative average: after one batch, running stats = batch stats
         bn.train()
     inputs = calibration_input if isinstance(calibration_input, tuple) else (calibration_input,)
+    # Batch statistics in float64: a BN late in the network sees few values, and float32 rounding
+    # that varies with the thread count would otherwise reach the statistics and every output.
+    dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
     with torch.no_grad():
-        model(*inputs)
+        model.double()(*(x.double() if x.is_floating_point() else x for x in inputs))
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            tensor.data = tensor.data.to(dtypes[name])
     for (name, bn), (momentum, training) in zip(bns, saved):
         bn.momentum = momentum
         bn.train(training)

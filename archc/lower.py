@@ -17,30 +17,52 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from archc.blocks import BLOCKS, ClassifierHead, build_stem
-from archc.spec import Spec, load_spec
+from archc.blocks import (
+    BLOCKS,
+    StochasticDepth,
+    build_head,
+    build_pool,
+    build_stem,
+    set_activation_lambda,
+)
+from archc.loading import load_spec
+from archc.spec import Spec
 
 Init = Literal["pycls", "random"]
 
 
 class Network(nn.Module):
-    """[stem] -> s1 .. sN -> head."""
+    """[stem] -> s1 .. sN -> head. Stage i is `b1..bK` [+ `pool`]; block j of the stage is built
+    with `stage_at(stage, j)`. With a `drop_path_rate` r, the n-th of N blocks (0-based, over the
+    whole body) drops its residual branch with probability r n / N in training mode; the spec's
+    `activation_lambda` is set on every deep-training activation (`set_activation_lambda`)."""
 
     def __init__(self, spec: Spec):
         super().__init__()
-        stem = build_stem(spec.stem, spec.input.channels)
+        stem = build_stem(spec.built_stem(), spec.input.channels)
         if stem is not None:
             self.stem = stem
-        width = spec.input.channels if stem is None else spec.stem.channels
-        for stage_index, stage in enumerate(spec.stages(), start=1):
+        width = spec.input.channels if stem is None else spec.built_stem().channels
+        stages = spec.stages()
+        drop_rate = getattr(spec.body, "drop_path_rate", 0.0)
+        total, position = sum(stage.depth for stage in stages), 0
+        for stage_index, stage in enumerate(stages, start=1):
             block_cls = BLOCKS[stage.block]
             blocks: OrderedDict[str, nn.Module] = OrderedDict()
             for block_index in range(stage.depth):
                 stride = stage.stride if block_index == 0 else 1
-                blocks[f"b{block_index + 1}"] = block_cls(width, stage.width, stride, stage)
-                width = stage.width
+                fields = block_cls.stage_at(stage, block_index)
+                block = block_cls(width, stage.width, stride, fields)
+                if drop_rate and block_cls.stochastic_depth:
+                    block.drop_path = StochasticDepth(drop_rate * position / total)
+                blocks[f"b{block_index + 1}"] = block
+                width, position = stage.width, position + 1
+            if stage.pool is not None:
+                blocks["pool"] = build_pool(stage.pool)
             self.add_module(f"s{stage_index}", nn.Sequential(blocks))
-        self.head = ClassifierHead(spec.head, width, spec.num_classes)
+        self.head = build_head(spec.built_head(), width, spec.num_classes)
+        if spec.activation_lambda is not None:
+            set_activation_lambda(self, spec.activation_lambda)
 
     def forward(self, x: Tensor) -> Tensor:
         for module in self.children():

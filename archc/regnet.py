@@ -9,7 +9,8 @@ As pycls (`generate_regnet`, `adjust_block_compatibility`), all in float64 with 
    `g = int(min(g, v))` (a stage narrower than g gets one group); `m = lcm(g, int(bm))` if bm > 1
    else `g`; `v = max(m, int(round(v / m) * m))`; `w = int(v / bm)`.
 
-Every stage has stride 2. pycls' zoo configs all use bm = 1 (the paper's b = 1).
+Every stage has stride 2. pycls' zoo configs all use bm = 1 (the paper's b = 1). Pure arithmetic:
+this module knows nothing of the spec schema (`archc.spec` builds the stage list from it).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
-from archc.spec import RegNetBody, StageSpec
 
 
 @dataclass(frozen=True)
@@ -59,23 +58,3 @@ def adjust_block_compatibility(
         adjusted_widths.append(int(v / bottleneck))
         group_widths.append(g)
     return adjusted_widths, group_widths
-
-
-def regnet_stages(body: RegNetBody) -> list[StageSpec]:
-    """The explicit stage list of a regnet body."""
-    generated = generate_widths(body.depth, body.w0, body.wa, body.wm, body.q)
-    widths, group_widths = adjust_block_compatibility(
-        generated.widths, body.bottleneck, body.group_width
-    )
-    return [
-        StageSpec(
-            block=body.block,
-            depth=depth,
-            width=width,
-            stride=2,
-            group_width=group_width,
-            bottleneck_multiplier=body.bottleneck,
-            se_ratio=body.se_ratio,
-        )
-        for width, depth, group_width in zip(widths, generated.depths, group_widths)
-    ]

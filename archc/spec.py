@@ -23,17 +23,23 @@ Width multiplier (MobileNet): an anynet body with `width_multiplier` m scales ev
 divisor, `max(d, int(v + d / 2) // d * d)`, plus d if that fell below 0.9 v. Stem and head widths
 are never scaled: a spec states them.
 
+Compound scaling (EfficientNet, Tan and Le 2019): `compound_scaling: {width: w, depth: d}` scales
+the stem, every stage and the head width to `make_divisible(c * w, width_divisor)` and every stage
+depth to `ceil(n * d)` (torchvision's rounding), so EfficientNet-B1..B7 differ from B0 in this one
+field (and the input size and dropout the paper pairs with it).
+
 Validation happens in two steps with one error format (`file:field.path: what is wrong`):
-structure and ranges here (pydantic), then block-specific checks by the registered block classes
-(`archc.blocks`), which live beside the modules they describe.
+structure and ranges here (pydantic, `validate_schema`), then the checks that need more than one
+field, by `archc.loading`: the RegNet stage count and the block-specific checks of the registered
+block classes (`archc.blocks`), which live beside the modules they describe. This module is the
+bottom of the spec layers: it imports only the RegNet arithmetic (`archc.regnet`).
 """
 
 from __future__ import annotations
 
-import difflib
-import json
+import math
+import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -47,9 +53,12 @@ from pydantic import (
 )
 
 from archc.errors import SpecError
+from archc.regnet import adjust_block_compatibility, generate_widths
+from archc.schema_errors import describe, first_error
 
 PositiveInt = Annotated[int, Field(ge=1)]
-Activation = Literal["relu", "relu6", "hardswish"]
+Activation = Literal["relu", "relu6", "hardswish", "silu", "gelu"]
+Kernel = Annotated[int, Field(ge=1, le=15)]
 
 
 def make_divisible(value: float, divisor: int) -> int:
@@ -70,23 +79,55 @@ class InputSpec(_Strict):
     size: Annotated[int, Field(ge=8, le=4096)] = 224  # square input side, pixels
 
 
+class PoolSpec(_Strict):
+    type: Literal["max", "avg"] = "max"  # max-pool or average pool (count_include_pad, torch's)
+    kernel: Annotated[int, Field(ge=1, le=16)] = 3  # pooling window side
+    stride: Annotated[int, Field(ge=1, le=16)] = 2  # pooling stride
+    padding: Annotated[int, Field(ge=0, le=8)] = 0  # zero (avg) / -inf (max) padding, <= k / 2
+    ceil_mode: bool = False  # round the output side up (SqueezeNet's pools), torch's ceil_mode
+
+    @field_validator("padding")
+    @classmethod
+    def _padding_within_half_window(cls, padding: int, info: ValidationInfo) -> int:
+        kernel = info.data.get("kernel")
+        if kernel is not None and padding > kernel // 2:
+            raise ValueError(f"padding {padding} is more than half the window {kernel}")
+        return padding
+
+
+# The fields each stem type reads besides `type` (the others must keep their defaults).
+STEM_FIELDS: dict[str, frozenset[str]] = {
+    "simple": frozenset({"width", "stride", "activation"}),
+    "simple_pool": frozenset({"width", "stride", "activation"}),
+    "resnet": frozenset({"width", "stride", "activation"}),
+    "fastvit": frozenset({"width", "activation"}),
+    "repvit": frozenset({"width", "activation"}),
+    "vanillanet": frozenset({"width", "stride"}),
+    "none": frozenset(),
+}
+
+
 class StemSpec(_Strict):
     # simple: 3x3 conv + BN + act (pycls SimpleStem); simple_pool: simple + 3x3 max-pool stride 2
-    # (ShuffleNet); resnet: 7x7 conv + BN + act + 3x3 max-pool stride 2;
-    # none: no stem, the first stage reads the input (RepVGG's stem is its first block)
-    type: Literal["simple", "simple_pool", "resnet", "none"] = "simple"
+    # (ShuffleNet); resnet: 7x7 conv + BN + act + 3x3 max-pool stride 2; fastvit: three MobileOne
+    # units (3x3 stride 2, depthwise 3x3 stride 2, 1x1); repvit: 3x3 stride-2 conv to width/2 + BN
+    # + act, 3x3 stride-2 conv + BN; vanillanet: patchify conv (kernel = stride) + BN, the
+    # deep-training activation, 1x1 conv + BN, activation series; none: no stem, the first stage
+    # reads the input (RepVGG's stem is its first block)
+    type: Literal["simple", "simple_pool", "resnet", "fastvit", "repvit", "vanillanet", "none"] = (
+        "simple")
     # output channels, default 32 (RegNet: always 32); not allowed with none
     width: PositiveInt | None = None
     stride: Annotated[int, Field(ge=1, le=4)] = 2  # stride of the stem conv (1: CIFAR-size input)
     activation: Activation = "relu"  # activation after the stem's BN
 
     @model_validator(mode="after")
-    def _nothing_without_stem(self):
-        if self.type == "none":
-            given = [name for name, field in type(self).model_fields.items()
-                     if name != "type" and getattr(self, name) != field.default]
-            if given:
-                raise ValueError(f"a stem of type none has no {given[0]}")
+    def _only_the_fields_of_its_type(self):
+        given = [name for name, field in type(self).model_fields.items()
+                 if name != "type" and name not in STEM_FIELDS[self.type]
+                 and getattr(self, name) != field.default]
+        if given:
+            raise ValueError(f"a stem of type {self.type} has no {given[0]}")
         return self
 
     @property
@@ -94,19 +135,56 @@ class StemSpec(_Strict):
         return 32 if self.width is None else self.width
 
 
+# The fields each head type reads besides `type` (the others must keep their defaults).
+HEAD_FIELDS: dict[str, frozenset[str]] = {
+    "classifier": frozenset({"width", "activation", "dropout", "hidden", "hidden_dropout",
+                             "pool_size", "batch_norm", "distillation"}),
+    "conv_classifier": frozenset({"dropout"}),
+    "vanillanet": frozenset({"dropout"}),
+}
+
+
 class HeadSpec(_Strict):
-    type: Literal["classifier"] = "classifier"  # [1x1 conv BN act], avg pool, flatten, Linear
+    # classifier: [1x1 conv BN act], avg pool, flatten, [hidden Linear + act]*, [BN1d] Linear;
+    # conv_classifier (SqueezeNet): dropout, 1x1 conv with bias to the classes, ReLU, avg pool;
+    # vanillanet: avg pool, dropout, 1x1 conv + BN, the deep-training activation, 1x1 conv
+    type: Literal["classifier", "conv_classifier", "vanillanet"] = "classifier"
     # output channels of a 1x1 conv + BN + act before the pool (MobileNetV2 1280); None: no conv
     width: PositiveInt | None = None
-    activation: Activation = "relu"  # activation of that conv (needs width)
+    # widths of Linear + act layers between the pool and the classifier (MobileNetV3: [1280],
+    # AlexNet: [4096, 4096])
+    hidden: list[PositiveInt] = []
+    activation: Activation = "relu"  # activation of that conv and of the hidden layers
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # dropout before the classifier
+    hidden_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # before each hidden Linear
+    pool_size: Annotated[int, Field(ge=1, le=32)] = 1  # adaptive avg-pool output side (AlexNet 6)
+    batch_norm: bool = False  # BatchNorm1d before the classifier Linear (RepViT, LeViT)
+    # a second classifier (DeiT's distillation head), averaged with the first: RepViT
+    distillation: bool = False
 
     @field_validator("activation")
     @classmethod
-    def _activation_needs_conv(cls, activation: str, info: ValidationInfo) -> str:
-        if activation != "relu" and info.data.get("width") is None:
-            raise ValueError("the head has an activation only after its 1x1 conv: give width")
+    def _activation_needs_layers(cls, activation: str, info: ValidationInfo) -> str:
+        if activation != "relu" and info.data.get("width") is None and not info.data.get("hidden"):
+            raise ValueError("the head has an activation only after its 1x1 conv or hidden "
+                             "layers: give width or hidden")
         return activation
+
+    @field_validator("hidden_dropout")
+    @classmethod
+    def _dropout_needs_hidden(cls, dropout: float, info: ValidationInfo) -> float:
+        if dropout and not info.data.get("hidden"):
+            raise ValueError("hidden_dropout is the dropout before hidden layers: give hidden")
+        return dropout
+
+    @model_validator(mode="after")
+    def _only_the_fields_of_its_type(self):
+        given = [name for name, field in type(self).model_fields.items()
+                 if name != "type" and name not in HEAD_FIELDS[self.type]
+                 and getattr(self, name) != field.default]
+        if given:
+            raise ValueError(f"a head of type {self.type} has no {given[0]}")
+        return self
 
 
 class _BottleneckFields(_Strict):
@@ -135,21 +213,41 @@ class _BottleneckFields(_Strict):
 
 
 class StageSpec(_BottleneckFields):
-    block: str = "res_bottleneck"  # a registered block type (`archc blocks` lists them)
+    block: str = "res_bottleneck"  # a registered block type (`archc schema` lists them)
     depth: PositiveInt  # number of blocks
     width: PositiveInt  # output channels of every block in the stage
     stride: Annotated[int, Field(ge=1, le=8)] = 2  # stride of the stage's first block
     group_width: PositiveInt | None = None  # channels per group of the grouped conv; None: dense
     groups: PositiveInt | None = None  # number of groups instead (ResNeXt's cardinality)
-    branches: Annotated[int, Field(ge=1, le=16)] | None = None  # mobileone: k conv branches (1)
+    # mobileone, mobileone_unit: k over-parameterized conv branches (None: 1)
+    branches: Annotated[int, Field(ge=1, le=16)] | None = None
     activation: Activation = "relu"  # the block's non-linearity
-    # inverted_residual: expansion t (hidden = round(t * w_in)); reducenet: branch1 width factor
+    kernel: Kernel = 3  # side of the block's spatial (depthwise) conv, odd (MBConv: 3 or 5)
+    padding: Annotated[int, Field(ge=0, le=8)] | None = None  # conv: zero padding; None: (k-1)//2
+    # inverted_residual, repmixer, repvit: expansion t (hidden = round(t * w_in)); reducenet:
+    # branch1 width factor
     expansion: Annotated[float, Field(gt=0.0, le=64.0)] = 1.0
     se_base: Literal["input", "inner"] = "input"  # SE width from the block input or SE's input
     se_divisor: PositiveInt = 1  # SE width: make_divisible(se_ratio * base, se_divisor); 1: round
     se_gate: Literal["sigmoid", "hardsigmoid"] = "sigmoid"  # SE gate
+    se_activation: Literal["relu", "silu"] = "relu"  # SE's inner activation (EfficientNet: silu)
+    # res_bottleneck: SE after the 3x3 (inner: RegNetY) or after the last conv's BN (output: SENet)
+    se_position: Literal["inner", "output"] = "inner"
     dense_first: bool = False  # shufflenet_v1: the strided first unit has a dense first 1x1 conv
     phase: Literal["train", "reduced"] = "train"  # reducenet: train (scaler 1) or reduced (0)
+    # inverted_residual (DepthShrinker): no activations in this stage's blocks, which are then
+    # linear; the expand conv pads instead of the depthwise one, so `fuse` merges exactly
+    remove_activations: bool = False
+    # repmixer: initial value of the per-channel layer scales (FastViT 1e-5); None: no scales
+    layer_scale: Annotated[float, Field(gt=0.0, le=16.0)] | None = None
+    pool: PoolSpec | None = None  # a pooling layer after the stage's last block (`sN.pool`)
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd_kernel(cls, kernel: int) -> int:
+        if kernel % 2 == 0:
+            raise ValueError(f"kernel {kernel} is even: 'same' padding needs an odd kernel")
+        return kernel
 
     @field_validator("groups")
     @classmethod
@@ -158,7 +256,7 @@ class StageSpec(_BottleneckFields):
             raise ValueError("give group_width (channels per group) or groups, not both")
         return groups
 
-    @field_validator("se_base", "se_divisor", "se_gate")
+    @field_validator("se_base", "se_divisor", "se_gate", "se_activation", "se_position")
     @classmethod
     def _se_options_need_se(cls, value: Any, info: ValidationInfo) -> Any:
         if value != cls.model_fields[info.field_name].default and not info.data.get("se_ratio"):
@@ -166,19 +264,46 @@ class StageSpec(_BottleneckFields):
         return value
 
 
+class CompoundScaling(_Strict):
+    # widths of stem, stages and head: make_divisible(c * width, width_divisor) (B1: 1.0, B7: 2.0)
+    width: Annotated[float, Field(gt=0.0, le=16.0)]
+    depth: Annotated[float, Field(gt=0.0, le=16.0)]  # stage depths: ceil(n * depth) (B7: 3.1)
+
+
 class AnyNetBody(_Strict):
     type: Literal["anynet"]
     stages: Annotated[list[StageSpec], Field(min_length=1)]  # the explicit stage list
     # MobileNet's alpha: stage width w -> make_divisible(w * alpha, width_divisor); None: as given
     width_multiplier: Annotated[float, Field(gt=0.0, le=16.0)] | None = None
-    width_divisor: PositiveInt = 8  # rounding quantum of multiplied widths (needs the multiplier)
+    # EfficientNet's compound scaling of stem, stage and head widths and of stage depths
+    compound_scaling: CompoundScaling | None = None
+    width_divisor: PositiveInt = 8  # rounding quantum of multiplied widths (needs a multiplier)
+    # stochastic depth: block i of n drops its residual branch with probability rate * i / n in
+    # training mode (torchvision's EfficientNet schedule); the identity in eval mode
+    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+    @field_validator("compound_scaling")
+    @classmethod
+    def _one_width_rule(cls, scaling: CompoundScaling | None, info: ValidationInfo):
+        if scaling is not None and info.data.get("width_multiplier") is not None:
+            raise ValueError("give width_multiplier (MobileNet: stage widths) or compound_scaling"
+                             " (EfficientNet: stem, stages, head and depths), not both")
+        return scaling
 
     @field_validator("width_divisor")
     @classmethod
     def _divisor_needs_multiplier(cls, divisor: int, info: ValidationInfo) -> int:
-        if divisor != 8 and info.data.get("width_multiplier") is None:
-            raise ValueError("width_divisor rounds multiplied widths: give width_multiplier")
+        multiplied = info.data.get("width_multiplier") or info.data.get("compound_scaling")
+        if divisor != 8 and multiplied is None:
+            raise ValueError("width_divisor rounds multiplied widths: give width_multiplier or "
+                             "compound_scaling")
         return divisor
+
+    def scale_width(self, width: int) -> int:
+        """A stem or head width under compound scaling (unchanged without it)."""
+        if self.compound_scaling is None:
+            return width
+        return make_divisible(width * self.compound_scaling.width, self.width_divisor)
 
 
 class RegNetBody(_BottleneckFields):
@@ -200,6 +325,26 @@ class RegNetBody(_BottleneckFields):
             raise ValueError(f"w0 = {w0} is not a multiple of q = {q}")
         return w0
 
+    def stages(self) -> list[StageSpec]:
+        """The explicit stage list (`archc.regnet`: quantized linear widths, then block
+        compatibility); every stage has stride 2."""
+        generated = generate_widths(self.depth, self.w0, self.wa, self.wm, self.q)
+        widths, group_widths = adjust_block_compatibility(
+            generated.widths, self.bottleneck, self.group_width
+        )
+        return [
+            StageSpec(
+                block=self.block,
+                depth=depth,
+                width=width,
+                stride=2,
+                group_width=group_width,
+                bottleneck_multiplier=self.bottleneck,
+                se_ratio=self.se_ratio,
+            )
+            for width, depth, group_width in zip(widths, generated.depths, group_widths)
+        ]
+
 
 Body = Annotated[AnyNetBody | RegNetBody, Field(discriminator="type")]
 
@@ -211,19 +356,38 @@ class Spec(_Strict):
     stem: StemSpec = StemSpec()
     body: Body
     head: HeadSpec = HeadSpec()
+    # VanillaNet's deep-training lambda, shared by the vanillanet stem, blocks and head: their
+    # activation between two convs is (1 - lambda) relu(x) + lambda x; 1 removes it
+    activation_lambda: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 
     def stages(self) -> list[StageSpec]:
         """The explicit stage list (a regnet body is lowered by `archc.regnet`; an anynet width
-        multiplier is applied)."""
-        if isinstance(self.body, AnyNetBody):
-            alpha, divisor = self.body.width_multiplier, self.body.width_divisor
-            if alpha is None:
-                return list(self.body.stages)
-            return [stage.model_copy(update={"width": make_divisible(stage.width * alpha, divisor)})
-                    for stage in self.body.stages]
-        from archc.regnet import regnet_stages
+        multiplier or compound scaling is applied)."""
+        if not isinstance(self.body, AnyNetBody):
+            return self.body.stages()
+        body, divisor = self.body, self.body.width_divisor
+        if body.compound_scaling is not None:
+            scaling = body.compound_scaling
+            return [stage.model_copy(update={
+                "width": make_divisible(stage.width * scaling.width, divisor),
+                "depth": math.ceil(stage.depth * scaling.depth)}) for stage in body.stages]
+        if body.width_multiplier is None:
+            return list(body.stages)
+        alpha = body.width_multiplier
+        return [stage.model_copy(update={"width": make_divisible(stage.width * alpha, divisor)})
+                for stage in body.stages]
 
-        return regnet_stages(self.body)
+    def built_stem(self) -> StemSpec:
+        """The stem as built: its width compound-scaled where the body says so."""
+        if not isinstance(self.body, AnyNetBody) or self.stem.width is None:
+            return self.stem
+        return self.stem.model_copy(update={"width": self.body.scale_width(self.stem.width)})
+
+    def built_head(self) -> HeadSpec:
+        """The head as built: its conv width compound-scaled where the body says so."""
+        if not isinstance(self.body, AnyNetBody) or self.head.width is None:
+            return self.head
+        return self.head.model_copy(update={"width": self.body.scale_width(self.head.width)})
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -263,157 +427,34 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
             model = StageSpec
             continue
         field = model.model_fields.get(item) if model else None
-        annotation = getattr(field, "annotation", None)
-        model = (
-            annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
-            else None
-        )
+        model = _mapping_model(getattr(field, "annotation", None))
     return model
 
 
-def _describe(error: dict) -> str:
-    kind, loc = error["type"], error["loc"]
-    if kind == "extra_forbidden":
-        model = _model_at(loc)
-        message = f"unknown key {loc[-1]!r}"
-        if model is not None:
-            close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
-            if close:
-                message += f" (did you mean {close[0]!r}?)"
-            else:
-                message += f"; valid keys: {', '.join(model.model_fields)}"
-        return message
-    if kind == "missing":
-        return "required field is missing"
-    if kind == "union_tag_invalid":
+def _mapping_model(annotation: Any) -> type[BaseModel] | None:
+    """The schema class of a field annotated `Model` or `Model | None`."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _body_union(error: dict) -> str:
+    if error["type"] == "union_tag_invalid":
         return f"unknown body type {error['ctx']['tag']!r}; valid types: anynet, regnet"
-    if kind == "union_tag_not_found":
-        return "body needs a 'type' (anynet or regnet)"
-    if kind in ("model_type", "dict_type"):
-        return "should be a mapping"
-    if kind == "value_error":
-        return error["msg"].removeprefix("Value error, ")
-    value = error.get("input")
-    message = error["msg"]
-    if not isinstance(value, (dict, list)):
-        message += f" (got {value!r})"
-    return message
+    return "body needs a 'type' (anynet or regnet)"
 
 
-def spec_from_mapping(data: Any, source: str = "<spec>") -> Spec:
-    """Validate a mapping as a spec; raise `SpecError` naming `source` and the field path."""
+def validate_schema(data: Any, source: str = "<spec>") -> Spec:
+    """Validate a mapping against the schema (structure, types, ranges); raise `SpecError` naming
+    `source` and the field path. Cross-field checks are `archc.loading`'s."""
     if not isinstance(data, Mapping):
         raise SpecError(f"a spec must be a mapping, got {type(data).__name__}", "<root>", source)
     try:
-        spec = Spec.model_validate(dict(data))
+        return Spec.model_validate(dict(data))
     except ValidationError as exc:
-        # an unknown key explains a "missing" one beside it (a misspelling): report it first
-        errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
-        first = errors[0]
+        first = first_error(exc)
         path = _field_path(first["loc"])
         if first["type"] == "union_tag_invalid":
             path += ".type"
-        raise SpecError(_describe(first), path, source) from None
-    try:
-        _check_semantics(spec)
-    except SpecError as exc:
-        raise exc.with_source(source) from None
-    return spec
-
-
-def _check_semantics(spec: Spec) -> None:
-    """Checks that need more than one field: RegNet stage count, block-specific rules."""
-    from archc.blocks import check_stage
-
-    if isinstance(spec.body, RegNetBody):
-        check_stage(spec.body.block, None, "body.block")
-        stages = spec.stages()
-        if spec.body.num_stages is not None and len(stages) != spec.body.num_stages:
-            raise SpecError(
-                f"these (depth, w0, wa, wm, q) give {len(stages)} stages "
-                f"(widths {[s.width for s in stages]}), {spec.body.num_stages} requested",
-                "body",
-            )
-        return
-    width = spec.input.channels if spec.stem.type == "none" else spec.stem.channels
-    for index, stage in enumerate(spec.stages()):
-        check_stage(stage.block, stage, f"body.stages[{index}]", width)
-        width = stage.width
-
-
-def load_spec(source: str | Path | Mapping[str, Any]) -> Spec:
-    """Load a spec from a YAML/JSON file path or a mapping. Raises `SpecError`."""
-    if isinstance(source, Mapping):
-        return spec_from_mapping(source)
-    path = Path(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError("no such file", "", str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read: {exc}", "", str(path)) from None
-    return spec_from_mapping(_parse(text, path), str(path))
-
-
-def _parse(text: str, path: Path) -> Any:
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text, object_pairs_hook=_unique_keys)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"invalid JSON: {exc.msg}", f"line {exc.lineno}", str(path)) from None
-        except _DuplicateKey as exc:
-            raise SpecError(f"invalid JSON: duplicate key {exc.args[0]!r}", "", str(path)) from None
-    import yaml
-
-    try:
-        return yaml.load(text, Loader=_unique_key_loader())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"invalid YAML: {problem}", where, str(path)) from None
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-def _unique_key_loader():
-    """yaml.SafeLoader that rejects duplicate keys (plain safe_load keeps the last silently)."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark
-                    )
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
-
-
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of the spec language (`archc schema`)."""
-    from archc.blocks import BLOCKS
-
-    schema = Spec.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "archc spec"
-    stage = schema["$defs"]["StageSpec"]["properties"]["block"]
-    stage["enum"] = sorted(BLOCKS)
-    return schema
+        raise SpecError(describe(first, _model_at, _body_union), path, source) from None

@@ -1,9 +1,15 @@
-"""archc benchmark harness: train form vs archc's deploy form, side by side in one run.
+"""archc benchmark harness: train form vs archc's deploy form, and what archc itself costs.
 
-    python bench/run.py                       # the default spec set, writes docs/performance.md
+    python bench/run.py                               # every section, into docs/performance.md
+    python bench/run.py --sections pass-cost          # one section; the others stay as they are
     python bench/run.py --specs repvgg_a0 --rounds 5 --out /tmp/perf.md
 
-Protocol (DECISIONS.md): ONNX Runtime sessions do not spin-wait between runs (else interleaved
+Each section of docs/performance.md sits between `<!-- begin: NAME -->` and `<!-- end: NAME -->`
+markers; a run rewrites only the sections it measured, so a noisy measurement can be repeated
+alone. Sections: `deploy` (eager, ONNX Runtime, throughput), `families`, `pass-cost`,
+`tool-cost`, `gpu`.
+
+Protocol: ONNX Runtime sessions do not spin-wait between runs (else interleaved
 sessions steal each other's cores); every configuration is built and warmed up first (sessions
 created once, their creation timed separately); then configurations are *interleaved* in rounds:
 each round runs every configuration `--iters` times and keeps that round's median; the result is
@@ -19,6 +25,10 @@ Measured per spec:
 - achieved GFLOP/s of the deploy form (archc's multiply-add count x 2 / time) against the
   machine's measured fp32 matrix-multiply peak;
 - `archc build` wall time, and `import torch` alone for scale;
+- per re-parameterization family written the way model libraries write them (tests/wild):
+  archc's fused form vs the authors' hand-written conversion, eager and ONNX Runtime;
+- the default pipeline's own cost on graphs of growing size: the passes with verification off,
+  and verification (float64 copy, reference runs, per-pass checks, the result's check) apart;
 - with a CUDA device: fp32 NCHW vs channels_last, fp16, and fp16 after `align_channels`.
 """
 
@@ -38,11 +48,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("deploy", "families", "pass-cost", "tool-cost", "gpu")
+# Pass cost: the RegNetY zoo from small to the largest, and one block repeated to growing depth
+# (nodes grow with depth at a fixed width, so time per node shows whether the cost is linear).
+PASS_COST_SPECS = ["regnety_200mf", "regnety_800mf", "regnety_3.2gf", "regnety_8.0gf",
+                   "regnety_32gf"]
+PASS_COST_DEPTHS = [4, 8, 16, 32, 64]
 DEFAULT_SPECS = [
     "regnetx_600mf",
     "regnety_600mf",
     "repvgg_a0",
-    "mobileone_style",
+    "mobileone_s0",
+    "mobileone_s1",
+    "fastvit_t8",
+    "repvit_m0_9",
+    "vanillanet_5",
+    "mobilenet_v2_depthshrinker",
     "dbb_style",
     "mobilenet_v2",
     "shufflenet_v2_x1_0",
@@ -138,6 +159,7 @@ def bench_spec(name: str, args) -> dict:
     import torch
 
     import archc
+    import passes  # noqa: F401 - registers the catalogue
     from archc.analysis import complexity
     from archc.init import random_input
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
@@ -195,6 +217,7 @@ def bench_gpu(name: str, args) -> dict[str, Timing]:
     import torch
 
     import archc
+    import passes  # noqa: F401 - registers the catalogue
     from archc.init import random_input
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 
@@ -262,19 +285,131 @@ def machine() -> str:
     )
 
 
-def report(
-    results: list[dict],
-    peak: dict[int, float],
-    build: Timing,
-    import_torch: Timing,
-    gpu: dict[str, dict[str, Timing]],
-    args,
-) -> str:
+def bench_families(args) -> list[dict]:
+    """archc's deploy form of each family vs the hand-written one, interleaved, eager and ORT."""
+    import copy
+
+    import torch
+
+    import passes  # noqa: F401 - registers the catalogue
+    from archc.export import export_onnx
+    from archc.init import random_input, randomize
+    from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
+
+    sys.path.insert(0, str(ROOT))
+    from tests.wild.families import NETWORKS
+    from tests.wild.layers import reparameterize
+
+    torch.set_num_threads(args.eager_threads)
+    rows = []
+    for family, (cls, shape) in NETWORKS.items():
+        print(f"benchmarking the {family} family ...", file=sys.stderr, flush=True)
+        shape = (args.batch, *shape[1:]) if len(shape) == 4 else shape
+        if len(shape) == 4:
+            shape = (*shape[:2], args.family_size, args.family_size)
+        model = randomize(cls(), 0, calibration_input=random_input((2, *shape[1:]), 1)).eval()
+        x = random_input(shape, 2)
+        hand = reparameterize(copy.deepcopy(model)).eval()
+        ours = run_pipeline(model, resolve_pipeline("default"),
+                            PassContext(example_inputs=(x,))).graph_module
+        hand_traced = torch.fx.symbolic_trace(hand)
+        with torch.no_grad():
+            eager = interleaved({"hand": lambda m=hand, v=x: m(v),
+                                 "archc": lambda m=ours, v=x: m(v)},
+                                args.rounds, args.iters, args.warmup)
+        configs = {}
+        with tempfile.TemporaryDirectory() as folder:
+            for label, gm in (("hand", hand_traced), ("archc", ours)):
+                path = Path(folder) / f"{label}.onnx"
+                export_onnx(gm, path, x)
+                session, name, _ = ort_session(path.read_bytes(), max(args.ort_threads))
+                configs[label] = (lambda s=session, n=name, v=x: s.run(None, {n: v.numpy()}))
+        ort = interleaved(configs, args.rounds, args.iters, args.warmup)
+        layers = {label: sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+                             for m in gm.modules()) for label, gm in (("hand", hand_traced),
+                                                                      ("archc", ours))}
+        rows.append({"family": family, "shape": shape, "layers": layers, "eager": eager,
+                     "ort": ort})
+    return rows
+
+
+def families_section(rows: list[dict], args) -> str:
     lines = [
-        "# Performance",
+        "## Re-parameterization families: archc's fused form vs the hand-written conversion",
         "",
-        "Measured by `python bench/run.py` (see its docstring for the protocol). Times are "
-        "the median of per-round medians with the [min-max] of round medians; rounds "
+        "`python bench/run.py --sections families`: the small networks of `tests/wild` (each "
+        "family written the way model libraries write it), converted by the authors' own "
+        "per-block `reparameterize()` and by archc's default pipeline, timed interleaved "
+        f"({args.rounds} rounds x {args.iters} runs), eager PyTorch at {args.eager_threads} "
+        f"threads and ONNX Runtime at {max(args.ort_threads)}. A ratio of 1.00x means the same "
+        "speed; archc's form has at most the hand-written layer count (it also folds what the "
+        "authors' code leaves, e.g. FastViT's ConvFFN BatchNorms and layer scales).",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "| family | input | layers hand / archc | eager hand | eager archc | ratio | ORT hand | "
+        "ORT archc | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        eager, ort = row["eager"], row["ort"]
+        lines.append(
+            f"| {row['family']} | {'x'.join(map(str, row['shape']))} | {row['layers']['hand']} / "
+            f"{row['layers']['archc']} | {eager['hand'].text()} | {eager['archc'].text()} | "
+            f"{eager['hand'].median / eager['archc'].median:.2f}x | {ort['hand'].text()} | "
+            f"{ort['archc'].text()} | {ort['hand'].median / ort['archc'].median:.2f}x |")
+    return "\n".join(lines)
+
+
+def pass_cost_model(name: str):
+    """A spec graph for the pass-cost table: a zoo spec, or `depth<N>`: N RepVGG-style train-form
+    blocks of 64 channels (conv-BN, conv-BN and a BN identity per block), every one mergeable."""
+    import archc
+
+    if not name.startswith("depth"):
+        return archc.build(ROOT / "specs" / f"{name}.yaml")
+    depth = int(name.removeprefix("depth"))
+    spec = {"name": name, "input": {"size": 32}, "num_classes": 10, "stem": {"type": "simple"},
+            "body": {"type": "anynet", "stages": [
+                {"block": "repvgg", "depth": depth, "width": 64, "stride": 1}]}}
+    return archc.build(spec)
+
+
+def bench_pass_cost(args) -> list[dict]:
+    """The default pipeline's cost per graph, rounds interleaved over the graphs: the passes with
+    verification off, and the whole run with verification on (its verification share apart)."""
+    import passes  # noqa: F401 - registers the catalogue
+    from archc.init import random_input
+    from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
+
+    names = [*args.pass_cost_specs, *(f"depth{d}" for d in PASS_COST_DEPTHS)]
+    graphs = {}
+    for name in names:
+        gm = pass_cost_model(name)
+        side = 224 if not name.startswith("depth") else 32
+        graphs[name] = (gm, random_input((1, 3, side, side), seed=1))
+    pipeline = resolve_pipeline("default")
+    rows = {name: {"name": name, "nodes": len(gm.graph.nodes),
+                   "params": sum(p.numel() for p in gm.parameters()),
+                   "passes": [], "verify_on": [], "verification": []}
+            for name, (gm, _) in graphs.items()}
+    for _ in range(args.pass_cost_rounds):
+        for name, (gm, x) in graphs.items():
+            start = time.perf_counter()
+            run_pipeline(gm, pipeline, PassContext(example_inputs=(x,), verify=False))
+            rows[name]["passes"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            result = run_pipeline(gm, pipeline, PassContext(example_inputs=(x,)))
+            total = time.perf_counter() - start
+            rows[name]["verify_on"].append(total)
+            rows[name]["verification"].append(total - result.seconds)
+    return list(rows.values())
+
+
+def deploy_section(results: list[dict], peak: dict[int, float], args) -> str:
+    lines = [
+        "Measured by `python bench/run.py --sections deploy` (see its docstring for the protocol)."
+        " Times are the median of per-round medians with the [min-max] of round medians; rounds "
         f"interleave the configurations ({args.rounds} rounds x {args.iters} runs, "
         f"{args.warmup} warm-ups). Ratios > 1 mean archc's deploy form is faster.",
         "",
@@ -332,24 +467,60 @@ def report(
             f"{eager / peak[args.eager_threads]:.0%} | {ort:.1f} GFLOP/s | "
             f"{ort / peak[ort_threads]:.0%} |"
         )
-    lines += [
+    return "\n".join(lines)
+
+
+def pass_cost_section(rows: list[dict], args) -> str:
+    def median(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} s [{min(values):.2f}-{max(values):.2f}]"
+
+    lines = [
+        "## Pass cost: the default pipeline on graphs of growing size",
         "",
+        f"`python bench/run.py --sections pass-cost`: {args.pass_cost_rounds} rounds, each running "
+        "every graph once with verification off and once with it on (median [min-max] of the "
+        "rounds; time after `import`, the graph already built). *Passes* is `run_pipeline` with "
+        "`verify=False`: copying the graph structure, one shape propagation on meta tensors, the "
+        "seven passes and their reports. *Verification* is what verification adds: the float64 "
+        "copy, the float64 reference run, a float64 run after every pass that changed the graph, "
+        "and the result's float32 check. `depthN` is N RepVGG-style train-form blocks of 64 "
+        "channels at 32x32, each folded and merged; its per-node time shows the cost is linear in "
+        "graph size.",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "| graph | nodes | params | passes (verify off) | ms per node | verification | "
+        "total with verification |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        per_node = statistics.median(row["passes"]) / row["nodes"] * 1e3
+        lines.append(
+            f"| {row['name']} | {row['nodes']} | {row['params'] / 1e6:.1f}M | "
+            f"{median(row['passes'])} | {per_node:.2f} | {median(row['verification'])} | "
+            f"{median(row['verify_on'])} |"
+        )
+    return "\n".join(lines)
+
+
+def tool_cost_section(build: Timing, import_torch: Timing) -> str:
+    return "\n".join([
         "## Tool cost",
         "",
         f"- `archc build specs/regnetx_600mf.yaml -o model.onnx` (export, simplify, verify): "
         f"{build.median:.1f} s [{min(build.rounds):.1f}-{max(build.rounds):.1f}]",
         f"- `python -c 'import torch'` alone: {import_torch.median:.2f} s",
-        "",
-        "## GPU",
-        "",
-    ]
+    ])
+
+
+def gpu_section(gpu: dict[str, dict[str, Timing]], args) -> str:
+    lines = ["## GPU", ""]
     if not gpu:
         lines += [
             "Not measured: this machine has no CUDA device. On a machine with one, the "
             "harness fills this section: the deploy form in fp32 NCHW, fp32 channels_last, "
             "fp16 channels_last, and fp16 channels_last after `align_channels` (multiple 8),"
             " interleaved, batch `--gpu-batch`.",
-            "",
         ]
         return "\n".join(lines)
     import torch
@@ -364,52 +535,88 @@ def report(
         base = timings["fp32 NCHW"].median
         for label, timing in timings.items():
             lines.append(f"| {name} | {label} | {timing.text()} | {base / timing.median:.2f}x |")
-    return "\n".join(lines + [""])
+    return "\n".join(lines)
+
+
+def write_sections(path: Path, sections: dict[str, str]) -> str:
+    """Replace (or append) each named section of the markdown file; keep the others."""
+    text = path.read_text() if path.exists() else "# Performance\n"
+    for name, body in sections.items():
+        begin, end = f"<!-- begin: {name} -->", f"<!-- end: {name} -->"
+        block = f"{begin}\n{body.rstrip()}\n{end}"
+        if begin in text and end in text:
+            before, rest = text.split(begin, 1)
+            text = before + block + rest.split(end, 1)[1]
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--specs", default=",".join(DEFAULT_SPECS))
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--eager-threads", type=int, default=2)
-    parser.add_argument("--ort-threads", default="1,2")
-    parser.add_argument("--build-repeats", type=int, default=3)
-    parser.add_argument("--gpu-batch", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to measure: {', '.join(SECTIONS)}")
+    parser.add_argument("--specs", default=",".join(DEFAULT_SPECS),
+                        help="specs of the deploy and gpu sections")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per timing")
+    parser.add_argument("--iters", type=int, default=5, help="runs per configuration and round")
+    parser.add_argument("--warmup", type=int, default=20, help="warm-up runs per configuration")
+    parser.add_argument("--batch", type=int, default=1, help="batch of the CPU timings")
+    parser.add_argument("--input-size", type=int, default=224, help="square input side")
+    parser.add_argument("--eager-threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--ort-threads", default="1,2",
+                        help="ONNX Runtime intra-op thread counts to compare")
+    parser.add_argument("--build-repeats", type=int, default=3,
+                        help="runs of `archc build` and of `import torch` (tool-cost)")
+    parser.add_argument("--pass-cost-specs", default=",".join(PASS_COST_SPECS),
+                        help="zoo specs of the pass-cost section")
+    parser.add_argument("--pass-cost-rounds", type=int, default=3,
+                        help="rounds of the pass-cost section")
+    parser.add_argument("--family-size", type=int, default=64,
+                        help="input side of the families section's networks")
+    parser.add_argument("--gpu-batch", type=int, default=32, help="batch of the GPU timings")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md",
+                        help="the markdown file whose sections are rewritten")
     args = parser.parse_args()
     args.ort_threads = [int(t) for t in args.ort_threads.split(",")]
+    args.pass_cost_specs = [s for s in args.pass_cost_specs.split(",") if s]
+    wanted = args.sections.split(",")
+    unknown = sorted(set(wanted) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section {unknown[0]!r}; sections: {', '.join(SECTIONS)}")
 
-    peak = {t: matmul_peak_gflops(t) for t in sorted({1, 2, args.eager_threads})}
-    results = []
-    for name in args.specs.split(","):
-        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-        results.append(bench_spec(name, args))
-    with tempfile.TemporaryDirectory() as folder:
-        archc_cli = [
-            sys.executable,
-            "-m",
-            "archc",
-            "build",
-            "specs/regnetx_600mf.yaml",
-            "-o",
-            str(Path(folder) / "model.onnx"),
-        ]
-        build = time_command(archc_cli, args.build_repeats)
-    import_torch = time_command([sys.executable, "-c", "import torch"], args.build_repeats)
-    import torch
-
-    gpu = {}
-    if torch.cuda.is_available():
+    sections = {}
+    if "deploy" in wanted:
+        peak = {t: matmul_peak_gflops(t) for t in sorted({1, 2, args.eager_threads})}
+        results = []
         for name in args.specs.split(","):
-            print(f"benchmarking {name} on {torch.cuda.get_device_name()} ...", file=sys.stderr)
-            gpu[name] = bench_gpu(name, args)
-    text = report(results, peak, build, import_torch, gpu, args)
-    args.out.write_text(text)
-    print(text)
+            print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+            results.append(bench_spec(name, args))
+        sections["deploy"] = deploy_section(results, peak, args)
+    if "families" in wanted:
+        sections["families"] = families_section(bench_families(args), args)
+    if "pass-cost" in wanted:
+        print("benchmarking the pipeline's own cost ...", file=sys.stderr, flush=True)
+        sections["pass-cost"] = pass_cost_section(bench_pass_cost(args), args)
+    if "tool-cost" in wanted:
+        with tempfile.TemporaryDirectory() as folder:
+            archc_cli = [sys.executable, "-m", "archc", "build", "specs/regnetx_600mf.yaml",
+                         "-o", str(Path(folder) / "model.onnx")]
+            build = time_command(archc_cli, args.build_repeats)
+        import_torch = time_command([sys.executable, "-c", "import torch"], args.build_repeats)
+        sections["tool-cost"] = tool_cost_section(build, import_torch)
+    if "gpu" in wanted:
+        import torch
+
+        gpu = {}
+        if torch.cuda.is_available():
+            for name in args.specs.split(","):
+                print(f"benchmarking {name} on {torch.cuda.get_device_name()} ...",
+                      file=sys.stderr)
+                gpu[name] = bench_gpu(name, args)
+        sections["gpu"] = gpu_section(gpu, args)
+    print(write_sections(args.out, sections))
 
 
 if __name__ == "__main__":

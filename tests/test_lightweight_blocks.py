@@ -14,9 +14,11 @@ import archc
 from archc.blocks import channel_shuffle
 from archc.errors import SpecError
 from archc.export import export_onnx
+from archc.graph import op_kind
 from archc.init import random_input
-from archc.pipeline import PassContext, op_kind, relative_error, resolve_pipeline, run_pipeline
+from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 from archc.spec import make_divisible
+from archc.verify import relative_error
 
 
 def tiny(stages: list[dict], stem: dict | None = None, head: dict | None = None) -> dict:

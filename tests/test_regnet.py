@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from archc.cli import main
+from archc.loading import load_spec
 from archc.regnet import generate_widths
-from archc.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-# a copy of shared/reference/regnet_models.json (pycls' dev/model_complexity.json and zoo configs)
+# pycls' published complexity of the 24 zoo models (dev/model_complexity.json and zoo configs)
 REFERENCE = json.loads((ROOT / "tests/data/regnet_models.json").read_text())
 ZOO = {m["name"].lower().replace("-", "_"): m for m in REFERENCE}
 

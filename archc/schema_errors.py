@@ -1,0 +1,48 @@
+"""One line per schema error: pydantic's validation errors as archc reports them (torch-free).
+
+Both file schemas (specs, `archc.spec`; design spaces, `archc.space`) report the first error of a
+file as `file:field.path: what is wrong`, an unknown key before a missing one beside it (the
+misspelling explains the missing field). The wording is shared; each schema supplies which model
+owns a location (for "did you mean" on unknown keys) and how to word its tagged unions.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+
+def first_error(exc: ValidationError) -> dict[str, Any]:
+    """The error to report: an unknown key first, else pydantic's first."""
+    return sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")[0]
+
+
+def describe(error: dict[str, Any], owner: Callable[[tuple], type[BaseModel] | None],
+             union: Callable[[dict[str, Any]], str]) -> str:
+    """What is wrong, in one line. `owner(loc)` is the model holding the last key of `loc`;
+    `union(error)` words a tagged union's missing or unknown tag."""
+    kind, loc = error["type"], error["loc"]
+    if kind == "extra_forbidden":
+        model = owner(loc)
+        message = f"unknown key {loc[-1]!r}"
+        if model is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+            message += (f" (did you mean {close[0]!r}?)" if close
+                        else f"; valid keys: {', '.join(model.model_fields)}")
+        return message
+    if kind == "missing":
+        return "required field is missing"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        return union(error)
+    if kind in ("model_type", "dict_type"):
+        return "should be a mapping"
+    if kind == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    message = error["msg"]
+    if not isinstance(value, (dict, list)):
+        message += f" (got {value!r})"
+    return message
