@@ -202,8 +202,32 @@ def _input_channels(gm: GraphModule) -> int:
 
 
 def flops_per_sample(gm: GraphModule) -> int:
-    """Multiply-adds of `gm` per sample at its recorded shapes (the pass reports' FLOP counter)."""
+    """Multiply-adds of `gm` per sample at its recorded shapes, by pycls' rules."""
     return complexity_report(gm).total.flops
+
+
+def executed_flops(gm: GraphModule) -> int:
+    """Multiply-adds `gm` executes per sample (the pass reports' FLOP counter): pycls' count plus
+    one per output element of every normalization layer that remains. pycls counts a conv's bias
+    but not a BatchNorm; an eval BatchNorm is `x * scale + shift`, one multiply-add per element,
+    so counting it makes folding read as what it is: the bias it leaves costs C*H*W adds, the
+    BatchNorm it removes cost C*H*W multiply-adds."""
+    norms = 0
+    for node in gm.graph.nodes:
+        out = node_shape(node)
+        if out is not None and _is_norm(gm, node):
+            norms += _per_sample(out)
+    return flops_per_sample(gm) + norms
+
+
+def _is_norm(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _NORM_MODULES)
+    if node.op == "call_function":
+        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        return node.target in _NORM_FUNCTIONS or "batch_norm" in name or name in (
+            "layer_norm", "group_norm")
+    return False
 
 
 @dataclass(frozen=True)
@@ -220,15 +244,17 @@ class Census:
 
     def changes(self, after: Census) -> str:
         """`44 -> 22 convs, 61 -> 0 normalization layers, ...`: this graph, then `after`."""
-        def arrow(before, now, fmt=str):
-            return fmt(now) if before == now else f"{fmt(before)} -> {fmt(now)}"
+        def arrow(before, now, noun, fmt=str):
+            count = fmt(now) if before == now else f"{fmt(before)} -> {fmt(now)}"
+            return f"{count} {noun}{'' if now == 1 and noun != 'params' else 's'}".replace(
+                "paramss", "params")
 
-        parts = [f"{arrow(self.convs, after.convs)} convs",
-                 f"{arrow(self.linears, after.linears)} linear",
-                 f"{arrow(self.norms, after.norms)} normalization layers",
-                 f"{arrow(self.params, after.params, '{:,}'.format)} params"]
+        parts = [arrow(self.convs, after.convs, "conv"),
+                 arrow(self.linears, after.linears, "linear layer"),
+                 arrow(self.norms, after.norms, "normalization layer"),
+                 arrow(self.params, after.params, "params", '{:,}'.format)]
         if self.macs is not None and after.macs is not None:
-            parts.append(f"{arrow(self.macs, after.macs, lambda m: f'{m / 1e6:,.1f}M')} MACs")
+            parts.append(arrow(self.macs, after.macs, "MAC", lambda m: f"{m / 1e6:,.1f}M"))
         return ", ".join(parts)
 
 
@@ -242,16 +268,14 @@ def census(gm: GraphModule) -> Census:
     """Count what `gm` executes (see `Census`)."""
     convs = linears = norms = 0
     for node in gm.graph.nodes:
+        norms += _is_norm(gm, node)
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             convs += isinstance(module, _CONVS)
             linears += isinstance(module, nn.Linear)
-            norms += isinstance(module, _NORM_MODULES)
         elif node.op == "call_function":
             name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
             convs += node.target in _FUNCTIONAL_CONVS or name.startswith(("conv", "convolution"))
             linears += node.target in _FUNCTIONAL_LINEAR or name == "linear"
-            norms += node.target in _NORM_FUNCTIONS or "batch_norm" in name or name in (
-                "layer_norm", "group_norm")
-    macs = complexity_report(gm).total.flops if has_shapes(gm) else None
+    macs = executed_flops(gm) if has_shapes(gm) else None
     return Census(convs, linears, norms, sum(p.numel() for p in gm.parameters()), macs)

@@ -366,7 +366,7 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
 
 def _pipeline(args: argparse.Namespace) -> tuple[list[str], dict]:
     """The pass names of `--passes` and the checked `--pass-option`s (before any work)."""
-    import passes  # noqa: F401 - registers the catalogue
+    import archc.passes  # noqa: F401 - registers the catalogue
     from archc.pipeline import check_options, resolve_pipeline
 
     names = resolve_pipeline(args.passes or "default")
@@ -376,7 +376,7 @@ def _pipeline(args: argparse.Namespace) -> tuple[list[str], dict]:
 def _run_passes(gm, args: argparse.Namespace, example, pipeline: tuple[list[str], dict]):
     """Run the pipeline with the CLI's options; print the per-pass report; return the graph and
     the input model's own rounding error (None if not measured)."""
-    from archc.analysis import census, flops_per_sample
+    from archc.analysis import census, executed_flops
     from archc.pipeline import PassContext, run_pipeline
     from archc.shapes import propagate_shapes
 
@@ -398,7 +398,7 @@ def _run_passes(gm, args: argparse.Namespace, example, pipeline: tuple[list[str]
         dump_after=dump_after,
         dump_dir=dump_dir,
         explain=args.explain,
-        measure=flops_per_sample,
+        measure=executed_flops,
         options=options,
     )
     result = run_pipeline(gm, names, ctx)
@@ -437,7 +437,7 @@ def _print_emitted(emitted) -> None:
 
 
 def _passes(args: argparse.Namespace) -> int:
-    import passes  # noqa: F401 - registers the catalogue
+    import archc.passes  # noqa: F401 - registers the catalogue
     from archc.pipeline import list_passes, pipelines
 
     for info in list_passes():

@@ -14,25 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a seed is a non-negative integer, got {value}")
-    return value
+from archc import arguments
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -82,10 +64,10 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs_required: bool
                         help="digits (scikit-learn's bundled 8x8 digits), a .npz with x (N,C,H,W) "
                         "and y, or a directory of class folders")
     group = parser.add_argument_group("training (archc.train)")
-    group.add_argument("--epochs", type=_positive_int, required=epochs_required,
+    group.add_argument("--epochs", type=arguments.positive_int, required=epochs_required,
                        default=None if epochs_required else 10,
                        help="epochs" + ("" if epochs_required else " (default 10)"))
-    group.add_argument("--batch-size", type=_positive_int, default=64, help="default 64")
+    group.add_argument("--batch-size", type=arguments.positive_int, default=64, help="default 64")
     group.add_argument("--lr", type=_nonnegative_float, default=0.1,
                        help="peak learning rate of the cosine schedule (default 0.1)")
     group.add_argument("--momentum", type=_fraction, default=0.9, help="SGD momentum (0.9)")
@@ -97,7 +79,7 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs_required: bool
     group.add_argument("--ema", type=_fraction, default=None, metavar="DECAY",
                        help="keep an exponential moving average of the weights with this decay "
                        "(e.g. 0.999) and report and keep it")
-    group.add_argument("--threads", type=_positive_int, default=1,
+    group.add_argument("--threads", type=arguments.positive_int, default=1,
                        help="torch intra-op threads (default 1; results depend on it)")
 
 
@@ -128,8 +110,9 @@ def add_commands(commands) -> None:
     )
     sample.add_argument("space", type=Path,
                         help="space file (YAML or JSON), e.g. spaces/regnetx.yaml")
-    sample.add_argument("-n", type=_positive_int, required=True, metavar="N", help="models to draw")
-    sample.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    sample.add_argument("-n", type=arguments.positive_int, required=True, metavar="N",
+                        help="models to draw")
+    sample.add_argument("--seed", type=arguments.seed, default=0, help="random seed (default 0)")
     sample.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                         help="samples file (.jsonl), written atomically")
     _add_space_source(sample)
@@ -145,14 +128,14 @@ def add_commands(commands) -> None:
                        help="a space file (.yaml/.json) or a samples file (.jsonl)")
     sweep.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
                        help="results file (.jsonl), appended to")
-    sweep.add_argument("-n", type=_positive_int, metavar="N",
+    sweep.add_argument("-n", type=arguments.positive_int, metavar="N",
                        help="models to sample (with a space file)")
-    sweep.add_argument("--seed", type=_seed, default=0,
+    sweep.add_argument("--seed", type=arguments.seed, default=0,
                        help="sampling seed (with a space file) and training seed (default 0)")
     _add_space_source(sweep)
     _add_training_options(sweep, epochs_required=True)
     where = sweep.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=_positive_int, default=1,
+    where.add_argument("--workers", type=arguments.positive_int, default=1,
                        help="local worker processes (default 1: this process)")
     where.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                        help="run on Ray (pip install 'archc[ray]'): a cluster ADDRESS, or a "
@@ -172,13 +155,14 @@ def add_commands(commands) -> None:
                          help="results files (.jsonl) of `archc space sweep`, one per space")
     analyze.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
                          help="report directory")
-    analyze.add_argument("--resamples", type=_positive_int, default=10_000,
+    analyze.add_argument("--resamples", type=arguments.positive_int, default=10_000,
                          help="bootstrap resamples (default 10,000, as the paper)")
     analyze.add_argument("--fraction", type=_fraction, default=0.25,
                          help="bootstrap resample size as a fraction of the models (0.25)")
-    analyze.add_argument("--bins", type=_positive_int, default=10,
+    analyze.add_argument("--bins", type=arguments.positive_int, default=10,
                          help="flops bins of the normalized EDF (default 10)")
-    analyze.add_argument("--seed", type=_seed, default=0, help="bootstrap seed (default 0)")
+    analyze.add_argument("--seed", type=arguments.seed, default=0,
+                         help="bootstrap seed (default 0)")
 
     fit = space_commands.add_parser(
         "fit",
@@ -204,7 +188,8 @@ def add_commands(commands) -> None:
                        help="spec file (.yaml/.json) or archc checkpoint (.pt)")
     train.add_argument("-o", "--output", type=Path, required=True, metavar="CKPT",
                        help="checkpoint to write (.pt)")
-    train.add_argument("--seed", type=_seed, default=0, help="weights and batch order (default 0)")
+    train.add_argument("--seed", type=arguments.seed, default=0,
+                       help="weights and batch order (default 0)")
     train.add_argument("--metrics", type=Path, metavar="FILE", help="also write the metrics here")
     _add_training_options(train, epochs_required=False)
 
@@ -217,7 +202,8 @@ def add_commands(commands) -> None:
     evaluate.add_argument("model", type=Path, metavar="CKPT|MODEL.onnx")
     evaluate.add_argument("--data", required=True, metavar="DATA",
                           help="digits, a .npz with x and y, or a directory of class folders")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="default 256")
+    evaluate.add_argument("--batch-size", type=arguments.positive_int, default=256,
+                          help="default 256")
 
 
 def _space(args: argparse.Namespace) -> int:

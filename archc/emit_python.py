@@ -7,8 +7,12 @@ graph's own code. Weights go to `<name>.weights.pt`, a plain state_dict (loads w
 `torch.load(weights_only=True)`); `load()` in the generated file reads them.
 
 `prepare_input(x)` casts an input to the emitted dtype and memory format (`channels_last` when
-emitted with it). Only torch.nn modules with a constructor-form repr are emitted; anything
-else (a custom module a trace kept as a leaf) is an ExportError naming it.
+emitted with it). Run as a script (`python model.py`), the file checks itself: `self_check()` feeds
+a seeded normal input (torch.Generator seed 0) and compares the first outputs with those archc
+computed when it emitted the file, at the emission's tolerance.
+
+Only torch.nn modules with a constructor-form repr are emitted; anything else (a custom module a
+trace kept as a leaf) is an ExportError naming it.
 """
 
 from __future__ import annotations
@@ -88,6 +92,45 @@ def _constructor(name: str, module: nn.Module) -> str:
     return text
 
 
+CHECKED_OUTPUTS = 16  # how many output values the self-check compares
+
+SELF_CHECK = '''
+
+CHECK_SHAPE = {shape}
+CHECK_OUTPUT = {expected}
+CHECK_RTOL = {rtol!r}
+
+
+def self_check(weights: str | Path | None = None) -> float:
+    """Relative error of the first outputs at a seeded input against those recorded at emission;
+    raises AssertionError beyond CHECK_RTOL."""
+    x = torch.randn(CHECK_SHAPE, generator=torch.Generator().manual_seed(0))
+    model = load() if weights is None else load(weights)
+    with torch.no_grad():
+        y = model(prepare_input(x)).float().flatten()[: len(CHECK_OUTPUT)]
+    expected = torch.tensor(CHECK_OUTPUT)
+    error = ((y - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    if error > CHECK_RTOL:
+        raise AssertionError(f"output differs from the recorded one: relative error {{error:.2e}}")
+    return error
+
+
+if __name__ == "__main__":
+    print(f"self-check passed: relative error {{self_check():.2e}} (tolerance {{CHECK_RTOL:g}})")
+'''
+
+
+def check_sample(gm: GraphModule, shape: tuple[int, ...], dtype: torch.dtype,
+                 channels_last: bool) -> list[float]:
+    """The first outputs of `gm` at the self-check's seeded input."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if channels_last and x.ndim == 4:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = gm(x).float().flatten()[:CHECKED_OUTPUTS]
+    return [float(v) for v in y]
+
+
 def python_source(
     gm: GraphModule,
     model_name: str,
@@ -95,8 +138,10 @@ def python_source(
     weights_name: str,
     stem: str,
     channels_last: bool = False,
+    check: tuple[tuple[int, ...], list[float], float] | None = None,
 ) -> tuple[str, dict[str, torch.Tensor]]:
-    """(source text, state_dict) of the standalone module, in `gm`'s parameter dtype."""
+    """(source text, state_dict) of the standalone module, in `gm`'s parameter dtype; `check` is
+    `(input shape, first outputs, rtol)` of the self-check, if any."""
     flat = _flatten(gm)
     init_lines = []
     for name, value in flat.named_children():
@@ -148,6 +193,9 @@ def python_source(
         f"    model.load_state_dict(torch.load(weights, weights_only=True))\n"
         f"    return model.to(memory_format=MEMORY_FORMAT).eval()\n"
     )
+    if check is not None:
+        shape, expected, rtol = check
+        code += SELF_CHECK.format(shape=tuple(shape), expected=expected, rtol=rtol)
     state = {k: v.detach().clone().contiguous() for k, v in flat.state_dict().items()}
     return code, state
 
@@ -174,7 +222,11 @@ def emit_python(
     path = Path(path)
     weights_path = path.with_name(f"{path.stem}.weights.pt")
     report = EmitReport(path, "py", verified_with="a fresh python process importing only torch")
-    code, state = python_source(gm, model_name, source, weights_path.name, path.stem, channels_last)
+    dtype = next((p.dtype for p in gm.parameters()), torch.float32)
+    check = (tuple(example_input.shape),
+             check_sample(gm, tuple(example_input.shape), dtype, channels_last), rtol)
+    code, state = python_source(gm, model_name, source, weights_path.name, path.stem,
+                                channels_last, check)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     with atomic_output(weights_path) as weights_tmp, atomic_output(path) as code_tmp:
@@ -197,7 +249,8 @@ model = module.load(sys.argv[2])
 x = module.prepare_input(torch.load(sys.argv[3], weights_only=True))
 with torch.no_grad():
     torch.save(model(x), sys.argv[4])
-bad = [name for name in sys.modules if name == "archc" or name.startswith(("archc.", "passes"))]
+module.self_check(sys.argv[2])
+bad = [name for name in sys.modules if name == "archc" or name.startswith("archc.")]
 sys.exit(3 if bad else 0)
 """
 
@@ -231,7 +284,8 @@ def _run_standalone(
             raise ExportError("the emitted module imported archc; it must need only torch")
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ExportError(f"the emitted module does not run standalone: {last}")
+            raise ExportError(f"the emitted module does not run standalone or fails its "
+                              f"self-check: {last}")
         return torch.load(output_path, weights_only=True)
     finally:
         for leftover in (input_path, output_path):

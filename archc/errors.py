@@ -15,20 +15,33 @@ class ArchcError(Exception):
 
 
 class SpecError(ArchcError):
-    """A malformed spec: `file:field.path: what is wrong`."""
+    """A malformed spec: `file:field.path: what is wrong`. `also` holds the file's other errors
+    `(message, path)`, found in the same validation, and `unlisted` how many more there were;
+    the CLI prints one line each."""
 
-    def __init__(self, message: str, path: str = "", source: str | None = None):
+    def __init__(self, message: str, path: str = "", source: str | None = None,
+                 also: tuple[tuple[str, str], ...] = (), unlisted: int = 0):
         self.message = message
         self.path = path
         self.source = source
+        self.also = also
+        self.unlisted = unlisted
         super().__init__(self.format())
 
-    def format(self) -> str:
-        where = [part for part in (self.source, self.path) if part]
-        return ":".join(where + [" " + self.message]) if where else self.message
+    def format(self, message: str | None = None, path: str | None = None) -> str:
+        where = [part for part in (self.source, self.path if path is None else path) if part]
+        text = self.message if message is None else message
+        return ":".join(where + [" " + text]) if where else text
+
+    def lines(self) -> list[str]:
+        """One line per error: this one, then the others."""
+        lines = [self.format(), *(self.format(m, p) for m, p in self.also)]
+        if self.unlisted:
+            lines.append(f"{self.source or '<spec>'}: {self.unlisted} more errors not shown")
+        return lines
 
     def with_source(self, source: str) -> SpecError:
-        return SpecError(self.message, self.path, source)
+        return type(self)(self.message, self.path, source, self.also, self.unlisted)
 
 
 class SpaceError(SpecError):
@@ -62,6 +75,10 @@ class PassError(ArchcError):
 
 class ExportError(ArchcError):
     """Export to ONNX / torch.export / PyTorch failed or did not verify."""
+
+
+class ResourceError(ArchcError):
+    """The work would not fit this machine (memory, sizes beyond what torch can index)."""
 
 
 class CheckpointError(ArchcError):

@@ -53,6 +53,7 @@ def load_model(path: str | Path, *, trust_pickle: bool = False) -> ImportedModel
         data = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    check_file_kind(path, data)
     if path.suffix.lower() == ".pt2":
         return _load_program(data, path)
     try:
@@ -74,6 +75,25 @@ def load_model(path: str | Path, *, trust_pickle: bool = False) -> ImportedModel
             f"(archc build -o model.pt), a torch.export program (.pt2) or a whole module"
         )
     raise CheckpointError(f"{path}: not an archc checkpoint (found a {type(payload).__name__})")
+
+
+ACCEPTED = ("an archc checkpoint (.pt, from `archc build -o model.pt`), a torch.export program "
+            "(.pt2) or a whole pickled nn.Module (.pt, with --trust-pickle)")
+
+
+def check_file_kind(path: Path, data: bytes) -> None:
+    """A one-line error for a file that is not something torch saved (a spec, an ONNX model,
+    text): torch.save writes a zip archive (or, before torch 1.6, a pickle stream)."""
+    suffix = path.suffix.lower()
+    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
+        return
+    if suffix in (".yaml", ".yml", ".json"):
+        kind = "a spec: build it with `archc build SPEC -o model.pt`, then fuse that"
+    elif suffix == ".onnx" or data[:1] == b"\x08":
+        kind = "an ONNX model: archc rewrites PyTorch models"
+    else:
+        kind = "not a file torch.save or torch.export wrote"
+    raise CheckpointError(f"{path}: {kind}; this command reads {ACCEPTED}")
 
 
 def _needs_pickle(exc: Exception) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from archc.errors import SpecError
+from archc.reference import resolve
 from archc.spec import AnyNetBody, RegNetBody, Spec, validate_schema
 
 
@@ -82,10 +83,11 @@ def _check_lambda(spec: Spec) -> None:
 
 
 def load_spec(source: str | Path | Mapping[str, Any]) -> Spec:
-    """Load a spec from a YAML/JSON file path or a mapping. Raises `SpecError`."""
+    """Load a spec from a YAML/JSON file path, a shipped spec's name (`regnetx_600mf`) or a
+    mapping. Raises `SpecError`."""
     if isinstance(source, Mapping):
         return spec_from_mapping(source)
-    path = Path(source)
+    path = resolve(source, "specs")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

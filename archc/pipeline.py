@@ -236,7 +236,8 @@ class PassInfo:
 
 _PASSES: dict[str, PassInfo] = {}
 _PIPELINES: dict[str, tuple[str, ...]] = {}
-NO_CATALOGUE = "no passes are registered: import the catalogue first (`import passes`)"
+NO_CATALOGUE = ("no passes are registered: import the catalogue first "
+                "(`import archc.passes`)")
 
 
 def register_pass(name: str, summary: str, preserves_function: bool,

@@ -1,8 +1,8 @@
 """One line per schema error: pydantic's validation errors as archc reports them (torch-free).
 
-Both file schemas (specs, `archc.spec`; design spaces, `archc.space`) report the first error of a
-file as `file:field.path: what is wrong`, an unknown key before a missing one beside it (the
-misspelling explains the missing field). The wording is shared; each schema supplies which model
+Both file schemas (specs, `archc.spec`; design spaces, `archc.space`) report each error of a file as
+`file:field.path: what is wrong` (up to `MAX_REPORTED`), an unknown key before a missing one beside
+it (the misspelling explains the missing field). The wording is shared; each schema supplies which model
 owns a location (for "did you mean" on unknown keys) and how to word its tagged unions.
 """
 
@@ -15,9 +15,23 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 
+MAX_REPORTED = 10  # errors listed per file; the rest are counted
+
+
 def first_error(exc: ValidationError) -> dict[str, Any]:
     """The error to report: an unknown key first, else pydantic's first."""
-    return sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")[0]
+    return ordered_errors(exc)[0]
+
+
+def ordered_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Every error once per field, unknown keys first (a misspelling explains the missing field
+    beside it), else in pydantic's order."""
+    seen, errors = set(), []
+    for error in sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden"):
+        if error["loc"] not in seen:
+            seen.add(error["loc"])
+            errors.append(error)
+    return errors
 
 
 def describe(error: dict[str, Any], owner: Callable[[tuple], type[BaseModel] | None],

@@ -246,8 +246,9 @@ def load_space(source: str | Path, overrides: list[tuple[str, Any]] = ()) -> Spa
     """Read, parse (safe YAML / JSON, duplicate keys rejected) and validate a space file, with
     optional `(dotted.key, value)` overrides of its mapping (`--set`). Raises `SpaceError`."""
     from archc.loading import parse_text
+    from archc.reference import resolve
 
-    path = Path(source)
+    path = resolve(source, "spaces", SpaceError)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

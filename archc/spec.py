@@ -54,7 +54,7 @@ from pydantic import (
 
 from archc.errors import SpecError
 from archc.regnet import adjust_block_compatibility, generate_widths
-from archc.schema_errors import describe, first_error
+from archc.schema_errors import MAX_REPORTED, describe, ordered_errors
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Activation = Literal["relu", "relu6", "hardswish", "silu", "gelu"]
@@ -453,8 +453,13 @@ def validate_schema(data: Any, source: str = "<spec>") -> Spec:
     try:
         return Spec.model_validate(dict(data))
     except ValidationError as exc:
-        first = first_error(exc)
-        path = _field_path(first["loc"])
-        if first["type"] == "union_tag_invalid":
-            path += ".type"
-        raise SpecError(describe(first, _model_at, _body_union), path, source) from None
+        found = [(describe(error, _model_at, _body_union), _error_path(error))
+                 for error in ordered_errors(exc)]
+        (message, path), *others = found
+        raise SpecError(message, path, source, tuple(others[:MAX_REPORTED - 1]),
+                        max(0, len(found) - MAX_REPORTED)) from None
+
+
+def _error_path(error: dict) -> str:
+    path = _field_path(error["loc"])
+    return path + ".type" if error["type"] == "union_tag_invalid" else path

@@ -159,7 +159,7 @@ def bench_spec(name: str, args) -> dict:
     import torch
 
     import archc
-    import passes  # noqa: F401 - registers the catalogue
+    import archc.passes  # noqa: F401 - registers the catalogue
     from archc.analysis import complexity
     from archc.init import random_input
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
@@ -217,7 +217,7 @@ def bench_gpu(name: str, args) -> dict[str, Timing]:
     import torch
 
     import archc
-    import passes  # noqa: F401 - registers the catalogue
+    import archc.passes  # noqa: F401 - registers the catalogue
     from archc.init import random_input
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 
@@ -291,7 +291,7 @@ def bench_families(args) -> list[dict]:
 
     import torch
 
-    import passes  # noqa: F401 - registers the catalogue
+    import archc.passes  # noqa: F401 - registers the catalogue
     from archc.export import export_onnx
     from archc.init import random_input, randomize
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
@@ -378,7 +378,7 @@ def pass_cost_model(name: str):
 def bench_pass_cost(args) -> list[dict]:
     """The default pipeline's cost per graph, rounds interleaved over the graphs: the passes with
     verification off, and the whole run with verification on (its verification share apart)."""
-    import passes  # noqa: F401 - registers the catalogue
+    import archc.passes  # noqa: F401 - registers the catalogue
     from archc.init import random_input
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 

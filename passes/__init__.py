@@ -2,7 +2,7 @@
 engine (`archc.pipeline`). One module per family; `pipelines` names the pipelines."""
 
 from archc.pipeline import register_pipeline
-from passes import (  # noqa: F401 - imported to register their passes
+from archc.passes import (  # noqa: F401 - imported to register their passes
     bn_folding,
     branch_merging,
     canonical,
@@ -11,7 +11,7 @@ from passes import (  # noqa: F401 - imported to register their passes
     layout,
     sequential_merging,
 )
-from passes.pipelines import PIPELINES
+from archc.passes.pipelines import PIPELINES
 
 for _name, _passes in PIPELINES.items():
     register_pipeline(_name, _passes)

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-import passes  # noqa: F401 - the tests run the built-in catalogue
+import archc.passes  # noqa: F401 - the tests run the built-in catalogue
 
 # Under pytest-xdist every core already runs a test process. Two OpenMP threads per process then
 # spin against each other and against the other worker, and small convolutions run up to ~100x

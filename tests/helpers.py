@@ -11,7 +11,7 @@ from torch import nn
 from archc.init import random_input, randomize
 from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 from archc.verify import relative_error
-from passes.pipelines import PIPELINES
+from archc.passes.pipelines import PIPELINES
 
 
 class Fn(nn.Module):

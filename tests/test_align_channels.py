@@ -23,7 +23,7 @@ from archc.errors import ArchcError, PassError
 from archc.init import random_input, randomize
 from archc.pipeline import PassContext, run_pipeline
 from archc.verify import relative_error
-from passes import layout
+from archc.passes import layout
 from tests.helpers import TOLERANCE, Fn
 
 SHAPE = (2, 3, 8, 8)
@@ -253,7 +253,7 @@ def test_options_and_inputs_are_checked():
 
 
 def test_not_in_the_default_pipeline():
-    from passes.pipelines import PIPELINES
+    from archc.passes.pipelines import PIPELINES
 
     assert all("align_channels" not in names for names in PIPELINES.values())
 

@@ -18,8 +18,8 @@ from archc.init import random_input, randomize
 from archc.pipeline import PassContext, run_pipeline
 from archc.rules import apply_rules
 from archc.verify import relative_error
-from passes import bn_folding
-from passes.pipelines import PIPELINES
+from archc.passes import bn_folding
+from archc.passes.pipelines import PIPELINES
 from tests.helpers import TOLERANCE, BNAndPad, assert_default_pipeline_exact_idempotent_honest
 
 

@@ -20,8 +20,8 @@ from archc.graph import op_kind
 from archc.init import random_input, randomize
 from archc.linear_chains import LinearReader
 from archc.pipeline import PassContext, run_pipeline
-from passes import branch_merging as bm
-from passes.pipelines import PIPELINES
+from archc.passes import branch_merging as bm
+from archc.passes.pipelines import PIPELINES
 from tests.helpers import (
     TOLERANCE,
     BNAndPad,

@@ -9,7 +9,7 @@ from torch import nn
 
 from archc.pipeline import PassContext, run_pipeline
 from archc.rules import apply_rules
-from passes import cleanup
+from archc.passes import cleanup
 from tests.helpers import TOLERANCE, run_randomized
 
 SHAPE = (2, 4, 5, 5)

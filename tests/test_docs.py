@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from archc.pipeline import list_passes
-from passes.pipelines import PIPELINES
+from archc.passes.pipelines import PIPELINES
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -20,7 +20,7 @@ from archc.init import random_input, randomize
 from archc.pipeline import PassContext, check_options, run_pipeline
 from archc.rules import MAX_SWEEPS, Done, FixpointError, Op, Partial, Refuse, Rule, apply_rules
 from archc.shapes import node_shape, propagate_shapes, refresh_shapes
-from passes.pipelines import PIPELINES
+from archc.passes.pipelines import PIPELINES
 
 # ---- the driver ----
 

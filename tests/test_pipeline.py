@@ -25,7 +25,7 @@ from archc.pipeline import (
 )
 from archc.rules import Op, Refuse, Rule, apply_rules
 from archc.verify import relative_error
-from passes.pipelines import PIPELINES
+from archc.passes.pipelines import PIPELINES
 
 SHAPE = (2, 3, 6, 6)
 

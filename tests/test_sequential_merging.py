@@ -21,8 +21,8 @@ from archc.graph import op_kind
 from archc.init import randomize
 from archc.pipeline import PassContext, run_pipeline
 from archc.verify import relative_error
-from passes import sequential_merging as sm
-from passes.pipelines import PIPELINES
+from archc.passes import sequential_merging as sm
+from archc.passes.pipelines import PIPELINES
 from tests.helpers import TOLERANCE, BNAndPad, Fn, run_randomized
 
 SHAPE = (2, 8, 10, 10)
