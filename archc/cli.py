@@ -1,8 +1,12 @@
 """The `archc` command line.
 
-Argument parsing imports nothing heavy: `archc --help` and argument errors never import torch.
-User errors (`ArchcError`) print one line `error: ...` and exit 2; anything else is an internal bug:
-a traceback and exit 1.
+Argument parsing imports nothing heavy: `archc --help` and argument errors never import torch, and
+every option is checked as it is parsed (`archc.arguments`). One guard (`main`) turns every failure
+into one line on stderr: a user's mistake (`ArchcError`, running out of memory, sizes torch cannot
+index) is `error: ...` and exit 2; anything else is an archc bug: `internal error: ...` and exit 1,
+with the traceback only under `--debug`. Output locations are checked before any work starts.
+Progress goes to stderr (one line per pass); `--quiet` keeps only errors, `--json` prints one
+machine-readable report on stdout instead of the text.
 """
 
 from __future__ import annotations
@@ -12,46 +16,39 @@ import json
 import sys
 from pathlib import Path
 
-from archc import cli_space
+from archc import arguments, cli_space
+from archc.errors import first_line
 
 OUTPUT_FORMATS = (".onnx", ".pt", ".pt2", ".py")
 FUSE_FORMATS = (".pt2", ".onnx", ".py")
+CHECKPOINT_FORMATS = (".pt", ".pth", ".pt2")
+# The opsets torch's ONNX exporter writes as asked (it raises lower ones to 18 without a word)
+ONNX_OPSETS = (18, 24)
+INPUT_SIDES = (8, 4096)  # as the spec schema's input.size
+# Failures of the machine rather than of archc: one line and exit 2, like a user error
+RESOURCE_MESSAGES = ("can't allocate memory", "DefaultCPUAllocator", "out of memory",
+                     "overflowed", "integer multiplication overflow", "numel: integer")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+class Output:
+    """Where a command's text goes: `say` to stdout (not with --quiet or --json), `progress` to
+    stderr (not with --quiet), `report` the --json document."""
 
+    def __init__(self, args: argparse.Namespace):
+        self.quiet = getattr(args, "quiet", False)
+        self.json = getattr(args, "json", False)
 
-def _output_path(formats: tuple[str, ...]):
-    def parse(text: str) -> Path:
-        path = Path(text)
-        if path.suffix.lower() not in formats:
-            raise argparse.ArgumentTypeError(
-                f"cannot tell the format of {text!r}: use one of {', '.join(formats)}"
-            )
-        return path
+    def say(self, text: str) -> None:
+        if not (self.quiet or self.json):
+            print(text, flush=True)
 
-    return parse
+    def progress(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
 
-
-def _shape(text: str) -> tuple[int, ...]:
-    """N,C,H,W (or N,C,L / N,C,D,H,W for 1-D / 3-D convs, N,F for a linear model)."""
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,224,224") from None
-    if not 2 <= len(shape) <= 5:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} has {len(shape)} sizes: give N,C,H,W (2 to 5 sizes, batch first)")
-    if min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape of positive sizes")
-    return shape
+    def report(self, document: dict) -> None:
+        if self.json:
+            print(json.dumps(document, indent=1))
 
 
 def _add_deploy_options(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +66,33 @@ def _add_deploy_options(parser: argparse.ArgumentParser) -> None:
         help="emit the PyTorch module and its inputs in torch.channels_last "
         "memory format (.pt2, .py)",
     )
+
+
+def _add_memory_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-memory",
+        type=arguments.memory_size,
+        metavar="SIZE",
+        help="refuse a spec whose estimated peak memory exceeds SIZE (e.g. 8G; default half of "
+        "this machine's memory), before allocating anything",
+    )
+
+
+def _add_input_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input-size",
+        type=arguments.int_in(*INPUT_SIDES, "input side in pixels"),
+        metavar="N",
+        help=f"square input side, {INPUT_SIDES[0]}..{INPUT_SIDES[1]} (default: the spec's "
+        "input.size)",
+    )
+
+
+def _add_opset(parser: argparse.ArgumentParser, help_text: str) -> None:
+    low, high = ONNX_OPSETS
+    parser.add_argument(
+        "--opset", type=arguments.int_in(low, high, "ONNX opsets the exporter writes"),
+        default=low, metavar="N", help=f"{help_text} ({low}..{high}; default {low})")
 
 
 def _pass_option(text: str) -> tuple[str, str]:
@@ -115,44 +139,47 @@ def _add_pass_options(parser: argparse.ArgumentParser, default_text: str) -> Non
     )
     group.add_argument(
         "--rtol",
-        type=float,
+        type=arguments.open_unit_interval,
         default=1e-5,
-        help="relative tolerance of every verification (default 1e-5)",
+        help="relative tolerance of the emitted model against the float64 reference, between 0 "
+        "and 1 (default 1e-5)",
     )
+    parser.add_argument("--json", action="store_true",
+                        help="print one machine-readable JSON report on stdout instead of text")
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from archc import __version__
+
     parser = argparse.ArgumentParser(
         prog="archc",
         description="archc: a graph-rewriting architecture compiler for convolutional networks.",
     )
+    parser.add_argument("--version", action="version", version=f"archc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     build = commands.add_parser(
         "build",
-        help="lower a spec to a verified ONNX / torch.export / checkpoint file",
-        description="Lower SPEC to a torch.fx graph and emit it; the format follows the extension "
-        "of OUT: .onnx (single file, verified in ONNX Runtime), .pt2 (torch.export), "
-        ".pt (archc checkpoint: spec + state_dict).",
+        help="lower a spec to a verified ONNX / torch.export / checkpoint / Python file",
+        description="Lower SPEC to a torch.fx graph, run the passes and emit it; the format "
+        "follows the extension of OUT: .onnx (single file, verified in ONNX Runtime), .pt2 "
+        "(torch.export), .py (standalone module + weights), .pt (archc checkpoint: spec + "
+        "state_dict, the train form).",
     )
-    build.add_argument("spec", type=Path, help="spec file (YAML or JSON)")
+    build.add_argument("spec", help="spec file (YAML or JSON) or a shipped spec's name "
+                       "(`archc models` lists them)")
     build.add_argument(
         "-o",
         "--output",
-        type=_output_path(OUTPUT_FORMATS),
+        type=arguments.output_path(OUTPUT_FORMATS),
         required=True,
         metavar="OUT",
-        help="output file: .onnx, .pt2 or .pt",
+        help="output file: .onnx, .pt2, .py or .pt",
     )
-    build.add_argument(
-        "--input-size",
-        type=_positive_int,
-        metavar="N",
-        help="square input side (default: the spec's input.size)",
-    )
+    _add_input_size(build)
     build.add_argument(
         "--batch",
-        type=_positive_int,
+        type=arguments.positive_int,
         default=1,
         metavar="N",
         help="batch size of the example input (default 1)",
@@ -163,10 +190,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="fix the batch size of .onnx / .pt2 outputs to --batch (default: any batch size, "
         "verified at two)",
     )
-    build.add_argument(
-        "--opset", type=_positive_int, default=18, metavar="N", help="ONNX opset (default 18)"
-    )
-    build.add_argument("--seed", type=int, default=0, help="weight/input seed (default 0)")
+    _add_opset(build, "ONNX opset")
+    build.add_argument("--seed", type=arguments.seed, default=0,
+                       help="weight/input seed (default 0)")
     build.add_argument(
         "--init",
         choices=("pycls", "random"),
@@ -175,6 +201,7 @@ def make_parser() -> argparse.ArgumentParser:
         "statistics (what verification tests use)",
     )
     build.add_argument("--no-simplify", action="store_true", help="skip onnx-simplifier")
+    _add_memory_option(build)
     _add_pass_options(build, "default: 'default'; a .pt checkpoint keeps the spec form")
     _add_deploy_options(build)
 
@@ -190,7 +217,7 @@ def make_parser() -> argparse.ArgumentParser:
     fuse.add_argument(
         "-o",
         "--output",
-        type=_output_path(FUSE_FORMATS),
+        type=arguments.output_path(FUSE_FORMATS),
         metavar="OUT",
         help="output file: .pt2, .onnx or .py (default CKPT's name + .fused.pt2)",
     )
@@ -201,106 +228,194 @@ def make_parser() -> argparse.ArgumentParser:
     )
     fuse.add_argument(
         "--input-shape",
-        type=_shape,
+        type=arguments.shape,
         metavar="N,C,H,W",
         help="example input shape (default: from the spec or the program; for a pickled "
         "module its first layer's channels at 224x224)",
     )
-    fuse.add_argument(
-        "--opset",
-        type=_positive_int,
-        default=18,
-        metavar="N",
-        help="ONNX opset for .onnx output (default 18)",
-    )
+    _add_opset(fuse, "ONNX opset of .onnx output")
     fuse.add_argument(
         "--static-batch",
         action="store_true",
         help="fix the batch size of .onnx / .pt2 outputs to the example input's (default: any "
         "batch size, verified at two)",
     )
-    fuse.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
+    fuse.add_argument("--seed", type=arguments.seed, default=0,
+                      help="seed of the verification inputs")
     _add_pass_options(fuse, "default: 'default'")
     _add_deploy_options(fuse)
 
-    commands.add_parser("passes", help="list the registered passes and named pipelines")
+    commands.add_parser("passes", help="list the registered passes, their options and the "
+                        "named pipelines")
 
     info = commands.add_parser(
         "info",
-        help="per-stage complexity table of a spec",
-        description="Stages and complexity (flops = multiply-adds, params, "
-        "acts; pycls rules, computed from the graph).",
+        help="per-stage complexity table of a spec or a checkpoint",
+        description="Stages and complexity (flops = multiply-adds, params, acts; pycls rules, "
+        "computed from the graph) of a spec (file or shipped name), an archc checkpoint (.pt) "
+        "or a torch.export program (.pt2).",
     )
-    info.add_argument("spec", type=Path, help="spec file (YAML or JSON)")
-    info.add_argument(
-        "--input-size",
-        type=_positive_int,
-        metavar="N",
-        help="square input side (default: the spec's input.size)",
-    )
+    info.add_argument("spec", metavar="SPEC|CKPT",
+                      help="spec file, shipped spec name, .pt checkpoint or .pt2 program")
+    _add_input_size(info)
+    info.add_argument("--trust-pickle", action="store_true",
+                      help="allow a whole pickled nn.Module: unpickling runs its code")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    models = commands.add_parser(
+        "models", help="list the shipped reference specs with their params and flops",
+        description="The specs that ship with archc; each builds by name "
+        "(`archc build regnetx_600mf -o m.onnx`). Complexity at each spec's own input size.")
+    models.add_argument("--filter", metavar="TEXT", default="",
+                        help="only names containing TEXT (or matching it as a glob: 'regnety_*')")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+
+    show = commands.add_parser(
+        "show", help="draw the graph, blocks collapsed, before and after the passes",
+        description="Draw SPEC|CKPT's graph as boxes, one per block (qualified-name prefix), "
+        "before and after the passes side by side, the blocks the passes changed highlighted.")
+    show.add_argument("spec", metavar="SPEC|CKPT",
+                      help="spec file, shipped spec name, .pt checkpoint or .pt2 program")
+    show.add_argument("-o", "--output", required=True, metavar="OUT",
+                      type=arguments.output_path((".svg", ".png")), help="image: .svg or .png")
+    show.add_argument("--after", metavar="PASS", default=None,
+                      help="the graph after this pass of the pipeline (default: after all)")
+    show.add_argument("--passes", default=None, metavar="PIPELINE",
+                      help="pipeline to run (default 'default')")
+    show.add_argument("--depth", type=arguments.int_in(1, 6, "name components per box"),
+                      default=2, help="name components that make one box (default 2: s1.b1)")
+    show.add_argument("--trust-pickle", action="store_true",
+                      help="allow a whole pickled nn.Module: unpickling runs its code")
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the spec language")
     schema.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE")
     cli_space.add_commands(commands)  # space sample|sweep|analyze|fit, train, eval
+    for command in _all_parsers(parser):
+        command.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                             help="print errors only")
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an internal error")
     return parser
+
+
+def _all_parsers(parser: argparse.ArgumentParser):
+    """`parser` and every (nested) subcommand parser."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from _all_parsers(child)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     from archc.errors import ArchcError
 
+    debug = getattr(args, "debug", False)
     try:
+        problem = _output_problem(args)
+        if problem:
+            raise ArchcError(problem)
         commands = {
             "build": _build,
             "fuse": _fuse,
             "info": _info,
+            "models": _models,
+            "show": _show,
             "schema": _schema,
             "passes": _passes,
             **cli_space.HANDLERS,
         }
         return commands[args.command](args)
     except ArchcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in exc.lines() if hasattr(exc, "lines") else [str(exc)]:
+            print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, OverflowError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not _is_resource_failure(exc):
+            return _internal_error(exc, debug)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: this machine cannot hold the model ({first_line(exc)}); make it smaller "
+              "or use --max-memory to refuse such specs up front", file=sys.stderr)
+        return 2
+    except Exception as exc:  # an archc bug: one line, the traceback with --debug
+        return _internal_error(exc, debug)
+
+
+def _is_resource_failure(exc: BaseException) -> bool:
+    return any(message in str(exc) for message in RESOURCE_MESSAGES)
+
+
+def _internal_error(exc: BaseException, debug: bool) -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"internal error: {first_line(exc)} (an archc bug; "
+          f"{'please report it' if debug else 'rerun with --debug for the traceback'})",
+          file=sys.stderr)
+    return 1
+
+
+def _output_problem(args: argparse.Namespace) -> str | None:
+    """Why the command's output file cannot be written, checked before any work."""
+    output = getattr(args, "output", None)
+    return arguments.check_output_location(Path(output)) if output is not None else None
 
 
 def _build(args: argparse.Namespace) -> int:
     from archc.loading import load_spec
+    from archc.resources import preflight
 
+    out = Output(args)
     spec = load_spec(args.spec)  # spec errors surface before torch is imported
+    preflight(spec, batch=args.batch, input_size=args.input_size, budget=args.max_memory,
+              source=str(args.spec))
+    pipeline = _pipeline(args)
     from archc import checkpoint, lower
     from archc.analysis import complexity_report
     from archc.errors import ArchcError
     from archc.init import random_input
 
-    pipeline = _pipeline(args)
-
+    if args.output.suffix.lower() == ".pt" and (
+            args.passes not in (None, "none") or args.dtype != "fp32" or args.channels_last):
+        raise ArchcError(
+            "a .pt checkpoint stores the spec's own float32 (train) form; run passes with "
+            "`archc fuse model.pt`, or emit .onnx / .pt2 / .py"
+        )
+    out.progress(f"{spec.name}: lowering {sum(s.depth for s in spec.stages())} blocks")
     gm = lower.build(spec, seed=args.seed, init=args.init)
     shape = lower.input_shape(spec, args.batch, args.input_size)
     report = complexity_report(gm, shape).total
     example = random_input(shape, args.seed)
+    document = {"command": "build", "name": spec.name, "source": str(args.spec),
+                "input_shape": list(shape),
+                "spec_form": {"params": report.params, "flops": report.flops,
+                              "acts": report.acts}}
+    out.say(
+        f"{spec.name}: {report.params:,} params, {_count(report.flops)} flops "
+        f"(multiply-adds), {_count(report.acts)} acts per sample at "
+        f"{'x'.join(map(str, shape[1:]))} (spec form)"
+    )
     if args.output.suffix.lower() == ".pt":
-        if args.passes not in (None, "none") or args.dtype != "fp32" or args.channels_last:
-            raise ArchcError(
-                "a .pt checkpoint stores the spec's own float32 (train) form; run passes with "
-                "`archc fuse model.pt`, or emit .onnx / .pt2 / .py"
-            )
         emitted = checkpoint.save_checkpoint(gm, spec.to_dict(), args.output, example,
                                              rtol=args.rtol)
     else:
-        gm, noise = _run_passes(gm, args, example, pipeline)
+        gm, noise = _run_passes(gm, args, example, pipeline, out, document)
         emitted = _emit(gm, args.output, example, args, spec.name, str(args.spec), noise)
-    print(
-        f"{spec.name}: {report.params:,} params, {report.flops / 1e6:,.1f}M flops "
-        f"(multiply-adds), {report.acts / 1e6:,.2f}M acts per sample at "
-        f"{'x'.join(map(str, shape[1:]))} (spec form)"
-    )
-    _print_emitted(emitted)
+    _print_emitted(emitted, out, document)
     return 0
+
+
+def _count(value: int) -> str:
+    """A count in M (below 10 G) or G, the one unit per size used throughout the CLI."""
+    return f"{value / 1e9:,.2f}G" if value >= 10e9 else f"{value / 1e6:,.1f}M"
 
 
 def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source: str,
@@ -370,10 +485,11 @@ def _pipeline(args: argparse.Namespace) -> tuple[list[str], dict]:
     from archc.pipeline import check_options, resolve_pipeline
 
     names = resolve_pipeline(args.passes or "default")
-    return names, check_options(dict(args.pass_option), names)
+    return names, check_options(dict(getattr(args, "pass_option", [])), names)
 
 
-def _run_passes(gm, args: argparse.Namespace, example, pipeline: tuple[list[str], dict]):
+def _run_passes(gm, args: argparse.Namespace, example, pipeline: tuple[list[str], dict],
+                out: Output, document: dict):
     """Run the pipeline with the CLI's options; print the per-pass report; return the graph and
     the input model's own rounding error (None if not measured)."""
     from archc.analysis import census, executed_flops
@@ -400,40 +516,71 @@ def _run_passes(gm, args: argparse.Namespace, example, pipeline: tuple[list[str]
         explain=args.explain,
         measure=executed_flops,
         options=options,
+        progress=out.progress,
     )
     result = run_pipeline(gm, names, ctx)
-    print(result.format())
-    print(f"deploy form: {before.changes(census(result.graph_module))}")
+    after = census(result.graph_module)
+    out.say(result.format())
+    out.say(f"deploy form: {before.changes(after)}")
     fired = ", ".join(f"{rule} {count}" for rule, count in result.fired.most_common())
-    print(f"rewrites: {fired or 'none'}")
+    out.say(f"rewrites: {fired or 'none'}")
+    document["passes"] = [_pass_document(report) for report in result.reports]
+    document["rewrites"] = dict(result.fired)
+    document["deploy_form"] = {"convs": after.convs, "linear_layers": after.linears,
+                               "normalization_layers": after.norms, "params": after.params,
+                               "executed_flops": after.macs}
+    document["verification"] = {"max_error_float64": result.max_error,
+                                 "artifact_error": result.artifact_error,
+                                 "model_noise": result.noise, "tolerance": result.tolerance}
     return result.graph_module, result.noise
 
 
+def _pass_document(report) -> dict:
+    sizes = {}
+    for when, stats in (("before", report.before), ("after", report.after)):
+        if stats is not None:
+            sizes[when] = {"nodes": stats.nodes, "params": stats.params,
+                           "executed_flops": stats.flops}
+    return {"name": report.name, "preserves_function": report.preserves_function,
+            "modified": report.modified, "rewrites": len(report.rewrites),
+            "refusals": [str(refusal) for refusal in report.refusals],
+            "seconds": report.seconds, "verify_seconds": report.verify_seconds,
+            "relative_error": report.error, "check": report.check, **sizes}
+
+
 def _fuse(args: argparse.Namespace) -> int:
+    pipeline = _pipeline(args)
     from archc.importers import check_example, load_model
     from archc.init import random_input
 
-    pipeline = _pipeline(args)
+    out = Output(args)
     model = load_model(args.checkpoint, trust_pickle=args.trust_pickle)
     shape = args.input_shape or model.input_shape or (1, 3, 224, 224)
     example = random_input(shape, args.seed)
     check_example(model.graph_module, example, str(args.checkpoint))
-    print(f"{model.name}: {model.kind}, example input {'x'.join(map(str, shape))}")
-    gm, noise = _run_passes(model.graph_module, args, example, pipeline)
+    out.say(f"{model.name}: {model.kind}, example input {'x'.join(map(str, shape))}")
+    document = {"command": "fuse", "name": model.name, "source": str(args.checkpoint),
+                "kind": model.kind, "input_shape": list(shape)}
+    gm, noise = _run_passes(model.graph_module, args, example, pipeline, out, document)
     output = args.output or args.checkpoint.with_name(f"{model.name}.fused.pt2")
     emitted = _emit(gm, output, example, args, model.name, args.checkpoint.name, noise)
-    _print_emitted(emitted)
+    _print_emitted(emitted, out, document)
     return 0
 
 
-def _print_emitted(emitted) -> None:
+def _print_emitted(emitted, out: Output, document: dict) -> None:
     details = "; ".join([f"{emitted.bytes / 1e6:.1f} MB", *emitted.notes])
-    print(f"wrote {emitted.path} ({details})")
-    print(
+    out.say(f"wrote {emitted.path} ({details})")
+    out.say(
         f"verified with {emitted.verified_with} against eager PyTorch: max abs error "
         f"{emitted.max_abs_error:.2e}, relative {emitted.relative_error:.2e} "
         f"(tolerance {emitted.rtol:g})"
     )
+    document["output"] = {"path": str(emitted.path), "bytes": emitted.bytes,
+                          "notes": list(emitted.notes), "verified_with": emitted.verified_with,
+                          "max_abs_error": emitted.max_abs_error,
+                          "relative_error": emitted.relative_error, "tolerance": emitted.rtol}
+    out.report(document)
 
 
 def _passes(args: argparse.Namespace) -> int:
@@ -453,27 +600,35 @@ def _passes(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from archc.loading import load_spec
+    source = Path(args.spec)
+    if source.suffix.lower() in CHECKPOINT_FORMATS:
+        gm, name, stages, shape = _checkpoint_graph(source, args)
+    else:
+        from archc.loading import load_spec
+        from archc.resources import preflight
 
-    spec = load_spec(args.spec)
-    from archc import lower
+        spec = load_spec(args.spec)
+        preflight(spec, input_size=args.input_size, source=str(args.spec))
+        from archc import lower
+
+        gm = lower.build(spec, device="meta")
+        name, stages, shape = spec.name, spec.stages(), lower.input_shape(spec, 1,
+                                                                          args.input_size)
     from archc.analysis import complexity_report
 
-    gm = lower.build(spec, device="meta")
-    shape = lower.input_shape(spec, 1, args.input_size)
     report = complexity_report(gm, shape)
+    groups = _stage_groups(gm)
     rows = []
-    stages = spec.stages()
-    for name, cx in report.stages.items():
-        row = {"stage": name, "flops": cx.flops, "params": cx.params, "acts": cx.acts}
-        if name.startswith("s") and name[1:].isdigit():
-            stage = stages[int(name[1:]) - 1]
+    for stage_name, cx in report.stages.items():
+        row = {"stage": stage_name, "flops": cx.flops, "params": cx.params, "acts": cx.acts}
+        if stages and stage_name.startswith("s") and stage_name[1:].isdigit():
+            stage = stages[int(stage_name[1:]) - 1]
             row.update(
                 block=stage.block,
                 depth=stage.depth,
                 width=stage.width,
                 group_width=stage.group_width,
-                groups=stage.groups,
+                groups=groups.get(stage_name, 1),
                 stride=stage.stride,
                 bottleneck=stage.bottleneck,
                 se_ratio=stage.se_ratio,
@@ -481,44 +636,136 @@ def _info(args: argparse.Namespace) -> int:
         rows.append(row)
     total = report.total
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "name": spec.name,
-                    "input_shape": list(shape),
-                    "flops": total.flops,
-                    "params": total.params,
-                    "acts": total.acts,
-                    "stages": rows,
-                },
-                indent=1,
-            )
-        )
+        print(json.dumps({"name": name, "source": str(args.spec), "input_shape": list(shape),
+                          "flops": total.flops, "params": total.params, "acts": total.acts,
+                          "stages": rows}, indent=1))
         return 0
-    print(f"{spec.name}  input {'x'.join(map(str, shape))}  (flops = multiply-adds)")
-    header = (
-        f"{'stage':<6} {'block':<17} {'depth':>5} {'width':>6} {'groups':>7} {'stride':>6} "
-        f"{'flops':>15} {'params':>12} {'acts':>12}"
-    )
-    print(header)
-    print("-" * len(header))
+    out = Output(args)
+    out.say(f"{name}  input {'x'.join(map(str, shape))}  (flops = multiply-adds; "
+            f"{_count(total.flops)} flops, {total.params / 1e6:,.2f}M params)")
+    label = (f"{'stage':<6} {'block':<17} {'depth':>5} {'width':>6} {'groups':>7} "
+             f"{'stride':>6}")
+    header = f"{label} {'flops':>15} {'params':>12} {'acts':>12}"
+    out.say(header)
+    out.say("-" * len(header))
     for row in rows:
-        print(
+        out.say(
             f"{row['stage']:<6} {row.get('block', ''):<17} {row.get('depth', ''):>5} "
             f"{row.get('width', ''):>6} {_groups_text(row):>7} "
             f"{row.get('stride', ''):>6} "
             f"{row['flops']:>15,} {row['params']:>12,} {row['acts']:>12,}"
         )
-    print("-" * len(header))
-    print(f"{'total':<46} {total.flops:>15,} {total.params:>12,} {total.acts:>12,}")
+    out.say("-" * len(header))
+    out.say(f"{'total':<{len(label)}} {total.flops:>15,} {total.params:>12,} {total.acts:>12,}")
     return 0
+
+
+def _checkpoint_graph(path: Path, args: argparse.Namespace):
+    """(graph, name, stages or None, input shape) of a checkpoint or program, for `info`."""
+    from archc.importers import load_model
+    from archc.loading import spec_from_mapping
+
+    model = load_model(path, trust_pickle=args.trust_pickle)
+    shape = model.input_shape or (1, 3, 224, 224)
+    if args.input_size:
+        shape = (*shape[:2], *(args.input_size,) * (len(shape) - 2))
+    stages = spec_from_mapping(model.spec).stages() if model.spec else None
+    return model.graph_module, model.name, stages, tuple(shape)
+
+
+def _stage_groups(gm) -> dict[str, int]:
+    """Per stage, the group count of its grouped convs (the most common one), from the graph."""
+    from collections import Counter
+
+    from torch import nn
+
+    found: dict[str, Counter] = {}
+    for name, module in gm.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+            found.setdefault(name.split(".")[0], Counter())[module.groups] += 1
+    return {stage: counts.most_common(1)[0][0] for stage, counts in found.items()}
 
 
 def _groups_text(row: dict) -> str:
     """`gw 24` (channels per group), `g 3` (number of groups) or blank (dense)."""
     if row.get("group_width"):
         return f"gw {row['group_width']}"
-    return f"g {row['groups']}" if row.get("groups") else ""
+    return f"g {row['groups']}" if row.get("groups", 1) > 1 else ""
+
+
+def _models(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    from archc.analytic_complexity import spec_complexity
+    from archc.errors import SpecError
+    from archc.loading import load_spec
+    from archc.reference import shipped_folder, shipped_names
+
+    pattern = args.filter
+    names = [name for name in shipped_names("specs") if not pattern or pattern in name
+             or fnmatch.fnmatchcase(name, pattern)]
+    rows = []
+    for name in names:
+        spec = load_spec(shipped_folder("specs") / f"{name}.yaml")
+        try:
+            flops, params, _ = spec_complexity(spec)
+        except SpecError:  # no analytic twin: count the graph (meta tensors, no allocation)
+            from archc import lower
+            from archc.analysis import complexity
+
+            flops, params, _ = complexity(lower.build(spec, device="meta"),
+                                          lower.input_shape(spec))
+        rows.append({"name": name, "params": params, "flops": flops,
+                     "input_size": spec.input.size, "body": spec.body.type})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    out = Output(args)
+    if not rows:
+        out.say(f"no shipped spec matches {pattern!r}")
+        return 0
+    out.say(f"{'name':<28} {'params':>9} {'flops':>10} {'input':>6}  body")
+    for row in rows:
+        out.say(f"{row['name']:<28} {row['params'] / 1e6:>8.2f}M {_count(row['flops']):>10} "
+                f"{row['input_size']:>6}  {row['body']}")
+    out.say(f"{len(rows)} specs; build one by name: archc build {rows[0]['name']} -o model.onnx")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    pipeline = _pipeline(args)
+    from archc.graph_picture import draw
+
+    out = Output(args)
+    source = Path(args.spec)
+    if source.suffix.lower() in CHECKPOINT_FORMATS:
+        gm, name, _, shape = _checkpoint_graph(source, args)
+    else:
+        from archc import lower
+        from archc.loading import load_spec
+        from archc.resources import preflight
+
+        spec = load_spec(args.spec)
+        preflight(spec, source=str(args.spec))
+        gm, name, shape = lower.build(spec, init="random"), spec.name, lower.input_shape(spec)
+    names, options = pipeline
+    if args.after is not None:
+        if args.after not in names:
+            from archc.errors import ArchcError
+
+            raise ArchcError(f"--after {args.after}: not a pass of the pipeline "
+                             f"({', '.join(names) or 'none'})")
+        names = names[: names.index(args.after) + 1]
+    from archc.init import random_input
+    from archc.pipeline import PassContext, run_pipeline
+
+    ctx = PassContext(example_inputs=(random_input(shape, 0),), options=options,
+                      progress=out.progress)
+    after = run_pipeline(gm, names, ctx).graph_module if names else gm
+    summary = draw(gm, after, args.output, title=name, depth=args.depth,
+                   after_label=f"after {args.after or 'the pipeline'}")
+    out.say(f"wrote {args.output}: {summary}")
+    return 0
 
 
 def _schema(args: argparse.Namespace) -> int:

@@ -100,9 +100,9 @@ class PassReport:
         nodes = params = flops = "-"
         if b is not None and a is not None:
             nodes = _arrow(b.nodes, a.nodes, str)
-            params = _arrow(b.params, a.params, _si)
+            params = _si_arrow(b.params, a.params)
             if b.flops is not None and a.flops is not None:
-                flops = _arrow(b.flops, a.flops, _si)
+                flops = _si_arrow(b.flops, a.flops)
         check = self.check + (f" (rel err {self.error:.1e})" if self.error is not None else "")
         return (f"{self.name:<24} {'yes' if self.modified else 'no':<4} {nodes:<13} {params:<17} "
                 f"{flops:<17} {self.seconds * 1e3:>8.1f} ms  {check}")
@@ -568,11 +568,17 @@ def _arrow(before: int, after: int, fmt: Callable[[int], str]) -> str:
     return fmt(before) if before == after else f"{fmt(before)}->{fmt(after)}"
 
 
-def _si(n: int) -> str:
+def _si(n: int, reference: int | None = None) -> str:
+    """`n` in the unit (k, M, G) of `reference` (default `n`), so a before->after pair shares it."""
+    size = abs(n if reference is None else max(abs(n), abs(reference)))
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
+        if size >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)
+
+
+def _si_arrow(before: int, after: int) -> str:
+    return _arrow(before, after, lambda n: _si(n, max(abs(before), abs(after))))
 
 
 def _ops_diff(before: Counter[str], after: Counter[str]) -> str:

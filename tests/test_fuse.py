@@ -199,12 +199,16 @@ def bad_checkpoints(tmp_path, foreign_model):
     torch.save(foreign_model, tmp_path / "pickled.pt")
     torch.save({"weight": torch.zeros(1)}, tmp_path / "bare_state_dict.pt")
     (tmp_path / "random.pt2").write_bytes(b"PK\x03\x04 not really a zip")
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x09\x12\x07pytorch")
+    (tmp_path / "spec.yaml").write_text("name: x\n")
     good.unlink()
 
 
 EXPECTED = {
     "truncated.pt": "not a loadable checkpoint",
-    "random.pt": "not a loadable checkpoint",
+    "random.pt": "not a file torch.save or torch.export wrote",
+    "model.onnx": "an ONNX model: archc rewrites PyTorch models",
+    "spec.yaml": "a spec: build it with `archc build SPEC -o model.pt`",
     "mismatch.pt": "state_dict does not match its spec",
     "missing_key.pt": "state_dict does not match its spec",
     "pickled.pt": "--trust-pickle",
