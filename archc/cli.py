@@ -5,7 +5,8 @@ every option is checked as it is parsed (`archc.arguments`). One guard (`main`) 
 into one line on stderr: a user's mistake (`ArchcError`, running out of memory, sizes torch cannot
 index) is `error: ...` and exit 2; anything else is an archc bug: `internal error: ...` and exit 1,
 with the traceback only under `--debug`. Output locations are checked before any work starts.
-Progress goes to stderr (one line per pass); `--quiet` keeps only errors, `--json` prints one
+Progress goes to stderr (one line per pass) when stderr is a terminal or `--progress` asks for it, so
+logs and pipes get only results and errors; `--quiet` keeps only errors, `--json` prints one
 machine-readable report on stdout instead of the text.
 """
 
@@ -30,20 +31,29 @@ RESOURCE_MESSAGES = ("can't allocate memory", "DefaultCPUAllocator", "out of mem
                      "overflowed", "integer multiplication overflow", "numel: integer")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: `error: archc build: argument --opset: ...`."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 class Output:
     """Where a command's text goes: `say` to stdout (not with --quiet or --json), `progress` to
-    stderr (not with --quiet), `report` the --json document."""
+    stderr (on a terminal or with --progress, never with --quiet), `report` the --json document."""
 
     def __init__(self, args: argparse.Namespace):
         self.quiet = getattr(args, "quiet", False)
         self.json = getattr(args, "json", False)
+        self.show_progress = not self.quiet and (getattr(args, "progress", False)
+                                                 or sys.stderr.isatty())
 
     def say(self, text: str) -> None:
         if not (self.quiet or self.json):
             print(text, flush=True)
 
     def progress(self, text: str) -> None:
-        if not self.quiet:
+        if self.show_progress:
             print(text, file=sys.stderr, flush=True)
 
     def report(self, document: dict) -> None:
@@ -151,7 +161,7 @@ def _add_pass_options(parser: argparse.ArgumentParser, default_text: str) -> Non
 def make_parser() -> argparse.ArgumentParser:
     from archc import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="archc",
         description="archc: a graph-rewriting architecture compiler for convolutional networks.",
     )
@@ -293,6 +303,9 @@ def make_parser() -> argparse.ArgumentParser:
     for command in _all_parsers(parser):
         command.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
                              help="print errors only")
+        command.add_argument("--progress", action="store_true", default=argparse.SUPPRESS,
+                             help="a progress line per step on stderr even when it is not a "
+                             "terminal (the default on one)")
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an internal error")
     return parser
@@ -608,7 +621,7 @@ def _info(args: argparse.Namespace) -> int:
         from archc.resources import preflight
 
         spec = load_spec(args.spec)
-        preflight(spec, input_size=args.input_size, source=str(args.spec))
+        preflight(spec, input_size=args.input_size, source=str(args.spec), allocates=False)
         from archc import lower
 
         gm = lower.build(spec, device="meta")

@@ -92,8 +92,11 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> Spec:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError("no such file", "", str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read: {exc}", "", str(path)) from None
+    except UnicodeDecodeError:
+        raise SpecError("not a spec: a spec is a YAML (.yaml, .yml) or JSON (.json) text file, "
+                        "or the name of a shipped spec (`archc models`)", "", str(path)) from None
+    except OSError as exc:
+        raise SpecError(f"cannot read: {exc.strerror or exc}", "", str(path)) from None
     return spec_from_mapping(parse_text(text, path), str(path))
 
 

@@ -49,9 +49,11 @@ def format_bytes(count: float) -> str:
 
 
 def preflight(spec, *, batch: int = 1, input_size: int | None = None,
-              budget: int | None = None, source: str = "") -> tuple[int, int] | None:
+              budget: int | None = None, source: str = "",
+              allocates: bool = True) -> tuple[int, int] | None:
     """`(params, estimated bytes)` of building `spec`, or None when its stages have no analytic
-    twin; raises `ResourceError` when the estimate exceeds `budget` (default: half of memory)."""
+    twin; raises `ResourceError` when the estimate exceeds `budget` (default: half of memory) or,
+    for work that `allocates` nothing (meta tensors), only when sizes exceed what torch indexes."""
     from archc.analytic_complexity import spec_complexity
 
     try:
@@ -61,7 +63,9 @@ def preflight(spec, *, batch: int = 1, input_size: int | None = None,
     needed = estimate_bytes(params, acts, batch)
     budget = default_budget() if budget is None else budget
     where = f"{source}: " if source else ""
-    if params > LARGEST_TENSOR or (budget is not None and needed > budget):
+    if params > LARGEST_TENSOR // 8 and not allocates:
+        raise ResourceError(f"{where}{params:,} params are more than torch can index")
+    if allocates and (params > LARGEST_TENSOR or (budget is not None and needed > budget)):
         raise ResourceError(
             f"{where}the model needs about {format_bytes(needed)} ({params:,} params, {acts:,} "
             f"activations per sample x batch {batch}), more than the budget of "

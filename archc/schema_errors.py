@@ -1,9 +1,10 @@
 """One line per schema error: pydantic's validation errors as archc reports them (torch-free).
 
 Both file schemas (specs, `archc.spec`; design spaces, `archc.space`) report each error of a file as
-`file:field.path: what is wrong` (up to `MAX_REPORTED`), an unknown key before a missing one beside
-it (the misspelling explains the missing field). The wording is shared; each schema supplies which model
-owns a location (for "did you mean" on unknown keys) and how to word its tagged unions.
+`file:field.path: what is wrong` (up to `MAX_REPORTED`), unknown keys first; a missing field is not
+reported when a misspelt key beside it names it (`w_0` for `w0`). The wording is shared; each schema
+supplies which model owns a location (for "did you mean" on unknown keys) and how to word its tagged
+unions.
 """
 
 from __future__ import annotations
@@ -28,10 +29,21 @@ def ordered_errors(exc: ValidationError) -> list[dict[str, Any]]:
     beside it), else in pydantic's order."""
     seen, errors = set(), []
     for error in sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden"):
-        if error["loc"] not in seen:
+        if error["loc"] not in seen and not _explained_by_misspelling(error, errors):
             seen.add(error["loc"])
             errors.append(error)
     return errors
+
+
+def _explained_by_misspelling(error: dict[str, Any], unknown: list[dict[str, Any]]) -> bool:
+    """A missing field whose name is close to an unknown key beside it (`w_0` for `w0`): the
+    unknown key's "did you mean" already says it, so it is not reported twice."""
+    if error["type"] != "missing":
+        return False
+    parent, name = error["loc"][:-1], str(error["loc"][-1])
+    return any(other["type"] == "extra_forbidden" and other["loc"][:-1] == parent
+               and difflib.get_close_matches(str(other["loc"][-1]), [name], n=1)
+               for other in unknown)
 
 
 def describe(error: dict[str, Any], owner: Callable[[tuple], type[BaseModel] | None],
