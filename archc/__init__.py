@@ -23,6 +23,7 @@ _EXPORTS = {
     "complexity": "archc.analysis",
     "complexity_report": "archc.analysis",
     "export_onnx": "archc.export",
+    "load_model": "archc.importers",
     "export_program": "archc.export",
     "save_checkpoint": "archc.checkpoint",
     "load_checkpoint": "archc.checkpoint",
@@ -41,3 +42,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'archc' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

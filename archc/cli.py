@@ -5,8 +5,8 @@ every option is checked as it is parsed (`archc.arguments`). One guard (`main`) 
 into one line on stderr: a user's mistake (`ArchcError`, running out of memory, sizes torch cannot
 index) is `error: ...` and exit 2; anything else is an archc bug: `internal error: ...` and exit 1,
 with the traceback only under `--debug`. Output locations are checked before any work starts.
-Progress goes to stderr (one line per pass) when stderr is a terminal or `--progress` asks for it, so
-logs and pipes get only results and errors; `--quiet` keeps only errors, `--json` prints one
+Progress goes to stderr (one line per pass) when stderr is a terminal or `--progress` asks for it,
+so logs and pipes get only results and errors; `--quiet` keeps only errors, `--json` prints one
 machine-readable report on stdout instead of the text.
 """
 
@@ -103,6 +103,10 @@ def _add_opset(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument(
         "--opset", type=arguments.int_in(low, high, "ONNX opsets the exporter writes"),
         default=low, metavar="N", help=f"{help_text} ({low}..{high}; default {low})")
+    parser.add_argument(
+        "--onnx-exporter", choices=("auto", "archc", "torch"), default="auto",
+        help="archc: archc's node-by-node translation; torch: torch.onnx.export (dynamo); auto "
+        "(default): archc's, or torch's for a graph with an op archc does not translate")
 
 
 def _pass_option(text: str) -> tuple[str, str]:
@@ -466,6 +470,7 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
             dynamic_batch=dynamic_batch,
             simplify=not getattr(args, "no_simplify", False),
             rtol=form.rtol,
+            exporter=args.onnx_exporter,
         )
     elif suffix == ".py":
         from archc.emit_python import emit_python
@@ -507,12 +512,13 @@ def _run_passes(gm, args: argparse.Namespace, example, pipeline: tuple[list[str]
     the input model's own rounding error (None if not measured)."""
     from archc.analysis import census, executed_flops
     from archc.pipeline import PassContext, run_pipeline
-    from archc.shapes import propagate_shapes
+    from archc.shapes import has_shapes, propagate_shapes
 
     names, options = pipeline
     if not names:
         return gm, None
-    propagate_shapes(gm, [example])
+    if not has_shapes(gm):  # `build` has them from the spec form's complexity
+        propagate_shapes(gm, [example])
     before = census(gm)
     dump_after, dump_dir = None, None
     if args.dump_after:

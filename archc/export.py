@@ -6,8 +6,10 @@ Runtime with graph optimizations disabled (so the file itself is checked, not OR
 theirs the same way, with `verify_emitted`). Relative error is `max|y - y_ref| / max|y_ref|`
 (`archc.verify`); above the tolerance the emit fails and nothing is written.
 
-ONNX path: `torch.onnx.export(dynamo=True, optimize=True, external_data=False)` at a pinned opset,
-then onnx-simplifier, kept only if its own numeric check passes, then the ONNX Runtime parity run.
+ONNX path: archc's own node-by-node translation of the graph (`archc.onnx_direct`: fast, and the
+deploy graph's names kept) or, for a graph outside its vocabulary,
+`torch.onnx.export(dynamo=True, optimize=True, external_data=False)`, at a pinned opset; then
+onnx-simplifier, kept only if its own numeric check passes, then the ONNX Runtime parity run.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from archc.fileio import atomic_output
 from archc.verify import max_abs_error, relative_error
 
 DEFAULT_OPSET = 18
+ONNX_EXPORTERS = ("auto", "archc", "torch")
 
 
 @dataclass
@@ -121,12 +124,45 @@ def export_onnx(
     dynamic_batch: bool = False,
     simplify: bool = True,
     rtol: float = 1e-5,
+    exporter: str = "auto",
 ) -> EmitReport:
-    """Export to a single-file ONNX model, verified in ONNX Runtime. Returns the report."""
+    """Export to a single-file ONNX model, verified in ONNX Runtime. Returns the report.
+
+    `exporter`: "archc" translates the graph node by node (`archc.onnx_direct`), "torch" uses
+    `torch.onnx.export`, "auto" the first and, for a graph outside its vocabulary, the second."""
     import onnx
 
+    from archc.onnx_direct import Untranslatable, translate
+
+    if exporter not in ONNX_EXPORTERS:
+        raise ExportError(f"unknown ONNX exporter {exporter!r}; one of {', '.join(ONNX_EXPORTERS)}")
     report = EmitReport(Path(path), "onnx", verified_with="onnxruntime (graph optimizations off)")
     gm = gm.eval()
+    model = None
+    if exporter != "torch":
+        try:
+            model = translate(gm, example_input, opset=opset, dynamic_batch=dynamic_batch)
+            report.notes.append("exporter: archc's direct translation")
+        except Untranslatable as exc:
+            if exporter == "archc":
+                raise ExportError(f"no direct ONNX translation: {exc}") from None
+            report.notes.append(f"exporter: torch.onnx (no direct translation: {exc})")
+    if model is None:
+        model = _torch_onnx_export(gm, example_input, opset, dynamic_batch)
+    if simplify:
+        model = _simplify(model, report)
+    onnx.checker.check_model(model)
+    data = model.SerializeToString()
+    session = _onnxruntime_session(data)
+    verify_emitted(report, gm, session, example_input, dynamic_batch, rtol)
+    with atomic_output(report.path) as temporary:
+        temporary.write_bytes(data)
+    report.bytes = len(data)
+    return report
+
+
+def _torch_onnx_export(gm: GraphModule, example_input: torch.Tensor, opset: int,
+                       dynamic_batch: bool):
     dynamic_shapes = {_input_name(gm): {0: torch.export.Dim("batch")}} if dynamic_batch else None
     try:
         with _quiet(), torch.no_grad():
@@ -146,17 +182,7 @@ def export_onnx(
         raise ExportError(
             f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         ) from exc
-    model = program.model_proto
-    if simplify:
-        model = _simplify(model, report)
-    onnx.checker.check_model(model)
-    data = model.SerializeToString()
-    session = _onnxruntime_session(data)
-    verify_emitted(report, gm, session, example_input, dynamic_batch, rtol)
-    with atomic_output(report.path) as temporary:
-        temporary.write_bytes(data)
-    report.bytes = len(data)
-    return report
+    return program.model_proto
 
 
 def _simplify(model, report: EmitReport):

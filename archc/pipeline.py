@@ -46,7 +46,7 @@ from archc import verify
 from archc.errors import ArchcError, PassError
 from archc.graph import SOURCE_DTYPE, copy_module, model_dtype, op_kind
 from archc.init import random_input
-from archc.shapes import has_shapes, propagate_shapes, refresh_shapes
+from archc.shapes import cast_shapes, has_shapes, propagate_shapes, refresh_shapes
 
 TRAINING_MODE = "model is in training mode; call .eval() — BN would use batch statistics"
 
@@ -509,9 +509,11 @@ def _traced(model: nn.Module) -> GraphModule:
 
 def _cast_back(gm: GraphModule, dtype: torch.dtype, inputs: tuple[Tensor, ...] | None
                ) -> GraphModule:
-    """The float64 working graph in the model's dtype, shapes recorded for its inputs."""
+    """The float64 working graph in the model's dtype, shapes recorded for its inputs (the
+    working graph's, retyped, where it has them all)."""
     cast = copy_module(gm, dtype)
-    propagate_shapes(cast, inputs)
+    if not cast_shapes(cast, dtype):
+        propagate_shapes(cast, inputs)
     return cast
 
 

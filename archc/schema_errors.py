@@ -15,7 +15,6 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-
 MAX_REPORTED = 10  # errors listed per file; the rest are counted
 
 

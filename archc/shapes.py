@@ -2,7 +2,9 @@
 
 `propagate_shapes(gm, inputs)` runs the graph once on the meta device: every parameter, buffer and
 constant is replaced, for that run only, by a meta tensor of the same shape and dtype (no data,
-no arithmetic, no copy of the weights), and the inputs by meta tensors of their shapes. Each node
+no arithmetic, no copy of the weights), and the inputs by meta tensors of their shapes. A small
+model in eval mode at a small input is run for real instead (meta kernels are Python; a real run of
+such a model is several times faster) and the meta stand-ins of its values are kept. Each node
 records
 
 - `meta["archc_value"]`: its value on meta (a tensor, a tuple of them, or a Python value such as
@@ -41,15 +43,59 @@ def propagate_shapes(gm: GraphModule, inputs: Sequence[Tensor | torch.Size | tup
     inputs or if the graph cannot run on meta or fake tensors."""
     if inputs is None:
         return False
-    values = [_meta_like(x, _model_dtype(gm)) for x in inputs]
-    for node in gm.graph.nodes:
-        node.meta.pop(VALUE, None)
-        node.meta.pop("tensor_meta", None)
+    dtype = _model_dtype(gm)
+    values = [_meta_like(x, dtype) for x in inputs]
+    _forget_all(gm)
+    if _cheap_to_run(gm, values):
+        try:
+            _RealRecorder(gm).run(*[_real_like(x, dtype) for x in inputs])
+            return True
+        except Exception:  # an op that fails for real fails on meta too, or needs fake tensors
+            _forget_all(gm)
     try:
         _MetaRecorder(gm, copy_module(gm, device="meta")).run(*values)
         return True
     except Exception:  # any op may refuse meta tensors: try fake tensors
         return _propagate_fake(gm, values)
+
+
+REAL_RUN_INPUT_ELEMENTS = 2 * 3 * 256 * 256  # up to this input size, a real run is the cheaper
+REAL_RUN_PARAMETERS = 50_000_000             # ... for models up to this size
+
+
+def _cheap_to_run(gm: GraphModule, values: list) -> bool:
+    """Whether to record shapes from one real run instead of a meta run: meta kernels are
+    Python (and their first use imports much of torch's compiler stack), so running a small
+    model for real at a small input is several times faster. Only for models whose every tensor
+    holds data, in eval mode, and with no in-place write into a stored tensor (so a run changes no
+    state; writes into the run's own activations and into the copied inputs are harmless)."""
+    from archc.graph import writes_in_place
+
+    tensors = [*gm.parameters(), *gm.buffers()]
+    if any(t.device.type != "cpu" for t in tensors) or any(m.training for m in gm.modules()):
+        return False
+    if sum(t.numel() for t in tensors) > REAL_RUN_PARAMETERS:
+        return False
+    elements = sum(v.numel() for v in values if isinstance(v, Tensor))
+    if elements > REAL_RUN_INPUT_ELEMENTS:
+        return False
+    return not any(writes_in_place(gm, node) and node.args and isinstance(node.args[0], Node)
+                   and node.args[0].op == "get_attr" for node in gm.graph.nodes)
+
+
+def _real_like(value, dtype: torch.dtype):
+    """A real stand-in for an example input: a copy of a tensor, zeros of a shape."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list, torch.Size)):
+        return torch.zeros(tuple(value), dtype=dtype)
+    return value
+
+
+def _forget_all(gm: GraphModule) -> None:
+    for node in gm.graph.nodes:
+        node.meta.pop(VALUE, None)
+        node.meta.pop("tensor_meta", None)
 
 
 def refresh_shapes(gm: GraphModule) -> None:
@@ -64,6 +110,17 @@ def refresh_shapes(gm: GraphModule) -> None:
             _record(node, _evaluate(gm, node))
         except Exception:  # unknown stays unknown: rules refuse on it
             continue
+
+
+def cast_shapes(gm: GraphModule, dtype: torch.dtype) -> bool:
+    """After casting a graph's floating tensors to `dtype`: the recorded floating values take that
+    dtype (the shapes are the cast's). False, and nothing changed, if a node has no value."""
+    if not has_shapes(gm):
+        return False
+    for node in gm.graph.nodes:
+        _record(node, map_aggregate(node.meta[VALUE], lambda v: v.to(dtype) if isinstance(
+            v, Tensor) and v.is_floating_point() else v))
+    return True
 
 
 def has_shapes(gm: GraphModule) -> bool:
@@ -127,6 +184,16 @@ class _MetaRecorder(torch.fx.Interpreter):
         with torch.no_grad():
             result = super().run_node(node)
         _record(self.targets[node.name], result)
+        return result
+
+
+class _RealRecorder(torch.fx.Interpreter):
+    """Runs the graph itself, recording a meta stand-in of each value on its node."""
+
+    def run_node(self, node: Node):
+        with torch.no_grad():
+            result = super().run_node(node)
+        _record(node, map_aggregate(result, _to_meta))
         return result
 
 

@@ -24,7 +24,8 @@ Measured per spec:
   ONNX of the deploy form;
 - achieved GFLOP/s of the deploy form (archc's multiply-add count x 2 / time) against the
   machine's measured fp32 matrix-multiply peak;
-- `archc build` wall time, and `import torch` alone for scale;
+- `archc build` wall time (archc's ONNX translation and torch.onnx's), against `import torch`
+  in the same rounds;
 - per re-parameterization family written the way model libraries write them (tests/wild):
   archc's fused form vs the authors' hand-written conversion, eager and ONNX Runtime;
 - the default pipeline's own cost on graphs of growing size: the passes with verification off,
@@ -156,10 +157,10 @@ def count_ops(model_bytes: bytes, op_type: str) -> int:
 
 
 def bench_spec(name: str, args) -> dict:
+    import archc.passes  # noqa: F401 - registers the catalogue
     import torch
 
     import archc
-    import archc.passes  # noqa: F401 - registers the catalogue
     from archc.analysis import complexity
     from archc.init import random_input
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
@@ -214,10 +215,10 @@ def bench_spec(name: str, args) -> dict:
 def bench_gpu(name: str, args) -> dict[str, Timing]:
     """Deploy form on CUDA: NCHW fp32, channels_last fp32, channels_last fp16, and channels_last
     fp16 after align_channels (multiple 8), interleaved; each run synchronizes the device."""
+    import archc.passes  # noqa: F401 - registers the catalogue
     import torch
 
     import archc
-    import archc.passes  # noqa: F401 - registers the catalogue
     from archc.init import random_input
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 
@@ -258,15 +259,6 @@ def bench_gpu(name: str, args) -> dict[str, Timing]:
     return interleaved(configs, args.rounds, args.iters, args.warmup)
 
 
-def time_command(command: list[str], repeats: int) -> Timing:
-    timing = Timing()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
-        timing.rounds.append(time.perf_counter() - start)
-    return timing
-
-
 def machine() -> str:
     import onnxruntime
     import torch
@@ -289,9 +281,9 @@ def bench_families(args) -> list[dict]:
     """archc's deploy form of each family vs the hand-written one, interleaved, eager and ORT."""
     import copy
 
+    import archc.passes  # noqa: F401 - registers the catalogue
     import torch
 
-    import archc.passes  # noqa: F401 - registers the catalogue
     from archc.export import export_onnx
     from archc.init import random_input, randomize
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
@@ -379,6 +371,7 @@ def bench_pass_cost(args) -> list[dict]:
     """The default pipeline's cost per graph, rounds interleaved over the graphs: the passes with
     verification off, and the whole run with verification on (its verification share apart)."""
     import archc.passes  # noqa: F401 - registers the catalogue
+
     from archc.init import random_input
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 
@@ -503,14 +496,49 @@ def pass_cost_section(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def tool_cost_section(build: Timing, import_torch: Timing) -> str:
-    return "\n".join([
+TOOL_COST_COMMANDS = {
+    "python -c 'import torch'": ["-c", "import torch"],
+    "archc build specs/regnetx_600mf.yaml -o model.onnx": [
+        "-m", "archc", "build", "specs/regnetx_600mf.yaml", "-o", "{folder}/model.onnx"],
+    "... --onnx-exporter torch": [
+        "-m", "archc", "build", "specs/regnetx_600mf.yaml", "-o", "{folder}/model.onnx",
+        "--onnx-exporter", "torch"],
+}
+
+
+def bench_tool_cost(rounds: int) -> dict[str, Timing]:
+    """Wall time of each command in a fresh process, interleaved: every round runs them all."""
+    timings = {label: Timing() for label in TOOL_COST_COMMANDS}
+    with tempfile.TemporaryDirectory() as folder:
+        for round_index in range(rounds):
+            print(f"tool cost: round {round_index + 1}/{rounds}", file=sys.stderr, flush=True)
+            for label, arguments in TOOL_COST_COMMANDS.items():
+                command = [sys.executable] + [a.format(folder=folder) for a in arguments]
+                start = time.perf_counter()
+                subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
+                timings[label].rounds.append(time.perf_counter() - start)
+    return timings
+
+
+def tool_cost_section(timings: dict[str, Timing]) -> str:
+    base = timings["python -c 'import torch'"]
+    lines = [
         "## Tool cost",
         "",
-        f"- `archc build specs/regnetx_600mf.yaml -o model.onnx` (export, simplify, verify): "
-        f"{build.median:.1f} s [{min(build.rounds):.1f}-{max(build.rounds):.1f}]",
-        f"- `python -c 'import torch'` alone: {import_torch.median:.2f} s",
-    ])
+        "Wall time of each command in a fresh process (`python bench/run.py --sections "
+        "tool-cost`), interleaved over rounds; the ratio is the median of the per-round ratios "
+        "to `import torch` in the same round. `archc build` lowers, folds BN, verifies every "
+        "pass in float64 and the fp32 result, exports, simplifies and checks the ONNX file in "
+        "ONNX Runtime at two batch sizes.",
+        "",
+        "| command | median | range | x import torch |",
+        "|---|---|---|---|",
+    ]
+    for label, timing in timings.items():
+        ratios = [t / b for t, b in zip(timing.rounds, base.rounds)]
+        lines.append(f"| `{label}` | {timing.median:.2f} s | {min(timing.rounds):.2f}-"
+                     f"{max(timing.rounds):.2f} s | {statistics.median(ratios):.2f} |")
+    return "\n".join(lines)
 
 
 def gpu_section(gpu: dict[str, dict[str, Timing]], args) -> str:
@@ -567,8 +595,8 @@ def main() -> None:
     parser.add_argument("--eager-threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--ort-threads", default="1,2",
                         help="ONNX Runtime intra-op thread counts to compare")
-    parser.add_argument("--build-repeats", type=int, default=3,
-                        help="runs of `archc build` and of `import torch` (tool-cost)")
+    parser.add_argument("--build-repeats", type=int, default=5,
+                        help="interleaved rounds of the tool-cost commands")
     parser.add_argument("--pass-cost-specs", default=",".join(PASS_COST_SPECS),
                         help="zoo specs of the pass-cost section")
     parser.add_argument("--pass-cost-rounds", type=int, default=3,
@@ -600,12 +628,7 @@ def main() -> None:
         print("benchmarking the pipeline's own cost ...", file=sys.stderr, flush=True)
         sections["pass-cost"] = pass_cost_section(bench_pass_cost(args), args)
     if "tool-cost" in wanted:
-        with tempfile.TemporaryDirectory() as folder:
-            archc_cli = [sys.executable, "-m", "archc", "build", "specs/regnetx_600mf.yaml",
-                         "-o", str(Path(folder) / "model.onnx")]
-            build = time_command(archc_cli, args.build_repeats)
-        import_torch = time_command([sys.executable, "-c", "import torch"], args.build_repeats)
-        sections["tool-cost"] = tool_cost_section(build, import_torch)
+        sections["tool-cost"] = tool_cost_section(bench_tool_cost(args.build_repeats))
     if "gpu" in wanted:
         import torch
 

@@ -1,9 +1,9 @@
 """Design-space benchmarks: sampling speed, analytic vs graph complexity, sweep throughput.
 
-    python bench/spaces.py                  # writes docs/performance-design-spaces.md (~5 min)
+    python bench/spaces.py                  # the design-spaces section of docs/performance.md (~5 min)
     python bench/spaces.py --rounds 5 --out /tmp/spaces.md
 
-Protocol (as bench/run.py, DECISIONS.md): configurations interleaved in rounds, the median of the
+Protocol (as bench/run.py): configurations interleaved in rounds, the median of the
 rounds reported with their spread [min-max]; ratios compare medians of the same run.
 
 Measured:
@@ -160,12 +160,15 @@ def report(sampling, complexity, sweeps, parallel, args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--complexity-samples", type=int, default=5)
-    parser.add_argument("--sweep-models", type=int, default=12)
-    parser.add_argument("--sweep-epochs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance-design-spaces.md")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per timing")
+    parser.add_argument("--samples", type=int, default=1000,
+                        help="models drawn per sampling round")
+    parser.add_argument("--complexity-samples", type=int, default=5,
+                        help="RegNetX samples whose complexity is computed both ways")
+    parser.add_argument("--sweep-models", type=int, default=12, help="models per timed sweep")
+    parser.add_argument("--sweep-epochs", type=int, default=2, help="epochs per swept model")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md",
+                        help="the markdown file whose design-spaces section is rewritten")
     args = parser.parse_args()
     print("sampling ...", file=sys.stderr, flush=True)
     sampling = bench_sampling(args.rounds, args.samples)
@@ -175,10 +178,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         sweeps = bench_sweeps(args.rounds, args.sweep_models, args.sweep_epochs, Path(folder))
     parallel = bench_parallel_cpu(args.rounds)
-    text = "# Performance: design spaces\n\n" + report(sampling, complexity, sweeps, parallel,
-                                                        args)
-    args.out.write_text(text)
-    print(text)
+    from run import write_sections  # bench/run.py, beside this script
+
+    body = report(sampling, complexity, sweeps, parallel, args)
+    print(write_sections(args.out, {"design-spaces": body}))
 
 
 if __name__ == "__main__":

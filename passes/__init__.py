@@ -1,7 +1,6 @@
 """The rewrite catalogue: importing it registers every built-in pass and named pipeline with the
 engine (`archc.pipeline`). One module per family; `pipelines` names the pipelines."""
 
-from archc.pipeline import register_pipeline
 from archc.passes import (  # noqa: F401 - imported to register their passes
     bn_folding,
     branch_merging,
@@ -12,6 +11,8 @@ from archc.passes import (  # noqa: F401 - imported to register their passes
     sequential_merging,
 )
 from archc.passes.pipelines import PIPELINES
+
+from archc.pipeline import register_pipeline
 
 for _name, _passes in PIPELINES.items():
     register_pipeline(_name, _passes)

@@ -72,6 +72,7 @@ def train_model(name: str):
 
 def deploy_model(train, x, verify: bool = True):
     import archc.passes  # noqa: F401 - registers the catalogue
+
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 
     ctx = PassContext(verify=verify, example_inputs=(x,))

@@ -11,6 +11,7 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
+from archc.passes import layout
 from hypothesis import given, settings
 from torch import nn
 
@@ -23,7 +24,6 @@ from archc.errors import ArchcError, PassError
 from archc.init import random_input, randomize
 from archc.pipeline import PassContext, run_pipeline
 from archc.verify import relative_error
-from archc.passes import layout
 from tests.helpers import TOLERANCE, Fn
 
 SHAPE = (2, 3, 8, 8)

@@ -9,6 +9,8 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
+from archc.passes import bn_folding
+from archc.passes.pipelines import PIPELINES
 from hypothesis import given, settings
 from torch import nn
 
@@ -18,8 +20,6 @@ from archc.init import random_input, randomize
 from archc.pipeline import PassContext, run_pipeline
 from archc.rules import apply_rules
 from archc.verify import relative_error
-from archc.passes import bn_folding
-from archc.passes.pipelines import PIPELINES
 from tests.helpers import TOLERANCE, BNAndPad, assert_default_pipeline_exact_idempotent_honest
 
 

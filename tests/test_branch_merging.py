@@ -11,6 +11,8 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
+from archc.passes import branch_merging as bm
+from archc.passes.pipelines import PIPELINES
 from hypothesis import given, settings
 from torch import nn
 
@@ -20,8 +22,6 @@ from archc.graph import op_kind
 from archc.init import random_input, randomize
 from archc.linear_chains import LinearReader
 from archc.pipeline import PassContext, run_pipeline
-from archc.passes import branch_merging as bm
-from archc.passes.pipelines import PIPELINES
 from tests.helpers import (
     TOLERANCE,
     BNAndPad,

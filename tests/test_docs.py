@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from archc.pipeline import list_passes
 from archc.passes.pipelines import PIPELINES
+
+from archc.pipeline import list_passes
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -41,3 +43,16 @@ def test_docs_cite_no_file_outside_the_project():
         text = path.read_text()
         assert "/work/" not in text and "shared/" not in text, path
         assert "REWRITES.md" not in text and "DECISIONS.md" not in text, path
+
+
+def test_readme_lists_every_doc():
+    readme = (DOCS.parent / "README.md").read_text()
+    for path in DOCS.glob("*.md"):
+        assert f"`docs/{path.name}`" in readme, f"README.md does not list docs/{path.name}"
+
+
+def test_docs_name_no_machine_paths():
+    machine_path = re.compile(r"(?<![\w.])/(home|root|tmp|Users|check|opt|mnt)/")
+    for path in [*DOCS.glob("*.md"), DOCS.parent / "README.md"]:
+        found = machine_path.search(path.read_text())
+        assert found is None, f"{path.name} names a path on a machine: {found.group(0)}"

@@ -8,6 +8,7 @@ import operator
 
 import pytest
 import torch
+from archc.passes.pipelines import PIPELINES
 from torch import nn
 from torch.fx import Graph, GraphModule
 from torch.fx.passes.shape_prop import ShapeProp
@@ -20,7 +21,6 @@ from archc.init import random_input, randomize
 from archc.pipeline import PassContext, check_options, run_pipeline
 from archc.rules import MAX_SWEEPS, Done, FixpointError, Op, Partial, Refuse, Rule, apply_rules
 from archc.shapes import node_shape, propagate_shapes, refresh_shapes
-from archc.passes.pipelines import PIPELINES
 
 # ---- the driver ----
 

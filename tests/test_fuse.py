@@ -38,8 +38,8 @@ def test_fuse_archc_repvgg_a0(repvgg_checkpoint, tmp_path, capsys):
     out = tmp_path / "deploy.pt2"
     assert main(["fuse", str(repvgg_checkpoint), "-o", str(out), "--input-shape", SMALL]) == 0
     printed = capsys.readouterr().out
-    assert ("deploy form: 44 -> 22 convs, 1 linear layer, 61 -> 0 normalization layers, 9,108,968 -> "
-            "8,309,384 params") in printed
+    assert ("deploy form: 44 -> 22 convs, 1 linear layer, 61 -> 0 normalization layers, "
+            "9,108,968 -> 8,309,384 params") in printed
     fused = torch.export.load(str(out)).module()
     reference = archc.build("specs/repvgg_a0.yaml", init="random")
     x = torch.randn(1, 3, 64, 64)

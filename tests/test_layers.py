@@ -1,6 +1,6 @@
 """The import graph of archc/ and passes/ (installed as `archc.passes`) is acyclic and one-way:
-the core never imports the catalogue. Every import counts, the ones inside functions too (they hide cycles at import time,
-not in the design)."""
+the core never imports the catalogue. Every import counts, the ones inside functions too (they
+hide cycles at import time, not in the design)."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import operator
 
 import pytest
 import torch
+from archc.passes.pipelines import PIPELINES
 from torch import nn
 
 from archc import pipeline
@@ -25,7 +26,6 @@ from archc.pipeline import (
 )
 from archc.rules import Op, Refuse, Rule, apply_rules
 from archc.verify import relative_error
-from archc.passes.pipelines import PIPELINES
 
 SHAPE = (2, 3, 6, 6)
 

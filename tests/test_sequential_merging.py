@@ -11,6 +11,8 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
+from archc.passes import sequential_merging as sm
+from archc.passes.pipelines import PIPELINES
 from hypothesis import given, settings
 from torch import nn
 
@@ -21,8 +23,6 @@ from archc.graph import op_kind
 from archc.init import randomize
 from archc.pipeline import PassContext, run_pipeline
 from archc.verify import relative_error
-from archc.passes import sequential_merging as sm
-from archc.passes.pipelines import PIPELINES
 from tests.helpers import TOLERANCE, BNAndPad, Fn, run_randomized
 
 SHAPE = (2, 8, 10, 10)
