@@ -130,13 +130,16 @@ def _calibrate_bn(model: nn.Module, seed: int, calibration_input) -> None:
     # Batch statistics in float64: a BN late in the network sees few values, and float32 rounding
     # that varies with the thread count would otherwise reach the statistics and every output.
     dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    with torch.no_grad():
-        model.double()(*(x.double() if x.is_floating_point() else x for x in inputs))
+    try:
+        with torch.no_grad():
+            model.double()(*(x.double() if x.is_floating_point() else x for x in inputs))
+    finally:  # also when the input does not fit the network
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             tensor.data = tensor.data.to(dtypes[name])
-    for (name, bn), (momentum, training) in zip(bns, saved):
-        bn.momentum = momentum
-        bn.train(training)
+        for (_, bn), (momentum, training) in zip(bns, saved):
+            bn.momentum = momentum
+            bn.train(training)
+    for name, bn in bns:
         std = bn.running_var.clamp_min(1e-6).sqrt()
         noise = torch.from_numpy(
             generator(seed, f"{name}.calibration").normal(size=tuple(std.shape))

@@ -157,10 +157,10 @@ def count_ops(model_bytes: bytes, op_type: str) -> int:
 
 
 def bench_spec(name: str, args) -> dict:
-    import archc.passes  # noqa: F401 - registers the catalogue
     import torch
 
     import archc
+    import archc.passes  # noqa: F401 - registers the catalogue
     from archc.analysis import complexity
     from archc.init import random_input
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
@@ -215,10 +215,10 @@ def bench_spec(name: str, args) -> dict:
 def bench_gpu(name: str, args) -> dict[str, Timing]:
     """Deploy form on CUDA: NCHW fp32, channels_last fp32, channels_last fp16, and channels_last
     fp16 after align_channels (multiple 8), interleaved; each run synchronizes the device."""
-    import archc.passes  # noqa: F401 - registers the catalogue
     import torch
 
     import archc
+    import archc.passes  # noqa: F401 - registers the catalogue
     from archc.init import random_input
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 
@@ -271,9 +271,11 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return (
-        f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
+        f"{cpu}, {os.cpu_count()} cores (load average {load} when the run ended); Python "
+        f"{platform.python_version()}, torch {torch.__version__}, onnxruntime "
+        f"{onnxruntime.__version__}"
     )
 
 
@@ -281,9 +283,9 @@ def bench_families(args) -> list[dict]:
     """archc's deploy form of each family vs the hand-written one, interleaved, eager and ORT."""
     import copy
 
-    import archc.passes  # noqa: F401 - registers the catalogue
     import torch
 
+    import archc.passes  # noqa: F401 - registers the catalogue
     from archc.export import export_onnx
     from archc.init import random_input, randomize
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
@@ -371,7 +373,6 @@ def bench_pass_cost(args) -> list[dict]:
     """The default pipeline's cost per graph, rounds interleaved over the graphs: the passes with
     verification off, and the whole run with verification on (its verification share apart)."""
     import archc.passes  # noqa: F401 - registers the catalogue
-
     from archc.init import random_input
     from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 
@@ -530,6 +531,8 @@ def tool_cost_section(timings: dict[str, Timing]) -> str:
         "to `import torch` in the same round. `archc build` lowers, folds BN, verifies every "
         "pass in float64 and the fp32 result, exports, simplifies and checks the ONNX file in "
         "ONNX Runtime at two batch sizes.",
+        "",
+        f"Machine: {machine()}.",
         "",
         "| command | median | range | x import torch |",
         "|---|---|---|---|",

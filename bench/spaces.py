@@ -1,6 +1,6 @@
 """Design-space benchmarks: sampling speed, analytic vs graph complexity, sweep throughput.
 
-    python bench/spaces.py                  # the design-spaces section of docs/performance.md (~5 min)
+    python bench/spaces.py                  # design-spaces section of docs/performance.md
     python bench/spaces.py --rounds 5 --out /tmp/spaces.md
 
 Protocol (as bench/run.py): configurations interleaved in rounds, the median of the

@@ -11,7 +11,6 @@ from archc.passes import (  # noqa: F401 - imported to register their passes
     sequential_merging,
 )
 from archc.passes.pipelines import PIPELINES
-
 from archc.pipeline import register_pipeline
 
 for _name, _passes in PIPELINES.items():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-import archc.passes  # noqa: F401 - the tests run the built-in catalogue
 import torch
+
+import archc.passes  # noqa: F401 - the tests run the built-in catalogue
 
 # Under pytest-xdist every core already runs a test process. Two OpenMP threads per process then
 # spin against each other and against the other worker, and small convolutions run up to ~100x

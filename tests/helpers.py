@@ -6,10 +6,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from archc.passes.pipelines import PIPELINES
 from torch import nn
 
 from archc.init import random_input, randomize
+from archc.passes.pipelines import PIPELINES
 from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 from archc.verify import relative_error
 

@@ -11,7 +11,6 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
-from archc.passes import layout
 from hypothesis import given, settings
 from torch import nn
 
@@ -22,6 +21,7 @@ from archc.blocks import channel_shuffle
 from archc.channels import analyze_channels
 from archc.errors import ArchcError, PassError
 from archc.init import random_input, randomize
+from archc.passes import layout
 from archc.pipeline import PassContext, run_pipeline
 from archc.verify import relative_error
 from tests.helpers import TOLERANCE, Fn

@@ -9,14 +9,14 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
-from archc.passes import bn_folding
-from archc.passes.pipelines import PIPELINES
 from hypothesis import given, settings
 from torch import nn
 
 from archc import weight_algebra
 from archc.errors import PassError
 from archc.init import random_input, randomize
+from archc.passes import bn_folding
+from archc.passes.pipelines import PIPELINES
 from archc.pipeline import PassContext, run_pipeline
 from archc.rules import apply_rules
 from archc.verify import relative_error

@@ -11,8 +11,6 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
-from archc.passes import branch_merging as bm
-from archc.passes.pipelines import PIPELINES
 from hypothesis import given, settings
 from torch import nn
 
@@ -21,6 +19,8 @@ from archc import linear_chains as chains
 from archc.graph import op_kind
 from archc.init import random_input, randomize
 from archc.linear_chains import LinearReader
+from archc.passes import branch_merging as bm
+from archc.passes.pipelines import PIPELINES
 from archc.pipeline import PassContext, run_pipeline
 from tests.helpers import (
     TOLERANCE,

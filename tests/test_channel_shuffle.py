@@ -9,13 +9,13 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from archc.passes import channel_shuffle as cs
-from archc.passes.pipelines import PIPELINES
 from hypothesis import given, settings
 from torch import nn
 
 from archc.export import export_onnx
 from archc.init import random_input, randomize
+from archc.passes import channel_shuffle as cs
+from archc.passes.pipelines import PIPELINES
 from archc.pipeline import PassContext, graph_stats, list_passes, run_pipeline
 from archc.verify import relative_error
 from tests.helpers import TOLERANCE, run_randomized

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from archc.passes import cleanup
 from torch import nn
 
+from archc.passes import cleanup
 from archc.pipeline import PassContext, run_pipeline
 from archc.rules import apply_rules
 from tests.helpers import TOLERANCE, run_randomized

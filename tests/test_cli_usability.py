@@ -97,6 +97,18 @@ def test_memory_budget_is_an_option(tiny, tmp_path, capsys):
     assert "more than the budget of 1.0 KiB" in one_error_line(capsys)
 
 
+def test_blocks_without_an_analytic_twin_are_budgeted_too(tiny, tmp_path, capsys):
+    """`fire` has no analytic twin: its counts come from a meta-device build, still before any
+    weight is allocated."""
+    tiny.write_text(TINY.replace("block: res_basic", "block: fire, bottleneck_ratio: 8")
+                    .replace("stride: 2", "stride: 1")
+                    .replace("width: 16", "width: 4096"))
+    assert main(["build", str(tiny), "-o", str(tmp_path / "m.pt"), "--max-memory", "64M"]) == 2
+    line = one_error_line(capsys)
+    assert "more than the budget of 64.0 MiB" in line and "params" in line
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_running_out_of_memory_is_a_user_error(tiny, tmp_path, capsys, monkeypatch):
     import archc.lower
 

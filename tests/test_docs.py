@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 from archc.passes.pipelines import PIPELINES
-
 from archc.pipeline import list_passes
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -3,6 +3,7 @@ deploy dtypes and channels_last are verified at their own tolerance."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,11 @@ import pytest
 import torch
 
 import archc
+import archc.passes  # noqa: F401 - registers the catalogue
 from archc.cli import main
+from archc.emit_python import emit_python
+from archc.export import export_program
+from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
 from archc.verify import relative_error
 from tests.golden_suite import input_side
 
@@ -38,15 +43,18 @@ def reference(name: str, x: torch.Tensor) -> torch.Tensor:
         return gm(x)
 
 
-def float64_reference(name: str, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The unfused model's output in float64, and the tolerance an fp32 artifact is held to: ten
-    times the model's own fp32 rounding (floored at 1e-6)."""
+def float64_reference(name: str, x: torch.Tensor) -> tuple[torch.fx.GraphModule, torch.Tensor,
+                                                            float]:
+    """The unfused model (float32), its output in float64, and the tolerance an fp32 artifact is
+    held to: ten times the model's own fp32 rounding (floored at 1e-6)."""
     gm = archc.build(ROOT / "specs" / f"{name}.yaml", init="random", seed=2)
     with torch.no_grad():
-        rounding = relative_error(gm.double()(x.double()), gm.float()(x).double())
-        return gm.double()(x.double()), max(10 * rounding, 1e-6)
+        exact = gm.double()(x.double())
+        rounding = relative_error(exact, gm.float()(x).double())
+    return gm, exact, max(10 * rounding, 1e-6)
 
 
+@functools.cache
 def side(name: str) -> int:
     """The golden suite's input side: SIZE, or larger where the network needs it (AlexNet)."""
     return input_side(archc.load_spec(ROOT / "specs" / f"{name}.yaml"))
@@ -100,17 +108,21 @@ def run_standalone(folder: Path, x: torch.Tensor) -> tuple[torch.Tensor, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SPECS)
 def test_every_spec_emits_three_formats(name, tmp_path, capsys):
+    """`archc build` to ONNX end to end; the same deploy graph through the .pt2 and .py emitters
+    (the pipeline run once more, without its float64 checks: the build above made them)."""
     x = example(name)
-    y, tolerance = float64_reference(name, x)
+    gm, y, tolerance = float64_reference(name, x)
     build(name, tmp_path / "model.onnx")
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert relative_error(y, torch.from_numpy(got).double()) <= tolerance
-    build(name, tmp_path / "model.pt2")
+    deploy = run_pipeline(gm, resolve_pipeline("default"),
+                          PassContext(example_inputs=(x,), verify=False)).graph_module
+    export_program(deploy, tmp_path / "model.pt2", x, dynamic_batch=True, rtol=tolerance)
     with torch.no_grad():
         got = torch.export.load(str(tmp_path / "model.pt2")).module()(x)
     assert relative_error(y, got.double()) <= tolerance
-    build(name, tmp_path / "model.py")
+    emit_python(deploy, tmp_path / "model.py", x, model_name=name, source=name, rtol=tolerance)
     got, imported = run_standalone(tmp_path, x)
     assert relative_error(y, got.double()) <= tolerance and imported == "[]"
 

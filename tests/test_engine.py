@@ -8,7 +8,6 @@ import operator
 
 import pytest
 import torch
-from archc.passes.pipelines import PIPELINES
 from torch import nn
 from torch.fx import Graph, GraphModule
 from torch.fx.passes.shape_prop import ShapeProp
@@ -18,6 +17,7 @@ from archc import weight_algebra
 from archc.errors import ArchcError, PassError
 from archc.graph import copy_module, erase_unused, unique_name, writes_in_place
 from archc.init import random_input, randomize
+from archc.passes.pipelines import PIPELINES
 from archc.pipeline import PassContext, check_options, run_pipeline
 from archc.rules import MAX_SWEEPS, Done, FixpointError, Op, Partial, Refuse, Rule, apply_rules
 from archc.shapes import node_shape, propagate_shapes, refresh_shapes

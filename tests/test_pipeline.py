@@ -7,13 +7,13 @@ import operator
 
 import pytest
 import torch
-from archc.passes.pipelines import PIPELINES
 from torch import nn
 
 from archc import pipeline
 from archc.errors import ArchcError, PassError
 from archc.graph import bypass, called_once, has_other_users, module_uses, unique_user
 from archc.init import randomize
+from archc.passes.pipelines import PIPELINES
 from archc.pipeline import (
     PassContext,
     PassReport,

@@ -11,8 +11,6 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
-from archc.passes import sequential_merging as sm
-from archc.passes.pipelines import PIPELINES
 from hypothesis import given, settings
 from torch import nn
 
@@ -21,6 +19,8 @@ from archc import linear_chains as chains
 from archc import weight_algebra as wa
 from archc.graph import op_kind
 from archc.init import randomize
+from archc.passes import sequential_merging as sm
+from archc.passes.pipelines import PIPELINES
 from archc.pipeline import PassContext, run_pipeline
 from archc.verify import relative_error
 from tests.helpers import TOLERANCE, BNAndPad, Fn, run_randomized
