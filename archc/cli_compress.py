@@ -1,0 +1,158 @@
+"""The compression commands of the CLI: `archc prune`, `archc lowrank`.
+
+`add_commands` adds the parsers to `archc.cli`'s subcommands; `HANDLERS` maps each command to its
+handler. Parsing imports nothing heavy; the handlers import what they need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from archc import arguments
+
+
+def _fraction_open(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not in (0, 1)")
+    return value
+
+
+def _energy(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not in (0, 1]")
+    return value
+
+
+def _checkpoint_output(text: str) -> Path:
+    return arguments.output_path((".pt",))(text)
+
+
+def add_commands(commands) -> None:
+    """Add `prune` and `lowrank` to the `archc` subcommands."""
+    prune = commands.add_parser(
+        "prune",
+        help="structured channel pruning of a checkpoint over its channel groups",
+        description="Remove whole channels of CKPT's free channel groups (archc.channels: "
+        "residual adds, concatenations, depthwise convs, grouped convs and SE gates stay "
+        "consistent), scored by filter norm, BN scale or at random; write the pruned "
+        "checkpoint. See docs/compression.md.",
+    )
+    prune.add_argument("checkpoint", type=Path, metavar="CKPT", help="archc checkpoint (.pt)")
+    prune.add_argument("-o", "--output", type=_checkpoint_output, required=True, metavar="OUT",
+                       help="pruned checkpoint (.pt)")
+    amount = prune.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--ratio", type=_fraction_open, metavar="R",
+                        help="fraction of each group's channels (or, with --global, of all "
+                        "prunable channels) to remove, in (0, 1)")
+    amount.add_argument("--macs", type=_fraction_open, metavar="F",
+                        help="search the ratio so that the pruned model keeps at most this "
+                        "fraction of the MACs, e.g. 0.5")
+    prune.add_argument("--criterion", choices=("l1", "l2", "bn-scale", "random"), default="l1",
+                       help="channel score: filter L1 / L2 norm, |BN gamma| (after --slimming "
+                       "training), random (a control); default l1")
+    prune.add_argument("--global", dest="global_threshold", action="store_true",
+                       help="one threshold over all groups instead of the same ratio per group")
+    prune.add_argument("--round-to", type=arguments.positive_int, default=1, metavar="N",
+                       help="keep channel counts that are multiples of N (e.g. 8)")
+    prune.add_argument("--group-policy", choices=("keep-count", "keep-width"),
+                       default="keep-count",
+                       help="grouped convs: keep the group count with per-group top-k "
+                       "channels (default), or keep the group width and remove whole groups")
+    prune.add_argument("--seed", type=arguments.seed, default=0,
+                       help="seed of the random criterion (default 0)")
+    prune.add_argument("--json", action="store_true",
+                       help="print one machine-readable JSON report on stdout instead of text")
+
+    lowrank = commands.add_parser(
+        "lowrank",
+        help="low-rank decomposition: SVD of 1x1 convs and Linears, Tucker-2 of KxK convs",
+        description="Replace each 1x1 conv and Linear by two thin layers (truncated SVD) and "
+        "each KxK conv by 1x1 -> KxK core -> 1x1 (Tucker-2), where that lowers its MACs; the "
+        "rank keeps --energy of the squared singular values, or is searched to meet --macs. "
+        "Reports the relative error of every layer. See docs/compression.md.",
+    )
+    lowrank.add_argument("checkpoint", type=Path, metavar="CKPT", help="archc checkpoint (.pt)")
+    lowrank.add_argument("-o", "--output", type=_checkpoint_output, required=True, metavar="OUT",
+                         help="decomposed checkpoint (.pt)")
+    target = lowrank.add_mutually_exclusive_group()
+    target.add_argument("--energy", type=_energy, default=None, metavar="E",
+                        help="keep this fraction of each layer's squared singular values, in "
+                        "(0, 1] (default 0.9)")
+    target.add_argument("--macs", type=_fraction_open, metavar="F",
+                        help="one energy for all layers, searched so that the model keeps at "
+                        "most this fraction of the MACs")
+    lowrank.add_argument("--json", action="store_true",
+                         help="print one machine-readable JSON report on stdout instead of text")
+
+
+def _load(path: Path):
+    from archc.checkpoint import load_checkpoint
+    from archc.init import random_input
+    from archc.loading import spec_from_mapping
+    from archc.lower import input_shape
+
+    spec_dict, gm = load_checkpoint(path)
+    spec = spec_from_mapping(spec_dict, str(path))
+    return spec_dict, gm, random_input(input_shape(spec, batch=2), 0)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from archc.checkpoint import save_checkpoint
+    from archc.pruning import PruneConfig, prune, prune_to_macs
+
+    spec_dict, gm, example = _load(args.checkpoint)
+
+    def config(ratio: float) -> PruneConfig:
+        return PruneConfig(ratio, args.criterion, args.global_threshold, args.round_to,
+                           args.group_policy, args.seed)
+
+    if args.ratio is not None:
+        result = prune(gm, example, config(args.ratio))
+    else:
+        result = prune_to_macs(gm, example, args.macs, config)
+    save_checkpoint(result.graph_module, spec_dict, args.output, example)
+    document = {"command": "prune", "source": str(args.checkpoint), "output": str(args.output),
+                "params": list(result.params), "macs": list(result.macs),
+                "groups": [vars(g) for g in result.groups], "notes": result.notes}
+    if args.json:
+        print(json.dumps(document, indent=1))
+    elif not getattr(args, "quiet", False):
+        print(result.format())
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _lowrank(args: argparse.Namespace) -> int:
+    from archc.checkpoint import save_checkpoint
+    from archc.lowrank import decompose, decompose_to_macs
+
+    spec_dict, gm, example = _load(args.checkpoint)
+    if args.macs is not None:
+        result = decompose_to_macs(gm, example, args.macs)
+    else:
+        result = decompose(gm, example, 0.9 if args.energy is None else args.energy)
+    save_checkpoint(result.graph_module, spec_dict, args.output, example)
+    document = {"command": "lowrank", "source": str(args.checkpoint),
+                "output": str(args.output), "energy": result.energy,
+                "params": list(result.params), "macs": list(result.macs),
+                "output_error": result.output_error,
+                "layers": [vars(layer) for layer in result.layers]}
+    if args.json:
+        print(json.dumps(document, indent=1))
+    elif not getattr(args, "quiet", False):
+        print(result.format())
+        print(f"wrote {args.output}")
+    return 0
+
+
+HANDLERS = {"prune": _prune, "lowrank": _lowrank}
