@@ -367,14 +367,17 @@ def _grouped_weight(weight: Tensor, bias: Tensor | None, groups: int, out_keep: 
 
 
 def _replace(gm: GraphModule, name: str, old: nn.Module, config: dict, tensors: dict) -> None:
-    with torch.device(old.weight.device if getattr(old, "weight", None) is not None else "cpu"):
-        new = make_module(config)
+    reference = next(old.parameters(), None)
+    if reference is None:
+        reference = next(old.buffers())
+    with torch.device(reference.device):
+        new = make_module(config).to(reference.dtype)
     new.train(old.training)
     with torch.no_grad():
         for key, value in tensors.items():
             target = getattr(new, key)
             if isinstance(target, nn.Parameter):
-                setattr(new, key, nn.Parameter(value.detach().clone().to(old.weight.dtype),
+                setattr(new, key, nn.Parameter(value.detach().clone().to(reference.dtype),
                                                requires_grad=getattr(old, key).requires_grad))
             else:
                 target.copy_(value)
@@ -506,7 +509,7 @@ def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig) -> PruneR
 
 
 def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
-                  make_config: Callable[[float], PruneConfig], steps: int = 12) -> PruneResult:
+                  make_config: Callable[[float], PruneConfig], steps: int = 8) -> PruneResult:
     """Bisect the ratio so that the pruned model has at most `target` (a fraction) of the MACs,
     as close as the steps allow; the result with the largest MACs not above the target."""
     if not 0 < target < 1:
