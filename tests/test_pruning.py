@@ -20,8 +20,15 @@ import archc
 from archc.channels import analyze_channels
 from archc.checkpoint import load_checkpoint, save_checkpoint
 from archc.cli import main
-from archc.pruning import (PruneConfig, PruneError, _grouped_weight, _keep, _Unit, prune,
-                           prune_to_macs)
+from archc.pruning import (
+    PruneConfig,
+    PruneError,
+    _grouped_weight,
+    _keep,
+    _Unit,
+    prune,
+    prune_to_macs,
+)
 
 X32 = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 X16 = X32[:, :, :16, :16].contiguous()
@@ -183,7 +190,8 @@ def test_pruning_rule_keeps_equal_top_counts_per_segment(segments, per, want, ro
 
 
 def _small_spec(tmp_path, name: str) -> str:
-    spec = yaml.safe_load(open(f"specs/{name}.yaml"))
+    with open(f"specs/{name}.yaml") as handle:
+        spec = yaml.safe_load(handle)
     spec["input"]["size"] = 32
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
