@@ -156,3 +156,81 @@ def _lowrank(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"prune": _prune, "lowrank": _lowrank}
+
+
+def add_train_options(train: argparse.ArgumentParser) -> None:
+    """`archc train` options of the compression plugins (archc.compress_train)."""
+    group = train.add_argument_group("compression (archc.compress_train)")
+    group.add_argument("--slimming", type=_nonnegative, default=None, metavar="LAMBDA",
+                       help="network slimming: add LAMBDA * sum |BN gamma| to the loss (e.g. "
+                       "1e-4); then `archc prune --criterion bn-scale --global`")
+    group.add_argument("--teacher", type=Path, default=None, metavar="CKPT",
+                       help="distil from this trained checkpoint (same classes and input)")
+    group.add_argument("--kd-temperature", type=_positive, default=4.0, metavar="T",
+                       help="softmax temperature of the distillation loss (default 4)")
+    group.add_argument("--kd-weight", type=_unit, default=0.5, metavar="W",
+                       help="loss = (1 - W) cross-entropy + W T^2 KL(teacher || student) "
+                       "(default 0.5)")
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _nonnegative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is negative")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not positive")
+    return value
+
+
+def _unit(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not in [0, 1]")
+    return value
+
+
+def train_plugins(args: argparse.Namespace, spec) -> tuple[list, dict, dict]:
+    """(plugins, TrainConfig overrides, description) of `archc train`'s compression options;
+    a teacher whose classes or input differ from the student's is a DataError."""
+    plugins, overrides, described = [], {}, {}
+    if args.slimming:
+        from archc.compress_train import Slimming
+
+        plugins.append(Slimming(args.slimming))
+        described["slimming"] = args.slimming
+    if args.teacher is not None:
+        from archc.checkpoint import load_checkpoint
+        from archc.compress_train import Distillation
+        from archc.errors import DataError
+        from archc.loading import spec_from_mapping
+
+        teacher_dict, teacher = load_checkpoint(args.teacher)
+        teacher_spec = spec_from_mapping(teacher_dict, str(args.teacher))
+        if teacher_spec.num_classes != spec.num_classes:
+            raise DataError(f"--teacher {args.teacher} has {teacher_spec.num_classes} classes "
+                            f"but the student has {spec.num_classes}")
+        if (teacher_spec.input.channels, teacher_spec.input.size) != (
+                spec.input.channels, spec.input.size):
+            raise DataError(f"--teacher {args.teacher} takes {teacher_spec.input.channels}x"
+                            f"{teacher_spec.input.size}x{teacher_spec.input.size} input but the "
+                            f"student {spec.input.channels}x{spec.input.size}x{spec.input.size}")
+        plugins.append(Distillation(teacher, args.kd_temperature, args.kd_weight))
+        overrides["task_weight"] = 1.0 - args.kd_weight
+        described.update(teacher=str(args.teacher), kd_temperature=args.kd_temperature,
+                         kd_weight=args.kd_weight)
+    return plugins, overrides, described

@@ -1,0 +1,100 @@
+"""The compression experiments of docs/compression.md on 16x16 digits, through the CLI.
+
+    python bench/compression/run.py OUT_DIR      # writes OUT_DIR/results.json and the checkpoints
+
+Every figure in docs/compression.md comes from the results.json this writes; each entry records
+the command line that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+EPOCHS, FINE_TUNE = 15, 8
+TRAIN = ["--data", "digits", "--lr", "0.1", "--warmup-epochs", "1", "--threads", "1"]
+TUNE = ["--data", "digits", "--lr", "0.02", "--threads", "1"]
+
+
+def archc(*args: str) -> dict:
+    command = [sys.executable, "-m", "archc", *map(str, args)]
+    print("$", " ".join(command[2:]), file=sys.stderr, flush=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
+    return json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
+
+
+def accuracy(ckpt: Path) -> float:
+    return archc("eval", ckpt, "--data", "digits")["accuracy"]
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+
+    def save():
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+
+    def trained(name: str, spec: str, *extra: str, epochs: int = EPOCHS) -> Path:
+        ckpt = out / f"{name}.pt"
+        if name not in results:
+            metrics = archc("train", HERE / spec, "-o", ckpt, "--epochs", epochs, *TRAIN,
+                            *extra)
+            results[name] = {"command": f"archc train {spec} --epochs {epochs} "
+                             + " ".join(TRAIN + list(extra)),
+                             "accuracy": 100 - metrics["final_error"]}
+            save()
+        return ckpt
+
+    def pruned(name: str, source: Path, *options: str) -> Path:
+        ckpt, tuned = out / f"{name}.pt", out / f"{name}_ft.pt"
+        if name not in results:
+            report = archc("prune", source, "-o", ckpt, "--json", *options)
+            entry = {"command": f"archc prune {source.name} " + " ".join(options),
+                     "macs": report["macs"], "params": report["params"],
+                     "accuracy_pruned": accuracy(ckpt)}
+            metrics = archc("train", ckpt, "-o", tuned, "--epochs", FINE_TUNE, *TUNE)
+            entry["fine_tune"] = f"archc train {ckpt.name} --epochs {FINE_TUNE} " + " ".join(TUNE)
+            entry["accuracy_fine_tuned"] = 100 - metrics["final_error"]
+            results[name] = entry
+            save()
+        return tuned
+
+    resnet = trained("resnet", "digits_resnet.yaml")
+    regnet = trained("regnetx", "digits_regnetx.yaml")
+    pruned("resnet_l1_p50", resnet, "--macs", "0.5")
+    pruned("regnetx_l1_p50_keep-count", regnet, "--macs", "0.5")
+    pruned("regnetx_l1_p50_keep-width", regnet, "--macs", "0.5", "--group-policy", "keep-width")
+    # slimming vs L1 vs random (ResNet): the same MACs target and fine-tuning budget
+    slim = trained("resnet_slimming", "digits_resnet.yaml", "--slimming", "1e-4")
+    pruned("resnet_slim_bn_p50", slim, "--macs", "0.5", "--criterion", "bn-scale", "--global")
+    pruned("resnet_bn_p50", resnet, "--macs", "0.5", "--criterion", "bn-scale", "--global")
+    pruned("resnet_random_p50", resnet, "--macs", "0.5", "--criterion", "random")
+    pruned("resnet_l1_global_p50", resnet, "--macs", "0.5", "--global")
+    # low-rank across energies
+    for model, ckpt in (("resnet", resnet), ("regnetx", regnet)):
+        for energy in ("0.99", "0.95", "0.9", "0.8", "0.6"):
+            name = f"{model}_lowrank_{energy}"
+            if name not in results:
+                target = out / f"{name}.pt"
+                report = archc("lowrank", ckpt, "--energy", energy, "-o", target, "--json")
+                results[name] = {"command": f"archc lowrank {ckpt.name} --energy {energy}",
+                                 "macs": report["macs"], "params": report["params"],
+                                 "output_error": report["output_error"],
+                                 "layers": len(report["layers"]),
+                                 "accuracy": accuracy(target)}
+                save()
+    # distillation: the half-width student with and without the ResNet teacher
+    trained("student_plain", "digits_resnet_half.yaml")
+    trained("student_kd", "digits_resnet_half.yaml", "--teacher", str(resnet),
+            "--kd-temperature", "4", "--kd-weight", "0.7")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
