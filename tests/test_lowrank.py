@@ -65,19 +65,15 @@ def test_rank_for_energy():
     assert out.shape == (4,) and cin.shape == (3,)
 
 
-def _small(name: str):
-    with open(f"specs/{name}.yaml") as handle:
-        spec = yaml.safe_load(handle)
-    spec["input"]["size"] = 32
-    return spec
-
 
 def test_graph_chains_exact_at_full_rank_and_lower_macs_when_truncated():
-    gm = archc.build(_small("regnetx_200mf"), init="random").double()
+    gm = archc.build(NARROW_RESNET, init="random").double()  # 3x3 and 1x1 convs, a Linear
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=G)
     full = decompose(gm, x, 1.0, only_if_cheaper=False)
-    assert len(full.layers) > 20 and full.output_error < 1e-10
-    assert isinstance(full.graph_module.get_submodule("s1.b1.f.a.conv_lowrank.1"), nn.Conv2d)
+    kinds = {layer.kind for layer in full.layers}
+    assert len(full.layers) == 21 and kinds == {"svd", "tucker2"} and full.output_error < 1e-10
+    assert isinstance(full.graph_module.get_submodule("s1.b1.f.a.conv_lowrank.2"), nn.Conv2d)
+    assert isinstance(full.graph_module.get_submodule("head.fc_lowrank.1"), nn.Linear)
     assert decompose(gm, x, 1.0).layers == []  # full rank never saves MACs: nothing replaced
     low = decompose(gm, x, 0.5)
     assert low.layers and low.macs[1] < low.macs[0]
