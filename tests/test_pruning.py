@@ -209,7 +209,7 @@ def test_cli_prune_macs_target_matches_info(tmp_path, capsys):
     for group in (g for g in report["groups"] if g["policy"] == "channels"):
         assert group["after"] % 8 == 0
     # the pruned checkpoint reloads, re-saves and fuses
-    save_checkpoint(gm, spec, tmp_path / "again.pt", torch.randn(2, 1, 16, 16))
+    save_checkpoint(gm, spec, tmp_path / "again.pt", torch.randn(2, 1, 8, 8))
     assert main(["fuse", str(out), "-o", str(tmp_path / "p.py"), "-q"]) == 0
 
 

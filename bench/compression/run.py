@@ -1,4 +1,4 @@
-"""The compression experiments of docs/compression.md on 16x16 digits, through the CLI.
+"""The compression experiments of docs/compression.md on 8x8 digits, through the CLI.
 
     python bench/compression/run.py OUT_DIR      # writes OUT_DIR/results.json and the checkpoints
 
