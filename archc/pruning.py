@@ -471,11 +471,10 @@ def complexity_report_of_node(gm: GraphModule, node: Node) -> tuple[int, int]:
     return cx.flops, cx.params
 
 
-def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig) -> PruneResult:
-    """A pruned copy of `gm` (see the module docstring); `gm` is left as it is."""
+def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):
+    """(copy of gm with shapes, its channel graph, units, notes, complexity before)."""
     gm = copy.deepcopy(gm)
-    shape = tuple(example_input.shape)
-    before = complexity_report(gm, shape).total
+    before = complexity_report(gm, tuple(example_input.shape)).total
     cg = analyze_channels(gm)
     notes: list[str] = []
     units = _units(gm, cg, config, notes)
@@ -484,14 +483,61 @@ def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig) -> PruneR
                          "(model inputs/outputs, channel shuffles) or there is no conv"
                          + (" or no BatchNorm for bn-scale" if config.criterion == "bn-scale"
                             else ""))
-    macs_before = _node_macs_params(gm)
-    decisions = _decide(units, config)
+    return gm, cg, units, notes, before
+
+
+def _keep_map(units: list[_Unit], decisions: list[np.ndarray]) -> dict[int, np.ndarray]:
     keep: dict[int, np.ndarray] = {}
     for unit, kept in zip(units, decisions):
         for group in unit.groups:
             keep[group.index] = kept
-    _apply(gm, cg, keep)
-    after = complexity_report(gm, shape).total
+    return keep
+
+
+def _estimated_macs(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray],
+                    macs: dict[str, tuple[int, int]]) -> int:
+    """The pruned model's MACs from the kept counts, without pruning (the graph's shapes are the
+    unpruned ones; spatial sizes do not change). Equal to what `prune` reports."""
+    for group in cg.groups:
+        _composite_keep(cg, keep, group)
+    total = sum(m for m, _ in macs.values())
+    for node in gm.graph.nodes:
+        module = _module(gm, node)
+        if not isinstance(module, (*_CONVS, nn.Linear)) or node not in cg.index:
+            continue
+        out_group, in_group = cg.groups[cg.index[node]], cg.groups[cg.index[node.args[0]]]
+        out_kept = keep[out_group.index].size if out_group.index in keep else out_group.size
+        in_kept = keep[in_group.index].size if in_group.index in keep else in_group.size
+        old, _ = macs[str(node.target)]
+        bias = module.bias is not None
+        if isinstance(module, nn.Linear):
+            rows = old // (module.in_features * module.out_features + bias * module.out_features)
+            new = rows * (in_kept * out_kept + bias * out_kept)
+        else:
+            spatial = old // (math.prod(module.kernel_size) * module.in_channels
+                              * module.out_channels // module.groups + bias * module.out_channels)
+            if in_group is out_group:  # depthwise
+                groups = out_kept
+            elif module.groups == 1:
+                groups = 1
+            else:  # the kept segments of the output group
+                per = module.out_channels // module.groups
+                groups = len({int(o) // per for o in keep.get(out_group.index,
+                                                              np.arange(out_group.size))})
+            new = spatial * (math.prod(module.kernel_size) * in_kept * out_kept // groups
+                             + bias * out_kept)
+        total += new - old
+    return total
+
+
+def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig,
+          prepared=None) -> PruneResult:
+    """A pruned copy of `gm` (see the module docstring); `gm` is left as it is."""
+    gm, cg, units, notes, before = prepared or _prepare(gm, example_input, config)
+    macs_before = _node_macs_params(gm)
+    decisions = _decide(units, config)
+    _apply(gm, cg, _keep_map(units, decisions))
+    after = complexity_report(gm, tuple(example_input.shape)).total
     macs_after = _node_macs_params(gm)
     changes = []
     for unit, kept in zip(units, decisions):
@@ -509,24 +555,29 @@ def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig) -> PruneR
 
 
 def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
-                  make_config: Callable[[float], PruneConfig], steps: int = 8) -> PruneResult:
+                  make_config: Callable[[float], PruneConfig], steps: int = 12) -> PruneResult:
     """Bisect the ratio so that the pruned model has at most `target` (a fraction) of the MACs,
-    as close as the steps allow; the result with the largest MACs not above the target."""
+    as close as the steps allow; the result with the largest MACs not above the target. The
+    search counts MACs from the kept channel counts (`_estimated_macs`); only the chosen ratio
+    is pruned."""
     if not 0 < target < 1:
         raise PruneError(f"the MACs target must be a fraction in (0, 1), not {target}")
+    prepared = _prepare(gm, example_input, make_config(0.5))
+    copy_, cg, units, _, before = prepared
+    macs = _node_macs_params(copy_)
     low, high, best = 0.0, 0.99, None
     for _ in range(steps):
         ratio = (low + high) / 2
-        result = prune(gm, example_input, make_config(ratio))
-        fraction = result.macs[1] / result.macs[0]
-        if fraction <= target:
-            best, high = result, ratio
+        config = make_config(ratio)
+        estimate = _estimated_macs(copy_, cg, _keep_map(units, _decide(units, config)), macs)
+        if estimate <= target * before.flops:
+            best, high = ratio, ratio
         else:
             low = ratio
     if best is None:
-        result = prune(gm, example_input, make_config(high))
+        keep = _keep_map(units, _decide(units, make_config(high)))
+        fraction = _estimated_macs(copy_, cg, keep, macs) / before.flops
         raise PruneError(f"cannot reach {100 * target:.0f}% of the MACs: at ratio {high} the "
-                         f"pruned model keeps {100 * result.macs[1] / result.macs[0]:.1f}% "
-                         f"(its other channels are fixed)")
-    return best
-
+                         f"pruned model keeps {100 * fraction:.1f}% (its other channels are "
+                         f"fixed)")
+    return prune(gm, example_input, make_config(best), prepared)
