@@ -14,7 +14,8 @@ def pct(part: int, whole: int) -> str:
 
 
 def main(path: str) -> None:
-    r = json.load(open(path))
+    with open(path) as handle:
+        r = json.load(handle)
     print("| model | MACs | params | accuracy |\n|---|---:|---:|---:|")
     for name in ("resnet", "regnetx"):
         if name in r:
