@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from archc import arguments
@@ -94,6 +95,18 @@ def add_commands(commands) -> None:
     lowrank.add_argument("--json", action="store_true",
                          help="print one machine-readable JSON report on stdout instead of text")
 
+    reduce = commands.add_parser(
+        "reduce",
+        help="ReduceNet: the reduced phase (branch1 dropped) of a train-phase checkpoint",
+        description="Write the reduced phase of a train-phase ReduceNet checkpoint: every "
+        "reducenet stage becomes phase: reduced (scaler 0, branch1 not built) and every other "
+        "weight is carried over by name. Fine-tune it with `archc train REDUCED.pt --teacher "
+        "TRAIN.pt --freeze 'head.*'`; see docs/compression.md.",
+    )
+    reduce.add_argument("checkpoint", type=Path, metavar="CKPT", help="train-phase checkpoint")
+    reduce.add_argument("-o", "--output", type=_checkpoint_output, required=True, metavar="OUT",
+                        help="reduced checkpoint (.pt)")
+
 
 def _load(path: Path):
     from archc.checkpoint import load_checkpoint
@@ -155,7 +168,41 @@ def _lowrank(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"prune": _prune, "lowrank": _lowrank}
+def _reduce(args: argparse.Namespace) -> int:
+    from archc.checkpoint import save_checkpoint
+    from archc.reducenet import reduce
+
+    spec_dict, gm, _ = _load(args.checkpoint)
+    reduced_dict, reduced = reduce(spec_dict, gm)
+    from archc.analysis import complexity_report
+    from archc.init import random_input
+    from archc.loading import spec_from_mapping
+    from archc.lower import input_shape
+
+    example = random_input(input_shape(spec_from_mapping(reduced_dict), batch=2), 0)
+    before = complexity_report(gm, tuple(example.shape)).total
+    after = complexity_report(reduced, tuple(example.shape)).total
+    save_checkpoint(reduced, reduced_dict, args.output, example)
+    if not getattr(args, "quiet", False):
+        print(f"{spec_dict['name']} -> {reduced_dict['name']}: params {before.params:,} -> "
+              f"{after.params:,}, MACs {before.flops:,} -> {after.flops:,} per sample")
+        print(f"wrote {args.output}")
+    return 0
+
+
+def after_training(plugins: list, model, example) -> dict:
+    """Merge the LoRA-style branches of a trained model in place; what was merged."""
+    from archc.reducenet import LowRankBranch, merge_branches
+
+    if not any(isinstance(p, LowRankBranch) for p in plugins):
+        return {}
+    count, error = merge_branches(model, example)
+    print(f"merged {count} low-rank branches into their convs: relative output error "
+          f"{error:.2e}", file=sys.stderr)
+    return {"merged_branches": count, "merge_relative_error": error}
+
+
+HANDLERS = {"prune": _prune, "lowrank": _lowrank, "reduce": _reduce}
 
 
 def add_train_options(train: argparse.ArgumentParser) -> None:
@@ -171,6 +218,12 @@ def add_train_options(train: argparse.ArgumentParser) -> None:
     group.add_argument("--kd-weight", type=_unit, default=0.5, metavar="W",
                        help="loss = (1 - W) cross-entropy + W T^2 KL(teacher || student) "
                        "(default 0.5)")
+    group.add_argument("--freeze", action="append", default=[], metavar="PATTERN",
+                       help="keep the parameters matching this fnmatch pattern fixed, e.g. "
+                       "'head.*' (repeatable)")
+    group.add_argument("--lora", type=arguments.positive_int, default=None, metavar="R",
+                       help="freeze every dense conv and train a rank-R linear branch beside it "
+                       "instead; the branches are merged into the convs before saving")
 
 
 def _number(text: str) -> float:
@@ -208,6 +261,13 @@ def train_plugins(args: argparse.Namespace, spec) -> tuple[list, dict, dict]:
     """(plugins, TrainConfig overrides, description) of `archc train`'s compression options;
     a teacher whose classes or input differ from the student's is a DataError."""
     plugins, overrides, described = [], {}, {}
+    if args.freeze:
+        overrides["freeze"] = tuple(args.freeze)
+    if args.lora:
+        from archc.reducenet import LowRankBranch
+
+        plugins.append(LowRankBranch(args.lora))
+        described["lora_rank"] = args.lora
     if args.slimming:
         from archc.compress_train import Slimming
 

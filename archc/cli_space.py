@@ -428,6 +428,7 @@ def _train(args: argparse.Namespace) -> int:
                                               if "ema_val_error" in epoch else ""),
               file=sys.stderr)
     example = random_input(input_shape(spec, batch=2), args.seed)
+    compression.update(cli_compress.after_training(plugins, result.model, example))
     save_checkpoint(result.model, spec_dict, args.output, example)
     metrics = {"model": spec.name, "data": data.name, "train_size": len(data.train_y),
                "val_size": len(data.val_y), "config": config.describe(),

@@ -96,3 +96,12 @@ def relative_error(approx: Tensor, exact: Tensor) -> float:
     norm = float(exact.double().norm())
     difference = float((approx.double() - exact.double()).norm())
     return difference / norm if norm else difference
+
+
+def merge_low_rank_branch(weight: Tensor, down: Tensor, up: Tensor) -> Tensor:
+    """The conv weight of x -> conv_W(x) + conv_up(conv_down(x)) with down [r, in, k...] (same
+    window as W) and up [out, r, 1...]: W + up . down (in float64, returned in W's dtype)."""
+    if up.shape[2:] != (1,) * (up.ndim - 2) or down.shape[2:] != weight.shape[2:]:
+        raise ValueError("the branch must be a conv of W's kernel followed by a 1x1 conv")
+    delta = torch.einsum("or,ri...->oi...", up.double().flatten(1), down.double())
+    return (weight.double() + delta).to(weight.dtype)
