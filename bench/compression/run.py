@@ -45,8 +45,9 @@ def main(out: Path) -> None:
         if name not in results:
             metrics = archc("train", HERE / spec, "-o", ckpt, "--epochs", epochs, *TRAIN,
                             *extra)
+            shown = [Path(e).name if e.endswith(".pt") else e for e in map(str, extra)]
             results[name] = {"command": f"archc train {spec} --epochs {epochs} "
-                             + " ".join(TRAIN + list(extra)),
+                             + " ".join(TRAIN + shown),
                              "accuracy": 100 - metrics["final_error"]}
             save()
         return ckpt
@@ -93,6 +94,43 @@ def main(out: Path) -> None:
     trained("student_plain", "digits_resnet_half.yaml")
     trained("student_kd", "digits_resnet_half.yaml", "--teacher", str(resnet),
             "--kd-temperature", "4", "--kd-weight", "0.7")
+    # ReduceNet: train phase -> reduced -> distilled fine-tuning (classifier frozen) -> a rank-4
+    # linear branch beside every conv, merged -> fused deploy form
+    reducenet = trained("reducenet_train", "digits_reducenet.yaml")
+    if "reducenet_reduced" not in results:
+        reduced = out / "reducenet_reduced.pt"
+        archc("reduce", reducenet, "-o", reduced)
+        results["reducenet_reduced"] = {"command": "archc reduce reducenet_train.pt",
+                                        "accuracy": accuracy(reduced)}
+        save()
+    steps = (("reducenet_reduced_ft", "reducenet_reduced", FINE_TUNE, []),
+             ("reducenet_lora", "reducenet_reduced_ft", 4, ["--lora", "4"]))
+    for name, source, epochs, extra in steps:
+        if name not in results:
+            options = [*TUNE, "--teacher", str(reducenet), "--kd-weight", "0.7", "--freeze",
+                       "head.*", *extra]
+            metrics = archc("train", out / f"{source}.pt", "-o", out / f"{name}.pt", "--epochs",
+                            epochs, *options)
+            shown = [o if o != str(reducenet) else "reducenet_train.pt" for o in options]
+            results[name] = {"command": f"archc train {source}.pt --epochs {epochs} "
+                             + " ".join(shown), "accuracy": 100 - metrics["final_error"],
+                             **{k: v for k, v in metrics.get("compression", {}).items()
+                                if k.startswith("merge")}}
+            save()
+    for name in ("reducenet_train", "reducenet_reduced", "reducenet_reduced_ft",
+                 "reducenet_lora"):
+        if "params" not in results[name]:
+            info = archc("info", out / f"{name}.pt", "--json")
+            results[name].update(params=info["params"], macs=info["flops"])
+            save()
+    if "reducenet_fused" not in results:
+        onnx = out / "reducenet_fused.onnx"
+        report = archc("fuse", out / "reducenet_lora.pt", "-o", onnx, "--json")
+        results["reducenet_fused"] = {
+            "command": "archc fuse reducenet_lora.pt -o reducenet_fused.onnx",
+            "params": report["deploy_form"]["params"], "convs": report["deploy_form"]["convs"],
+            "accuracy": archc("eval", onnx, "--data", "digits")["accuracy"]}
+        save()
     print(json.dumps(results, indent=1))
 
 

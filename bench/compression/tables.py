@@ -49,6 +49,17 @@ def main(path: str) -> None:
     for name in ("student_plain", "student_kd"):
         if name in r:
             print(f"| {name} | `{r[name]['command']}` | {r[name]['accuracy']:.2f}% |")
+    print()
+    print("| step | command | params | MACs | accuracy |\n|---|---|---:|---:|---:|")
+    for name in ("reducenet_train", "reducenet_reduced", "reducenet_reduced_ft",
+                 "reducenet_lora", "reducenet_fused"):
+        if name in r:
+            e = r[name]
+            macs = f"{e['macs']:,}" if "macs" in e else "-"
+            extra = (f" (merge rel. error {e['merge_relative_error']:.1e})"
+                     if "merge_relative_error" in e else "")
+            print(f"| {name} | `{e['command']}` | {e['params']:,} | {macs} | "
+                  f"{e['accuracy']:.2f}%{extra} |")
 
 
 if __name__ == "__main__":
