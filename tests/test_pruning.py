@@ -80,6 +80,7 @@ def _kill_half(gm, whole_segments: bool = False) -> None:
                     module.bias[dead] = 0
 
 
+@pytest.mark.slow
 def test_dead_channels_pruned_exactly_by_every_criterion():
     gm = _build("resnet").double()  # projection shortcuts: residual groups with two producers
     _kill_half(gm)
@@ -190,6 +191,7 @@ def test_pruning_rule_keeps_equal_top_counts_per_segment(segments, per, want, ro
 
 
 
+@pytest.mark.slow
 def test_cli_prune_macs_target_matches_info(tmp_path, capsys):
     ckpt, out = tmp_path / "m.pt", tmp_path / "p.pt"
     # RegNetX-style, group width 8 (the digits model of docs/compression.md)
