@@ -71,6 +71,7 @@ def main(out: Path) -> None:
     pruned("resnet_l1_p50", resnet, "--macs", "0.5")
     pruned("regnetx_l1_p50_keep-count", regnet, "--macs", "0.5")
     pruned("regnetx_l1_p50_keep-width", regnet, "--macs", "0.5", "--group-policy", "keep-width")
+    pruned("regnetx_l1_global_p50_keep-count", regnet, "--macs", "0.5", "--global")
     # slimming vs L1 vs random (ResNet): the same MACs target and fine-tuning budget
     slim = trained("resnet_slimming", "digits_resnet.yaml", "--slimming", "1e-4")
     pruned("resnet_slim_bn_p50", slim, "--macs", "0.5", "--criterion", "bn-scale", "--global")
