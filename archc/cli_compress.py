@@ -92,6 +92,9 @@ def add_commands(commands) -> None:
     target.add_argument("--macs", type=_fraction_open, metavar="F",
                         help="one energy for all layers, searched so that the model keeps at "
                         "most this fraction of the MACs")
+    lowrank.add_argument("--kxk", choices=("tucker2", "spatial", "cheaper"), default="tucker2",
+                         help="KxK convs: 1x1 -> KxK core -> 1x1 (tucker2, default), Kx1 -> 1xK "
+                         "(spatial), or whichever has fewer MACs at the energy (cheaper)")
     lowrank.add_argument("--json", action="store_true",
                          help="print one machine-readable JSON report on stdout instead of text")
 
@@ -151,9 +154,10 @@ def _lowrank(args: argparse.Namespace) -> int:
 
     spec_dict, gm, example = _load(args.checkpoint)
     if args.macs is not None:
-        result = decompose_to_macs(gm, example, args.macs)
+        result = decompose_to_macs(gm, example, args.macs, kxk=args.kxk)
     else:
-        result = decompose(gm, example, 0.9 if args.energy is None else args.energy)
+        result = decompose(gm, example, 0.9 if args.energy is None else args.energy,
+                           kxk=args.kxk)
     save_checkpoint(result.graph_module, spec_dict, args.output, example)
     document = {"command": "lowrank", "source": str(args.checkpoint),
                 "output": str(args.output), "energy": result.energy,

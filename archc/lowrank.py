@@ -4,7 +4,8 @@ Every dense (groups = 1) conv and every Linear on [N, F] is a candidate:
 - 1x1 conv / Linear: truncated SVD into two thin layers, in -> r (stride, padding and dilation
   of the original, no bias) -> out (the bias);
 - KxK conv: Tucker-2 into 1x1 in -> r_in, the KxK core r_in -> r_out (the original's stride,
-  padding, dilation), 1x1 r_out -> out (the bias);
+  padding, dilation), 1x1 r_out -> out (the bias); or (`kxk="spatial"`) Kx1 in -> r then 1xK
+  r -> out (Jaderberg et al. 2014), or whichever of the two has fewer MACs (`kxk="cheaper"`);
 (the math is in `archc.lowrank_algebra`). The ranks are the smallest keeping `energy` of the
 squared singular values (per mode for Tucker-2). A layer is replaced only where its chain has
 fewer MACs than it at the recorded shapes. The chain's modules sit in a container named after
@@ -35,6 +36,9 @@ from archc.lowrank_algebra import (
     rank_for_energy,
     relative_error,
     singular_values,
+    spatial_factors,
+    spatial_matrix,
+    spatial_weight,
     svd_factors,
     tucker2_factors,
     tucker2_weight,
@@ -98,7 +102,7 @@ def _set(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
     return module
 
 
-def _plan(module: nn.Module, node: Node, energy: float):
+def _plan(module: nn.Module, node: Node, energy: float, kxk: str = "tucker2"):
     """(kind, ranks, macs_before, macs_after, layers, reconstructed weight) or None."""
     out_shape = node_shape(node)
     in_shape = node_shape(node.args[0]) if node.args else None
@@ -141,6 +145,11 @@ def _plan(module: nn.Module, node: Node, energy: float):
         layers = [_set(a, first.reshape(r, cin, *ones), None),
                   _set(b, second.reshape(cout, r, *ones), bias)]
         return "svd", [r], before, after, layers, (second @ first).reshape(weight.shape)
+    if kxk in ("spatial", "cheaper") and weight.ndim == 4:
+        spatial = _spatial_plan(module, weight, bias, in_shape, out_shape, energy, before,
+                                bias_macs)
+        if kxk == "spatial":
+            return spatial
     s_out, s_in = mode_singular_values(weight)
     r_out, r_in = rank_for_energy(s_out, energy), rank_for_energy(s_in, energy)
     after = (r_in * cin * in_spatial + r_out * r_in * math.prod(kernel) * out_spatial
@@ -151,15 +160,40 @@ def _plan(module: nn.Module, node: Node, energy: float):
               dilation=module.dilation, bias=False, like=weight)
     c = _conv(cls, r_out, cout, ones, bias=bias is not None, like=weight)
     layers = [_set(a, first, None), _set(b, core, None), _set(c, last, bias)]
-    return "tucker2", [r_out, r_in], before, after, layers, tucker2_weight(first, core, last)
+    tucker = ("tucker2", [r_out, r_in], before, after, layers, tucker2_weight(first, core, last))
+    if kxk == "cheaper" and weight.ndim == 4 and spatial[3] < after:
+        return spatial
+    return tucker
+
+
+def _spatial_plan(module, weight, bias, in_shape, out_shape, energy, before, bias_macs):
+    """KxK -> Kx1 (vertical window: stride, padding, dilation) then 1xK (horizontal ones)."""
+    cout, cin, kh, kw = weight.shape
+    r = rank_for_energy(singular_values(spatial_matrix(weight)), energy)
+    (sh, sw), (ph, pw), (dh, dw) = module.stride, module.padding, module.dilation
+    rows = out_shape[2]
+    after = (r * cin * kh * rows * in_shape[3] + cout * r * kw * rows * out_shape[3]
+             + bias_macs)
+    vertical, horizontal = spatial_factors(weight, r)
+    a = _conv(nn.Conv2d, cin, r, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1),
+              bias=False, like=weight)
+    b = _conv(nn.Conv2d, r, cout, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw),
+              bias=bias is not None, like=weight)
+    layers = [_set(a, vertical, None), _set(b, horizontal, bias)]
+    return "spatial", [r], before, after, layers, spatial_weight(vertical, horizontal)
+
+
+KXK_METHODS = ("tucker2", "spatial", "cheaper")
 
 
 def decompose(gm: GraphModule, example_input: Tensor, energy: float,
-              only_if_cheaper: bool = True) -> LowRankResult:
+              only_if_cheaper: bool = True, kxk: str = "tucker2") -> LowRankResult:
     """A decomposed copy of `gm` (see the module docstring); `gm` is left as it is.
     `only_if_cheaper=False` replaces every candidate (to check the chains at full rank)."""
     if not 0 < energy <= 1:
         raise LowRankError(f"the energy must be in (0, 1], not {energy}")
+    if kxk not in KXK_METHODS:
+        raise LowRankError(f"unknown KxK method {kxk!r}; one of {', '.join(KXK_METHODS)}")
     original = gm
     gm = copy.deepcopy(gm)
     shape = tuple(example_input.shape)
@@ -172,7 +206,7 @@ def decompose(gm: GraphModule, example_input: Tensor, energy: float,
         if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             continue
         with torch.no_grad():
-            plan = _plan(module, node, energy)
+            plan = _plan(module, node, energy, kxk)
         if plan is None:
             continue
         candidates += 1
@@ -204,14 +238,14 @@ def decompose(gm: GraphModule, example_input: Tensor, energy: float,
 
 
 def decompose_to_macs(gm: GraphModule, example_input: Tensor, target: float,
-                      steps: int = 8) -> LowRankResult:
+                      steps: int = 8, kxk: str = "tucker2") -> LowRankResult:
     """The highest energy (bisected) whose decomposition keeps at most `target` of the MACs."""
     if not 0 < target < 1:
         raise LowRankError(f"the MACs target must be a fraction in (0, 1), not {target}")
     low, high, best = 0.0, 1.0, None
     for _ in range(steps):
         energy = (low + high) / 2
-        result = decompose(gm, example_input, energy)
+        result = decompose(gm, example_input, energy, kxk=kxk)
         if result.macs[1] <= target * result.macs[0]:
             best, low = result, energy
         else:

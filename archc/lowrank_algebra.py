@@ -10,6 +10,8 @@ functions, float64 inside, no graph).
   in -> r_in) -> KxK core (stride, padding, dilation of the original; zero padding commutes with
   the 1x1 projection) -> 1x1 (U, r_out -> out, with the bias). U and V are orthonormal, so at full
   rank (r_out = out, r_in = in) the chain is exact.
+- `spatial_factors(W, r)`: W [out, in, kh, kw] ~ a Kx1 conv in -> r then a 1xK conv r -> out
+  (the truncated SVD of W as the matrix [(in, kh), (out, kw)]); exact at full rank.
 - `rank_for_energy(s, e)`: the smallest r whose leading squared singular values hold a fraction
   >= e of the total.
 """
@@ -105,3 +107,33 @@ def merge_low_rank_branch(weight: Tensor, down: Tensor, up: Tensor) -> Tensor:
         raise ValueError("the branch must be a conv of W's kernel followed by a 1x1 conv")
     delta = torch.einsum("or,ri...->oi...", up.double().flatten(1), down.double())
     return (weight.double() + delta).to(weight.dtype)
+
+
+def spatial_matrix(weight: Tensor) -> Tensor:
+    """W [out, in, kh, kw] as the matrix M[(in, kh), (out, kw)] whose rank-r factorization is a
+    Kx1 conv followed by a 1xK conv."""
+    if weight.ndim != 4:
+        raise ValueError(f"spatial factors take a 2-d conv weight, got {tuple(weight.shape)}")
+    out, cin, kh, kw = weight.shape
+    return weight.double().permute(1, 2, 0, 3).reshape(cin * kh, out * kw)
+
+
+def spatial_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(vertical [r, in, kh, 1], horizontal [out, r, 1, kw]): W[o, i, a, b] ~ sum_r
+    vertical[r, i, a] horizontal[o, r, b], the best such approximation (the truncated SVD of
+    `spatial_matrix(W)`; Jaderberg et al. 2014's scheme 2). A KxK conv becomes Kx1 (the original's
+    vertical stride, padding, dilation; no bias) then 1xK (the horizontal ones; the bias): zero
+    padding commutes, the Kx1 conv of zero columns is zero. Exact at rank min(in kh, out kw)."""
+    out, cin, kh, kw = weight.shape
+    # spatial_matrix(W) [(in, kh), (out, kw)] ~ left @ right, left [(in, kh), r], right
+    # [r, (out, kw)]
+    right, left = svd_factors(spatial_matrix(weight), rank)
+    vertical = left.t().reshape(rank, cin, kh, 1)
+    horizontal = right.reshape(rank, out, kw).permute(1, 0, 2).reshape(out, rank, 1, kw)
+    return vertical.to(weight.dtype), horizontal.to(weight.dtype)
+
+
+def spatial_weight(vertical: Tensor, horizontal: Tensor) -> Tensor:
+    """The KxK weight the Kx1 -> 1xK chain computes."""
+    return torch.einsum("ria,orb->oiab", vertical.double()[..., 0],
+                        horizontal.double()[:, :, 0, :]).to(vertical.dtype)

@@ -20,6 +20,8 @@ from archc.lowrank_algebra import (
     mode_singular_values,
     rank_for_energy,
     relative_error,
+    spatial_factors,
+    spatial_weight,
     svd_factors,
     tucker2_factors,
     tucker2_weight,
@@ -56,6 +58,24 @@ def test_tucker2_chain_equals_the_conv_at_full_rank():
     assert 0 < relative_error(tucker2_weight(first, core, last), conv.weight) < 1
 
 
+def test_spatial_kx1_1xk_chain_equals_the_conv_at_full_rank():
+    conv = nn.Conv2d(5, 7, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2)).double()
+    x = torch.randn(2, 5, 11, 12, dtype=torch.float64, generator=G)
+
+    def chain(vertical, horizontal):
+        y = F.conv2d(x, vertical, stride=(2, 1), padding=(1, 0))
+        return F.conv2d(y, horizontal, conv.bias, padding=(0, 2), dilation=(1, 2))
+
+    vertical, horizontal = spatial_factors(conv.weight.detach(), 15)  # min(5 * 3, 7 * 5)
+    torch.testing.assert_close(chain(vertical, horizontal), conv(x), rtol=1e-12, atol=1e-12)
+    vertical, horizontal = spatial_factors(conv.weight.detach(), 4)
+    approx = spatial_weight(vertical, horizontal)
+    torch.testing.assert_close(chain(vertical, horizontal),
+                               F.conv2d(x, approx, conv.bias, stride=(2, 1), padding=(1, 2),
+                                        dilation=(1, 2)))
+    assert 0 < relative_error(approx, conv.weight) < 1
+
+
 def test_rank_for_energy():
     s = torch.tensor([3.0, 2.0, 1.0, 0.0])  # squares 9, 4, 1: cumulative 9/14, 13/14, 1
     assert [rank_for_energy(s, e) for e in (0.5, 9 / 14, 0.7, 0.92, 0.99, 1.0)] == [
@@ -66,6 +86,7 @@ def test_rank_for_energy():
 
 
 
+@pytest.mark.slow
 def test_graph_chains_exact_at_full_rank_and_lower_macs_when_truncated():
     gm = archc.build(NARROW_RESNET, init="random").double()  # 3x3 and 1x1 convs, a Linear
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=G)
@@ -74,6 +95,18 @@ def test_graph_chains_exact_at_full_rank_and_lower_macs_when_truncated():
     assert len(full.layers) == 21 and kinds == {"svd", "tucker2"} and full.output_error < 1e-10
     assert isinstance(full.graph_module.get_submodule("s1.b1.f.a.conv_lowrank.2"), nn.Conv2d)
     assert isinstance(full.graph_module.get_submodule("head.fc_lowrank.1"), nn.Linear)
+    spatial = decompose(gm, x, 1.0, only_if_cheaper=False, kxk="spatial")
+    assert {layer.kind for layer in spatial.layers} == {"svd", "spatial"}
+    assert spatial.output_error < 1e-10
+    by_kind = {kind: {layer.name: layer.macs_after for layer in decompose(
+        gm, x, 0.6, only_if_cheaper=False, kxk=kind).layers} for kind in ("spatial", "tucker2")}
+    cheaper = decompose(gm, x, 0.6, only_if_cheaper=False, kxk="cheaper")
+    kinds = set()
+    for layer in cheaper.layers:  # each 3x3 conv took the cheaper of its two chains
+        assert layer.macs_after == min(by_kind["spatial"][layer.name],
+                                       by_kind["tucker2"][layer.name])
+        kinds.add(layer.kind)
+    assert "svd" in kinds and len(kinds) > 1
     assert decompose(gm, x, 1.0).layers == []  # full rank never saves MACs: nothing replaced
     low = decompose(gm, x, 0.5)
     assert low.layers and low.macs[1] < low.macs[0]

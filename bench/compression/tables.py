@@ -38,9 +38,10 @@ def main(path: str) -> None:
     print()
     print("| model | energy | layers replaced | MACs kept | params kept | relative output error "
           "| accuracy (no fine-tuning) |\n|---|---:|---:|---:|---:|---:|---:|")
-    for model in ("resnet", "regnetx"):
+    for model in ("resnet", "regnetx", "resnet (--kxk spatial)"):
         for energy in ("0.99", "0.95", "0.9", "0.8", "0.6"):
-            e = r.get(f"{model}_lowrank_{energy}")
+            key = "resnet_lowrank_spatial" if "spatial" in model else f"{model}_lowrank"
+            e = r.get(f"{key}_{energy}")
             if e:
                 print(f"| {model} | {energy} | {e['layers']} | {pct(e['macs'][1], e['macs'][0])}"
                       f" | {pct(e['params'][1], e['params'][0])} | {e['output_error']:.2e} | "
