@@ -132,7 +132,7 @@ class _Unit:
 
     @property
     def size(self) -> int:
-        return self.groups[0].size
+        return len(self.scores[0])
 
 
 def _positions(cg: ChannelGraph) -> dict[int, list[tuple[int, int]]]:
@@ -241,6 +241,7 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
     # keep-width: groups tied through grouped convs lose the same segments
     tied = UnionFind(scored)
     counts: dict[int, set[int]] = {}
+    blocked: set[int] = set()
     if config.group_policy == "keep-width":
         for node in gm.graph.nodes:
             module = _module(gm, node)
@@ -250,6 +251,8 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
                     continue
                 if a in scored and b in scored:
                     tied.union(a, b)
+                else:  # its other side keeps every group: this side cannot drop whole groups
+                    blocked.update({a, b} & scored.keys())
                 for index in (a, b):
                     counts.setdefault(index, set()).add(module.groups)
     units = []
@@ -259,16 +262,18 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
         gcounts = set().union(*(counts.get(g.index, set()) for g in groups))
         sizes = {g.size for g in groups}
         if config.group_policy == "keep-width" and len(gcounts) == 1 and len(sizes) == 1 \
-                and divisors == gcounts:
-            unit = _Unit(groups, gcounts.pop(), True)
+                and divisors == gcounts and not blocked & set(members):
+            unit = _Unit(groups, gcounts.pop(), True, [scored[g.index] for g in groups])
         else:
             if len(groups) > 1:
                 notes.append(f"{', '.join(g.label() for g in groups)}: mixed group counts, "
                              f"pruned keep-count")
+            elif config.group_policy == "keep-width" and groups[0].divisor > 1:
+                notes.append(f"{groups[0].label()}: the grouped conv's other side is fixed, "
+                             f"pruned keep-count")
             for g in groups:
                 units.append(_Unit([g], g.divisor, False, [scored[g.index]]))
             continue
-        unit.scores = [scored[g.index] for g in groups]
         units.append(unit)
     return units
 

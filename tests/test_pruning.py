@@ -155,13 +155,7 @@ def test_pruning_rule_keeps_equal_top_counts_per_segment(segments, per, want, ro
     within a segment every kept channel scores at least as high as every removed one."""
     size = segments * per
     scores = np.random.default_rng(seed).random(size)
-    unit = _Unit([None], segments, whole and segments > 1, [scores])
-    unit_size = size
-
-    class Sized(_Unit):
-        size = unit_size
-
-    unit.__class__ = Sized
+    unit = _Unit([], segments, whole and segments > 1, [scores])
     kept = _keep(unit, min(want, size), round_to)
     assert list(kept) == sorted(set(kept.tolist())) and 0 < kept.size <= size
     counts = [int(((kept >= s * per) & (kept < (s + 1) * per)).sum()) for s in range(segments)]
@@ -241,3 +235,16 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys):
     assert not (tmp_path / "p.pt").exists()
     with pytest.raises(PruneError):
         PruneConfig(1.0)
+
+
+def test_keep_width_with_a_fixed_side_falls_back_to_keep_count():
+    # the grouped conv reads the model input (fixed): its output cannot lose whole groups
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    gm = torch.fx.symbolic_trace(model.eval())
+    x = torch.randn(1, 4, 8, 8)
+    result = prune(gm, x, PruneConfig(0.5, group_policy="keep-width"))
+    conv = result.graph_module.get_submodule("0")
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (4, 4, 2)
+    assert any("other side is fixed" in note for note in result.notes)
+    assert result.graph_module(x).shape == (1, 3)
