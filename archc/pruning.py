@@ -155,6 +155,11 @@ def _positions(cg: ChannelGraph) -> dict[int, list[tuple[int, int]]]:
     return found
 
 
+def _depthwise(module: nn.Module) -> bool:
+    """A channelwise conv (groups = C_in = C_out): the channel analysis ties its in and out."""
+    return module.groups > 1 and module.groups == module.in_channels == module.out_channels
+
+
 def _module(gm: GraphModule, node: Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
@@ -247,7 +252,8 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
             module = _module(gm, node)
             if isinstance(module, _CONVS) and module.groups > 1 and node in cg.index:
                 a, b = cg.index[node.args[0]], cg.index[node]
-                if a == b:  # depthwise
+                if _depthwise(module) or a == b:  # channelwise, or tied by a residual add
+                    blocked.update({a, b} & scored.keys())
                     continue
                 if a in scored and b in scored:
                     tied.union(a, b)
@@ -415,7 +421,7 @@ def _apply(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> No
                        if getattr(module, key) is not None}
             if module.num_batches_tracked is not None:
                 tensors["num_batches_tracked"] = module.num_batches_tracked
-        elif isinstance(module, _CONVS) and in_index == out_index:  # depthwise
+        elif isinstance(module, _CONVS) and _depthwise(module):
             config.update({"in": out_keep.numel(), "out": out_keep.numel(),
                            "groups": out_keep.numel()})
             tensors = {"weight": module.weight[out_keep]}
@@ -521,7 +527,7 @@ def _estimated_macs(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarra
         else:
             spatial = old // (math.prod(module.kernel_size) * module.in_channels
                               * module.out_channels // module.groups + bias * module.out_channels)
-            if in_group is out_group:  # depthwise
+            if _depthwise(module):
                 groups = out_kept
             elif module.groups == 1:
                 groups = 1

@@ -248,3 +248,28 @@ def test_keep_width_with_a_fixed_side_falls_back_to_keep_count():
     assert (conv.in_channels, conv.out_channels, conv.groups) == (4, 4, 2)
     assert any("other side is fixed" in note for note in result.notes)
     assert result.graph_module(x).shape == (1, 3)
+
+
+class RepVGGLike(nn.Module):
+    """A dense conv whose input and output are one group (tied by the identity add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.k3, self.k1 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.stem(x)))
+        y = torch.relu(self.k3(y) + self.k1(y) + y)
+        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_dense_conv_tied_to_its_own_input_by_a_residual_is_pruned_exactly():
+    gm = torch.fx.symbolic_trace(RepVGGLike().double().eval())
+    x = X16.double()
+    _kill_half(gm)
+    result = prune(gm, x, PruneConfig(0.5))
+    k3 = result.graph_module.get_submodule("k3")
+    assert (k3.in_channels, k3.out_channels, k3.groups) == (4, 4, 1)
+    torch.testing.assert_close(result.graph_module(x), gm(x), rtol=1e-12, atol=1e-12)
