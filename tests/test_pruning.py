@@ -54,10 +54,12 @@ def _kill_half(gm, whole_segments: bool = False) -> None:
     """Make the first half of every free leaf group's channels (of every segment; with
     whole_segments, the first half of the segments) exactly dead: producer rows and biases 0, BN
     gamma and beta 0."""
-    cg = analyze_channels(gm, (X32,))
+    cg = analyze_channels(gm, (X32.to(next(gm.parameters()).dtype),))
+    killed = 0
     for group in cg.groups:
         if group.fixed or group.parts or group.size < 2:
             continue
+        killed += 1
         segments = group.divisor
         per = group.size // segments
         if whole_segments and segments > 1:
@@ -78,6 +80,7 @@ def _kill_half(gm, whole_segments: bool = False) -> None:
                     module.bias[dead] = 0
                 elif module.bias is not None:
                     module.bias[dead] = 0
+    assert killed, "no free group to kill"
 
 
 @pytest.mark.slow
