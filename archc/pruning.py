@@ -233,7 +233,11 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
     rng = np.random.Generator(np.random.PCG64(config.seed))
     scored: dict[int, np.ndarray] = {}
     skipped_no_bn = 0
+    fixed: dict[str, int] = {}
     for group in cg.groups:
+        if group.fixed and not group.fixed.startswith(("model input", "model output")):
+            reason = group.fixed.split(" (")[0]
+            fixed[reason] = fixed.get(reason, 0) + 1
         if group.fixed or group.parts or group.size < 2:
             continue
         scores = _channel_scores(gm, cg, positions, group, config.criterion, rng)
@@ -241,6 +245,8 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
             skipped_no_bn += config.criterion == "bn-scale"
             continue
         scored[group.index] = scores
+    for reason, count in fixed.items():
+        notes.append(f"{count} groups left as they are: {reason}")
     if skipped_no_bn:
         notes.append(f"{skipped_no_bn} groups have no BatchNorm: bn-scale leaves them unpruned")
     # keep-width: groups tied through grouped convs lose the same segments
