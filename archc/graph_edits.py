@@ -19,7 +19,6 @@ Edits are dicts of plain values (loadable with `torch.load(weights_only=True)`):
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
@@ -165,6 +164,3 @@ def apply_edits(gm: GraphModule, edits: list[dict[str, Any]], device: str = "cpu
     gm.recompile()
     gm.meta[EDITS_KEY] = list(edits)
 
-
-def is_slice_cut(node: Node) -> bool:
-    return node.op == "call_function" and node.target is operator.getitem
