@@ -52,15 +52,18 @@ def main(out: Path) -> None:
             save()
         return ckpt
 
-    def pruned(name: str, source: Path, *options: str) -> Path:
+    def pruned(name: str, source: Path, *options: str, teacher: Path | None = None) -> Path:
         ckpt, tuned = out / f"{name}.pt", out / f"{name}_ft.pt"
         if name not in results:
             report = archc("prune", source, "-o", ckpt, "--json", *options)
             entry = {"command": f"archc prune {source.name} " + " ".join(options),
                      "macs": report["macs"], "params": report["params"],
                      "accuracy_pruned": accuracy(ckpt)}
-            metrics = archc("train", ckpt, "-o", tuned, "--epochs", FINE_TUNE, *TUNE)
-            entry["fine_tune"] = f"archc train {ckpt.name} --epochs {FINE_TUNE} " + " ".join(TUNE)
+            kd = [] if teacher is None else ["--teacher", str(teacher), "--kd-weight", "0.7"]
+            metrics = archc("train", ckpt, "-o", tuned, "--epochs", FINE_TUNE, *TUNE, *kd)
+            shown = [Path(o).name if o.endswith(".pt") else o for o in kd]
+            entry["fine_tune"] = (f"archc train {ckpt.name} --epochs {FINE_TUNE} "
+                                  + " ".join(TUNE + shown))
             entry["accuracy_fine_tuned"] = 100 - metrics["final_error"]
             results[name] = entry
             save()
@@ -72,6 +75,12 @@ def main(out: Path) -> None:
     pruned("regnetx_l1_p50_keep-count", regnet, "--macs", "0.5")
     pruned("regnetx_l1_p50_keep-width", regnet, "--macs", "0.5", "--group-policy", "keep-width")
     pruned("regnetx_l1_global_p50_keep-count", regnet, "--macs", "0.5", "--global")
+    # the same RegNetX prunings fine-tuned with the unpruned model as teacher
+    pruned("regnetx_l1_p50_keep-count_kd", regnet, "--macs", "0.5", teacher=regnet)
+    pruned("regnetx_l1_global_p50_keep-count_kd", regnet, "--macs", "0.5", "--global",
+           teacher=regnet)
+    pruned("regnetx_l1_p50_keep-width_kd", regnet, "--macs", "0.5", "--group-policy",
+           "keep-width", teacher=regnet)
     # slimming vs L1 vs random (ResNet): the same MACs target and fine-tuning budget
     slim = trained("resnet_slimming", "digits_resnet.yaml", "--slimming", "1e-4")
     pruned("resnet_slim_bn_p50", slim, "--macs", "0.5", "--criterion", "bn-scale", "--global")

@@ -27,6 +27,9 @@ def main(path: str) -> None:
     for name, base in (("resnet_l1_p50", "resnet"), ("regnetx_l1_p50_keep-count", "regnetx"),
                        ("regnetx_l1_p50_keep-width", "regnetx"),
                        ("regnetx_l1_global_p50_keep-count", "regnetx"),
+                       ("regnetx_l1_p50_keep-count_kd", "regnetx"),
+                       ("regnetx_l1_global_p50_keep-count_kd", "regnetx"),
+                       ("regnetx_l1_p50_keep-width_kd", "regnetx"),
                        ("resnet_slim_bn_p50", "resnet_slimming"), ("resnet_bn_p50", "resnet"),
                        ("resnet_l1_global_p50", "resnet"), ("resnet_random_p50", "resnet")):
         if name not in r:
