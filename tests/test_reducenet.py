@@ -84,7 +84,8 @@ def test_cli_train_reduce_distil_merge(tmp_path, capsys):
     assert metrics["compression"]["merge_relative_error"] <= 1e-5
     _, before = load_checkpoint(reduced)
     _, after = load_checkpoint(tuned)
-    assert torch.equal(before.get_submodule("head.fc").weight, after.get_submodule("head.fc").weight)
+    assert torch.equal(before.get_submodule("head.fc").weight,
+                       after.get_submodule("head.fc").weight)  # frozen
     assert not torch.equal(before.get_submodule("stem.conv").weight,
                            after.get_submodule("stem.conv").weight)  # merged branch
     assert main(["reduce", str(reduced), "-o", str(tmp_path / "x.pt")]) == 2
