@@ -92,6 +92,9 @@ def add_commands(commands) -> None:
     target.add_argument("--macs", type=_fraction_open, metavar="F",
                         help="one energy for all layers, searched so that the model keeps at "
                         "most this fraction of the MACs")
+    lowrank.add_argument("--data", default=None, metavar="DATA",
+                         help="measure the output error on (up to 256) validation images of DATA "
+                         "(digits, a .npz or a folder) instead of a random input")
     lowrank.add_argument("--kxk", choices=("tucker2", "spatial", "cheaper"), default="tucker2",
                          help="KxK convs: 1x1 -> KxK core -> 1x1 (tucker2, default), Kx1 -> 1xK "
                          "(spatial), or whichever has fewer MACs at the energy (cheaper)")
@@ -153,21 +156,32 @@ def _lowrank(args: argparse.Namespace) -> int:
     from archc.lowrank import decompose, decompose_to_macs
 
     spec_dict, gm, example = _load(args.checkpoint)
+    measured_on = "a random input"
+    if args.data is not None:
+        import torch
+
+        from archc.data import load_data
+        from archc.loading import spec_from_mapping
+
+        spec = spec_from_mapping(spec_dict, str(args.checkpoint))
+        data = load_data(args.data, spec.input.channels, spec.input.size)
+        example = torch.from_numpy(data.val_x[:256])
+        measured_on = f"{len(example)} validation images of {data.name}"
     if args.macs is not None:
         result = decompose_to_macs(gm, example, args.macs, kxk=args.kxk)
     else:
         result = decompose(gm, example, 0.9 if args.energy is None else args.energy,
                            kxk=args.kxk)
-    save_checkpoint(result.graph_module, spec_dict, args.output, example)
+    save_checkpoint(result.graph_module, spec_dict, args.output, example[:2])
     document = {"command": "lowrank", "source": str(args.checkpoint),
                 "output": str(args.output), "energy": result.energy,
                 "params": list(result.params), "macs": list(result.macs),
-                "output_error": result.output_error,
+                "output_error": result.output_error, "error_measured_on": measured_on,
                 "layers": [vars(layer) for layer in result.layers]}
     if args.json:
         print(json.dumps(document, indent=1))
     elif not getattr(args, "quiet", False):
-        print(result.format())
+        print(result.format().replace("on the example input", f"on {measured_on}"))
         print(f"wrote {args.output}")
     return 0
 

@@ -114,6 +114,7 @@ def test_graph_chains_exact_at_full_rank_and_lower_macs_when_truncated():
     assert low.output_error > 0
 
 
+@pytest.mark.slow
 def test_cli_lowrank_matches_info_and_bad_input(tmp_path, capsys):
     spec = tmp_path / "m.yaml"
     spec.write_text(yaml.safe_dump(NARROW_RESNET))
@@ -128,6 +129,14 @@ def test_cli_lowrank_matches_info_and_bad_input(tmp_path, capsys):
     assert info["flops"] == report["macs"][1] and info["params"] == report["params"][1]
     _, gm = load_checkpoint(out)
     assert any(name.endswith("_lowrank.2") for name, _ in gm.named_modules())
+    digits = tmp_path / "digits.pt"
+    assert main(["build", "bench/compression/digits_resnet.yaml", "-o", str(digits), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["lowrank", str(digits), "--energy", "0.8", "--data", "digits", "-o",
+                 str(tmp_path / "d.pt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["error_measured_on"] == "256 validation images of digits"
+    assert report["output_error"] > 0
     with pytest.raises(SystemExit) as exit_info:
         main(["lowrank", str(ckpt), "--energy", "1.5", "-o", str(out)])
     assert exit_info.value.code == 2

@@ -93,8 +93,10 @@ def main(out: Path) -> None:
             name = f"{model}_lowrank_{energy}"
             if name not in results:
                 target = out / f"{name}.pt"
-                report = archc("lowrank", ckpt, "--energy", energy, "-o", target, "--json")
-                results[name] = {"command": f"archc lowrank {ckpt.name} --energy {energy}",
+                report = archc("lowrank", ckpt, "--energy", energy, "--data", "digits", "-o",
+                               target, "--json")
+                results[name] = {"command": f"archc lowrank {ckpt.name} --energy {energy} "
+                                 "--data digits",
                                  "macs": report["macs"], "params": report["params"],
                                  "output_error": report["output_error"],
                                  "layers": len(report["layers"]),
@@ -105,9 +107,10 @@ def main(out: Path) -> None:
         name = f"resnet_lowrank_spatial_{energy}"
         if name not in results:
             target = out / f"{name}.pt"
-            report = archc("lowrank", resnet, "--energy", energy, "--kxk", "spatial", "-o",
-                           target, "--json")
-            results[name] = {"command": f"archc lowrank resnet.pt --energy {energy} --kxk spatial",
+            report = archc("lowrank", resnet, "--energy", energy, "--kxk", "spatial", "--data",
+                           "digits", "-o", target, "--json")
+            results[name] = {"command": f"archc lowrank resnet.pt --energy {energy} --kxk "
+                             "spatial --data digits",
                              "macs": report["macs"], "params": report["params"],
                              "output_error": report["output_error"],
                              "layers": len(report["layers"]), "accuracy": accuracy(target)}
