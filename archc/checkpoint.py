@@ -1,6 +1,7 @@
 """archc checkpoints (`.pt`): a spec and its weights, loadable with `torch.load(weights_only=True)`.
 
-The payload is `{format: "archc-checkpoint", version, spec, state_dict}`: plain containers and
+The payload is `{format: "archc-checkpoint", version, spec, state_dict}` and, for a pruned or
+decomposed graph, `edits` (`archc.graph_edits`: replayed on the spec's graph): plain containers and
 tensors only, so loading runs no pickled code. Loading rebuilds the graph from the spec on the
 meta device and assigns the stored tensors; a file of another kind, a spec that does not
 validate or a state_dict that does not match its spec is one `CheckpointError`. Saving reloads
@@ -19,6 +20,7 @@ from torch.fx import GraphModule
 from archc.errors import CheckpointError, SpecError, first_line
 from archc.export import EmitReport, verify_emitted
 from archc.fileio import atomic_output
+from archc.graph_edits import apply_edits, edits_of
 from archc.loading import spec_from_mapping
 from archc.lower import build
 
@@ -42,6 +44,9 @@ def save_checkpoint(
         "spec": spec,
         "state_dict": {k: v.detach().clone() for k, v in gm.state_dict().items()},
     }
+    edits = edits_of(gm)
+    if edits:  # a pruned or decomposed graph: the spec's graph plus these edits
+        payload["edits"] = edits
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
@@ -84,6 +89,11 @@ def load_checkpoint_bytes(data: bytes, source: str) -> tuple[dict[str, Any], Gra
     except SpecError as exc:
         raise CheckpointError(str(exc)) from None
     gm = build(spec, device="meta")
+    edits = payload.get("edits", [])
+    if not isinstance(edits, list):
+        raise CheckpointError(f"{source}: edits must be a list")
+    if edits:
+        apply_edits(gm, edits, device="meta")
     state = payload.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"{source}: state_dict is missing")

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from archc import arguments, cli_space
+from archc import arguments, cli_compress, cli_space
 from archc.errors import first_line
 
 OUTPUT_FORMATS = (".onnx", ".pt", ".pt2", ".py")
@@ -304,6 +304,7 @@ def make_parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the JSON Schema of the spec language")
     schema.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE")
     cli_space.add_commands(commands)  # space sample|sweep|analyze|fit, train, eval
+    cli_compress.add_commands(commands)  # prune, lowrank, reduce
     for command in _all_parsers(parser):
         command.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
                              help="print errors only")
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             "schema": _schema,
             "passes": _passes,
             **cli_space.HANDLERS,
+            **cli_compress.HANDLERS,
         }
         return commands[args.command](args)
     except ArchcError as exc:

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from archc import arguments
+from archc import arguments, cli_compress
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -192,6 +192,7 @@ def add_commands(commands) -> None:
                        help="weights and batch order (default 0)")
     train.add_argument("--metrics", type=Path, metavar="FILE", help="also write the metrics here")
     _add_training_options(train, epochs_required=False)
+    cli_compress.add_train_options(train)  # --slimming, --teacher, --kd-temperature, --kd-weight
 
     evaluate = commands.add_parser(
         "eval",
@@ -412,22 +413,26 @@ def _train(args: argparse.Namespace) -> int:
     from archc.train import TrainConfig, Trainer, check_classes
 
     spec = spec_from_mapping(spec_dict, str(args.model))
+    plugins, overrides, compression = cli_compress.train_plugins(args, spec)
     data = load_data(args.data, spec.input.channels, spec.input.size)
     check_classes(spec.num_classes, data)
     print(data.describe(), file=sys.stderr)
     if model is None:
         model = build(spec, seed=args.seed)
-    config = TrainConfig(epochs=args.epochs, seed=args.seed, **_training_options(args))
-    result = Trainer(config, label=spec.name).fit(model, data)
+    config = TrainConfig(epochs=args.epochs, seed=args.seed,
+                         **{**_training_options(args), **overrides})
+    result = Trainer(config, plugins, label=spec.name).fit(model, data)
     for epoch in result.history:
         print(f"epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}, validation error "
               f"{epoch['val_error']:.2f}%" + (f" (EMA {epoch['ema_val_error']:.2f}%)"
                                               if "ema_val_error" in epoch else ""),
               file=sys.stderr)
     example = random_input(input_shape(spec, batch=2), args.seed)
+    compression.update(cli_compress.after_training(plugins, result.model, example))
     save_checkpoint(result.model, spec_dict, args.output, example)
     metrics = {"model": spec.name, "data": data.name, "train_size": len(data.train_y),
-               "val_size": len(data.val_y), "config": config.describe(), **result.metrics(),
+               "val_size": len(data.val_y), "config": config.describe(),
+               **({"compression": compression} if compression else {}), **result.metrics(),
                "checkpoint": str(args.output)}
     text = json.dumps(metrics, indent=1)
     if args.metrics is not None:

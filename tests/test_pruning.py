@@ -1,0 +1,278 @@
+"""Structured pruning (archc/pruning.py, `archc prune`): dead channels removed exactly under every
+criterion, the shipped ShuffleNetV2 / RegNetX / MobileNetV2 / ResNet specs pruned to ~50% MACs,
+both grouped-conv policies, checkpoints that `archc info` reads with the same figures, bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import archc
+from archc.channels import analyze_channels
+from archc.checkpoint import load_checkpoint, save_checkpoint
+from archc.cli import main
+from archc.pruning import (
+    PruneConfig,
+    PruneError,
+    _grouped_weight,
+    _keep,
+    _Unit,
+    prune,
+    prune_to_macs,
+)
+
+X32 = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+X16 = X32[:, :, :16, :16].contiguous()
+
+
+# ResNet-18's layout (basic blocks, 1x1 stride-2 projection shortcuts) at a quarter of its widths:
+# the same channel groups, 16x fewer weights to copy in every test
+NARROW_RESNET = {
+    "name": "resnet18_quarter", "input": {"channels": 3, "size": 32}, "num_classes": 1000,
+    "stem": {"type": "resnet", "width": 16}, "head": {"type": "classifier"},
+    "body": {"type": "anynet", "stages": [
+        {"block": "res_basic", "depth": 2, "width": w, "stride": s}
+        for w, s in ((16, 1), (32, 2), (64, 2), (128, 2))]}}
+
+
+def _build(name: str):
+    if name == "resnet":
+        return archc.build(NARROW_RESNET, init="random")
+    return archc.build(f"specs/{name}.yaml", init="random")
+
+
+def _kill_half(gm, whole_segments: bool = False) -> None:
+    """Make the first half of every free leaf group's channels (of every segment; with
+    whole_segments, the first half of the segments) exactly dead: producer rows and biases 0, BN
+    gamma and beta 0."""
+    cg = analyze_channels(gm, (X32.to(next(gm.parameters()).dtype),))
+    killed = 0
+    for group in cg.groups:
+        if group.fixed or group.parts or group.size < 2:
+            continue
+        killed += 1
+        segments = group.divisor
+        per = group.size // segments
+        if whole_segments and segments > 1:
+            dead = [c for s in range(segments // 2) for c in range(s * per, (s + 1) * per)]
+        else:
+            dead = [s * per + c for s in range(segments) for c in range(per // 2)]
+        dead = torch.tensor(dead, dtype=torch.long)
+        with torch.no_grad():
+            for node in group.producers:
+                module = gm.get_submodule(node.target)
+                module.weight[dead] = 0
+                if module.bias is not None:
+                    module.bias[dead] = 0
+            for node in group.channelwise:
+                module = gm.get_submodule(node.target)
+                if isinstance(module, nn.BatchNorm2d):
+                    module.weight[dead] = 0
+                    module.bias[dead] = 0
+                elif module.bias is not None:
+                    module.bias[dead] = 0
+    assert killed, "no free group to kill"
+
+
+@pytest.mark.slow
+def test_dead_channels_pruned_exactly_by_every_criterion():
+    gm = _build("resnet").double()  # projection shortcuts: residual groups with two producers
+    _kill_half(gm)
+    x = X32.double()
+    expected = gm(x)
+    for criterion in ("l1", "l2", "bn-scale", "random"):
+        result = prune(gm, x, PruneConfig(0.5, criterion=criterion))
+        assert result.macs[1] < 0.4 * result.macs[0]
+        torch.testing.assert_close(result.graph_module(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, policy", [
+    ("shufflenet_v2_x0_5", "keep-count"),  # depthwise convs, chunk + cat
+    ("regnetx_200mf", "keep-count"), ("regnetx_200mf", "keep-width")])
+def test_dead_channels_pruned_exactly_depthwise_split_grouped(name, policy):
+    gm = _build(name).double()
+    _kill_half(gm, whole_segments=policy == "keep-width")
+    # 0.34 per group keeps at least the live half (of the segments: 1 of 3 is dead at 24 ch)
+    result = prune(gm, X16.double(), PruneConfig(0.34, group_policy=policy))
+    assert result.macs[1] < 0.8 * result.macs[0]
+    x = X16.double()
+    torch.testing.assert_close(result.graph_module(x), gm(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, policy", [
+    ("shufflenet_v2_x0_5", "keep-count"), ("regnetx_200mf", "keep-count"),
+    ("regnetx_200mf", "keep-width"), ("mobilenet_v2", "keep-count"), ("resnet", "keep-count")])
+def test_prune_shipped_specs_to_half_the_macs(name, policy):
+    gm = _build(name)
+    result = prune_to_macs(gm, X32, 0.5, lambda r: PruneConfig(r, group_policy=policy))
+    fraction = result.macs[1] / result.macs[0]
+    assert 0.4 <= fraction <= 0.5, fraction
+    pruned = result.graph_module
+    assert pruned(X32).shape == (1, 1000) and torch.isfinite(pruned(X32)).all()
+    if name == "regnetx_200mf":
+        before = {n: m for n, m in gm.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+        after = dict(pruned.named_modules())
+        widths = {(before[n].in_channels // before[n].groups,
+                   after[n].in_channels // after[n].groups) for n in before}
+        groups = {(before[n].groups, after[n].groups) for n in before}
+        if policy == "keep-width":  # group width 8 kept, groups removed
+            assert all(a == b for a, b in widths) and any(b < a for a, b in groups)
+        else:  # group count kept, group width shrinks
+            assert all(a == b for a, b in groups) and any(b < a for a, b in widths)
+
+
+def test_keep_count_chooses_each_groups_own_channels():
+    conv_in = nn.Conv2d(4, 8, 1)
+    grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+    model = nn.Sequential(conv_in, nn.BatchNorm2d(8), nn.ReLU(), grouped, nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    with torch.no_grad():
+        conv_in.weight.copy_(torch.arange(1, 9).float().flip(0)[:, None, None, None]
+                             * torch.ones(8, 4, 1, 1))
+        conv_in.weight[4:] = torch.arange(1, 5).float()[:, None, None, None]  # 2nd: ascending
+    gm = torch.fx.symbolic_trace(model.eval())
+    result = prune(gm, torch.randn(1, 4, 8, 8), PruneConfig(0.5))
+    first = result.graph_module.get_submodule("0")
+    # segment 0 keeps its strongest rows 0, 1; segment 1 its strongest rows 6, 7
+    torch.testing.assert_close(first.weight, conv_in.weight[[0, 1, 6, 7]])
+    assert result.graph_module.get_submodule("3").groups == 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(segments=st.integers(1, 4), per=st.integers(2, 9), want=st.integers(1, 36),
+       round_to=st.sampled_from([1, 2, 8]), whole=st.booleans(), seed=st.integers(0, 99))
+def test_pruning_rule_keeps_equal_top_counts_per_segment(segments, per, want, round_to, whole,
+                                                       seed):
+    """The keep rule: a multiple of the step, equal counts per segment (or whole segments), and
+    within a segment every kept channel scores at least as high as every removed one."""
+    size = segments * per
+    scores = np.random.default_rng(seed).random(size)
+    unit = _Unit([], segments, whole and segments > 1, [scores])
+    kept = _keep(unit, min(want, size), round_to)
+    assert list(kept) == sorted(set(kept.tolist())) and 0 < kept.size <= size
+    counts = [int(((kept >= s * per) & (kept < (s + 1) * per)).sum()) for s in range(segments)]
+    if unit.whole_segments:
+        assert set(counts) <= {0, per}
+        sums = scores.reshape(segments, per).sum(1)
+        kept_s = [s for s in range(segments) if counts[s]]
+        removed = [s for s in range(segments) if not counts[s]]
+        assert not removed or min(sums[kept_s]) >= max(sums[removed])
+    else:
+        assert len(set(counts)) == 1
+        assert kept.size % math.lcm(segments, round_to) == 0 or kept.size == size
+        for s in range(segments):
+            local = set(kept.tolist()) & set(range(s * per, (s + 1) * per))
+            rest = set(range(s * per, (s + 1) * per)) - local
+            assert not rest or min(scores[list(local)]) >= max(scores[list(rest)])
+    # the weight rule: a grouped conv pruned to those channels computes the kept rows exactly
+    # when the removed input channels are zero
+    conv = nn.Conv2d(size, size, 3, padding=1, groups=segments, bias=True).double()
+    x = torch.randn(1, size, 5, 5, dtype=torch.float64)
+    x[:, [c for c in range(size) if c not in set(kept.tolist())]] = 0
+    weight, bias, groups = _grouped_weight(conv.weight.detach(), conv.bias.detach(), segments,
+                                           kept, kept)
+    y = torch.nn.functional.conv2d(x[:, torch.from_numpy(kept)], weight, bias, padding=1,
+                                   groups=groups)
+    torch.testing.assert_close(y, conv(x)[:, torch.from_numpy(kept)])
+
+
+
+@pytest.mark.slow
+def test_cli_prune_macs_target_matches_info(tmp_path, capsys):
+    ckpt, out = tmp_path / "m.pt", tmp_path / "p.pt"
+    # RegNetX-style, group width 8 (the digits model of docs/compression.md)
+    assert main(["build", "bench/compression/digits_regnetx.yaml", "-o", str(ckpt), "-q"]) == 0
+    assert main(["prune", str(ckpt), "--macs", "0.5", "--group-policy", "keep-width",
+                 "--round-to", "8", "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["macs"][1] <= 0.5 * report["macs"][0]
+    assert report["macs"][1] >= 0.4 * report["macs"][0]
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["flops"] == report["macs"][1] and info["params"] == report["params"][1]
+    spec, gm = load_checkpoint(out)
+    for module in gm.modules():
+        if isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels:
+            assert module.in_channels // module.groups == 8  # the group width
+    for group in (g for g in report["groups"] if g["policy"] == "channels"):
+        assert group["after"] % 8 == 0
+    # the pruned checkpoint reloads, re-saves and fuses
+    save_checkpoint(gm, spec, tmp_path / "again.pt", torch.randn(2, 1, 8, 8))
+    assert main(["fuse", str(out), "-o", str(tmp_path / "p.py"), "-q"]) == 0
+
+
+def test_cli_bad_input_one_line_exit_2(tmp_path, capsys):
+    ckpt = tmp_path / "m.pt"
+    spec = tmp_path / "narrow.yaml"
+    spec.write_text(yaml.safe_dump(NARROW_RESNET))
+    assert main(["build", str(spec), "-o", str(ckpt), "-q"]) == 0
+    capsys.readouterr()
+    for ratio in ("0", "1", "1.5", "-0.2"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["prune", str(ckpt), "--ratio", ratio, "-o", str(tmp_path / "p.pt")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not in (0, 1)" in err
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump({
+        "name": "tiny", "input": {"channels": 1, "size": 8}, "num_classes": 10,
+        "stem": {"type": "none"}, "body": {"type": "anynet", "stages": [
+            {"block": "conv", "depth": 1, "width": 1, "stride": 1}]}}))
+    assert main(["build", str(tiny), "-o", str(tmp_path / "tiny.pt"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["prune", str(tmp_path / "tiny.pt"), "--ratio", "0.5", "-o",
+                 str(tmp_path / "p.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no channel group can be pruned")
+    assert not (tmp_path / "p.pt").exists()
+    with pytest.raises(PruneError):
+        PruneConfig(1.0)
+
+
+def test_keep_width_with_a_fixed_side_falls_back_to_keep_count():
+    # the grouped conv reads the model input (fixed): its output cannot lose whole groups
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    gm = torch.fx.symbolic_trace(model.eval())
+    x = torch.randn(1, 4, 8, 8)
+    result = prune(gm, x, PruneConfig(0.5, group_policy="keep-width"))
+    conv = result.graph_module.get_submodule("0")
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (4, 4, 2)
+    assert any("other side is fixed" in note for note in result.notes)
+    assert result.graph_module(x).shape == (1, 3)
+
+
+class RepVGGLike(nn.Module):
+    """A dense conv whose input and output are one group (tied by the identity add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.k3, self.k1 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.stem(x)))
+        y = torch.relu(self.k3(y) + self.k1(y) + y)
+        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_dense_conv_tied_to_its_own_input_by_a_residual_is_pruned_exactly():
+    gm = torch.fx.symbolic_trace(RepVGGLike().double().eval())
+    x = X16.double()
+    _kill_half(gm)
+    result = prune(gm, x, PruneConfig(0.5))
+    k3 = result.graph_module.get_submodule("k3")
+    assert (k3.in_channels, k3.out_channels, k3.groups) == (4, 4, 1)
+    torch.testing.assert_close(result.graph_module(x), gm(x), rtol=1e-12, atol=1e-12)
