@@ -27,7 +27,9 @@ an empty calibration set, a `--keep-float` name that is no node of the model.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import math
 import statistics
 import tempfile
@@ -318,10 +320,12 @@ def _quantize_static(fp32: Path, int8: Path, model_input: ModelInput, calibratio
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     reader = _Reader(model_input.name, list(_batches(calibration, model_input.batch)))
-    quantize_static(str(fp32), str(int8), reader, quant_format=QuantFormat.QDQ,
-                    per_channel=per_channel, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=methods[method],
-                    nodes_to_exclude=kept or None, extra_options={"WeightSymmetric": True})
+    # the histogram calibrators print their progress on stdout: keep it off archc's output
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(str(fp32), str(int8), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                        nodes_to_exclude=kept or None, extra_options={"WeightSymmetric": True})
 
 
 def _ops_after_optimization(optimized: Path) -> tuple[dict[str, int], int]:
