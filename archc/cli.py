@@ -302,7 +302,7 @@ def make_parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the JSON Schema of the spec language")
     schema.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE")
     cli_space.add_commands(commands)  # space sample|sweep|analyze|fit, train, eval
-    cli_quant.add_commands(commands)  # quantize
+    cli_quant.add_commands(commands)  # quantize, qat
     for command in _all_parsers(parser):
         command.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
                              help="print errors only")

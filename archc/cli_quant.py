@@ -1,5 +1,5 @@
-"""The quantization commands of the CLI: `archc quantize`, and `--int8 --calib DATA` of `build`
-and `fuse` (quantize the .onnx they wrote into `<OUT stem>.int8.onnx`).
+"""The quantization commands of the CLI: `archc quantize`, `archc qat`, and `--int8 --calib DATA`
+of `build` and `fuse` (quantize the .onnx they wrote into `<OUT stem>.int8.onnx`).
 
 As in `archc.cli`, parsing imports nothing heavy; the handlers import what they need.
 """
@@ -63,6 +63,37 @@ def add_commands(commands) -> None:
     _add_quantization_options(quantize)
     quantize.add_argument("--json", action="store_true",
                           help="print one machine-readable JSON report on stdout instead of text")
+
+    qat = commands.add_parser(
+        "qat",
+        help="quantization-aware fine-tuning of a checkpoint's deploy form; int8 QDQ ONNX out",
+        description="Fuse CKPT to its deploy form (default passes), fine-tune it with fake "
+        "quantization (ORT's per-channel int8 weights and uint8 activations, straight-through) "
+        "in the shared training loop, and write the int8 QDQ model through ONNX Runtime's "
+        "quantizer, reported as `archc quantize` reports. See docs/quantization.md.",
+    )
+    qat.add_argument("checkpoint", type=Path, metavar="CKPT", help="archc checkpoint (.pt)")
+    qat.add_argument("--data", required=True, metavar="DATA",
+                     help="training and calibration data: digits, a .npz or class folders")
+    qat.add_argument("-o", "--output", type=arguments.output_path((".onnx",)), required=True,
+                     metavar="OUT", help="the int8 model (.onnx)")
+    group = qat.add_argument_group("fine-tuning (archc.train)")
+    group.add_argument("--epochs", type=arguments.positive_int, default=3, help="default 3")
+    group.add_argument("--lr", type=float, default=0.01,
+                       help="peak learning rate of the cosine schedule (default 0.01)")
+    group.add_argument("--batch-size", type=arguments.positive_int, default=64,
+                       help="default 64")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="default 0")
+    group.add_argument("--seed", type=arguments.seed, default=0, help="batch order (default 0)")
+    group.add_argument("--train-threads", type=arguments.positive_int, default=1,
+                       help="torch intra-op threads while fine-tuning (default 1)")
+    group = qat.add_argument_group("export")
+    group.add_argument("--samples", type=arguments.positive_int, default=256, metavar="N",
+                       help="calibration images of the activation ranges (default 256)")
+    group.add_argument("--latency-rounds", type=arguments.int_in(0, 1000, "rounds"), default=15,
+                       metavar="N", help="interleaved timing rounds (default 15; 0: none)")
+    group.add_argument("--threads", type=arguments.positive_int, default=1,
+                       help="ONNX Runtime intra-op threads for the timing (default 1)")
 
 
 def add_chain_options(parser: argparse.ArgumentParser) -> None:
@@ -176,4 +207,56 @@ def _say(report, source: Path, data: str, out) -> None:
             f"Runtime)")
 
 
-HANDLERS = {"quantize": _quantize}
+def _qat(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import archc.passes  # noqa: F401 - registers the catalogue
+    from archc.checkpoint import load_checkpoint
+    from archc.data import load_data
+    from archc.export import export_onnx
+    from archc.init import random_input
+    from archc.loading import spec_from_mapping
+    from archc.lower import input_shape
+    from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
+    from archc.qat import FakeQuant, unwrap
+    from archc.quantize import quantize
+    from archc.train import TrainConfig, Trainer, check_classes, evaluate
+
+    out = _Output(args)
+    spec_dict, model = load_checkpoint(args.checkpoint)
+    spec = spec_from_mapping(spec_dict, str(args.checkpoint))
+    data = load_data(args.data, spec.input.channels, spec.input.size)
+    check_classes(spec.num_classes, data)
+    example = random_input(input_shape(spec, batch=2), 0)
+    out.progress(f"{spec.name}: fusing to the deploy form")
+    deploy = run_pipeline(model, resolve_pipeline("default"),
+                          PassContext(example_inputs=(example,))).graph_module
+    before = evaluate(deploy, data.val_x, data.val_y)["accuracy"]
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                         weight_decay=args.weight_decay, seed=args.seed,
+                         threads=args.train_threads)
+    plugin = FakeQuant()
+    result = Trainer(config, [plugin], progress=out.show_progress,
+                     label=f"{spec.name} qat").fit(deploy, data)
+    fake = [100.0 - error for error in result.errors]
+    out.say(f"{spec.name}: deploy form fp32 {before:.2f}%; fake-quantized fine-tuning of "
+            f"{plugin.wrapped} layers, validation top-1 per epoch: "
+            + ", ".join(f"{value:.2f}%" for value in fake))
+    tuned = unwrap(result.model)
+    with tempfile.TemporaryDirectory(prefix="archc-qat-") as folder:
+        fp32 = Path(folder) / f"{spec.name}.qat.fp32.onnx"
+        export_onnx(tuned, fp32, example[:1], dynamic_batch=True)
+        report = quantize(fp32, args.data, args.output, samples=args.samples,
+                          latency_rounds=args.latency_rounds, threads=args.threads,
+                          progress=out.progress)
+    out.say(f"int8 after QAT: {report.int8_accuracy:.2f}% against the deploy form's fp32 "
+            f"{before:.2f}% ({report.int8_accuracy - before:+.2f} points); below, fp32 is the "
+            f"fine-tuned float model")
+    _say(report, args.checkpoint, args.data, out)
+    out.report({"command": "qat", "source": str(args.checkpoint), "data": args.data,
+                "deploy_fp32_accuracy": before, "fake_quant_accuracy": fake,
+                "quantized_layers": plugin.wrapped, **report.document()})
+    return 0
+
+
+HANDLERS = {"quantize": _quantize, "qat": _qat}
