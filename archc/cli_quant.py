@@ -94,6 +94,8 @@ def add_commands(commands) -> None:
                        metavar="N", help="interleaved timing rounds (default 15; 0: none)")
     group.add_argument("--threads", type=arguments.positive_int, default=1,
                        help="ONNX Runtime intra-op threads for the timing (default 1)")
+    qat.add_argument("--json", action="store_true",
+                     help="print one machine-readable JSON report on stdout instead of text")
 
 
 def add_chain_options(parser: argparse.ArgumentParser) -> None:
