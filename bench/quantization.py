@@ -6,7 +6,9 @@ form), then `archc.quantize.quantize` with each calibration method (per-channel 
 per-tensor weights (min-max), measured on the validation split (360 images, held out from
 calibration). Latency: fp32 and int8 (min-max, per-channel) sessions in ONNX Runtime on the CPU,
 no spin-waiting, `--threads` intra-op threads, interleaved rounds (each round runs fp32 then int8,
-`--iterations` runs each), medians over the rounds, at batch 1 and `--batch`.
+`--iterations` runs each), medians over the rounds, at batch 1 and `--batch`. For the RepVGG
+specs also `archc qat` (fake-quantized fine-tuning of the fused form, `--qat-epochs`) and, as its
+control, the same extra epochs of plain float training followed by PTQ.
 
     .venv/bin/python bench/quantization.py [--epochs 6] [--rounds 21] [--threads 1]
 
@@ -90,6 +92,21 @@ def bench_spec(name: str, work: Path, args) -> dict:
     report = quantize(fp32, "digits", work / f"{name}.tensor.int8.onnx", samples=args.samples,
                       per_channel=False, latency_rounds=0)
     row["quantized"]["per_tensor"] = report.document()
+    if name in args.qat_specs.split(","):
+        qat_out = work / f"{name}.qat.int8.onnx"
+        say(f"{name}: archc qat, {args.qat_epochs} epochs")
+        row["qat"] = json.loads(cli("qat", checkpoint, "--data", "digits", "-o", qat_out,
+                                    "--epochs", args.qat_epochs, "--lr", args.qat_lr,
+                                    "--samples", args.samples, "--latency-rounds", 0, "--json"))
+        # control: the same extra epochs in float (same lr, no weight decay), then PTQ
+        say(f"{name}: control, {args.qat_epochs} more float epochs, then PTQ")
+        tuned = work / f"{name}.tuned.pt"
+        cli("train", checkpoint, "--data", "digits", "--epochs", args.qat_epochs, "--lr",
+            args.qat_lr, "--weight-decay", 0, "-o", tuned)
+        cli("fuse", tuned, "-o", work / f"{name}.tuned.onnx", "--quiet")
+        row["tuned_ptq"] = quantize(work / f"{name}.tuned.onnx", "digits",
+                                    work / f"{name}.tuned.int8.onnx", samples=args.samples,
+                                    latency_rounds=0).document()
     int8 = work / f"{name}.minmax.int8.onnx"
     row["latency"] = {}
     for batch in (1, args.batch):
@@ -115,6 +132,26 @@ def accuracy_table(rows: list[dict]) -> str:
                      f"{q['sqnr_db']:.1f} dB")
         lines.append(f"| {row['name']} | {row['convs']} | {fp32:.2f}% | " + " | ".join(cells)
                      + " |")
+    return "\n".join(lines)
+
+
+def repvgg_table(rows: list[dict]) -> str:
+    lines = ["| spec | fp32 top-1 (deploy form) | PTQ top-1 (Δ) / SQNR | "
+             "float fine-tuning + PTQ: fp32 / int8 top-1 (Δ to deploy fp32) / SQNR | "
+             "QAT int8 top-1 (Δ to deploy fp32) / SQNR vs fine-tuned fp32 |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        if "qat" not in row:
+            continue
+        ptq, tuned, qat = row["quantized"]["minmax"], row["tuned_ptq"], row["qat"]
+        fp32 = ptq["fp32_accuracy"]
+        lines.append(
+            f"| {row['name']} | {fp32:.2f}% | {ptq['int8_accuracy']:.2f}% "
+            f"({ptq['int8_accuracy'] - fp32:+.2f}) / {ptq['sqnr_db']:.1f} dB | "
+            f"{tuned['fp32_accuracy']:.2f}% / {tuned['int8_accuracy']:.2f}% "
+            f"({tuned['int8_accuracy'] - fp32:+.2f}) / {tuned['sqnr_db']:.1f} dB | "
+            f"{qat['int8_accuracy']:.2f}% ({qat['int8_accuracy'] - fp32:+.2f}) / "
+            f"{qat['sqnr_db']:.1f} dB |")
     return "\n".join(lines)
 
 
@@ -155,6 +192,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--specs", default=",".join(NAMES),
                         help="comma-separated names in docs/examples/quantization")
+    parser.add_argument("--qat-specs", default="repvgg_digits,qarepvgg_digits",
+                        help="specs that also get `archc qat` and its float control")
+    parser.add_argument("--qat-epochs", type=int, default=2)
+    parser.add_argument("--qat-lr", type=float, default=0.01)
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
     import torch
@@ -170,6 +211,8 @@ def main() -> None:
     print(f"Measured with `{command}` on {machine(args)}; {args.epochs} epochs, seed "
           f"{args.seed}, {args.samples} calibration images, 360 validation images.\n")
     print(accuracy_table(rows))
+    print()
+    print(repvgg_table(rows))
     print()
     print(latency_table(rows, args))
 
