@@ -33,7 +33,8 @@ CASES = {"qarepvgg": ({}, 1), "qarepvgg_grouped": ({"group_width": 8}, 1),
          "qamobileone": ({"branches": 2}, 2)}
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow)
+                                  if case == "qamobileone" else case for case in sorted(CASES)])
 def test_fuses_to_the_plain_deploy_form(case):
     stage, convs_per_block = CASES[case]
     block = case.split("_")[0]
@@ -56,6 +57,7 @@ def test_fuses_to_the_plain_deploy_form(case):
     assert census(plain_after).params == after.params  # the same deploy form
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", ["qarepvgg", "qamobileone"])
 def test_default_pipeline_exact_idempotent_honest(block):
     model = build(spec(block), init="random")
