@@ -165,14 +165,19 @@ def resolve_keep_float(model, keep: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def _batches(x: np.ndarray, batch: int | None, size: int = 32) -> Iterator[np.ndarray]:
-    """Chunks of `x` for a model of fixed batch `batch` (the last one zero-padded) or any batch."""
+def _batches(x: np.ndarray, batch: int | None, size: int = 32, repeat: bool = False
+             ) -> Iterator[np.ndarray]:
+    """Chunks of `x` for a model of fixed batch `batch` or any batch. A fixed batch's last chunk
+    is padded with zeros (outputs of padding are dropped) or, with `repeat` (calibration, where
+    zeros would enter the ranges), with the first images of `x` again."""
     step = batch or size
     for start in range(0, len(x), step):
         part = x[start:start + step]
         if batch is not None and len(part) < batch:
-            part = np.concatenate([part, np.zeros((batch - len(part), *part.shape[1:]),
-                                                  dtype=part.dtype)])
+            missing = batch - len(part)
+            fill = (np.resize(x, (missing, *x.shape[1:])) if repeat
+                    else np.zeros((missing, *part.shape[1:]), dtype=part.dtype))
+            part = np.concatenate([part, fill.astype(part.dtype)])
         yield np.ascontiguousarray(part)
 
 
@@ -319,7 +324,8 @@ def _quantize_static(fp32: Path, int8: Path, model_input: ModelInput, calibratio
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    reader = _Reader(model_input.name, list(_batches(calibration, model_input.batch)))
+    reader = _Reader(model_input.name,
+                     list(_batches(calibration, model_input.batch, repeat=True)))
     # the histogram calibrators print their progress on stdout: keep it off archc's output
     with contextlib.redirect_stdout(io.StringIO()):
         quantize_static(str(fp32), str(int8), reader, quant_format=QuantFormat.QDQ,

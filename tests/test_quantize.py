@@ -38,6 +38,7 @@ def trained(tmp_path_factory):
     gm = torch.fx.symbolic_trace(model) if not isinstance(model, torch.fx.GraphModule) else model
     path = folder / "tiny.onnx"
     export_onnx(gm, path, torch.zeros(1, 1, 8, 8), dynamic_batch=True)
+    export_onnx(gm, folder / "tiny_batch4.onnx", torch.zeros(4, 1, 8, 8), dynamic_batch=False)
     return path
 
 
@@ -84,6 +85,17 @@ def test_quantize_measures_and_writes_a_model_ort_runs(trained, tmp_path, capsys
     assert sqnr_db(a, b) == pytest.approx(report["sqnr_db"], abs=1e-6)
     assert 100 * np.mean(b.argmax(1) == data.val_y) == pytest.approx(report["int8_accuracy"])
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_fixed_batch_model(trained, tmp_path):
+    """A model of fixed batch 4: 30 calibration and 360 held-out images run in padded chunks."""
+    fixed = trained.with_name("tiny_batch4.onnx")
+    assert read_model(fixed)[1].batch == 4
+    report = quantize(fixed, "digits", tmp_path / "q.onnx", samples=30, latency_rounds=1)
+    dynamic = quantize(trained, "digits", tmp_path / "d.onnx", samples=30, latency_rounds=0)
+    assert report.fp32_accuracy == dynamic.fp32_accuracy  # padding never reaches the results
+    assert report.top1_agreement > 90 and report.quantized_ops["QLinearConv"] == 7
+    assert report.latency_ratio > 0
 
 
 def test_text_report(trained, tmp_path, capsys):
