@@ -265,7 +265,10 @@ def quantize(model_path: Path, data: str, output: Path, *, method: str = "minmax
         if reference.shape[1] < dataset.classes:
             raise QuantizationError(f"{model_path} has {reference.shape[1]} outputs but "
                                     f"{dataset.name} has {dataset.classes} classes")
-        kept = [name for name in kept if _has_node(fp32, name)] if kept else []
+        gone = [name for name in kept if not _has_node(fp32, name)]
+        if gone:
+            raise QuantizationError(f"--keep-float {gone[0]}: ONNX Runtime's pre-processing "
+                                    f"fused that node into another; name the node it became")
         progress(f"calibrating on {len(calibration)} images ({method})")
         int8 = work / "int8.onnx"
         _quantize_static(fp32, int8, model_input, calibration, method, per_channel, kept)
