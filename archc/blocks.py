@@ -36,8 +36,9 @@ k = the stage's `kernel`.
   e = round(expansion * w_out); branch2 = 3x3 stride s act; c = 3x3 (no activation).
 - Without BN (AlexNet, SqueezeNet), convs with bias: `conv` = act(kxk conv), `fire` =
   cat(e1(s(x)), e3(s(x))).
-- Train forms that `archc fuse` re-parameterizes: `repvgg`, `acb`, `dbb`, `mobileone`,
-  `mobileone_unit`, `repmixer` (FastViT), `repvit`, `vanillanet` (each class states its math).
+- Train forms that `archc fuse` re-parameterizes: `repvgg`, `qarepvgg`, `acb`, `dbb`,
+  `mobileone`, `qamobileone`, `mobileone_unit`, `repmixer` (FastViT), `repvit`, `vanillanet`
+  (each class states its math; the `qa` variants place the BNs as QARepVGG, for int8).
 
 shuffle_g(x) moves channel i * (C/g) + j to j * g + i: view (N, g, C/g, H, W), swap dims 1 and 2,
 reshape back (written out in `forward`, so graphs show it and the shuffle passes can find it).
@@ -666,6 +667,45 @@ class RepVGG(TrainFormBlock):
 
 
 @register_block
+class QARepVGG(TrainFormBlock):
+    """QARepVGG (Chu et al. 2023, "Make RepVGG Greater Again: A Quantization-aware Approach"):
+    relu(BN(BN(3x3 x) + 1x1 x + x)), the identity only when w_in == w_out and stride 1.
+
+    The BatchNorm placement is what makes the fused kernel quantize well: RepVGG's identity BN
+    adds gamma / sqrt(var + eps) to the centre tap of each output channel, and where a channel's
+    variance is small that entry dwarfs the rest of the fused 3x3 kernel, so one int8 scale per
+    channel must span an outlier (RepVGG-A0 is reported to drop from ~72% to ~52% top-1 under
+    plain PTQ). Here the 1x1 and identity branches carry no BN (their sum enters the kernel with
+    weight 1 and the 1x1's trained weights), and one BN after the sum scales the whole block, so
+    no branch can blow up a single tap. Deploy form: still one 3x3 conv with bias: fold the 3x3's
+    BN, merge the three linear branches into one conv, fold the BN after the sum into it."""
+
+    name = "qarepvgg"
+
+    def __init__(self, w_in: int, w_out: int, stride: int, stage: StageSpec):
+        super().__init__()
+        groups = _groups(w_in, stage)
+        self.conv3x3 = conv_bn(w_in, w_out, 3, stride, groups, act=None)
+        self.conv1x1 = nn.Conv2d(w_in, w_out, 1, stride, 0, groups=groups, bias=False)
+        self.identity = w_in == w_out and stride == 1
+        self.bn = nn.BatchNorm2d(w_out)
+        self.act = nn.ReLU()
+
+    def branch_outputs(self, x):
+        outputs = [self.conv3x3(x), self.conv1x1(x)]
+        if self.identity:
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x: Tensor) -> Tensor:
+        outputs = self.branch_outputs(x)
+        total = outputs[0]
+        for output in outputs[1:]:
+            total = total + output
+        return self.act(self.bn(total))
+
+
+@register_block
 class ACB(TrainFormBlock):
     """ACNet's asymmetric convolution block (Ding et al. 2019): relu(BN(3x3 x) + BN(1x3 x) +
     BN(3x1 x)). Deploy form: one 3x3 conv with bias (1x3 and 3x1 centre-embedded)."""
@@ -739,16 +779,28 @@ class DBB(TrainFormBlock):
 class MobileOneUnit(nn.Module):
     """One MobileOne re-parameterizable conv: act(se(Σ_k BN(KxK_k x) + BN(1x1 x) + BN(x))), the
     1x1 'scale' branch only when K > 1, the identity BN only when shapes allow; `act` None: no
-    activation (FastViT's RepMixer), `se` None: no squeeze-excitation."""
+    activation (FastViT's RepMixer), `se` None: no squeeze-excitation. `post_bn` (QARepVGG's
+    placement, see `QARepVGG`): act(se(BN(Σ_k BN(KxK_k x) + 1x1 x + x))), no BN on the scale and
+    identity branches, one BN after the sum."""
 
     def __init__(self, w_in: int, w_out: int, kernel: int, stride: int, groups: int,
-                 branches: int, act: str | None = "relu", se: SqueezeExcitation | None = None):
+                 branches: int, act: str | None = "relu", se: SqueezeExcitation | None = None,
+                 post_bn: bool = False):
         super().__init__()
         self.convs = nn.ModuleList(
             conv_bn(w_in, w_out, kernel, stride, groups, act=None) for _ in range(branches)
         )
-        self.scale = conv_bn(w_in, w_out, 1, stride, groups, act=None) if kernel > 1 else None
-        self.identity = nn.BatchNorm2d(w_out) if w_in == w_out and stride == 1 else None
+        shapes_match = w_in == w_out and stride == 1
+        if post_bn:
+            self.scale = (nn.Conv2d(w_in, w_out, 1, stride, 0, groups=groups, bias=False)
+                          if kernel > 1 else None)
+            self.identity = nn.Identity() if shapes_match else None
+            self.bn = nn.BatchNorm2d(w_out)
+        else:
+            self.scale = (conv_bn(w_in, w_out, 1, stride, groups, act=None) if kernel > 1
+                          else None)
+            self.identity = nn.BatchNorm2d(w_out) if shapes_match else None
+            self.bn = None
         self.se = se
         self.act = None if act is None else ACTIVATIONS[act]()
 
@@ -760,6 +812,8 @@ class MobileOneUnit(nn.Module):
             total = total + self.scale(x)
         if self.identity is not None:
             total = total + self.identity(x)
+        if self.bn is not None:
+            total = self.bn(total)
         if self.se is not None:
             total = self.se(total)
         return total if self.act is None else self.act(total)
@@ -782,6 +836,21 @@ class MobileOne(Block):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pointwise(self.depthwise(x))
+
+
+@register_block
+class QAMobileOne(MobileOne):
+    """MobileOne with QARepVGG's BatchNorm placement in both units (`MobileOneUnit(post_bn)`):
+    depthwise `relu(BN(Σ_k BN(dw3x3_k x) + dw1x1 x + x))`, pointwise `relu(BN(Σ_k BN(1x1_k x) +
+    x))`. Deploy form as `mobileone`: a depthwise 3x3 and a 1x1 conv, each with bias."""
+
+    name = "qamobileone"
+
+    def __init__(self, w_in: int, w_out: int, stride: int, stage: StageSpec):
+        Block.__init__(self)
+        branches = stage.branches or 1
+        self.depthwise = MobileOneUnit(w_in, w_in, 3, stride, w_in, branches, post_bn=True)
+        self.pointwise = MobileOneUnit(w_in, w_out, 1, 1, 1, branches, post_bn=True)
 
 
 def _unit_groups(w_in: int, stage: StageSpec) -> int:

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from archc import arguments, cli_compress, cli_space
+from archc import arguments, cli_compress, cli_quant, cli_space
 from archc.errors import first_line
 
 OUTPUT_FORMATS = (".onnx", ".pt", ".pt2", ".py")
@@ -218,6 +218,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_memory_option(build)
     _add_pass_options(build, "default: 'default'; a .pt checkpoint keeps the spec form")
     _add_deploy_options(build)
+    cli_quant.add_chain_options(build)
 
     fuse = commands.add_parser(
         "fuse",
@@ -258,6 +259,7 @@ def make_parser() -> argparse.ArgumentParser:
                       help="seed of the verification inputs")
     _add_pass_options(fuse, "default: 'default'")
     _add_deploy_options(fuse)
+    cli_quant.add_chain_options(fuse)
 
     commands.add_parser("passes", help="list the registered passes, their options and the "
                         "named pipelines")
@@ -305,6 +307,7 @@ def make_parser() -> argparse.ArgumentParser:
     schema.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE")
     cli_space.add_commands(commands)  # space sample|sweep|analyze|fit, train, eval
     cli_compress.add_commands(commands)  # prune, lowrank, reduce
+    cli_quant.add_commands(commands)  # quantize, qat
     for command in _all_parsers(parser):
         command.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
                              help="print errors only")
@@ -344,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             "passes": _passes,
             **cli_space.HANDLERS,
             **cli_compress.HANDLERS,
+            **cli_quant.HANDLERS,
         }
         return commands[args.command](args)
     except ArchcError as exc:
@@ -385,6 +389,10 @@ def _internal_error(exc: BaseException, debug: bool) -> int:
 def _output_problem(args: argparse.Namespace) -> str | None:
     """Why the command's output file cannot be written, checked before any work."""
     output = getattr(args, "output", None)
+    if getattr(args, "int8", None) is not None:  # build / fuse --int8 --calib DATA
+        problem = cli_quant.chain_problem(args, Path(output or ".pt2"))
+        if problem:
+            return problem
     return arguments.check_output_location(Path(output)) if output is not None else None
 
 
@@ -428,7 +436,7 @@ def _build(args: argparse.Namespace) -> int:
     else:
         gm, noise = _run_passes(gm, args, example, pipeline, out, document)
         emitted = _emit(gm, args.output, example, args, spec.name, str(args.spec), noise)
-    _print_emitted(emitted, out, document)
+    _print_emitted(emitted, out, document, args)
     return 0
 
 
@@ -585,11 +593,11 @@ def _fuse(args: argparse.Namespace) -> int:
     gm, noise = _run_passes(model.graph_module, args, example, pipeline, out, document)
     output = args.output or args.checkpoint.with_name(f"{model.name}.fused.pt2")
     emitted = _emit(gm, output, example, args, model.name, args.checkpoint.name, noise)
-    _print_emitted(emitted, out, document)
+    _print_emitted(emitted, out, document, args)
     return 0
 
 
-def _print_emitted(emitted, out: Output, document: dict) -> None:
+def _print_emitted(emitted, out: Output, document: dict, args=None) -> None:
     details = "; ".join([f"{emitted.bytes / 1e6:.1f} MB", *emitted.notes])
     out.say(f"wrote {emitted.path} ({details})")
     out.say(
@@ -601,6 +609,8 @@ def _print_emitted(emitted, out: Output, document: dict) -> None:
                           "notes": list(emitted.notes), "verified_with": emitted.verified_with,
                           "max_abs_error": emitted.max_abs_error,
                           "relative_error": emitted.relative_error, "tolerance": emitted.rtol}
+    if args is not None and args.int8:
+        document["int8"] = cli_quant.chain(args, emitted.path, out)
     out.report(document)
 
 
