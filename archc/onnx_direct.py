@@ -82,17 +82,23 @@ class _Translation:
         self.nodes: list = []
         self.initializers: dict[str, Any] = {}
         self.names: dict[Node, Any] = {}  # fx node -> ONNX value name (or a list for tuples)
-        self._counter = 0
+        self._used: dict[str, set[str]] = {"value": {"input", "output"}, "node": set()}
 
     # ---- building blocks
-    def fresh(self, hint: str) -> str:
-        self._counter += 1
-        return f"{hint}__{self._counter}"
+    def fresh(self, hint: str, space: str = "value") -> str:
+        """`hint` (the fx node's name, so the ONNX graph reads like the deploy graph) or, once
+        taken, `hint_2`, `hint_3`, ..."""
+        used, name, count = self._used[space], hint, 1
+        while name in used:
+            count += 1
+            name = f"{hint}_{count}"
+        used.add(name)
+        return name
 
     def op(self, kind: str, inputs: list[str], hint: str, outputs: int = 1, **attrs) -> Any:
         names = [self.fresh(hint) for _ in range(outputs)]
-        self.nodes.append(self.helper.make_node(kind, inputs, names, name=self.fresh(kind),
-                                                **attrs))
+        self.nodes.append(self.helper.make_node(kind, inputs, names,
+                                                name=self.fresh(hint, "node"), **attrs))
         return names[0] if outputs == 1 else names
 
     def tensor(self, name: str, value: torch.Tensor) -> str:
@@ -100,13 +106,13 @@ class _Translation:
 
         if value.dtype not in ONNX_DTYPES:
             raise Untranslatable(f"a constant of dtype {value.dtype}")
-        name = name if name not in self.initializers else self.fresh(name)
+        name = self.fresh(name)
         self.initializers[name] = numpy_helper.from_array(
             value.detach().cpu().contiguous().numpy(), name)
         return name
 
     def constant(self, value: float | int | list, dtype: torch.dtype, hint: str = "const") -> str:
-        return self.tensor(self.fresh(hint), torch.tensor(value, dtype=dtype))
+        return self.tensor(hint, torch.tensor(value, dtype=dtype))
 
     def parameter(self, module_name: str, attribute: str) -> str:
         value = getattr(self.modules[module_name], attribute)
@@ -340,8 +346,8 @@ def _adaptive_average(graph: _Translation, node: Node, size: Any) -> str:
     dtype = graph.info(node.args[0]).dtype
     rows, columns = (_averaging(n, m, dtype) for n, m in zip(shape[2:], sizes))
     across = graph.op("MatMul", [graph.input(node.args[0]),
-                                 graph.tensor(graph.fresh("pool_w"), columns.t())], node.name)
-    return graph.op("MatMul", [graph.tensor(graph.fresh("pool_h"), rows), across], node.name)
+                                 graph.tensor(f"{node.name}.pool_w", columns.t())], node.name)
+    return graph.op("MatMul", [graph.tensor(f"{node.name}.pool_h", rows), across], node.name)
 
 
 def _averaging(size: int, cells: int, dtype: torch.dtype) -> torch.Tensor:

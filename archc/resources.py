@@ -53,8 +53,9 @@ def preflight(spec, *, batch: int = 1, input_size: int | None = None,
               budget: int | None = None, source: str = "",
               allocates: bool = True) -> tuple[int, int] | None:
     """`(params, estimated bytes)` of building `spec` (None for work that allocates nothing and
-    a spec without an analytic twin); raises `ResourceError` when the estimate exceeds `budget` (default: half of memory) or,
-    for work that `allocates` nothing (meta tensors), only when sizes exceed what torch indexes."""
+    a spec without an analytic twin); raises `ResourceError` when the estimate exceeds `budget`
+    (default: half of memory) or, for work that `allocates` nothing (meta tensors), only when
+    sizes exceed what torch indexes."""
     from archc.analytic_complexity import spec_complexity
 
     try:
