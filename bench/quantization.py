@@ -183,19 +183,21 @@ def machine(args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs per spec")
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--samples", type=int, default=256, help="calibration images")
     parser.add_argument("--rounds", type=int, default=21, help="interleaved timing rounds")
     parser.add_argument("--iterations", type=int, default=50, help="runs per round")
     parser.add_argument("--batch", type=int, default=64, help="the second timed batch size")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads of the timings")
     parser.add_argument("--specs", default=",".join(NAMES),
                         help="comma-separated names in docs/examples/quantization")
     parser.add_argument("--qat-specs", default="repvgg_digits,qarepvgg_digits",
                         help="specs that also get `archc qat` and its float control")
-    parser.add_argument("--qat-epochs", type=int, default=2)
-    parser.add_argument("--qat-lr", type=float, default=0.01)
+    parser.add_argument("--qat-epochs", type=int, default=2,
+                        help="fine-tuning epochs of archc qat (and of its float control)")
+    parser.add_argument("--qat-lr", type=float, default=0.01, help="learning rate of archc qat")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
     import torch

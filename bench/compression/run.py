@@ -8,6 +8,7 @@ the command line that produced it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -160,4 +161,8 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, metavar="OUT_DIR",
+                        help="folder for results.json and the checkpoints (a rerun resumes: "
+                        "entries already in OUT_DIR/results.json are kept)")
+    main(parser.parse_args().out)
