@@ -55,3 +55,10 @@ def test_docs_name_no_machine_paths():
     for path in [*DOCS.glob("*.md"), DOCS.parent / "README.md"]:
         found = machine_path.search(path.read_text())
         assert found is None, f"{path.name} names a path on a machine: {found.group(0)}"
+
+
+def test_architecture_lists_every_module():
+    text = (DOCS / "architecture.md").read_text()
+    for path in sorted((DOCS.parent / "archc").glob("*.py")):
+        if path.stem not in ("__init__", "__main__"):
+            assert f"`archc/{path.name}`" in text, f"docs/architecture.md omits archc/{path.name}"
