@@ -209,7 +209,9 @@ def main() -> None:
             rows.append(bench_spec(name, Path(folder), args))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
-    command = " ".join(["bench/quantization.py", *sys.argv[1:]])
+    # file arguments by name only: the docs must not name a folder on the measuring machine
+    command = " ".join(["bench/quantization.py",
+                        *(Path(a).name if "/" in a else a for a in sys.argv[1:])])
     print(f"Measured with `{command}` on {machine(args)}; {args.epochs} epochs, seed "
           f"{args.seed}, {args.samples} calibration images, 360 validation images.\n")
     print(accuracy_table(rows))
