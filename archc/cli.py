@@ -214,7 +214,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="pycls initialisation (default) or random weights with randomized BN "
         "statistics (what verification tests use)",
     )
-    build.add_argument("--no-simplify", action="store_true", help="skip onnx-simplifier")
+    build.add_argument("--no-simplify", action="store_true",
+                       help="skip onnx-simplifier (it runs on torch.onnx's output only: archc's "
+                       "translation has nothing to fold)")
     _add_memory_option(build)
     _add_pass_options(build, "default: 'default'; a .pt checkpoint keeps the spec form")
     _add_deploy_options(build)

@@ -8,8 +8,8 @@ theirs the same way, with `verify_emitted`). Relative error is `max|y - y_ref| /
 
 ONNX path: archc's own node-by-node translation of the graph (`archc.onnx_direct`: fast, and the
 deploy graph's names kept) or, for a graph outside its vocabulary,
-`torch.onnx.export(dynamo=True, optimize=True, external_data=False)`, at a pinned opset; then
-onnx-simplifier, kept only if its own numeric check passes, then the ONNX Runtime parity run.
+`torch.onnx.export(dynamo=True, optimize=True, external_data=False)` followed by onnx-simplifier
+(kept only if its own numeric check passes), at a pinned opset; then the ONNX Runtime parity run.
 """
 
 from __future__ import annotations
@@ -149,8 +149,8 @@ def export_onnx(
             report.notes.append(f"exporter: torch.onnx (no direct translation: {exc})")
     if model is None:
         model = _torch_onnx_export(gm, example_input, opset, dynamic_batch)
-    if simplify:
-        model = _simplify(model, report)
+        if simplify:  # archc's translation leaves nothing to fold: constants are constants
+            model = _simplify(model, report)
     onnx.checker.check_model(model)
     data = model.SerializeToString()
     session = _onnxruntime_session(data)

@@ -15,9 +15,10 @@ so each node maps to one or a few ONNX operators:
     view / reshape -> Reshape of the concatenated sizes, transpose / permute -> Transpose
     cat -> Concat, chunk -> Split (torch's sizes: ceil(n / chunks), the last one smaller)
 
-Sizes read from tensors stay symbolic (Shape -> Gather), so a dynamic batch survives a channel
-shuffle's reshape; onnx-simplifier folds them when every size is static. Shapes, dtypes and
-chunk sizes come from one run of the graph on the example input, recorded node by node.
+Sizes that depend on the batch stay symbolic with a dynamic batch (Shape -> Gather), so it survives
+a channel shuffle's reshape; every other size is a constant, so the graph needs no simplifier.
+Shapes, dtypes, sizes and chunk sizes come from one run of the graph on the example input,
+recorded node by node.
 
 A node outside the vocabulary raises `Untranslatable` naming it, and the caller falls back to the
 general exporter; the result is verified in ONNX Runtime either way (`archc.export`).
@@ -73,11 +74,12 @@ class _TensorInfo:
 class _Translation:
     """The ONNX nodes, initializers and value names of one graph being translated."""
 
-    def __init__(self, gm: GraphModule, values: dict[Node, Any]):
+    def __init__(self, gm: GraphModule, values: dict[Node, Any], dynamic_batch: bool):
         import onnx.helper
 
         self.helper = onnx.helper
-        self.gm, self.values = gm, values
+        self.gm, self.values, self.dynamic_batch = gm, values, dynamic_batch
+        self.batch_sizes: set[Node] = set()  # int / Size nodes whose value depends on the batch
         self.modules = dict(gm.named_modules())
         self.nodes: list = []
         self.initializers: dict[str, Any] = {}
@@ -160,7 +162,7 @@ def translate(gm: GraphModule, example_input: torch.Tensor, *, opset: int,
     recorder = _Recorder(gm)
     with torch.no_grad():
         recorder.run(example_input)
-    graph = _Translation(gm, recorder.values)
+    graph = _Translation(gm, recorder.values, dynamic_batch)
     inputs, outputs = [], []
     batch = "batch" if dynamic_batch else None
     for node in gm.graph.nodes:
@@ -208,12 +210,34 @@ def _outputs(graph: _Translation, node: Node, batch: str | None) -> list:
     for name, value in zip(names, results):
         if not isinstance(value, Node):
             raise Untranslatable("an output that is not a tensor")
-        graph.nodes.append(graph.helper.make_node("Identity", [graph.input(value)], [name]))
+        _name_output(graph, graph.input(value), name)
         infos.append(_value_info(graph.helper, name, graph.info(value), batch))
     return infos
 
 
+def _name_output(graph: _Translation, value: str, name: str) -> None:
+    """Give the graph output `name`: rename the value where a node of ours produces it (and it
+    is not already an output), else copy it through an Identity (the input, a weight)."""
+    producer = next((node for node in graph.nodes if value in node.output), None)
+    if producer is None or value.startswith("output"):
+        graph.nodes.append(graph.helper.make_node("Identity", [value], [name]))
+        return
+    for node in graph.nodes:
+        node.output[:] = [name if v == value else v for v in node.output]
+        node.input[:] = [name if v == value else v for v in node.input]
+    for fx_node, onnx_name in graph.names.items():
+        if onnx_name == value:
+            graph.names[fx_node] = name
+
+
 def _translate_node(graph: _Translation, node: Node) -> Any:
+    value = graph.values.get(node)
+    if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, torch.Size):
+        if _depends_on_batch(graph, node):
+            graph.batch_sizes.add(node)
+        else:  # a size fixed by the weights and the input's static dims: a constant
+            return graph.constant(list(value) if isinstance(value, torch.Size) else value,
+                                  torch.int64, node.name)
     if node.op == "call_module":
         module = graph.modules[str(node.target)]
         handler = _MODULES.get(type(module))
@@ -232,6 +256,19 @@ def _translate_node(graph: _Translation, node: Node) -> Any:
         name = getattr(node.target, "__name__", node.target)
         raise Untranslatable(f"{node.name}: function {name}")
     return handler(graph, node)
+
+
+def _depends_on_batch(graph: _Translation, node: Node) -> bool:
+    """Whether an int or Size node reads the batch dimension (with a dynamic batch only):
+    `x.size(0)`, `x.size()`, `x.size()[0]`, and arithmetic on those."""
+    if not graph.dynamic_batch:
+        return False
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return dim is None or dim % len(graph.info(node.args[0]).shape) == 0
+    if node.target is operator.getitem and node.args[0] in graph.batch_sizes:
+        return not isinstance(node.args[1], int) or node.args[1] == 0
+    return any(n in graph.batch_sizes for n in node.all_input_nodes)
 
 
 # ---- modules
@@ -495,6 +532,8 @@ def _reshape(graph: _Translation, node: Node) -> str:
     sizes = node.args[1:]
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
         sizes = tuple(sizes[0])
+    sizes = [graph.values[s] if isinstance(s, Node) and s not in graph.batch_sizes else s
+             for s in sizes]  # a size that does not depend on the batch is a number
     if all(isinstance(s, int) for s in sizes):
         shape = graph.constant(list(sizes), torch.int64, "shape")
     else:
