@@ -88,32 +88,9 @@ def build_module(
         if init == "pycls":
             initializers.pycls_init(model, seed)
         else:
-            _randomize_calibrated(model, spec, seed)
+            calibration = initializers.random_input(input_shape(spec, batch=2), seed)
+            initializers.randomize(model, seed, calibration_input=calibration)
     return model.eval()
-
-
-CALIBRATION_BATCH = 8
-CALIBRATION_SIDES = (32, 64, 128)
-
-
-def _randomize_calibrated(model: nn.Module, spec: Spec, seed: int) -> None:
-    """`init="random"`: random weights, BN statistics calibrated on a random batch of
-    CALIBRATION_BATCH at the smallest of CALIBRATION_SIDES (or the spec's own side, if smaller)
-    at which the network runs: the statistics only need to keep activations O(1), and the
-    float64 calibration at 32 pixels costs a fraction of one at 224."""
-    from archc import init as initializers
-
-    sides = sorted({min(side, spec.input.size) for side in CALIBRATION_SIDES}
-                   | {spec.input.size})
-    for side in sides:
-        shape = input_shape(spec, batch=CALIBRATION_BATCH, size=side)
-        try:
-            initializers.randomize(model, seed,
-                                   calibration_input=initializers.random_input(shape, seed))
-            return
-        except RuntimeError:  # too small for the network's pools and strides
-            if side == sides[-1]:
-                raise
 
 
 def build(
