@@ -187,9 +187,10 @@ def bad_checkpoints(tmp_path, foreign_model):
     assert main(["build", "specs/regnetx_200mf.yaml", "-o", str(good)]) == 0
     data = good.read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    (tmp_path / "random.pt").write_bytes(
-        torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes()
-    )
+    # seeded noise whose first byte is no format's marker (0x80 pickle, PK zip, 0x08 ONNX)
+    noise = torch.randint(0, 256, (4096,), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+    (tmp_path / "random.pt").write_bytes(b"\x13" + noise[1:])
     payload = torch.load(good, weights_only=True)
     payload["state_dict"]["s1.b1.f.a.conv.weight"] = torch.zeros(3, 3, 1, 1)
     torch.save(payload, tmp_path / "mismatch.pt")
