@@ -474,8 +474,9 @@ def pass_cost_section(rows: list[dict], args) -> str:
         f"`python bench/run.py --sections pass-cost`: {args.pass_cost_rounds} rounds, each running "
         "every graph once with verification off and once with it on (median [min-max] of the "
         "rounds; time after `import`, the graph already built). *Passes* is `run_pipeline` with "
-        "`verify=False`: copying the graph structure, one shape propagation on meta tensors, the "
-        "seven passes and their reports. *Verification* is what verification adds: the float64 "
+        "`verify=False`: copying the graph structure, one shape propagation (a real run for "
+        "graphs up to 50M params, meta tensors beyond), the seven passes and their reports. "
+        "*Verification* is what verification adds: the float64 "
         "copy, the float64 reference run, a float64 run after every pass that changed the graph, "
         "and the result's float32 check. `depthN` is N RepVGG-style train-form blocks of 64 "
         "channels at 32x32, each folded and merged; its per-node time shows the cost is linear in "
@@ -529,8 +530,9 @@ def tool_cost_section(timings: dict[str, Timing]) -> str:
         "Wall time of each command in a fresh process (`python bench/run.py --sections "
         "tool-cost`), interleaved over rounds; the ratio is the median of the per-round ratios "
         "to `import torch` in the same round. `archc build` lowers, folds BN, verifies every "
-        "pass in float64 and the fp32 result, exports, simplifies and checks the ONNX file in "
-        "ONNX Runtime at two batch sizes.",
+        "pass in float64 and the fp32 result, writes the ONNX file (archc's own translation; "
+        "with `--onnx-exporter torch`, torch.onnx's dynamo exporter and onnx-simplifier) and "
+        "checks it in ONNX Runtime at two batch sizes.",
         "",
         f"Machine: {machine()}.",
         "",
