@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from archc import arguments, cli_compress, cli_quant, cli_space
+from archc.cli_output import Output
 from archc.errors import first_line
 
 OUTPUT_FORMATS = (".onnx", ".pt", ".pt2", ".py")
@@ -36,29 +37,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
-
-
-class Output:
-    """Where a command's text goes: `say` to stdout (not with --quiet or --json), `progress` to
-    stderr (on a terminal or with --progress, never with --quiet), `report` the --json document."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.quiet = getattr(args, "quiet", False)
-        self.json = getattr(args, "json", False)
-        self.show_progress = not self.quiet and (getattr(args, "progress", False)
-                                                 or sys.stderr.isatty())
-
-    def say(self, text: str) -> None:
-        if not (self.quiet or self.json):
-            print(text, flush=True)
-
-    def progress(self, text: str) -> None:
-        if self.show_progress:
-            print(text, file=sys.stderr, flush=True)
-
-    def report(self, document: dict) -> None:
-        if self.json:
-            print(json.dumps(document, indent=1))
 
 
 def _add_deploy_options(parser: argparse.ArgumentParser) -> None:

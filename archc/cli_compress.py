@@ -14,16 +14,6 @@ from pathlib import Path
 from archc import arguments
 
 
-def _fraction_open(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{value:g} is not in (0, 1)")
-    return value
-
-
 def _energy(text: str) -> float:
     try:
         value = float(text)
@@ -52,10 +42,10 @@ def add_commands(commands) -> None:
     prune.add_argument("-o", "--output", type=_checkpoint_output, required=True, metavar="OUT",
                        help="pruned checkpoint (.pt)")
     amount = prune.add_mutually_exclusive_group(required=True)
-    amount.add_argument("--ratio", type=_fraction_open, metavar="R",
+    amount.add_argument("--ratio", type=arguments.open_unit_interval, metavar="R",
                         help="fraction of each group's channels (or, with --global, of all "
                         "prunable channels) to remove, in (0, 1)")
-    amount.add_argument("--macs", type=_fraction_open, metavar="F",
+    amount.add_argument("--macs", type=arguments.open_unit_interval, metavar="F",
                         help="search the ratio so that the pruned model keeps at most this "
                         "fraction of the MACs, e.g. 0.5")
     prune.add_argument("--criterion", choices=("l1", "l2", "bn-scale", "random"), default="l1",
@@ -89,7 +79,7 @@ def add_commands(commands) -> None:
     target.add_argument("--energy", type=_energy, default=None, metavar="E",
                         help="keep this fraction of each layer's squared singular values, in "
                         "(0, 1] (default 0.9)")
-    target.add_argument("--macs", type=_fraction_open, metavar="F",
+    target.add_argument("--macs", type=arguments.open_unit_interval, metavar="F",
                         help="one energy for all layers, searched so that the model keeps at "
                         "most this fraction of the MACs")
     lowrank.add_argument("--data", default=None, metavar="DATA",

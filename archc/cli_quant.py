@@ -7,12 +7,11 @@ As in `archc.cli`, parsing imports nothing heavy; the handlers import what they 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from pathlib import Path
 
 from archc import arguments
+from archc.cli_output import Output
 
 METHODS = ("minmax", "entropy", "percentile")  # as archc.quantize.METHODS (torch-free here)
 
@@ -141,35 +140,13 @@ def _run(args: argparse.Namespace, model: Path, data: str, output: Path, progres
                     threads=args.threads, progress=progress)
 
 
-class _Output:
-    """As `archc.cli.Output` (text on stdout unless --quiet/--json, progress on stderr on a
-    terminal or with --progress, the --json document), without importing archc.cli."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.quiet, self.json = getattr(args, "quiet", False), getattr(args, "json", False)
-        self.show_progress = not self.quiet and (getattr(args, "progress", False)
-                                                 or sys.stderr.isatty())
-
-    def say(self, text: str) -> None:
-        if not (self.quiet or self.json):
-            print(text, flush=True)
-
-    def progress(self, text: str) -> None:
-        if self.show_progress:
-            print(text, file=sys.stderr, flush=True)
-
-    def report(self, document: dict) -> None:
-        if self.json:
-            print(json.dumps(document, indent=1))
-
-
 def _quantize(args: argparse.Namespace) -> int:
     from archc.quantize import QuantizationError
 
     if args.model.resolve() == args.output.resolve():
         raise QuantizationError(f"{args.output}: the int8 model would replace its input; give "
                                 f"another -o")
-    out = _Output(args)
+    out = Output(args)
     report = _run(args, args.model, args.calib, args.output, out.progress)
     _say(report, args.model, args.calib, out)
     out.report({"command": "quantize", "source": str(args.model), "data": args.calib,
@@ -224,7 +201,7 @@ def _qat(args: argparse.Namespace) -> int:
     from archc.quantize import quantize
     from archc.train import TrainConfig, Trainer, check_classes, evaluate
 
-    out = _Output(args)
+    out = Output(args)
     spec_dict, model = load_checkpoint(args.checkpoint)
     spec = spec_from_mapping(spec_dict, str(args.checkpoint))
     data = load_data(args.data, spec.input.channels, spec.input.size)

@@ -223,7 +223,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys):
             main(["prune", str(ckpt), "--ratio", ratio, "-o", str(tmp_path / "p.pt")])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "is not in (0, 1)" in err
+        assert err.count("\n") == 1 and "is not between 0 and 1" in err
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(yaml.safe_dump({
         "name": "tiny", "input": {"channels": 1, "size": 8}, "num_classes": 10,
