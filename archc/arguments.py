@@ -42,6 +42,41 @@ def int_in(low: int, high: int, what: str) -> Callable[[str], int]:
     return parse
 
 
+def finite_float(text: str) -> float:
+    """A float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite float >= 0 (a learning rate, a penalty strength)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is negative")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0 (a temperature)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not positive")
+    return value
+
+
+def closed_unit_interval(text: str) -> float:
+    """A float in [0, 1] (a loss weight)."""
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not in [0, 1]")
+    return value
+
+
 def open_unit_interval(text: str) -> float:
     """A float strictly between 0 and 1 (a relative tolerance, a ratio)."""
     try:

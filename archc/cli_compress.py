@@ -216,14 +216,15 @@ HANDLERS = {"prune": _prune, "lowrank": _lowrank, "reduce": _reduce}
 def add_train_options(train: argparse.ArgumentParser) -> None:
     """`archc train` options of the compression plugins (archc.compress_train)."""
     group = train.add_argument_group("compression (archc.compress_train)")
-    group.add_argument("--slimming", type=_nonnegative, default=None, metavar="LAMBDA",
+    group.add_argument("--slimming", type=arguments.nonnegative_float, default=None,
+                       metavar="LAMBDA",
                        help="network slimming: add LAMBDA * sum |BN gamma| to the loss (e.g. "
                        "1e-4); then `archc prune --criterion bn-scale --global`")
     group.add_argument("--teacher", type=Path, default=None, metavar="CKPT",
                        help="distil from this trained checkpoint (same classes and input)")
-    group.add_argument("--kd-temperature", type=_positive, default=4.0, metavar="T",
+    group.add_argument("--kd-temperature", type=arguments.positive_float, default=4.0, metavar="T",
                        help="softmax temperature of the distillation loss (default 4)")
-    group.add_argument("--kd-weight", type=_unit, default=0.5, metavar="W",
+    group.add_argument("--kd-weight", type=arguments.closed_unit_interval, default=0.5, metavar="W",
                        help="loss = (1 - W) cross-entropy + W T^2 KL(teacher || student) "
                        "(default 0.5)")
     group.add_argument("--freeze", action="append", default=[], metavar="PATTERN",
@@ -232,37 +233,6 @@ def add_train_options(train: argparse.ArgumentParser) -> None:
     group.add_argument("--lora", type=arguments.positive_int, default=None, metavar="R",
                        help="freeze every dense conv and train a rank-R linear branch beside it "
                        "instead; the branches are merged into the convs before saving")
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def _nonnegative(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is negative")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not positive")
-    return value
-
-
-def _unit(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value:g} is not in [0, 1]")
-    return value
 
 
 def train_plugins(args: argparse.Namespace, spec) -> tuple[list, dict, dict]:

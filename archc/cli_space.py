@@ -41,18 +41,8 @@ def _add_space_source(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
-    return value
-
-
 def _fraction(text: str) -> float:
-    value = _nonnegative_float(text)
+    value = arguments.nonnegative_float(text)
     if not value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
     return value
@@ -68,12 +58,12 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs_required: bool
                        default=None if epochs_required else 10,
                        help="epochs" + ("" if epochs_required else " (default 10)"))
     group.add_argument("--batch-size", type=arguments.positive_int, default=64, help="default 64")
-    group.add_argument("--lr", type=_nonnegative_float, default=0.1,
+    group.add_argument("--lr", type=arguments.nonnegative_float, default=0.1,
                        help="peak learning rate of the cosine schedule (default 0.1)")
     group.add_argument("--momentum", type=_fraction, default=0.9, help="SGD momentum (0.9)")
-    group.add_argument("--weight-decay", type=_nonnegative_float, default=5e-4,
+    group.add_argument("--weight-decay", type=arguments.nonnegative_float, default=5e-4,
                        help="default 5e-4")
-    group.add_argument("--warmup-epochs", type=_nonnegative_float, default=0.0,
+    group.add_argument("--warmup-epochs", type=arguments.nonnegative_float, default=0.0,
                        help="linear warm-up epochs (default 0)")
     group.add_argument("--label-smoothing", type=_fraction, default=0.0, help="default 0")
     group.add_argument("--ema", type=_fraction, default=None, metavar="DECAY",
