@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from archc import arguments
+from archc.cli_output import write_spec
 
 
 def _energy(text: str) -> float:
@@ -61,6 +62,9 @@ def add_commands(commands) -> None:
                        "channels (default), or keep the group width and remove whole groups")
     prune.add_argument("--seed", type=arguments.seed, default=0,
                        help="seed of the random criterion (default 0)")
+    prune.add_argument("--spec", dest="spec_output", type=Path, default=None, metavar="FILE",
+                       help="also write the pruned model's spec (YAML, or JSON for .json); an "
+                       "error if the pruned widths are not expressible as a spec")
     prune.add_argument("--json", action="store_true",
                        help="print one machine-readable JSON report on stdout instead of text")
 
@@ -117,7 +121,9 @@ def _load(path: Path):
 
 def _prune(args: argparse.Namespace) -> int:
     from archc.checkpoint import save_checkpoint
-    from archc.pruning import PruneConfig, prune, prune_to_macs
+    from archc.loading import spec_from_mapping
+    from archc.pruned_spec import graph_with_weights, spec_for_graph
+    from archc.pruning import PruneConfig, PruneError, prune, prune_to_macs
 
     spec_dict, gm, example = _load(args.checkpoint)
 
@@ -129,14 +135,28 @@ def _prune(args: argparse.Namespace) -> int:
         result = prune(gm, example, config(args.ratio))
     else:
         result = prune_to_macs(gm, example, args.macs, config)
-    save_checkpoint(result.graph_module, spec_dict, args.output, example)
+    fit = spec_for_graph(spec_from_mapping(spec_dict, str(args.checkpoint)), result.graph_module)
+    if args.spec_output is not None and fit.spec is None:
+        raise PruneError(f"{args.spec_output}: the pruned model is not expressible as a spec: "
+                         f"{fit.reason}")
+    if fit.spec is None:  # the original spec plus graph edits
+        save_checkpoint(result.graph_module, spec_dict, args.output, example)
+        spec_line = f"spec: none ({fit.reason}); {args.output} holds the graph edits"
+    else:
+        save_checkpoint(graph_with_weights(fit.spec, result.graph_module), fit.spec,
+                        args.output, example)
+        spec_line = f"spec: {fit.spec['name']}, stored in {args.output}"
+    if args.spec_output is not None:
+        write_spec(fit.spec, args.spec_output)
     document = {"command": "prune", "source": str(args.checkpoint), "output": str(args.output),
                 "params": list(result.params), "macs": list(result.macs),
-                "groups": [vars(g) for g in result.groups], "notes": result.notes}
+                "groups": [vars(g) for g in result.groups], "notes": result.notes,
+                "spec": fit.spec, "spec_reason": fit.reason}
     if args.json:
         print(json.dumps(document, indent=1))
     elif not getattr(args, "quiet", False):
         print(result.format())
+        print(spec_line)
         print(f"wrote {args.output}")
     return 0
 

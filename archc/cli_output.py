@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 class Output:
@@ -29,3 +30,21 @@ class Output:
     def report(self, document: dict) -> None:
         if self.json:
             print(json.dumps(document, indent=1))
+
+
+def write_spec(spec_dict: dict, output: Path | None) -> None:
+    """A spec as YAML (JSON for a .json name), written atomically to `output` or to stdout."""
+    import yaml
+
+    if output is not None and output.suffix.lower() == ".json":
+        text = json.dumps(spec_dict, indent=1) + "\n"
+    else:
+        text = yaml.safe_dump(spec_dict, sort_keys=False)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    from archc.fileio import atomic_output
+
+    with atomic_output(output) as temporary:
+        temporary.write_text(text)
+    print(f"wrote {output}", file=sys.stderr)

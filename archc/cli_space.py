@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from archc import arguments, cli_compress
+from archc.cli_output import write_spec
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -314,25 +315,8 @@ def _fit(args: argparse.Namespace) -> int:
     if any(stage.stride != 2 for stage in spec.stages()):
         print("  note: every RegNet stage has stride 2, unlike the source's "
               f"{[s.stride for s in spec.stages()]}", file=sys.stderr)
-    _write_spec(fitted_spec.to_dict(), args.output)
+    write_spec(fitted_spec.to_dict(), args.output)
     return 0
-
-
-def _write_spec(spec_dict: dict, output: Path | None) -> None:
-    import yaml
-
-    if output is not None and output.suffix.lower() == ".json":
-        text = json.dumps(spec_dict, indent=1) + "\n"
-    else:
-        text = yaml.safe_dump(spec_dict, sort_keys=False)
-    if output is None:
-        sys.stdout.write(text)
-        return
-    from archc.fileio import atomic_output
-
-    with atomic_output(output) as temporary:
-        temporary.write_text(text)
-    print(f"wrote {output}", file=sys.stderr)
 
 
 def _fit_records(args: argparse.Namespace) -> int:
