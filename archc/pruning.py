@@ -41,7 +41,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -72,10 +72,16 @@ class PruneConfig:
     round_to: int = 1
     group_policy: str = "keep-count"
     seed: int = 0  # for the random criterion
+    # per layer: the ratio of the groups grouped convs cut into segments (their counts move in
+    # steps of a segment count); None: `ratio`
+    grouped_ratio: float | None = None
 
     def __post_init__(self):
-        if not 0 < self.ratio < 1:
-            raise PruneError(f"the pruning ratio must be in (0, 1), not {self.ratio}")
+        for name in ("ratio", "grouped_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise PruneError(f"the pruning {name.replace('_', ' ')} must be in (0, 1), "
+                                 f"not {value}")
         if self.criterion not in CRITERIA:
             raise PruneError(f"unknown criterion {self.criterion!r}; one of {', '.join(CRITERIA)}")
         if self.group_policy not in GROUP_POLICIES:
@@ -314,8 +320,14 @@ def _decide(units: list[_Unit], config: PruneConfig) -> list[np.ndarray]:
         threshold = np.sort(everything)[cut - 1] if cut > 0 else -np.inf
         wanted = [int((p > threshold).sum()) for p in pooled]
     else:
-        wanted = [math.ceil((1 - config.ratio) * unit.size) for unit in units]
+        wanted = [math.ceil((1 - _unit_ratio(unit, config)) * unit.size) for unit in units]
     return [_keep(unit, want, config.round_to) for unit, want in zip(units, wanted)]
+
+
+def _unit_ratio(unit: _Unit, config: PruneConfig) -> float:
+    if unit.segments > 1 and config.grouped_ratio is not None:
+        return config.grouped_ratio
+    return config.ratio
 
 
 def _unit_scores(unit: _Unit) -> np.ndarray:
@@ -576,25 +588,51 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
     """Bisect the ratio so that the pruned model has at most `target` (a fraction) of the MACs,
     as close as the steps allow; the result with the largest MACs not above the target. The
     search counts MACs from the kept channel counts (`_estimated_macs`); only the chosen ratio
-    is pruned."""
+    is pruned.
+
+    Per layer, the groups of grouped convs keep counts in steps of their segment count, so one
+    ratio for all can stop well below the target (the next step is above it). The grouped
+    groups then keep the ratio found, and a second bisection lowers the other groups' ratio to
+    fill up to the target."""
     if not 0 < target < 1:
         raise PruneError(f"the MACs target must be a fraction in (0, 1), not {target}")
     prepared = _prepare(gm, example_input, make_config(0.5))
-    copy_, cg, units, _, before = prepared
+    copy_, cg, units, notes, before = prepared
     macs = _node_macs_params(copy_)
-    low, high, best = 0.0, 0.99, None
-    for _ in range(steps):
-        ratio = (low + high) / 2
-        config = make_config(ratio)
-        estimate = _estimated_macs(copy_, cg, _keep_map(units, _decide(units, config)), macs)
-        if estimate <= target * before.flops:
-            best, high = ratio, ratio
-        else:
-            low = ratio
+
+    def fits(config: PruneConfig) -> bool:
+        keep = _keep_map(units, _decide(units, config))
+        return _estimated_macs(copy_, cg, keep, macs) <= target * before.flops
+
+    best = _smallest_fitting_ratio(lambda r: fits(make_config(r)), 0.0, 0.99, steps)
     if best is None:
-        keep = _keep_map(units, _decide(units, make_config(high)))
+        keep = _keep_map(units, _decide(units, make_config(0.99)))
         fraction = _estimated_macs(copy_, cg, keep, macs) / before.flops
-        raise PruneError(f"cannot reach {100 * target:.0f}% of the MACs: at ratio {high} the "
+        raise PruneError(f"cannot reach {100 * target:.0f}% of the MACs: at ratio 0.99 the "
                          f"pruned model keeps {100 * fraction:.1f}% (its other channels are "
                          f"fixed)")
-    return prune(gm, example_input, make_config(best), prepared)
+    config = make_config(best)
+    grouped = {unit.segments > 1 for unit in units}
+    if not config.global_threshold and grouped == {False, True}:
+        refill = _smallest_fitting_ratio(
+            lambda r: fits(replace(make_config(r), grouped_ratio=best)), 0.0, best, steps)
+        if refill is not None and refill < best:
+            config = replace(make_config(refill), grouped_ratio=best)
+            notes.append(f"ratio {refill:.3f}; the groups of grouped convs {best:.3f} (their "
+                         f"kept counts move in whole steps)")
+    return prune(gm, example_input, config, prepared)
+
+
+def _smallest_fitting_ratio(fits: Callable[[float], bool], low: float, high: float,
+                            steps: int) -> float | None:
+    """Bisection for the smallest ratio in (low, high] that `fits` (fewer channels fit more
+    easily); None if not even `high` fits."""
+    if not fits(high):
+        return None
+    for _ in range(steps):
+        ratio = (low + high) / 2
+        if fits(ratio):
+            high = ratio
+        else:
+            low = ratio
+    return high

@@ -80,8 +80,11 @@ def test_shipped_specs_pruned_per_layer_give_a_spec(name):
        depth=st.integers(1, 2), grouped=st.booleans(), ratio=st.sampled_from([0.25, 0.5, 0.7]),
        hidden=st.booleans())
 def test_per_layer_pruning_is_always_expressible(block, widths, depth, grouped, ratio, hidden):
-    """Per-layer pruning of these blocks always has a spec, and the spec's graph holding the
-    pruned weights computes the pruned function."""
+    """Per-layer pruning of residual blocks always has a spec (inner and output widths keep one
+    ratio in every block), and a spec found computes the pruned function with its weights.
+    Inverted residuals need not have one: hidden = round(t * w_in) with one t per stage cannot
+    follow ceil-rounded widths of different blocks (stem 8 -> 3, hidden 32 -> 10, width 16 -> 5,
+    hidden 64 -> 20 at ratio 0.7: t = 10/3 gives 17)."""
     stages = []
     for index, width in enumerate(widths):
         stage = {"block": block, "depth": depth, "width": width, "stride": 1 + index}
@@ -93,8 +96,12 @@ def test_per_layer_pruning_is_always_expressible(block, widths, depth, grouped, 
     data = _spec(stages, stem=8, size=16, **({"width": 32} if hidden else {}))
     spec, gm = _pruned(data, PruneConfig(ratio))
     fit = spec_for_graph(spec, gm)
-    assert fit.spec is not None, fit.reason
-    _same_function(fit.spec, gm)
+    if block != "inverted_residual":
+        assert fit.spec is not None, fit.reason
+    if fit.spec is not None:
+        _same_function(fit.spec, gm)
+    else:
+        assert "a spec derives this width" in fit.reason
 
 
 # ---- every reason there is no spec ----

@@ -132,6 +132,21 @@ def test_prune_shipped_specs_to_half_the_macs(name, policy):
             assert all(a == b for a, b in groups) and any(b < a for a, b in widths)
 
 
+def test_macs_search_fills_up_when_grouped_counts_move_in_steps():
+    """RegNetX, group width 8, keep-count: every segment keeps k of 8, so one ratio for all
+    groups stops at 39% of the MACs (k = 5; k = 6 is above 50%). The other groups' ratio is then
+    lowered to fill up to the target; the grouped convs keep their group counts."""
+    spec = archc.load_spec("bench/compression/digits_regnetx.yaml")
+    gm = archc.build(spec, init="random")
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = prune_to_macs(gm, x, 0.5, lambda r: PruneConfig(r))
+    assert 0.48 <= result.macs[1] / result.macs[0] <= 0.5
+    assert any("the groups of grouped convs" in note for note in result.notes)
+    groups = {n: m.groups for n, m in gm.named_modules() if isinstance(m, nn.Conv2d)}
+    assert {n: m.groups for n, m in result.graph_module.named_modules()
+            if isinstance(m, nn.Conv2d)} == groups
+
+
 def test_keep_count_chooses_each_groups_own_channels():
     conv_in = nn.Conv2d(4, 8, 1)
     grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
