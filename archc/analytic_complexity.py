@@ -441,19 +441,23 @@ def head_cx(cx: Cx, head: HeadSpec, w_in: int, num_classes: int) -> Cx:
     return cx
 
 
+def _same_fields(stage: StageSpec, index: int) -> StageSpec:
+    return stage
+
+
 def _stage_cx(cx: Cx, stage: StageSpec, block_cx: Callable, w_in: int) -> Cx:
     """Count a stage's blocks and pool. Blocks after the first have the same fields (but where
     `STAGE_AT` varies them), widths and stride 1: a block that keeps the spatial size is counted
     once and multiplied; one that shrinks it (a `conv` with less than (k - 1) / 2 padding) is
     counted block by block."""
-    fields_at = STAGE_AT.get(stage.block)
-    block_cx(cx, w_in, stage.width, stage.stride, stage if fields_at is None else
-             fields_at(stage, 0))
-    repeated: dict[str, tuple[StageSpec, int]] = {}
+    fields_at = STAGE_AT.get(stage.block, _same_fields)
+    block_cx(cx, w_in, stage.width, stage.stride, fields_at(stage, 0))
+    repeated: dict[str, tuple[StageSpec, int]] = {}  # distinct fields -> (fields, block count)
     for index in range(1, stage.depth):
-        fields = stage if fields_at is None else fields_at(stage, index)
+        fields = fields_at(stage, index)
         key = "" if fields is stage else fields.model_dump_json()
-        repeated[key] = (fields, repeated.get(key, (fields, 0))[1] + 1)
+        count = repeated[key][1] if key in repeated else 0
+        repeated[key] = (fields, count + 1)
     for fields, count in repeated.values():
         block = block_cx(Cx(cx.h, cx.w), stage.width, stage.width, 1, fields)
         if (block.h, block.w) == (cx.h, cx.w):

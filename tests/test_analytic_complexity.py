@@ -20,11 +20,12 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from archc import analysis, lower
-from archc.analytic_complexity import BLOCK_CX, Cx, pool2d_cx, spec_complexity
+from archc.analytic_complexity import BLOCK_CX, STAGE_AT, Cx, pool2d_cx, spec_complexity
 from archc.blocks import BLOCKS
 from archc.errors import SpecError
 from archc.loading import load_spec, spec_from_mapping
 from archc.space import load_space
+from archc.spec import StageSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted(p.stem for p in (ROOT / "spaces").glob("*.yaml"))
@@ -41,6 +42,18 @@ def graph_complexity(spec) -> tuple[int, int, int]:
 
 def test_every_registered_block_has_a_twin():
     assert set(BLOCK_CX) == set(BLOCKS)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_twins_vary_fields_along_a_stage_as_the_blocks_do(stride):
+    """`STAGE_AT` is the torch-free mirror of every `Block.stage_at` (RepViT's alternate SE)."""
+    stage = StageSpec(depth=5, width=16, stride=stride, se_ratio=0.25)
+    for name, block in BLOCKS.items():
+        fields_at = STAGE_AT.get(name, lambda stage, index: stage)
+        assert [fields_at(stage, i) for i in range(5)] == [
+            block.stage_at(stage, i) for i in range(5)], name
+    assert [STAGE_AT["repvit"](stage, i).se_ratio for i in range(5)] == (
+        [0.25, 0.0, 0.25, 0.0, 0.25] if stride == 1 else [0.0, 0.25, 0.0, 0.25, 0.0])
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "specs").glob("*.yaml")))
@@ -220,7 +233,7 @@ def later_block_specs(draw):
     return mapping
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.one_of(no_bn_specs(), later_block_specs()))
 def test_random_specs_over_the_later_blocks_stems_and_heads(mapping):
     spec = spec_from_mapping(mapping)
