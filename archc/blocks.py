@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from archc.errors import SpecError
-from archc.spec import HeadSpec, PoolSpec, StageSpec, StemSpec, make_divisible
+from archc.spec import HeadSpec, PoolSpec, StageSpec, StemSpec, se_in_alternate_blocks
 
 BLOCKS: dict[str, type[Block]] = {}
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -144,12 +144,7 @@ class SqueezeExcitation(nn.Module):
 
 def squeeze_excitation(stage: StageSpec, w_in: int, width: int) -> SqueezeExcitation | None:
     """The stage's SE on `width` channels of a block entered with `w_in`; None if its width is 0."""
-    if stage.se_ratio == 0:
-        return None
-    value = stage.se_ratio * (w_in if stage.se_base == "input" else width)
-    se_width = (
-        make_divisible(value, stage.se_divisor) if stage.se_divisor > 1 else int(round(value))
-    )
+    se_width = stage.se_width(w_in, width)
     if se_width == 0:
         return None
     return SqueezeExcitation(width, se_width, stage.se_gate, stage.se_activation)
@@ -606,14 +601,6 @@ class Fire(Block):
 # one conv per block (structural re-parameterization, R1-R9 of docs/rewrites.md).
 
 
-def _groups(w_in: int, stage: StageSpec) -> int:
-    """Groups of a train-form block's convs; dense where the input width does not divide
-    (e.g. a stage's first block reading the 3-channel image)."""
-    if not stage.group_width or w_in % stage.group_width:
-        return 1
-    return w_in // stage.group_width
-
-
 class TrainFormBlock(Block):
     """`act(sum of branches(x))`: every branch is linear in x; checks the input width's groups."""
 
@@ -625,7 +612,7 @@ class TrainFormBlock(Block):
             return "group_width", (
                 f"width {stage.width} is not divisible by group_width {stage.group_width}"
             )
-        groups = _groups(w_in, stage)
+        groups = stage.train_form_groups(w_in)
         if stage.width % groups:
             return "width", (
                 f"width {stage.width} is not divisible by the {groups} groups of the input "
@@ -653,7 +640,7 @@ class RepVGG(TrainFormBlock):
 
     def __init__(self, w_in: int, w_out: int, stride: int, stage: StageSpec):
         super().__init__()
-        groups = _groups(w_in, stage)
+        groups = stage.train_form_groups(w_in)
         self.conv3x3 = conv_bn(w_in, w_out, 3, stride, groups, act=None)
         self.conv1x1 = conv_bn(w_in, w_out, 1, stride, groups, act=None)
         self.identity = nn.BatchNorm2d(w_out) if w_in == w_out and stride == 1 else None
@@ -684,7 +671,7 @@ class QARepVGG(TrainFormBlock):
 
     def __init__(self, w_in: int, w_out: int, stride: int, stage: StageSpec):
         super().__init__()
-        groups = _groups(w_in, stage)
+        groups = stage.train_form_groups(w_in)
         self.conv3x3 = conv_bn(w_in, w_out, 3, stride, groups, act=None)
         self.conv1x1 = nn.Conv2d(w_in, w_out, 1, stride, 0, groups=groups, bias=False)
         self.identity = w_in == w_out and stride == 1
@@ -714,7 +701,7 @@ class ACB(TrainFormBlock):
 
     def __init__(self, w_in: int, w_out: int, stride: int, stage: StageSpec):
         super().__init__()
-        groups = _groups(w_in, stage)
+        groups = stage.train_form_groups(w_in)
         self.square = conv_bn(w_in, w_out, 3, stride, groups, act=None)
         self.horizontal = _conv_bn_rect(w_in, w_out, (1, 3), stride, groups)
         self.vertical = _conv_bn_rect(w_in, w_out, (3, 1), stride, groups)
@@ -751,7 +738,7 @@ class DBB(TrainFormBlock):
 
     def __init__(self, w_in: int, w_out: int, stride: int, stage: StageSpec):
         super().__init__()
-        groups = _groups(w_in, stage)
+        groups = stage.train_form_groups(w_in)
         self.square = conv_bn(w_in, w_out, 3, stride, groups, act=None)
         self.pointwise = conv_bn(w_in, w_out, 1, stride, groups, act=None)
         self.avg = nn.Sequential(
@@ -853,13 +840,6 @@ class QAMobileOne(MobileOne):
         self.pointwise = MobileOneUnit(w_in, w_out, 1, 1, 1, branches, post_bn=True)
 
 
-def _unit_groups(w_in: int, stage: StageSpec) -> int:
-    """Groups of a unit's convs: `groups`, or w_in / group_width (group_width 1: depthwise)."""
-    if stage.group_width:
-        return w_in // stage.group_width
-    return stage.groups or 1
-
-
 @register_block
 class MobileOneConv(Block):
     """One MobileOne unit as a block (`MobileOneUnit`): the stem of MobileOne (its Stage 1, a
@@ -874,7 +854,7 @@ class MobileOneConv(Block):
         which = "group_width" if stage.group_width else "groups"
         if stage.group_width and w_in % stage.group_width:
             return which, f"input width {w_in} is not divisible by group_width {stage.group_width}"
-        groups = _unit_groups(w_in, stage)
+        groups = stage.unit_groups(w_in)
         for width, what in ((w_in, "input width"), (stage.width, "width")):
             if width % groups:
                 return which, f"{what} {width} is not divisible by {groups} groups"
@@ -882,7 +862,7 @@ class MobileOneConv(Block):
 
     def __init__(self, w_in: int, w_out: int, stride: int, stage: StageSpec):
         super().__init__()
-        self.unit = MobileOneUnit(w_in, w_out, stage.kernel, stride, _unit_groups(w_in, stage),
+        self.unit = MobileOneUnit(w_in, w_out, stage.kernel, stride, stage.unit_groups(w_in),
                                   stage.branches or 1, stage.activation,
                                   squeeze_excitation(stage, w_in, w_out))
 
@@ -1001,8 +981,7 @@ class RepViT(Block):
 
     @classmethod
     def stage_at(cls, stage, index):
-        position = index - 1 if stage.stride > 1 else index  # among the stride-1 blocks
-        return stage if position % 2 == 0 else stage.model_copy(update={"se_ratio": 0.0})
+        return se_in_alternate_blocks(stage, index)
 
     def __init__(self, w_in: int, w_out: int, stride: int, stage: StageSpec):
         super().__init__()

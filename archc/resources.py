@@ -1,8 +1,8 @@
 """Resource pre-flight: refuse work that would not fit in memory before allocating it (torch-free).
 
 A spec's parameter and activation counts come from its analytic twin (`archc.analytic_complexity`,
-microseconds, no allocation) or, for blocks without one, from its graph built on the meta device
-(torch imported, nothing allocated). The estimate of a build's peak memory is deliberately generous:
+microseconds, no allocation; every registered block has one). The estimate of a build's peak
+memory is deliberately generous:
 
     bytes = 24 * params + 16 * acts * batch
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from archc.errors import ResourceError, SpecError
+from archc.errors import ResourceError
 
 BYTES_PER_PARAM = 24
 BYTES_PER_ACT = 16
@@ -51,19 +51,13 @@ def format_bytes(count: float) -> str:
 
 def preflight(spec, *, batch: int = 1, input_size: int | None = None,
               budget: int | None = None, source: str = "",
-              allocates: bool = True) -> tuple[int, int] | None:
-    """`(params, estimated bytes)` of building `spec` (None for work that allocates nothing and
-    a spec without an analytic twin); raises `ResourceError` when the estimate exceeds `budget`
-    (default: half of memory) or, for work that `allocates` nothing (meta tensors), only when
-    sizes exceed what torch indexes."""
+              allocates: bool = True) -> tuple[int, int]:
+    """`(params, estimated bytes)` of building `spec`; raises `ResourceError` when the estimate
+    exceeds `budget` (default: half of memory) or, for work that `allocates` nothing (meta
+    tensors), only when sizes exceed what torch indexes."""
     from archc.analytic_complexity import spec_complexity
 
-    try:
-        _, params, acts = spec_complexity(spec, input_size=input_size)
-    except SpecError:  # a block without an analytic twin: count a graph of meta tensors
-        if not allocates:
-            return None  # the caller's meta build fails on sizes torch cannot index anyway
-        params, acts = _meta_counts(spec, input_size)
+    _, params, acts = spec_complexity(spec, input_size=input_size)
     needed = estimate_bytes(params, acts, batch)
     budget = default_budget() if budget is None else budget
     where = f"{source}: " if source else ""
@@ -75,14 +69,3 @@ def preflight(spec, *, batch: int = 1, input_size: int | None = None,
             f"activations per sample x batch {batch}), more than the budget of "
             f"{format_bytes(budget or 0)}; make it smaller, or raise --max-memory")
     return params, needed
-
-
-def _meta_counts(spec, input_size: int | None) -> tuple[int, int]:
-    """Params and activations per sample of the spec's graph built on the meta device (no data
-    allocated; seconds for a large model, where the analytic twin takes microseconds)."""
-    from archc import lower
-    from archc.analysis import complexity_report
-
-    gm = lower.build(spec, device="meta")
-    total = complexity_report(gm, lower.input_shape(spec, 1, input_size)).total
-    return total.params, total.acts

@@ -242,6 +242,29 @@ class StageSpec(_BottleneckFields):
     layer_scale: Annotated[float, Field(gt=0.0, le=16.0)] | None = None
     pool: PoolSpec | None = None  # a pooling layer after the stage's last block (`sN.pool`)
 
+    def se_width(self, w_in: int, width: int) -> int:
+        """Width of the SE on `width` channels of a block entered with `w_in` (0: no SE):
+        round(se_ratio * base), or make_divisible(se_ratio * base, se_divisor) when the divisor
+        is above 1; base is w_in (`se_base: input`) or `width` (`inner`)."""
+        if self.se_ratio == 0:
+            return 0
+        value = self.se_ratio * (w_in if self.se_base == "input" else width)
+        return make_divisible(value, self.se_divisor) if self.se_divisor > 1 else int(round(value))
+
+    def train_form_groups(self, w_in: int) -> int:
+        """Groups of a train-form block's convs (repvgg, qarepvgg, acb, dbb): w_in / group_width,
+        dense where the input width does not divide (a first block reading the image)."""
+        if not self.group_width or w_in % self.group_width:
+            return 1
+        return w_in // self.group_width
+
+    def unit_groups(self, w_in: int) -> int:
+        """Groups of a `mobileone_unit`'s convs: `groups`, or w_in / group_width (group_width 1:
+        depthwise)."""
+        if self.group_width:
+            return w_in // self.group_width
+        return self.groups or 1
+
     @field_validator("kernel")
     @classmethod
     def _odd_kernel(cls, kernel: int) -> int:
@@ -262,6 +285,13 @@ class StageSpec(_BottleneckFields):
         if value != cls.model_fields[info.field_name].default and not info.data.get("se_ratio"):
             raise ValueError(f"{info.field_name} needs squeeze-excitation: set se_ratio > 0")
         return value
+
+
+def se_in_alternate_blocks(stage: StageSpec, index: int) -> StageSpec:
+    """RepViT's SE placement: the fields of block `index` (0-based) of `stage`, SE kept in the
+    1st, 3rd, ... of the stage's stride-1 blocks (a strided stage's first block has none)."""
+    position = index - 1 if stage.stride > 1 else index  # among the stride-1 blocks
+    return stage if position % 2 == 0 else stage.model_copy(update={"se_ratio": 0.0})
 
 
 class CompoundScaling(_Strict):

@@ -97,8 +97,8 @@ def test_memory_budget_is_an_option(tiny, tmp_path, capsys):
     assert "more than the budget of 1.0 KiB" in one_error_line(capsys)
 
 
-def test_blocks_without_an_analytic_twin_are_budgeted_too(tiny, tmp_path, capsys):
-    """`fire` has no analytic twin: its counts come from a meta-device build, still before any
+def test_blocks_without_bn_are_budgeted_too(tiny, tmp_path, capsys):
+    """A `fire` stage (convs with bias, no BN) is budgeted by its analytic twin, before any
     weight is allocated."""
     tiny.write_text(TINY.replace("block: res_basic", "block: fire, bottleneck_ratio: 8")
                     .replace("stride: 2", "stride: 1")
