@@ -39,9 +39,18 @@ def add_commands(commands) -> None:
         "consistent), scored by filter norm, BN scale or at random; write the pruned "
         "checkpoint. See docs/compression.md.",
     )
-    prune.add_argument("checkpoint", type=Path, metavar="CKPT", help="archc checkpoint (.pt)")
-    prune.add_argument("-o", "--output", type=_checkpoint_output, required=True, metavar="OUT",
-                       help="pruned checkpoint (.pt)")
+    prune.add_argument("checkpoint", type=Path, metavar="MODEL",
+                       help="archc checkpoint (.pt), torch.export program (.pt2) or, with "
+                       "--trust-pickle, a whole pickled nn.Module (.pt)")
+    prune.add_argument("-o", "--output", type=arguments.output_path((".pt", ".pt2")),
+                       required=True, metavar="OUT",
+                       help="pruned archc checkpoint (.pt) of an archc checkpoint; a "
+                       "torch.export program (.pt2) of any other model")
+    prune.add_argument("--trust-pickle", action="store_true",
+                       help="allow a whole pickled nn.Module: unpickling runs its code")
+    prune.add_argument("--input-shape", type=arguments.shape, metavar="N,C,H,W",
+                       help="example input shape of a model without a spec (default: the "
+                       "program's, or a pickled module's first layer channels at 224x224)")
     amount = prune.add_mutually_exclusive_group(required=True)
     amount.add_argument("--ratio", type=arguments.open_unit_interval, metavar="R",
                         help="fraction of each group's channels (or, with --global, of all "
@@ -120,38 +129,49 @@ def _load(path: Path):
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from archc.checkpoint import save_checkpoint
+    from archc.importers import check_example, load_model
+    from archc.init import random_input
     from archc.loading import spec_from_mapping
-    from archc.pruned_spec import graph_with_weights, spec_for_graph
+    from archc.lower import input_shape
     from archc.pruning import PruneConfig, PruneError, prune, prune_to_macs
 
-    spec_dict, gm, example = _load(args.checkpoint)
+    model = load_model(args.checkpoint, trust_pickle=args.trust_pickle)
+    if model.spec is None and args.output.suffix.lower() != ".pt2":
+        raise PruneError(f"{args.output}: {args.checkpoint} is a {model.kind}, not an archc "
+                         f"checkpoint: its pruned form is written as a torch.export program "
+                         f"(-o NAME.pt2)")
+    if model.spec is None and args.spec_output is not None:
+        raise PruneError(f"{args.spec_output}: {args.checkpoint} is a {model.kind}: it has no "
+                         f"spec to prune into one")
+    if model.spec is not None and args.output.suffix.lower() != ".pt":
+        raise PruneError(f"{args.output}: a pruned archc checkpoint is written as .pt (then "
+                         f"`archc fuse` it to .pt2, .onnx or .py)")
+    if model.spec is not None:
+        spec = spec_from_mapping(model.spec, str(args.checkpoint))
+        example = random_input(input_shape(spec, batch=2), 0)
+    else:
+        example = random_input(args.input_shape or model.input_shape or (1, 3, 224, 224), 0)
+        check_example(model.graph_module, example, str(args.checkpoint))
 
     def config(ratio: float) -> PruneConfig:
         return PruneConfig(ratio, args.criterion, args.global_threshold, args.round_to,
                            args.group_policy, args.seed)
 
     if args.ratio is not None:
-        result = prune(gm, example, config(args.ratio))
+        result = prune(model.graph_module, example, config(args.ratio))
     else:
-        result = prune_to_macs(gm, example, args.macs, config)
-    fit = spec_for_graph(spec_from_mapping(spec_dict, str(args.checkpoint)), result.graph_module)
-    if args.spec_output is not None and fit.spec is None:
-        raise PruneError(f"{args.spec_output}: the pruned model is not expressible as a spec: "
-                         f"{fit.reason}")
-    if fit.spec is None:  # the original spec plus graph edits
-        save_checkpoint(result.graph_module, spec_dict, args.output, example)
-        spec_line = f"spec: none ({fit.reason}); {args.output} holds the graph edits"
+        result = prune_to_macs(model.graph_module, example, args.macs, config)
+    document = {"command": "prune", "source": str(args.checkpoint), "kind": model.kind,
+                "output": str(args.output), "params": list(result.params),
+                "macs": list(result.macs), "groups": [vars(g) for g in result.groups],
+                "notes": result.notes}
+    if model.spec is None:
+        from archc.export import export_program
+
+        export_program(result.graph_module, args.output, example, dynamic_batch=True)
+        spec_line = f"spec: none ({args.checkpoint} is a {model.kind})"
     else:
-        save_checkpoint(graph_with_weights(fit.spec, result.graph_module), fit.spec,
-                        args.output, example)
-        spec_line = f"spec: {fit.spec['name']}, stored in {args.output}"
-    if args.spec_output is not None:
-        write_spec(fit.spec, args.spec_output)
-    document = {"command": "prune", "source": str(args.checkpoint), "output": str(args.output),
-                "params": list(result.params), "macs": list(result.macs),
-                "groups": [vars(g) for g in result.groups], "notes": result.notes,
-                "spec": fit.spec, "spec_reason": fit.reason}
+        spec_line = _save_pruned(args, spec, model.spec, result.graph_module, example, document)
     if args.json:
         print(json.dumps(document, indent=1))
     elif not getattr(args, "quiet", False):
@@ -159,6 +179,28 @@ def _prune(args: argparse.Namespace) -> int:
         print(spec_line)
         print(f"wrote {args.output}")
     return 0
+
+
+def _save_pruned(args: argparse.Namespace, spec, spec_dict: dict, gm, example,
+                 document: dict) -> str:
+    """Save a pruned archc checkpoint, as a new spec where one expresses it (and write that
+    spec with --spec); the report's line about the spec."""
+    from archc.checkpoint import save_checkpoint
+    from archc.pruned_spec import graph_with_weights, spec_for_graph
+    from archc.pruning import PruneError
+
+    fit = spec_for_graph(spec, gm)
+    document.update(spec=fit.spec, spec_reason=fit.reason)
+    if args.spec_output is not None and fit.spec is None:
+        raise PruneError(f"{args.spec_output}: the pruned model is not expressible as a spec: "
+                         f"{fit.reason}")
+    if fit.spec is None:  # the original spec plus graph edits
+        save_checkpoint(gm, spec_dict, args.output, example)
+        return f"spec: none ({fit.reason}); {args.output} holds the graph edits"
+    save_checkpoint(graph_with_weights(fit.spec, gm), fit.spec, args.output, example)
+    if args.spec_output is not None:
+        write_spec(fit.spec, args.spec_output)
+    return f"spec: {fit.spec['name']}, stored in {args.output}"
 
 
 def _lowrank(args: argparse.Namespace) -> int:

@@ -1,0 +1,59 @@
+"""`archc prune` on models archc did not build (tests/wild/prunable.py: torchvision- and
+timm-style code), reached as a pickled module or a torch.export program: the pruned model is
+written as a torch.export program whose complexity `archc info` agrees with."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from archc.cli import main
+from archc.init import random_input, randomize
+from tests.wild.prunable import NETWORKS
+
+SHAPE = (2, 3, 32, 32)
+
+
+def _model(name: str):
+    return randomize(NETWORKS[name](), 0, calibration_input=random_input((4, *SHAPE[1:]), 1)).eval()
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "resnext_bottleneck", "mobilenet_v2"])
+def test_pickled_library_model_prunes_to_a_program_info_agrees(tmp_path, capsys, name):
+    source, out = tmp_path / "model.pt", tmp_path / "pruned.pt2"
+    torch.save(_model(name), source)
+    assert main(["prune", str(source), "--trust-pickle", "--input-shape", "2,3,32,32",
+                 "--macs", "0.5", "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "pickled nn.Module"
+    assert 0.4 * report["macs"][0] <= report["macs"][1] <= 0.5 * report["macs"][0]
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["flops"], info["params"]) == (report["macs"][1], report["params"][1])
+    program = torch.export.load(str(out)).module()
+    assert program(random_input(SHAPE, 3)).shape == (2, 10)
+
+
+def test_refuses_outputs_that_do_not_fit_the_source(tmp_path, capsys):
+    source = tmp_path / "model.pt"
+    torch.save(_model("resnet_basic"), source)
+    common = ["prune", str(source), "--trust-pickle", "--input-shape", "2,3,32,32", "--ratio",
+              "0.5"]
+    cases = [
+        (["-o", str(tmp_path / "p.pt")], "its pruned form is written as a torch.export program"),
+        (["-o", str(tmp_path / "p.pt2"), "--spec", str(tmp_path / "p.yaml")], "it has no spec"),
+    ]
+    for extra, message in cases:
+        assert main(common + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert main(["prune", str(source), "--ratio", "0.5", "-o", str(tmp_path / "p.pt2")]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main(["build", "bench/compression/digits_resnet.yaml", "-o", str(tmp_path / "a.pt"),
+                 "-q"]) == 0
+    assert main(["prune", str(tmp_path / "a.pt"), "--ratio", "0.5", "-o",
+                 str(tmp_path / "a.pt2")]) == 2
+    assert "a pruned archc checkpoint is written as .pt" in capsys.readouterr().err
+    assert not list(tmp_path.glob("p.*")) and not (tmp_path / "a.pt2").exists()
