@@ -15,6 +15,8 @@ Edits are dicts of plain values (loadable with `torch.load(weights_only=True)`):
 - `{"op": "chain", "node": n, "modules": [N1, N2, ...]}`: the call of one module becomes the
   calls of N1, N2, ... in sequence (the modules must exist: put them with `module` edits first).
 - `{"op": "delete", "name": N}`: remove a module nothing calls any more.
+- `{"op": "tensor", "name": N, "shape": [..]}`: the parameter or buffer N (a layer scale, the
+  weights a functional batch_norm reads) has this shape now; its values come with the state_dict.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from archc.errors import CheckpointError
+from archc.graph import attribute
 
 EDITS_KEY = "archc_edits"
 
@@ -99,6 +102,25 @@ def put_module(gm: GraphModule, name: str, module: nn.Module) -> None:
     record(gm, {"op": "module", "name": name, "config": module_config(module)})
 
 
+def set_tensor(gm: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace the parameter or buffer `name` by `value`, keeping its kind."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    old = getattr(owner, leaf)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        raise KeyError(f"{name} is neither a parameter nor a buffer")
+
+
+def put_tensor(gm: GraphModule, name: str, value: torch.Tensor) -> None:
+    """`set_tensor` and record it."""
+    set_tensor(gm, name, value)
+    record(gm, {"op": "tensor", "name": name, "shape": list(value.shape)})
+
+
 def _node(gm: GraphModule, name: str) -> Node:
     for node in gm.graph.nodes:
         if node.name == name:
@@ -156,6 +178,10 @@ def apply_edits(gm: GraphModule, edits: list[dict[str, Any]], device: str = "cpu
                 chain(gm, _node(gm, edit["node"]), list(edit["modules"]))
             elif op == "delete":
                 delete_module(gm, edit["name"])
+            elif op == "tensor":
+                old = attribute(gm, edit["name"])
+                set_tensor(gm, edit["name"], torch.zeros(edit["shape"], dtype=old.dtype,
+                                                         device=device))
             else:
                 raise ValueError(f"unknown edit {op!r}")
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
