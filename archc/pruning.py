@@ -135,23 +135,25 @@ class _Unit:
         return len(self.scores[0])
 
 
-def _positions(cg: ChannelGraph) -> dict[int, list[tuple[int, int]]]:
-    """leaf group -> [(group, offset)]: itself at 0 and every composite holding it."""
-    found: dict[int, list[tuple[int, int]]] = {}
+def _positions(cg: ChannelGraph) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """leaf group -> [(group, channels)]: where its channels 0, 1, ... are in itself and in every
+    composite holding it (once per part: a shuffle's input holds its lockstep group g times)."""
+    found: dict[int, list[tuple[int, np.ndarray]]] = {}
 
-    def walk(group: ChannelGroup, top: int, offset: int) -> None:
+    def walk(group: ChannelGroup, top: int, channels: np.ndarray) -> None:
         for part in group.parts:
             child = cg.groups[part.group]
+            mine = channels[np.asarray(part.positions())]
             if child.parts:
-                walk(child, top, offset + part.offset)
+                walk(child, top, mine)
             else:
-                found.setdefault(child.index, []).append((top, offset + part.offset))
+                found.setdefault(child.index, []).append((top, mine))
 
     for group in cg.groups:
         if group.parts:
-            walk(group, group.index, 0)
+            walk(group, group.index, np.arange(group.size))
         else:
-            found.setdefault(group.index, []).insert(0, (group.index, 0))
+            found.setdefault(group.index, []).insert(0, (group.index, np.arange(group.size)))
     return found
 
 
@@ -181,39 +183,40 @@ def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelG
     gamma = np.zeros(n)
     alive = np.zeros(n, dtype=bool)
     producers = bns = 0
-    for top, offset in positions[leaf.index]:
+    for top, channels in positions[leaf.index]:
         group = cg.groups[top]
+        at = torch.from_numpy(channels)
         for node in group.producers:
             found = _rows(_module(gm, node))
             if found is None:
                 return None
             weight, bias = found
-            rows = weight[offset:offset + n]
+            rows = weight[at]
             p = 1 if criterion == "l1" else 2
             norm += torch.linalg.vector_norm(rows, ord=p, dim=1).numpy()
             alive |= (rows != 0).any(1).numpy()
             if bias is not None:
-                alive |= (bias[offset:offset + n] != 0).numpy()
+                alive |= (bias[at] != 0).numpy()
             producers += 1
         for node in group.channelwise:
             module = _module(gm, node)
             if isinstance(module, _BNS):
                 bns += 1
                 if module.affine:
-                    g = module.weight.detach().double()[offset:offset + n]
-                    b = module.bias.detach().double()[offset:offset + n]
+                    g = module.weight.detach().double()[at]
+                    b = module.bias.detach().double()[at]
                 else:
                     g, b = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
                 gamma += g.abs().numpy()
                 if module.track_running_stats and module.running_mean is not None:
-                    mean = module.running_mean.double()[offset:offset + n]
-                    var = module.running_var.double()[offset:offset + n]
+                    mean = module.running_mean.double()[at]
+                    var = module.running_var.double()[at]
                     shift = b - g * mean / torch.sqrt(var + module.eps)
                 else:
                     shift = b
                 alive |= (shift != 0).numpy()
             elif isinstance(module, _CONVS) and module.bias is not None:
-                alive |= (module.bias.detach()[offset:offset + n] != 0).numpy()
+                alive |= (module.bias.detach()[at] != 0).numpy()
     if producers == 0:
         return None
     if criterion in ("l1", "l2"):
@@ -351,8 +354,8 @@ def _composite_keep(cg: ChannelGraph, keep: dict[int, np.ndarray], group: Channe
         return keep[group.index]
     if not group.parts:
         return np.arange(group.size)
-    result = np.concatenate([p.offset + _composite_keep(cg, keep, cg.groups[p.group])
-                             for p in group.parts])
+    result = np.sort(np.concatenate([
+        p.offset + p.stride * _composite_keep(cg, keep, cg.groups[p.group]) for p in group.parts]))
     keep[group.index] = result
     return result
 
@@ -450,19 +453,18 @@ def _apply(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> No
             raise PruneError(f"cannot prune module {node.target} ({type(module).__name__})")
         _replace(gm, str(node.target), module, config, tensors)
     for node, cut in cg.cuts.items():
-        if cut not in changed and not any(p.group in changed for p in cg.groups[cut].parts):
+        if cut not in changed:
             continue
-        parts = cg.groups[cut].parts
-        sizes = [int(keep.get(p.group, np.arange(p.size)).size) for p in parts]
+        whole = keep[cut]  # a cut's piece [a, b) keeps the whole's kept channels in [a, b)
         if node.target in ("split", "chunk") or getattr(node.target, "__name__", "") in (
                 "split", "chunk"):
+            bounds = np.cumsum([0, *(meta.shape[1] for meta in node.meta["tensor_meta"])])
+            sizes = np.diff(np.searchsorted(whole, bounds)).tolist()
             set_split(node, sizes)
             record(gm, {"op": "split", "node": node.name, "sizes": sizes})
-        else:  # a slice x[:, a:b]: its own piece
-            mine = cg.index[node]
-            position = next(i for i, p in enumerate(parts) if p.group == mine)
-            start = sum(sizes[:position])
-            stop = start + sizes[position]
+        else:  # a slice x[:, a:b]
+            bounds = node.args[1][1].indices(cg.groups[cut].size)[:2]
+            start, stop = np.searchsorted(whole, bounds).tolist()
             set_slice(node, start, stop)
             record(gm, {"op": "split", "node": node.name, "slice": [start, stop]})
     gm.graph.lint()

@@ -41,7 +41,7 @@ _SPLITS = _RESHAPES | {"unflatten", torch.unflatten}
 _MERGES = _RESHAPES | {"flatten", torch.flatten}
 _SWAPS = {"transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims}
 _PERMUTES = {"permute", torch.permute}
-_SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv}
+SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv}
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def _size_value(value, shape_of: Callable[[Node], tuple[int, ...] | None]):
         sequence = _size_value(args[0], shape_of)
         index = args[1]
         return sequence[index] if isinstance(sequence, tuple) and type(index) is int else None
-    if target in _SIZE_ARITHMETIC:
+    if target in SIZE_ARITHMETIC:
         a, b = (_size_value(v, shape_of) for v in args)
         return target(a, b) if isinstance(a, int) and isinstance(b, int) else None
     return None

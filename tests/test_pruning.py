@@ -25,6 +25,7 @@ from archc.pruning import (
     PruneError,
     _grouped_weight,
     _keep,
+    _positions,
     _Unit,
     prune,
     prune_to_macs,
@@ -52,9 +53,11 @@ def _build(name: str):
 
 def _kill_half(gm, whole_segments: bool = False) -> None:
     """Make the first half of every free leaf group's channels (of every segment; with
-    whole_segments, the first half of the segments) exactly dead: producer rows and biases 0, BN
-    gamma and beta 0."""
+    whole_segments, the first half of the segments) exactly dead wherever they are (in the
+    composites holding the leaf too: concatenations, splits, shuffles): producer rows and biases 0,
+    BN gamma and beta 0."""
     cg = analyze_channels(gm, (X32.to(next(gm.parameters()).dtype),))
+    positions = _positions(cg)
     killed = 0
     for group in cg.groups:
         if group.fixed or group.parts or group.size < 2:
@@ -66,20 +69,22 @@ def _kill_half(gm, whole_segments: bool = False) -> None:
             dead = [c for s in range(segments // 2) for c in range(s * per, (s + 1) * per)]
         else:
             dead = [s * per + c for s in range(segments) for c in range(per // 2)]
-        dead = torch.tensor(dead, dtype=torch.long)
-        with torch.no_grad():
-            for node in group.producers:
-                module = gm.get_submodule(node.target)
-                module.weight[dead] = 0
-                if module.bias is not None:
-                    module.bias[dead] = 0
-            for node in group.channelwise:
-                module = gm.get_submodule(node.target)
-                if isinstance(module, nn.BatchNorm2d):
-                    module.weight[dead] = 0
-                    module.bias[dead] = 0
-                elif module.bias is not None:
-                    module.bias[dead] = 0
+        for top, channels in positions[group.index]:
+            at = torch.from_numpy(channels[dead])
+            holder = cg.groups[top]
+            with torch.no_grad():
+                for node in holder.producers:
+                    module = gm.get_submodule(node.target)
+                    module.weight[at] = 0
+                    if module.bias is not None:
+                        module.bias[at] = 0
+                for node in holder.channelwise:
+                    module = gm.get_submodule(node.target)
+                    if isinstance(module, nn.BatchNorm2d):
+                        module.weight[at] = 0
+                        module.bias[at] = 0
+                    elif module.bias is not None:
+                        module.bias[at] = 0
     assert killed, "no free group to kill"
 
 
