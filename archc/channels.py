@@ -142,6 +142,7 @@ class ChannelGroup:
     groups: tuple[int, ...] = ()  # group counts g of grouped convs reading or writing it
     parts: tuple[Part, ...] = ()  # a composite's segments in channel order; () for a leaf
     fixed: str = ""  # why the size cannot change; "" if it can
+    refined: bool = False  # its parts are pieces of one channel space that the analysis cut
 
     @property
     def divisor(self) -> int:
@@ -184,6 +185,24 @@ class ChannelGraph:
         if not group.parts:
             return [group]
         return [leaf for p in group.parts for leaf in self.leaves(self.groups[p.group])]
+
+    def shuffled(self) -> set[int]:
+        """The groups a channel shuffle reorders: its input (g parts of one lockstep group), its
+        output (strided parts), the cuts of those, and every group they are made of."""
+        found: set[int] = set()
+
+        def below(group: ChannelGroup) -> None:
+            for part in group.parts:
+                if part.group not in found:
+                    found.add(part.group)
+                    below(self.groups[part.group])
+
+        for group in self.groups:
+            if any(p.stride > 1 for p in group.parts) or (
+                    len({p.group for p in group.parts}) < len(group.parts)):
+                found.add(group.index)
+                below(group)
+        return found
 
     def format(self) -> str:
         return "\n".join(map(str, self.groups))
@@ -244,6 +263,7 @@ class _Builder:
         self.reasons: list[tuple[int, str]] = []  # (space, reason)
         self.layouts: list[_Layout] = []  # how composites are made of pieces
         self.active: list[_Layout] = []  # the layouts still to unify (`unify_layouts`)
+        self.refined: list[int] = []  # leaves `restrict` cut into pieces
         self.done: set[Node] = set()  # nodes handled by another node's rule (split getitems)
         self.shuffles: dict[Node, tuple[Shuffle, str]] = {}  # output -> (it, why refused or "")
         self.shuffled: dict[Node, Shuffle] = {}  # every node of an accepted shuffle
@@ -621,6 +641,7 @@ class _Builder:
                 continue
             own = next((lay for lay in self.active if find(lay[0]) == find(space)), None)
             if own is None:  # a leaf: split it at the range's ends
+                self.refined.append(space)
                 bounds = sorted({0, first, end, size})
                 own = (space, tuple((self.new_space(b - a), a, 1, b - a)
                                     for a, b in zip(bounds, bounds[1:])))
@@ -663,6 +684,7 @@ class _Builder:
             if root in fixed:
                 for piece in pieces_of.get(root, ()):
                     fixed.setdefault(piece, fixed[root])
+        refined = {find(space) for space in self.refined}
         groups = []
         for root in roots:
             groups.append(ChannelGroup(
@@ -671,7 +693,9 @@ class _Builder:
                 groups=tuple(sorted(groups_of.get(root, ()))),
                 parts=tuple(Part(number[find(p)], offset, size, stride)
                             for p, offset, stride, size in chosen.get(root, ())),
-                fixed=fixed.get(root, "")))
+                fixed=fixed.get(root, ""),
+                refined=root in refined and root in chosen
+                and _concatenated((root, chosen[root]))))
         index = {node: number[find(space)] for node, space in self.space.items()}
         cuts = {node: number[find(space)] for node, space in self.cuts.items()}
         return ChannelGraph(groups, index, cuts)

@@ -129,6 +129,7 @@ class _Unit:
     segments: int  # equal segments every decision respects (1: free channel choice)
     whole_segments: bool  # keep-width: remove whole segments
     scores: list[np.ndarray] = field(default_factory=list)  # per group, per channel
+    pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (leaf, its channels)
 
     @property
     def size(self) -> int:
@@ -155,6 +156,32 @@ def _positions(cg: ChannelGraph) -> dict[int, list[tuple[int, np.ndarray]]]:
         else:
             found.setdefault(group.index, []).insert(0, (group.index, np.arange(group.size)))
     return found
+
+
+def _unit_pieces(cg: ChannelGraph) -> dict[int, dict[int, np.ndarray]]:
+    """refined group (the analysis cut its channels into pieces where cuts of a shuffle's output
+    need them) -> {leaf piece: the group's channels it holds}; such a group is one unit."""
+    inside = {p.group for g in cg.groups if g.refined for p in g.parts}
+    units = {}
+    for group in cg.groups:
+        if not group.refined or group.index in inside:
+            continue
+        pieces: dict[int, np.ndarray] = {}
+        todo, whole = [(group, np.arange(group.size))], True
+        while todo:
+            holder, channels = todo.pop()
+            for part in holder.parts:
+                child = cg.groups[part.group]
+                mine = channels[np.asarray(part.positions())]
+                if child.refined:
+                    todo.append((child, mine))
+                elif child.parts:  # a piece made of other groups: its leaves are units
+                    whole = False
+                else:
+                    pieces[child.index] = mine
+        if whole:
+            units[group.index] = pieces
+    return units
 
 
 def _depthwise(module: nn.Module) -> bool:
@@ -234,6 +261,8 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
            notes: list[str]) -> list[_Unit]:
     positions = _positions(cg)
     rng = np.random.Generator(np.random.PCG64(config.seed))
+    pieces_of = _unit_pieces(cg)
+    in_unit = {leaf for pieces in pieces_of.values() for leaf in pieces}
     scored: dict[int, np.ndarray] = {}
     skipped_no_bn = 0
     fixed: dict[str, int] = {}
@@ -241,9 +270,21 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
         if group.fixed and not group.fixed.startswith(("model input", "model output")):
             reason = group.fixed.split(" (")[0]
             fixed[reason] = fixed.get(reason, 0) + 1
-        if group.fixed or group.parts or group.size < 2:
+        if group.fixed or (group.parts and group.index not in pieces_of) or group.size < 2 \
+                or group.index in in_unit:
             continue
-        scores = _channel_scores(gm, cg, positions, group, config.criterion, rng)
+        if group.index in pieces_of:  # its pieces' scores, in its channel order
+            scores = np.zeros(group.size)
+            for leaf, channels in pieces_of[group.index].items():
+                piece = cg.groups[leaf]
+                found = None if piece.fixed else _channel_scores(
+                    gm, cg, positions, piece, config.criterion, rng)
+                if found is None:
+                    scores = None
+                    break
+                scores[channels] = found
+        else:
+            scores = _channel_scores(gm, cg, positions, group, config.criterion, rng)
         if scores is None:
             skipped_no_bn += config.criterion == "bn-scale"
             continue
@@ -287,7 +328,8 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
                 notes.append(f"{groups[0].label()}: the grouped conv's other side is fixed, "
                              f"pruned keep-count")
             for g in groups:
-                units.append(_Unit([g], g.divisor, False, [scored[g.index]]))
+                units.append(_Unit([g], g.divisor, False, [scored[g.index]],
+                                   list(pieces_of.get(g.index, {}).items())))
             continue
         units.append(unit)
     return units
@@ -318,7 +360,17 @@ def _decide(units: list[_Unit], config: PruneConfig) -> list[np.ndarray]:
         wanted = [int((p > threshold).sum()) for p in pooled]
     else:
         wanted = [math.ceil((1 - config.ratio) * unit.size) for unit in units]
-    return [_keep(unit, want, config.round_to) for unit, want in zip(units, wanted)]
+    return [_every_piece(unit, _keep(unit, want, config.round_to))
+            for unit, want in zip(units, wanted)]
+
+
+def _every_piece(unit: _Unit, kept: np.ndarray) -> np.ndarray:
+    """Each piece of a refined unit keeps at least one channel, its best: no tensor is left
+    without channels."""
+    scores = _unit_scores(unit)
+    extra = [channels[np.argmax(scores[channels])] for _, channels in unit.pieces
+             if not np.isin(channels, kept).any()]
+    return np.union1d(kept, extra).astype(kept.dtype) if extra else kept
 
 
 def _unit_scores(unit: _Unit) -> np.ndarray:
@@ -510,6 +562,8 @@ def _keep_map(units: list[_Unit], decisions: list[np.ndarray]) -> dict[int, np.n
     for unit, kept in zip(units, decisions):
         for group in unit.groups:
             keep[group.index] = kept
+        for leaf, channels in unit.pieces:
+            keep[leaf] = np.flatnonzero(np.isin(channels, kept))
     return keep
 
 

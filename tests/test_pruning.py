@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +18,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import archc
-from archc.channels import analyze_channels
+from archc.blocks import channel_shuffle
+from archc.channels import SHUFFLE_SIZES, analyze_channels
 from archc.checkpoint import load_checkpoint, save_checkpoint
 from archc.cli import main
+from archc.init import randomize
 from archc.pruning import (
+    CRITERIA,
     PruneConfig,
     PruneError,
     _grouped_weight,
@@ -281,3 +285,111 @@ def test_dense_conv_tied_to_its_own_input_by_a_residual_is_pruned_exactly():
     k3 = result.graph_module.get_submodule("k3")
     assert (k3.in_channels, k3.out_channels, k3.groups) == (4, 4, 1)
     torch.testing.assert_close(result.graph_module(x), gm(x), rtol=1e-12, atol=1e-12)
+
+
+# ---- through channel shuffles ----
+
+def _stage_widths(gm) -> list[int]:
+    """ShuffleNetV2's shuffled widths: each stage's first unit's output halves, and the
+    depthwise conv reading each stage's output."""
+    return [gm.get_submodule(name).out_channels for name in (
+        "s1.b1.branch1.pw.conv", "s2.b1.branch1.pw.conv", "s3.b1.branch1.pw.conv",
+        "s2.b1.branch1.dw.conv", "s3.b1.branch1.dw.conv")]
+
+
+@pytest.mark.slow
+def test_dead_channels_through_shufflenet_v2_shuffles_removed_exactly_by_every_criterion():
+    gm = randomize(_build("shufflenet_v2_x0_5").double(), 3)  # random BN statistics too
+    _kill_half(gm)  # every free leaf, the lockstep groups of the shuffles included
+    x = X32.double()
+    expected = gm(x)
+    for criterion in ("l1", "l2", "bn-scale", "random"):
+        result = prune(gm, x, PruneConfig(0.5, criterion=criterion))
+        # keeping half of each group keeps exactly its live channels: every dead one goes
+        assert result.groups and all(g.after == g.before - g.before // 2 for g in result.groups)
+        assert all(a < b for a, b in zip(_stage_widths(result.graph_module), _stage_widths(gm)))
+        torch.testing.assert_close(result.graph_module(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_cli_prunes_shufflenet_v2_stage_widths_and_the_checkpoint_reloads(tmp_path, capsys):
+    spec = yaml.safe_load(Path("specs/shufflenet_v2_x0_5.yaml").read_text())
+    spec["input"]["size"] = 32
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(spec))
+    ckpt, out = tmp_path / "m.pt", tmp_path / "p.pt"
+    assert main(["build", str(tmp_path / "v2.yaml"), "-o", str(ckpt), "-q"]) == 0
+    assert main(["prune", str(ckpt), "--macs", "0.5", "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.4 * report["macs"][0] <= report["macs"][1] <= 0.5 * report["macs"][0]
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["flops"] == report["macs"][1] and info["params"] == report["params"][1]
+    _, before = load_checkpoint(ckpt)
+    _, pruned = load_checkpoint(out)
+    assert all(a < b for a, b in zip(_stage_widths(pruned), _stage_widths(before)))
+    assert pruned(X32).shape == (1, 1000) and torch.isfinite(pruned(X32)).all()
+    assert main(["fuse", str(out), "-o", str(tmp_path / "p.onnx"), "-q"]) == 0
+
+
+class ShuffleGraph(nn.Module):
+    """conv -> BN -> ReLU -> shuffle(g) -> [chunk(2) -> a conv each -> cat] or a conv -> head."""
+
+    def __init__(self, g: int, m: int, spelling: str, chunk: bool):
+        super().__init__()
+        c = g * m
+        self.g, self.spelling, self.chunk = g, spelling, chunk
+        self.a, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.shuffle = nn.ChannelShuffle(g)
+        half = (c + 1) // 2
+        self.left, self.right = nn.Conv2d(half, 5, 1), nn.Conv2d(c - half, 4, 1)
+        self.b = nn.Conv2d(c, 9, 1)
+        self.head = nn.Conv2d(9, 3, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        if self.spelling == "module":
+            y = self.shuffle(y)
+        elif self.spelling == "function":
+            y = torch.channel_shuffle(y, self.g)
+        else:
+            y = channel_shuffle(y, self.g)  # archc's view -> transpose -> reshape
+        if self.chunk:
+            left, right = y.chunk(2, dim=1)
+            y = torch.cat([self.left(left), self.right(right)], 1)
+        else:
+            y = self.b(y)
+        return self.head(torch.relu(y))
+
+
+@settings(max_examples=12, deadline=None)
+@given(g=st.integers(2, 4), m=st.integers(2, 5), chunk=st.booleans(),
+       spelling=st.sampled_from(["module", "function", "reshape"]),
+       criterion=st.sampled_from(CRITERIA), seed=st.integers(0, 99))
+def test_dead_channels_around_a_shuffle_removed_exactly(g, m, chunk, spelling, criterion, seed):
+    gm = torch.fx.symbolic_trace(randomize(ShuffleGraph(g, m, spelling, chunk).double(), seed))
+    _kill_half(gm)
+    x = X16[:, :, :8, :8].double()
+    expected = gm(x)
+    result = prune(gm, x, PruneConfig(0.5, criterion=criterion))
+    assert result.graph_module.get_submodule("a").out_channels == g * (m - m // 2)
+    torch.testing.assert_close(result.graph_module(x), expected, rtol=1e-12, atol=1e-12)
+
+
+class LiteralShuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 12, 1), nn.Conv2d(12, 12, 1)
+        self.head = nn.Conv2d(12, 3, 1)
+
+    def forward(self, x):
+        y = self.a(x).view(1, 3, 4, 8, 8).transpose(1, 2).reshape(1, 12, 8, 8)
+        return self.head(torch.relu(self.b(y)))
+
+
+def test_shuffle_with_hard_coded_sizes_is_left_alone():
+    gm = torch.fx.symbolic_trace(LiteralShuffle())
+    result = prune(gm, torch.randn(1, 3, 8, 8), PruneConfig(0.5))
+    pruned = result.graph_module
+    assert pruned.get_submodule("a").out_channels == 12  # around the shuffle: as it was
+    assert pruned.get_submodule("b").out_channels == 6  # its own group: pruned
+    assert f"1 groups left as they are: {SHUFFLE_SIZES}" in result.notes
