@@ -55,11 +55,15 @@ def _align(model: nn.Module, multiple: int, shape=SHAPE, randomized: bool = True
 
 
 def _exempt(graph, group, multiple: int) -> bool:
-    """Whether a group may stay misaligned: fixed, or padding one of its leaves would more than
-    double it (the pass's rule, restated)."""
+    """Whether a group may stay misaligned: fixed, reordered by a channel shuffle, or padding one
+    of its leaves would more than double it (the pass's rules, restated)."""
+    shuffled = graph.shuffled()
+    if group.index in shuffled:
+        return True
     for leaf in graph.leaves(group):
         s = leaf.divisor
-        if leaf.fixed or math.ceil(leaf.size / s / multiple) * multiple * s > 2 * leaf.size:
+        if leaf.fixed or leaf.index in shuffled or (
+                math.ceil(leaf.size / s / multiple) * multiple * s > 2 * leaf.size):
             return True
     return False
 
