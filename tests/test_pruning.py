@@ -109,9 +109,6 @@ def test_dead_channels_pruned_exactly_by_every_criterion():
     _kill_half(gm)
     x = X32.double()
     expected = gm(x)
-    cg = analyze_channels(gm)
-    refined = {cg.groups[i].label(): len(pieces) for i, pieces in _unit_pieces(cg).items()}
-    assert len(refined) == 3  # one per stage: the lockstep group of its shuffles
     for criterion in ("l1", "l2", "bn-scale", "random"):
         result = prune(gm, x, PruneConfig(0.5, criterion=criterion))
         assert result.macs[1] < 0.4 * result.macs[0]
