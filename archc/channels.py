@@ -15,17 +15,26 @@ keep one size and one channel order, so that pruning or padding edits a whole gr
   depthwise convs are `channelwise` members (per-channel parameters in the group's order).
 - Composites: `cat(dim=1)` makes its result's group the concatenation of its inputs' groups
   (`parts`); a split, chunk or slice on dim 1 makes its input's group the concatenation of the
-  pieces. Two segmentations of one group with the same boundaries identify their pieces
-  (`cat([a, b])` split at the same point gives back a and b); different boundaries conflict.
+  pieces. Two layouts of one group with the same parts identify their pieces (`cat([a, b])` split
+  at the same point gives back a and b); concatenations with different boundaries conflict.
+- Channel shuffles (`archc.shuffles`, every spelling): y = shuffle(x, g) on C = g m channels
+  sends x's channel i m + j to y's j g + i. x is the concatenation of g segments of one new
+  group Q (lockstep: pruning keeps the same indices K in every segment; the pruned shuffle of
+  g |K| channels then sends segment i's t-th kept channel to t g + i, which is original channel
+  K[t] g + i, in order), and y interleaves Q: parts (Q, offset i, stride g). A cut of an
+  interleave at [p, q) takes, of each part (Q, o, s), the channels t with p <= o + s t < q: the
+  analysis cuts Q into pieces where needed (Q is `refined`) and the cut piece interleaves them.
 - Grouped convs: a conv with g groups (not depthwise) reads g equal segments of its input group
   and writes g equal segments of its output group; `groups` lists these g, and a new size must
   stay divisible by `divisor = lcm(groups)` with every segment changed alike.
 - Fixed: a group whose size cannot change carries the reason in `fixed`: model inputs and outputs,
   an op the analysis does not model (the conservative default: anything unknown fixes every
   channel space it touches), a graph that reads or hard-codes the channel count (`x.size(1)`,
-  `view(n, 64)`), a reshape or permute that moves dim 1 (ShuffleNet's channel shuffle), a module
-  called twice, conflicting segmentations, a grouped conv on a composite. A fixed composite fixes
-  its parts (their sizes sum to its size); a fixed part leaves its composite free.
+  `view(n, 64)`; the size reads inside a shuffle's spelling are part of it), a reshape or permute
+  that moves dim 1 and is not a shuffle, a shuffle whose group count is computed in the graph or
+  whose reshape hard-codes a channel-dependent size, a module called twice, conflicting layouts, a
+  grouped conv on a composite (ShuffleNetV1's grouped 1x1 convs around its shuffle). A fixed
+  composite fixes its parts; a fixed part leaves its composite free.
 
 Usage::
 

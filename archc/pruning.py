@@ -1,13 +1,16 @@
 """Structured channel pruning over the channel groups of `archc.channels`.
 
-A free leaf group (not `fixed`, not a concatenation) is the unit of pruning: removing its
-channels K deletes rows K of every producer (conv/Linear weight and bias), columns K of every
-consumer, entries K of every channelwise member (BN statistics and affine, depthwise filters),
-and the same positions, shifted by the leaf's offset, in every composite (concatenation/split)
-that contains it; splits and slices are re-cut to the new sizes. Residual adds, SE gates,
-depthwise convs and flatten -> Linear are ties inside a group, so they stay consistent by
-construction; groups the analysis fixes (model inputs/outputs, channel shuffles, shared modules)
-are left alone.
+A free leaf group (not `fixed`, not a composite) is the unit of pruning: removing its channels K
+deletes rows K of every producer (conv/Linear weight and bias), columns K of every consumer,
+entries K of every channelwise member (BN statistics and affine, depthwise filters), and the
+leaf's places of K in every composite that contains it (channel t of a part (offset o, stride s)
+is the composite's o + s t: concatenations, splits, a shuffle's input and output); splits and
+slices are re-cut to the new sizes (a piece [a, b) keeps the whole's kept channels in [a, b)).
+A group the analysis cut into pieces for a shuffle (`refined`) is one unit over its channels, each
+piece keeping at least one (no tensor left empty). Residual adds, SE gates, depthwise convs,
+flatten -> Linear and the lockstep segments of a shuffle are ties inside a group, so they stay
+consistent by construction; groups the analysis fixes (model inputs/outputs, shared modules,
+shuffles it refuses) are left alone.
 
 Scores (one per channel of a group, higher is kept):
 - `l1` / `l2`: the L1 / L2 norm of the channel's rows in every producer (summed over producers,
