@@ -4,6 +4,8 @@ every reason a group is fixed."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -335,11 +337,26 @@ class GroupsInput(nn.Module):
         return self.b(torch.channel_shuffle(self.a(x), groups))
 
 
+class TwoShuffles(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 12, 1), nn.Conv2d(3, 12, 1), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return self.c(channel_shuffle(self.a(x), 2) + channel_shuffle(self.b(x), 3))
+
+
 def test_shuffle_refusals():
     gm = torch.fx.symbolic_trace(GroupsInput().eval())
     graph = analyze_channels(gm, (X[0], 2))
     assert _group(gm, graph, "a").fixed == channels.SHUFFLE_GROUPS
     assert _input_group(gm, graph, "b").fixed == channels.SHUFFLE_GROUPS
+    # two interleaves of one group that differ: shuffles of 2 and of 3 groups added
+    gm, graph = _graph(TwoShuffles())
+    added = graph.of(next(n for n in gm.graph.nodes if n.target is operator.add))
+    assert added.fixed == channels.SEGMENT_CONFLICT
+    assert all(leaf.fixed == channels.SEGMENT_CONFLICT
+               for conv in ("a", "b") for leaf in graph.leaves(_group(gm, graph, conv)))
     # a shuffle between the grouped 1x1 convs of ShuffleNetV1: the grouped conv reads a composite
     gm = archc.build("specs/shufflenet_v1_g3.yaml")
     graph = analyze_channels(gm, (torch.randn(1, 3, 32, 32),))
