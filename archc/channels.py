@@ -196,8 +196,8 @@ class ChannelGraph:
         return [leaf for p in group.parts for leaf in self.leaves(self.groups[p.group])]
 
     def shuffled(self) -> set[int]:
-        """The groups a channel shuffle reorders: its input (g parts of one lockstep group), its
-        output (strided parts), the cuts of those, and every group they are made of."""
+        """The groups a channel shuffle reorders: its output and the cuts of it (composites with
+        strided parts) and every group they are made of (its input's lockstep group too)."""
         found: set[int] = set()
 
         def below(group: ChannelGroup) -> None:
@@ -207,8 +207,7 @@ class ChannelGraph:
                     below(self.groups[part.group])
 
         for group in self.groups:
-            if any(p.stride > 1 for p in group.parts) or (
-                    len({p.group for p in group.parts}) < len(group.parts)):
+            if any(p.stride > 1 for p in group.parts):
                 found.add(group.index)
                 below(group)
         return found

@@ -216,7 +216,7 @@ class ConcatSplit(nn.Module):
 
 
 REFUSED = {  # id -> (reason, middle module, the refused group's first producer)
-    "shuffled": (layout.SHUFFLED, Fn(lambda x: channel_shuffle(x, 3)), "a"),
+    "shuffled": (layout.SHUFFLED, Fn(lambda x: channel_shuffle(x, 3)), "part of a"),
     "moves_channels": (channels.MOVES_CHANNELS, Fn(lambda x: x.transpose(1, 3).transpose(1, 3)),
                        "a"),
     "size_read": (channels.SIZE_READ, Fn(lambda x: x / x.shape[1]), "a"),
