@@ -161,20 +161,31 @@ def _swaps_1_2(node: Node) -> bool:
     return call_target(node) in _SWAPS and len(dims) == 2 and set(dims) == {1, 2}
 
 
+def _requested(node: Node) -> tuple[object, object] | None:
+    """The sizes a reshape or unflatten asks for and the dim they replace (None: the whole
+    shape); None for `flatten`, which takes dims only."""
+    if call_target(node) in _RESHAPES:
+        sizes = node.args[1:] if node.op == "call_method" else (arg(node, 1, "shape"),)
+        return (sizes[0] if len(sizes) == 1 and not isinstance(sizes[0], int) else sizes), None
+    if call_target(node) in _SPLITS:  # unflatten(x, dim, sizes)
+        return arg(node, 2, "sizes"), arg(node, 1, "dim")
+    return None
+
+
+def _literal(sizes) -> bool:
+    return isinstance(sizes, (tuple, list)) and all(type(s) is int for s in sizes)
+
+
 def _holds_at_probe(node: Node, x: Node, probe: tuple[int, ...],
                     describes: Callable[[tuple[int, ...]], bool]) -> bool:
     """Whether the shape reshape `node` asks for still describes the shuffle when x has shape
     `probe`. Literal sizes count as written for the example's shape (already matched); computed
     sizes must follow x's shape. `flatten` takes dims only."""
-    if call_target(node) in _RESHAPES:
-        sizes, dim = node.args[1:] if node.op == "call_method" else (arg(node, 1, "shape"),), None
-        if len(sizes) == 1 and not isinstance(sizes[0], int):
-            sizes = sizes[0]
-    elif call_target(node) in _SPLITS:  # unflatten(x, dim, sizes)
-        sizes, dim = arg(node, 2, "sizes"), arg(node, 1, "dim")
-    else:
+    requested = _requested(node)
+    if requested is None:
         return True
-    if isinstance(sizes, (tuple, list)) and all(type(s) is int for s in sizes):
+    sizes, dim = requested
+    if _literal(sizes):
         return True
     values = _size_value(sizes, lambda tensor: probe if tensor is x else None)
     if not isinstance(values, tuple) or not all(isinstance(v, int) for v in values):
@@ -216,7 +227,6 @@ def _size_value(value, shape_of: Callable[[Node], tuple[int, ...] | None]):
     return None
 
 
-
 def follows_channels(shuffle: Shuffle) -> bool:
     """Whether `shuffle`'s nodes shuffle x with g groups at any channel count g m' (see the module
     docstring): every reshape size that depends on the channel count is computed from x's shape."""
@@ -230,18 +240,6 @@ def follows_channels(shuffle: Shuffle) -> bool:
     def splits(sizes: tuple[int, ...]) -> bool:
         return sizes[:3] == (probe[0], g, probe[1] // g) and math.prod(sizes) == math.prod(probe)
 
-    return all(not _literal_sizes(node) and _holds_at_probe(node, shuffle.input, probe, describes)
+    return all(not (_requested(node) and _literal(_requested(node)[0]))
+               and _holds_at_probe(node, shuffle.input, probe, describes)
                for node, describes in ((split, splits), (merge, lambda sizes: sizes == probe)))
-
-
-def _literal_sizes(node: Node) -> bool:
-    """A reshape or unflatten whose sizes are all literals (`flatten` takes dims: False)."""
-    if call_target(node) in _RESHAPES:
-        sizes = node.args[1:] if node.op == "call_method" else (arg(node, 1, "shape"),)
-        if len(sizes) == 1 and not isinstance(sizes[0], int):
-            sizes = sizes[0]
-    elif call_target(node) in _SPLITS:
-        sizes = arg(node, 2, "sizes")
-    else:
-        return False
-    return isinstance(sizes, (tuple, list)) and all(type(s) is int for s in sizes)
