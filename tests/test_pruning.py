@@ -348,12 +348,13 @@ def test_cli_prunes_shufflenet_v2_stage_widths_and_the_checkpoint_reloads(tmp_pa
 
 
 class ShuffleGraph(nn.Module):
-    """conv -> BN -> ReLU -> shuffle(g) -> [chunk(2) -> a conv each -> cat] or a conv -> head."""
+    """conv -> BN -> ReLU -> shuffle(g) -> [halves (chunk(2) or two slices) -> a conv each -> cat]
+    or a conv -> head."""
 
-    def __init__(self, g: int, m: int, spelling: str, chunk: bool):
+    def __init__(self, g: int, m: int, spelling: str, cut: str):
         super().__init__()
         c = g * m
-        self.g, self.spelling, self.chunk = g, spelling, chunk
+        self.g, self.spelling, self.cut = g, spelling, cut
         self.a, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
         self.shuffle = nn.ChannelShuffle(g)
         half = (c + 1) // 2
@@ -369,8 +370,9 @@ class ShuffleGraph(nn.Module):
             y = torch.channel_shuffle(y, self.g)
         else:
             y = channel_shuffle(y, self.g)  # archc's view -> transpose -> reshape
-        if self.chunk:
-            left, right = y.chunk(2, dim=1)
+        if self.cut != "none":
+            half = self.left.in_channels
+            left, right = y.chunk(2, dim=1) if self.cut == "chunk" else (y[:, :half], y[:, half:])
             y = torch.cat([self.left(left), self.right(right)], 1)
         else:
             y = self.b(y)
@@ -378,13 +380,13 @@ class ShuffleGraph(nn.Module):
 
 
 @settings(max_examples=10, deadline=None)
-@example(g=3, m=3, chunk=True, spelling="reshape", criterion="l1", seed=0)  # cut at 5: not 3k
-@example(g=2, m=3, chunk=True, spelling="module", criterion="random", seed=1)  # cut at 3
-@given(g=st.integers(2, 4), m=st.integers(2, 5), chunk=st.booleans(),
+@example(g=3, m=3, cut="chunk", spelling="reshape", criterion="l1", seed=0)  # cut at 5: not 3k
+@example(g=2, m=3, cut="slice", spelling="module", criterion="random", seed=1)  # cut at 3
+@given(g=st.integers(2, 4), m=st.integers(2, 5), cut=st.sampled_from(["none", "chunk", "slice"]),
        spelling=st.sampled_from(["module", "function", "reshape"]),
        criterion=st.sampled_from(CRITERIA), seed=st.integers(0, 99))
-def test_dead_channels_around_a_shuffle_removed_exactly(g, m, chunk, spelling, criterion, seed):
-    gm = torch.fx.symbolic_trace(randomize(ShuffleGraph(g, m, spelling, chunk).double(), seed))
+def test_dead_channels_around_a_shuffle_removed_exactly(g, m, cut, spelling, criterion, seed):
+    gm = torch.fx.symbolic_trace(randomize(ShuffleGraph(g, m, spelling, cut).double(), seed))
     _kill_half(gm)
     x = X16[:, :, :8, :8].double()
     expected = gm(x)
