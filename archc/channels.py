@@ -15,17 +15,26 @@ keep one size and one channel order, so that pruning or padding edits a whole gr
   depthwise convs are `channelwise` members (per-channel parameters in the group's order).
 - Composites: `cat(dim=1)` makes its result's group the concatenation of its inputs' groups
   (`parts`); a split, chunk or slice on dim 1 makes its input's group the concatenation of the
-  pieces. Two segmentations of one group with the same boundaries identify their pieces
-  (`cat([a, b])` split at the same point gives back a and b); different boundaries conflict.
+  pieces. Two layouts of one group with the same parts identify their pieces (`cat([a, b])` split
+  at the same point gives back a and b); concatenations with different boundaries conflict.
+- Channel shuffles (`archc.shuffles`, every spelling): y = shuffle(x, g) on C = g m channels
+  sends x's channel i m + j to y's j g + i. x is the concatenation of g segments of one new
+  group Q (lockstep: pruning keeps the same indices K in every segment; the pruned shuffle of
+  g |K| channels then sends segment i's t-th kept channel to t g + i, which is original channel
+  K[t] g + i, in order), and y interleaves Q: parts (Q, offset i, stride g). A cut of an
+  interleave at [p, q) takes, of each part (Q, o, s), the channels t with p <= o + s t < q: the
+  analysis cuts Q into pieces where needed (Q is `refined`) and the cut piece interleaves them.
 - Grouped convs: a conv with g groups (not depthwise) reads g equal segments of its input group
   and writes g equal segments of its output group; `groups` lists these g, and a new size must
   stay divisible by `divisor = lcm(groups)` with every segment changed alike.
 - Fixed: a group whose size cannot change carries the reason in `fixed`: model inputs and outputs,
   an op the analysis does not model (the conservative default: anything unknown fixes every
   channel space it touches), a graph that reads or hard-codes the channel count (`x.size(1)`,
-  `view(n, 64)`), a reshape or permute that moves dim 1 (ShuffleNet's channel shuffle), a module
-  called twice, conflicting segmentations, a grouped conv on a composite. A fixed composite fixes
-  its parts (their sizes sum to its size); a fixed part leaves its composite free.
+  `view(n, 64)`; the size reads inside a shuffle's spelling are part of it), a reshape or permute
+  that moves dim 1 and is not a shuffle, a shuffle whose group count is computed in the graph or
+  whose reshape hard-codes a channel-dependent size, a module called twice, conflicting layouts, a
+  grouped conv on a composite (ShuffleNetV1's grouped 1x1 convs around its shuffle). A fixed
+  composite fixes its parts; a fixed part leaves its composite free.
 
 Usage::
 
@@ -55,18 +64,24 @@ from torch.fx.node import map_aggregate
 
 from archc.graph import arg, called_once, describe
 from archc.shapes import node_shape, propagate_shapes
+from archc.shuffles import SIZE_ARITHMETIC, Shuffle, find_shuffles, follows_channels
+
+# A composite's pieces: (whole space, ((space, offset, stride, size), ...)), see `Part`.
+_Layout = tuple[int, tuple[tuple[int, int, int, int], ...]]
 
 # Why a group is fixed, most telling first (a group shows the first that applies).
 MODEL_INPUT = "model input: its channels are fixed"
 MODEL_OUTPUT = "model output: its channels are fixed"
-MOVES_CHANNELS = "a reshape or permute moves the channel dimension (e.g. a channel shuffle)"
+MOVES_CHANNELS = "a reshape or permute moves the channel dimension (not a recognized shuffle)"
+SHUFFLE_GROUPS = "a channel shuffle's group count is computed in the graph"
+SHUFFLE_SIZES = "a channel shuffle's reshape hard-codes the channel count"
 SHARED_MODULE = "a module called more than once reads or writes these channels"
 SEGMENT_CONFLICT = "concatenated or split with different segment boundaries"
 GROUPED_PARTS = "a grouped conv reads or writes a concatenated or split group"
 SIZE_READ = "the graph reads or hard-codes this channel count (size(1), shape[1], view)"
 UNSUPPORTED = "an op the channel analysis does not model touches these channels"
-_PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHARED_MODULE, SEGMENT_CONFLICT,
-             GROUPED_PARTS, SIZE_READ, UNSUPPORTED)
+_PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHUFFLE_GROUPS, SHUFFLE_SIZES,
+             SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, SIZE_READ, UNSUPPORTED)
 
 # Ops that map channel c of every operand to channel c of the result; modules by exact type (a
 # subclass may compute something else).
@@ -111,11 +126,16 @@ _RULES: dict[object, str] = {
 
 @dataclass(frozen=True)
 class Part:
-    """A segment of a composite group: channels [offset, offset + size) are group `group`."""
+    """A piece of a composite group: its channel offset + stride t is channel t of group `group`
+    (t < size). A concatenation's parts have stride 1; a shuffle's output interleaves g parts."""
 
     group: int
     offset: int
     size: int
+    stride: int = 1
+
+    def positions(self) -> range:
+        return range(self.offset, self.offset + self.stride * self.size, self.stride)
 
 
 @dataclass(frozen=True)
@@ -131,6 +151,7 @@ class ChannelGroup:
     groups: tuple[int, ...] = ()  # group counts g of grouped convs reading or writing it
     parts: tuple[Part, ...] = ()  # a composite's segments in channel order; () for a leaf
     fixed: str = ""  # why the size cannot change; "" if it can
+    refined: bool = False  # its parts are pieces of one channel space that the analysis cut
 
     @property
     def divisor(self) -> int:
@@ -147,7 +168,9 @@ class ChannelGroup:
         if self.groups:
             text += f", grouped {'/'.join(map(str, self.groups))}"
         if self.parts:
-            text += " = " + " + ".join(f"g{p.group}" for p in self.parts)
+            text += " = " + " + ".join(
+                f"g{p.group}" + (f"[{p.offset}::{p.stride}]" if p.stride > 1 else "")
+                for p in self.parts)
         for role in ("producers", "consumers", "channelwise"):
             nodes = getattr(self, role)
             if nodes:
@@ -160,7 +183,7 @@ class ChannelGraph:
     """The groups of one graph and the group of every tensor node."""
 
     groups: list[ChannelGroup]
-    index: dict[Node, int]  # channel tensor node -> index into `groups`
+    index: dict[Node, int]  # channel tensor node (not inside a shuffle) -> index into `groups`
     cuts: dict[Node, int] = field(default_factory=dict)  # split/chunk/slice node -> cut group
 
     def of(self, node: Node) -> ChannelGroup:
@@ -171,6 +194,23 @@ class ChannelGraph:
         if not group.parts:
             return [group]
         return [leaf for p in group.parts for leaf in self.leaves(self.groups[p.group])]
+
+    def shuffled(self) -> set[int]:
+        """The groups a channel shuffle reorders: its output and the cuts of it (composites with
+        strided parts) and every group they are made of (its input's lockstep group too)."""
+        found: set[int] = set()
+
+        def below(group: ChannelGroup) -> None:
+            for part in group.parts:
+                if part.group not in found:
+                    found.add(part.group)
+                    below(self.groups[part.group])
+
+        for group in self.groups:
+            if any(p.stride > 1 for p in group.parts):
+                found.add(group.index)
+                below(group)
+        return found
 
     def format(self) -> str:
         return "\n".join(map(str, self.groups))
@@ -229,12 +269,23 @@ class _Builder:
         self.space: dict[Node, int] = {}  # channel tensor -> its space
         self.size: list[int] = []  # space -> channel count
         self.reasons: list[tuple[int, str]] = []  # (space, reason)
-        self.segmentations: list[tuple[int, list[int]]] = []  # (whole, pieces in order)
+        self.layouts: list[_Layout] = []  # how composites are made of pieces
+        self.active: list[_Layout] = []  # the layouts still to unify (`unify_layouts`)
+        self.refined: list[int] = []  # leaves `restrict` cut into pieces
+        self.done: set[Node] = set()  # nodes handled by another node's rule (split getitems)
+        self.shuffles: dict[Node, tuple[Shuffle, str]] = {}  # output -> (it, why refused or "")
+        self.shuffled: dict[Node, Shuffle] = {}  # every node of an accepted shuffle
+        for shuffle in find_shuffles(gm).values():
+            self.done.update(shuffle.nodes[:-1])
+            reason = SHUFFLE_GROUPS if shuffle.groups is None else (
+                "" if follows_channels(shuffle) else SHUFFLE_SIZES)
+            self.shuffles[shuffle.output] = (shuffle, reason)
+            if not reason:
+                self.shuffled.update(dict.fromkeys(shuffle.nodes, shuffle))
         self.grouped: list[tuple[int, int]] = []  # (space, g)
         self.roles: dict[str, list[tuple[int, Node]]] = {
             "producers": [], "consumers": [], "channelwise": []}
         self.cuts: dict[Node, int] = {}  # split/chunk/slice node -> the space it cuts
-        self.done: set[Node] = set()  # nodes handled by another node's rule (split getitems)
 
     # ---- spaces ----
 
@@ -293,6 +344,8 @@ class _Builder:
             self.of(node)  # every channel tensor has a group
 
     def visit_call(self, node: Node, target) -> None:
+        if node in self.shuffles:
+            return self.shuffle(node, target)
         try:
             rule = _RULES.get(target)
         except TypeError:  # an unhashable target
@@ -378,7 +431,7 @@ class _Builder:
         if len(pieces) == 1:
             self.tie(pieces[0], node)
         else:
-            self.segmentations.append((self.of(node), [self.of(t) for t in pieces]))
+            self.concatenation(node, [self.of(t) for t in pieces])
 
     def split(self, node: Node, target=None) -> None:
         x = node.args[0]
@@ -400,7 +453,7 @@ class _Builder:
         for user in users:
             self.tie(pieces[user.args[1] % len(sizes)], user)
         self.cuts[node] = self.of(x)
-        self.segmentations.append((self.of(x), pieces))
+        self.concatenation(x, pieces)
 
     def getitem(self, node: Node, target=None) -> None:
         x, index = node.args
@@ -426,7 +479,7 @@ class _Builder:
         pieces.append(self.of(node))
         pieces += [self.new_space(shape[1] - stop)] if stop < shape[1] else []
         self.cuts[node] = self.of(x)
-        self.segmentations.append((self.of(x), pieces))
+        self.concatenation(x, pieces)
 
     def reshape(self, node: Node, target) -> None:
         x = node.args[0] if node.args else node.kwargs["input"]
@@ -458,8 +511,25 @@ class _Builder:
             return self.opaque(node, MOVES_CHANNELS)
         self.tie(x, node)
 
-    def shuffle(self, node: Node, target) -> None:
-        self.opaque(node, MOVES_CHANNELS)
+    def shuffle(self, node: Node, target=None) -> None:
+        """y = shuffle(x, g) on C = g m channels: x is g segments of one group Q (lockstep: the
+        same kept indices), y interleaves them (channel j g + i is Q's channel j of segment i)."""
+        if node not in self.shuffles:  # a spelling archc.shuffles does not know
+            return self.opaque(node, MOVES_CHANNELS)
+        shuffle, reason = self.shuffles[node]
+        x, g = shuffle.input, shuffle.groups
+        if _channel_shape(x) is None or _channel_shape(node) is None:
+            return self.unsupported(node, "channel shuffle of unknown shape")
+        if reason:
+            self.fix([x, node], reason)
+            return self.role("producers", node, node)
+        size = _channel_shape(x)[1]
+        if g in (1, size):  # the identity
+            return self.tie(x, node)
+        m = size // g
+        q = self.new_space(m)
+        self.layouts.append((self.of(x), tuple((q, i * m, 1, m) for i in range(g))))
+        self.layouts.append((self.of(node), tuple((q, i, g, m) for i in range(g))))
 
     def reduction(self, node: Node, target=None) -> None:
         x = node.args[0]
@@ -485,32 +555,123 @@ class _Builder:
             return
         dim = arg(node, 1, "dim") if target == "size" else None
         if dim is not None:
-            read = [_dim(dim, len(shape))]
+            read = _dim(dim, len(shape)) == 1 and not self.shuffles_only(node, x)
         else:  # a whole torch.Size: which items does the graph take?
-            read = []
+            read = False
             for user in node.users:
                 index = user.args[1] if user.target is operator.getitem else None
                 if isinstance(index, int):
-                    read.append(_dim(index, len(shape)))
+                    channels = _dim(index, len(shape)) == 1
                 elif isinstance(index, slice):
-                    read += list(range(*index.indices(len(shape))))
+                    channels = 1 in range(*index.indices(len(shape)))
                 else:
-                    read.append(1)  # the shape escapes whole
-        if 1 in read:
+                    channels = True  # the shape escapes whole
+                read |= channels and not self.shuffles_only(user, x)
+        if read:
             self.fix([x], SIZE_READ)
+
+    def shuffles_only(self, value: Node, x: Node) -> bool:
+        """Whether a size read from x only feeds accepted shuffles of x (whose sizes follow x's
+        channel count), through size arithmetic."""
+        if value in self.shuffled:
+            return self.shuffled[value].input is x
+        return bool(value.users) and all(
+            (user in self.shuffled or user.target in SIZE_ARITHMETIC)
+            and self.shuffles_only(user, x) for user in value.users)
+
+    # ---- composites ----
+
+    def concatenation(self, whole: Node | int, pieces: list[int]) -> None:
+        offsets = [0]
+        for piece in pieces:
+            offsets.append(offsets[-1] + self.size[piece])
+        whole = self.of(whole) if isinstance(whole, Node) else whole
+        self.layouts.append((whole, tuple((p, o, 1, self.size[p])
+                                          for p, o in zip(pieces, offsets))))
+
+    def unify_layouts(self) -> tuple[dict[int, tuple], set[int]]:
+        """Make the layouts of each whole agree, to a fixpoint: equal layouts identify their
+        pieces; a concatenation (a cut) of a whole laid out otherwise (an interleave) gives each
+        cut piece the layout of its channel range, splitting the groups it reads where the range
+        cuts them. Return each whole's layout and the wholes whose layouts disagree (two
+        concatenations with different boundaries, two different interleaves)."""
+        find = self.uf.__getitem__
+        self.active = list(self.layouts)
+        while True:
+            by_whole: dict[int, list[_Layout]] = {}
+            for layout in self.active:
+                by_whole.setdefault(find(layout[0]), []).append(layout)
+            chosen = {whole: _chosen(layouts) for whole, layouts in by_whole.items()}
+            conflicts: set[int] = set()
+            changed = False
+            for whole, layouts in by_whole.items():
+                first = chosen[whole]
+                for other in layouts:
+                    if other is first:
+                        continue
+                    if _signature(other) == _signature(first):
+                        for a, b in zip(other[1], first[1]):
+                            if find(a[0]) != find(b[0]):
+                                self.uf.union(a[0], b[0])
+                                changed = True
+                    elif _concatenated(other) and not _concatenated(first):
+                        self.active.remove(other)
+                        self.cut(other, first)
+                        changed = True
+                    else:
+                        conflicts.add(whole)
+            if not changed:
+                return {whole: layout[1] for whole, layout in chosen.items()}, conflicts
+
+    def cut(self, concatenation: _Layout, layout: _Layout) -> None:
+        """The pieces of `concatenation` are channel ranges of `layout`'s whole."""
+        for piece, offset, _, size in concatenation[1]:
+            parts = self.restrict(layout[1], offset, offset + size)
+            if len(parts) == 1 and parts[0][1:] == (0, 1, size):
+                self.uf.union(piece, parts[0][0])
+            else:
+                self.add_layout((piece, parts))
+
+    def restrict(self, parts, low: int, high: int) -> tuple[tuple[int, int, int, int], ...]:
+        """The parts laying out channels [low, high) of a whole laid out as `parts`, relative to
+        low; a part's group that the range cuts is split (or its own layout is used)."""
+        find = self.uf.__getitem__
+        found = []
+        todo = list(parts)
+        while todo:
+            space, offset, stride, size = todo.pop(0)
+            first = max(0, -((offset - low) // stride))  # ceil((low - offset) / stride)
+            end = min(size, -((offset - high) // stride))
+            if end <= first:
+                continue
+            if (first, end) == (0, size):
+                found.append((space, offset - low, stride, size))
+                continue
+            own = next((lay for lay in self.active if find(lay[0]) == find(space)), None)
+            if own is None:  # a leaf: split it at the range's ends
+                self.refined.append(space)
+                bounds = sorted({0, first, end, size})
+                own = (space, tuple((self.new_space(b - a), a, 1, b - a)
+                                    for a, b in zip(bounds, bounds[1:])))
+                self.add_layout(own)
+            todo[:0] = [(p, offset + stride * o, stride * s, n) for p, o, s, n in own[1]]
+        return _normalized(found)
+
+    def add_layout(self, layout: _Layout) -> None:
+        layout = (layout[0], _normalized(layout[1]))
+        self.layouts.append(layout)
+        self.active.append(layout)
 
     # ---- groups ----
 
     def finish(self) -> ChannelGraph:
-        conflicts = self.unify_segmentations()
+        chosen, conflicts = self.unify_layouts()
         find = self.uf.__getitem__
         roots = list(dict.fromkeys(find(s) for s in range(len(self.size))))  # creation order
         number = {root: i for i, root in enumerate(roots)}
-        parts: dict[int, list[int]] = {}  # the first segmentation of each whole
-        pieces_of: dict[int, set[int]] = {}  # the pieces of all of them
-        for whole, pieces in self.segmentations:
-            parts.setdefault(find(whole), [find(p) for p in pieces])
-            pieces_of.setdefault(find(whole), set()).update(find(p) for p in pieces)
+        pieces_of: dict[int, set[int]] = {}  # the pieces of every layout of each whole
+        for whole, parts in self.layouts:
+            pieces_of.setdefault(find(whole), set()).update(find(p[0]) for p in parts)
         members = self.members()
         groups_of: dict[int, set[int]] = {}
         for space, g in self.grouped:
@@ -520,29 +681,29 @@ class _Builder:
             reasons.setdefault(find(space), []).append(reason)
         for root in conflicts:
             reasons.setdefault(root, []).append(SEGMENT_CONFLICT)
-        for root in groups_of.keys() & parts.keys():
+        for root in groups_of.keys() & chosen.keys():
             reasons.setdefault(root, []).append(GROUPED_PARTS)
         pieces = set().union(*pieces_of.values())
         for root in roots:  # a safety net: no rule leaves such a group
-            if root not in parts and root not in pieces and not members[root]["producers"]:
+            if root not in chosen and root not in pieces and not members[root]["producers"]:
                 reasons.setdefault(root, []).append(f"{UNSUPPORTED}: no op writes these channels")
         fixed = {root: min(rs, key=_priority) for root, rs in reasons.items()}
         for root in sorted(roots, key=lambda r: -self.size[r]):  # wholes before their pieces
             if root in fixed:
                 for piece in pieces_of.get(root, ()):
                     fixed.setdefault(piece, fixed[root])
+        refined = {find(space) for space in self.refined}
         groups = []
         for root in roots:
-            offsets = [0]
-            for piece in parts.get(root, ()):
-                offsets.append(offsets[-1] + self.size[piece])
             groups.append(ChannelGroup(
                 index=number[root], size=self.size[root],
                 **{role: tuple(nodes) for role, nodes in members[root].items()},
                 groups=tuple(sorted(groups_of.get(root, ()))),
-                parts=tuple(Part(number[p], offset, self.size[p])
-                            for p, offset in zip(parts.get(root, ()), offsets)),
-                fixed=fixed.get(root, "")))
+                parts=tuple(Part(number[find(p)], offset, size, stride)
+                            for p, offset, stride, size in chosen.get(root, ())),
+                fixed=fixed.get(root, ""),
+                refined=root in refined and root in chosen
+                and _concatenated((root, chosen[root]))))
         index = {node: number[find(space)] for node, space in self.space.items()}
         cuts = {node: number[find(space)] for node, space in self.cuts.items()}
         return ChannelGraph(groups, index, cuts)
@@ -563,24 +724,28 @@ class _Builder:
                     listed.append(node)
         return members
 
-    def unify_segmentations(self) -> set[int]:
-        """Identify the pieces of segmentations of one group with equal boundaries, to a
-        fixpoint; return the groups whose segmentations still disagree."""
-        find = self.uf.__getitem__
-        while True:
-            first: dict[int, list[int]] = {}
-            conflicts: set[int] = set()
-            changed = False
-            for whole, pieces in self.segmentations:
-                seen = first.setdefault(find(whole), pieces)
-                if seen is pieces:
-                    continue
-                if [self.size[p] for p in seen] != [self.size[p] for p in pieces]:
-                    conflicts.add(find(whole))
-                    continue
-                for a, b in zip(seen, pieces):
-                    if find(a) != find(b):
-                        self.uf.union(a, b)
-                        changed = True
-            if not changed:
-                return conflicts
+
+def _normalized(parts) -> tuple[tuple[int, int, int, int], ...]:
+    """Parts in channel order, a single channel with stride 1."""
+    return tuple(sorted(((p, o, s if n > 1 else 1, n) for p, o, s, n in parts),
+                        key=lambda part: part[1]))
+
+
+def _signature(layout: _Layout) -> tuple[tuple[int, int, int], ...]:
+    return tuple(part[1:] for part in layout[1])
+
+
+def _concatenated(layout: _Layout) -> bool:
+    """Pieces one after the other (a cat, split, chunk or slice)."""
+    offset = 0
+    for _, start, stride, size in layout[1]:
+        if start != offset or stride != 1:
+            return False
+        offset += size
+    return True
+
+
+def _chosen(layouts: list[_Layout]) -> _Layout:
+    """The layout a whole is described by: an interleave if it has one (the finer), else its
+    first concatenation."""
+    return next((layout for layout in layouts if not _concatenated(layout)), layouts[0])

@@ -1,13 +1,16 @@
 """Structured channel pruning over the channel groups of `archc.channels`.
 
-A free leaf group (not `fixed`, not a concatenation) is the unit of pruning: removing its
-channels K deletes rows K of every producer (conv/Linear weight and bias), columns K of every
-consumer, entries K of every channelwise member (BN statistics and affine, depthwise filters),
-and the same positions, shifted by the leaf's offset, in every composite (concatenation/split)
-that contains it; splits and slices are re-cut to the new sizes. Residual adds, SE gates,
-depthwise convs and flatten -> Linear are ties inside a group, so they stay consistent by
-construction; groups the analysis fixes (model inputs/outputs, channel shuffles, shared modules)
-are left alone.
+A free leaf group (not `fixed`, not a composite) is the unit of pruning: removing its channels K
+deletes rows K of every producer (conv/Linear weight and bias), columns K of every consumer,
+entries K of every channelwise member (BN statistics and affine, depthwise filters), and the
+leaf's places of K in every composite that contains it (channel t of a part (offset o, stride s)
+is the composite's o + s t: concatenations, splits, a shuffle's input and output); splits and
+slices are re-cut to the new sizes (a piece [a, b) keeps the whole's kept channels in [a, b)).
+A group the analysis cut into pieces for a shuffle (`refined`) is one unit over its channels, each
+piece keeping at least one (no tensor left empty). Residual adds, SE gates, depthwise convs,
+flatten -> Linear and the lockstep segments of a shuffle are ties inside a group, so they stay
+consistent by construction; groups the analysis fixes (model inputs/outputs, shared modules,
+shuffles it refuses) are left alone.
 
 Scores (one per channel of a group, higher is kept):
 - `l1` / `l2`: the L1 / L2 norm of the channel's rows in every producer (summed over producers,
@@ -135,30 +138,59 @@ class _Unit:
     segments: int  # equal segments every decision respects (1: free channel choice)
     whole_segments: bool  # keep-width: remove whole segments
     scores: list[np.ndarray] = field(default_factory=list)  # per group, per channel
+    pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (leaf, its channels)
 
     @property
     def size(self) -> int:
         return len(self.scores[0])
 
 
-def _positions(cg: ChannelGraph) -> dict[int, list[tuple[int, int]]]:
-    """leaf group -> [(group, offset)]: itself at 0 and every composite holding it."""
-    found: dict[int, list[tuple[int, int]]] = {}
+def _positions(cg: ChannelGraph) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """leaf group -> [(group, channels)]: where its channels 0, 1, ... are in itself and in every
+    composite holding it (once per part: a shuffle's input holds its lockstep group g times)."""
+    found: dict[int, list[tuple[int, np.ndarray]]] = {}
 
-    def walk(group: ChannelGroup, top: int, offset: int) -> None:
+    def walk(group: ChannelGroup, top: int, channels: np.ndarray) -> None:
         for part in group.parts:
             child = cg.groups[part.group]
+            mine = channels[np.asarray(part.positions())]
             if child.parts:
-                walk(child, top, offset + part.offset)
+                walk(child, top, mine)
             else:
-                found.setdefault(child.index, []).append((top, offset + part.offset))
+                found.setdefault(child.index, []).append((top, mine))
 
     for group in cg.groups:
         if group.parts:
-            walk(group, group.index, 0)
+            walk(group, group.index, np.arange(group.size))
         else:
-            found.setdefault(group.index, []).insert(0, (group.index, 0))
+            found.setdefault(group.index, []).insert(0, (group.index, np.arange(group.size)))
     return found
+
+
+def _unit_pieces(cg: ChannelGraph) -> dict[int, dict[int, np.ndarray]]:
+    """refined group (the analysis cut its channels into pieces where cuts of a shuffle's output
+    need them) -> {leaf piece: the group's channels it holds}; such a group is one unit."""
+    inside = {p.group for g in cg.groups if g.refined for p in g.parts}
+    units = {}
+    for group in cg.groups:
+        if not group.refined or group.index in inside:
+            continue
+        pieces: dict[int, np.ndarray] = {}
+        todo, whole = [(group, np.arange(group.size))], True
+        while todo:
+            holder, channels = todo.pop()
+            for part in holder.parts:
+                child = cg.groups[part.group]
+                mine = channels[np.asarray(part.positions())]
+                if child.refined:
+                    todo.append((child, mine))
+                elif child.parts:  # a piece made of other groups: its leaves are units
+                    whole = False
+                else:
+                    pieces[child.index] = mine
+        if whole:
+            units[group.index] = pieces
+    return units
 
 
 def _depthwise(module: nn.Module) -> bool:
@@ -187,39 +219,40 @@ def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelG
     gamma = np.zeros(n)
     alive = np.zeros(n, dtype=bool)
     producers = bns = 0
-    for top, offset in positions[leaf.index]:
+    for top, channels in positions[leaf.index]:
         group = cg.groups[top]
+        at = torch.from_numpy(channels)
         for node in group.producers:
             found = _rows(_module(gm, node))
             if found is None:
                 return None
             weight, bias = found
-            rows = weight[offset:offset + n]
+            rows = weight[at]
             p = 1 if criterion == "l1" else 2
             norm += torch.linalg.vector_norm(rows, ord=p, dim=1).numpy()
             alive |= (rows != 0).any(1).numpy()
             if bias is not None:
-                alive |= (bias[offset:offset + n] != 0).numpy()
+                alive |= (bias[at] != 0).numpy()
             producers += 1
         for node in group.channelwise:
             module = _module(gm, node)
             if isinstance(module, _BNS):
                 bns += 1
                 if module.affine:
-                    g = module.weight.detach().double()[offset:offset + n]
-                    b = module.bias.detach().double()[offset:offset + n]
+                    g = module.weight.detach().double()[at]
+                    b = module.bias.detach().double()[at]
                 else:
                     g, b = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
                 gamma += g.abs().numpy()
                 if module.track_running_stats and module.running_mean is not None:
-                    mean = module.running_mean.double()[offset:offset + n]
-                    var = module.running_var.double()[offset:offset + n]
+                    mean = module.running_mean.double()[at]
+                    var = module.running_var.double()[at]
                     shift = b - g * mean / torch.sqrt(var + module.eps)
                 else:
                     shift = b
                 alive |= (shift != 0).numpy()
             elif isinstance(module, _CONVS) and module.bias is not None:
-                alive |= (module.bias.detach()[offset:offset + n] != 0).numpy()
+                alive |= (module.bias.detach()[at] != 0).numpy()
     if producers == 0:
         return None
     if criterion in ("l1", "l2"):
@@ -237,6 +270,8 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
            notes: list[str]) -> list[_Unit]:
     positions = _positions(cg)
     rng = np.random.Generator(np.random.PCG64(config.seed))
+    pieces_of = _unit_pieces(cg)
+    in_unit = {leaf for pieces in pieces_of.values() for leaf in pieces}
     scored: dict[int, np.ndarray] = {}
     skipped_no_bn = 0
     fixed: dict[str, int] = {}
@@ -244,9 +279,21 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
         if group.fixed and not group.fixed.startswith(("model input", "model output")):
             reason = group.fixed.split(" (")[0]
             fixed[reason] = fixed.get(reason, 0) + 1
-        if group.fixed or group.parts or group.size < 2:
+        if group.fixed or (group.parts and group.index not in pieces_of) or group.size < 2 \
+                or group.index in in_unit:
             continue
-        scores = _channel_scores(gm, cg, positions, group, config.criterion, rng)
+        if group.index in pieces_of:  # its pieces' scores, in its channel order
+            scores = np.zeros(group.size)
+            for leaf, channels in pieces_of[group.index].items():
+                piece = cg.groups[leaf]
+                found = None if piece.fixed else _channel_scores(
+                    gm, cg, positions, piece, config.criterion, rng)
+                if found is None:
+                    scores = None
+                    break
+                scores[channels] = found
+        else:
+            scores = _channel_scores(gm, cg, positions, group, config.criterion, rng)
         if scores is None:
             skipped_no_bn += config.criterion == "bn-scale"
             continue
@@ -290,7 +337,8 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
                 notes.append(f"{groups[0].label()}: the grouped conv's other side is fixed, "
                              f"pruned keep-count")
             for g in groups:
-                units.append(_Unit([g], g.divisor, False, [scored[g.index]]))
+                units.append(_Unit([g], g.divisor, False, [scored[g.index]],
+                                   list(pieces_of.get(g.index, {}).items())))
             continue
         units.append(unit)
     return units
@@ -321,7 +369,17 @@ def _decide(units: list[_Unit], config: PruneConfig) -> list[np.ndarray]:
         wanted = [int((p > threshold).sum()) for p in pooled]
     else:
         wanted = [math.ceil((1 - _unit_ratio(unit, config)) * unit.size) for unit in units]
-    return [_keep(unit, want, config.round_to) for unit, want in zip(units, wanted)]
+    return [_every_piece(unit, _keep(unit, want, config.round_to))
+            for unit, want in zip(units, wanted)]
+
+
+def _every_piece(unit: _Unit, kept: np.ndarray) -> np.ndarray:
+    """Each piece of a refined unit keeps at least one channel, its best: no tensor is left
+    without channels."""
+    scores = _unit_scores(unit)
+    extra = [channels[np.argmax(scores[channels])] for _, channels in unit.pieces
+             if not np.isin(channels, kept).any()]
+    return np.union1d(kept, extra).astype(kept.dtype) if extra else kept
 
 
 def _unit_ratio(unit: _Unit, config: PruneConfig) -> float:
@@ -363,8 +421,8 @@ def _composite_keep(cg: ChannelGraph, keep: dict[int, np.ndarray], group: Channe
         return keep[group.index]
     if not group.parts:
         return np.arange(group.size)
-    result = np.concatenate([p.offset + _composite_keep(cg, keep, cg.groups[p.group])
-                             for p in group.parts])
+    result = np.sort(np.concatenate([
+        p.offset + p.stride * _composite_keep(cg, keep, cg.groups[p.group]) for p in group.parts]))
     keep[group.index] = result
     return result
 
@@ -462,19 +520,18 @@ def _apply(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> No
             raise PruneError(f"cannot prune module {node.target} ({type(module).__name__})")
         _replace(gm, str(node.target), module, config, tensors)
     for node, cut in cg.cuts.items():
-        if cut not in changed and not any(p.group in changed for p in cg.groups[cut].parts):
+        if cut not in changed:
             continue
-        parts = cg.groups[cut].parts
-        sizes = [int(keep.get(p.group, np.arange(p.size)).size) for p in parts]
+        whole = keep[cut]  # a cut's piece [a, b) keeps the whole's kept channels in [a, b)
         if node.target in ("split", "chunk") or getattr(node.target, "__name__", "") in (
                 "split", "chunk"):
+            bounds = np.cumsum([0, *(meta.shape[1] for meta in node.meta["tensor_meta"])])
+            sizes = np.diff(np.searchsorted(whole, bounds)).tolist()
             set_split(node, sizes)
             record(gm, {"op": "split", "node": node.name, "sizes": sizes})
-        else:  # a slice x[:, a:b]: its own piece
-            mine = cg.index[node]
-            position = next(i for i, p in enumerate(parts) if p.group == mine)
-            start = sum(sizes[:position])
-            stop = start + sizes[position]
+        else:  # a slice x[:, a:b]
+            bounds = node.args[1][1].indices(cg.groups[cut].size)[:2]
+            start, stop = np.searchsorted(whole, bounds).tolist()
             set_slice(node, start, stop)
             record(gm, {"op": "split", "node": node.name, "slice": [start, stop]})
     gm.graph.lint()
@@ -520,6 +577,8 @@ def _keep_map(units: list[_Unit], decisions: list[np.ndarray]) -> dict[int, np.n
     for unit, kept in zip(units, decisions):
         for group in unit.groups:
             keep[group.index] = kept
+        for leaf, channels in unit.pieces:
+            keep[leaf] = np.flatnonzero(np.isin(channels, kept))
     return keep
 
 

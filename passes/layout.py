@@ -24,9 +24,10 @@ The layouts π:
   segment boundaries move with the padding, cat needs nothing, splits and slices get new sizes.
 
 A group is skipped, with a refusal that gives the numbers, when C' > 2 C (TVM's rule: more padding
-than channels), and when the analysis fixed it (its reason). The report gives parameters and FLOPs
-before and after (`archc.analysis`). Every group ends aligned or refused, so a second run changes
-nothing.
+than channels), when the analysis fixed it (its reason), and when a channel shuffle reorders it
+(`SHUFFLED`: padding would have to keep the shuffle's segments in lockstep). The report gives
+parameters and FLOPs before and after (`archc.analysis`). Every group ends aligned or refused, so a
+second run changes nothing.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from archc.shapes import has_shapes, node_value, propagate_shapes
 
 NAME = "align_channels"
 DOUBLES = "padding would more than double the channels"
+SHUFFLED = "a channel shuffle reorders these channels (padding through it is not implemented)"
 NEEDS_INPUTS = "needs example inputs (PassContext.example_inputs or input_shape) for the shapes"
 
 Layouts = dict[int, tuple[int, Tensor]]  # group index -> (padded size C', π as a LongTensor)
@@ -116,7 +118,12 @@ def plan(graph: ChannelGraph, multiple: int) -> tuple[Layouts, list[str], list[R
     layouts: Layouts = {}
     rewrites: list[str] = []
     refusals: list[Refuse] = []
+    shuffled = graph.shuffled()
     for group in sorted(graph.groups, key=lambda g: g.size):  # parts before their composites
+        if group.index in shuffled:
+            if group.size % multiple:
+                refusals.append(Refuse(SHUFFLED, _names(graph, group)))
+            continue
         if group.parts:
             if any(p.group in layouts for p in group.parts):
                 layouts[group.index] = _concatenate(graph, group, layouts)

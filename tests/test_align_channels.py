@@ -55,11 +55,15 @@ def _align(model: nn.Module, multiple: int, shape=SHAPE, randomized: bool = True
 
 
 def _exempt(graph, group, multiple: int) -> bool:
-    """Whether a group may stay misaligned: fixed, or padding one of its leaves would more than
-    double it (the pass's rule, restated)."""
+    """Whether a group may stay misaligned: fixed, reordered by a channel shuffle, or padding one
+    of its leaves would more than double it (the pass's rules, restated)."""
+    shuffled = graph.shuffled()
+    if group.index in shuffled:
+        return True
     for leaf in graph.leaves(group):
         s = leaf.divisor
-        if leaf.fixed or math.ceil(leaf.size / s / multiple) * multiple * s > 2 * leaf.size:
+        if leaf.fixed or leaf.index in shuffled or (
+                math.ceil(leaf.size / s / multiple) * multiple * s > 2 * leaf.size):
             return True
     return False
 
@@ -212,7 +216,9 @@ class ConcatSplit(nn.Module):
 
 
 REFUSED = {  # id -> (reason, middle module, the refused group's first producer)
-    "moves_channels": (channels.MOVES_CHANNELS, Fn(lambda x: channel_shuffle(x, 3)), "a"),
+    "shuffled": (layout.SHUFFLED, Fn(lambda x: channel_shuffle(x, 3)), "part of a"),
+    "moves_channels": (channels.MOVES_CHANNELS, Fn(lambda x: x.transpose(1, 3).transpose(1, 3)),
+                       "a"),
     "size_read": (channels.SIZE_READ, Fn(lambda x: x / x.shape[1]), "a"),
     "unsupported": (channels.UNSUPPORTED, nn.GroupNorm(3, 12), "a"),
     "shared_module": (channels.SHARED_MODULE, Shared(), "a"),

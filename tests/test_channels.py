@@ -4,6 +4,8 @@ every reason a group is fixed."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +14,7 @@ import archc
 from archc import channels
 from archc.blocks import channel_shuffle
 from archc.channels import analyze_channels, channel_groups
+from archc.shuffles import find_shuffles
 
 X = (torch.randn(2, 3, 8, 8),)
 
@@ -199,7 +202,7 @@ def test_se_gate_and_flatten_to_linear_tie():
 class Opaque(nn.Module):
     """Every fixing rule but the input/output ones, each on its own 20-channel conv output."""
 
-    KEYS = ("shuffle", "size", "view", "softmax", "shared")
+    KEYS = ("moves", "shuffle", "size", "view", "softmax", "shared")
 
     def __init__(self):
         super().__init__()
@@ -209,7 +212,9 @@ class Opaque(nn.Module):
     def forward(self, x):
         c, n = self.convs, x.size(0)
         z = c["size"](x)
-        ys = {"shuffle": channel_shuffle(c["shuffle"](x), 2), "size": z / z.size(1),
+        ys = {"moves": c["moves"](x).transpose(1, 3).transpose(1, 3),
+              "shuffle": c["shuffle"](x).view(2, 2, 10, 8, 8).transpose(1, 2).reshape(2, 20, 8, 8),
+              "size": z / z.size(1),
               "view": c["view"](x).view(n, 20, -1).view(n, -1, 8, 8),
               "softmax": torch.softmax(c["softmax"](x), 1),
               "shared": c["shared"](x) + c["shared"](2 * x)}
@@ -220,8 +225,9 @@ class Opaque(nn.Module):
 def test_fixing_reasons():
     gm, graph = _graph(Opaque())
     reasons = {key: _group(gm, graph, f"convs.{key}").fixed
-               for key in ("shuffle", "size", "view", "softmax", "flat")}
-    assert reasons["shuffle"] == channels.MOVES_CHANNELS  # size read too; the move is shown
+               for key in ("moves", "shuffle", "size", "view", "softmax", "flat")}
+    assert reasons["moves"] == channels.MOVES_CHANNELS
+    assert reasons["shuffle"] == channels.SHUFFLE_SIZES  # a shuffle with literal sizes
     assert reasons["size"] == channels.SIZE_READ
     assert reasons["view"] == channels.SIZE_READ  # view(n, 20, -1) names the channel count
     assert reasons["softmax"].startswith(channels.UNSUPPORTED)
@@ -232,10 +238,14 @@ def test_fixing_reasons():
 
 
 def test_every_channel_tensor_has_a_group():
+    """All but the inner nodes of a shuffle (their dim 1 is not a channel dim)."""
     gm, graph = _graph(Opaque())
+    inner = {n for shuffle in find_shuffles(gm).values() for n in shuffle.nodes[:-1]}
+    assert inner
     for node in gm.graph.nodes:
         shape = node.meta.get("tensor_meta")
-        if node.op != "output" and hasattr(shape, "shape") and len(shape.shape) >= 2:
+        if node.op != "output" and hasattr(shape, "shape") and len(shape.shape) >= 2 \
+                and node not in inner:
             assert graph.of(node).size == shape.shape[1]
 
 
@@ -261,19 +271,94 @@ def test_regnety_groups():
 
 
 class Shuffles(nn.Module):
+    """Three spellings of a shuffle, each between two convs."""
+
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 20, 1), nn.Conv2d(3, 20, 1)
+        self.a, self.b, self.c = nn.Conv2d(3, 20, 1), nn.Conv2d(3, 20, 1), nn.Conv2d(3, 24, 1)
         self.shuffle = nn.ChannelShuffle(2)
         self.head_a, self.head_b = nn.Conv2d(20, 4, 1), nn.Conv2d(20, 4, 1)
+        self.head_c = nn.Conv2d(24, 4, 1)
 
     def forward(self, x):
         return (self.head_a(torch.channel_shuffle(self.a(x), 2))
-                + self.head_b(self.shuffle(self.b(x))))
+                + self.head_b(self.shuffle(self.b(x))) + self.head_c(channel_shuffle(self.c(x), 3)))
 
 
-def test_shuffle_ops_move_channels():
+def test_shuffle_input_is_a_lockstep_group_and_its_output_interleaves_it():
     gm, graph = _graph(Shuffles())
-    for group in (_group(gm, graph, "a"), _group(gm, graph, "b"),
-                  _input_group(gm, graph, "head_a"), _input_group(gm, graph, "head_b")):
-        assert group.fixed == channels.MOVES_CHANNELS
+    for conv, g in (("a", 2), ("b", 2), ("c", 3)):
+        source, shuffled = _group(gm, graph, conv), _input_group(gm, graph, f"head_{conv}")
+        m = source.size // g
+        lockstep = {p.group for p in source.parts}
+        assert len(lockstep) == 1 and [p.offset for p in source.parts] == [i * m for i in range(g)]
+        assert [(p.group, p.offset, p.stride, p.size) for p in shuffled.parts] == [
+            (*lockstep, i, g, m) for i in range(g)]
+        assert not source.fixed and not shuffled.fixed and not graph.groups[lockstep.pop()].fixed
+    # archc's own spelling reads x.size() and channels // groups: part of the shuffle
+    assert not any(g.fixed == channels.SIZE_READ for g in graph.groups)
+
+
+class ShuffleThenChunk(nn.Module):
+    """ShuffleNetV2's pattern: cat, shuffle, chunk in halves, one half through a conv."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, width, 1), nn.Conv2d(3, width, 1)
+        self.c, self.head = nn.Conv2d(width, width, 1), nn.Conv2d(2 * width, 4, 1)
+
+    def forward(self, x):
+        y = channel_shuffle(torch.cat([self.a(x), self.b(x)], 1), 2)
+        left, right = y.chunk(2, dim=1)
+        return self.head(torch.cat([left, self.c(right)], 1))
+
+
+def test_a_cut_of_an_interleave_splits_the_lockstep_group():
+    for width in (6, 5):  # the halves cut the interleave at 6 (even) and 5 (odd)
+        gm, graph = _graph(ShuffleThenChunk(width))
+        q = _group(gm, graph, "a")
+        assert q is _group(gm, graph, "b") and not q.fixed  # the cat's halves: one group
+        last_cat = [n for n in gm.graph.nodes if n.target is torch.cat][-1]
+        left = graph.of(last_cat.args[0][0])
+        right = _input_group(gm, graph, "c")
+        # left = channels 0..width-1 of the interleave of q: q's first ceil(width / 2) channels
+        # in segment 0 and first floor(width / 2) in segment 1
+        assert sorted(c for p in left.parts for c in p.positions()) == list(range(width))
+        assert sum(p.size for p in left.parts) == width == sum(p.size for p in right.parts)
+        assert not left.fixed and not right.fixed
+
+
+class GroupsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 20, 1), nn.Conv2d(20, 4, 1)
+
+    def forward(self, x, groups):
+        return self.b(torch.channel_shuffle(self.a(x), groups))
+
+
+class TwoShuffles(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 12, 1), nn.Conv2d(3, 12, 1), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return self.c(channel_shuffle(self.a(x), 2) + channel_shuffle(self.b(x), 3))
+
+
+def test_shuffle_refusals():
+    gm = torch.fx.symbolic_trace(GroupsInput().eval())
+    graph = analyze_channels(gm, (X[0], 2))
+    assert _group(gm, graph, "a").fixed == channels.SHUFFLE_GROUPS
+    assert _input_group(gm, graph, "b").fixed == channels.SHUFFLE_GROUPS
+    # two interleaves of one group that differ: shuffles of 2 and of 3 groups added
+    gm, graph = _graph(TwoShuffles())
+    added = graph.of(next(n for n in gm.graph.nodes if n.target is operator.add))
+    assert added.fixed == channels.SEGMENT_CONFLICT
+    assert all(leaf.fixed == channels.SEGMENT_CONFLICT
+               for conv in ("a", "b") for leaf in graph.leaves(_group(gm, graph, conv)))
+    # a shuffle between the grouped 1x1 convs of ShuffleNetV1: the grouped conv reads a composite
+    gm = archc.build("specs/shufflenet_v1_g3.yaml")
+    graph = analyze_channels(gm, (torch.randn(1, 3, 32, 32),))
+    node = next(n for n in gm.graph.nodes if n.target == "s1.b2.c.conv")
+    assert graph.of(node.args[0]).fixed == channels.GROUPED_PARTS

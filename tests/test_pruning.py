@@ -7,25 +7,31 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import archc
-from archc.channels import analyze_channels
+from archc.blocks import channel_shuffle
+from archc.channels import SHUFFLE_SIZES, analyze_channels
 from archc.checkpoint import load_checkpoint, save_checkpoint
 from archc.cli import main
+from archc.init import randomize
 from archc.pruning import (
+    CRITERIA,
     PruneConfig,
     PruneError,
     _grouped_weight,
     _keep,
+    _positions,
     _Unit,
+    _unit_pieces,
     prune,
     prune_to_macs,
 )
@@ -51,13 +57,18 @@ def _build(name: str):
 
 
 def _kill_half(gm, whole_segments: bool = False) -> None:
-    """Make the first half of every free leaf group's channels (of every segment; with
-    whole_segments, the first half of the segments) exactly dead: producer rows and biases 0, BN
-    gamma and beta 0."""
+    """Make the first half of every pruning unit's channels (of every segment; with
+    whole_segments, the first half of the segments) exactly dead wherever they are (in the
+    composites holding them too: concatenations, splits, shuffles): producer rows and biases 0, BN
+    gamma and beta 0. A unit is a free leaf group, or a group the analysis cut into pieces."""
     cg = analyze_channels(gm, (X32.to(next(gm.parameters()).dtype),))
+    positions = _positions(cg)
+    pieces = _unit_pieces(cg)
+    in_unit = {leaf for unit in pieces.values() for leaf in unit}
     killed = 0
     for group in cg.groups:
-        if group.fixed or group.parts or group.size < 2:
+        if group.fixed or group.parts and group.index not in pieces or group.size < 2 \
+                or group.index in in_unit:
             continue
         killed += 1
         segments = group.divisor
@@ -66,21 +77,30 @@ def _kill_half(gm, whole_segments: bool = False) -> None:
             dead = [c for s in range(segments // 2) for c in range(s * per, (s + 1) * per)]
         else:
             dead = [s * per + c for s in range(segments) for c in range(per // 2)]
-        dead = torch.tensor(dead, dtype=torch.long)
-        with torch.no_grad():
-            for node in group.producers:
-                module = gm.get_submodule(node.target)
-                module.weight[dead] = 0
-                if module.bias is not None:
-                    module.bias[dead] = 0
-            for node in group.channelwise:
-                module = gm.get_submodule(node.target)
-                if isinstance(module, nn.BatchNorm2d):
-                    module.weight[dead] = 0
-                    module.bias[dead] = 0
-                elif module.bias is not None:
-                    module.bias[dead] = 0
+        leaves = pieces.get(group.index, {group.index: np.arange(group.size)})
+        for leaf, channels in leaves.items():
+            local = np.flatnonzero(np.isin(channels, dead))
+            for top, where in positions[leaf]:
+                _zero(gm, cg.groups[top], torch.from_numpy(where[local]))
     assert killed, "no free group to kill"
+
+
+def _zero(gm, group, channels) -> None:
+    """Channels of a group exactly 0: its producers' rows and biases, its BNs' gamma and beta,
+    its depthwise convs' biases."""
+    with torch.no_grad():
+        for node in group.producers:
+            module = gm.get_submodule(node.target)
+            module.weight[channels] = 0
+            if module.bias is not None:
+                module.bias[channels] = 0
+        for node in group.channelwise:
+            module = gm.get_submodule(node.target)
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight[channels] = 0
+                module.bias[channels] = 0
+            elif module.bias is not None:
+                module.bias[channels] = 0
 
 
 @pytest.mark.slow
@@ -291,3 +311,126 @@ def test_dense_conv_tied_to_its_own_input_by_a_residual_is_pruned_exactly():
     k3 = result.graph_module.get_submodule("k3")
     assert (k3.in_channels, k3.out_channels, k3.groups) == (4, 4, 1)
     torch.testing.assert_close(result.graph_module(x), gm(x), rtol=1e-12, atol=1e-12)
+
+
+# ---- through channel shuffles ----
+
+def _stage_widths(gm) -> list[int]:
+    """ShuffleNetV2's shuffled widths: the halves of each stage's first unit output."""
+    return [gm.get_submodule(f"s{s}.b1.branch1.pw.conv").out_channels for s in (1, 2, 3)]
+
+
+@pytest.mark.slow
+def test_dead_channels_through_shufflenet_v2_shuffles_removed_exactly_by_every_criterion():
+    gm = randomize(_build("shufflenet_v2_x0_5").double(), 3)  # random BN statistics too
+    _kill_half(gm)  # every free leaf, the lockstep groups of the shuffles included
+    x = X32.double()
+    expected = gm(x)
+    cg = analyze_channels(gm)
+    refined = {cg.groups[i].label(): len(pieces) for i, pieces in _unit_pieces(cg).items()}
+    assert len(refined) == 3  # one per stage: the lockstep group of its shuffles
+    for criterion in ("l1", "l2", "bn-scale", "random"):
+        result = prune(gm, x, PruneConfig(0.5, criterion=criterion))
+        # each unit keeps its live half: every dead channel goes, but where a piece of a unit
+        # has only dead ones (it keeps one of them, so no tensor is left empty)
+        assert result.groups and all(g.after == g.before - g.before // 2 or (
+            g.label in refined and g.after <= g.before - g.before // 2 + refined[g.label])
+            for g in result.groups)
+        assert all(a < b for a, b in zip(_stage_widths(result.graph_module), _stage_widths(gm)))
+        # stage 1's output, after its 4 shuffles (stage 2's is one lockstep decision after 8)
+        assert result.graph_module.get_submodule("s2.b1.branch1.dw.conv").out_channels < 48
+        torch.testing.assert_close(result.graph_module(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_cli_prunes_shufflenet_v2_stage_widths_and_the_checkpoint_reloads(tmp_path, capsys):
+    spec = yaml.safe_load(Path("specs/shufflenet_v2_x0_5.yaml").read_text())
+    spec["input"]["size"] = 32
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(spec))
+    ckpt, out = tmp_path / "m.pt", tmp_path / "p.pt"
+    assert main(["build", str(tmp_path / "v2.yaml"), "-o", str(ckpt), "-q"]) == 0
+    assert main(["prune", str(ckpt), "--macs", "0.5", "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.4 * report["macs"][0] <= report["macs"][1] <= 0.5 * report["macs"][0]
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["flops"] == report["macs"][1] and info["params"] == report["params"][1]
+    _, before = load_checkpoint(ckpt)
+    _, pruned = load_checkpoint(out)
+    assert all(a < b for a, b in zip(_stage_widths(pruned), _stage_widths(before)))
+    assert pruned(X32).shape == (1, 1000) and torch.isfinite(pruned(X32)).all()
+    assert main(["fuse", str(out), "-o", str(tmp_path / "p.onnx"), "-q"]) == 0
+
+
+class ShuffleGraph(nn.Module):
+    """conv -> BN -> ReLU -> shuffle(g) -> [halves (chunk(2) or two slices) -> a conv each -> cat]
+    or a conv -> head."""
+
+    def __init__(self, g: int, m: int, spelling: str, cut: str):
+        super().__init__()
+        c = g * m
+        self.g, self.spelling, self.cut = g, spelling, cut
+        self.a, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.shuffle = nn.ChannelShuffle(g)
+        half = (c + 1) // 2
+        self.left, self.right = nn.Conv2d(half, 5, 1), nn.Conv2d(c - half, 4, 1)
+        self.b = nn.Conv2d(c, 9, 1)
+        self.head = nn.Conv2d(9, 3, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        if self.spelling == "module":
+            y = self.shuffle(y)
+        elif self.spelling == "function":
+            y = torch.channel_shuffle(y, self.g)
+        else:
+            y = channel_shuffle(y, self.g)  # archc's view -> transpose -> reshape
+        if self.cut != "none":
+            half = self.left.in_channels
+            left, right = y.chunk(2, dim=1) if self.cut == "chunk" else (y[:, :half], y[:, half:])
+            y = torch.cat([self.left(left), self.right(right)], 1)
+        else:
+            y = self.b(y)
+        return self.head(torch.relu(y))
+
+
+@settings(max_examples=10, deadline=None)
+@example(g=3, m=3, cut="chunk", spelling="reshape", criterion="l1", seed=0)  # cut at 5: not 3k
+@example(g=2, m=3, cut="slice", spelling="module", criterion="random", seed=1)  # cut at 3
+@given(g=st.integers(2, 4), m=st.integers(2, 5), cut=st.sampled_from(["none", "chunk", "slice"]),
+       spelling=st.sampled_from(["module", "function", "reshape"]),
+       criterion=st.sampled_from(CRITERIA), seed=st.integers(0, 99))
+def test_dead_channels_around_a_shuffle_removed_exactly(g, m, cut, spelling, criterion, seed):
+    gm = torch.fx.symbolic_trace(randomize(ShuffleGraph(g, m, spelling, cut).double(), seed))
+    _kill_half(gm)
+    x = X16[:, :, :8, :8].double()
+    expected = gm(x)
+    result = prune(gm, x, PruneConfig(0.5, criterion=criterion))
+    # the lockstep group q of the shuffle keeps its live half, and one channel in each of its
+    # pieces (the chunk's cut) that is all dead
+    cg = analyze_channels(gm)
+    q = cg.of(next(n for n in gm.graph.nodes if n.target == "a")).parts[0].group
+    pieces = _unit_pieces(cg).get(q, {q: np.arange(m)})
+    all_dead = sum(1 for channels in pieces.values() if channels.max() < m // 2)
+    assert result.graph_module.get_submodule("a").out_channels == g * (m - m // 2 + all_dead)
+    torch.testing.assert_close(result.graph_module(x), expected, rtol=1e-12, atol=1e-12)
+
+
+class LiteralShuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 12, 1), nn.Conv2d(12, 12, 1)
+        self.head = nn.Conv2d(12, 3, 1)
+
+    def forward(self, x):
+        y = self.a(x).view(1, 3, 4, 8, 8).transpose(1, 2).reshape(1, 12, 8, 8)
+        return self.head(torch.relu(self.b(y)))
+
+
+def test_shuffle_with_hard_coded_sizes_is_left_alone():
+    gm = torch.fx.symbolic_trace(LiteralShuffle())
+    result = prune(gm, torch.randn(1, 3, 8, 8), PruneConfig(0.5))
+    pruned = result.graph_module
+    assert pruned.get_submodule("a").out_channels == 12  # around the shuffle: as it was
+    assert pruned.get_submodule("b").out_channels == 6  # its own group: pruned
+    assert f"2 groups left as they are: {SHUFFLE_SIZES}" in result.notes  # x and y
