@@ -101,6 +101,12 @@ _ELEMENTWISE = {
     "clamp", "clamp_min", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16",
     "to",
 }
+# elementwise ops whose per-channel constant operand is pruned with the channels
+_SCALE_OR_SHIFT = {
+    **dict.fromkeys((operator.mul, operator.imul, torch.mul, "mul", "mul_"), "scale"),
+    **dict.fromkeys((operator.add, operator.sub, operator.iadd, operator.isub, torch.add,
+                     torch.sub, "add", "sub", "add_", "sub_"), "shift"),
+}
 _HARMLESS_ATTRIBUTES = {"dtype", "device", "ndim", "is_cuda", "layout"}
 
 # op kind -> the _Builder method that handles it (anything else: `unsupported`)
@@ -185,6 +191,9 @@ class ChannelGraph:
     groups: list[ChannelGroup]
     index: dict[Node, int]  # channel tensor node (not inside a shuffle) -> index into `groups`
     cuts: dict[Node, int] = field(default_factory=dict)  # split/chunk/slice node -> cut group
+    # elementwise node -> the per-channel constants it reads: (parameter/buffer name, its dim
+    # along the channels, "scale" or "shift"), e.g. a layer scale `x * gamma`, gamma [C, 1, 1]
+    constants: dict[Node, tuple[tuple[str, int, str], ...]] = field(default_factory=dict)
 
     def of(self, node: Node) -> ChannelGroup:
         return self.groups[self.index[node]]
@@ -286,6 +295,8 @@ class _Builder:
         self.roles: dict[str, list[tuple[int, Node]]] = {
             "producers": [], "consumers": [], "channelwise": []}
         self.cuts: dict[Node, int] = {}  # split/chunk/slice node -> the space it cuts
+        self.unread: list[Node] = []  # get_attr tensors not (yet) read as per-channel constants
+        self.constants: dict[Node, list[tuple[str, int, str]]] = {}  # ChannelGraph.constants
 
     # ---- spaces ----
 
@@ -339,9 +350,10 @@ class _Builder:
         elif node.op == "output":
             self.fix(_node_args(node), MODEL_OUTPUT)
         elif node.op == "get_attr":
-            self.unsupported(node, "constant tensor")
-        if node.op != "output" and _channel_shape(node) is not None:
-            self.of(node)  # every channel tensor has a group
+            self.unread.append(node)  # fixed in `finish` unless an op reads it per channel
+        if node.op not in ("output", "get_attr") and _channel_shape(node) is not None:
+            self.of(node)  # every channel tensor has a group (a constant's: if not read per
+            # channel, in `finish`)
 
     def visit_call(self, node: Node, target) -> None:
         if node in self.shuffles:
@@ -371,10 +383,25 @@ class _Builder:
             position = 1 - lead  # the operand's dim that lines up with the result's channels
             if position < 0 or shape[position] != out[1]:
                 continue  # no channel dim, or size 1 broadcast over the channels
+            if self.per_channel_constant(node, target, operand, position):
+                continue
             if lead == 0:
                 self.tie(operand, node)
             elif out[1] != 1:
                 return self.unsupported(node, "per-channel operand of a lower rank")
+
+    def per_channel_constant(self, node: Node, target, operand: Node, position: int) -> bool:
+        """Whether `operand` is a constant scaling or shifting each channel of `node` (a layer
+        scale `x * gamma`, gamma [C, 1, 1]; a bias `x + b`): read by this op alone, size 1 off
+        its channel dim. It is then a channelwise member, pruned with the channels."""
+        shape, kind = node_shape(operand), _SCALE_OR_SHIFT.get(_target(self.gm, node))
+        if (operand.op != "get_attr" or kind is None or len(operand.users) != 1
+                or any(n != 1 for d, n in enumerate(shape) if d != position)):
+            return False
+        self.unread.remove(operand)
+        self.constants.setdefault(node, []).append((str(operand.target), position, kind))
+        self.role("channelwise", node, node)
+        return True
 
     def division(self, node: Node, target) -> None:
         divisor = _channel_shape(arg(node, 1, "other"))
@@ -665,6 +692,8 @@ class _Builder:
     # ---- groups ----
 
     def finish(self) -> ChannelGraph:
+        for constant in self.unread:
+            self.unsupported(constant, "constant tensor")
         chosen, conflicts = self.unify_layouts()
         find = self.uf.__getitem__
         roots = list(dict.fromkeys(find(s) for s in range(len(self.size))))  # creation order
@@ -706,7 +735,8 @@ class _Builder:
                 and _concatenated((root, chosen[root]))))
         index = {node: number[find(space)] for node, space in self.space.items()}
         cuts = {node: number[find(space)] for node, space in self.cuts.items()}
-        return ChannelGraph(groups, index, cuts)
+        constants = {node: tuple(read) for node, read in self.constants.items()}
+        return ChannelGraph(groups, index, cuts, constants)
 
     def members(self) -> dict[int, dict[str, list[Node]]]:
         """root -> {"tensors" | role: nodes in graph order}."""

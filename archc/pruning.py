@@ -55,7 +55,16 @@ from torch.fx import GraphModule, Node
 from archc.analysis import complexity_report
 from archc.channels import ChannelGraph, ChannelGroup, analyze_channels
 from archc.errors import ArchcError
-from archc.graph_edits import make_module, module_config, put_module, record, set_slice, set_split
+from archc.graph import attribute
+from archc.graph_edits import (
+    make_module,
+    module_config,
+    put_module,
+    put_tensor,
+    record,
+    set_slice,
+    set_split,
+)
 
 CRITERIA = ("l1", "l2", "bn-scale", "random")
 GROUP_POLICIES = ("keep-count", "keep-width")
@@ -253,6 +262,10 @@ def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelG
                 alive |= (shift != 0).numpy()
             elif isinstance(module, _CONVS) and module.bias is not None:
                 alive |= (module.bias.detach()[at] != 0).numpy()
+            for name, axis, kind in cg.constants.get(node, ()):
+                if kind == "shift":  # a dead channel plus a constant is not dead
+                    shift = attribute(gm, name).detach().index_select(axis, at)
+                    alive |= (shift.reshape(-1) != 0).numpy()
     if producers == 0:
         return None
     if criterion in ("l1", "l2"):
@@ -519,6 +532,11 @@ def _apply(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> No
         else:
             raise PruneError(f"cannot prune module {node.target} ({type(module).__name__})")
         _replace(gm, str(node.target), module, config, tensors)
+    for node, read in cg.constants.items():  # per-channel constants: a layer scale, a bias
+        if cg.index[node] in changed:
+            at = torch.from_numpy(kept(node))
+            for name, axis, _ in read:
+                put_tensor(gm, name, attribute(gm, name).detach().index_select(axis, at))
     for node, cut in cg.cuts.items():
         if cut not in changed:
             continue

@@ -43,7 +43,8 @@ from archc import weight_algebra as wa
 from archc.analysis import complexity_report
 from archc.channels import ChannelGraph, ChannelGroup, analyze_channels
 from archc.errors import PassError
-from archc.graph import describe, set_weights
+from archc.graph import attribute, describe, set_weights
+from archc.graph_edits import set_tensor
 from archc.pipeline import PassContext, PassOption, PassResult, register_pass
 from archc.rules import Match, Partial, Refuse, Rule, apply_rules
 from archc.shapes import has_shapes, node_value, propagate_shapes
@@ -181,7 +182,16 @@ def apply_layouts(gm: GraphModule, graph: ChannelGraph, layouts: Layouts) -> Non
     """Pad the layers and re-cut the splits of every group in `layouts`."""
     changed = [graph.groups[index] for index in layouts]
     layers = {n for g in changed for n in (*g.producers, *g.consumers, *g.channelwise)}
-    for node in sorted(layers, key=lambda n: n.name):  # analysis: conv, Linear or BN modules
+    for node in sorted(layers, key=lambda n: n.name):  # conv, Linear, BN modules; constants
+        if node in graph.constants:  # a layer scale or bias: 0 on the padded channels
+            size, index = _layout(graph.of(node), layouts)
+            for name, axis, _ in graph.constants[node]:
+                tensor = attribute(gm, name)
+                moved = tensor.detach().movedim(axis, 0)
+                padded = moved.new_zeros((size, *moved.shape[1:]))
+                padded[index] = moved
+                set_tensor(gm, name, padded.movedim(0, axis))
+            continue
         module = gm.get_submodule(node.target)
         out_size, out_index = _layout(graph.of(node), layouts)
         in_size, in_index = _layout(graph.of(node.args[0]), layouts)

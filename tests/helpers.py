@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archc.channels import analyze_channels
+from archc.graph import attribute
 from archc.init import random_input, randomize
 from archc.passes.pipelines import PIPELINES
 from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
+from archc.pruning import _positions, _unit_pieces
 from archc.verify import relative_error
 
 
@@ -83,3 +87,55 @@ def assert_default_pipeline_exact_idempotent_honest(model, shape, seed) -> None:
     second = run_pipeline(first.graph_module, PIPELINES["default"], ctx)
     assert not any(report.modified for report in second.reports)
     assert second.graph_module.code == first.graph_module.code
+
+
+def kill_half(gm, example, whole_segments: bool = False) -> None:
+    """Make the first half of every pruning unit's channels (of every segment; with
+    whole_segments, the first half of the segments) exactly dead wherever they are (in the
+    composites holding them too: concatenations, splits, shuffles): producer rows and biases 0, BN
+    gamma and beta 0. A unit is a free leaf group, or a group the analysis cut into pieces."""
+    cg = analyze_channels(gm, (example.to(next(gm.parameters()).dtype),))
+    positions = _positions(cg)
+    pieces = _unit_pieces(cg)
+    in_unit = {leaf for unit in pieces.values() for leaf in unit}
+    killed = 0
+    for group in cg.groups:
+        if group.fixed or group.parts and group.index not in pieces or group.size < 2 \
+                or group.index in in_unit:
+            continue
+        killed += 1
+        segments = group.divisor
+        per = group.size // segments
+        if whole_segments and segments > 1:
+            dead = [c for s in range(segments // 2) for c in range(s * per, (s + 1) * per)]
+        else:
+            dead = [s * per + c for s in range(segments) for c in range(per // 2)]
+        leaves = pieces.get(group.index, {group.index: np.arange(group.size)})
+        for leaf, channels in leaves.items():
+            local = np.flatnonzero(np.isin(channels, dead))
+            for top, where in positions[leaf]:
+                _zero(gm, cg, cg.groups[top], torch.from_numpy(where[local]))
+    assert killed, "no free group to kill"
+
+
+def _zero(gm, cg, group, channels) -> None:
+    """Channels of a group exactly 0: its producers' rows and biases, its BNs' gamma and beta,
+    its depthwise convs' biases, its per-channel shifts."""
+    with torch.no_grad():
+        for node in group.producers:
+            module = gm.get_submodule(node.target)
+            module.weight[channels] = 0
+            if module.bias is not None:
+                module.bias[channels] = 0
+        for node in group.channelwise:
+            if node in cg.constants:
+                for name, axis, kind in cg.constants[node]:
+                    if kind == "shift":
+                        attribute(gm, name).index_fill_(axis, channels, 0)
+                continue
+            module = gm.get_submodule(node.target)
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight[channels] = 0
+                module.bias[channels] = 0
+            elif module.bias is not None:
+                module.bias[channels] = 0

@@ -362,3 +362,35 @@ def test_shuffle_refusals():
     graph = analyze_channels(gm, (torch.randn(1, 3, 32, 32),))
     node = next(n for n in gm.graph.nodes if n.target == "s1.b2.c.conv")
     assert graph.of(node.args[0]).fixed == channels.GROUPED_PARTS
+
+
+class Constants(nn.Module):
+    """Per-channel constants: a layer scale and a shift (read per channel: channelwise members),
+    one read twice and a per-pixel one (fixed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.d, self.e = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.f, self.g = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1))
+        self.register_buffer("beta", torch.rand(1, 8, 1, 1))
+        self.shared = nn.Parameter(torch.rand(8, 1, 1))
+        self.pos = nn.Parameter(torch.rand(8, 8, 8))
+
+    def forward(self, x):
+        y = self.b(self.a(x) * self.gamma + self.beta)
+        z = self.e(self.d(x) * self.shared + self.shared)
+        w = self.g(self.f(x) + self.pos)
+        return y + z + w
+
+
+def test_per_channel_constants_are_channelwise_members():
+    gm, graph = _graph(Constants())
+    scaled = _group(gm, graph, "a")
+    assert not scaled.fixed
+    reads = [read for node in scaled.channelwise for read in graph.constants.get(node, ())]
+    assert sorted(reads) == [("beta", 1, "shift"), ("gamma", 0, "scale")]
+    for target, node in (("d", "mul_1"), ("f", "add_2")):  # read twice; per pixel
+        assert _group(gm, graph, target).fixed == (
+            f"{channels.UNSUPPORTED}: per-channel operand of a lower rank ({node})")

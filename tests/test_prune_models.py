@@ -11,6 +11,8 @@ import torch
 
 from archc.cli import main
 from archc.init import random_input, randomize
+from archc.pruning import PruneConfig, prune
+from tests.helpers import kill_half
 from tests.wild.prunable import NETWORKS
 
 SHAPE = (2, 3, 32, 32)
@@ -57,3 +59,48 @@ def test_refuses_outputs_that_do_not_fit_the_source(tmp_path, capsys):
                  str(tmp_path / "a.pt2")]) == 2
     assert "a pruned archc checkpoint is written as .pt" in capsys.readouterr().err
     assert not list(tmp_path.glob("p.*")) and not (tmp_path / "a.pt2").exists()
+
+
+def _canonical(gm, example):
+    from archc.cli_compress import _canonical as canonical
+
+    return canonical(gm, example)
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+@pytest.mark.parametrize("route", ["trace", "export"])
+def test_dead_channels_of_library_models_pruned_exactly(name, route):
+    """Half of every free group made dead (the timm-style stage: functional BN behind a shape
+    assert, SE, a layer scale, drop path) -> pruned away exactly, through symbolic tracing or a
+    torch.export program, after the canonical pipeline."""
+    example = random_input(SHAPE, 0)
+    model = _model(name)
+    if route == "trace":
+        gm = torch.fx.symbolic_trace(model)
+    else:
+        from archc.importers import lift_aten_graph
+
+        gm = lift_aten_graph(torch.export.export(model, (example,)).module())
+    gm = _canonical(gm, example).double()
+    kill_half(gm, example.double())
+    result = prune(gm, example.double(), PruneConfig(0.5))
+    assert result.macs[1] < 0.6 * result.macs[0]
+    x = random_input(SHAPE, 5).double()
+    torch.testing.assert_close(result.graph_module(x), gm(x), rtol=1e-12, atol=1e-12)
+    if name == "timm_style":  # the layer scales were pruned with their channels
+        before = {n: p.shape[0] for n, p in gm.named_parameters() if n.endswith("gamma")}
+        after = {n: p.shape[0] for n, p in result.graph_module.named_parameters()
+                 if n.endswith("gamma")}
+        assert before and before.keys() == after.keys()
+        assert all(after[n] == before[n] // 2 for n in before)
+
+
+def test_pruned_program_prunes_again(tmp_path, capsys):
+    source, once, twice = tmp_path / "m.pt2", tmp_path / "p.pt2", tmp_path / "pp.pt2"
+    torch.export.save(torch.export.export(_model("timm_style"), (random_input(SHAPE, 0),)),
+                      str(source))
+    assert main(["prune", str(source), "--ratio", "0.3", "-o", str(once), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["prune", str(once), "--ratio", "0.3", "-o", str(twice), "--json"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["macs"][0] == first["macs"][1] and second["macs"][1] < first["macs"][1]

@@ -29,12 +29,12 @@ from archc.pruning import (
     PruneError,
     _grouped_weight,
     _keep,
-    _positions,
     _Unit,
     _unit_pieces,
     prune,
     prune_to_macs,
 )
+from tests.helpers import kill_half
 
 X32 = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 X16 = X32[:, :, :16, :16].contiguous()
@@ -56,57 +56,10 @@ def _build(name: str):
     return archc.build(f"specs/{name}.yaml", init="random")
 
 
-def _kill_half(gm, whole_segments: bool = False) -> None:
-    """Make the first half of every pruning unit's channels (of every segment; with
-    whole_segments, the first half of the segments) exactly dead wherever they are (in the
-    composites holding them too: concatenations, splits, shuffles): producer rows and biases 0, BN
-    gamma and beta 0. A unit is a free leaf group, or a group the analysis cut into pieces."""
-    cg = analyze_channels(gm, (X32.to(next(gm.parameters()).dtype),))
-    positions = _positions(cg)
-    pieces = _unit_pieces(cg)
-    in_unit = {leaf for unit in pieces.values() for leaf in unit}
-    killed = 0
-    for group in cg.groups:
-        if group.fixed or group.parts and group.index not in pieces or group.size < 2 \
-                or group.index in in_unit:
-            continue
-        killed += 1
-        segments = group.divisor
-        per = group.size // segments
-        if whole_segments and segments > 1:
-            dead = [c for s in range(segments // 2) for c in range(s * per, (s + 1) * per)]
-        else:
-            dead = [s * per + c for s in range(segments) for c in range(per // 2)]
-        leaves = pieces.get(group.index, {group.index: np.arange(group.size)})
-        for leaf, channels in leaves.items():
-            local = np.flatnonzero(np.isin(channels, dead))
-            for top, where in positions[leaf]:
-                _zero(gm, cg.groups[top], torch.from_numpy(where[local]))
-    assert killed, "no free group to kill"
-
-
-def _zero(gm, group, channels) -> None:
-    """Channels of a group exactly 0: its producers' rows and biases, its BNs' gamma and beta,
-    its depthwise convs' biases."""
-    with torch.no_grad():
-        for node in group.producers:
-            module = gm.get_submodule(node.target)
-            module.weight[channels] = 0
-            if module.bias is not None:
-                module.bias[channels] = 0
-        for node in group.channelwise:
-            module = gm.get_submodule(node.target)
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight[channels] = 0
-                module.bias[channels] = 0
-            elif module.bias is not None:
-                module.bias[channels] = 0
-
-
 @pytest.mark.slow
 def test_dead_channels_pruned_exactly_by_every_criterion():
     gm = _build("resnet").double()  # projection shortcuts: residual groups with two producers
-    _kill_half(gm)
+    kill_half(gm, X32)
     x = X32.double()
     expected = gm(x)
     for criterion in ("l1", "l2", "bn-scale", "random"):
@@ -121,7 +74,7 @@ def test_dead_channels_pruned_exactly_by_every_criterion():
     ("regnetx_200mf", "keep-count"), ("regnetx_200mf", "keep-width")])
 def test_dead_channels_pruned_exactly_depthwise_split_grouped(name, policy):
     gm = _build(name).double()
-    _kill_half(gm, whole_segments=policy == "keep-width")
+    kill_half(gm, X32, whole_segments=policy == "keep-width")
     # 0.34 per group keeps at least the live half (of the segments: 1 of 3 is dead at 24 ch)
     result = prune(gm, X16.double(), PruneConfig(0.34, group_policy=policy))
     assert result.macs[1] < 0.8 * result.macs[0]
@@ -306,7 +259,7 @@ class RepVGGLike(nn.Module):
 def test_dense_conv_tied_to_its_own_input_by_a_residual_is_pruned_exactly():
     gm = torch.fx.symbolic_trace(RepVGGLike().double().eval())
     x = X16.double()
-    _kill_half(gm)
+    kill_half(gm, X32)
     result = prune(gm, x, PruneConfig(0.5))
     k3 = result.graph_module.get_submodule("k3")
     assert (k3.in_channels, k3.out_channels, k3.groups) == (4, 4, 1)
@@ -323,7 +276,7 @@ def _stage_widths(gm) -> list[int]:
 @pytest.mark.slow
 def test_dead_channels_through_shufflenet_v2_shuffles_removed_exactly_by_every_criterion():
     gm = randomize(_build("shufflenet_v2_x0_5").double(), 3)  # random BN statistics too
-    _kill_half(gm)  # every free leaf, the lockstep groups of the shuffles included
+    kill_half(gm, X32)  # every free leaf, the lockstep groups of the shuffles included
     x = X32.double()
     expected = gm(x)
     cg = analyze_channels(gm)
@@ -402,7 +355,7 @@ class ShuffleGraph(nn.Module):
        criterion=st.sampled_from(CRITERIA), seed=st.integers(0, 99))
 def test_dead_channels_around_a_shuffle_removed_exactly(g, m, cut, spelling, criterion, seed):
     gm = torch.fx.symbolic_trace(randomize(ShuffleGraph(g, m, spelling, cut).double(), seed))
-    _kill_half(gm)
+    kill_half(gm, X32)
     x = X16[:, :, :8, :8].double()
     expected = gm(x)
     result = prune(gm, x, PruneConfig(0.5, criterion=criterion))
@@ -434,3 +387,24 @@ def test_shuffle_with_hard_coded_sizes_is_left_alone():
     assert pruned.get_submodule("a").out_channels == 12  # around the shuffle: as it was
     assert pruned.get_submodule("b").out_channels == 6  # its own group: pruned
     assert f"2 groups left as they are: {SHUFFLE_SIZES}" in result.notes  # x and y
+
+
+def test_layer_scales_pruned_and_replayed_by_the_checkpoint(tmp_path):
+    """RepMixer stages with layer scales (gamma [C, 1, 1] read by `x * gamma`): the scales lose
+    the pruned channels, the checkpoint records them as tensor edits and reloads to the same
+    function."""
+    spec = {"name": "mixer", "input": {"channels": 3, "size": 32}, "num_classes": 10,
+            "stem": {"type": "simple", "width": 16, "stride": 2},
+            "body": {"type": "anynet", "stages": [
+                {"block": "repmixer", "depth": 2, "width": 32, "stride": 2, "expansion": 3,
+                 "layer_scale": 0.5, "activation": "gelu"}]}}
+    gm = archc.build(spec, init="random")
+    result = prune(gm, X32, PruneConfig(0.5))
+    scales = {n: p.shape for n, p in result.graph_module.named_parameters()
+              if n.endswith("gamma")}
+    assert scales and all(shape[0] == 16 for shape in scales.values())
+    edits = [e for e in result.graph_module.meta["archc_edits"] if e["op"] == "tensor"]
+    assert {e["name"] for e in edits} == set(scales)
+    save_checkpoint(result.graph_module, spec, tmp_path / "p.pt", X32)  # verifies the reload
+    _, reloaded = load_checkpoint(tmp_path / "p.pt")
+    torch.testing.assert_close(reloaded(X32), result.graph_module(X32))
