@@ -583,10 +583,8 @@ def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):
     notes: list[str] = []
     units = _units(gm, cg, config, notes)
     if not units:
-        raise PruneError("no channel group can be pruned: every conv's channels are fixed "
-                         "(model inputs/outputs, channel shuffles) or there is no conv"
-                         + (" or no BatchNorm for bn-scale" if config.criterion == "bn-scale"
-                            else ""))
+        why = "; ".join(notes) or "no conv or Linear writes a channel group that may change"
+        raise PruneError(f"no channel group can be pruned: {why}")
     return gm, cg, units, notes, before
 
 
