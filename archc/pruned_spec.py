@@ -9,8 +9,9 @@ then the fields follow from the first block of each stage:
 - `width` = output channels of the block's last conv (twice a branch's for ShuffleNetV2's
   concatenated halves); `bottleneck_multiplier` = w_b / width;
   `expansion` = hidden / w_in; `se_ratio` = se / base (the block input, or SE's own input with
-  `se_base: inner`); `group_width` = w_b / groups where the stage gave a group width (keep-width
-  pruning keeps it, keep-count pruning halves it with the channels), else `groups`;
+  `se_base: inner`); `group_width` = the grouped conv's input channels per group where the stage
+  gave a group width (keep-width pruning keeps it, keep-count pruning shrinks it with the
+  channels), else `groups`;
 - the stem width from the stem's last conv, the head's conv width and hidden widths from its
   layers; a regnet body or a width multiplier becomes the explicit stage list it lowers to.
 
@@ -64,6 +65,8 @@ BLOCK_WIDTHS = {
     "inverted_residual": _BlockWidths("f.project.conv", hidden="f.dw.conv", se="f.se"),
     "conv": _BlockWidths("conv", grouped="conv"),
     "shufflenet_v2": _BlockWidths("branch2.c.conv", halves=True),
+    "repvgg": _BlockWidths("conv3x3.conv", grouped="conv3x3.conv"),
+    "qarepvgg": _BlockWidths("conv3x3.conv", grouped="conv3x3.conv"),
 }
 
 
@@ -161,11 +164,11 @@ def _stage(gm: GraphModule, block: str, stage: StageSpec, w_in: int) -> dict[str
         inner = _out(gm, f"{block}.{widths.hidden}")
         data["expansion"] = inner / w_in
     if widths.grouped is not None and (stage.group_width or stage.groups):
-        groups = _module(gm, f"{block}.{widths.grouped}").groups
-        if stage.group_width:
-            data["group_width"] = inner // groups
-        else:
-            data["groups"] = groups
+        conv = _module(gm, f"{block}.{widths.grouped}")
+        if stage.groups:
+            data["groups"] = conv.groups
+        elif conv.groups > 1:  # else a dense first block (train-form blocks on the image)
+            data["group_width"] = conv.in_channels // conv.groups
     if widths.se is not None and stage.se_ratio:
         se = _module(gm, f"{block}.{widths.se}")
         base = w_in if stage.se_base == "input" else se.expand.out_channels

@@ -58,7 +58,8 @@ def test_resolve_pipeline():
     assert resolve_pipeline("default,align_channels") == [*PIPELINES["default"], "align_channels"]
     assert resolve_pipeline("none,fold_bn") == ["fold_bn"]
     with pytest.raises(ArchcError, match=r"unknown pass 'fold_bm' \(did you mean 'fold_bn'\?\); "
-                                         r"valid: .*remove_identity.*; pipelines: default, canonical, none"):
+                                         r"valid: .*remove_identity.*; "
+                                         r"pipelines: default, canonical, none"):
         resolve_pipeline("remove_identity,fold_bm")
     with pytest.raises(ArchcError, match="unknown pass 'nope'"):
         get_pass("nope")

@@ -74,21 +74,22 @@ def test_shipped_specs_pruned_per_layer_give_a_spec(name):
     _same_function(fit.spec, gm)
 
 
-@settings(max_examples=6, deadline=None)
-@given(block=st.sampled_from(["res_bottleneck", "res_basic", "inverted_residual"]),
+@settings(max_examples=8, deadline=None)
+@given(block=st.sampled_from(["res_bottleneck", "res_basic", "inverted_residual", "repvgg"]),
        widths=st.lists(st.sampled_from([8, 16, 24]), min_size=1, max_size=2),
        depth=st.integers(1, 2), grouped=st.booleans(), ratio=st.sampled_from([0.25, 0.5, 0.7]),
        hidden=st.booleans())
 def test_per_layer_pruning_is_always_expressible(block, widths, depth, grouped, ratio, hidden):
-    """Per-layer pruning of residual blocks always has a spec (inner and output widths keep one
-    ratio in every block), and a spec found computes the pruned function with its weights.
+    """Per-layer pruning of residual and RepVGG blocks always has a spec (inner and output
+    widths keep one ratio in every block), and a spec found computes the pruned function.
     Inverted residuals need not have one: hidden = round(t * w_in) with one t per stage cannot
     follow ceil-rounded widths of different blocks (stem 8 -> 3, hidden 32 -> 10, width 16 -> 5,
-    hidden 64 -> 20 at ratio 0.7: t = 10/3 gives 17)."""
+    hidden 64 -> 20 at ratio 0.7: t = 10/3 gives 17); nor grouped RepVGG blocks, whose groups
+    the spec derives from each block's input width and one group width per stage."""
     stages = []
     for index, width in enumerate(widths):
         stage = {"block": block, "depth": depth, "width": width, "stride": 1 + index}
-        if block == "res_bottleneck" and grouped:
+        if block in ("res_bottleneck", "repvgg") and grouped:
             stage["group_width"] = 4
         if block == "inverted_residual":
             stage["expansion"] = 4 if grouped else 1
@@ -96,7 +97,7 @@ def test_per_layer_pruning_is_always_expressible(block, widths, depth, grouped, 
     data = _spec(stages, stem=8, size=16, **({"width": 32} if hidden else {}))
     spec, gm = _pruned(data, PruneConfig(ratio))
     fit = spec_for_graph(spec, gm)
-    if block != "inverted_residual":
+    if block in ("res_bottleneck", "res_basic") or block == "repvgg" and not grouped:
         assert fit.spec is not None, fit.reason
     if fit.spec is not None:
         _same_function(fit.spec, gm)
@@ -107,8 +108,8 @@ def test_per_layer_pruning_is_always_expressible(block, widths, depth, grouped, 
 # ---- every reason there is no spec ----
 
 def test_refuses_a_block_whose_widths_are_not_read():
-    spec, gm = _pruned(_spec([{"block": "repvgg", "depth": 2, "width": 16}]), PruneConfig(0.5))
-    assert "the widths of a repvgg block are not read back" in spec_for_graph(spec, gm).reason
+    spec, gm = _pruned(_spec([{"block": "acb", "depth": 2, "width": 16}]), PruneConfig(0.5))
+    assert "the widths of a acb block are not read back" in spec_for_graph(spec, gm).reason
 
 
 def test_refuses_blocks_of_one_stage_that_differ():
