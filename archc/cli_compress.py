@@ -197,7 +197,7 @@ def _save_pruned(args: argparse.Namespace, spec, spec_dict: dict, gm, example,
     """Save a pruned archc checkpoint, as a new spec where one expresses it (and write that
     spec with --spec); the report's line about the spec."""
     from archc.checkpoint import save_checkpoint
-    from archc.pruned_spec import graph_with_weights, spec_for_graph
+    from archc.pruned_spec import spec_for_graph
     from archc.pruning import PruneError
 
     fit = spec_for_graph(spec, gm)
@@ -208,7 +208,7 @@ def _save_pruned(args: argparse.Namespace, spec, spec_dict: dict, gm, example,
     if fit.spec is None:  # the original spec plus graph edits
         save_checkpoint(gm, spec_dict, args.output, example)
         return f"spec: none ({fit.reason}); {args.output} holds the graph edits"
-    save_checkpoint(graph_with_weights(fit.spec, gm), fit.spec, args.output, example)
+    save_checkpoint(fit.graph_module, fit.spec, args.output, example)
     if args.spec_output is not None:
         write_spec(fit.spec, args.spec_output)
     return f"spec: {fit.spec['name']}, stored in {args.output}"

@@ -76,6 +76,7 @@ class SpecFit:
 
     spec: dict[str, Any] | None
     reason: str = ""
+    graph_module: GraphModule | None = None  # the spec's graph holding the pruned weights
 
 
 class _NotExpressible(ArchcError):
@@ -86,10 +87,10 @@ def spec_for_graph(spec: Spec, gm: GraphModule) -> SpecFit:
     """The spec whose graph is `gm` (a pruned graph of `spec`), or the reason there is none."""
     try:
         data, candidate = _candidate(spec, gm)
-        _check(candidate, gm)
+        rebuilt = _check(candidate, gm)
     except _NotExpressible as exc:
         return SpecFit(None, str(exc))
-    return SpecFit(data)
+    return SpecFit(data, graph_module=rebuilt)
 
 
 def graph_with_weights(spec: dict[str, Any], gm: GraphModule) -> GraphModule:
@@ -178,7 +179,8 @@ def _stage(gm: GraphModule, block: str, stage: StageSpec, w_in: int) -> dict[str
 
 # ---- checking the candidate ----
 
-def _check(candidate: Spec, gm: GraphModule) -> None:
+def _check(candidate: Spec, gm: GraphModule) -> GraphModule:
+    """The candidate's graph holding `gm`'s weights, if it is `gm`'s graph."""
     rebuilt = build(candidate, device="meta")
     want = {k: tuple(v.shape) for k, v in gm.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
@@ -198,12 +200,13 @@ def _check(candidate: Spec, gm: GraphModule) -> None:
                 modules[name]):
             raise _NotExpressible(f"{name}: the spec builds {module_config(module)}, the pruned "
                                   f"graph has {module_config(modules[name])}")
-    rebuilt = graph_with_weights(candidate.to_dict(), gm).double()
-    pruned = copy.deepcopy(gm).eval().double()
+    rebuilt = graph_with_weights(candidate.to_dict(), gm)
     example = random_input(input_shape(candidate), 0).double()
     with torch.no_grad():
-        expected, actual = pruned(example), rebuilt(example)
+        expected = copy.deepcopy(gm).eval().double()(example)
+        actual = copy.deepcopy(rebuilt).double()(example)
     error = float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
     if not error <= RELATIVE_TOLERANCE:
         raise _NotExpressible(f"the spec's graph computes another function (relative output "
                               f"error {error:.2e} in float64)")
+    return rebuilt
