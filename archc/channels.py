@@ -383,14 +383,14 @@ class _Builder:
             position = 1 - lead  # the operand's dim that lines up with the result's channels
             if position < 0 or shape[position] != out[1]:
                 continue  # no channel dim, or size 1 broadcast over the channels
-            if self.per_channel_constant(node, target, operand, position):
+            if self.per_channel_constant(node, operand, position):
                 continue
             if lead == 0:
                 self.tie(operand, node)
             elif out[1] != 1:
                 return self.unsupported(node, "per-channel operand of a lower rank")
 
-    def per_channel_constant(self, node: Node, target, operand: Node, position: int) -> bool:
+    def per_channel_constant(self, node: Node, operand: Node, position: int) -> bool:
         """Whether `operand` is a constant scaling or shifting each channel of `node` (a layer
         scale `x * gamma`, gamma [C, 1, 1]; a bias `x + b`): read by this op alone, size 1 off
         its channel dim. It is then a channelwise member, pruned with the channels."""

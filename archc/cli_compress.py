@@ -152,7 +152,7 @@ def _prune(args: argparse.Namespace) -> int:
     else:
         example = random_input(args.input_shape or model.input_shape or (1, 3, 224, 224), 0)
         check_example(model.graph_module, example, str(args.checkpoint))
-        model.graph_module = _canonical(model.graph_module, example)
+        model.graph_module = canonical_graph(model.graph_module, example)
 
     def config(ratio: float) -> PruneConfig:
         return PruneConfig(ratio, args.criterion, args.global_threshold, args.round_to,
@@ -182,7 +182,7 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _canonical(gm, example):
+def canonical_graph(gm, example):
     """A foreign model's graph in the canonical form (the `canonical` pipeline: BatchNorm modules
     for functional BN, no in-place ops or shape guards), which the channel analysis reads."""
     import archc.passes  # noqa: F401 - registers the catalogue

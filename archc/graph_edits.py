@@ -15,8 +15,8 @@ Edits are dicts of plain values (loadable with `torch.load(weights_only=True)`):
 - `{"op": "chain", "node": n, "modules": [N1, N2, ...]}`: the call of one module becomes the
   calls of N1, N2, ... in sequence (the modules must exist: put them with `module` edits first).
 - `{"op": "delete", "name": N}`: remove a module nothing calls any more.
-- `{"op": "tensor", "name": N, "shape": [..]}`: the parameter or buffer N (a layer scale, the
-  weights a functional batch_norm reads) has this shape now; its values come with the state_dict.
+- `{"op": "tensor", "name": N, "shape": [..]}`: the parameter or buffer N (a per-channel
+  constant: a layer scale, a shift) has this shape now; its values come with the state_dict.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from archc.cli import main
+from archc.cli_compress import canonical_graph
 from archc.init import random_input, randomize
 from archc.pruning import PruneConfig, prune
 from tests.helpers import kill_half
@@ -61,12 +62,6 @@ def test_refuses_outputs_that_do_not_fit_the_source(tmp_path, capsys):
     assert not list(tmp_path.glob("p.*")) and not (tmp_path / "a.pt2").exists()
 
 
-def _canonical(gm, example):
-    from archc.cli_compress import _canonical as canonical
-
-    return canonical(gm, example)
-
-
 @pytest.mark.parametrize("name", list(NETWORKS))
 @pytest.mark.parametrize("route", ["trace", "export"])
 def test_dead_channels_of_library_models_pruned_exactly(name, route):
@@ -81,7 +76,7 @@ def test_dead_channels_of_library_models_pruned_exactly(name, route):
         from archc.importers import lift_aten_graph
 
         gm = lift_aten_graph(torch.export.export(model, (example,)).module())
-    gm = _canonical(gm, example).double()
+    gm = canonical_graph(gm, example).double()
     kill_half(gm, example.double())
     result = prune(gm, example.double(), PruneConfig(0.5))
     assert result.macs[1] < 0.6 * result.macs[0]
