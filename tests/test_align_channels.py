@@ -359,3 +359,30 @@ BLOCKS = st.tuples(st.sampled_from(["conv", "residual", "concat", "split", "se",
 def test_random_graphs(blocks, classes, multiple):
     result, _ = _align(RandomNet(blocks, classes), multiple)
     assert _misaligned(result.graph_module, multiple) == []
+
+
+class _Scaled(nn.Module):
+    """conv 3 -> 20, a layer scale gamma [20, 1, 1] and a shift [1, 20, 1, 1], conv 20 -> 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 20, 3, padding=1), nn.Conv2d(20, 10, 1)
+        self.gamma = nn.Parameter(torch.rand(20, 1, 1) + 0.5)
+        self.register_buffer("shift", torch.rand(1, 20, 1, 1))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x) * self.gamma + self.shift))
+
+
+def test_per_channel_constants_are_padded_with_their_channels():
+    """A layer scale and a shift grow with their channels, 0 on the new ones (a padded channel
+    stays 0), and the function is unchanged (checked by `_align`)."""
+    model = _Scaled().double()
+    result, _ = _align(model, 8, (1, 3, 8, 8), dtype=torch.float64)
+    gm = result.graph_module
+    for name, axis in (("gamma", 0), ("shift", 1)):
+        padded, old = getattr(gm, name), getattr(model, name)
+        assert padded.shape[axis] == 24
+        torch.testing.assert_close(padded.detach().movedim(axis, 0)[:20].flatten(),
+                                   old.detach().movedim(axis, 0).flatten())
+        assert (padded.detach().movedim(axis, 0)[20:] == 0).all()
