@@ -2,8 +2,8 @@
 int8/fp32 ONNX Runtime latency ratio (the tables of docs/quantization.md).
 
 For each spec: `archc train SPEC --data digits --epochs E`, `archc fuse` to fp32 ONNX (the deploy
-form), then `archc.quantize.quantize` with each calibration method (per-channel weights) and with
-per-tensor weights (min-max), measured on the validation split (360 images, held out from
+form), then `archc.compress.quantize.quantize` with each calibration method (per-channel weights)
+and with per-tensor weights (min-max), measured on the validation split (360 images, held out from
 calibration). Latency: fp32 and int8 (min-max, per-channel) sessions in ONNX Runtime on the CPU,
 no spin-waiting, `--threads` intra-op threads, interleaved rounds (each round runs fp32 then int8,
 `--iterations` runs each), medians over the rounds, at batch 1 and `--batch`. For the RepVGG
@@ -39,7 +39,7 @@ def say(text: str) -> None:
 
 
 def cli(*argv) -> str:
-    from archc.cli import main
+    from archc.cli.main import main
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
@@ -52,7 +52,7 @@ def cli(*argv) -> str:
 def latency(fp32: Path, int8: Path, batch: int, args) -> dict[str, float]:
     import numpy as np
 
-    from archc.quantize import read_model, session
+    from archc.compress.quantize import read_model, session
 
     _, model_input = read_model(fp32)
     x = np.random.default_rng(0).uniform(0, 1, (batch, model_input.channels, model_input.size,
@@ -73,7 +73,7 @@ def latency(fp32: Path, int8: Path, batch: int, args) -> dict[str, float]:
 
 
 def bench_spec(name: str, work: Path, args) -> dict:
-    from archc.quantize import quantize
+    from archc.compress.quantize import quantize
 
     spec = SPECS / f"{name}.yaml"
     checkpoint, fp32 = work / f"{name}.pt", work / f"{name}.onnx"

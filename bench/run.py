@@ -161,15 +161,15 @@ def bench_spec(name: str, args) -> dict:
 
     import archc
     import archc.passes  # noqa: F401 - registers the catalogue
-    from archc import verify
-    from archc.analysis import complexity_report, executed_flops
+    from archc.ir import verify
+    from archc.ir.analysis import complexity_report, executed_flops
 
     def executed(gm, shape) -> int:
-        """Multiply-adds per sample the graph executes, BN included (`archc.analysis`)."""
+        """Multiply-adds per sample the graph executes, BN included (`archc.ir.analysis`)."""
         complexity_report(gm, shape)
         return executed_flops(gm)
-    from archc.init import random_input
-    from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
+    from archc.ir.init import random_input
+    from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
 
     spec = archc.load_spec(ROOT / "specs" / f"{name}.yaml")
     shape = (args.batch, spec.input.channels, args.input_size, args.input_size)
@@ -227,8 +227,8 @@ def bench_gpu(name: str, args) -> dict[str, Timing]:
 
     import archc
     import archc.passes  # noqa: F401 - registers the catalogue
-    from archc.init import random_input
-    from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
+    from archc.ir.init import random_input
+    from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
 
     spec = archc.load_spec(ROOT / "specs" / f"{name}.yaml")
     shape = (args.gpu_batch, spec.input.channels, args.input_size, args.input_size)
@@ -294,9 +294,9 @@ def bench_families(args) -> list[dict]:
     import torch
 
     import archc.passes  # noqa: F401 - registers the catalogue
-    from archc.export import export_onnx
-    from archc.init import random_input, randomize
-    from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
+    from archc.backends.export import export_onnx
+    from archc.ir.init import random_input, randomize
+    from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
 
     sys.path.insert(0, str(ROOT))
     from tests.wild.families import NETWORKS
@@ -381,8 +381,8 @@ def bench_pass_cost(args) -> list[dict]:
     """The default pipeline's cost per graph, rounds interleaved over the graphs: the passes with
     verification off, and the whole run with verification on (its verification share apart)."""
     import archc.passes  # noqa: F401 - registers the catalogue
-    from archc.init import random_input
-    from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
+    from archc.ir.init import random_input
+    from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
 
     names = [*args.pass_cost_specs, *(f"depth{d}" for d in PASS_COST_DEPTHS)]
     graphs = {}

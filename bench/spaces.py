@@ -9,8 +9,9 @@ rounds reported with their spread [min-max]; ratios compare medians of the same 
 Measured:
 - sampling: `Space.samples(n, seed)` (seed = round) for the shipped RegNetX space (360-400 MF
   and the paper's params/acts limits) and AnyNetX_A: samples/s, tries/s and the acceptance rate;
-- one model's complexity: the analytic twin (`archc.analytic_complexity.spec_complexity`) vs
-  `archc.analysis.complexity` of the built graph (`device="meta"`), on RegNetX samples;
+- one model's complexity: the analytic twin (`archc.frontend.analytic_complexity.spec_complexity`)
+  vs
+  `archc.ir.analysis.complexity` of the built graph (`device="meta"`), on RegNetX samples;
 - sweep throughput: `archc space sweep` (a subprocess, as a user runs it: start-up included) of
   tiny RegNetX models (input 32, 2 epochs on digits) with `--workers 1` and `--workers 2`:
   models per minute and the 2-vs-1 ratio; and, to read that ratio, how much work two
@@ -35,7 +36,7 @@ TINY_REGNETX = ["--set", "base.input.size=32", "--set", "base.num_classes=10",
 
 
 def bench_sampling(rounds: int, n: int) -> dict[str, dict]:
-    from archc.space import SamplingStats, load_space
+    from archc.space.design_space import SamplingStats, load_space
 
     spaces = {name: load_space(ROOT / "spaces" / f"{name}.yaml")
               for name in ("regnetx", "anynetx_a")}
@@ -54,10 +55,11 @@ def bench_sampling(rounds: int, n: int) -> dict[str, dict]:
 
 
 def bench_complexity(samples: int) -> dict[str, float]:
-    from archc import analysis, lower
-    from archc.analytic_complexity import spec_complexity
-    from archc.loading import spec_from_mapping
-    from archc.space import load_space
+    from archc.frontend import lower
+    from archc.frontend.analytic_complexity import spec_complexity
+    from archc.frontend.loading import spec_from_mapping
+    from archc.ir import analysis
+    from archc.space.design_space import load_space
 
     specs = [spec_from_mapping(s.spec)
              for s in load_space(ROOT / "spaces/regnetx.yaml").samples(samples + 1, 99)]
@@ -136,7 +138,7 @@ def report(sampling, complexity, sweeps, parallel, args) -> str:
         "### Complexity of one model",
         "",
         f"Median over {args.complexity_samples} RegNetX samples: the analytic twin "
-        f"{complexity['analytic'] * 1e6:.0f} us, `archc.analysis.complexity` of the built "
+        f"{complexity['analytic'] * 1e6:.0f} us, `archc.ir.analysis.complexity` of the built "
         f"meta-device graph {complexity['graph'] * 1e3:.0f} ms ({ratio:,.0f}x).",
         "",
         f"### Sweep throughput ({args.sweep_models} tiny RegNetX models, input 32, "

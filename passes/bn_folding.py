@@ -18,17 +18,17 @@ Layers and BNs are modules (`nn.Conv2d`, `nn.BatchNorm2d`) or functional calls (
 `F.batch_norm`) on `get_attr` constants; functional weights are replaced by new constants, never
 written in place, so a constant read elsewhere keeps its value.
 The per-channel factors (t, u) are computed in float64; the weights are rewritten in their own
-dtype or float32, whichever is wider (`archc.weight_algebra`): float64 when the pipeline works on
-a float64 copy (verification on), float32 otherwise, one rounding of t and of each product, and
-a half-precision layer is folded in float32 and cast back. A layer without bias gains one.
+dtype or float32, whichever is wider (`archc.rewrite.weight_algebra`): float64 when the pipeline
+works on a float64 copy (verification on), float32 otherwise, one rounding of t and of each product,
+and a half-precision layer is folded in float32 and cast back. A layer without bias gains one.
 Nothing is folded through a non-linearity, into a module used twice, or across a tensor with
 other users (R12).
 
 BN normalizes dim 1, a Linear mixes the last dim, a conv's channel dim is 1 only when batched: the
-ranks are read from the recorded shapes (`archc.shapes`). Without them, a Linear/BN pair is
+ranks are read from the recorded shapes (`archc.ir.shapes`). Without them, a Linear/BN pair is
 refused and a conv is taken as batched when the BN has the conv's spatial dimensionality.
 
-A refusal reason starts with one of the constants below or of `archc.legality`.
+A refusal reason starts with one of the constants below or of `archc.rewrite.legality`.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-from archc import weight_algebra as wa
-from archc.graph import (
+from archc.ir.graph import (
     arg,
     attribute,
     bypass,
@@ -53,17 +52,18 @@ from archc.graph import (
     set_weights,
     unique_name,
 )
-from archc.legality import (
+from archc.ir.shapes import node_shape
+from archc.rewrite import weight_algebra as wa
+from archc.rewrite.legality import (
     NO_RUNNING_STATS,
     OTHER_USERS,
     SHARED_MODULE,
     SUBCLASS,
     TRAINING,
 )
-from archc.linear_chains import ChannelAffine, LinearNode, LinearReader
-from archc.pipeline import PassContext, PassResult, register_pass
-from archc.rules import Match, Op, Refuse, Rule, apply_rules
-from archc.shapes import node_shape
+from archc.rewrite.linear_chains import ChannelAffine, LinearNode, LinearReader
+from archc.rewrite.pipeline import PassContext, PassResult, register_pass
+from archc.rewrite.rules import Match, Op, Refuse, Rule, apply_rules
 
 NOT_CONSTANT = ("a functional weight or BN statistic is computed in the graph, not a get_attr "
                 "constant")

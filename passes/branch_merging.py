@@ -5,8 +5,8 @@
     parallel_cat  cat_j branch_j(x)    = conv'(x)     `torch.cat(..., dim=1)`
 
 Found from the graph, not from module names: every operand is a chain of linear ops on one
-shared input tensor, composed by `archc.linear_chains` into `conv_j(pad_j(x))` (convs, eval BN,
-constant scales and biases, zero/constant pads, average pooling, 1x1 -> KxK), then:
+shared input tensor, composed by `archc.rewrite.linear_chains` into `conv_j(pad_j(x))` (convs, eval
+BN, constant scales and biases, zero/constant pads, average pooling, 1x1 -> KxK), then:
 
     R3  x             = W_id ⋆ x,  W_id[i, i mod C/g, centre] = 1   (C_in = C_out, stride 1)
     R4  W_k ⋆ x (pad p_K - d (K - k) / 2) = pad(W_k, (K - k) / 2 per side) ⋆ x (pad p_K)
@@ -28,8 +28,8 @@ reaches the input only through a tensor with other users, or through a non-linea
 merge. A sum followed by a BN becomes a conv followed by a BN, which the next `fold_bn` folds
 (R1); a merged inner sum can merge into an outer one in a later sweep.
 
-A refusal reason starts with one of the constants below, of `archc.linear_chains` or of
-`archc.legality`; details may follow after ": ".
+A refusal reason starts with one of the constants below, of `archc.rewrite.linear_chains` or of
+`archc.rewrite.legality`; details may follow after ": ".
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from archc import weight_algebra as wa
-from archc.graph import describe, erase_unused, op_kind, source_dtype, unique_name
-from archc.legality import OTHER_USERS, SHAPES_UNKNOWN
-from archc.linear_chains import (
+from archc.ir.graph import describe, erase_unused, op_kind, source_dtype, unique_name
+from archc.ir.shapes import node_shape
+from archc.rewrite import weight_algebra as wa
+from archc.rewrite.legality import OTHER_USERS, SHAPES_UNKNOWN
+from archc.rewrite.linear_chains import (
     ADD_TARGETS,
     SUB_TARGETS,
     ComposedConv,
@@ -59,9 +60,8 @@ from archc.linear_chains import (
     conv_module,
     dtype_at,
 )
-from archc.pipeline import PassContext, PassResult, register_pass
-from archc.rules import Done, Match, Partial, Refuse, Rule, apply_rules
-from archc.shapes import node_shape
+from archc.rewrite.pipeline import PassContext, PassResult, register_pass
+from archc.rewrite.rules import Done, Match, Partial, Refuse, Rule, apply_rules
 
 DIFFERENT_INPUTS = "branches read different inputs"
 STRIDE_MISMATCH = "stride mismatch between branches"

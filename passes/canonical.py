@@ -37,11 +37,11 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from archc.graph import arg, attribute, describe, erase_unused, replace_with_value, unique_name
-from archc.importers import ATEN_TO_TORCH
-from archc.pipeline import PassContext, PassResult, register_pass
-from archc.rules import Match, Refuse, Rule, apply_rules
-from archc.shapes import node_shape
+from archc.ir.graph import arg, attribute, describe, erase_unused, replace_with_value, unique_name
+from archc.ir.ops import ATEN_TO_TORCH
+from archc.ir.shapes import node_shape
+from archc.rewrite.pipeline import PassContext, PassResult, register_pass
+from archc.rewrite.rules import Match, Refuse, Rule, apply_rules
 
 NOT_FRESH = ("the written tensor is a graph input, a constant or a view of another tensor: the "
              "write is visible elsewhere")

@@ -18,7 +18,7 @@ A grouped conv (groups G > 1) has no grouped W': its groups read (or write) cont
 C/G channels, and every π with 1 < g < C moves some channel to another block (checked for all
 C < 97), so folding would densify it, at G times the multiply-adds: refused.
 
-Shuffles are recognized in every spelling by `archc.shuffles.find_shuffles`.
+Shuffles are recognized in every spelling by `archc.ir.shuffles.find_shuffles`.
 
 `insert_channel_shuffle` (changes the function: an architecture transform before training). Take
 conv1 with groups g1 (1 < g1 < its input channels), followed, each tensor read once, by BN,
@@ -43,8 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-from archc import weight_algebra as wa
-from archc.graph import (
+from archc.ir.graph import (
     called_once,
     describe,
     erase_unused,
@@ -52,11 +51,12 @@ from archc.graph import (
     set_weights,
     writes_in_place,
 )
-from archc.legality import SHAPES_UNKNOWN, SHARED_MODULE
-from archc.pipeline import PassContext, PassResult, register_pass
-from archc.rules import Match, Refuse, Rule, apply_rules
-from archc.shapes import node_shape
-from archc.shuffles import Shuffle, call_target, find_shuffles
+from archc.ir.shapes import node_shape
+from archc.ir.shuffles import Shuffle, call_target, find_shuffles
+from archc.rewrite import weight_algebra as wa
+from archc.rewrite.legality import SHAPES_UNKNOWN, SHARED_MODULE
+from archc.rewrite.pipeline import PassContext, PassResult, register_pass
+from archc.rewrite.rules import Match, Refuse, Rule, apply_rules
 
 # fold_channel_shuffle
 UNKNOWN_GROUPS = "group count unknown: it is computed in the graph from values not known here"

@@ -20,7 +20,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from archc.graph import (
+from archc.ir.graph import (
     PURE_FUNCTIONS,
     PURE_METHODS,
     arg,
@@ -30,9 +30,9 @@ from archc.graph import (
     is_pure,
     unique_name,
 )
-from archc.pipeline import PassContext, PassResult, register_pass
-from archc.rules import Match, Op, Refuse, Rule, always, apply_rules
-from archc.shapes import node_dtype, node_shape
+from archc.ir.shapes import node_dtype, node_shape
+from archc.rewrite.pipeline import PassContext, PassResult, register_pass
+from archc.rewrite.rules import Match, Op, Refuse, Rule, always, apply_rules
 
 TRAINING_DROPOUT = "dropout module is in training mode: it zeroes activations at random"
 FUNCTIONAL_TRAINING = "functional dropout called with training=True: it is random, not the identity"

@@ -1,7 +1,7 @@
 """Layout passes: channel counts that suit tensor cores (docs/performance.md, GPU section).
 
 `align_channels` (opt-in, function-preserving) zero-pads every internal channel group
-(`archc.channels`) to a multiple of N, its option `multiple` (default 8, for fp16/bf16 tensor
+(`archc.ir.channels`) to a multiple of N, its option `multiple` (default 8, for fp16/bf16 tensor
 cores; 16 for int8). A group of C channels gets C' >= C; its old channel i moves to
 position π(i) and the other C' - C positions are padding:
 
@@ -26,8 +26,8 @@ The layouts π:
 A group is skipped, with a refusal that gives the numbers, when C' > 2 C (TVM's rule: more padding
 than channels), when the analysis fixed it (its reason), and when a channel shuffle reorders it
 (`SHUFFLED`: padding would have to keep the shuffle's segments in lockstep). The report gives
-parameters and FLOPs before and after (`archc.analysis`). Every group ends aligned or refused, so a
-second run changes nothing.
+parameters and FLOPs before and after (`archc.ir.analysis`). Every group ends aligned or refused, so
+a second run changes nothing.
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-from archc import weight_algebra as wa
-from archc.analysis import complexity_report
-from archc.channels import ChannelGraph, ChannelGroup, analyze_channels
 from archc.errors import PassError
-from archc.graph import attribute, describe, set_weights
-from archc.graph_edits import set_tensor
-from archc.pipeline import PassContext, PassOption, PassResult, register_pass
-from archc.rules import Match, Partial, Refuse, Rule, apply_rules
-from archc.shapes import has_shapes, node_value, propagate_shapes
+from archc.ir.analysis import complexity_report
+from archc.ir.channels import ChannelGraph, ChannelGroup, analyze_channels
+from archc.ir.graph import attribute, describe, set_weights
+from archc.ir.graph_edits import set_tensor
+from archc.ir.shapes import has_shapes, node_value, propagate_shapes
+from archc.rewrite import weight_algebra as wa
+from archc.rewrite.pipeline import PassContext, PassOption, PassResult, register_pass
+from archc.rewrite.rules import Match, Partial, Refuse, Rule, apply_rules
 
 NAME = "align_channels"
 DOUBLES = "padding would more than double the channels"

@@ -2,16 +2,16 @@
 
     conv_conv   conv -> [eval BN, constant scale/bias, zero pad]* -> conv  =  one conv
 
-The chain is composed by `archc.linear_chains` (R6 1x1 -> KxK, R7 KxK -> 1x1, R8 in general),
-exactly or not at all: the second conv must not zero-pad a tensor that is non-zero at the border
-(the border trap), and every intermediate tensor must be read by the chain alone. A cost rule
+The chain is composed by `archc.rewrite.linear_chains` (R6 1x1 -> KxK, R7 KxK -> 1x1, R8 in
+general), exactly or not at all: the second conv must not zero-pad a tensor that is non-zero at the
+border (the border trap), and every intermediate tensor must be read by the chain alone. A cost rule
 decides the rest: merge only if the merged conv costs no more multiply-adds per output pixel than
 the convs it replaces (the first conv counted at the second conv's output resolution). Merging
 usually raises the cost (two 3x3 -> one 5x5: 18 C² -> 25 C²), so every decision is reported with
 both numbers.
 
-A refusal reason starts with one of the constants below, of `archc.linear_chains` or of
-`archc.legality`; details may follow after ": ".
+A refusal reason starts with one of the constants below, of `archc.rewrite.linear_chains` or of
+`archc.rewrite.legality`; details may follow after ": ".
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from torch.fx import GraphModule, Node
 
-from archc.graph import describe, erase_unused, op_kind, source_dtype
-from archc.legality import OTHER_USERS
-from archc.linear_chains import (
+from archc.ir.graph import describe, erase_unused, op_kind, source_dtype
+from archc.rewrite.legality import OTHER_USERS
+from archc.rewrite.linear_chains import (
     CONVS,
     AvgPool,
     ComposedConv,
@@ -35,8 +35,8 @@ from archc.linear_chains import (
     conv_label,
     conv_module,
 )
-from archc.pipeline import PassContext, PassResult, register_pass
-from archc.rules import Done, Match, Refuse, Rule, apply_rules
+from archc.rewrite.pipeline import PassContext, PassResult, register_pass
+from archc.rewrite.rules import Done, Match, Refuse, Rule, apply_rules
 
 COST = "cost rule: the merged conv needs more multiply-adds than the convs it replaces"
 NONLINEAR = "a non-linear op between the convs"

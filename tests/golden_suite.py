@@ -2,7 +2,7 @@
 
 For every spec in `specs/`, at a small input (batch 2, 32x32, or the smallest of 64x64, 128x128,
 224x224 that the network runs at) drawn from the versioned numpy generator, with weights from
-`archc.init.randomize` (seed 0, BN statistics calibrated then perturbed, so outputs are O(1)):
+`archc.ir.init.randomize` (seed 0, BN statistics calibrated then perturbed, so outputs are O(1)):
 
 - `<spec>.npz`: `input`, `train` (eager train form), `deploy` (after the default pipeline),
   `onnx` (archc's ONNX of the deploy form in ONNX Runtime, graph optimizations disabled);
@@ -57,7 +57,7 @@ def input_side(spec) -> int:
 
 
 def example_input(spec) -> torch.Tensor:
-    from archc.init import random_input
+    from archc.ir.init import random_input
 
     side = input_side(spec)
     return random_input((BATCH, spec.input.channels, side, side), SEED)
@@ -72,14 +72,14 @@ def train_model(name: str):
 
 def deploy_model(train, x, verify: bool = True):
     import archc.passes  # noqa: F401 - registers the catalogue
-    from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
+    from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
 
     ctx = PassContext(verify=verify, example_inputs=(x,))
     return run_pipeline(train, resolve_pipeline("default"), ctx).graph_module
 
 
 def fx_histogram(gm) -> dict[str, int]:
-    from archc.graph import op_kind
+    from archc.ir.graph import op_kind
 
     ops = Counter(op_kind(gm, n) for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
     return dict(sorted(ops.items()))
@@ -91,7 +91,7 @@ def onnx_run(deploy, x) -> tuple[np.ndarray, dict[str, int]]:
     import onnx
     import onnxruntime as ort
 
-    from archc.export import export_onnx
+    from archc.backends.export import export_onnx
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
@@ -124,7 +124,7 @@ def compute(name: str) -> tuple[dict[str, np.ndarray], dict]:
 
 def tolerance(train, x) -> float:
     """What a float32 output of this model may differ from its golden by."""
-    from archc.verify import artifact_tolerance, rounding_noise
+    from archc.ir.verify import artifact_tolerance, rounding_noise
 
     return artifact_tolerance(RTOL, rounding_noise(train, (x,)))
 

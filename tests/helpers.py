@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archc.channels import analyze_channels
-from archc.graph import attribute
-from archc.init import random_input, randomize
+from archc.compress.pruning import _positions, _unit_pieces
+from archc.ir.channels import analyze_channels
+from archc.ir.graph import attribute
+from archc.ir.init import random_input, randomize
+from archc.ir.verify import relative_error
 from archc.passes.pipelines import PIPELINES
-from archc.pipeline import PassContext, resolve_pipeline, run_pipeline
-from archc.pruning import _positions, _unit_pieces
-from archc.verify import relative_error
+from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
 
 
 class Fn(nn.Module):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from archc.verify import relative_error
+from archc.ir.verify import relative_error
 from tests import golden_suite as suite
 
 NAMES = suite.spec_names()
@@ -61,7 +61,7 @@ def test_onnx_outputs_and_structure(name):
 def test_a_broken_pass_fails_the_golden(monkeypatch):
     """BN folding with the wrong eps (1e-3 instead of the BN's own): the per-pass verification is
     switched off, as a user with --no-verify would; the golden comparison must catch it."""
-    from archc import weight_algebra
+    from archc.rewrite import weight_algebra
 
     real = weight_algebra.bn_affine
 

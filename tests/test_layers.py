@@ -1,6 +1,14 @@
-"""The import graph of archc/ and passes/ (installed as `archc.passes`) is acyclic and one-way:
-the core never imports the catalogue. Every import counts, the ones inside functions too (they
-hide cycles at import time, not in the design)."""
+"""archc's packages are ranked and every import points down the ranks (docs/architecture.md).
+
+The ranks, lowest first: `errors` and `common` (no project imports), `ir` (graph vocabulary,
+shapes, analysis), `frontend` (spec -> graph), `rewrite` (the engine and its algebra), the pass
+catalogue `archc.passes` (the checkout's `passes/`), `backends` (files in and out), `train`, then
+`compress` and `space` (side by side: neither imports the other), `cli`, and the package facade.
+A module may import its own package and any lower rank; an import of a higher rank, or of a
+sibling package of the same rank, is a violation. Every import counts, the ones inside functions
+too (they hide an upward dependency at import time, not in the design), and cycles are found
+even within one package.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +17,27 @@ from pathlib import Path
 
 import networkx as nx
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-# The top layer: the command lines and the package facade may import everything.
-TOP = {"archc.__main__", "archc.__init__", "archc"}
-CATALOGUE = "archc.passes"
+RANKS = {
+    "archc.errors": 0, "archc.common": 0,
+    "archc.ir": 1,
+    "archc.frontend": 2,
+    "archc.rewrite": 3,
+    "archc.passes": 4,
+    "archc.backends": 5,
+    "archc.train": 6,
+    "archc.compress": 7, "archc.space": 7,
+    "archc.cli": 8,
+    "archc": 9, "archc.__main__": 9,
+}
 
 
-def is_top(name: str) -> bool:
-    return name in TOP or name == "archc.cli" or name.startswith("archc.cli_")
+def layer(module: str) -> str:
+    """The ranked unit a module belongs to: its package under archc (or the facade itself)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
 
 
 def module_name(path: Path) -> str:
@@ -41,11 +61,11 @@ def imported_modules(source: str, name: str, known: set[str]) -> set[str]:
             if node.level:
                 base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
                                 + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-    # importing a.b.c runs the packages a and a.b first
-    parents = {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 1)}
-    return {m for m in found | parents if m in known}
+            names = [alias.name for alias in node.names]
+            if base != "archc" or names != ["__version__"]:  # the version string is no layer
+                found.add(base)
+            found.update(f"{base}.{name}" for name in names)
+    return {m for m in found if m in known}
 
 
 def import_graph(sources: dict[str, str]) -> nx.DiGraph:
@@ -61,15 +81,19 @@ def import_graph(sources: dict[str, str]) -> nx.DiGraph:
 
 
 def layering_problems(sources: dict[str, str]) -> list[str]:
-    """Import cycles, and imports of the catalogue from core modules (all but the top layer)."""
+    """Cycles, modules outside every ranked package, and imports that do not point down."""
     graph = import_graph(sources)
     problems = [f"cycle: {' -> '.join([*cycle, cycle[0]])}"
                 for cycle in nx.simple_cycles(graph)]
+    problems += [f"{name} is in no ranked package" for name in graph if layer(name) not in RANKS]
     for source, target in graph.edges:
-        in_catalogue = source == CATALOGUE or source.startswith(f"{CATALOGUE}.")
-        core = source.startswith("archc") and not is_top(source) and not in_catalogue
-        if core and (target == CATALOGUE or target.startswith(f"{CATALOGUE}.")):
-            problems.append(f"core module {source} imports the catalogue ({target})")
+        here, there = layer(source), layer(target)
+        if here == there or here not in RANKS or there not in RANKS:
+            continue
+        if RANKS[there] > RANKS[here]:
+            problems.append(f"{source} imports {target}: {there} is above {here}")
+        elif RANKS[there] == RANKS[here]:
+            problems.append(f"{source} imports {target}: {there} is a sibling of {here}")
     return sorted(problems)
 
 
@@ -82,31 +106,65 @@ def test_the_project_is_layered():
     assert layering_problems(project_sources()) == []
 
 
+def test_the_top_level_holds_only_the_facade_and_the_errors():
+    modules = sorted(p.name for p in (ROOT / "archc").glob("*.py"))
+    assert modules == ["__init__.py", "__main__.py", "errors.py"]
+
+
+def test_every_package_is_installed():
+    """A plain (not editable) `pip install .` installs the packages pyproject.toml lists."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"])
+    on_disk = {module_name(init.parent / "__init__.py")
+               for init in (ROOT / "archc").rglob("__init__.py")}
+    assert on_disk <= listed, sorted(on_disk - listed)
+
+
 def test_a_cycle_is_found_even_through_a_function_level_import():
     sources = project_sources()
-    sources["archc.regnet"] += "\n\ndef _later():\n    from archc.spec import Spec\n"
+    sources["archc.frontend.regnet"] += ("\n\ndef _later():\n"
+                                         "    from archc.frontend.spec import Spec\n")
     problems = layering_problems(sources)
-    assert any(p.startswith("cycle:") and "archc.regnet" in p and "archc.spec" in p
-               for p in problems), problems
+    assert any(p.startswith("cycle:") and "archc.frontend.regnet" in p
+               and "archc.frontend.spec" in p for p in problems), problems
 
 
-def test_a_core_import_of_the_catalogue_is_found():
+@pytest.mark.parametrize("module, statement, expected", [
+    # the engine may not load the catalogue
+    ("archc.rewrite.pipeline", "\n\ndef _registry():\n    import archc.passes\n",
+     "archc.rewrite.pipeline imports archc.passes: archc.passes is above archc.rewrite"),
+    # the graph layer may not load the spec frontend (pydantic and every block)
+    ("archc.ir.analysis", "\nfrom archc.frontend.blocks import BLOCKS\n",
+     "archc.ir.analysis imports archc.frontend.blocks: archc.frontend is above archc.ir"),
+    # a pass may not load an exporter
+    ("archc.passes.canonical", "\n\ndef f():\n    from archc.backends.export import export_onnx\n",
+     "archc.passes.canonical imports archc.backends.export: archc.backends is above archc.passes"),
+    # compression and design spaces are siblings
+    ("archc.compress.pruning", "\nimport archc.space.records\n",
+     "archc.compress.pruning imports archc.space.records: archc.space is a sibling of "
+     "archc.compress"),
+])
+def test_an_import_that_does_not_point_down_is_found(module, statement, expected):
     sources = project_sources()
-    sources["archc.pipeline"] += "\n\ndef _registry():\n    import archc.passes\n"
-    assert "core module archc.pipeline imports the catalogue (archc.passes)" in layering_problems(
-        sources)
-    sources = project_sources()
-    sources["archc.analysis"] += "\nfrom archc.passes.cleanup import IDENTITY_RULES\n"
-    assert any("archc.analysis imports the catalogue" in p for p in layering_problems(sources))
+    assert expected not in layering_problems(sources)
+    sources[module] += statement
+    assert expected in layering_problems(sources)
+
+
+def test_a_module_outside_the_ranked_packages_is_found():
+    sources = {**project_sources(), "archc.misc.helpers": ""}
+    assert "archc.misc.helpers is in no ranked package" in layering_problems(sources)
 
 
 @pytest.mark.parametrize("statement, expected", [
-    ("import archc.spec", {"archc", "archc.spec"}),
-    ("from archc import weight_algebra as wa", {"archc", "archc.weight_algebra"}),
-    ("from . import graph", {"archc", "archc.graph"}),
-    ("from .graph import describe", {"archc", "archc.graph"}),
+    ("import archc.frontend.spec", {"archc.frontend.spec"}),
+    ("from archc.rewrite import weight_algebra as wa", {"archc.rewrite",
+                                                        "archc.rewrite.weight_algebra"}),
+    ("from . import graph", {"archc.ir", "archc.ir.graph"}),
+    ("from .graph import describe", {"archc.ir.graph"}),
     ("import torch", set()),
 ])
 def test_imports_are_read_in_every_spelling(statement, expected):
-    known = {"archc", "archc.spec", "archc.graph", "archc.weight_algebra", "archc.rules"}
-    assert imported_modules(statement, "archc.rules", known) == expected
+    known = {"archc", "archc.ir", "archc.rewrite", "archc.frontend.spec", "archc.ir.graph",
+             "archc.ir.shapes", "archc.rewrite.weight_algebra"}
+    assert imported_modules(statement, "archc.ir.shapes", known) == expected

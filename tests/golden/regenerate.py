@@ -32,8 +32,8 @@ def main(names: list[str]) -> None:
     for stale in set(entries) - set(suite.spec_names()):
         del entries[stale]
     manifest = {
-        "generator": "numpy PCG64(SeedSequence([seed, crc32(tensor name)])) via archc.init",
-        "weights": "archc.init.randomize: BN statistics calibrated on a random batch, perturbed",
+        "generator": "numpy PCG64(SeedSequence([seed, crc32(tensor name)])) via archc.ir.init",
+        "weights": "archc.ir.init.randomize: BN statistics calibrated on a random batch, perturbed",
         "seed": suite.SEED, "batch": suite.BATCH, "input_size": suite.INPUT_SHAPE_HW,
         "opset": suite.OPSET, "rtol": suite.RTOL,
         "tolerance": "relative error <= max(rtol, 10 x the model's own float32 rounding)",

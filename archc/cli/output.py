@@ -1,0 +1,50 @@
+"""Where a command's text goes (torch-free): results on stdout, progress on stderr, one --json
+document; shared by every subcommand module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class Output:
+    """Where a command's text goes: `say` to stdout (not with --quiet or --json), `progress` to
+    stderr (on a terminal or with --progress, never with --quiet), `report` the --json document."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.quiet = getattr(args, "quiet", False)
+        self.json = getattr(args, "json", False)
+        self.show_progress = not self.quiet and (getattr(args, "progress", False)
+                                                 or sys.stderr.isatty())
+
+    def say(self, text: str) -> None:
+        if not (self.quiet or self.json):
+            print(text, flush=True)
+
+    def progress(self, text: str) -> None:
+        if self.show_progress:
+            print(text, file=sys.stderr, flush=True)
+
+    def report(self, document: dict) -> None:
+        if self.json:
+            print(json.dumps(document, indent=1))
+
+
+def write_spec(spec_dict: dict, output: Path | None) -> None:
+    """A spec as YAML (JSON for a .json name), written atomically to `output` or to stdout."""
+    import yaml
+
+    if output is not None and output.suffix.lower() == ".json":
+        text = json.dumps(spec_dict, indent=1) + "\n"
+    else:
+        text = yaml.safe_dump(spec_dict, sort_keys=False)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    from archc.common.fileio import atomic_output
+
+    with atomic_output(output) as temporary:
+        temporary.write_text(text)
+    print(f"wrote {output}", file=sys.stderr)

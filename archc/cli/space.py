@@ -1,0 +1,447 @@
+"""The design-space commands of the CLI: `archc space sample|sweep|analyze|fit`, `archc train`,
+`archc eval`.
+
+`add_commands` adds the parsers to `archc.cli.main`'s subcommands; `HANDLERS` maps each command to
+its handler. As in `archc.cli.main`, parsing imports nothing heavy (no torch, numpy or matplotlib);
+the handlers import what they need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from archc.cli import arguments
+from archc.cli import compress as cli_compress
+from archc.cli.output import write_spec
+
+
+def _override(text: str) -> tuple[str, object]:
+    """KEY=VALUE; VALUE is JSON if it parses as JSON (numbers, lists), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. base.input.size=32)")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _add_space_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the space file, e.g. base.input.size=32, "
+        "window.flops=[2e6,8e6] or parameters[body.depth].high=20 (repeatable; VALUE is JSON "
+        "or a string)",
+    )
+
+
+def _fraction(text: str) -> float:
+    value = arguments.nonnegative_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
+    return value
+
+
+def _add_training_options(parser: argparse.ArgumentParser, epochs_required: bool) -> None:
+    """Options of the shared training loop (archc.train.loop.TrainConfig)."""
+    parser.add_argument("--data", required=True, metavar="DATA",
+                        help="digits (scikit-learn's bundled 8x8 digits), a .npz with x (N,C,H,W) "
+                        "and y, or a directory of class folders")
+    group = parser.add_argument_group("training (archc.train.loop)")
+    group.add_argument("--epochs", type=arguments.positive_int, required=epochs_required,
+                       default=None if epochs_required else 10,
+                       help="epochs" + ("" if epochs_required else " (default 10)"))
+    group.add_argument("--batch-size", type=arguments.positive_int, default=64, help="default 64")
+    group.add_argument("--lr", type=arguments.nonnegative_float, default=0.1,
+                       help="peak learning rate of the cosine schedule (default 0.1)")
+    group.add_argument("--momentum", type=_fraction, default=0.9, help="SGD momentum (0.9)")
+    group.add_argument("--weight-decay", type=arguments.nonnegative_float, default=5e-4,
+                       help="default 5e-4")
+    group.add_argument("--warmup-epochs", type=arguments.nonnegative_float, default=0.0,
+                       help="linear warm-up epochs (default 0)")
+    group.add_argument("--label-smoothing", type=_fraction, default=0.0, help="default 0")
+    group.add_argument("--ema", type=_fraction, default=None, metavar="DECAY",
+                       help="keep an exponential moving average of the weights with this decay "
+                       "(e.g. 0.999) and report and keep it")
+    group.add_argument("--threads", type=arguments.positive_int, default=1,
+                       help="torch intra-op threads (default 1; results depend on it)")
+
+
+def _training_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the CLI sets, other than epochs and seed."""
+    return {"batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
+            "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
+            "label_smoothing": args.label_smoothing, "ema_decay": args.ema,
+            "threads": args.threads}
+
+
+def add_commands(commands) -> None:
+    """Add `space`, `train` and `eval` to the `archc` subcommands."""
+    space = commands.add_parser(
+        "space",
+        help="design spaces: sample models, train them, analyze and fit the results",
+        description="Design-space exploration (Radosavovic et al. 2019, 2020); see "
+        "docs/design-spaces.md.",
+    )
+    space_commands = space.add_subparsers(dest="space_command", required=True, metavar="COMMAND")
+
+    sample = space_commands.add_parser(
+        "sample",
+        help="draw models from a space file (seeded rejection sampling)",
+        description="Draw N models from SPACE under its constraints and complexity window; write "
+        "one JSON line per model (spec, exact flops/params/acts, drawn parameters). The same seed "
+        "gives the same file on any machine.",
+    )
+    sample.add_argument("space", type=Path,
+                        help="space file (YAML or JSON), e.g. spaces/regnetx.yaml")
+    sample.add_argument("-n", type=arguments.positive_int, required=True, metavar="N",
+                        help="models to draw")
+    sample.add_argument("--seed", type=arguments.seed, default=0, help="random seed (default 0)")
+    sample.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                        help="samples file (.jsonl), written atomically")
+    _add_space_source(sample)
+
+    sweep = space_commands.add_parser(
+        "sweep",
+        help="train every sample of a space; append one JSON line per model; resumable",
+        description="Train the models of SOURCE (a space file, sampled here with -n and --seed, "
+        "or a samples file from `archc space sample`) and append one JSON line per finished "
+        "model to OUT. A rerun trains only the models OUT lacks.",
+    )
+    sweep.add_argument("source", type=Path, metavar="SOURCE",
+                       help="a space file (.yaml/.json) or a samples file (.jsonl)")
+    sweep.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
+                       help="results file (.jsonl), appended to")
+    sweep.add_argument("-n", type=arguments.positive_int, metavar="N",
+                       help="models to sample (with a space file)")
+    sweep.add_argument("--seed", type=arguments.seed, default=0,
+                       help="sampling seed (with a space file) and training seed (default 0)")
+    _add_space_source(sweep)
+    _add_training_options(sweep, epochs_required=True)
+    where = sweep.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=arguments.positive_int, default=1,
+                       help="local worker processes (default 1: this process)")
+    where.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run on Ray (pip install 'archc[ray]'): a cluster ADDRESS, or a "
+                       "local Ray without one")
+    sweep.add_argument("--trainer", default=None, metavar="MODULE:FUNCTION",
+                       help="your trainer instead of archc's: called as function(spec, data=, "
+                       "epochs=, seed=, config=) and returning a mapping with best_error")
+
+    analyze = space_commands.add_parser(
+        "analyze",
+        help="EDFs, normalized EDF, bootstrapped best parameters and trend plots of sweeps",
+        description="Compare the spaces of one or more results files: error EDFs (legend n | "
+        "min | mean), the flops-normalized EDF, the empirical bootstrap of the best value of "
+        "each parameter and trend plots (PNG and SVG), and summary.json / summary.md.",
+    )
+    analyze.add_argument("results", type=Path, nargs="+", metavar="RESULTS",
+                         help="results files (.jsonl) of `archc space sweep`, one per space")
+    analyze.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
+                         help="report directory")
+    analyze.add_argument("--resamples", type=arguments.positive_int, default=10_000,
+                         help="bootstrap resamples (default 10,000, as the paper)")
+    analyze.add_argument("--fraction", type=_fraction, default=0.25,
+                         help="bootstrap resample size as a fraction of the models (0.25)")
+    analyze.add_argument("--bins", type=arguments.positive_int, default=10,
+                         help="flops bins of the normalized EDF (default 10)")
+    analyze.add_argument("--seed", type=arguments.seed, default=0,
+                         help="bootstrap seed (default 0)")
+
+    fit = space_commands.add_parser(
+        "fit",
+        help="fit a RegNet (w0, wa, wm) to per-block widths; report e_fit, emit the spec",
+        description="The quantized linear fit of Radosavovic et al. 2020: for SOURCE (a spec, or "
+        "every line of a samples or results file) find the RegNet with the same depth and "
+        "number of stages whose per-block widths minimize e_fit, the mean |log ratio|.",
+    )
+    fit.add_argument("source", type=Path, metavar="SOURCE",
+                     help="a spec (.yaml/.json) or a samples/results file (.jsonl)")
+    fit.add_argument("-o", "--output", type=Path, metavar="OUT",
+                     help="the fitted RegNet spec (.yaml/.json) for a spec, or a .jsonl of fits "
+                     "for a samples/results file; default: print")
+
+    train = commands.add_parser(
+        "train",
+        help="train a spec or a checkpoint on a data set; write a checkpoint",
+        description="Train SPEC (built with archc's initialisation) or CKPT (fine-tuned) with the "
+        "shared loop: SGD with momentum, cosine schedule, weight decay, optional label "
+        "smoothing and EMA. Progress on stderr, metrics as JSON on stdout.",
+    )
+    train.add_argument("model", type=Path, metavar="SPEC|CKPT",
+                       help="spec file (.yaml/.json) or archc checkpoint (.pt)")
+    train.add_argument("-o", "--output", type=Path, required=True, metavar="CKPT",
+                       help="checkpoint to write (.pt)")
+    train.add_argument("--seed", type=arguments.seed, default=0,
+                       help="weights and batch order (default 0)")
+    train.add_argument("--metrics", type=Path, metavar="FILE", help="also write the metrics here")
+    _add_training_options(train, epochs_required=False)
+    cli_compress.add_train_options(train)  # --slimming, --teacher, --kd-temperature, --kd-weight
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="validation error of a checkpoint or an ONNX model on a data set",
+        description="Evaluate CKPT (archc checkpoint, eager PyTorch) or MODEL.onnx (ONNX Runtime) "
+        "on the validation split of DATA; metrics as JSON on stdout.",
+    )
+    evaluate.add_argument("model", type=Path, metavar="CKPT|MODEL.onnx")
+    evaluate.add_argument("--data", required=True, metavar="DATA",
+                          help="digits, a .npz with x and y, or a directory of class folders")
+    evaluate.add_argument("--batch-size", type=arguments.positive_int, default=256,
+                          help="default 256")
+
+
+def _space(args: argparse.Namespace) -> int:
+    handlers = {"sample": _sample, "sweep": _sweep, "analyze": _analyze, "fit": _fit}
+    return handlers[args.space_command](args)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from archc.common.progress import Progress
+    from archc.space.design_space import SamplingStats, load_space
+    from archc.space.records import write_records
+
+    space = load_space(args.space, args.set)
+    stats, progress = SamplingStats(), Progress(args.n, f"sampling {space.name}", every=0.1)
+    start = time.time()
+    records = []
+    for sample in space.samples(args.n, args.seed, stats):
+        records.append(sample.record(space.name, args.seed))
+        progress.update(stats.accepted, f"acceptance {100 * stats.acceptance:.2f}%")
+    progress.close()
+    write_records(args.output, records)
+    seconds = time.time() - start
+    print(f"{space.name}: {stats.summary()}", file=sys.stderr)
+    print(f"wrote {args.output}: {len(records)} samples in {seconds:.1f} s "
+          f"({len(records) / seconds:.1f} samples/s, {stats.tries / seconds:,.0f} tries/s)",
+          file=sys.stderr)
+    return 0
+
+
+def _sweep_samples(args: argparse.Namespace) -> list[dict]:
+    """The samples of a sweep: read from a samples file, or drawn from a space file."""
+    from archc.errors import SpaceError
+    from archc.space.records import read_records
+
+    if args.source.suffix.lower() == ".jsonl":
+        if args.n is not None or args.set:
+            raise SpaceError("-n and --set apply to a space file, not to a samples file", "",
+                             str(args.source))
+        samples, truncated = read_records(args.source, "samples")
+        if truncated:
+            raise SpaceError("the last line is cut short: not a complete samples file", "",
+                             str(args.source))
+        seen = set()
+        for number, sample in enumerate(samples, start=1):
+            if not isinstance(sample.get("id"), str) or not isinstance(sample.get("spec"), dict):
+                raise SpaceError("a sample needs an id and a spec", f"line {number}",
+                                 str(args.source))
+            if sample["id"] in seen:
+                raise SpaceError(f"id {sample['id']} appears twice", f"line {number}",
+                                 str(args.source))
+            seen.add(sample["id"])
+        if not samples:
+            raise SpaceError("no samples", "", str(args.source))
+        return samples
+    from archc.space.design_space import load_space
+
+    if args.n is None:
+        raise SpaceError("sampling a space needs -n N (or give a samples file)", "",
+                         str(args.source))
+    space = load_space(args.source, args.set)
+    return [sample.record(space.name, args.seed) for sample in space.samples(args.n, args.seed)]
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from archc.space.sweep import BUILTIN_TRAINER, resolve_trainer, run_sweep
+
+    samples = _sweep_samples(args)
+    trainer = args.trainer or BUILTIN_TRAINER
+    resolve_trainer(trainer)
+    if args.trainer is None:
+        _check_data(args.data, samples[0]["spec"])
+    setup = {"data": args.data, "epochs": args.epochs, "seed": args.seed, "trainer": trainer,
+             "options": _training_options(args)}
+    summary = run_sweep(samples, args.output, setup, workers=args.workers,
+                        ray_address=args.ray)
+    held = summary["already"] + summary["trained"]
+    print(f"trained {summary['trained']} models ({summary['failed']} failed) in "
+          f"{summary['seconds']:.1f} s; {args.output} holds {held} of {summary['total']}")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from archc.space.report import load_results, write_report
+
+    spaces = load_results(args.results)
+    for space in spaces:
+        if space.truncated:
+            print(f"note: {space.files[0]}: skipped a cut-short last line", file=sys.stderr)
+    summary = write_report(spaces, args.output, args.resamples, args.seed, args.fraction,
+                           args.bins)
+    for space in summary["spaces"]:
+        e = space["error"]
+        print(f"{space['label']}: {space['n']} models ({space['failed']} failed), error min "
+              f"{e['min']:.2f} mean {e['mean']:.2f} median {e['median']:.2f}")
+    print(f"wrote {args.output}/: {', '.join(summary['plots'])}, summary.json, summary.md")
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from archc.errors import SpaceError
+    from archc.space.fit import fit_spec
+
+    if args.source.suffix.lower() == ".jsonl":
+        return _fit_records(args)
+    from archc.frontend.loading import load_spec, spec_from_mapping
+
+    spec = load_spec(args.source)
+    fit, fitted = fit_spec(spec)
+    if fit is None:
+        raise SpaceError(f"no RegNet of depth {sum(s.depth for s in spec.stages())} has "
+                         f"{len(spec.stages())} stages", "body", str(args.source))
+    fitted_spec = spec_from_mapping(fitted, "fitted spec")
+    print(f"{spec.name}: e_fit = {fit.e_fit:.4f} with w0 = {fit.w0}, wa = {fit.wa:g}, "
+          f"wm = {fit.wm:g} (d = {len(fit.widths)})", file=sys.stderr)
+    print(f"  widths {[s.width for s in spec.stages()]} x {[s.depth for s in spec.stages()]} -> "
+          f"{fit.stage_widths} x {fit.stage_depths}", file=sys.stderr)
+    if any(stage.stride != 2 for stage in spec.stages()):
+        print("  note: every RegNet stage has stride 2, unlike the source's "
+              f"{[s.stride for s in spec.stages()]}", file=sys.stderr)
+    write_spec(fitted_spec.to_dict(), args.output)
+    return 0
+
+
+def _fit_records(args: argparse.Namespace) -> int:
+    from archc.errors import SpaceError, SpecError
+    from archc.frontend.spec import validate_schema
+    from archc.space.fit import fit_spec
+    from archc.space.records import dumps, read_records, write_records
+
+    records, _ = read_records(args.source, "samples or results")
+    fits = []
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record.get("spec"), dict):
+            raise SpaceError("a line needs a spec", f"line {number}", str(args.source))
+        try:
+            spec = validate_schema(record["spec"], f"{args.source}:line {number}")
+        except SpecError as exc:
+            raise SpaceError(f"the spec is not valid: {exc.message}", f"line {number}",
+                             str(args.source)) from None
+        fit, fitted = fit_spec(spec)
+        fits.append({"id": record.get("id", spec.name), "best_error": record.get("best_error"),
+                     "e_fit": None if fit is None else fit.e_fit,
+                     **({} if fit is None else {"w0": fit.w0, "wa": fit.wa, "wm": fit.wm,
+                                               "spec": fitted})})
+    if args.output is None:
+        for entry in fits:
+            print(dumps(entry))
+    else:
+        write_records(args.output, fits)
+        print(f"wrote {args.output}: {len(fits)} fits", file=sys.stderr)
+    values = [f["e_fit"] for f in fits if f["e_fit"] is not None]
+    if values:
+        print(f"e_fit: median {float(sorted(values)[len(values) // 2]):.4f}, min "
+              f"{min(values):.4f}, max {max(values):.4f} over {len(values)} models",
+              file=sys.stderr)
+    return 0
+
+
+def _check_data(data: str, spec_dict: dict) -> None:
+    """Fail before any training if the data cannot feed the built-in trainer."""
+    from archc.frontend.loading import spec_from_mapping
+    from archc.train.data import load_data
+    from archc.train.loop import check_classes
+
+    spec = spec_from_mapping(spec_dict, "sample")
+    check_classes(spec.num_classes, load_data(data, spec.input.channels, spec.input.size))
+
+
+def _load_trainable(path: Path):
+    """(spec dict, GraphModule) of a spec file or an archc checkpoint."""
+    if path.suffix.lower() == ".pt":
+        from archc.backends.checkpoint import load_checkpoint
+
+        return load_checkpoint(path)
+    from archc.frontend.loading import load_spec
+
+    spec = load_spec(path)
+    return spec.to_dict(), None
+
+
+def _train(args: argparse.Namespace) -> int:
+    spec_dict, model = _load_trainable(args.model)
+    from archc.backends.checkpoint import save_checkpoint
+    from archc.common.fileio import atomic_output
+    from archc.frontend.loading import spec_from_mapping
+    from archc.frontend.lower import build, input_shape
+    from archc.ir.init import random_input
+    from archc.train.data import load_data
+    from archc.train.loop import TrainConfig, Trainer, check_classes
+
+    spec = spec_from_mapping(spec_dict, str(args.model))
+    plugins, overrides, compression = cli_compress.train_plugins(args, spec)
+    data = load_data(args.data, spec.input.channels, spec.input.size)
+    check_classes(spec.num_classes, data)
+    print(data.describe(), file=sys.stderr)
+    if model is None:
+        model = build(spec, seed=args.seed)
+    config = TrainConfig(epochs=args.epochs, seed=args.seed,
+                         **{**_training_options(args), **overrides})
+    result = Trainer(config, plugins, label=spec.name).fit(model, data)
+    for epoch in result.history:
+        print(f"epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}, validation error "
+              f"{epoch['val_error']:.2f}%" + (f" (EMA {epoch['ema_val_error']:.2f}%)"
+                                              if "ema_val_error" in epoch else ""),
+              file=sys.stderr)
+    example = random_input(input_shape(spec, batch=2), args.seed)
+    compression.update(cli_compress.after_training(plugins, result.model, example))
+    save_checkpoint(result.model, spec_dict, args.output, example)
+    metrics = {"model": spec.name, "data": data.name, "train_size": len(data.train_y),
+               "val_size": len(data.val_y), "config": config.describe(),
+               **({"compression": compression} if compression else {}), **result.metrics(),
+               "checkpoint": str(args.output)}
+    text = json.dumps(metrics, indent=1)
+    if args.metrics is not None:
+        with atomic_output(args.metrics) as temporary:
+            temporary.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from archc.errors import DataError
+    from archc.train.data import load_data
+    from archc.train.loop import evaluate
+
+    if args.model.suffix.lower() == ".onnx":
+        from archc.backends.onnx_runtime import onnx_classifier
+
+        run, (channels, size), outputs = onnx_classifier(args.model)
+    else:
+        spec_dict, model = _load_trainable(args.model)
+        if model is None:
+            raise DataError(f"{args.model}: give a trained checkpoint (.pt) or an ONNX model")
+        from archc.frontend.loading import spec_from_mapping
+
+        spec = spec_from_mapping(spec_dict, str(args.model))
+        run, channels, size, outputs = model, spec.input.channels, spec.input.size, spec.num_classes
+    data = load_data(args.data, channels, size)
+    if data.classes > outputs:
+        raise DataError(f"{args.model} has {outputs} outputs but {data.name} has {data.classes} "
+                        f"classes")
+    metrics = evaluate(run, data.val_x, data.val_y, args.batch_size)
+    print(json.dumps({"model": str(args.model), "data": data.name, "split": "validation",
+                      "samples": len(data.val_y), **metrics}, indent=1))
+    return 0
+
+
+HANDLERS = {"space": _space, "train": _train, "eval": _eval}

@@ -1,0 +1,713 @@
+"""Structured channel pruning over the channel groups of `archc.ir.channels`.
+
+A free leaf group (not `fixed`, not a composite) is the unit of pruning: removing its channels K
+deletes rows K of every producer (conv/Linear weight and bias), columns K of every consumer,
+entries K of every channelwise member (BN statistics and affine, depthwise filters), and the
+leaf's places of K in every composite that contains it (channel t of a part (offset o, stride s)
+is the composite's o + s t: concatenations, splits, a shuffle's input and output); splits and
+slices are re-cut to the new sizes (a piece [a, b) keeps the whole's kept channels in [a, b)).
+A group the analysis cut into pieces for a shuffle (`refined`) is one unit over its channels, each
+piece keeping at least one (no tensor left empty). Residual adds, SE gates, depthwise convs,
+flatten -> Linear and the lockstep segments of a shuffle are ties inside a group, so they stay
+consistent by construction; groups the analysis fixes (model inputs/outputs, shared modules,
+shuffles it refuses) are left alone.
+
+Scores (one per channel of a group, higher is kept):
+- `l1` / `l2`: the L1 / L2 norm of the channel's rows in every producer (summed over producers,
+  e.g. both branches of a residual add);
+- `bn-scale`: |gamma| summed over the group's BatchNorms (network slimming, Liu et al. 2017);
+  groups without a BN are not pruned by this criterion;
+- `random`: seeded uniform scores, the control.
+A *dead* channel (every producer row and bias exactly 0, every BN mapping 0 to 0, every depthwise
+bias 0) is exactly 0 wherever it is read, so removing it preserves the output exactly; every
+criterion ranks dead channels first.
+
+How many to keep: per layer, each group keeps ceil((1 - ratio) * size) channels; with
+`global_threshold` the scores are normalized per group (l1/l2 divided by the group's largest,
+bn-scale and random taken as they are) and one threshold over all groups removes `ratio` of all
+prunable channels. Every group keeps at least one unit, and its kept count is rounded up to a
+multiple of `round_to` (and of the grouped convs' segment count).
+
+Grouped convs (g groups, not depthwise) read and write g equal segments:
+- `keep-count`: the group count stays g; each segment keeps the same number k of channels, its own
+  top-k (not the same indices in every segment), so the group width becomes k;
+- `keep-width`: whole segments are removed: the grouped conv's input and output groups (tied
+  through that conv) lose the same segments, scored by the sum of their channels' scores; the
+  conv keeps its group width and has fewer groups. A set of groups mixing different group counts
+  falls back to keep-count.
+
+The result is the spec's graph plus `archc.ir.graph_edits` edits, saved as an archc checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from networkx.utils import UnionFind
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+
+from archc.errors import ArchcError
+from archc.ir.analysis import complexity_report
+from archc.ir.channels import ChannelGraph, ChannelGroup, analyze_channels
+from archc.ir.graph import attribute
+from archc.ir.graph_edits import (
+    make_module,
+    module_config,
+    put_module,
+    put_tensor,
+    record,
+    set_slice,
+    set_split,
+)
+
+CRITERIA = ("l1", "l2", "bn-scale", "random")
+GROUP_POLICIES = ("keep-count", "keep-width")
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class PruneError(ArchcError):
+    """Nothing can be pruned, or pruning options that do not fit the model."""
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float  # fraction of the prunable channels to remove, in (0, 1)
+    criterion: str = "l1"
+    global_threshold: bool = False
+    round_to: int = 1
+    group_policy: str = "keep-count"
+    seed: int = 0  # for the random criterion
+    # per layer: the ratio of the groups grouped convs cut into segments (their counts move in
+    # steps of a segment count); None: `ratio`
+    grouped_ratio: float | None = None
+
+    def __post_init__(self):
+        for name in ("ratio", "grouped_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise PruneError(f"the pruning {name.replace('_', ' ')} must be in (0, 1), "
+                                 f"not {value}")
+        if self.criterion not in CRITERIA:
+            raise PruneError(f"unknown criterion {self.criterion!r}; one of {', '.join(CRITERIA)}")
+        if self.group_policy not in GROUP_POLICIES:
+            raise PruneError(f"unknown group policy {self.group_policy!r}; one of "
+                             f"{', '.join(GROUP_POLICIES)}")
+        if self.round_to < 1:
+            raise PruneError("round_to must be at least 1")
+
+
+@dataclass
+class GroupChange:
+    label: str
+    before: int
+    after: int
+    policy: str  # "channels", "keep-count" or "keep-width"
+    macs_before: int = 0  # of the layers reading, writing or scaling these channels
+    macs_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+
+
+@dataclass
+class PruneResult:
+    graph_module: GraphModule
+    params: tuple[int, int]  # before, after
+    macs: tuple[int, int]
+    groups: list[GroupChange] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [f"{'group':<28} {'channels':>11} {'params':>21} {'MACs':>23}  policy"]
+        for g in self.groups:
+            lines.append(f"{g.label[:28]:<28} {g.before:>5}->{g.after:<5} "
+                         f"{g.params_before:>10,}->{g.params_after:<10,} "
+                         f"{g.macs_before:>11,}->{g.macs_after:<11,} {g.policy}")
+        (p0, p1), (m0, m1) = self.params, self.macs
+        lines.append(f"total params {p0:,} -> {p1:,} ({100 * p1 / p0:.1f}%), MACs {m0:,} -> "
+                     f"{m1:,} ({100 * m1 / m0:.1f}%) per sample")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ---- which channels: units, scores, counts ----
+
+@dataclass
+class _Unit:
+    """Groups pruned together: one leaf group, or (keep-width) the in/out groups of grouped convs
+    that lose the same whole segments."""
+
+    groups: list[ChannelGroup]
+    segments: int  # equal segments every decision respects (1: free channel choice)
+    whole_segments: bool  # keep-width: remove whole segments
+    scores: list[np.ndarray] = field(default_factory=list)  # per group, per channel
+    pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (leaf, its channels)
+
+    @property
+    def size(self) -> int:
+        return len(self.scores[0])
+
+
+def _positions(cg: ChannelGraph) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """leaf group -> [(group, channels)]: where its channels 0, 1, ... are in itself and in every
+    composite holding it (once per part: a shuffle's input holds its lockstep group g times)."""
+    found: dict[int, list[tuple[int, np.ndarray]]] = {}
+
+    def walk(group: ChannelGroup, top: int, channels: np.ndarray) -> None:
+        for part in group.parts:
+            child = cg.groups[part.group]
+            mine = channels[np.asarray(part.positions())]
+            if child.parts:
+                walk(child, top, mine)
+            else:
+                found.setdefault(child.index, []).append((top, mine))
+
+    for group in cg.groups:
+        if group.parts:
+            walk(group, group.index, np.arange(group.size))
+        else:
+            found.setdefault(group.index, []).insert(0, (group.index, np.arange(group.size)))
+    return found
+
+
+def _unit_pieces(cg: ChannelGraph) -> dict[int, dict[int, np.ndarray]]:
+    """refined group (the analysis cut its channels into pieces where cuts of a shuffle's output
+    need them) -> {leaf piece: the group's channels it holds}; such a group is one unit."""
+    inside = {p.group for g in cg.groups if g.refined for p in g.parts}
+    units = {}
+    for group in cg.groups:
+        if not group.refined or group.index in inside:
+            continue
+        pieces: dict[int, np.ndarray] = {}
+        todo, whole = [(group, np.arange(group.size))], True
+        while todo:
+            holder, channels = todo.pop()
+            for part in holder.parts:
+                child = cg.groups[part.group]
+                mine = channels[np.asarray(part.positions())]
+                if child.refined:
+                    todo.append((child, mine))
+                elif child.parts:  # a piece made of other groups: its leaves are units
+                    whole = False
+                else:
+                    pieces[child.index] = mine
+        if whole:
+            units[group.index] = pieces
+    return units
+
+
+def _depthwise(module: nn.Module) -> bool:
+    """A channelwise conv (groups = C_in = C_out): the channel analysis ties its in and out."""
+    return module.groups > 1 and module.groups == module.in_channels == module.out_channels
+
+
+def _module(gm: GraphModule, node: Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _rows(module: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    if isinstance(module, (*_CONVS, nn.Linear)):
+        weight = module.weight.detach().double()
+        return weight.reshape(weight.shape[0], -1), (
+            None if module.bias is None else module.bias.detach().double())
+    return None
+
+
+def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelGroup,
+                    criterion: str, rng: np.random.Generator) -> np.ndarray | None:
+    """Scores of the channels of a leaf group (None: the criterion has nothing to go on);
+    dead channels get -inf."""
+    n = leaf.size
+    norm = np.zeros(n)
+    gamma = np.zeros(n)
+    alive = np.zeros(n, dtype=bool)
+    producers = bns = 0
+    for top, channels in positions[leaf.index]:
+        group = cg.groups[top]
+        at = torch.from_numpy(channels)
+        for node in group.producers:
+            found = _rows(_module(gm, node))
+            if found is None:
+                return None
+            weight, bias = found
+            rows = weight[at]
+            p = 1 if criterion == "l1" else 2
+            norm += torch.linalg.vector_norm(rows, ord=p, dim=1).numpy()
+            alive |= (rows != 0).any(1).numpy()
+            if bias is not None:
+                alive |= (bias[at] != 0).numpy()
+            producers += 1
+        for node in group.channelwise:
+            module = _module(gm, node)
+            if isinstance(module, _BNS):
+                bns += 1
+                if module.affine:
+                    g = module.weight.detach().double()[at]
+                    b = module.bias.detach().double()[at]
+                else:
+                    g, b = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+                gamma += g.abs().numpy()
+                if module.track_running_stats and module.running_mean is not None:
+                    mean = module.running_mean.double()[at]
+                    var = module.running_var.double()[at]
+                    shift = b - g * mean / torch.sqrt(var + module.eps)
+                else:
+                    shift = b
+                alive |= (shift != 0).numpy()
+            elif isinstance(module, _CONVS) and module.bias is not None:
+                alive |= (module.bias.detach()[at] != 0).numpy()
+            for name, axis, kind in cg.constants.get(node, ()):
+                if kind == "shift":  # a dead channel plus a constant is not dead
+                    shift = attribute(gm, name).detach().index_select(axis, at)
+                    alive |= (shift.reshape(-1) != 0).numpy()
+    if producers == 0:
+        return None
+    if criterion in ("l1", "l2"):
+        scores = norm
+    elif criterion == "bn-scale":
+        if bns == 0:
+            return None
+        scores = gamma
+    else:
+        scores = rng.random(n)
+    return np.where(alive, scores, -np.inf)
+
+
+def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
+           notes: list[str]) -> list[_Unit]:
+    positions = _positions(cg)
+    rng = np.random.Generator(np.random.PCG64(config.seed))
+    pieces_of = _unit_pieces(cg)
+    in_unit = {leaf for pieces in pieces_of.values() for leaf in pieces}
+    scored: dict[int, np.ndarray] = {}
+    skipped_no_bn = 0
+    fixed: dict[str, int] = {}
+    for group in cg.groups:
+        if group.fixed and not group.fixed.startswith(("model input", "model output")):
+            reason = group.fixed.split(" (")[0]
+            fixed[reason] = fixed.get(reason, 0) + 1
+        if group.fixed or (group.parts and group.index not in pieces_of) or group.size < 2 \
+                or group.index in in_unit:
+            continue
+        if group.index in pieces_of:  # its pieces' scores, in its channel order
+            scores = np.zeros(group.size)
+            for leaf, channels in pieces_of[group.index].items():
+                piece = cg.groups[leaf]
+                found = None if piece.fixed else _channel_scores(
+                    gm, cg, positions, piece, config.criterion, rng)
+                if found is None:
+                    scores = None
+                    break
+                scores[channels] = found
+        else:
+            scores = _channel_scores(gm, cg, positions, group, config.criterion, rng)
+        if scores is None:
+            skipped_no_bn += config.criterion == "bn-scale"
+            continue
+        scored[group.index] = scores
+    for reason, count in fixed.items():
+        notes.append(f"{count} groups left as they are: {reason}")
+    if skipped_no_bn:
+        notes.append(f"{skipped_no_bn} groups have no BatchNorm: bn-scale leaves them unpruned")
+    # keep-width: groups tied through grouped convs lose the same segments
+    tied = UnionFind(scored)
+    counts: dict[int, set[int]] = {}
+    blocked: set[int] = set()
+    if config.group_policy == "keep-width":
+        for node in gm.graph.nodes:
+            module = _module(gm, node)
+            if isinstance(module, _CONVS) and module.groups > 1 and node in cg.index:
+                a, b = cg.index[node.args[0]], cg.index[node]
+                if _depthwise(module) or a == b:  # channelwise, or tied by a residual add
+                    blocked.update({a, b} & scored.keys())
+                    continue
+                if a in scored and b in scored:
+                    tied.union(a, b)
+                else:  # its other side keeps every group: this side cannot drop whole groups
+                    blocked.update({a, b} & scored.keys())
+                for index in (a, b):
+                    counts.setdefault(index, set()).add(module.groups)
+    units = []
+    for members in tied.to_sets():
+        groups = sorted((cg.groups[i] for i in members), key=lambda g: g.index)
+        divisors = {g.divisor for g in groups}
+        gcounts = set().union(*(counts.get(g.index, set()) for g in groups))
+        sizes = {g.size for g in groups}
+        if config.group_policy == "keep-width" and len(gcounts) == 1 and len(sizes) == 1 \
+                and divisors == gcounts and not blocked & set(members):
+            unit = _Unit(groups, gcounts.pop(), True, [scored[g.index] for g in groups])
+        else:
+            if len(groups) > 1:
+                notes.append(f"{', '.join(g.label() for g in groups)}: mixed group counts, "
+                             f"pruned keep-count")
+            elif config.group_policy == "keep-width" and groups[0].divisor > 1:
+                notes.append(f"{groups[0].label()}: the grouped conv's other side is fixed, "
+                             f"pruned keep-count")
+            for g in groups:
+                units.append(_Unit([g], g.divisor, False, [scored[g.index]],
+                                   list(pieces_of.get(g.index, {}).items())))
+            continue
+        units.append(unit)
+    return units
+
+
+def _step(unit: _Unit, round_to: int) -> int:
+    """Kept counts are multiples of this."""
+    if unit.whole_segments:
+        width = unit.size // unit.segments
+        return width * (round_to // math.gcd(round_to, width))
+    return math.lcm(unit.segments, round_to)
+
+
+def _decide(units: list[_Unit], config: PruneConfig) -> list[np.ndarray]:
+    """The kept channel indices of each unit (sorted), shared by its groups."""
+    if config.global_threshold:
+        pooled = []
+        for unit in units:
+            s = _unit_scores(unit)
+            if config.criterion in ("l1", "l2"):
+                finite = s[np.isfinite(s)]
+                top = finite.max() if finite.size and finite.max() > 0 else 1.0
+                s = s / top
+            pooled.append(np.repeat(s, unit.size // len(s)))
+        everything = np.concatenate(pooled)
+        cut = int(math.floor(config.ratio * everything.size))
+        threshold = np.sort(everything)[cut - 1] if cut > 0 else -np.inf
+        wanted = [int((p > threshold).sum()) for p in pooled]
+    else:
+        wanted = [math.ceil((1 - _unit_ratio(unit, config)) * unit.size) for unit in units]
+    return [_every_piece(unit, _keep(unit, want, config.round_to))
+            for unit, want in zip(units, wanted)]
+
+
+def _every_piece(unit: _Unit, kept: np.ndarray) -> np.ndarray:
+    """Each piece of a refined unit keeps at least one channel, its best: no tensor is left
+    without channels."""
+    scores = _unit_scores(unit)
+    extra = [channels[np.argmax(scores[channels])] for _, channels in unit.pieces
+             if not np.isin(channels, kept).any()]
+    return np.union1d(kept, extra).astype(kept.dtype) if extra else kept
+
+
+def _unit_ratio(unit: _Unit, config: PruneConfig) -> float:
+    if unit.segments > 1 and config.grouped_ratio is not None:
+        return config.grouped_ratio
+    return config.ratio
+
+
+def _unit_scores(unit: _Unit) -> np.ndarray:
+    """Per decision item: channels, or whole segments (summed over the unit's groups)."""
+    total = np.sum(unit.scores, axis=0)
+    if unit.whole_segments:
+        return total.reshape(unit.segments, -1).sum(1)
+    return total
+
+
+def _keep(unit: _Unit, want: int, round_to: int) -> np.ndarray:
+    step = _step(unit, round_to)
+    count = min(unit.size, max(step, math.ceil(want / step) * step))
+    scores = _unit_scores(unit)
+    if unit.whole_segments:
+        width = unit.size // unit.segments
+        order = np.argsort(-scores, kind="stable")[:count // width]
+        return np.concatenate([np.arange(s * width, (s + 1) * width) for s in sorted(order)])
+    per = unit.size // unit.segments
+    k = count // unit.segments
+    kept = []
+    for s in range(unit.segments):  # each segment its own top-k
+        local = scores[s * per:(s + 1) * per]
+        kept.append(s * per + np.sort(np.argsort(-local, kind="stable")[:k]))
+    return np.concatenate(kept)
+
+
+# ---- applying a decision ----
+
+def _composite_keep(cg: ChannelGraph, keep: dict[int, np.ndarray], group: ChannelGroup
+                    ) -> np.ndarray:
+    if group.index in keep:
+        return keep[group.index]
+    if not group.parts:
+        return np.arange(group.size)
+    result = np.sort(np.concatenate([
+        p.offset + p.stride * _composite_keep(cg, keep, cg.groups[p.group]) for p in group.parts]))
+    keep[group.index] = result
+    return result
+
+
+def _grouped_weight(weight: Tensor, bias: Tensor | None, groups: int, out_keep: np.ndarray,
+                    in_keep: np.ndarray) -> tuple[Tensor, Tensor | None, int]:
+    """Rows `out_keep` and input channels `in_keep` of a conv with `groups` groups (weight
+    [out, in/groups, k...]): each segment keeps its own rows and columns; segments left with
+    neither are dropped; the rest must keep equal counts."""
+    out_per, in_per = weight.shape[0] // groups, weight.shape[1]
+    blocks, biases = [], []
+    row_counts, col_counts = set(), set()
+    for j in range(groups):
+        rows = out_keep[(out_keep >= j * out_per) & (out_keep < (j + 1) * out_per)]
+        cols = in_keep[(in_keep >= j * in_per) & (in_keep < (j + 1) * in_per)] - j * in_per
+        if rows.size == 0 and cols.size == 0:
+            continue
+        if rows.size == 0 or cols.size == 0:
+            raise PruneError("a grouped conv would keep a group with no inputs or no outputs")
+        row_counts.add(rows.size)
+        col_counts.add(cols.size)
+        rows_t, cols_t = torch.from_numpy(rows), torch.from_numpy(cols)
+        blocks.append(weight[rows_t][:, cols_t])
+        if bias is not None:
+            biases.append(bias[rows_t])
+    if len(row_counts) != 1 or len(col_counts) != 1:
+        raise PruneError("a grouped conv's groups would keep different channel counts")
+    return (torch.cat(blocks), torch.cat(biases) if bias is not None else None, len(blocks))
+
+
+def _replace(gm: GraphModule, name: str, old: nn.Module, config: dict, tensors: dict) -> None:
+    reference = next(old.parameters(), None)
+    if reference is None:
+        reference = next(old.buffers())
+    with torch.device(reference.device):
+        new = make_module(config).to(reference.dtype)
+    new.train(old.training)
+    with torch.no_grad():
+        for key, value in tensors.items():
+            target = getattr(new, key)
+            if isinstance(target, nn.Parameter):
+                setattr(new, key, nn.Parameter(value.detach().clone().to(reference.dtype),
+                                               requires_grad=getattr(old, key).requires_grad))
+            else:
+                target.copy_(value)
+    put_module(gm, name, new)
+
+
+def _apply(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> None:
+    for group in cg.groups:
+        _composite_keep(cg, keep, group)
+    changed = {i for i, k in keep.items() if k.size != cg.groups[i].size}
+
+    def kept(node) -> np.ndarray:
+        index = cg.index[node]
+        return keep.get(index, np.arange(cg.groups[index].size))
+
+    for node in list(gm.graph.nodes):
+        module = _module(gm, node)
+        if not isinstance(module, (*_CONVS, *_BNS, nn.Linear)) or node not in cg.index:
+            continue
+        out_index = cg.index[node]
+        in_index = cg.index.get(node.args[0]) if node.args else None
+        if out_index not in changed and in_index not in changed:
+            continue
+        out_keep = torch.from_numpy(kept(node))
+        config = module_config(module)
+        if isinstance(module, _BNS):
+            config["features"] = out_keep.numel()
+            tensors = {key: getattr(module, key)[out_keep] for key in
+                       ("weight", "bias", "running_mean", "running_var")
+                       if getattr(module, key) is not None}
+            if module.num_batches_tracked is not None:
+                tensors["num_batches_tracked"] = module.num_batches_tracked
+        elif isinstance(module, _CONVS) and _depthwise(module):
+            config.update({"in": out_keep.numel(), "out": out_keep.numel(),
+                           "groups": out_keep.numel()})
+            tensors = {"weight": module.weight[out_keep]}
+            if module.bias is not None:
+                tensors["bias"] = module.bias[out_keep]
+        elif isinstance(module, _CONVS):
+            weight, bias, groups = _grouped_weight(
+                module.weight.detach(), None if module.bias is None else module.bias.detach(),
+                module.groups, kept(node), kept(node.args[0]))
+            config.update({"in": int(weight.shape[1]) * groups, "out": int(weight.shape[0]),
+                           "groups": groups})
+            tensors = {"weight": weight, **({"bias": bias} if bias is not None else {})}
+        elif isinstance(module, nn.Linear):
+            in_keep = torch.from_numpy(kept(node.args[0]))
+            config.update({"in": in_keep.numel(), "out": out_keep.numel()})
+            tensors = {"weight": module.weight.detach()[out_keep][:, in_keep]}
+            if module.bias is not None:
+                tensors["bias"] = module.bias.detach()[out_keep]
+        else:
+            raise PruneError(f"cannot prune module {node.target} ({type(module).__name__})")
+        _replace(gm, str(node.target), module, config, tensors)
+    for node, read in cg.constants.items():  # per-channel constants: a layer scale, a bias
+        if cg.index[node] in changed:
+            at = torch.from_numpy(kept(node))
+            for name, axis, _ in read:
+                put_tensor(gm, name, attribute(gm, name).detach().index_select(axis, at))
+    for node, cut in cg.cuts.items():
+        if cut not in changed:
+            continue
+        whole = keep[cut]  # a cut's piece [a, b) keeps the whole's kept channels in [a, b)
+        if node.target in ("split", "chunk") or getattr(node.target, "__name__", "") in (
+                "split", "chunk"):
+            bounds = np.cumsum([0, *(meta.shape[1] for meta in node.meta["tensor_meta"])])
+            sizes = np.diff(np.searchsorted(whole, bounds)).tolist()
+            set_split(node, sizes)
+            record(gm, {"op": "split", "node": node.name, "sizes": sizes})
+        else:  # a slice x[:, a:b]
+            bounds = node.args[1][1].indices(cg.groups[cut].size)[:2]
+            start, stop = np.searchsorted(whole, bounds).tolist()
+            set_slice(node, start, stop)
+            record(gm, {"op": "split", "node": node.name, "slice": [start, stop]})
+    gm.graph.lint()
+    gm.recompile()
+
+
+# ---- the whole operation ----
+
+def _node_macs_params(gm: GraphModule) -> dict[str, tuple[int, int]]:
+    """module name -> (MACs, params), at the recorded shapes."""
+    result = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            one = complexity_report_of_node(gm, node)
+            result[str(node.target)] = one
+    return result
+
+
+def complexity_report_of_node(gm: GraphModule, node: Node) -> tuple[int, int]:
+    from archc.ir.analysis import _node_complexity  # the one counting rule of `archc info`
+
+    cx = _node_complexity(gm, node, set())
+    return cx.flops, cx.params
+
+
+def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):
+    """(copy of gm with shapes, its channel graph, units, notes, complexity before)."""
+    gm = copy.deepcopy(gm)
+    before = complexity_report(gm, tuple(example_input.shape)).total
+    cg = analyze_channels(gm)
+    notes: list[str] = []
+    units = _units(gm, cg, config, notes)
+    if not units:
+        why = "; ".join(notes) or "no conv or Linear writes a channel group that may change"
+        raise PruneError(f"no channel group can be pruned: {why}")
+    return gm, cg, units, notes, before
+
+
+def _keep_map(units: list[_Unit], decisions: list[np.ndarray]) -> dict[int, np.ndarray]:
+    keep: dict[int, np.ndarray] = {}
+    for unit, kept in zip(units, decisions):
+        for group in unit.groups:
+            keep[group.index] = kept
+        for leaf, channels in unit.pieces:
+            keep[leaf] = np.flatnonzero(np.isin(channels, kept))
+    return keep
+
+
+def _estimated_macs(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray],
+                    macs: dict[str, tuple[int, int]]) -> int:
+    """The pruned model's MACs from the kept counts, without pruning (the graph's shapes are the
+    unpruned ones; spatial sizes do not change). Equal to what `prune` reports."""
+    for group in cg.groups:
+        _composite_keep(cg, keep, group)
+    total = sum(m for m, _ in macs.values())
+    for node in gm.graph.nodes:
+        module = _module(gm, node)
+        if not isinstance(module, (*_CONVS, nn.Linear)) or node not in cg.index:
+            continue
+        out_group, in_group = cg.groups[cg.index[node]], cg.groups[cg.index[node.args[0]]]
+        out_kept = keep[out_group.index].size if out_group.index in keep else out_group.size
+        in_kept = keep[in_group.index].size if in_group.index in keep else in_group.size
+        old, _ = macs[str(node.target)]
+        bias = module.bias is not None
+        if isinstance(module, nn.Linear):
+            rows = old // (module.in_features * module.out_features + bias * module.out_features)
+            new = rows * (in_kept * out_kept + bias * out_kept)
+        else:
+            spatial = old // (math.prod(module.kernel_size) * module.in_channels
+                              * module.out_channels // module.groups + bias * module.out_channels)
+            if _depthwise(module):
+                groups = out_kept
+            elif module.groups == 1:
+                groups = 1
+            else:  # the kept segments of the output group
+                per = module.out_channels // module.groups
+                groups = len({int(o) // per for o in keep.get(out_group.index,
+                                                              np.arange(out_group.size))})
+            new = spatial * (math.prod(module.kernel_size) * in_kept * out_kept // groups
+                             + bias * out_kept)
+        total += new - old
+    return total
+
+
+def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig,
+          prepared=None) -> PruneResult:
+    """A pruned copy of `gm` (see the module docstring); `gm` is left as it is."""
+    gm, cg, units, notes, before = prepared or _prepare(gm, example_input, config)
+    macs_before = _node_macs_params(gm)
+    decisions = _decide(units, config)
+    _apply(gm, cg, _keep_map(units, decisions))
+    after = complexity_report(gm, tuple(example_input.shape)).total
+    macs_after = _node_macs_params(gm)
+    changes = []
+    for unit, kept in zip(units, decisions):
+        policy = "keep-width" if unit.whole_segments else (
+            "keep-count" if unit.segments > 1 else "channels")
+        for group in unit.groups:
+            names = {str(n.target) for n in (*group.producers, *group.consumers,
+                                             *group.channelwise) if n.op == "call_module"}
+            changes.append(GroupChange(
+                group.label(), group.size, int(kept.size), policy,
+                sum(macs_before[n][0] for n in names), sum(macs_after[n][0] for n in names),
+                sum(macs_before[n][1] for n in names), sum(macs_after[n][1] for n in names)))
+    return PruneResult(gm.eval(), (before.params, after.params), (before.flops, after.flops),
+                       changes, notes)
+
+
+def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
+                  make_config: Callable[[float], PruneConfig], steps: int = 12) -> PruneResult:
+    """Bisect the ratio so that the pruned model has at most `target` (a fraction) of the MACs,
+    as close as the steps allow; the result with the largest MACs not above the target. The
+    search counts MACs from the kept channel counts (`_estimated_macs`); only the chosen ratio
+    is pruned.
+
+    Per layer, the groups of grouped convs keep counts in steps of their segment count, so one
+    ratio for all can stop well below the target (the next step is above it). The grouped
+    groups then keep the ratio found, and a second bisection lowers the other groups' ratio to
+    fill up to the target."""
+    if not 0 < target < 1:
+        raise PruneError(f"the MACs target must be a fraction in (0, 1), not {target}")
+    prepared = _prepare(gm, example_input, make_config(0.5))
+    copy_, cg, units, notes, before = prepared
+    macs = _node_macs_params(copy_)
+
+    def fits(config: PruneConfig) -> bool:
+        keep = _keep_map(units, _decide(units, config))
+        return _estimated_macs(copy_, cg, keep, macs) <= target * before.flops
+
+    best = _smallest_fitting_ratio(lambda r: fits(make_config(r)), 0.0, 0.99, steps)
+    if best is None:
+        keep = _keep_map(units, _decide(units, make_config(0.99)))
+        fraction = _estimated_macs(copy_, cg, keep, macs) / before.flops
+        raise PruneError(f"cannot reach {100 * target:.0f}% of the MACs: at ratio 0.99 the "
+                         f"pruned model keeps {100 * fraction:.1f}% (its other channels are "
+                         f"fixed)")
+    config = make_config(best)
+    grouped = {unit.segments > 1 for unit in units}
+    if not config.global_threshold and grouped == {False, True}:
+        refill = _smallest_fitting_ratio(
+            lambda r: fits(replace(make_config(r), grouped_ratio=best)), 0.0, best, steps)
+        if refill is not None and refill < best:
+            config = replace(make_config(refill), grouped_ratio=best)
+            notes.append(f"ratio {refill:.3f}; the groups of grouped convs {best:.3f} (their "
+                         f"kept counts move in whole steps)")
+    return prune(gm, example_input, config, prepared)
+
+
+def _smallest_fitting_ratio(fits: Callable[[float], bool], low: float, high: float,
+                            steps: int) -> float | None:
+    """Bisection for the smallest ratio in (low, high] that `fits` (fewer channels fit more
+    easily); None if not even `high` fits."""
+    if not fits(high):
+        return None
+    for _ in range(steps):
+        ratio = (low + high) / 2
+        if fits(ratio):
+            high = ratio
+        else:
+            low = ratio
+    return high

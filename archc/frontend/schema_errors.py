@@ -1,0 +1,73 @@
+"""One line per schema error: pydantic's validation errors as archc reports them (torch-free).
+
+Both file schemas (specs, `archc.frontend.spec`; design spaces, `archc.space.design_space`) report
+each error of a file as `file:field.path: what is wrong` (up to `MAX_REPORTED`), unknown keys first;
+a missing field is not reported when a misspelt key beside it names it (`w_0` for `w0`). The wording
+is shared; each schema supplies which model owns a location (for "did you mean" on unknown keys) and
+how to word its tagged unions.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+MAX_REPORTED = 10  # errors listed per file; the rest are counted
+
+
+def first_error(exc: ValidationError) -> dict[str, Any]:
+    """The error to report: an unknown key first, else pydantic's first."""
+    return ordered_errors(exc)[0]
+
+
+def ordered_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Every error once per field, unknown keys first (a misspelling explains the missing field
+    beside it), else in pydantic's order."""
+    seen, errors = set(), []
+    for error in sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden"):
+        if error["loc"] not in seen and not _explained_by_misspelling(error, errors):
+            seen.add(error["loc"])
+            errors.append(error)
+    return errors
+
+
+def _explained_by_misspelling(error: dict[str, Any], unknown: list[dict[str, Any]]) -> bool:
+    """A missing field whose name is close to an unknown key beside it (`w_0` for `w0`): the
+    unknown key's "did you mean" already says it, so it is not reported twice."""
+    if error["type"] != "missing":
+        return False
+    parent, name = error["loc"][:-1], str(error["loc"][-1])
+    return any(other["type"] == "extra_forbidden" and other["loc"][:-1] == parent
+               and difflib.get_close_matches(str(other["loc"][-1]), [name], n=1)
+               for other in unknown)
+
+
+def describe(error: dict[str, Any], owner: Callable[[tuple], type[BaseModel] | None],
+             union: Callable[[dict[str, Any]], str]) -> str:
+    """What is wrong, in one line. `owner(loc)` is the model holding the last key of `loc`;
+    `union(error)` words a tagged union's missing or unknown tag."""
+    kind, loc = error["type"], error["loc"]
+    if kind == "extra_forbidden":
+        model = owner(loc)
+        message = f"unknown key {loc[-1]!r}"
+        if model is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+            message += (f" (did you mean {close[0]!r}?)" if close
+                        else f"; valid keys: {', '.join(model.model_fields)}")
+        return message
+    if kind == "missing":
+        return "required field is missing"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        return union(error)
+    if kind in ("model_type", "dict_type"):
+        return "should be a mapping"
+    if kind == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    message = error["msg"]
+    if not isinstance(value, (dict, list)):
+        message += f" (got {value!r})"
+    return message

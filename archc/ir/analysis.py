@@ -1,0 +1,281 @@
+"""Graph analysis: complexity, computed from the FX graph itself.
+
+Shapes come from `archc.ir.shapes` (one propagation on meta tensors: no real computation, works for
+graphs whose weights live on the meta device). Complexity follows pycls' counting rules, per node:
+
+- flops are multiply-adds. Conv (any dim, groups g): `prod(k) * c_in * c_out * prod(out_spatial) /
+  g`, plus `c_out * prod(out_spatial)` with a bias. Linear: `c_in * c_out * rows`, plus `c_out *
+  rows` with a bias. Everything else (BN, activations, adds, SE multiply, pooling) counts 0.
+- params: the parameters of every module the graph calls (each module once), plus parameters read
+  directly by `get_attr`. BN counts its affine gamma and beta (2C), never running statistics.
+- acts: output elements of every conv, linear and non-global pooling node (pycls counts max-pool).
+
+All figures are per sample (batch 1); the `stage` of a node is the first component of its qualified
+name (`stem`, `s1`, ..., `head`), which gives the per-stage breakdown.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from archc.ir.graph import arg, attribute
+from archc.ir.shapes import has_shapes, node_shape, propagate_shapes
+
+_CONVS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_FUNCTIONAL_CONVS = {
+    torch.conv1d,
+    torch.conv2d,
+    torch.conv3d,
+    torch.nn.functional.conv1d,
+    torch.nn.functional.conv2d,
+    torch.nn.functional.conv3d,
+}
+_FUNCTIONAL_LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
+_FUNCTIONAL_POOLS = {
+    torch.nn.functional.max_pool2d,
+    torch.nn.functional.avg_pool2d,
+    torch.max_pool2d,
+    torch.nn.functional.max_pool1d,
+    torch.nn.functional.avg_pool1d,
+}
+
+
+@dataclass
+class Complexity:
+    flops: int = 0  # multiply-adds
+    params: int = 0
+    acts: int = 0
+
+    def __iadd__(self, other: Complexity) -> Complexity:
+        self.flops += other.flops
+        self.params += other.params
+        self.acts += other.acts
+        return self
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return self.flops, self.params, self.acts
+
+
+@dataclass
+class ComplexityReport:
+    total: Complexity
+    stages: dict[str, Complexity] = field(default_factory=dict)  # in graph order
+
+
+def _per_sample(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
+
+
+def _node_complexity(gm: GraphModule, node: Node, seen: set[str]) -> Complexity:
+    out = node_shape(node)
+    cx = Complexity()
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if node.target not in seen:
+            seen.add(node.target)
+            cx.params = sum(p.numel() for p in module.parameters())
+        if out is None:
+            return cx
+        if isinstance(module, _CONVS):
+            cx.flops = _module_conv_flops(module, node, out)
+            cx.acts = _per_sample(out)
+        elif isinstance(module, nn.Linear):
+            rows = math.prod(out[1:-1]) if len(out) > 2 else 1
+            cx.flops = rows * (
+                module.in_features * module.out_features
+                + (module.out_features if module.bias is not None else 0)
+            )
+            cx.acts = _per_sample(out)
+        elif isinstance(module, _POOLS):
+            cx.acts = _per_sample(out)
+    elif node.op == "get_attr":
+        value = attribute(gm, node.target)
+        if isinstance(value, nn.Parameter) and node.target not in seen:
+            seen.add(node.target)
+            cx.params = value.numel()
+    elif node.op == "call_function" and out is not None:
+        if node.target in _FUNCTIONAL_CONVS or node.target in _FUNCTIONAL_LINEAR:
+            weight = arg(node, 1, "weight")
+            bias = arg(node, 2, "bias")
+            w_shape = node_shape(weight) if isinstance(weight, Node) else None
+            if w_shape is not None:
+                if node.target in _FUNCTIONAL_CONVS:  # weight [c_out, c_in / g, k...]
+                    spatial = math.prod(out[2:])
+                    cx.flops = math.prod(w_shape) * spatial
+                    cx.flops += w_shape[0] * spatial if bias is not None else 0
+                else:
+                    rows = math.prod(out[1:-1]) if len(out) > 2 else 1
+                    cx.flops = rows * (
+                        w_shape[0] * w_shape[1] + (w_shape[0] if bias is not None else 0)
+                    )
+                cx.acts = _per_sample(out)
+        elif node.target in _FUNCTIONAL_POOLS:
+            cx.acts = _per_sample(out)
+    return cx
+
+
+def _module_conv_flops(module: nn.Module, node: Node, out: tuple[int, ...]) -> int:
+    bias = module.bias is not None
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        source = node_shape(node.args[0]) if isinstance(node.args[0], Node) else None
+        if source is None:
+            return 0
+        kernel = math.prod(module.kernel_size)
+        macs = kernel * module.in_channels * module.out_channels // module.groups
+        return macs * math.prod(source[2:]) + (
+            module.out_channels * math.prod(out[2:]) if bias else 0
+        )
+    spatial = math.prod(out[2:])
+    kernel = math.prod(module.kernel_size)
+    macs = kernel * module.in_channels * module.out_channels // module.groups * spatial
+    return macs + (module.out_channels * spatial if bias else 0)
+
+
+def stage_of(node: Node) -> str:
+    """The top-level component of a node's qualified name (`s2` for `s2.b1.f.a.conv`)."""
+    if node.op in ("call_module", "get_attr"):
+        return str(node.target).split(".")[0]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        first_path = next(iter(stack.values()))[0]
+        return first_path.split(".")[0] if first_path else "<top>"
+    return "<top>"
+
+
+def complexity_report(
+    gm: GraphModule, input_shape: tuple[int, ...] | None = None
+) -> ComplexityReport:
+    """flops, params and acts of a graph, in total and per stage.
+
+    `input_shape` (N, C, H, W) triggers shape propagation; without it the nodes must already
+    carry shapes. Figures are per sample whatever N is.
+    """
+    if input_shape is not None:
+        propagate_shapes(gm, [tuple(input_shape)])
+    total, stages, seen = Complexity(), {}, set()
+    for node in gm.graph.nodes:
+        cx = _node_complexity(gm, node, seen)
+        if cx.as_tuple() == (0, 0, 0):
+            continue
+        total += cx
+        stages.setdefault(stage_of(node), Complexity())
+        stages[stage_of(node)] += cx
+    return ComplexityReport(total, stages)
+
+
+def complexity(gm: GraphModule, input_size: int | tuple[int, ...] = 224) -> tuple[int, int, int]:
+    """(flops, params, acts) of a graph for one sample.
+
+    `input_size` is the square side (channels taken from the graph's first conv/linear) or a full
+    input shape (N, C, H, W).
+    """
+    if isinstance(input_size, int):
+        input_shape = (1, _input_channels(gm), input_size, input_size)
+    else:
+        input_shape = tuple(input_size)
+    return complexity_report(gm, input_shape).total.as_tuple()
+
+
+def _input_channels(gm: GraphModule) -> int:
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, _CONVS):
+                return module.in_channels
+    spec = gm.meta.get("archc_spec")
+    if spec:
+        return spec.get("input", {}).get("channels", 3)
+    return 3
+
+
+def flops_per_sample(gm: GraphModule) -> int:
+    """Multiply-adds of `gm` per sample at its recorded shapes, by pycls' rules."""
+    return complexity_report(gm).total.flops
+
+
+def executed_flops(gm: GraphModule) -> int:
+    """Multiply-adds `gm` executes per sample (the pass reports' FLOP counter): pycls' count plus
+    one per output element of every normalization layer that remains. pycls counts a conv's bias
+    but not a BatchNorm; an eval BatchNorm is `x * scale + shift`, one multiply-add per element,
+    so counting it makes folding read as what it is: the bias it leaves costs C*H*W adds, the
+    BatchNorm it removes cost C*H*W multiply-adds."""
+    norms = 0
+    for node in gm.graph.nodes:
+        out = node_shape(node)
+        if out is not None and _is_norm(gm, node):
+            norms += _per_sample(out)
+    return flops_per_sample(gm) + norms
+
+
+def _is_norm(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _NORM_MODULES)
+    if node.op == "call_function":
+        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        return node.target in _NORM_FUNCTIONS or "batch_norm" in name or name in (
+            "layer_norm", "group_norm")
+    return False
+
+
+@dataclass(frozen=True)
+class Census:
+    """What a graph executes: conv and linear layers, normalization layers (modules, and
+    functional or aten batch_norm calls), parameters, multiply-adds per sample (None without
+    recorded shapes)."""
+
+    convs: int
+    linears: int
+    norms: int
+    params: int
+    macs: int | None
+
+    def changes(self, after: Census) -> str:
+        """`44 -> 22 convs, 61 -> 0 normalization layers, ...`: this graph, then `after`."""
+        def arrow(before, now, noun, fmt=str):
+            count = fmt(now) if before == now else f"{fmt(before)} -> {fmt(now)}"
+            return f"{count} {noun}{'' if now == 1 and noun != 'params' else 's'}".replace(
+                "paramss", "params")
+
+        parts = [arrow(self.convs, after.convs, "conv"),
+                 arrow(self.linears, after.linears, "linear layer"),
+                 arrow(self.norms, after.norms, "normalization layer"),
+                 arrow(self.params, after.params, "params", '{:,}'.format)]
+        if self.macs is not None and after.macs is not None:
+            parts.append(arrow(self.macs, after.macs, "MAC", lambda m: f"{m / 1e6:,.1f}M"))
+        return ", ".join(parts)
+
+
+_NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+                 nn.modules.instancenorm._InstanceNorm)
+_NORM_FUNCTIONS = {torch.nn.functional.batch_norm, torch.batch_norm,
+                   torch.nn.functional.layer_norm, torch.nn.functional.group_norm}
+
+
+def census(gm: GraphModule) -> Census:
+    """Count what `gm` executes (see `Census`)."""
+    convs = linears = norms = 0
+    for node in gm.graph.nodes:
+        norms += _is_norm(gm, node)
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            convs += isinstance(module, _CONVS)
+            linears += isinstance(module, nn.Linear)
+        elif node.op == "call_function":
+            name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+            convs += node.target in _FUNCTIONAL_CONVS or name.startswith(("conv", "convolution"))
+            linears += node.target in _FUNCTIONAL_LINEAR or name == "linear"
+    macs = executed_flops(gm) if has_shapes(gm) else None
+    return Census(convs, linears, norms, sum(p.numel() for p in gm.parameters()), macs)

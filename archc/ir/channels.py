@@ -1,0 +1,781 @@
+"""Channel-dependency analysis: which channel dimensions of an FX graph must change together.
+
+Every tensor of rank >= 2 has a *channel space*, its dim 1 (the C of [N, C, H, W], the features F
+of [N, F]). The analysis partitions the spaces into `ChannelGroup`s: sets of dimensions that must
+keep one size and one channel order, so that pruning or padding edits a whole group at once.
+
+- Ties (one group): an elementwise op ties its result to every operand with the same channel
+  count, `y = relu(x)`, `y = a + b` (a residual add ties both branches), `y = x * g` with the SE
+  gate `g` of shape [N, C, 1, 1]; an operand of size 1 on dim 1 broadcasts and is not tied. So do
+  BN, pooling, dropout, casts, reshapes that keep dims 0 and 1 (`flatten(x, 1)` of an
+  [N, C, 1, 1] tensor, which ties conv channels to a Linear's in-features), reductions over dims
+  >= 2, and a depthwise conv (groups = C_in = C_out: channel c only reads channel c).
+- Producers and consumers: a conv or Linear *produces* its output's group (rows `W[o]`, `b[o]`)
+  and *consumes* its input's group (columns `W[:, i]`); the two groups are independent. BN and
+  depthwise convs are `channelwise` members (per-channel parameters in the group's order).
+- Composites: `cat(dim=1)` makes its result's group the concatenation of its inputs' groups
+  (`parts`); a split, chunk or slice on dim 1 makes its input's group the concatenation of the
+  pieces. Two layouts of one group with the same parts identify their pieces (`cat([a, b])` split
+  at the same point gives back a and b); concatenations with different boundaries conflict.
+- Channel shuffles (`archc.ir.shuffles`, every spelling): y = shuffle(x, g) on C = g m channels
+  sends x's channel i m + j to y's j g + i. x is the concatenation of g segments of one new
+  group Q (lockstep: pruning keeps the same indices K in every segment; the pruned shuffle of
+  g |K| channels then sends segment i's t-th kept channel to t g + i, which is original channel
+  K[t] g + i, in order), and y interleaves Q: parts (Q, offset i, stride g). A cut of an
+  interleave at [p, q) takes, of each part (Q, o, s), the channels t with p <= o + s t < q: the
+  analysis cuts Q into pieces where needed (Q is `refined`) and the cut piece interleaves them.
+- Grouped convs: a conv with g groups (not depthwise) reads g equal segments of its input group
+  and writes g equal segments of its output group; `groups` lists these g, and a new size must
+  stay divisible by `divisor = lcm(groups)` with every segment changed alike.
+- Fixed: a group whose size cannot change carries the reason in `fixed`: model inputs and outputs,
+  an op the analysis does not model (the conservative default: anything unknown fixes every
+  channel space it touches), a graph that reads or hard-codes the channel count (`x.size(1)`,
+  `view(n, 64)`; the size reads inside a shuffle's spelling are part of it), a reshape or permute
+  that moves dim 1 and is not a shuffle, a shuffle whose group count is computed in the graph or
+  whose reshape hard-codes a channel-dependent size, a module called twice, conflicting layouts, a
+  grouped conv on a composite (ShuffleNetV1's grouped 1x1 convs around its shuffle). A fixed
+  composite fixes its parts; a fixed part leaves its composite free.
+
+Usage::
+
+    graph = analyze_channels(gm, (torch.randn(1, 3, 64, 64),))
+    for group in graph.groups:
+        print(group)  # g3 24 ch, grouped 3; producers s1.b1.f.a.conv; consumers s1.b1.f.b.conv
+    graph.of(node)  # the group of a tensor node's dim 1
+
+`analyze_channels` reads the shapes recorded by `archc.ir.shapes` (propagating them first when
+given example inputs).
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from networkx.utils import UnionFind
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_aggregate
+
+from archc.ir.graph import arg, called_once, describe
+from archc.ir.shapes import node_shape, propagate_shapes
+from archc.ir.shuffles import SIZE_ARITHMETIC, Shuffle, find_shuffles, follows_channels
+
+# A composite's pieces: (whole space, ((space, offset, stride, size), ...)), see `Part`.
+_Layout = tuple[int, tuple[tuple[int, int, int, int], ...]]
+
+# Why a group is fixed, most telling first (a group shows the first that applies).
+MODEL_INPUT = "model input: its channels are fixed"
+MODEL_OUTPUT = "model output: its channels are fixed"
+MOVES_CHANNELS = "a reshape or permute moves the channel dimension (not a recognized shuffle)"
+SHUFFLE_GROUPS = "a channel shuffle's group count is computed in the graph"
+SHUFFLE_SIZES = "a channel shuffle's reshape hard-codes the channel count"
+SHARED_MODULE = "a module called more than once reads or writes these channels"
+SEGMENT_CONFLICT = "concatenated or split with different segment boundaries"
+GROUPED_PARTS = "a grouped conv reads or writes a concatenated or split group"
+SIZE_READ = "the graph reads or hard-codes this channel count (size(1), shape[1], view)"
+UNSUPPORTED = "an op the channel analysis does not model touches these channels"
+_PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHUFFLE_GROUPS, SHUFFLE_SIZES,
+             SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, SIZE_READ, UNSUPPORTED)
+
+# Ops that map channel c of every operand to channel c of the result; modules by exact type (a
+# subclass may compute something else).
+_ELEMENTWISE = {
+    nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Hardswish, nn.SiLU, nn.GELU,
+    nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
+    operator.add, operator.sub, operator.mul, operator.iadd, operator.isub, operator.imul,
+    operator.neg, torch.add, torch.sub, torch.mul, torch.neg, torch.relu, torch.sigmoid,
+    torch.tanh, torch.clamp, F.relu, F.relu6, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid,
+    F.silu, F.gelu, F.leaky_relu, F.elu, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d,
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
+    "add", "sub", "mul", "add_", "sub_", "mul_", "neg", "relu", "relu_", "sigmoid", "tanh",
+    "clamp", "clamp_min", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16",
+    "to",
+}
+# elementwise ops whose per-channel constant operand is pruned with the channels
+_SCALE_OR_SHIFT = {
+    **dict.fromkeys((operator.mul, operator.imul, torch.mul, "mul", "mul_"), "scale"),
+    **dict.fromkeys((operator.add, operator.sub, operator.iadd, operator.isub, torch.add,
+                     torch.sub, "add", "sub", "add_", "sub_"), "shift"),
+}
+_HARMLESS_ATTRIBUTES = {"dtype", "device", "ndim", "is_cuda", "layout"}
+
+# op kind -> the _Builder method that handles it (anything else: `unsupported`)
+_RULES: dict[object, str] = {
+    **dict.fromkeys(_ELEMENTWISE, "elementwise"),
+    **dict.fromkeys((operator.truediv, torch.div, "div"), "division"),
+    **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"),
+    nn.Linear: "linear",
+    **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "channelwise"),
+    **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), "cat"),
+    **dict.fromkeys((torch.split, torch.chunk, "split", "chunk"), "split"),
+    operator.getitem: "getitem",
+    **dict.fromkeys((nn.Flatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+                     "view", "reshape", "flatten", "squeeze", "unsqueeze"), "reshape"),
+    **dict.fromkeys((torch.transpose, torch.permute, "transpose", "permute"), "transpose"),
+    **dict.fromkeys((nn.ChannelShuffle, torch.channel_shuffle, torch.native_channel_shuffle,
+                     F.channel_shuffle), "shuffle"),
+    **dict.fromkeys((torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax",
+                     "amin"), "reduction"),
+    **dict.fromkeys((builtins.getattr, "size", "dim"), "metadata"),
+}
+
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of a composite group: its channel offset + stride t is channel t of group `group`
+    (t < size). A concatenation's parts have stride 1; a shuffle's output interleaves g parts."""
+
+    group: int
+    offset: int
+    size: int
+    stride: int = 1
+
+    def positions(self) -> range:
+        return range(self.offset, self.offset + self.stride * self.size, self.stride)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channel dimensions that must keep one size and one order (see the module docstring)."""
+
+    index: int
+    size: int
+    tensors: tuple[Node, ...]  # nodes whose result has this group as dim 1 (graph order)
+    producers: tuple[Node, ...]  # define the channels: conv/Linear outputs, inputs, opaque ops
+    consumers: tuple[Node, ...]  # conv/Linear layers reading them as input channels
+    channelwise: tuple[Node, ...]  # per-channel parameters on the way: BN, depthwise convs
+    groups: tuple[int, ...] = ()  # group counts g of grouped convs reading or writing it
+    parts: tuple[Part, ...] = ()  # a composite's segments in channel order; () for a leaf
+    fixed: str = ""  # why the size cannot change; "" if it can
+    refined: bool = False  # its parts are pieces of one channel space that the analysis cut
+
+    @property
+    def divisor(self) -> int:
+        """A new size must be a multiple of this (equal segments for every grouped conv)."""
+        return math.lcm(*self.groups) if self.groups else 1
+
+    def label(self) -> str:
+        """A short readable name: its first producer, else its first tensor."""
+        nodes = self.producers or self.tensors
+        return describe(nodes[0]) if nodes else f"g{self.index}"
+
+    def __str__(self) -> str:
+        text = f"g{self.index} {self.size} ch"
+        if self.groups:
+            text += f", grouped {'/'.join(map(str, self.groups))}"
+        if self.parts:
+            text += " = " + " + ".join(
+                f"g{p.group}" + (f"[{p.offset}::{p.stride}]" if p.stride > 1 else "")
+                for p in self.parts)
+        for role in ("producers", "consumers", "channelwise"):
+            nodes = getattr(self, role)
+            if nodes:
+                text += f"; {role} {', '.join(describe(n) for n in nodes)}"
+        return text + (f"; fixed: {self.fixed}" if self.fixed else "")
+
+
+@dataclass
+class ChannelGraph:
+    """The groups of one graph and the group of every tensor node."""
+
+    groups: list[ChannelGroup]
+    index: dict[Node, int]  # channel tensor node (not inside a shuffle) -> index into `groups`
+    cuts: dict[Node, int] = field(default_factory=dict)  # split/chunk/slice node -> cut group
+    # elementwise node -> the per-channel constants it reads: (parameter/buffer name, its dim
+    # along the channels, "scale" or "shift"), e.g. a layer scale `x * gamma`, gamma [C, 1, 1]
+    constants: dict[Node, tuple[tuple[str, int, str], ...]] = field(default_factory=dict)
+
+    def of(self, node: Node) -> ChannelGroup:
+        return self.groups[self.index[node]]
+
+    def leaves(self, group: ChannelGroup) -> list[ChannelGroup]:
+        """The non-composite groups a group is made of (itself if it is a leaf)."""
+        if not group.parts:
+            return [group]
+        return [leaf for p in group.parts for leaf in self.leaves(self.groups[p.group])]
+
+    def shuffled(self) -> set[int]:
+        """The groups a channel shuffle reorders: its output and the cuts of it (composites with
+        strided parts) and every group they are made of (its input's lockstep group too)."""
+        found: set[int] = set()
+
+        def below(group: ChannelGroup) -> None:
+            for part in group.parts:
+                if part.group not in found:
+                    found.add(part.group)
+                    below(self.groups[part.group])
+
+        for group in self.groups:
+            if any(p.stride > 1 for p in group.parts):
+                found.add(group.index)
+                below(group)
+        return found
+
+    def format(self) -> str:
+        return "\n".join(map(str, self.groups))
+
+    __str__ = format
+
+
+def analyze_channels(gm: GraphModule, example_inputs: tuple[Tensor, ...] | None = None
+                     ) -> ChannelGraph:
+    """The channel groups of `gm`, from its recorded shapes (propagated first for
+    `example_inputs`, if given)."""
+    if example_inputs is not None:
+        propagate_shapes(gm, tuple(example_inputs))
+    builder = _Builder(gm)
+    for node in gm.graph.nodes:
+        builder.visit(node)
+    return builder.finish()
+
+
+def channel_groups(gm: GraphModule, example_inputs: tuple[Tensor, ...] | None = None
+                   ) -> list[ChannelGroup]:
+    """The channel groups of `gm`; `analyze_channels` also maps nodes to groups."""
+    return analyze_channels(gm, example_inputs).groups
+
+
+def _channel_shape(value) -> tuple[int, ...] | None:
+    shape = node_shape(value) if isinstance(value, Node) else None
+    return shape if shape is not None and len(shape) >= 2 else None
+
+
+def _target(gm: GraphModule, node: Node):
+    """What a node computes: its module's exact type, its function or its method name."""
+    return type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
+
+
+def _dim(value, rank: int) -> int | None:
+    return value % rank if isinstance(value, int) and -rank <= value < rank else None
+
+
+def _priority(reason: str) -> int:
+    return next(i for i, known in enumerate(_PRIORITY) if reason.startswith(known))
+
+
+def _node_args(node: Node) -> list[Node]:
+    found: list[Node] = []
+    map_aggregate((node.args, node.kwargs), lambda a: found.append(a) if isinstance(a, Node) else a)
+    return found
+
+
+class _Builder:
+    """Union-find over channel spaces (one per channel tensor, plus unnamed split pieces)."""
+
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.uf = UnionFind()
+        self.space: dict[Node, int] = {}  # channel tensor -> its space
+        self.size: list[int] = []  # space -> channel count
+        self.reasons: list[tuple[int, str]] = []  # (space, reason)
+        self.layouts: list[_Layout] = []  # how composites are made of pieces
+        self.active: list[_Layout] = []  # the layouts still to unify (`unify_layouts`)
+        self.refined: list[int] = []  # leaves `restrict` cut into pieces
+        self.done: set[Node] = set()  # nodes handled by another node's rule (split getitems)
+        self.shuffles: dict[Node, tuple[Shuffle, str]] = {}  # output -> (it, why refused or "")
+        self.shuffled: dict[Node, Shuffle] = {}  # every node of an accepted shuffle
+        for shuffle in find_shuffles(gm).values():
+            self.done.update(shuffle.nodes[:-1])
+            reason = SHUFFLE_GROUPS if shuffle.groups is None else (
+                "" if follows_channels(shuffle) else SHUFFLE_SIZES)
+            self.shuffles[shuffle.output] = (shuffle, reason)
+            if not reason:
+                self.shuffled.update(dict.fromkeys(shuffle.nodes, shuffle))
+        self.grouped: list[tuple[int, int]] = []  # (space, g)
+        self.roles: dict[str, list[tuple[int, Node]]] = {
+            "producers": [], "consumers": [], "channelwise": []}
+        self.cuts: dict[Node, int] = {}  # split/chunk/slice node -> the space it cuts
+        self.unread: list[Node] = []  # get_attr tensors not (yet) read as per-channel constants
+        self.constants: dict[Node, list[tuple[str, int, str]]] = {}  # ChannelGraph.constants
+
+    # ---- spaces ----
+
+    def new_space(self, size: int) -> int:
+        self.size.append(size)
+        space = len(self.size) - 1
+        self.uf[space]  # noqa: B018 - registers the element
+        return space
+
+    def of(self, node: Node) -> int:
+        if node not in self.space:
+            self.space[node] = self.new_space(_channel_shape(node)[1])
+        return self.space[node]
+
+    def tie(self, a: Node | int, b: Node | int) -> None:
+        a = self.of(a) if isinstance(a, Node) else a
+        b = self.of(b) if isinstance(b, Node) else b
+        assert self.size[a] == self.size[b], "tied spaces of different sizes"
+        self.uf.union(a, b)
+
+    def fix(self, nodes: Iterable[Node], reason: str) -> None:
+        for node in nodes:
+            if _channel_shape(node) is not None:
+                self.reasons.append((self.of(node), reason))
+
+    def role(self, role: str, node: Node, tensor: Node) -> None:
+        self.roles[role].append((self.of(tensor), node))
+
+    def opaque(self, node: Node, reason: str) -> None:
+        """Fix every channel tensor `node` reads or writes; its result's channels are its own."""
+        self.fix([*_node_args(node), node], reason)
+        if _channel_shape(node) is not None:
+            self.role("producers", node, node)
+
+    def unsupported(self, node: Node, what: str = "") -> None:
+        target = _target(self.gm, node)
+        what = what or getattr(target, "__name__", str(target))
+        self.opaque(node, f"{UNSUPPORTED}: {what} ({node.name})")
+
+    # ---- rules, one per kind of op ----
+
+    def visit(self, node: Node) -> None:
+        if node in self.done:
+            return
+        if node.op in ("call_module", "call_function", "call_method"):
+            self.visit_call(node, _target(self.gm, node))
+        elif node.op == "placeholder":
+            if _channel_shape(node) is not None:
+                self.role("producers", node, node)
+            self.fix([node], MODEL_INPUT)
+        elif node.op == "output":
+            self.fix(_node_args(node), MODEL_OUTPUT)
+        elif node.op == "get_attr":
+            self.unread.append(node)  # fixed in `finish` unless an op reads it per channel
+        if node.op not in ("output", "get_attr") and _channel_shape(node) is not None:
+            self.of(node)  # every channel tensor has a group (a constant's: if not read per
+            # channel, in `finish`)
+
+    def visit_call(self, node: Node, target) -> None:
+        if node in self.shuffles:
+            return self.shuffle(node, target)
+        try:
+            rule = _RULES.get(target)
+        except TypeError:  # an unhashable target
+            rule = None
+        if rule is not None:
+            getattr(self, rule)(node, target)
+        elif _channel_shape(node) is not None or any(map(_channel_shape, _node_args(node))):
+            self.unsupported(node)
+
+    def elementwise(self, node: Node, target=None) -> None:
+        out = _channel_shape(node)
+        operands = [a for a in _node_args(node) if node_shape(a) is not None]
+        if out is None:
+            if any(map(_channel_shape, operands)):
+                self.unsupported(node)
+            return
+        self.of(node)
+        for operand in operands:
+            shape = node_shape(operand)
+            lead = len(out) - len(shape)  # broadcasting aligns trailing dims
+            if lead < 0:
+                return self.unsupported(node, "broadcast to a lower rank")
+            position = 1 - lead  # the operand's dim that lines up with the result's channels
+            if position < 0 or shape[position] != out[1]:
+                continue  # no channel dim, or size 1 broadcast over the channels
+            if self.per_channel_constant(node, operand, position):
+                continue
+            if lead == 0:
+                self.tie(operand, node)
+            elif out[1] != 1:
+                return self.unsupported(node, "per-channel operand of a lower rank")
+
+    def per_channel_constant(self, node: Node, operand: Node, position: int) -> bool:
+        """Whether `operand` is a constant scaling or shifting each channel of `node` (a layer
+        scale `x * gamma`, gamma [C, 1, 1]; a bias `x + b`): read by this op alone, size 1 off
+        its channel dim. It is then a channelwise member, pruned with the channels."""
+        shape, kind = node_shape(operand), _SCALE_OR_SHIFT.get(_target(self.gm, node))
+        if (operand.op != "get_attr" or kind is None or len(operand.users) != 1
+                or any(n != 1 for d, n in enumerate(shape) if d != position)):
+            return False
+        self.unread.remove(operand)
+        self.constants.setdefault(node, []).append((str(operand.target), position, kind))
+        self.role("channelwise", node, node)
+        return True
+
+    def division(self, node: Node, target) -> None:
+        divisor = _channel_shape(arg(node, 1, "other"))
+        if divisor is not None and divisor[1] > 1:  # padded channels would divide by 0
+            return self.unsupported(node, "division by a tensor")
+        self.elementwise(node)
+
+    def channelwise(self, node: Node, target=None) -> None:
+        """A module with per-channel parameters that maps channel c to channel c (BN, depthwise
+        conv): ties input and output."""
+        x = node.args[0]
+        if _channel_shape(x) is None or _channel_shape(node) is None:
+            return self.unsupported(node)
+        self.tie(x, node)
+        self.role("channelwise", node, node)
+        if not called_once(self.gm, node):
+            self.fix([node], SHARED_MODULE)
+
+    def conv(self, node: Node, target=None) -> None:
+        module = self.gm.get_submodule(node.target)
+        g = module.groups
+        if g > 1 and g == module.in_channels == module.out_channels:
+            return self.channelwise(node)
+        x = node.args[0]
+        if _channel_shape(x) is None or _channel_shape(node) is None:
+            return self.unsupported(node)
+        self.role("consumers", node, x)
+        self.role("producers", node, node)
+        if g > 1:
+            self.grouped += [(self.of(x), g), (self.of(node), g)]
+        if not called_once(self.gm, node):
+            self.fix([x, node], SHARED_MODULE)
+
+    def linear(self, node: Node, target=None) -> None:
+        x = node.args[0]
+        shape = _channel_shape(x)
+        if shape is None or len(shape) != 2 or len(_channel_shape(node) or ()) != 2:
+            return self.unsupported(node, "Linear on a tensor of rank other than 2")
+        self.role("consumers", node, x)
+        self.role("producers", node, node)
+        if not called_once(self.gm, node):
+            self.fix([x, node], SHARED_MODULE)
+
+    def cat(self, node: Node, target=None) -> None:
+        tensors = arg(node, 0, "tensors")
+        out = _channel_shape(node)
+        if out is None or not all(map(_channel_shape, tensors)):
+            return self.unsupported(node)
+        if _dim(arg(node, 1, "dim", 0), len(out)) != 1:
+            for t in tensors:
+                self.tie(t, node)
+            return
+        pieces = [t for t in tensors if _channel_shape(t)[1] > 0]
+        if len(pieces) == 1:
+            self.tie(pieces[0], node)
+        else:
+            self.concatenation(node, [self.of(t) for t in pieces])
+
+    def split(self, node: Node, target=None) -> None:
+        x = node.args[0]
+        shape = _channel_shape(x)
+        metas = node.meta.get("tensor_meta")
+        users = list(node.users)
+        if shape is None or not isinstance(metas, (tuple, list)) or not all(
+                u.target is operator.getitem and isinstance(u.args[1], int) for u in users):
+            return self.unsupported(node, "split used as a whole")
+        self.done.update(users)
+        if _dim(arg(node, 2, "dim", 0), len(shape)) != 1:
+            for user in users:
+                self.tie(x, user)
+            return
+        sizes = [m.shape[1] for m in metas]
+        if len(sizes) == 1 or 0 in sizes:
+            return self.unsupported(node, "split into one or empty pieces")
+        pieces = [self.new_space(size) for size in sizes]
+        for user in users:
+            self.tie(pieces[user.args[1] % len(sizes)], user)
+        self.cuts[node] = self.of(x)
+        self.concatenation(x, pieces)
+
+    def getitem(self, node: Node, target=None) -> None:
+        x, index = node.args
+        shape = _channel_shape(x)
+        if shape is None:
+            if _channel_shape(node) is not None:
+                self.unsupported(node)
+            return
+        items = index if isinstance(index, tuple) else (index,)
+        if len(items) < 2:
+            items = (*items, slice(None))
+        plain = all(isinstance(i, int) or isinstance(i, slice) and not any(
+            isinstance(v, Node) for v in (i.start, i.stop, i.step)) for i in items)
+        if not plain or not isinstance(items[0], slice) or not isinstance(items[1], slice) \
+                or items[1].step not in (None, 1) or _channel_shape(node) is None:
+            return self.unsupported(node, "indexing")
+        start, stop, _ = items[1].indices(shape[1])
+        if stop <= start:
+            return self.unsupported(node, "empty channel slice")
+        if (start, stop) == (0, shape[1]):
+            return self.tie(x, node)
+        pieces = [self.new_space(start)] if start else []
+        pieces.append(self.of(node))
+        pieces += [self.new_space(shape[1] - stop)] if stop < shape[1] else []
+        self.cuts[node] = self.of(x)
+        self.concatenation(x, pieces)
+
+    def reshape(self, node: Node, target) -> None:
+        x = node.args[0] if node.args else node.kwargs["input"]
+        before, after = _channel_shape(x), _channel_shape(node)
+        if before is None or after is None or after[:2] != before[:2]:
+            return self.opaque(node, MOVES_CHANNELS)
+        if target in ("view", "reshape", torch.reshape):
+            shape = node.args[1:] if target != torch.reshape else node.args[1:2]
+            if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+                shape = shape[0]
+            if len(shape) < 2 or shape[1] != -1:
+                return self.opaque(node, SIZE_READ)
+        self.tie(x, node)
+
+    def transpose(self, node: Node, target) -> None:
+        x = node.args[0]
+        shape = _channel_shape(x)
+        if shape is None:
+            return self.unsupported(node)
+        dims = node.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        dims = [_dim(d, len(shape)) for d in dims]
+        if target in ("permute", torch.permute):
+            keeps = dims[:2] == [0, 1]
+        else:
+            keeps = len(dims) == 2 and None not in dims and (dims[0] == dims[1] or min(dims) >= 2)
+        if not keeps or _channel_shape(node) is None:
+            return self.opaque(node, MOVES_CHANNELS)
+        self.tie(x, node)
+
+    def shuffle(self, node: Node, target=None) -> None:
+        """y = shuffle(x, g) on C = g m channels: x is g segments of one group Q (lockstep: the
+        same kept indices), y interleaves them (channel j g + i is Q's channel j of segment i)."""
+        if node not in self.shuffles:  # a spelling archc.ir.shuffles does not know
+            return self.opaque(node, MOVES_CHANNELS)
+        shuffle, reason = self.shuffles[node]
+        x, g = shuffle.input, shuffle.groups
+        if _channel_shape(x) is None or _channel_shape(node) is None:
+            return self.unsupported(node, "channel shuffle of unknown shape")
+        if reason:
+            self.fix([x, node], reason)
+            return self.role("producers", node, node)
+        size = _channel_shape(x)[1]
+        if g in (1, size):  # the identity
+            return self.tie(x, node)
+        m = size // g
+        q = self.new_space(m)
+        self.layouts.append((self.of(x), tuple((q, i * m, 1, m) for i in range(g))))
+        self.layouts.append((self.of(node), tuple((q, i, g, m) for i in range(g))))
+
+    def reduction(self, node: Node, target=None) -> None:
+        x = node.args[0]
+        shape = _channel_shape(x)
+        if shape is None:
+            return self.unsupported(node) if _channel_shape(node) else None
+        dims = arg(node, 1, "dim")
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        dims = [_dim(d, len(shape)) for d in dims]
+        if not dims or any(d is None or d < 2 for d in dims) or _channel_shape(node) is None:
+            return self.unsupported(node, "reduction over the channels")
+        self.tie(x, node)
+
+    def metadata(self, node: Node, target) -> None:
+        """`x.size()`, `x.shape`, `x.dim()`, `x.dtype`: only the channel count matters."""
+        if target == "dim" or target is builtins.getattr and node.args[1] in _HARMLESS_ATTRIBUTES:
+            return
+        if target is builtins.getattr and node.args[1] != "shape":
+            return self.unsupported(node, f"attribute {node.args[1]}")
+        x = node.args[0]
+        shape = _channel_shape(x)
+        if shape is None:
+            return
+        dim = arg(node, 1, "dim") if target == "size" else None
+        if dim is not None:
+            read = _dim(dim, len(shape)) == 1 and not self.shuffles_only(node, x)
+        else:  # a whole torch.Size: which items does the graph take?
+            read = False
+            for user in node.users:
+                index = user.args[1] if user.target is operator.getitem else None
+                if isinstance(index, int):
+                    channels = _dim(index, len(shape)) == 1
+                elif isinstance(index, slice):
+                    channels = 1 in range(*index.indices(len(shape)))
+                else:
+                    channels = True  # the shape escapes whole
+                read |= channels and not self.shuffles_only(user, x)
+        if read:
+            self.fix([x], SIZE_READ)
+
+    def shuffles_only(self, value: Node, x: Node) -> bool:
+        """Whether a size read from x only feeds accepted shuffles of x (whose sizes follow x's
+        channel count), through size arithmetic."""
+        if value in self.shuffled:
+            return self.shuffled[value].input is x
+        return bool(value.users) and all(
+            (user in self.shuffled or user.target in SIZE_ARITHMETIC)
+            and self.shuffles_only(user, x) for user in value.users)
+
+    # ---- composites ----
+
+    def concatenation(self, whole: Node | int, pieces: list[int]) -> None:
+        offsets = [0]
+        for piece in pieces:
+            offsets.append(offsets[-1] + self.size[piece])
+        whole = self.of(whole) if isinstance(whole, Node) else whole
+        self.layouts.append((whole, tuple((p, o, 1, self.size[p])
+                                          for p, o in zip(pieces, offsets))))
+
+    def unify_layouts(self) -> tuple[dict[int, tuple], set[int]]:
+        """Make the layouts of each whole agree, to a fixpoint: equal layouts identify their
+        pieces; a concatenation (a cut) of a whole laid out otherwise (an interleave) gives each
+        cut piece the layout of its channel range, splitting the groups it reads where the range
+        cuts them. Return each whole's layout and the wholes whose layouts disagree (two
+        concatenations with different boundaries, two different interleaves)."""
+        find = self.uf.__getitem__
+        self.active = list(self.layouts)
+        while True:
+            by_whole: dict[int, list[_Layout]] = {}
+            for layout in self.active:
+                by_whole.setdefault(find(layout[0]), []).append(layout)
+            chosen = {whole: _chosen(layouts) for whole, layouts in by_whole.items()}
+            conflicts: set[int] = set()
+            changed = False
+            for whole, layouts in by_whole.items():
+                first = chosen[whole]
+                for other in layouts:
+                    if other is first:
+                        continue
+                    if _signature(other) == _signature(first):
+                        for a, b in zip(other[1], first[1]):
+                            if find(a[0]) != find(b[0]):
+                                self.uf.union(a[0], b[0])
+                                changed = True
+                    elif _concatenated(other) and not _concatenated(first):
+                        self.active.remove(other)
+                        self.cut(other, first)
+                        changed = True
+                    else:
+                        conflicts.add(whole)
+            if not changed:
+                return {whole: layout[1] for whole, layout in chosen.items()}, conflicts
+
+    def cut(self, concatenation: _Layout, layout: _Layout) -> None:
+        """The pieces of `concatenation` are channel ranges of `layout`'s whole."""
+        for piece, offset, _, size in concatenation[1]:
+            parts = self.restrict(layout[1], offset, offset + size)
+            if len(parts) == 1 and parts[0][1:] == (0, 1, size):
+                self.uf.union(piece, parts[0][0])
+            else:
+                self.add_layout((piece, parts))
+
+    def restrict(self, parts, low: int, high: int) -> tuple[tuple[int, int, int, int], ...]:
+        """The parts laying out channels [low, high) of a whole laid out as `parts`, relative to
+        low; a part's group that the range cuts is split (or its own layout is used)."""
+        find = self.uf.__getitem__
+        found = []
+        todo = list(parts)
+        while todo:
+            space, offset, stride, size = todo.pop(0)
+            first = max(0, -((offset - low) // stride))  # ceil((low - offset) / stride)
+            end = min(size, -((offset - high) // stride))
+            if end <= first:
+                continue
+            if (first, end) == (0, size):
+                found.append((space, offset - low, stride, size))
+                continue
+            own = next((lay for lay in self.active if find(lay[0]) == find(space)), None)
+            if own is None:  # a leaf: split it at the range's ends
+                self.refined.append(space)
+                bounds = sorted({0, first, end, size})
+                own = (space, tuple((self.new_space(b - a), a, 1, b - a)
+                                    for a, b in zip(bounds, bounds[1:])))
+                self.add_layout(own)
+            todo[:0] = [(p, offset + stride * o, stride * s, n) for p, o, s, n in own[1]]
+        return _normalized(found)
+
+    def add_layout(self, layout: _Layout) -> None:
+        layout = (layout[0], _normalized(layout[1]))
+        self.layouts.append(layout)
+        self.active.append(layout)
+
+    # ---- groups ----
+
+    def finish(self) -> ChannelGraph:
+        for constant in self.unread:
+            self.unsupported(constant, "constant tensor")
+        chosen, conflicts = self.unify_layouts()
+        find = self.uf.__getitem__
+        roots = list(dict.fromkeys(find(s) for s in range(len(self.size))))  # creation order
+        number = {root: i for i, root in enumerate(roots)}
+        pieces_of: dict[int, set[int]] = {}  # the pieces of every layout of each whole
+        for whole, parts in self.layouts:
+            pieces_of.setdefault(find(whole), set()).update(find(p[0]) for p in parts)
+        members = self.members()
+        groups_of: dict[int, set[int]] = {}
+        for space, g in self.grouped:
+            groups_of.setdefault(find(space), set()).add(g)
+        reasons: dict[int, list[str]] = {}
+        for space, reason in self.reasons:
+            reasons.setdefault(find(space), []).append(reason)
+        for root in conflicts:
+            reasons.setdefault(root, []).append(SEGMENT_CONFLICT)
+        for root in groups_of.keys() & chosen.keys():
+            reasons.setdefault(root, []).append(GROUPED_PARTS)
+        pieces = set().union(*pieces_of.values())
+        for root in roots:  # a safety net: no rule leaves such a group
+            if root not in chosen and root not in pieces and not members[root]["producers"]:
+                reasons.setdefault(root, []).append(f"{UNSUPPORTED}: no op writes these channels")
+        fixed = {root: min(rs, key=_priority) for root, rs in reasons.items()}
+        for root in sorted(roots, key=lambda r: -self.size[r]):  # wholes before their pieces
+            if root in fixed:
+                for piece in pieces_of.get(root, ()):
+                    fixed.setdefault(piece, fixed[root])
+        refined = {find(space) for space in self.refined}
+        groups = []
+        for root in roots:
+            groups.append(ChannelGroup(
+                index=number[root], size=self.size[root],
+                **{role: tuple(nodes) for role, nodes in members[root].items()},
+                groups=tuple(sorted(groups_of.get(root, ()))),
+                parts=tuple(Part(number[find(p)], offset, size, stride)
+                            for p, offset, stride, size in chosen.get(root, ())),
+                fixed=fixed.get(root, ""),
+                refined=root in refined and root in chosen
+                and _concatenated((root, chosen[root]))))
+        index = {node: number[find(space)] for node, space in self.space.items()}
+        cuts = {node: number[find(space)] for node, space in self.cuts.items()}
+        constants = {node: tuple(read) for node, read in self.constants.items()}
+        return ChannelGraph(groups, index, cuts, constants)
+
+    def members(self) -> dict[int, dict[str, list[Node]]]:
+        """root -> {"tensors" | role: nodes in graph order}."""
+        find = self.uf.__getitem__
+        order = {node: i for i, node in enumerate(self.gm.graph.nodes)}
+        members: dict[int, dict[str, list[Node]]] = {
+            find(s): {"tensors": [], **{role: [] for role in self.roles}}
+            for s in range(len(self.size))}
+        for node, space in sorted(self.space.items(), key=lambda item: order[item[0]]):
+            members[find(space)]["tensors"].append(node)
+        for role, entries in self.roles.items():
+            for space, node in sorted(entries, key=lambda e: order[e[1]]):
+                listed = members[find(space)][role]
+                if node not in listed:
+                    listed.append(node)
+        return members
+
+
+def _normalized(parts) -> tuple[tuple[int, int, int, int], ...]:
+    """Parts in channel order, a single channel with stride 1."""
+    return tuple(sorted(((p, o, s if n > 1 else 1, n) for p, o, s, n in parts),
+                        key=lambda part: part[1]))
+
+
+def _signature(layout: _Layout) -> tuple[tuple[int, int, int], ...]:
+    return tuple(part[1:] for part in layout[1])
+
+
+def _concatenated(layout: _Layout) -> bool:
+    """Pieces one after the other (a cat, split, chunk or slice)."""
+    offset = 0
+    for _, start, stride, size in layout[1]:
+        if start != offset or stride != 1:
+            return False
+        offset += size
+    return True
+
+
+def _chosen(layouts: list[_Layout]) -> _Layout:
+    """The layout a whole is described by: an interleave if it has one (the finer), else its
+    first concatenation."""
+    return next((layout for layout in layouts if not _concatenated(layout)), layouts[0])

@@ -1,0 +1,194 @@
+"""Emitters: every spec emits .onnx, .pt2 and .py that reload and reproduce the eager output;
+deploy dtypes and channels_last are verified at their own tolerance."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+
+import archc
+import archc.passes  # noqa: F401 - registers the catalogue
+from archc.backends.emit_python import emit_python
+from archc.backends.export import export_program
+from archc.cli.main import main
+from archc.ir.verify import relative_error
+from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
+from tests.golden_suite import input_side
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
+SIZE = 32
+
+RUN_STANDALONE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from model import load, prepare_input
+x = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    y = load()(prepare_input(x)).float()
+torch.save(y, sys.argv[3])
+print(sorted(name for name in sys.modules if name.split(".")[0] in ("archc", "passes")))
+"""
+
+
+def reference(name: str, x: torch.Tensor) -> torch.Tensor:
+    gm = archc.build(ROOT / "specs" / f"{name}.yaml", init="random", seed=2)
+    with torch.no_grad():
+        return gm(x)
+
+
+def float64_reference(name: str, x: torch.Tensor) -> tuple[torch.fx.GraphModule, torch.Tensor,
+                                                            float]:
+    """The unfused model (float32), its output in float64, and the tolerance an fp32 artifact is
+    held to: ten times the model's own fp32 rounding (floored at 1e-6)."""
+    gm = archc.build(ROOT / "specs" / f"{name}.yaml", init="random", seed=2)
+    with torch.no_grad():
+        exact = gm.double()(x.double())
+        rounding = relative_error(exact, gm.float()(x).double())
+    return gm, exact, max(10 * rounding, 1e-6)
+
+
+@functools.cache
+def side(name: str) -> int:
+    """The golden suite's input side: SIZE, or larger where the network needs it (AlexNet)."""
+    return input_side(archc.load_spec(ROOT / "specs" / f"{name}.yaml"))
+
+
+def example(name: str) -> torch.Tensor:
+    spec = archc.load_spec(ROOT / "specs" / f"{name}.yaml")
+    return torch.randn(2, spec.input.channels, side(name), side(name))
+
+
+def build(name: str, out: Path, *extra: str) -> None:
+    argv = [
+        "build",
+        str(ROOT / "specs" / f"{name}.yaml"),
+        "-o",
+        str(out),
+        "--init",
+        "random",
+        "--seed",
+        "2",
+        "--input-size",
+        str(side(name)),
+        "--batch",
+        "2",
+        *extra,
+    ]
+    assert main(argv) == 0
+
+
+def run_standalone(folder: Path, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    torch.save(x, folder / "x.pt")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-B",
+            "-c",
+            RUN_STANDALONE,
+            str(folder),
+            str(folder / "x.pt"),
+            str(folder / "y.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return torch.load(folder / "y.pt", weights_only=True), result.stdout.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SPECS)
+def test_every_spec_emits_three_formats(name, tmp_path, capsys):
+    """`archc build` to ONNX end to end; the same deploy graph through the .pt2 and .py emitters
+    (the pipeline run once more, without its float64 checks: the build above made them)."""
+    x = example(name)
+    gm, y, tolerance = float64_reference(name, x)
+    build(name, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert relative_error(y, torch.from_numpy(got).double()) <= tolerance
+    deploy = run_pipeline(gm, resolve_pipeline("default"),
+                          PassContext(example_inputs=(x,), verify=False)).graph_module
+    export_program(deploy, tmp_path / "model.pt2", x, dynamic_batch=True, rtol=tolerance)
+    with torch.no_grad():
+        got = torch.export.load(str(tmp_path / "model.pt2")).module()(x)
+    assert relative_error(y, got.double()) <= tolerance
+    emit_python(deploy, tmp_path / "model.py", x, model_name=name, source=name, rtol=tolerance)
+    got, imported = run_standalone(tmp_path, x)
+    assert relative_error(y, got.double()) <= tolerance and imported == "[]"
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("fp16", 1e-2), ("bf16", 8e-2)])
+def test_half_precision_channels_last_python(dtype, tolerance, tmp_path, capsys):
+    name = "regnety_200mf"
+    x = example(name)
+    build(name, tmp_path / "model.py", "--dtype", dtype, "--channels-last")
+    source = (tmp_path / "model.py").read_text()
+    assert "MEMORY_FORMAT = torch.channels_last" in source
+    assert f"DTYPE = torch.{'float16' if dtype == 'fp16' else 'bfloat16'}" in source
+    got, _ = run_standalone(tmp_path, x)
+    assert relative_error(reference(name, x), got) <= tolerance
+
+
+def test_channels_last_program(tmp_path, capsys):
+    name = "repvgg_a0"
+    x = example(name)
+    build(name, tmp_path / "model.pt2", "--channels-last")
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    got = program(x.to(memory_format=torch.channels_last))
+    assert relative_error(reference(name, x), got) <= 1e-5
+    assert "channels_last" in capsys.readouterr().out
+
+
+def test_fp16_onnx(tmp_path, capsys):
+    name = "regnetx_200mf"
+    x = example(name)
+    build(name, tmp_path / "model.onnx", "--dtype", "fp16")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float16)"
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.half().numpy()})
+    assert relative_error(reference(name, x), torch.from_numpy(got).float()) <= 1e-2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--channels-last",), "ONNX is NCHW"),
+        (("--dtype", "bf16"), "no bfloat16 Conv"),
+    ],
+)
+def test_onnx_refuses_what_it_cannot_verify(extra, message, tmp_path, capsys):
+    argv = [
+        "build",
+        str(ROOT / "specs/regnetx_200mf.yaml"),
+        "-o",
+        str(tmp_path / "m.onnx"),
+        "--input-size",
+        str(SIZE),
+        *extra,
+    ]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_refuses_deploy_options(tmp_path, capsys):
+    argv = [
+        "build",
+        str(ROOT / "specs/regnetx_200mf.yaml"),
+        "-o",
+        str(tmp_path / "m.pt"),
+        "--dtype",
+        "fp16",
+    ]
+    assert main(argv) == 2
+    assert "float32 (train) form" in capsys.readouterr().err

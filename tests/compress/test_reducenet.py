@@ -1,0 +1,97 @@
+"""ReduceNet's flow (archc/compress/reducenet.py, `archc reduce`, `archc train --lora/--freeze`):
+the reduced phase carries the train phase's weights, the low-rank branch merges into its conv
+exactly (relative error <= 1e-5), train -> reduce -> distil with a frozen classifier -> merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+import archc
+from archc.backends.checkpoint import load_checkpoint
+from archc.cli.main import main
+from archc.compress.lowrank_algebra import merge_low_rank_branch, relative_error
+from archc.compress.reducenet import (
+    BranchedConv,
+    LowRankBranch,
+    ReduceError,
+    merge_branches,
+    reduce,
+)
+
+TINY = {"name": "tiny_reducenet", "input": {"channels": 1, "size": 8}, "num_classes": 10,
+        "stem": {"type": "simple", "width": 8, "stride": 1}, "head": {"type": "classifier"},
+        "body": {"type": "anynet", "stages": [
+            {"block": "reducenet", "depth": 1, "width": 8, "stride": 1, "expansion": 2,
+             "phase": "train"},
+            {"block": "reducenet", "depth": 1, "width": 16, "stride": 2, "expansion": 2,
+             "phase": "train"}]}}
+
+
+def test_low_rank_branch_merges_exactly():
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, stride=2, padding=1, bias=True)
+    down = torch.randn(2, 6, 3, 3, generator=g)
+    up = torch.randn(5, 2, 1, 1, generator=g)
+    x = torch.randn(2, 6, 9, 9, generator=g)
+    branched = conv(x) + F.conv2d(F.conv2d(x, down, stride=2, padding=1), up)
+    merged = F.conv2d(x, merge_low_rank_branch(conv.weight, down, up), conv.bias, stride=2,
+                      padding=1)
+    assert relative_error(merged, branched) <= 1e-5
+    with pytest.raises(ValueError):
+        merge_low_rank_branch(conv.weight, torch.randn(2, 6, 1, 1), up)
+
+
+def test_branched_model_starts_at_its_function_and_merges_back():
+    gm = archc.build(TINY, init="random")
+    x = torch.randn(2, 1, 8, 8)
+    expected = gm(x)
+    LowRankBranch(2).wrap(gm)
+    branched = [m for m in gm.modules() if isinstance(m, BranchedConv)]
+    assert len(branched) > 5 and not branched[0].conv.weight.requires_grad
+    torch.testing.assert_close(gm(x), expected)  # up starts at 0
+    with torch.no_grad():
+        for module in branched:
+            module.up.weight.normal_()
+    count, error = merge_branches(gm, x)
+    assert count == len(branched) and error <= 1e-5
+    assert not any(isinstance(m, BranchedConv) for m in gm.modules())
+
+
+def test_reduce_carries_every_weight_but_branch1():
+    gm = archc.build(TINY, init="random")
+    spec, reduced = reduce(archc.build(TINY).meta["archc_spec"], gm)
+    assert spec["body"]["stages"][0]["phase"] == "reduced"
+    assert not any(".branch1." in k for k in reduced.state_dict())
+    for key, value in reduced.state_dict().items():
+        assert torch.equal(value, gm.state_dict()[key]), key
+    with pytest.raises(ReduceError):
+        reduce(spec, reduced)
+
+
+@pytest.mark.slow
+def test_cli_train_reduce_distil_merge(tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(TINY))
+    common = ["--data", "digits", "--epochs", "1", "--batch-size", "128"]
+    train, reduced, tuned = tmp_path / "train.pt", tmp_path / "reduced.pt", tmp_path / "ft.pt"
+    assert main(["train", str(spec), "-o", str(train), *common]) == 0
+    assert main(["reduce", str(train), "-o", str(reduced)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(reduced), "-o", str(tuned), "--teacher", str(train), "--freeze",
+                 "head.*", "--lora", "2", *common]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["compression"]["merged_branches"] > 0
+    assert metrics["compression"]["merge_relative_error"] <= 1e-5
+    _, before = load_checkpoint(reduced)
+    _, after = load_checkpoint(tuned)
+    assert torch.equal(before.get_submodule("head.fc").weight,
+                       after.get_submodule("head.fc").weight)  # frozen
+    assert not torch.equal(before.get_submodule("stem.conv").weight,
+                           after.get_submodule("stem.conv").weight)  # merged branch
+    assert main(["reduce", str(reduced), "-o", str(tmp_path / "x.pt")]) == 2
