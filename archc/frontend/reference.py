@@ -13,12 +13,12 @@ from pathlib import Path
 
 from archc.errors import SpecError
 
-_PACKAGE = Path(__file__).resolve().parent
+_ARCHC = Path(__file__).resolve().parents[1]  # the archc package (archc/frontend/..)
 
 
 def shipped_folder(kind: str) -> Path | None:
     """The folder of shipped `kind` files ("specs" or "spaces"), or None if there is none."""
-    for folder in (_PACKAGE / kind, _PACKAGE.parent / kind):
+    for folder in (_ARCHC / kind, _ARCHC.parent / kind):
         if folder.is_dir() and any(folder.glob("*.yaml")):
             return folder
     return None
