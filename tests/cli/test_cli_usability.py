@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+# imported before any test patches `lower.build`: its `from ... import build` binds at import
+import archc.backends.checkpoint  # noqa: F401
 from archc.cli.main import main
 
 TINY = """name: tiny
