@@ -28,7 +28,6 @@ an empty calibration set, a `--keep-float` name that is no node of the model.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import io
 import math
 import statistics
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from archc.common.suggest import did_you_mean
 from archc.errors import ArchcError
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -157,8 +157,7 @@ def resolve_keep_float(model, keep: Sequence[str]) -> list[str]:
         elif item in names:
             chosen.append(item)
         else:
-            close = difflib.get_close_matches(item, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(item, names)
             raise QuantizationError(f"--keep-float {item}: no node of that name{hint}; the "
                                     f"weighted nodes are {', '.join(weighted[:6])}"
                                     f"{', ...' if len(weighted) > 6 else ''}")

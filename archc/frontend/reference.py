@@ -8,9 +8,9 @@ names one of them.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
+from archc.common.suggest import did_you_mean_any
 from archc.errors import SpecError
 
 _ARCHC = Path(__file__).resolve().parents[1]  # the archc package (archc/frontend/..)
@@ -46,8 +46,7 @@ def resolve(source: str | Path, kind: str = "specs", error: type[SpecError] = Sp
     names = shipped_names(kind)
     if str(source) in names:
         return shipped_folder(kind) / f"{source}.yaml"
-    close = difflib.get_close_matches(str(source), names, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else (
+    hint = did_you_mean_any(source, names) or (
         f"; `archc models` lists the {len(names)} shipped specs" if kind == "specs" else "")
     raise error(f"no such file, and no shipped {kind[:-1]} of that name{hint}", "",
                     str(source))

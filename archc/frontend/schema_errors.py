@@ -9,11 +9,12 @@ how to word its tagged unions.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+
+from archc.common.suggest import close_matches, did_you_mean
 
 MAX_REPORTED = 10  # errors listed per file; the rest are counted
 
@@ -41,7 +42,7 @@ def _explained_by_misspelling(error: dict[str, Any], unknown: list[dict[str, Any
         return False
     parent, name = error["loc"][:-1], str(error["loc"][-1])
     return any(other["type"] == "extra_forbidden" and other["loc"][:-1] == parent
-               and difflib.get_close_matches(str(other["loc"][-1]), [name], n=1)
+               and close_matches(other["loc"][-1], [name])
                for other in unknown)
 
 
@@ -54,9 +55,8 @@ def describe(error: dict[str, Any], owner: Callable[[tuple], type[BaseModel] | N
         model = owner(loc)
         message = f"unknown key {loc[-1]!r}"
         if model is not None:
-            close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
-            message += (f" (did you mean {close[0]!r}?)" if close
-                        else f"; valid keys: {', '.join(model.model_fields)}")
+            message += (did_you_mean(loc[-1], model.model_fields)
+                        or f"; valid keys: {', '.join(model.model_fields)}")
         return message
     if kind == "missing":
         return "required field is missing"

@@ -29,7 +29,6 @@ tensors (passes replace tensors, never write them) and each rewrite rounds to th
 
 from __future__ import annotations
 
-import difflib
 import functools
 import time
 from collections import Counter
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
+from archc.common.suggest import did_you_mean
 from archc.errors import ArchcError, PassError
 from archc.ir import verify
 from archc.ir.graph import SOURCE_DTYPE, copy_module, model_dtype, op_kind
@@ -329,8 +329,7 @@ def check_options(options: dict[str, Any], names: Sequence[str]) -> dict[str, An
         declared = {o.name: o for o in info.options}
         if option_name not in declared:
             valid = f"its options: {', '.join(declared)}" if declared else "it has no options"
-            close = difflib.get_close_matches(option_name, list(declared), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(option_name, declared)
             raise ArchcError(f"pass option {key}: {pass_name} has no option "
                              f"{option_name!r}{hint}; {valid}")
         try:
@@ -345,9 +344,7 @@ def check_options(options: dict[str, Any], names: Sequence[str]) -> dict[str, An
 
 def _unknown(kind: str, name: str, valid: Iterable[str]) -> str:
     valid = sorted(valid)
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown {kind} {name!r}{hint}; valid: {', '.join(valid)}"
+    return f"unknown {kind} {name!r}{did_you_mean(name, valid)}; valid: {', '.join(valid)}"
 
 
 @dataclass

@@ -39,7 +39,6 @@ are rejected.
 from __future__ import annotations
 
 import copy
-import difflib
 import itertools
 import json
 import math
@@ -53,6 +52,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from archc.common.suggest import did_you_mean
 from archc.errors import SpaceError, SpecError
 from archc.frontend.regnet import adjust_block_compatibility, generate_widths
 from archc.frontend.schema_errors import describe, first_error
@@ -193,8 +193,7 @@ def parse_path(text: str, base: Mapping[str, Any]) -> FieldPath:
         if model is None:
             raise ValueError(f"{'.'.join(p for p, _ in parts[:position])} has no fields")
         if name not in model.model_fields:
-            close = difflib.get_close_matches(name, list(model.model_fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(name, model.model_fields)
             raise ValueError(f"{model.__name__} has no field {name!r}{hint}")
         node = node.get(name) if isinstance(node, Mapping) else None
         if model is Spec and name == "body":
@@ -337,9 +336,8 @@ def _distribution_union(error: dict) -> str:
     if error["type"] == "union_tag_not_found":
         return f"give a distribution: {', '.join(DISTRIBUTION_NAMES)}"
     tag = str(error["ctx"]["tag"])
-    close = difflib.get_close_matches(tag, DISTRIBUTION_TAGS, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown distribution {tag!r}{hint}; valid: {', '.join(DISTRIBUTION_NAMES)}"
+    return (f"unknown distribution {tag!r}{did_you_mean(tag, DISTRIBUTION_TAGS)}; valid: "
+            f"{', '.join(DISTRIBUTION_NAMES)}")
 
 
 # ---------------------------------------------------------------------------------------------
