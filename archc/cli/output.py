@@ -1,5 +1,5 @@
 """Where a command's text goes (torch-free): results on stdout, progress on stderr, one --json
-document; shared by every subcommand module."""
+document, counts in one unit; shared by every subcommand module."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ class Output:
     def report(self, document: dict) -> None:
         if self.json:
             print(json.dumps(document, indent=1))
+
+
+def count_text(value: int) -> str:
+    """A count in M (below 10 G) or G, the one unit per size used throughout the CLI."""
+    return f"{value / 1e9:,.2f}G" if value >= 10e9 else f"{value / 1e6:,.1f}M"
 
 
 def write_spec(spec_dict: dict, output: Path | None) -> None:
