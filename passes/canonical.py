@@ -207,7 +207,8 @@ def _aten_name(node: Node) -> str | None:
 
 def _check_batch_norm(match: Match) -> _FunctionalNorm | Refuse | tuple[()]:
     node, gm = match.anchor, match.gm
-    if _aten_name(node) == _ATEN_BN:  # aten.batch_norm(x, w, b, mean, var, training, m, eps, _)
+    if node.target is torch.batch_norm or _aten_name(node) == _ATEN_BN:
+        # aten.batch_norm and torch.batch_norm(x, w, b, mean, var, training, m, eps, _)
         x, weight, bias, mean, var, training, momentum, eps = (list(node.args) + [None] * 8)[:8]
     else:  # F.batch_norm(x, mean, var, weight, bias, training, momentum, eps)
         names = ("input", "running_mean", "running_var", "weight", "bias", "training",
