@@ -5,6 +5,7 @@ scatter on its own; one negative test per refusal reason; idempotence."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -217,6 +218,9 @@ class ConcatSplit(nn.Module):
 
 REFUSED = {  # id -> (reason, middle module, the refused group's first producer)
     "shuffled": (layout.SHUFFLED, Fn(lambda x: channel_shuffle(x, 3)), "part of a"),
+    "shuffle_sizes": (channels.SHUFFLE_SIZES,  # a shuffle spelt with the batch and channels
+                      Fn(lambda x: x.view(2, 3, 4, 8, 8).transpose(1, 2).reshape(2, 12, 8, 8)),
+                      "a"),
     "moves_channels": (channels.MOVES_CHANNELS, Fn(lambda x: x.transpose(1, 3).transpose(1, 3)),
                        "a"),
     "size_read": (channels.SIZE_READ, Fn(lambda x: x / x.shape[1]), "a"),
@@ -234,6 +238,27 @@ def test_refusal(case):
     refused = {r.nodes[0]: r.reason for r in report.refusals}
     assert refused[where].startswith(reason)
     assert not any(line.startswith(f"padded {where}") for line in report.rewrites)
+    explained = [line for line in report.details(explain=True) if "refused" in line]
+    assert any(reason in line and where in line for line in explained)  # what --explain prints
+
+
+class ShuffleByInput(nn.Module):
+    """A channel shuffle whose group count is the model's second input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 12, 1), nn.Conv2d(12, 10, 1)
+
+    def forward(self, x, groups):
+        return self.b(torch.channel_shuffle(self.a(x), groups))
+
+
+def test_refusal_when_the_shuffle_groups_are_computed():
+    ctx = PassContext(example_inputs=(random_input(SHAPE, 0), 3), explain=True)
+    result = run_pipeline(randomize(ShuffleByInput(), 0), ["align_channels"], ctx)
+    report = result.reports[0]
+    assert {r.nodes[0]: r.reason for r in report.refusals}["a"] == channels.SHUFFLE_GROUPS
+    assert not report.modified
 
 
 def test_refusal_at_model_input_and_output():
@@ -254,7 +279,7 @@ def test_options_and_inputs_are_checked():
     with pytest.raises(ArchcError, match="align_channels.multiple: must be positive, got 0"):
         run_pipeline(Fixture(nn.ReLU()).eval(), ["align_channels"],
                      PassContext(input_shape=SHAPE, options={"align_channels.multiple": 0}))
-    with pytest.raises(PassError, match="example inputs"):
+    with pytest.raises(PassError, match=re.escape(layout.NEEDS_INPUTS)):
         run_pipeline(Fixture(nn.ReLU()).eval(), ["align_channels"], PassContext(verify=False))
 
 
