@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from archc.compress.lowrank_algebra import (
+    frobenius_relative_error,
     mode_singular_values,
     rank_for_energy,
-    relative_error,
     singular_values,
     spatial_factors,
     spatial_matrix,
@@ -225,14 +225,14 @@ def decompose(gm: GraphModule, example_input: Tensor, energy: float,
         record(gm, {"op": "delete", "name": name})
         layers.append(LayerDecomposition(name, kind, list(module.weight.shape), ranks,
                                          macs_before, macs_after,
-                                         relative_error(approx, module.weight.detach())))
+                                         frobenius_relative_error(module.weight.detach(), approx)))
     if candidates == 0:
         raise LowRankError("no dense conv or Linear to decompose")
     gm.graph.lint()
     gm.recompile()
     after = complexity_report(gm, shape).total
     with torch.no_grad():
-        error = relative_error(gm(example_input), original(example_input))
+        error = frobenius_relative_error(original(example_input), gm(example_input))
     return LowRankResult(gm.eval(), energy, (before.params, after.params),
                          (before.flops, after.flops), error, layers, skipped)
 
