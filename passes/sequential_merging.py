@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from torch.fx import GraphModule, Node
 
-from archc.ir.graph import describe, erase_unused, op_kind, source_dtype
-from archc.ir.ops import CONV_MODULES
+from archc.ir.graph import describe, erase_unused, source_dtype
+from archc.ir.ops import CONV_MODULES, op_kind
 from archc.rewrite.legality import OTHER_USERS
 from archc.rewrite.linear_chains import (
     AvgPool,

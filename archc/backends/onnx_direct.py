@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from archc.ir.ops import reshape_sizes
 from archc.ir.shapes import Recorder
 
 ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.int64: 7}
@@ -519,11 +520,8 @@ def _size(graph: _Translation, node: Node) -> str:
 
 
 def _reshape(graph: _Translation, node: Node) -> str:
-    sizes = node.args[1:]
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        sizes = tuple(sizes[0])
     sizes = [graph.values[s] if isinstance(s, Node) and s not in graph.batch_sizes else s
-             for s in sizes]  # a size that does not depend on the batch is a number
+             for s in reshape_sizes(node)]  # a size that does not depend on the batch is a number
     if all(isinstance(s, int) for s in sizes):
         shape = graph.constant(list(sizes), torch.int64, "shape")
     else:

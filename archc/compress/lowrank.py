@@ -43,6 +43,7 @@ from archc.compress.lowrank_algebra import (
 from archc.errors import ArchcError
 from archc.ir.analysis import complexity_report
 from archc.ir.graph_edits import chain, delete_module, put_module, record
+from archc.ir.ops import CONV_MODULES
 from archc.ir.shapes import node_shape
 
 
@@ -123,7 +124,7 @@ def _plan(module: nn.Module, node: Node, energy: float, kxk: str = "tucker2"):
             b = nn.Linear(r, cout, bias=bias is not None).to(weight.dtype)
         layers = [_set(a, first, None), _set(b, second, bias)]
         return "svd", [r], before, after, layers, second @ first
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or module.groups != 1 \
+    if not isinstance(module, CONV_MODULES) or module.groups != 1 \
             or module.padding_mode != "zeros" or isinstance(module.padding, str):
         return None
     cls = type(module)
@@ -203,7 +204,7 @@ def decompose(gm: GraphModule, example_input: Tensor, energy: float,
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if not isinstance(module, (nn.Linear, *CONV_MODULES)):
             continue
         with torch.no_grad():
             plan = _plan(module, node, energy, kxk)

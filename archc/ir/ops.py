@@ -5,8 +5,8 @@ torch.export).
 Modules are matched by exact type where a rule relies on what the module computes (a subclass
 may compute something else); `isinstance` where only the parameters matter. The readers below
 the tables answer the questions several modules ask of a node: what it calls (`node_target`,
-`call_target`, `aten_name`), which sizes a reshape requests (`reshape_sizes`), how much a conv
-pads (`conv_pads`).
+`op_kind`, `call_target`, `aten_name`), which sizes a reshape requests (`reshape_sizes`), how
+much a conv pads (`conv_pads`).
 """
 
 from __future__ import annotations
@@ -87,6 +87,17 @@ def node_target(gm: GraphModule, node: Node):
     return call_target(node)
 
 
+def op_kind(gm: GraphModule, node: Node) -> str:
+    """A readable name of what a node computes (the ops counts of pass reports): its module
+    type's name, its function's name, `Tensor.method`, else its op (`placeholder`, ...)."""
+    target = node_target(gm, node)
+    if node.op == "call_method":
+        return f"Tensor.{target}"
+    if target is None:
+        return node.op
+    return getattr(target, "__name__", str(target))
+
+
 def call_target(node: Node):
     """The function or method name a call computes (None for modules, inputs, constants)."""
     return node.target if node.op in ("call_function", "call_method") else None
@@ -101,10 +112,15 @@ def aten_name(node: Node) -> str | None:
 
 def reshape_sizes(node: Node) -> tuple | None:
     """The sizes a reshape requests, as written (ints, -1, or nodes computing a size):
-    `torch.reshape(x, sizes)`, `x.view(sizes)`, `x.view(*sizes)`; None for anything else."""
-    if call_target(node) not in RESHAPES or len(node.args) < 2:
+    `torch.reshape(x, sizes)` (also `shape=sizes`), `x.view(sizes)`, `x.view(*sizes)`; None for
+    anything else."""
+    if call_target(node) not in RESHAPES:
         return None
     sizes = node.args[1:]
+    if not sizes and node.op == "call_function" and "shape" in node.kwargs:
+        sizes = (node.kwargs["shape"],)
+    if not sizes:
+        return None
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
         sizes = sizes[0]
     return tuple(sizes)

@@ -44,8 +44,9 @@ from torch.fx import GraphModule
 
 from archc.errors import ArchcError, PassError
 from archc.ir import verify
-from archc.ir.graph import SOURCE_DTYPE, copy_module, model_dtype, op_kind
+from archc.ir.graph import SOURCE_DTYPE, copy_module, model_dtype
 from archc.ir.init import random_input
+from archc.ir.ops import op_kind
 from archc.ir.shapes import cast_shapes, has_shapes, propagate_shapes, refresh_shapes
 
 TRAINING_MODE = "model is in training mode; call .eval() — BN would use batch statistics"
