@@ -324,8 +324,7 @@ def _functionalize(match: Match, plan: tuple[str, Node]) -> str:
         bound.arguments["inplace"] = False
         node.args, node.kwargs = bound.args, bound.kwargs
     else:  # the functional aten overload, spelt as torch where archc's rules read torch
-        packet = node.target.overloadpacket
-        functional = getattr(getattr(torch.ops.aten, packet.__name__[:-1]),
+        functional = getattr(getattr(torch.ops.aten, aten_name(node)[:-1]),
                              node.target._overloadname)
         node.target = ATEN_TO_TORCH.get(functional, functional)
     for user in later:
