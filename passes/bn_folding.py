@@ -14,9 +14,11 @@ An eval-mode BN is a per-channel affine map: `BN(x) = t x + u` with `t = γ / sq
 One pass, `fold_bn`, holds both rule families and a third, `layer_affine`: a constant
 per-channel scale after a conv or linear (a layer scale, an averaging `/ 2`) folds in like R1.
 R1 rules come first, so a BN between two convs folds into the one before it (always exact).
-Layers and BNs are modules (`nn.Conv2d`, `nn.BatchNorm2d`) or functional calls (`F.conv2d`,
-`F.batch_norm`) on `get_attr` constants; functional weights are replaced by new constants, never
-written in place, so a constant read elsewhere keeps its value.
+Layers are modules (`nn.Conv2d`) or functional calls (`F.conv2d`) on `get_attr` constants;
+functional weights are replaced by new constants, never written in place, so a constant read
+elsewhere keeps its value. BNs are modules: the pass requires the canonical form, in which
+`canonicalize` has turned every functional or aten BatchNorm it can into a module
+(`BATCH_NORM_MODULES`, checked before the pass runs), so BatchNorm is read in one place.
 The per-channel factors (t, u) are computed in float64; the weights are rewritten in their own
 dtype or float32, whichever is wider (`archc.rewrite.weight_algebra`): float64 when the pipeline
 works on a float64 copy (verification on), float32 otherwise, one rounding of t and of each product,
@@ -52,7 +54,16 @@ from archc.ir.graph import (
     set_weights,
     unique_name,
 )
+from archc.ir.ops import (
+    BN_MODULES,
+    CONV_FUNCTIONS,
+    CONV_MODULES,
+    CONV_TRANSPOSE_MODULES,
+    SPATIAL_DIMS,
+    conv_pads,
+)
 from archc.ir.shapes import node_shape
+from archc.passes.canonical import BATCH_NORM_MODULES
 from archc.rewrite import weight_algebra as wa
 from archc.rewrite.legality import (
     NO_RUNNING_STATS,
@@ -75,14 +86,8 @@ LINEAR_RANK = ("BatchNorm1d and Linear fold only on 2-D (N, C) tensors: BN norma
 UNBATCHED = "the conv runs unbatched: BN's channel dim 1 is not the conv's channel dim"
 NO_NEIGHBOUR = "no adjacent conv/linear to fold into: its input and its users are other ops"
 
-_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_F_CONVS = (F.conv1d, F.conv2d, F.conv3d)
 _F_CONV_TRANSPOSES = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
-_EXACT_TYPES = (*_BNS, *_CONVS, *_CONV_TRANSPOSES, nn.Linear)
-# A batched conv with d spatial dims makes a (d + 2)-D tensor, which only BatchNorm{d}d accepts.
-_BN_SPATIAL_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+_EXACT_TYPES = (*BN_MODULES, *CONV_MODULES, *CONV_TRANSPOSE_MODULES, nn.Linear)
 
 
 @dataclass
@@ -106,7 +111,7 @@ class _Layer:
 
 @dataclass
 class _Norm:
-    """A BatchNorm node, module or functional: its statistics and affine parameters."""
+    """A BatchNorm module's node: its statistics and affine parameters."""
 
     node: Node
     mean: Tensor | None
@@ -114,7 +119,9 @@ class _Norm:
     weight: Tensor | None
     bias: Tensor | None
     eps: float
-    spatial_dims: int | None  # BatchNorm{d}d; None for F.batch_norm (any rank)
+    # A batched conv with d spatial dims makes a (d + 2)-D tensor, which only BatchNorm{d}d
+    # accepts; None for a subclass of another type (refused anyway)
+    spatial_dims: int | None
     reason: str | None  # why it cannot fold at all
 
     def affine(self) -> tuple[Tensor, Tensor]:
@@ -128,12 +135,8 @@ class _Norm:
 
 def _pads(padding, kernel: tuple[int, ...], dilation) -> bool:
     """Whether a zero-padding conv with this `padding` argument pads anything."""
-    if padding == "valid":
-        return False
-    if padding == "same":
-        dilation = (dilation,) * len(kernel) if isinstance(dilation, int) else dilation
-        return any(d * (k - 1) > 0 for k, d in zip(kernel, dilation))
-    return any(p > 0 for p in ((padding,) if isinstance(padding, int) else padding))
+    pads = conv_pads(padding, kernel, dilation)
+    return pads is None or any(before or after for before, after in pads)
 
 
 def _constants(gm: GraphModule, args: list) -> list[Tensor | None] | None:
@@ -153,7 +156,7 @@ def _layer(gm: GraphModule, node: Node) -> _Layer:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         kind = ("linear" if isinstance(module, nn.Linear)
-                else "transpose" if isinstance(module, _CONV_TRANSPOSES) else "conv")
+                else "transpose" if isinstance(module, CONV_TRANSPOSE_MODULES) else "conv")
         reason = (SUBCLASS if type(module) not in _EXACT_TYPES
                   else SHARED_MODULE if not called_once(gm, node) else None)
         zero_pads = kind == "conv" and module.padding_mode == "zeros" and _pads(
@@ -163,7 +166,7 @@ def _layer(gm: GraphModule, node: Node) -> _Layer:
     # F.conv{d}(x, W, b, stride, padding, dilation, groups), F.conv_transpose{d}(x, W, b, stride,
     # padding, output_padding, groups, dilation), F.linear(x, W, b)
     kind = ("transpose" if node.target in _F_CONV_TRANSPOSES
-            else "conv" if node.target in _F_CONVS else "linear")
+            else "conv" if node.target in CONV_FUNCTIONS else "linear")
     constants = _constants(gm, [arg(node, 1, "weight"), arg(node, 2, "bias")])
     if constants is None:
         return _Layer(node, kind, None, None, 1, False, NOT_CONSTANT, None)
@@ -186,20 +189,11 @@ def _layer(gm: GraphModule, node: Node) -> _Layer:
 
 
 def _norm(gm: GraphModule, node: Node) -> _Norm:
-    if node.op == "call_module":
-        bn = gm.get_submodule(node.target)
-        reason = (TRAINING if bn.training else NO_RUNNING_STATS if bn.running_mean is None
-                  else SUBCLASS if type(bn) not in _EXACT_TYPES else None)
-        return _Norm(node, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
-                     _BN_SPATIAL_DIMS.get(type(bn)), reason)
-    # F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    names = ("running_mean", "running_var", "weight", "bias")
-    constants = _constants(gm, [arg(node, i, name) for i, name in enumerate(names, start=1)])
-    reason = (TRAINING if arg(node, 5, "training", False)
-              else NO_RUNNING_STATS if arg(node, 1, "running_mean") is None
-              else NOT_CONSTANT if constants is None else None)
-    mean, var, weight, bias = constants or (None,) * 4
-    return _Norm(node, mean, var, weight, bias, arg(node, 7, "eps", 1e-5), None, reason)
+    bn = gm.get_submodule(node.target)
+    reason = (TRAINING if bn.training else NO_RUNNING_STATS if bn.running_mean is None
+              else SUBCLASS if type(bn) not in _EXACT_TYPES else None)
+    return _Norm(node, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
+                 SPATIAL_DIMS.get(type(bn)), reason)
 
 
 @dataclass(frozen=True)
@@ -267,10 +261,10 @@ def _after(match: Match) -> _Fold | Refuse:
     return _check(match, 1)
 
 
-_BN = Op(modules=_BNS, functions=(F.batch_norm,))
-_BN1D = Op(modules=(nn.BatchNorm1d,), functions=(F.batch_norm,))
-_CONV = Op(modules=_CONVS, functions=_F_CONVS)
-_CONV_TRANSPOSE = Op(modules=_CONV_TRANSPOSES, functions=_F_CONV_TRANSPOSES)
+_BN = Op(modules=BN_MODULES)
+_BN1D = Op(modules=(nn.BatchNorm1d,))
+_CONV = Op(modules=CONV_MODULES, functions=CONV_FUNCTIONS)
+_CONV_TRANSPOSE = Op(modules=CONV_TRANSPOSE_MODULES, functions=_F_CONV_TRANSPOSES)
 _LINEAR = Op(modules=(nn.Linear,), functions=(F.linear,))
 
 FOLD_RULES = (
@@ -362,6 +356,6 @@ RULES = (
 
 
 @register_pass("fold_bn", "fold eval-mode BatchNorm into the conv/linear before (R1) or after (R2)",
-               True)
+               True, requires=(BATCH_NORM_MODULES,))
 def fold_bn(gm: GraphModule, ctx: PassContext) -> PassResult:
     return apply_rules(gm, RULES, memo=LinearReader)

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from archc.ir.graph import describe, erase_unused, op_kind, source_dtype, unique_name
+from archc.ir.graph import describe, erase_unused, source_dtype, unique_name
+from archc.ir.ops import op_kind
 from archc.ir.shapes import node_shape
 from archc.rewrite import weight_algebra as wa
 from archc.rewrite.legality import OTHER_USERS, SHAPES_UNKNOWN

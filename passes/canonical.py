@@ -38,9 +38,9 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from archc.ir.graph import arg, attribute, describe, erase_unused, replace_with_value, unique_name
-from archc.ir.ops import ATEN_TO_TORCH
+from archc.ir.ops import ATEN_TO_TORCH, BN_FUNCTIONS, aten_name, reshape_sizes
 from archc.ir.shapes import node_shape
-from archc.rewrite.pipeline import PassContext, PassResult, register_pass
+from archc.rewrite.pipeline import PassContext, PassResult, Requirement, register_pass
 from archc.rewrite.rules import Match, Refuse, Rule, apply_rules
 
 NOT_FRESH = ("the written tensor is a graph input, a constant or a view of another tensor: the "
@@ -188,26 +188,28 @@ class _FunctionalNorm:
     momentum: float | None
 
 
-_FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm)
-_ATEN_BN = "batch_norm"
-
-
 def _batch_norm_call(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
     if node.op != "call_function":
         return None
-    if node.target in _FUNCTIONAL_BN or _aten_name(node) == _ATEN_BN:
+    if node.target in BN_FUNCTIONS or aten_name(node) == "batch_norm":
         return (node,)
     return None
 
 
-def _aten_name(node: Node) -> str | None:
-    packet = getattr(node.target, "overloadpacket", None)
-    return getattr(packet, "__name__", None) if packet is not None else None
+def _functional_batch_norms(gm: GraphModule) -> list[str]:
+    """The functional / aten BatchNorm calls that `functional_bn` turns into modules."""
+    return [node.name for node in gm.graph.nodes if _batch_norm_call(gm, node, None)
+            and isinstance(_check_batch_norm(Match(gm, (node,))), _FunctionalNorm)]
+
+
+# Every BatchNorm that can become a module is one (what fold_bn requires).
+BATCH_NORM_MODULES = Requirement("every eval-mode BatchNorm on constants as a module",
+                                 _functional_batch_norms, "canonicalize")
 
 
 def _check_batch_norm(match: Match) -> _FunctionalNorm | Refuse | tuple[()]:
     node, gm = match.anchor, match.gm
-    if node.target is torch.batch_norm or _aten_name(node) == _ATEN_BN:
+    if node.target is torch.batch_norm or aten_name(node) == "batch_norm":
         # aten.batch_norm and torch.batch_norm(x, w, b, mean, var, training, m, eps, _)
         x, weight, bias, mean, var, training, momentum, eps = (list(node.args) + [None] * 8)[:8]
     else:  # F.batch_norm(x, mean, var, weight, bias, training, momentum, eps)
@@ -217,7 +219,7 @@ def _check_batch_norm(match: Match) -> _FunctionalNorm | Refuse | tuple[()]:
         x, mean, var, weight, bias, training, momentum, eps = (
             arg(node, i, name, default) for i, (name, default) in enumerate(zip(names, defaults)))
     if training or mean is None or var is None:
-        return ()  # batch statistics: fold_bn explains why nothing folds
+        return ()  # batch statistics: nothing to fold
     parts = {"running_mean": mean, "running_var": var, "weight": weight, "bias": bias}
     if not all(p is None or (isinstance(p, Node) and p.op == "get_attr") for p in parts.values()):
         return Refuse(STATISTICS)
@@ -262,7 +264,7 @@ def _out_of_place(gm: GraphModule, node: Node):
         return ("method", node.args[0])
     if node.op != "call_function" or not node.args:
         return None
-    name = _aten_name(node)
+    name = aten_name(node)
     if name is not None and name.endswith("_") and not name.endswith("__") and hasattr(
             torch.ops.aten, name[:-1]):
         return ("aten", node.args[0])
@@ -286,7 +288,7 @@ def _creates_view(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
     if node.op == "call_function":
-        return node.target in _VIEW_FUNCTIONS or _aten_name(node) in _VIEW_ATEN
+        return node.target in _VIEW_FUNCTIONS or aten_name(node) in _VIEW_ATEN
     if node.op == "call_module":  # identities return their input itself
         module = gm.get_submodule(node.target)
         return isinstance(module, (nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten))
@@ -323,8 +325,7 @@ def _functionalize(match: Match, plan: tuple[str, Node]) -> str:
         bound.arguments["inplace"] = False
         node.args, node.kwargs = bound.args, bound.kwargs
     else:  # the functional aten overload, spelt as torch where archc's rules read torch
-        packet = node.target.overloadpacket
-        functional = getattr(getattr(torch.ops.aten, packet.__name__[:-1]),
+        functional = getattr(getattr(torch.ops.aten, aten_name(node)[:-1]),
                              node.target._overloadname)
         node.target = ATEN_TO_TORCH.get(functional, functional)
     for user in later:
@@ -333,23 +334,14 @@ def _functionalize(match: Match, plan: tuple[str, Node]) -> str:
     return f"{before} written out of place ({len(later)} later readers now read its result)"
 
 
-_RESHAPES = frozenset({torch.reshape, "view", "reshape"})
-
-
-def _reshape_sizes(node: Node) -> list | None:
-    """The literal target sizes of a reshape node, as given (list, tuple or varargs)."""
-    if node.op == "call_function" and node.target is torch.reshape and len(node.args) == 2:
-        sizes = node.args[1]
-    elif node.op == "call_method" and node.target in _RESHAPES and len(node.args) >= 2:
-        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1],
-                                                                   (list, tuple)) else node.args[1:]
-    else:
-        return None
-    return list(sizes) if all(type(v) is int for v in sizes) else None
+def _literal_sizes(node: Node) -> list | None:
+    """The sizes a reshape requests, if all are literal ints."""
+    sizes = reshape_sizes(node)
+    return list(sizes) if sizes is not None and all(type(v) is int for v in sizes) else None
 
 
 def _batch_reshape(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
-    sizes = _reshape_sizes(node)
+    sizes = _literal_sizes(node)
     if sizes is None or len(sizes) < 2 or -1 in sizes or not isinstance(node.args[0], Node):
         return None
     shape = node_shape(node.args[0])
@@ -362,7 +354,7 @@ def _batch_reshape(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None
 
 def _free_batch(match: Match, plan) -> str:
     node = match.anchor
-    sizes = [-1, *_reshape_sizes(node)[1:]]
+    sizes = [-1, *_literal_sizes(node)[1:]]
     node.args = (node.args[0], sizes) if node.op == "call_function" else (node.args[0], *sizes)
     return f"{node.name}: the batch size of its shape is -1 (any batch)"
 

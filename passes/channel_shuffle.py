@@ -39,7 +39,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
@@ -47,12 +46,20 @@ from archc.ir.graph import (
     called_once,
     describe,
     erase_unused,
-    op_kind,
     set_weights,
     writes_in_place,
 )
+from archc.ir.ops import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    BN_MODULES,
+    CONV_MODULES,
+    call_target,
+    op_kind,
+)
 from archc.ir.shapes import node_shape
-from archc.ir.shuffles import Shuffle, call_target, find_shuffles
+from archc.ir.shuffles import Shuffle, find_shuffles
 from archc.rewrite import weight_algebra as wa
 from archc.rewrite.legality import SHAPES_UNKNOWN, SHARED_MODULE
 from archc.rewrite.pipeline import PassContext, PassResult, register_pass
@@ -77,17 +84,10 @@ DENSE_NEXT = "the next conv is dense: it already mixes every channel"
 MIXED = "the groups already mix: some group of the next conv sees several groups of the first"
 SHUFFLED = "a channel shuffle between them already mixes the groups"
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_LAYERS = (*CONV_MODULES, nn.Linear)
 # Channel-agnostic: the same per-element map on every channel, no per-channel parameters.
-_AGNOSTIC_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-                     nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh,
-                     nn.Softplus, nn.Identity)
-_AGNOSTIC_TARGETS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu,
-                     F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, torch.sigmoid,
-                     F.sigmoid, torch.tanh, F.tanh, F.softplus, "relu", "sigmoid", "tanh",
-                     "contiguous"}
+_AGNOSTIC_MODULES = (*ACTIVATION_MODULES, nn.Identity)
+_AGNOSTIC_TARGETS = ACTIVATION_FUNCTIONS | ACTIVATION_METHODS | {"contiguous"}
 
 
 class _Shuffles:
@@ -120,7 +120,7 @@ def _kind(gm: GraphModule, node: Node) -> str | None:
         kind = type(gm.get_submodule(node.target))
         if kind in _LAYERS:
             return "layer"
-        if kind in _BNS:
+        if kind in BN_MODULES:
             return "bn"
         return "agnostic" if kind in _AGNOSTIC_MODULES else None
     single_input = bool(node.args) and node.all_input_nodes == [node.args[0]]
@@ -319,7 +319,7 @@ def canonicalize_channel_shuffle(gm: GraphModule, ctx: PassContext) -> PassResul
 # ---- insert_channel_shuffle ----
 
 def _conv(gm: GraphModule, node: Node) -> nn.Module | None:
-    if node.op == "call_module" and type(gm.get_submodule(node.target)) in _CONVS:
+    if node.op == "call_module" and type(gm.get_submodule(node.target)) in CONV_MODULES:
         return gm.get_submodule(node.target)
     return None
 

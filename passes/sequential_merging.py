@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from torch.fx import GraphModule, Node
 
-from archc.ir.graph import describe, erase_unused, op_kind, source_dtype
+from archc.ir.graph import describe, erase_unused, source_dtype
+from archc.ir.ops import CONV_MODULES, op_kind
 from archc.rewrite.legality import OTHER_USERS
 from archc.rewrite.linear_chains import (
-    CONVS,
     AvgPool,
     ComposedConv,
     LinearNode,
@@ -43,7 +43,7 @@ NONLINEAR = "a non-linear op between the convs"
 
 
 def _is_conv_module(gm: GraphModule, node: Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), tuple(CONVS))
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), CONV_MODULES)
 
 
 def _passes_through(op: LinearNode | NotLinear) -> bool:

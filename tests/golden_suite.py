@@ -79,7 +79,7 @@ def deploy_model(train, x, verify: bool = True):
 
 
 def fx_histogram(gm) -> dict[str, int]:
-    from archc.ir.graph import op_kind
+    from archc.ir.ops import op_kind
 
     ops = Counter(op_kind(gm, n) for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
     return dict(sorted(ops.items()))

@@ -28,7 +28,7 @@ from archc.errors import CheckpointError, first_line
 from archc.frontend.loading import spec_from_mapping
 from archc.frontend.lower import input_shape
 from archc.ir.graph import attribute
-from archc.ir.ops import ATEN_TO_TORCH
+from archc.ir.ops import ATEN_TO_TORCH, CONV_MODULES
 
 PICKLE_HINT = (
     "it holds pickled Python objects (a whole nn.Module?); unpickling runs arbitrary code, "
@@ -136,7 +136,7 @@ def first_layer(gm: GraphModule) -> tuple[str, nn.Module] | None:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            if isinstance(module, (*CONV_MODULES, nn.Linear)):
                 return node.target, module
     return None
 
@@ -207,7 +207,7 @@ def _load_program(data: bytes, path: Path) -> ImportedModel:
     return ImportedModel(gm, path.stem, "torch.export program", shape)
 
 
-_CONVS = {
+_CONVS = {  # the aten conv overloads a lifted program calls -> the module each becomes
     torch.ops.aten.conv1d.default: nn.Conv1d,
     torch.ops.aten.conv2d.default: nn.Conv2d,
     torch.ops.aten.conv3d.default: nn.Conv3d,

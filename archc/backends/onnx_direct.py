@@ -18,7 +18,7 @@ so each node maps to one or a few ONNX operators:
 Sizes that depend on the batch stay symbolic with a dynamic batch (Shape -> Gather), so it survives
 a channel shuffle's reshape; every other size is a constant, so the graph needs no simplifier.
 Shapes, dtypes, sizes and chunk sizes come from one run of the graph on the example input,
-recorded node by node.
+recorded node by node (`archc.ir.shapes.Recorder`).
 
 A node outside the vocabulary raises `Untranslatable` naming it, and the caller falls back to the
 general exporter; the result is verified in ONNX Runtime either way (`archc.backends.export`).
@@ -34,7 +34,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx import GraphModule, Interpreter, Node
+from torch.fx import GraphModule, Node
+
+from archc.ir.ops import reshape_sizes
+from archc.ir.shapes import Recorder
 
 ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.int64: 7}
 
@@ -43,20 +46,9 @@ class Untranslatable(Exception):
     """A node has no direct translation; the message names it and why."""
 
 
-class _Recorder(Interpreter):
-    """Runs the graph once, keeping each node's result shape/dtype (tensors) or value (others)."""
-
-    def __init__(self, gm: GraphModule):
-        super().__init__(gm)
-        self.values: dict[Node, Any] = {}
-
-    def run_node(self, node: Node) -> Any:
-        result = super().run_node(node)
-        self.values[node] = _describe(result)
-        return result
-
-
 def _describe(value: Any) -> Any:
+    """What the translation reads of a node's result: a tensor's shape and dtype, other values
+    (sizes, flags) as they are."""
     if isinstance(value, torch.Tensor):
         return _TensorInfo(tuple(value.shape), value.dtype)
     if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
@@ -159,9 +151,8 @@ def translate(gm: GraphModule, example_input: torch.Tensor, *, opset: int,
 
     if example_input.dtype not in ONNX_DTYPES:
         raise Untranslatable(f"input dtype {example_input.dtype}")
-    recorder = _Recorder(gm)
-    with torch.no_grad():
-        recorder.run(example_input)
+    recorder = Recorder(gm, keep=_describe)
+    recorder.run(example_input)
     graph = _Translation(gm, recorder.values, dynamic_batch)
     inputs, outputs = [], []
     batch = "batch" if dynamic_batch else None
@@ -529,11 +520,8 @@ def _size(graph: _Translation, node: Node) -> str:
 
 
 def _reshape(graph: _Translation, node: Node) -> str:
-    sizes = node.args[1:]
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        sizes = tuple(sizes[0])
     sizes = [graph.values[s] if isinstance(s, Node) and s not in graph.batch_sizes else s
-             for s in sizes]  # a size that does not depend on the batch is a number
+             for s in reshape_sizes(node)]  # a size that does not depend on the batch is a number
     if all(isinstance(s, int) for s in sizes):
         shape = graph.constant(list(sizes), torch.int64, "shape")
     else:

@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from archc.compress.lowrank_algebra import (
+    frobenius_relative_error,
     mode_singular_values,
     rank_for_energy,
-    relative_error,
     singular_values,
     spatial_factors,
     spatial_matrix,
@@ -43,6 +43,7 @@ from archc.compress.lowrank_algebra import (
 from archc.errors import ArchcError
 from archc.ir.analysis import complexity_report
 from archc.ir.graph_edits import chain, delete_module, put_module, record
+from archc.ir.ops import CONV_MODULES
 from archc.ir.shapes import node_shape
 
 
@@ -123,7 +124,7 @@ def _plan(module: nn.Module, node: Node, energy: float, kxk: str = "tucker2"):
             b = nn.Linear(r, cout, bias=bias is not None).to(weight.dtype)
         layers = [_set(a, first, None), _set(b, second, bias)]
         return "svd", [r], before, after, layers, second @ first
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or module.groups != 1 \
+    if not isinstance(module, CONV_MODULES) or module.groups != 1 \
             or module.padding_mode != "zeros" or isinstance(module.padding, str):
         return None
     cls = type(module)
@@ -203,7 +204,7 @@ def decompose(gm: GraphModule, example_input: Tensor, energy: float,
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if not isinstance(module, (nn.Linear, *CONV_MODULES)):
             continue
         with torch.no_grad():
             plan = _plan(module, node, energy, kxk)
@@ -225,14 +226,14 @@ def decompose(gm: GraphModule, example_input: Tensor, energy: float,
         record(gm, {"op": "delete", "name": name})
         layers.append(LayerDecomposition(name, kind, list(module.weight.shape), ranks,
                                          macs_before, macs_after,
-                                         relative_error(approx, module.weight.detach())))
+                                         frobenius_relative_error(module.weight.detach(), approx)))
     if candidates == 0:
         raise LowRankError("no dense conv or Linear to decompose")
     gm.graph.lint()
     gm.recompile()
     after = complexity_report(gm, shape).total
     with torch.no_grad():
-        error = relative_error(gm(example_input), original(example_input))
+        error = frobenius_relative_error(original(example_input), gm(example_input))
     return LowRankResult(gm.eval(), energy, (before.params, after.params),
                          (before.flops, after.flops), error, layers, skipped)
 

@@ -92,11 +92,14 @@ def tucker2_weight(first: Tensor, core: Tensor, last: Tensor) -> Tensor:
     return torch.einsum("rs...,or,is->oi...", core.double(), u, v).to(core.dtype)
 
 
-def relative_error(approx: Tensor, exact: Tensor) -> float:
-    """||approx - exact|| / ||exact|| (Frobenius), 0 for an exact zero."""
-    approx, exact = approx.detach(), exact.detach()
-    norm = float(exact.double().norm())
-    difference = float((approx.double() - exact.double()).norm())
+def frobenius_relative_error(reference: Tensor, candidate: Tensor) -> float:
+    """||candidate - reference||_F / ||reference||_F (the Frobenius norm of the whole tensor, in
+    float64), ||candidate||_F for an all-zero reference. Same argument order as
+    `archc.ir.verify.relative_error`, which measures max|candidate - reference| / max|reference|
+    instead: this one weighs every entry, the measure of a weight approximation."""
+    reference, candidate = reference.detach().double(), candidate.detach().double()
+    norm = float(reference.norm())
+    difference = float((candidate - reference).norm())
     return difference / norm if norm else difference
 
 

@@ -65,11 +65,10 @@ from archc.ir.graph_edits import (
     set_slice,
     set_split,
 )
+from archc.ir.ops import BN_MODULES, CONV_MODULES
 
 CRITERIA = ("l1", "l2", "bn-scale", "random")
 GROUP_POLICIES = ("keep-count", "keep-width")
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class PruneError(ArchcError):
@@ -212,7 +211,7 @@ def _module(gm: GraphModule, node: Node) -> nn.Module | None:
 
 
 def _rows(module: nn.Module) -> tuple[Tensor, Tensor | None] | None:
-    if isinstance(module, (*_CONVS, nn.Linear)):
+    if isinstance(module, (*CONV_MODULES, nn.Linear)):
         weight = module.weight.detach().double()
         return weight.reshape(weight.shape[0], -1), (
             None if module.bias is None else module.bias.detach().double())
@@ -245,7 +244,7 @@ def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelG
             producers += 1
         for node in group.channelwise:
             module = _module(gm, node)
-            if isinstance(module, _BNS):
+            if isinstance(module, BN_MODULES):
                 bns += 1
                 if module.affine:
                     g = module.weight.detach().double()[at]
@@ -260,7 +259,7 @@ def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelG
                 else:
                     shift = b
                 alive |= (shift != 0).numpy()
-            elif isinstance(module, _CONVS) and module.bias is not None:
+            elif isinstance(module, CONV_MODULES) and module.bias is not None:
                 alive |= (module.bias.detach()[at] != 0).numpy()
             for name, axis, kind in cg.constants.get(node, ()):
                 if kind == "shift":  # a dead channel plus a constant is not dead
@@ -322,7 +321,7 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
     if config.group_policy == "keep-width":
         for node in gm.graph.nodes:
             module = _module(gm, node)
-            if isinstance(module, _CONVS) and module.groups > 1 and node in cg.index:
+            if isinstance(module, CONV_MODULES) and module.groups > 1 and node in cg.index:
                 a, b = cg.index[node.args[0]], cg.index[node]
                 if _depthwise(module) or a == b:  # channelwise, or tied by a residual add
                     blocked.update({a, b} & scored.keys())
@@ -495,7 +494,7 @@ def _apply(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> No
 
     for node in list(gm.graph.nodes):
         module = _module(gm, node)
-        if not isinstance(module, (*_CONVS, *_BNS, nn.Linear)) or node not in cg.index:
+        if not isinstance(module, (*CONV_MODULES, *BN_MODULES, nn.Linear)) or node not in cg.index:
             continue
         out_index = cg.index[node]
         in_index = cg.index.get(node.args[0]) if node.args else None
@@ -503,20 +502,20 @@ def _apply(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> No
             continue
         out_keep = torch.from_numpy(kept(node))
         config = module_config(module)
-        if isinstance(module, _BNS):
+        if isinstance(module, BN_MODULES):
             config["features"] = out_keep.numel()
             tensors = {key: getattr(module, key)[out_keep] for key in
                        ("weight", "bias", "running_mean", "running_var")
                        if getattr(module, key) is not None}
             if module.num_batches_tracked is not None:
                 tensors["num_batches_tracked"] = module.num_batches_tracked
-        elif isinstance(module, _CONVS) and _depthwise(module):
+        elif isinstance(module, CONV_MODULES) and _depthwise(module):
             config.update({"in": out_keep.numel(), "out": out_keep.numel(),
                            "groups": out_keep.numel()})
             tensors = {"weight": module.weight[out_keep]}
             if module.bias is not None:
                 tensors["bias"] = module.bias[out_keep]
-        elif isinstance(module, _CONVS):
+        elif isinstance(module, CONV_MODULES):
             weight, bias, groups = _grouped_weight(
                 module.weight.detach(), None if module.bias is None else module.bias.detach(),
                 module.groups, kept(node), kept(node.args[0]))
@@ -607,7 +606,7 @@ def _estimated_macs(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarra
     total = sum(m for m, _ in macs.values())
     for node in gm.graph.nodes:
         module = _module(gm, node)
-        if not isinstance(module, (*_CONVS, nn.Linear)) or node not in cg.index:
+        if not isinstance(module, (*CONV_MODULES, nn.Linear)) or node not in cg.index:
             continue
         out_group, in_group = cg.groups[cg.index[node]], cg.groups[cg.index[node.args[0]]]
         out_kept = keep[out_group.index].size if out_group.index in keep else out_group.size

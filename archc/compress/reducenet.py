@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
-from archc.compress.lowrank_algebra import merge_low_rank_branch, relative_error
+from archc.compress.lowrank_algebra import frobenius_relative_error, merge_low_rank_branch
 from archc.errors import ArchcError
 from archc.train.loop import Plugin
 
@@ -126,4 +126,4 @@ def merge_branches(model: nn.Module, example: Tensor) -> tuple[int, float]:
                 count += 1
     with torch.no_grad():
         after = model(example)
-    return count, relative_error(after, before)
+    return count, frobenius_relative_error(before, after)

@@ -24,26 +24,20 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from archc.ir.graph import arg, attribute
+from archc.ir.ops import (
+    AVG_POOL_MODULES,
+    BN_FUNCTIONS,
+    CONV_FUNCTIONS,
+    CONV_MODULES,
+    CONV_TRANSPOSE_MODULES,
+    LINEAR_FUNCTIONS,
+    MAX_POOL_MODULES,
+    aten_name,
+)
 from archc.ir.shapes import has_shapes, node_shape, propagate_shapes
 
-_CONVS = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_FUNCTIONAL_CONVS = {
-    torch.conv1d,
-    torch.conv2d,
-    torch.conv3d,
-    torch.nn.functional.conv1d,
-    torch.nn.functional.conv2d,
-    torch.nn.functional.conv3d,
-}
-_FUNCTIONAL_LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
+_CONVS = (*CONV_MODULES, *CONV_TRANSPOSE_MODULES)
+_POOLS = (*MAX_POOL_MODULES, *AVG_POOL_MODULES)
 _FUNCTIONAL_POOLS = {
     torch.nn.functional.max_pool2d,
     torch.nn.functional.avg_pool2d,
@@ -107,12 +101,12 @@ def _node_complexity(gm: GraphModule, node: Node, seen: set[str]) -> Complexity:
             seen.add(node.target)
             cx.params = value.numel()
     elif node.op == "call_function" and out is not None:
-        if node.target in _FUNCTIONAL_CONVS or node.target in _FUNCTIONAL_LINEAR:
+        if node.target in CONV_FUNCTIONS or node.target in LINEAR_FUNCTIONS:
             weight = arg(node, 1, "weight")
             bias = arg(node, 2, "bias")
             w_shape = node_shape(weight) if isinstance(weight, Node) else None
             if w_shape is not None:
-                if node.target in _FUNCTIONAL_CONVS:  # weight [c_out, c_in / g, k...]
+                if node.target in CONV_FUNCTIONS:  # weight [c_out, c_in / g, k...]
                     spatial = math.prod(out[2:])
                     cx.flops = math.prod(w_shape) * spatial
                     cx.flops += w_shape[0] * spatial if bias is not None else 0
@@ -224,7 +218,7 @@ def _is_norm(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _NORM_MODULES)
     if node.op == "call_function":
-        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        name = aten_name(node) or ""
         return node.target in _NORM_FUNCTIONS or "batch_norm" in name or name in (
             "layer_norm", "group_norm")
     return False
@@ -260,8 +254,8 @@ class Census:
 
 _NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
                  nn.modules.instancenorm._InstanceNorm)
-_NORM_FUNCTIONS = {torch.nn.functional.batch_norm, torch.batch_norm,
-                   torch.nn.functional.layer_norm, torch.nn.functional.group_norm}
+_NORM_FUNCTIONS = {*BN_FUNCTIONS, torch.nn.functional.layer_norm,
+                   torch.nn.functional.group_norm}
 
 
 def census(gm: GraphModule) -> Census:
@@ -274,8 +268,8 @@ def census(gm: GraphModule) -> Census:
             convs += isinstance(module, _CONVS)
             linears += isinstance(module, nn.Linear)
         elif node.op == "call_function":
-            name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
-            convs += node.target in _FUNCTIONAL_CONVS or name.startswith(("conv", "convolution"))
-            linears += node.target in _FUNCTIONAL_LINEAR or name == "linear"
+            name = aten_name(node) or ""
+            convs += node.target in CONV_FUNCTIONS or name.startswith(("conv", "convolution"))
+            linears += node.target in LINEAR_FUNCTIONS or name == "linear"
     macs = executed_flops(gm) if has_shapes(gm) else None
     return Census(convs, linears, norms, sum(p.numel() for p in gm.parameters()), macs)

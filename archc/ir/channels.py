@@ -63,6 +63,18 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
 from archc.ir.graph import arg, called_once, describe
+from archc.ir.ops import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    AVG_POOL_MODULES,
+    BN_MODULES,
+    CONV_MODULES,
+    MAX_POOL_MODULES,
+    RESHAPES,
+    node_target,
+    reshape_sizes,
+)
 from archc.ir.shapes import node_shape, propagate_shapes
 from archc.ir.shuffles import SIZE_ARITHMETIC, Shuffle, find_shuffles, follows_channels
 
@@ -86,20 +98,16 @@ _PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHUFFLE_GROUPS, SHUFFLE_
 # Ops that map channel c of every operand to channel c of the result; modules by exact type (a
 # subclass may compute something else).
 _ELEMENTWISE = {
-    nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Hardswish, nn.SiLU, nn.GELU,
-    nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d,
-    nn.Dropout2d, nn.Dropout3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
-    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
+    *ACTIVATION_MODULES, *ACTIVATION_FUNCTIONS, *ACTIVATION_METHODS, *MAX_POOL_MODULES,
+    *AVG_POOL_MODULES, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
     operator.add, operator.sub, operator.mul, operator.iadd, operator.isub, operator.imul,
-    operator.neg, torch.add, torch.sub, torch.mul, torch.neg, torch.relu, torch.sigmoid,
-    torch.tanh, torch.clamp, F.relu, F.relu6, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid,
-    F.silu, F.gelu, F.leaky_relu, F.elu, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d,
-    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
-    "add", "sub", "mul", "add_", "sub_", "mul_", "neg", "relu", "relu_", "sigmoid", "tanh",
-    "clamp", "clamp_min", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16",
-    "to",
+    operator.neg, torch.add, torch.sub, torch.mul, torch.neg, torch.clamp, F.dropout,
+    F.dropout1d, F.dropout2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
+    "add", "sub", "mul", "add_", "sub_", "mul_", "neg", "relu_", "clamp", "clamp_min",
+    "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to",
 }
 # elementwise ops whose per-channel constant operand is pruned with the channels
 _SCALE_OR_SHIFT = {
@@ -113,9 +121,9 @@ _HARMLESS_ATTRIBUTES = {"dtype", "device", "ndim", "is_cuda", "layout"}
 _RULES: dict[object, str] = {
     **dict.fromkeys(_ELEMENTWISE, "elementwise"),
     **dict.fromkeys((operator.truediv, torch.div, "div"), "division"),
-    **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"),
+    **dict.fromkeys(CONV_MODULES, "conv"),
     nn.Linear: "linear",
-    **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "channelwise"),
+    **dict.fromkeys(BN_MODULES, "channelwise"),
     **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), "cat"),
     **dict.fromkeys((torch.split, torch.chunk, "split", "chunk"), "split"),
     operator.getitem: "getitem",
@@ -250,11 +258,6 @@ def _channel_shape(value) -> tuple[int, ...] | None:
     return shape if shape is not None and len(shape) >= 2 else None
 
 
-def _target(gm: GraphModule, node: Node):
-    """What a node computes: its module's exact type, its function or its method name."""
-    return type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
-
-
 def _dim(value, rank: int) -> int | None:
     return value % rank if isinstance(value, int) and -rank <= value < rank else None
 
@@ -332,7 +335,7 @@ class _Builder:
             self.role("producers", node, node)
 
     def unsupported(self, node: Node, what: str = "") -> None:
-        target = _target(self.gm, node)
+        target = node_target(self.gm, node)
         what = what or getattr(target, "__name__", str(target))
         self.opaque(node, f"{UNSUPPORTED}: {what} ({node.name})")
 
@@ -342,7 +345,7 @@ class _Builder:
         if node in self.done:
             return
         if node.op in ("call_module", "call_function", "call_method"):
-            self.visit_call(node, _target(self.gm, node))
+            self.visit_call(node, node_target(self.gm, node))
         elif node.op == "placeholder":
             if _channel_shape(node) is not None:
                 self.role("producers", node, node)
@@ -394,7 +397,7 @@ class _Builder:
         """Whether `operand` is a constant scaling or shifting each channel of `node` (a layer
         scale `x * gamma`, gamma [C, 1, 1]; a bias `x + b`): read by this op alone, size 1 off
         its channel dim. It is then a channelwise member, pruned with the channels."""
-        shape, kind = node_shape(operand), _SCALE_OR_SHIFT.get(_target(self.gm, node))
+        shape, kind = node_shape(operand), _SCALE_OR_SHIFT.get(node_target(self.gm, node))
         if (operand.op != "get_attr" or kind is None or len(operand.users) != 1
                 or any(n != 1 for d, n in enumerate(shape) if d != position)):
             return False
@@ -513,10 +516,8 @@ class _Builder:
         before, after = _channel_shape(x), _channel_shape(node)
         if before is None or after is None or after[:2] != before[:2]:
             return self.opaque(node, MOVES_CHANNELS)
-        if target in ("view", "reshape", torch.reshape):
-            shape = node.args[1:] if target != torch.reshape else node.args[1:2]
-            if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
-                shape = shape[0]
+        if target in RESHAPES:
+            shape = reshape_sizes(node) or ()
             if len(shape) < 2 or shape[1] != -1:
                 return self.opaque(node, SIZE_READ)
         self.tie(x, node)

@@ -9,7 +9,8 @@
 - Erasing: `bypass` (route users to a replacement, erase), `replace_with_value` (users get a
   Python constant instead), `erase_unused` (erase nodes once unused and what they alone kept
   alive), `delete_module_if_unused`, `is_erased`.
-- What a node computes: `op_kind`, `writes_in_place`, `is_pure`, and the one table of pure ops
+- What a node computes (`archc.ir.ops` names it: `op_kind`): `writes_in_place`, `is_pure`, and the
+  one table of pure ops
   (`PURE_FUNCTIONS`, `PURE_METHODS`): functions of their arguments only, no mutation, no
   randomness, so a call on constants may be evaluated once.
 
@@ -247,17 +248,6 @@ def delete_module_if_unused(gm: GraphModule, target: str) -> None:
                  for node in gm.graph.nodes)
     if not nested and not module_uses(gm, target):
         gm.delete_submodule(target)
-
-
-def op_kind(gm: GraphModule, node: Node) -> str:
-    """Module type, function name or `Tensor.method` computed by a node."""
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    if node.op == "call_method":
-        return f"Tensor.{node.target}"
-    return node.op
 
 
 def is_pure(gm: GraphModule, node: Node) -> bool:

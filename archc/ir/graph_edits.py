@@ -29,12 +29,12 @@ from torch.fx import GraphModule, Node
 
 from archc.errors import CheckpointError
 from archc.ir.graph import attribute
+from archc.ir.ops import BN_MODULES, CONV_MODULES
 
 EDITS_KEY = "archc_edits"
 
-_CONV_TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
-_BN_TYPES = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d,
-             "BatchNorm3d": nn.BatchNorm3d}
+_CONV_TYPES = {kind.__name__: kind for kind in CONV_MODULES}  # by the name an edit records
+_BN_TYPES = {kind.__name__: kind for kind in BN_MODULES}
 
 
 def module_config(module: nn.Module) -> dict[str, Any]:

@@ -28,10 +28,7 @@ import torch
 from torch import nn
 
 from archc.ir.modules import LayerScale
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from archc.ir.ops import BN_MODULES, CONV_MODULES, CONV_TRANSPOSE_MODULES
 
 
 def generator(seed: int, name: str) -> np.random.Generator:
@@ -55,7 +52,7 @@ def _uniform(tensor: torch.Tensor, seed: int, name: str, low: float, high: float
 
 
 def _fan_in(weight: torch.Tensor, module: nn.Module) -> int:
-    if isinstance(module, _CONV_TRANSPOSE_TYPES):
+    if isinstance(module, CONV_TRANSPOSE_MODULES):
         return max(1, weight.shape[0] // module.groups * weight[0, 0].numel())
     return max(1, weight[0].numel())
 
@@ -64,12 +61,12 @@ def pycls_init(model: nn.Module, seed: int = 0) -> nn.Module:
     """pycls' initialisation, drawn from per-tensor numpy generators. Returns `model`."""
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, _CONV_TYPES + _CONV_TRANSPOSE_TYPES):
+        if isinstance(module, CONV_MODULES + CONV_TRANSPOSE_MODULES):
             fan_out = module.weight[0, 0].numel() * module.out_channels
             _normal(module.weight, seed, prefix + "weight", (2.0 / fan_out) ** 0.5)
             if module.bias is not None:
                 module.bias.data.zero_()
-        elif isinstance(module, _BN_TYPES):
+        elif isinstance(module, BN_MODULES):
             if module.affine:
                 module.weight.data.fill_(1.0)
                 module.bias.data.zero_()
@@ -95,11 +92,11 @@ def randomize(
     """
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, _CONV_TYPES + _CONV_TRANSPOSE_TYPES + (nn.Linear,)):
+        if isinstance(module, (*CONV_MODULES, *CONV_TRANSPOSE_MODULES, nn.Linear)):
             _normal(module.weight, seed, prefix + "weight", _fan_in(module.weight, module) ** -0.5)
             if module.bias is not None:
                 _normal(module.bias, seed, prefix + "bias", 0.1)
-        elif isinstance(module, _BN_TYPES):
+        elif isinstance(module, BN_MODULES):
             if module.affine:
                 _uniform(module.weight, seed, prefix + "weight", 0.5, 1.5)
                 _normal(module.bias, seed, prefix + "bias", 0.2)
@@ -118,7 +115,7 @@ def _calibrate_bn(model: nn.Module, seed: int, calibration_input) -> None:
     bns = [
         (n, m)
         for n, m in model.named_modules()
-        if isinstance(m, _BN_TYPES) and m.track_running_stats
+        if isinstance(m, BN_MODULES) and m.track_running_stats
     ]
     saved = [(m.momentum, m.training) for _, m in bns]
     model.eval()

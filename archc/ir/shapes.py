@@ -19,11 +19,16 @@ A function-preserving rewrite keeps the shape of every node it leaves in the gra
 nodes it creates the shapes of the values they replace, so only new nodes need values:
 `refresh_shapes(gm)` computes them from their inputs' values (the rewrite engine calls it after
 every rewrite). A pass that changes shapes (channel padding) propagates again.
+
+The three runs (real, meta, fake) are one `Recorder`: an interpreter that keeps what it is told
+of each node's result (`stand_in`: meta stand-ins; the ONNX translation keeps shapes and dtypes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,12 +53,12 @@ def propagate_shapes(gm: GraphModule, inputs: Sequence[Tensor | torch.Size | tup
     _forget_all(gm)
     if _cheap_to_run(gm, values):
         try:
-            _RealRecorder(gm).run(*[_real_like(x, dtype) for x in inputs])
+            _record_run(Recorder(gm, keep=stand_in), *[_real_like(x, dtype) for x in inputs])
             return True
         except Exception:  # an op that fails for real fails on meta too, or needs fake tensors
-            _forget_all(gm)
+            pass
     try:
-        _MetaRecorder(gm, copy_module(gm, device="meta")).run(*values)
+        _record_run(Recorder(gm, runs=copy_module(gm, device="meta")), *values)
         return True
     except Exception:  # any op may refuse meta tensors: try fake tensors
         return _propagate_fake(gm, values)
@@ -173,28 +178,39 @@ def _to_meta(value):
             if isinstance(value, Tensor) and value.device.type != "meta" else value)
 
 
-class _MetaRecorder(torch.fx.Interpreter):
-    """Runs the meta copy, recording each value on the original graph's node of the same name."""
+def stand_in(value):
+    """A meta stand-in of a node's result: tensors (also inside tuples and lists) become meta
+    tensors of their shape, dtype and strides; other values stay as they are."""
+    return map_aggregate(value, _to_meta)
 
-    def __init__(self, gm: GraphModule, meta: GraphModule):
-        super().__init__(meta)
+
+class Recorder(torch.fx.Interpreter):
+    """Runs a graph once, without gradients, and keeps `keep(result)` of every node in `values`,
+    by node of `gm` (the result itself without `keep`). The graph run is `gm` itself, or `runs`:
+    a copy of it (the meta copy) whose nodes are matched to `gm`'s by name; under `mode` (a
+    `FakeTensorMode`) when given."""
+
+    def __init__(self, gm: GraphModule, keep: Callable[[Any], Any] | None = None,
+                 runs: GraphModule | None = None,
+                 mode: contextlib.AbstractContextManager | None = None):
+        super().__init__(gm if runs is None else runs)
+        self.keep, self.mode = keep, mode
         self.targets = {node.name: node for node in gm.graph.nodes}
+        self.values: dict[Node, Any] = {}
 
     def run_node(self, node: Node):
-        with torch.no_grad():
+        with torch.no_grad(), self.mode or contextlib.nullcontext():
             result = super().run_node(node)
-        _record(self.targets[node.name], result)
+        self.values[self.targets[node.name]] = result if self.keep is None else self.keep(result)
         return result
 
 
-class _RealRecorder(torch.fx.Interpreter):
-    """Runs the graph itself, recording a meta stand-in of each value on its node."""
-
-    def run_node(self, node: Node):
-        with torch.no_grad():
-            result = super().run_node(node)
-        _record(node, map_aggregate(result, _to_meta))
-        return result
+def _record_run(recorder: Recorder, *inputs) -> None:
+    """Run `recorder` on `inputs`, then record every value it kept on its node (nothing is
+    recorded if the run fails)."""
+    recorder.run(*inputs)
+    for node, value in recorder.values.items():
+        _record(node, value)
 
 
 def _evaluate(gm: GraphModule, node: Node):
@@ -233,19 +249,10 @@ def _propagate_fake(gm: GraphModule, inputs: list[Tensor]) -> bool:
         fakes = [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
                  if isinstance(x, Tensor) else x for x in inputs]
 
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node: Node):
-            with mode:
-                result = super().run_node(node)
-            _record(node, map_aggregate(result, _to_meta))
-            return result
-
     try:
-        Recorder(gm).run(*fakes)
+        _record_run(Recorder(gm, keep=stand_in, mode=mode), *fakes)
     except Exception:  # shapes stay unknown: rules refuse on it
-        for node in gm.graph.nodes:
-            node.meta.pop(VALUE, None)
-            node.meta.pop("tensor_meta", None)
+        _forget_all(gm)
         return False
     return True
 

@@ -33,12 +33,12 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from archc.ir.graph import arg, describe
+from archc.ir.ops import RESHAPES, call_target, reshape_sizes
 from archc.ir.shapes import node_shape
 
 # The reshape spelling: split dim 1, swap dims 1 and 2, merge (call_method names, functions).
-_RESHAPES = {"view", "reshape", torch.reshape}
-_SPLITS = _RESHAPES | {"unflatten", torch.unflatten}
-_MERGES = _RESHAPES | {"flatten", torch.flatten}
+_SPLITS = RESHAPES | {"unflatten", torch.unflatten}
+_MERGES = RESHAPES | {"flatten", torch.flatten}
 _SWAPS = {"transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims}
 _PERMUTES = {"permute", torch.permute}
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv}
@@ -68,11 +68,6 @@ class Shuffle:
         return describe(self.output) if len(self.nodes) == 1 else (
             f"{self.nodes[0].name}..{self.output.name}")
 
-
-
-def call_target(node: Node):
-    """The function or method name a call computes (None for modules, inputs, constants)."""
-    return node.target if node.op in ("call_function", "call_method") else None
 
 
 def find_shuffles(gm: GraphModule) -> dict[Node, Shuffle]:
@@ -164,9 +159,11 @@ def _swaps_1_2(node: Node) -> bool:
 def _requested(node: Node) -> tuple[object, object] | None:
     """The sizes a reshape or unflatten asks for and the dim they replace (None: the whole
     shape); None for `flatten`, which takes dims only."""
-    if call_target(node) in _RESHAPES:
-        sizes = node.args[1:] if node.op == "call_method" else (arg(node, 1, "shape"),)
-        return (sizes[0] if len(sizes) == 1 and not isinstance(sizes[0], int) else sizes), None
+    if call_target(node) in RESHAPES:
+        sizes = reshape_sizes(node)
+        if sizes is not None and len(sizes) == 1 and isinstance(sizes[0], Node):
+            sizes = sizes[0]  # x.view(s): s may compute the whole shape
+        return sizes, None
     if call_target(node) in _SPLITS:  # unflatten(x, dim, sizes)
         return arg(node, 2, "sizes"), arg(node, 1, "dim")
     return None

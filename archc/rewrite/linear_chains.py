@@ -46,6 +46,16 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from archc.ir.graph import PURE_FUNCTIONS, PURE_METHODS, attribute, bind, model_dtype, module_uses
+from archc.ir.ops import (
+    AVG_POOL_FUNCTIONS,
+    AVG_POOL_MODULES,
+    BN_MODULES,
+    CONV_FUNCTIONS,
+    CONV_MODULES,
+    SPATIAL_DIMS,
+    Pads,
+    conv_pads,
+)
 from archc.ir.shapes import node_dtype, node_shape
 from archc.rewrite import weight_algebra as wa
 from archc.rewrite.legality import (
@@ -70,17 +80,9 @@ CHANNELS = "channel counts do not chain (the graph cannot run)"
 # "zero up to rounding": |b| <= ZERO_BIAS_ULPS * eps(dtype) * (largest bias magnitude seen)
 ZERO_BIAS_ULPS = 1e3
 
-Pads = tuple[tuple[int, int], ...]  # zero padding (before, after) per spatial axis, first first
-
-CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_BN_DIMS = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}  # BatchNorm1d: (N, C) or (N, C, L)
-_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _PAD_MODULES = {nn.ZeroPad1d: 1, nn.ZeroPad2d: 2, nn.ZeroPad3d: 3, nn.ConstantPad1d: 1,
                 nn.ConstantPad2d: 2, nn.ConstantPad3d: 3}
 _PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 _CONV_PARAMS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0),
                 ("dilation", 1), ("groups", 1))
 _POOL_PARAMS = (("input", None), ("kernel_size", None), ("stride", None), ("padding", 0),
@@ -393,7 +395,7 @@ def conv_module(state: ComposedConv, like: Tensor | None) -> nn.Module:
         module = nn.Linear(state.in_channels, state.out_channels, device=device,
                            dtype=state.dtype)
     else:
-        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[state.spatial_dims]
+        cls = CONV_MODULES[state.spatial_dims - 1]
         module = cls(state.in_channels, state.out_channels, conv.kernel, stride=conv.stride,
                      padding=padding, dilation=conv.dilation, groups=conv.groups, bias=True,
                      device=device, dtype=state.dtype)
@@ -477,22 +479,11 @@ def _tuple(value, n: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
 
 
-def _conv_pads(padding, kernel: Sequence[int], dilation: Sequence[int]) -> Pads | None:
-    if padding == "valid":
-        return ((0, 0),) * len(kernel)
-    if padding == "same":  # total d (k - 1), the extra one on the far side
-        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
-        return tuple((t // 2, t - t // 2) for t in totals)
-    if isinstance(padding, str):
-        return None
-    return tuple((p, p) for p in _tuple(padding, len(kernel)))
-
-
 def _conv_steps(weight: Tensor, bias: Tensor | None, stride, padding, dilation,
                 groups: int) -> tuple[Step, ...] | None:
     n = weight.ndim - 2
     dilation = _tuple(dilation, n)
-    pads = _conv_pads(padding, weight.shape[2:], dilation)
+    pads = conv_pads(padding, weight.shape[2:], dilation)
     if pads is None:
         return None
     weight = weight.detach()  # float64 copies only when composed (`ComposedConv.then`)
@@ -611,7 +602,7 @@ def _module_op(reader: LinearReader, node: Node) -> LinearNode | NotLinear:
     x = node.args[0]
     if kind in _PASS_THROUGH_MODULES:
         return LinearNode(x, ()) if kind is nn.Identity or not module.training else NotLinear()
-    if kind in CONVS:
+    if kind in CONV_MODULES:
         if module.padding_mode != "zeros":
             return NotLinear(PADDING_MODE)
         if module_uses(gm, node.target) != 1:
@@ -630,11 +621,11 @@ def _module_op(reader: LinearReader, node: Node) -> LinearNode | NotLinear:
         bias = module.bias if module.bias is not None else module.weight.new_zeros(
             module.out_features)
         return LinearNode(x, (UnpaddedConv(module.weight.detach(), bias.detach(), (), (), 1),))
-    if kind in _BNS:
+    if kind in BN_MODULES:
         if module.training or module.running_mean is None:
             return NotLinear(TRAINING if module.training else NO_RUNNING_STATS)
         shape = node_shape(node)
-        if shape is None and kind not in _BN_DIMS:  # BatchNorm1d also takes (N, C) tensors
+        if shape is None and kind is nn.BatchNorm1d:  # it also takes (N, C) tensors
             return NotLinear(SHAPES_UNKNOWN)
         if shape is not None and len(shape) < 2:
             return NotLinear()
@@ -645,8 +636,8 @@ def _module_op(reader: LinearReader, node: Node) -> LinearNode | NotLinear:
         scale, shift = wa.bn_affine(double(module.running_mean), double(module.running_var),
                                     double(module.weight), double(module.bias), module.eps)
         return LinearNode(x, (ChannelAffine(scale, shift),))
-    if kind in _POOLS:
-        steps = _pool_steps(_POOLS[kind], module.kernel_size, module.stride, module.padding,
+    if kind in AVG_POOL_MODULES:
+        steps = _pool_steps(SPATIAL_DIMS[kind], module.kernel_size, module.stride, module.padding,
                                   module.ceil_mode, module.count_include_pad,
                                   getattr(module, "divisor_override", None))
         return steps if isinstance(steps, NotLinear) else LinearNode(x, steps)
@@ -654,14 +645,14 @@ def _module_op(reader: LinearReader, node: Node) -> LinearNode | NotLinear:
         pad = _tuple(module.padding, 2 * _PAD_MODULES[kind])
         steps = _pad_steps(pad, getattr(module, "value", 0), _spatial_dims(node))
         return steps if isinstance(steps, NotLinear) else LinearNode(x, steps)
-    if isinstance(module, (*CONVS, *_BNS, *_POOLS, nn.Linear)):
+    if isinstance(module, (*CONV_MODULES, *BN_MODULES, *AVG_POOL_MODULES, nn.Linear)):
         return NotLinear(SUBCLASS)
     return NotLinear()
 
 
 def _function_op(reader: LinearReader, node: Node) -> LinearNode | NotLinear:
     target = node.target
-    if target in _CONV_FUNCTIONS:
+    if target in CONV_FUNCTIONS:
         args = bind(node, _CONV_PARAMS)
         if args is None or not reader.is_tensor(args["input"]):
             return NotLinear()
@@ -671,11 +662,11 @@ def _function_op(reader: LinearReader, node: Node) -> LinearNode | NotLinear:
         steps = _conv_steps(weight, bias, args["stride"], args["padding"],
                                   args["dilation"], args["groups"])
         return NotLinear() if steps is None else LinearNode(args["input"], steps)
-    if target in _POOL_FUNCTIONS:
+    if target in AVG_POOL_FUNCTIONS:
         args = bind(node, _POOL_PARAMS)
         if args is None or not reader.is_tensor(args["input"]):
             return NotLinear()
-        steps = _pool_steps(_POOL_FUNCTIONS[target], args["kernel_size"], args["stride"],
+        steps = _pool_steps(SPATIAL_DIMS[target], args["kernel_size"], args["stride"],
                                   args["padding"], args["ceil_mode"], args["count_include_pad"],
                                   args["divisor_override"])
         return steps if isinstance(steps, NotLinear) else LinearNode(args["input"], steps)

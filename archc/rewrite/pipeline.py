@@ -44,8 +44,9 @@ from torch.fx import GraphModule
 from archc.common.suggest import did_you_mean
 from archc.errors import ArchcError, PassError
 from archc.ir import verify
-from archc.ir.graph import SOURCE_DTYPE, copy_module, model_dtype, op_kind
+from archc.ir.graph import SOURCE_DTYPE, copy_module, model_dtype
 from archc.ir.init import random_input
+from archc.ir.ops import op_kind
 from archc.ir.shapes import cast_shapes, has_shapes, propagate_shapes, refresh_shapes
 
 TRAINING_MODE = "model is in training mode; call .eval() — BN would use batch statistics"
@@ -226,12 +227,31 @@ class PassContext:
 
 
 @dataclass(frozen=True)
+class Requirement:
+    """A precondition a pass declares on the graph it is given, checked before it runs (as
+    torch.fx's `PassBase.requires` checks one): `unmet(gm)` names the nodes that break it (none:
+    it holds), and the pass `established_by` brings any graph to it."""
+
+    name: str
+    unmet: Callable[[GraphModule], list[str]]
+    established_by: str
+
+    def check(self, gm: GraphModule, pass_name: str) -> None:
+        """`PassError` naming the nodes and the pass to run first, if the graph breaks it."""
+        nodes = self.unmet(gm)
+        if nodes:
+            raise PassError(f"needs {self.name}: run {self.established_by!r} before it "
+                            f"({', '.join(nodes[:5])})", pass_name)
+
+
+@dataclass(frozen=True)
 class PassInfo:
     name: str
     summary: str
     preserves_function: bool
     fn: PassFn
     options: tuple[PassOption, ...] = ()
+    requires: tuple[Requirement, ...] = ()
 
 
 _PASSES: dict[str, PassInfo] = {}
@@ -241,12 +261,14 @@ NO_CATALOGUE = ("no passes are registered: import the catalogue first "
 
 
 def register_pass(name: str, summary: str, preserves_function: bool,
-                  options: Sequence[PassOption] = ()) -> Callable[[PassFn], PassFn]:
+                  options: Sequence[PassOption] = (), requires: Sequence[Requirement] = ()
+                  ) -> Callable[[PassFn], PassFn]:
     """Register `fn(gm, ctx) -> PassResult` under `name`.
 
-    The registered function refuses models in training mode, makes sure the graph's shapes are
-    recorded (propagating them from the context's inputs if not), times the pass and fills the
-    report's name, `preserves_function` and wall time. It rewrites `gm` in place.
+    The registered function refuses models in training mode and graphs that break one of the
+    pass's `requires`, makes sure the graph's shapes are recorded (propagating them from the
+    context's inputs if not), times the pass and fills the report's name, `preserves_function`
+    and wall time. It rewrites `gm` in place.
     """
 
     def decorate(fn: PassFn) -> PassFn:
@@ -259,6 +281,8 @@ def register_pass(name: str, summary: str, preserves_function: bool,
             refresh_shapes(gm)
             if not has_shapes(gm):
                 propagate_shapes(gm, ctx.inputs(gm))
+            for requirement in requires:
+                requirement.check(gm, name)
             result = fn(gm, ctx)
             report = replace(result.report, name=name, preserves_function=preserves_function,
                              modified=result.modified, seconds=time.perf_counter() - start)
@@ -267,7 +291,8 @@ def register_pass(name: str, summary: str, preserves_function: bool,
         known = _PASSES.get(name)
         if known is not None and known.fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"pass {name!r} is registered twice ({known.fn.__qualname__})")
-        _PASSES[name] = PassInfo(name, summary, preserves_function, run, tuple(options))
+        _PASSES[name] = PassInfo(name, summary, preserves_function, run, tuple(options),
+                                tuple(requires))
         return run
 
     return decorate

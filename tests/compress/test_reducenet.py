@@ -15,7 +15,7 @@ from torch import nn
 import archc
 from archc.backends.checkpoint import load_checkpoint
 from archc.cli.main import main
-from archc.compress.lowrank_algebra import merge_low_rank_branch, relative_error
+from archc.compress.lowrank_algebra import frobenius_relative_error, merge_low_rank_branch
 from archc.compress.reducenet import (
     BranchedConv,
     LowRankBranch,
@@ -42,7 +42,7 @@ def test_low_rank_branch_merges_exactly():
     branched = conv(x) + F.conv2d(F.conv2d(x, down, stride=2, padding=1), up)
     merged = F.conv2d(x, merge_low_rank_branch(conv.weight, down, up), conv.bias, stride=2,
                       padding=1)
-    assert relative_error(merged, branched) <= 1e-5
+    assert frobenius_relative_error(branched, merged) <= 1e-5
     with pytest.raises(ValueError):
         merge_low_rank_branch(conv.weight, torch.randn(2, 6, 1, 1), up)
 

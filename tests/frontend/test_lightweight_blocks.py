@@ -15,8 +15,8 @@ from archc.backends.export import export_onnx
 from archc.errors import SpecError
 from archc.frontend.blocks import channel_shuffle
 from archc.frontend.spec import make_divisible
-from archc.ir.graph import op_kind
 from archc.ir.init import random_input
+from archc.ir.ops import op_kind
 from archc.ir.verify import relative_error
 from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
 

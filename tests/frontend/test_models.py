@@ -25,8 +25,8 @@ from archc.frontend.blocks import (
     deep_training_lambda,
     set_activation_lambda,
 )
-from archc.ir.graph import op_kind
 from archc.ir.init import pycls_init, random_input, randomize
+from archc.ir.ops import op_kind
 from archc.ir.verify import relative_error
 from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
 

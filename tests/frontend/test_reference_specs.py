@@ -14,8 +14,8 @@ import torch
 
 import archc
 from archc.backends.export import export_onnx
-from archc.ir.graph import op_kind
 from archc.ir.init import random_input
+from archc.ir.ops import op_kind
 from archc.ir.verify import relative_error
 from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
 

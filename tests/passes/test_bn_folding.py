@@ -338,3 +338,13 @@ def test_default_pipeline_is_exact_idempotent_and_honest(chain, seed):
     model, shape = chain
     model = randomize(model, seed)
     assert_default_pipeline_exact_idempotent_honest(model, shape, seed)
+
+
+def test_fold_bn_requires_functional_batch_norm_as_modules():
+    """fold_bn reads BatchNorm modules only: on a functional BN it names the pass to run first."""
+    model = Functional("conv").eval()
+    with pytest.raises(PassError, match=r"pass 'fold_bn': needs every eval-mode BatchNorm .* "
+                                        r"run 'canonicalize' before it \(batch_norm"):
+        run_pipeline(model, ["fold_bn"], PassContext(input_shape=(2, 4, 6, 6)))
+    result = run_pipeline(model, ["canonicalize", "fold_bn"], PassContext(input_shape=(2, 4, 6, 6)))
+    assert not result.reports[-1].after.ops["batch_norm"]

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from torch import nn
 
-from archc.ir.graph import op_kind
 from archc.ir.init import random_input, randomize
+from archc.ir.ops import op_kind
 from archc.passes import branch_merging as bm
 from archc.passes.pipelines import PIPELINES
 from archc.rewrite import legality

@@ -21,7 +21,7 @@ from archc.rewrite.pipeline import PassContext, graph_stats, list_passes, run_pi
 from tests.helpers import TOLERANCE, run_randomized
 
 BATCH, SIDE = 2, 5
-# Op kinds (archc.rewrite.pipeline.op_kind) that only a shuffle uses in these models.
+# Op kinds (archc.ir.ops.op_kind) that only a shuffle uses in these models.
 SHUFFLE_OPS = {"ChannelShuffle", "channel_shuffle", "Tensor.transpose", "Tensor.permute",
                "Tensor.swapaxes", "transpose"}
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from torch import nn
 
-from archc.ir.graph import op_kind
 from archc.ir.init import randomize
+from archc.ir.ops import op_kind
 from archc.ir.verify import relative_error
 from archc.passes import sequential_merging as sm
 from archc.passes.pipelines import PIPELINES
