@@ -55,6 +55,7 @@ def add_commands(commands) -> None:
                       help="spec file, shipped spec name, .pt checkpoint or .pt2 program")
     show.add_argument("-o", "--output", required=True, metavar="OUT",
                       type=arguments.output_path((".svg", ".png")), help="image: .svg or .png")
+    add_input_size(show)
     show.add_argument("--after", metavar="PASS", default=None,
                       help="the graph after this pass of the pipeline (default: after all)")
     show.add_argument("--passes", default=None, metavar="PIPELINE",
@@ -231,8 +232,9 @@ def _show(args: argparse.Namespace) -> int:
         from archc.frontend.loading import load_spec
 
         spec = load_spec(args.spec)
-        preflight(spec, source=str(args.spec))
-        gm, name, shape = lower.build(spec, init="random"), spec.name, lower.input_shape(spec)
+        preflight(spec, input_size=args.input_size, source=str(args.spec))
+        gm, name = lower.build(spec, init="random"), spec.name
+        shape = lower.input_shape(spec, 1, args.input_size)
     names, options = pipeline
     if args.after is not None:
         if args.after not in names:
