@@ -7,6 +7,13 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+# The pass names of the catalogue (archc.passes), written out so that checking `--after` and
+# `--dump-after` stays torch-free; tests/cli/test_cli_promises.py holds them to the registry
+PASS_NAMES = ("align_channels", "canonicalize", "canonicalize_channel_shuffle",
+              "eliminate_dead_code", "fold_bn", "fold_channel_shuffle", "fold_constants",
+              "insert_channel_shuffle", "merge_parallel_branches", "merge_sequential_convs",
+              "remove_identity")
+
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -103,7 +110,8 @@ def memory_size(text: str) -> int:
 
 
 def output_path(formats: tuple[str, ...]) -> Callable[[str], Path]:
-    """A file path whose extension is one of `formats` (it chooses the output format)."""
+    """A file path whose extension is one of `formats` (it chooses the output format). Its
+    location is checked after parsing (`written_locations`), before any work."""
     def parse(text: str) -> Path:
         path = Path(text)
         if path.suffix.lower() not in formats:
@@ -111,7 +119,16 @@ def output_path(formats: tuple[str, ...]) -> Callable[[str], Path]:
                 f"cannot tell the format of {text!r}: use one of {', '.join(formats)}")
         return path
 
+    parse.writes = "file"
     return parse
+
+
+def output_folder(text: str) -> Path:
+    """A folder the command writes into (made if missing); checked after parsing."""
+    return Path(text)
+
+
+output_folder.writes = "folder"
 
 
 def shape(text: str) -> tuple[int, ...]:
@@ -128,17 +145,68 @@ def shape(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def check_output_location(path: Path) -> str | None:
-    """Why `path` cannot be written, or None: checked before any work starts."""
-    if path.is_dir():
-        return f"{path} is a folder; give a file name"
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        return f"cannot write {path}: {folder} is a file, not a folder"
+def unknown_pass(option: str, name: str) -> str | None:
+    """Why `name` (given to `option`) is not a pass of the catalogue, with the closest name."""
+    if name in PASS_NAMES:
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(name, PASS_NAMES, n=1)
+    hint = f"did you mean {close[0]}?" if close else "`archc passes` lists them"
+    return f"{option} {name}: not a pass of the pipeline: no pass has that name ({hint})"
+
+
+def written_locations(parser: argparse.ArgumentParser,
+                      args: argparse.Namespace) -> list[tuple[Path, str]]:
+    """(path, "file" or "folder") of every output the parsed command writes: the values of its
+    options whose type (`output_path`, `output_folder`) or action (`DumpAfter`) says so."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if chosen in action.choices:
+                found += written_locations(action.choices[chosen], args)
+            continue
+        kind = getattr(action, "writes", None) or getattr(action.type, "writes", None)
+        value = getattr(args, action.dest, None)
+        if kind and value is not None:
+            found.append((Path(value[-1] if isinstance(value, (list, tuple)) else value), kind))
+    return found
+
+
+def check_output_location(path: Path, kind: str = "file") -> str | None:
+    """Why `path` cannot be written as a `kind` ("file" or "folder", made if missing), or None:
+    checked before any work starts. A name longer than the file system allows (NAME_MAX), an
+    existing file where a folder goes or the reverse, and a folder nothing can be created in
+    (read-only, /proc, no permission; tried by creating and removing a probe file, since
+    permission bits do not bind root) are refused."""
     import os
 
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"cannot write {path}: no permission to write in {folder}"
+    folder = path
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent  # the deepest part that exists (os.path: long names are False)
+    try:
+        longest = os.pathconf(folder if folder.is_dir() else folder.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    for part in path.parts:
+        if len(os.fsencode(part)) > longest:
+            return (f"cannot write {path}: the name {part[:24]}... has {len(os.fsencode(part))} "
+                    f"bytes, more than the file system allows ({longest})")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        return f"{path} is a file; give a folder"
+    if kind == "file" and path.is_dir():
+        return f"{path} is a folder; give a file name"
+    if folder == path and kind == "file":
+        folder = path.parent
+    if not folder.is_dir():
+        return f"cannot write {path}: {folder} is a file, not a folder"
+    import tempfile
+
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".archc-probe-", dir=folder)
+    except OSError as exc:
+        return f"cannot write {path}: {folder}: {exc.strerror.lower()}"
+    os.close(handle)
+    os.unlink(probe)
     return None

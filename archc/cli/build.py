@@ -95,12 +95,13 @@ def _add_pass_options(parser: argparse.ArgumentParser, default_text: str) -> Non
         action="store_false",
         help="do not compare outputs before/after each function-preserving pass",
     )
-    group.add_argument(
+    dump_after = group.add_argument(
         "--dump-after",
         nargs=2,
         metavar=("PASS|all", "DIR"),
         help="write the graph's code after PASS (or every pass) into DIR",
     )
+    dump_after.writes = "folder"  # its DIR: checked with the other outputs
     group.add_argument(
         "--explain",
         action="store_true",
@@ -227,19 +228,12 @@ def _build(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # spec errors surface before torch is imported
     preflight(spec, batch=args.batch, input_size=args.input_size, budget=args.max_memory,
               source=str(args.spec))
-    pipeline = checked_pipeline(args)
+    pipeline = checked_pipeline(args)  # before any work
     from archc.backends import checkpoint
-    from archc.errors import ArchcError
     from archc.frontend import lower
     from archc.ir.analysis import complexity_report
     from archc.ir.init import random_input
 
-    if args.output.suffix.lower() == ".pt" and (
-            args.passes not in (None, "none") or args.dtype != "fp32" or args.channels_last):
-        raise ArchcError(
-            "a .pt checkpoint stores the spec's own float32 (train) form; run passes with "
-            "`archc fuse model.pt`, or emit .onnx / .pt2 / .py"
-        )
     out.progress(f"{spec.name}: lowering {sum(s.depth for s in spec.stages())} blocks")
     gm = lower.build(spec, seed=args.seed, init=args.init)
     shape = lower.input_shape(spec, args.batch, args.input_size)
@@ -270,20 +264,9 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
     verified at `--rtol` or, for a model whose own float32 rounding is larger, at a multiple of
     that rounding (`noise`: measured by the pipeline, else here)."""
     from archc.backends import export
-    from archc.errors import ExportError
     from archc.ir import verify
 
     suffix = output.suffix.lower()
-    if suffix == ".onnx" and args.channels_last:
-        raise ExportError(
-            "ONNX is NCHW by specification; channels_last is the runtime's "
-            "business: use it with .pt2 or .py"
-        )
-    if suffix == ".onnx" and args.dtype == "bf16":
-        raise ExportError(
-            "ONNX Runtime on CPU has no bfloat16 Conv, so a bf16 .onnx cannot be "
-            "verified: use fp16 for .onnx, or bf16 with .pt2 / .py"
-        )
     if noise is None:
         noise = verify.rounding_noise(gm, (example,))
     rtol = verify.artifact_tolerance(args.rtol, noise)
@@ -327,12 +310,46 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
     return emitted
 
 
+def option_problem(args: argparse.Namespace) -> str | None:
+    """Why the options cannot go together, checked after parsing without importing torch: a
+    layout or dtype the output format cannot hold, a pass name no pass has."""
+    output = getattr(args, "output", None)
+    if args.command == "build" and output.suffix.lower() == ".pt" and (
+            args.passes not in (None, "none") or args.dtype != "fp32" or args.channels_last):
+        return ("a .pt checkpoint stores the spec's own float32 (train) form; run passes with "
+                "`archc fuse model.pt`, or emit .onnx / .pt2 / .py")
+    if output is not None and output.suffix.lower() == ".onnx":
+        if getattr(args, "channels_last", False):
+            return ("ONNX is NCHW by specification; channels_last is the runtime's business: "
+                    "use it with .pt2 or .py")
+        if getattr(args, "dtype", None) == "bf16":
+            return ("ONNX Runtime on CPU has no bfloat16 Conv, so a bf16 .onnx cannot be "
+                    "verified: use fp16 for .onnx, or bf16 with .pt2 / .py")
+    after = getattr(args, "after", None)
+    dump_after = getattr(args, "dump_after", None)
+    for option, name in (("--after", after),
+                         ("--dump-after", dump_after[0] if dump_after else None)):
+        if name not in (None, "all" if option == "--dump-after" else None):
+            problem = arguments.unknown_pass(option, name)
+            if problem:
+                return problem
+    return None
+
+
 def checked_pipeline(args: argparse.Namespace) -> tuple[list[str], dict]:
-    """The pass names of `--passes` and the checked `--pass-option`s (before any work)."""
+    """The pass names of `--passes` and the checked `--pass-option`s; `--after PASS` and
+    `--dump-after PASS` must name a pass of that pipeline (before any work)."""
     import archc.passes  # noqa: F401 - registers the catalogue
+    from archc.errors import ArchcError
     from archc.rewrite.pipeline import check_options, resolve_pipeline
 
     names = resolve_pipeline(args.passes or "default")
+    dump_after = getattr(args, "dump_after", None)
+    for option, name in (("--after", getattr(args, "after", None)),
+                         ("--dump-after", dump_after[0] if dump_after else None)):
+        if name not in (None, "all") and name not in names:
+            raise ArchcError(f"{option} {name}: not a pass of the pipeline "
+                             f"({', '.join(dict.fromkeys(names)) or 'none'})")
     return names, check_options(dict(getattr(args, "pass_option", [])), names)
 
 

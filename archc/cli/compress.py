@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from archc.cli import arguments
-from archc.cli.output import write_spec
+from archc.cli.output import SPEC_FORMATS, write_spec
 
 
 def _energy(text: str) -> float:
@@ -25,8 +25,7 @@ def _energy(text: str) -> float:
     return value
 
 
-def _checkpoint_output(text: str) -> Path:
-    return arguments.output_path((".pt",))(text)
+_checkpoint_output = arguments.output_path((".pt",))
 
 
 def add_commands(commands) -> None:
@@ -71,7 +70,9 @@ def add_commands(commands) -> None:
                        "channels (default), or keep the group width and remove whole groups")
     prune.add_argument("--seed", type=arguments.seed, default=0,
                        help="seed of the random criterion (default 0)")
-    prune.add_argument("--spec", dest="spec_output", type=Path, default=None, metavar="FILE",
+    prune.add_argument("--spec", dest="spec_output",
+                       type=arguments.output_path(SPEC_FORMATS), default=None,
+                       metavar="FILE",
                        help="also write the pruned model's spec (YAML, or JSON for .json); an "
                        "error if the pruned widths are not expressible as a spec")
     prune.add_argument("--json", action="store_true",

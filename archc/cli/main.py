@@ -76,12 +76,13 @@ def _all_parsers(parser: argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     from archc.errors import ArchcError
 
     debug = getattr(args, "debug", False)
     try:
-        problem = _output_problem(args)
+        problem = _output_problem(parser, args) or cli_build.option_problem(args)
         if problem:
             raise ArchcError(problem)
         commands = {
@@ -128,14 +129,18 @@ def _internal_error(exc: BaseException, debug: bool) -> int:
     return 1
 
 
-def _output_problem(args: argparse.Namespace) -> str | None:
-    """Why the command's output file cannot be written, checked before any work."""
-    output = getattr(args, "output", None)
+def _output_problem(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """Why an output of the command cannot be written, checked before any work: every file or
+    folder its options name (`arguments.written_locations`) and the `--int8` model."""
     if getattr(args, "int8", None) is not None:  # build / fuse --int8 --calib DATA
-        problem = cli_quant.chain_problem(args, Path(output or ".pt2"))
+        problem = cli_quant.chain_problem(args, Path(getattr(args, "output", None) or ".pt2"))
         if problem:
             return problem
-    return arguments.check_output_location(Path(output)) if output is not None else None
+    for path, kind in arguments.written_locations(parser, args):
+        problem = arguments.check_output_location(path, kind)
+        if problem:
+            return problem
+    return None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+SPEC_FORMATS = (".yaml", ".yml", ".json")  # what `write_spec` writes
+
 
 class Output:
     """Where a command's text goes: `say` to stdout (not with --quiet or --json), `progress` to

@@ -16,7 +16,10 @@ from pathlib import Path
 
 from archc.cli import arguments
 from archc.cli import compress as cli_compress
-from archc.cli.output import write_spec
+from archc.cli.output import SPEC_FORMATS, write_spec
+
+# `space fit -o`: a fitted spec of a spec, the fits (.jsonl) of a samples or results file
+FIT_FORMATS = (*SPEC_FORMATS, ".jsonl")
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -105,7 +108,8 @@ def add_commands(commands) -> None:
     sample.add_argument("-n", type=arguments.positive_int, required=True, metavar="N",
                         help="models to draw")
     sample.add_argument("--seed", type=arguments.seed, default=0, help="random seed (default 0)")
-    sample.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+    sample.add_argument("-o", "--output", type=arguments.output_path((".jsonl",)), required=True,
+                        metavar="FILE",
                         help="samples file (.jsonl), written atomically")
     _add_space_source(sample)
 
@@ -118,7 +122,8 @@ def add_commands(commands) -> None:
     )
     sweep.add_argument("source", type=Path, metavar="SOURCE",
                        help="a space file (.yaml/.json) or a samples file (.jsonl)")
-    sweep.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
+    sweep.add_argument("-o", "--output", type=arguments.output_path((".jsonl",)), required=True,
+                       metavar="OUT",
                        help="results file (.jsonl), appended to")
     sweep.add_argument("-n", type=arguments.positive_int, metavar="N",
                        help="models to sample (with a space file)")
@@ -145,8 +150,9 @@ def add_commands(commands) -> None:
     )
     analyze.add_argument("results", type=Path, nargs="+", metavar="RESULTS",
                          help="results files (.jsonl) of `archc space sweep`, one per space")
-    analyze.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
-                         help="report directory")
+    analyze.add_argument("-o", "--output", type=arguments.output_folder, required=True,
+                         metavar="DIR", help="report directory (made if missing; a rerun "
+                         "replaces its files)")
     analyze.add_argument("--resamples", type=arguments.positive_int, default=10_000,
                          help="bootstrap resamples (default 10,000, as the paper)")
     analyze.add_argument("--fraction", type=_fraction, default=0.25,
@@ -165,7 +171,7 @@ def add_commands(commands) -> None:
     )
     fit.add_argument("source", type=Path, metavar="SOURCE",
                      help="a spec (.yaml/.json) or a samples/results file (.jsonl)")
-    fit.add_argument("-o", "--output", type=Path, metavar="OUT",
+    fit.add_argument("-o", "--output", type=arguments.output_path(FIT_FORMATS), metavar="OUT",
                      help="the fitted RegNet spec (.yaml/.json) for a spec, or a .jsonl of fits "
                      "for a samples/results file; default: print")
 
@@ -178,11 +184,13 @@ def add_commands(commands) -> None:
     )
     train.add_argument("model", type=Path, metavar="SPEC|CKPT",
                        help="spec file (.yaml/.json) or archc checkpoint (.pt)")
-    train.add_argument("-o", "--output", type=Path, required=True, metavar="CKPT",
+    train.add_argument("-o", "--output", type=arguments.output_path((".pt",)), required=True,
+                       metavar="CKPT",
                        help="checkpoint to write (.pt)")
     train.add_argument("--seed", type=arguments.seed, default=0,
                        help="weights and batch order (default 0)")
-    train.add_argument("--metrics", type=Path, metavar="FILE", help="also write the metrics here")
+    train.add_argument("--metrics", type=arguments.output_path((".json",)), metavar="FILE",
+                       help="also write the metrics here (.json)")
     _add_training_options(train, epochs_required=False)
     cli_compress.add_train_options(train)  # --slimming, --teacher, --kd-temperature, --kd-weight
 
@@ -299,7 +307,12 @@ def _fit(args: argparse.Namespace) -> int:
     from archc.errors import SpaceError
     from archc.space.fit import fit_spec
 
-    if args.source.suffix.lower() == ".jsonl":
+    records = args.source.suffix.lower() == ".jsonl"
+    if args.output is not None and (args.output.suffix.lower() == ".jsonl") != records:
+        raise SpaceError(f"-o {args.output}: the fits of a samples or results file are written "
+                         f"as .jsonl, the fitted spec of a spec as {', '.join(SPEC_FORMATS)}",
+                         "", str(args.source))
+    if records:
         return _fit_records(args)
     from archc.frontend.loading import load_spec, spec_from_mapping
 

@@ -225,3 +225,18 @@ def test_a_bad_results_file_is_one_line_and_exit_2(tmp_path, capsys, case):
     assert len(err) == 1 and err[0].startswith(f"error: {path}") and BAD[case] in err[0], err
     assert "Traceback" not in captured.err and captured.out == ""
     assert not out.exists()
+
+
+def test_a_rerun_writes_into_its_own_report_folder(tmp_path, capsys):
+    """`-o DIR` is a folder: a second analyze into the folder the first one made replaces its
+    files; an existing file as `-o` is one line and exit 2, before any work."""
+    results, report = _space(tmp_path, "alpha", n=8), tmp_path / "report"
+    assert _analyze([results], report) == 0
+    first = (report / "summary.json").read_text()
+    assert _analyze([results], report) == 0
+    assert (report / "summary.json").read_text() == first
+    capsys.readouterr()
+    (tmp_path / "afile").write_text("")
+    assert _analyze([results], tmp_path / "afile") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "afile is a file" in err[0], err
