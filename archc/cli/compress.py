@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from archc.cli import arguments
-from archc.cli.output import SPEC_FORMATS, write_spec
+from archc.cli.output import SPEC_FORMATS, Output, write_spec
 
 
 def _energy(text: str) -> float:
@@ -211,7 +210,7 @@ def _save_pruned(args: argparse.Namespace, spec, spec_dict: dict, gm, example,
         return f"spec: none ({fit.reason}); {args.output} holds the graph edits"
     save_checkpoint(fit.graph_module, fit.spec, args.output, example)
     if args.spec_output is not None:
-        write_spec(fit.spec, args.spec_output)
+        write_spec(fit.spec, args.spec_output, Output(args))
     return f"spec: {fit.spec['name']}, stored in {args.output}"
 
 
@@ -272,15 +271,15 @@ def _reduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def after_training(plugins: list, model, example) -> dict:
+def after_training(plugins: list, model, example, out: Output) -> dict:
     """Merge the LoRA-style branches of a trained model in place; what was merged."""
     from archc.compress.reducenet import LowRankBranch, merge_branches
 
     if not any(isinstance(p, LowRankBranch) for p in plugins):
         return {}
     count, error = merge_branches(model, example)
-    print(f"merged {count} low-rank branches into their convs: relative output error "
-          f"{error:.2e}", file=sys.stderr)
+    out.note(f"merged {count} low-rank branches into their convs: relative output error "
+             f"{error:.2e}")
     return {"merged_branches": count, "merge_relative_error": error}
 
 

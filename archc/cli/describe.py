@@ -74,15 +74,16 @@ def _passes(args: argparse.Namespace) -> int:
     import archc.passes  # noqa: F401 - registers the catalogue
     from archc.rewrite.pipeline import list_passes, pipelines
 
+    out = Output(args)
     for info in list_passes():
         kind = "exact" if info.preserves_function else "CHANGES THE FUNCTION"
-        print(f"{info.name:<28} {kind:<21} {info.summary}")
+        out.say(f"{info.name:<28} {kind:<21} {info.summary}")
         for option in info.options:
-            print(f"    option {info.name}.{option.name} ({option.type.__name__}, default "
-                  f"{option.default!r}): {option.help}")
-    print()
+            out.say(f"    option {info.name}.{option.name} ({option.type.__name__}, default "
+                    f"{option.default!r}): {option.help}")
+    out.say("")
     for name, names in pipelines().items():
-        print(f"pipeline {name}: {', '.join(names) or '(no passes)'}")
+        out.say(f"pipeline {name}: {', '.join(names) or '(no passes)'}")
     return 0
 
 

@@ -12,8 +12,13 @@ SPEC_FORMATS = (".yaml", ".yml", ".json")  # what `write_spec` writes
 
 
 class Output:
-    """Where a command's text goes: `say` to stdout (not with --quiet or --json), `progress` to
-    stderr (on a terminal or with --progress, never with --quiet), `report` the --json document."""
+    """Where a command's text goes, one rule for every command: `say` the human-readable result
+    to stdout (not with --quiet or --json), `note` an informational line (what was written, a
+    summary) to stderr (not with --quiet), `progress` a progress line to stderr (on a terminal or
+    with --progress, never with --quiet), `report` the --json document to stdout (whenever --json
+    asks for it, --quiet or not). Errors always reach stderr; a command's product written to
+    stdout in place of a file (`schema`, `space fit` without -o) is not text about the work and
+    is always written."""
 
     def __init__(self, args: argparse.Namespace):
         self.quiet = getattr(args, "quiet", False)
@@ -24,6 +29,10 @@ class Output:
     def say(self, text: str) -> None:
         if not (self.quiet or self.json):
             print(text, flush=True)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
 
     def progress(self, text: str) -> None:
         if self.show_progress:
@@ -39,7 +48,7 @@ def count_text(value: int) -> str:
     return f"{value / 1e9:,.2f}G" if value >= 10e9 else f"{value / 1e6:,.1f}M"
 
 
-def write_spec(spec_dict: dict, output: Path | None) -> None:
+def write_spec(spec_dict: dict, output: Path | None, out: Output) -> None:
     """A spec as YAML (JSON for a .json name), written atomically to `output` or to stdout."""
     import yaml
 
@@ -54,4 +63,4 @@ def write_spec(spec_dict: dict, output: Path | None) -> None:
 
     with atomic_output(output) as temporary:
         temporary.write_text(text)
-    print(f"wrote {output}", file=sys.stderr)
+    out.note(f"wrote {output}")

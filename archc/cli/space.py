@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from archc.cli import arguments
 from archc.cli import compress as cli_compress
-from archc.cli.output import SPEC_FORMATS, write_spec
+from archc.cli.output import SPEC_FORMATS, Output, write_spec
 
 # `space fit -o`: a fitted spec of a spec, the fits (.jsonl) of a samples or results file
 FIT_FORMATS = (*SPEC_FORMATS, ".jsonl")
@@ -192,6 +191,9 @@ def add_commands(commands) -> None:
     train.add_argument("--metrics", type=arguments.output_path((".json",)), metavar="FILE",
                        help="also write the metrics here (.json)")
     _add_training_options(train, epochs_required=False)
+    train.add_argument("--json", action="store_true",
+                       help="the metrics as JSON on stdout even with --quiet (the default text "
+                       "is the same JSON)")
     cli_compress.add_train_options(train)  # --slimming, --teacher, --kd-temperature, --kd-weight
 
     evaluate = commands.add_parser(
@@ -205,6 +207,9 @@ def add_commands(commands) -> None:
                           help="digits, a .npz with x and y, or a directory of class folders")
     evaluate.add_argument("--batch-size", type=arguments.positive_int, default=256,
                           help="default 256")
+    evaluate.add_argument("--json", action="store_true",
+                          help="the metrics as JSON on stdout even with --quiet (the default "
+                          "text is the same JSON)")
 
 
 def _space(args: argparse.Namespace) -> int:
@@ -217,8 +222,10 @@ def _sample(args: argparse.Namespace) -> int:
     from archc.space.design_space import SamplingStats, load_space
     from archc.space.records import write_records
 
+    out = Output(args)
     space = load_space(args.space, args.set)
-    stats, progress = SamplingStats(), Progress(args.n, f"sampling {space.name}", every=0.1)
+    stats = SamplingStats()
+    progress = Progress(args.n, f"sampling {space.name}", every=0.1, enabled=not out.quiet)
     start = time.time()
     records = []
     for sample in space.samples(args.n, args.seed, stats):
@@ -227,10 +234,9 @@ def _sample(args: argparse.Namespace) -> int:
     progress.close()
     write_records(args.output, records)
     seconds = time.time() - start
-    print(f"{space.name}: {stats.summary()}", file=sys.stderr)
-    print(f"wrote {args.output}: {len(records)} samples in {seconds:.1f} s "
-          f"({len(records) / seconds:.1f} samples/s, {stats.tries / seconds:,.0f} tries/s)",
-          file=sys.stderr)
+    out.note(f"{space.name}: {stats.summary()}")
+    out.note(f"wrote {args.output}: {len(records)} samples in {seconds:.1f} s "
+             f"({len(records) / seconds:.1f} samples/s, {stats.tries / seconds:,.0f} tries/s)")
     return 0
 
 
@@ -278,10 +284,11 @@ def _sweep(args: argparse.Namespace) -> int:
         _check_data(args.data, samples[0]["spec"])
     setup = {"data": args.data, "epochs": args.epochs, "seed": args.seed, "trainer": trainer,
              "options": _training_options(args)}
+    out = Output(args)
     summary = run_sweep(samples, args.output, setup, workers=args.workers,
-                        ray_address=args.ray)
+                        ray_address=args.ray, quiet=out.quiet, progress=not out.quiet)
     held = summary["already"] + summary["trained"]
-    print(f"trained {summary['trained']} models ({summary['failed']} failed) in "
+    out.say(f"trained {summary['trained']} models ({summary['failed']} failed) in "
           f"{summary['seconds']:.1f} s; {args.output} holds {held} of {summary['total']}")
     return 0
 
@@ -289,17 +296,18 @@ def _sweep(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from archc.space.report import load_results, write_report
 
+    out = Output(args)
     spaces = load_results(args.results)
     for space in spaces:
         if space.truncated:
-            print(f"note: {space.files[0]}: skipped a cut-short last line", file=sys.stderr)
+            out.note(f"note: {space.files[0]}: skipped a cut-short last line")
     summary = write_report(spaces, args.output, args.resamples, args.seed, args.fraction,
                            args.bins)
     for space in summary["spaces"]:
         e = space["error"]
-        print(f"{space['label']}: {space['n']} models ({space['failed']} failed), error min "
-              f"{e['min']:.2f} mean {e['mean']:.2f} median {e['median']:.2f}")
-    print(f"wrote {args.output}/: {', '.join(summary['plots'])}, summary.json, summary.md")
+        out.say(f"{space['label']}: {space['n']} models ({space['failed']} failed), error min "
+                f"{e['min']:.2f} mean {e['mean']:.2f} median {e['median']:.2f}")
+    out.say(f"wrote {args.output}/: {', '.join(summary['plots'])}, summary.json, summary.md")
     return 0
 
 
@@ -322,14 +330,15 @@ def _fit(args: argparse.Namespace) -> int:
         raise SpaceError(f"no RegNet of depth {sum(s.depth for s in spec.stages())} has "
                          f"{len(spec.stages())} stages", "body", str(args.source))
     fitted_spec = spec_from_mapping(fitted, "fitted spec")
-    print(f"{spec.name}: e_fit = {fit.e_fit:.4f} with w0 = {fit.w0}, wa = {fit.wa:g}, "
-          f"wm = {fit.wm:g} (d = {len(fit.widths)})", file=sys.stderr)
-    print(f"  widths {[s.width for s in spec.stages()]} x {[s.depth for s in spec.stages()]} -> "
-          f"{fit.stage_widths} x {fit.stage_depths}", file=sys.stderr)
+    out = Output(args)
+    out.note(f"{spec.name}: e_fit = {fit.e_fit:.4f} with w0 = {fit.w0}, wa = {fit.wa:g}, "
+             f"wm = {fit.wm:g} (d = {len(fit.widths)})")
+    out.note(f"  widths {[s.width for s in spec.stages()]} x {[s.depth for s in spec.stages()]} "
+             f"-> {fit.stage_widths} x {fit.stage_depths}")
     if any(stage.stride != 2 for stage in spec.stages()):
-        print("  note: every RegNet stage has stride 2, unlike the source's "
-              f"{[s.stride for s in spec.stages()]}", file=sys.stderr)
-    write_spec(fitted_spec.to_dict(), args.output)
+        out.note("  note: every RegNet stage has stride 2, unlike the source's "
+                 f"{[s.stride for s in spec.stages()]}")
+    write_spec(fitted_spec.to_dict(), args.output, out)
     return 0
 
 
@@ -339,6 +348,7 @@ def _fit_records(args: argparse.Namespace) -> int:
     from archc.space.fit import fit_spec
     from archc.space.records import dumps, read_records, write_records
 
+    out = Output(args)
     records, _ = read_records(args.source, "samples or results")
     fits = []
     for number, record in enumerate(records, start=1):
@@ -359,12 +369,11 @@ def _fit_records(args: argparse.Namespace) -> int:
             print(dumps(entry))
     else:
         write_records(args.output, fits)
-        print(f"wrote {args.output}: {len(fits)} fits", file=sys.stderr)
+        out.note(f"wrote {args.output}: {len(fits)} fits")
     values = [f["e_fit"] for f in fits if f["e_fit"] is not None]
     if values:
-        print(f"e_fit: median {float(sorted(values)[len(values) // 2]):.4f}, min "
-              f"{min(values):.4f}, max {max(values):.4f} over {len(values)} models",
-              file=sys.stderr)
+        out.note(f"e_fit: median {float(sorted(values)[len(values) // 2]):.4f}, min "
+                 f"{min(values):.4f}, max {max(values):.4f} over {len(values)} models")
     return 0
 
 
@@ -400,23 +409,23 @@ def _train(args: argparse.Namespace) -> int:
     from archc.train.data import load_data
     from archc.train.loop import TrainConfig, Trainer, check_classes
 
+    out = Output(args)
     spec = spec_from_mapping(spec_dict, str(args.model))
     plugins, overrides, compression = cli_compress.train_plugins(args, spec)
     data = load_data(args.data, spec.input.channels, spec.input.size)
     check_classes(spec.num_classes, data)
-    print(data.describe(), file=sys.stderr)
+    out.note(data.describe())
     if model is None:
         model = build(spec, seed=args.seed)
     config = TrainConfig(epochs=args.epochs, seed=args.seed,
                          **{**_training_options(args), **overrides})
-    result = Trainer(config, plugins, label=spec.name).fit(model, data)
+    result = Trainer(config, plugins, progress=not out.quiet, label=spec.name).fit(model, data)
     for epoch in result.history:
-        print(f"epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}, validation error "
-              f"{epoch['val_error']:.2f}%" + (f" (EMA {epoch['ema_val_error']:.2f}%)"
-                                              if "ema_val_error" in epoch else ""),
-              file=sys.stderr)
+        out.note(f"epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}, validation "
+                 f"error {epoch['val_error']:.2f}%" + (f" (EMA {epoch['ema_val_error']:.2f}%)"
+                                                       if "ema_val_error" in epoch else ""))
     example = random_input(input_shape(spec, batch=2), args.seed)
-    compression.update(cli_compress.after_training(plugins, result.model, example))
+    compression.update(cli_compress.after_training(plugins, result.model, example, out))
     save_checkpoint(result.model, spec_dict, args.output, example)
     metrics = {"model": spec.name, "data": data.name, "train_size": len(data.train_y),
                "val_size": len(data.val_y), "config": config.describe(),
@@ -426,7 +435,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.metrics is not None:
         with atomic_output(args.metrics) as temporary:
             temporary.write_text(text + "\n")
-    print(text)
+    out.say(text)  # the metrics are this command's text; with --json, its report
+    out.report(metrics)
     return 0
 
 
@@ -452,8 +462,11 @@ def _eval(args: argparse.Namespace) -> int:
         raise DataError(f"{args.model} has {outputs} outputs but {data.name} has {data.classes} "
                         f"classes")
     metrics = evaluate(run, data.val_x, data.val_y, args.batch_size)
-    print(json.dumps({"model": str(args.model), "data": data.name, "split": "validation",
-                      "samples": len(data.val_y), **metrics}, indent=1))
+    document = {"model": str(args.model), "data": data.name, "split": "validation",
+                "samples": len(data.val_y), **metrics}
+    out = Output(args)
+    out.say(json.dumps(document, indent=1))  # the metrics are this command's text
+    out.report(document)
     return 0
 
 

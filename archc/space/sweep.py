@@ -122,13 +122,16 @@ def pending(samples: list[dict[str, Any]], results_path: Path,
 
 
 def run_sweep(samples: list[dict[str, Any]], results_path: Path, setup: dict[str, Any], *,
-              workers: int = 1, ray_address: str | None = None) -> dict[str, Any]:
-    """Train the pending samples; append their results. Returns counts and seconds."""
+              workers: int = 1, ray_address: str | None = None, quiet: bool = False,
+              progress: bool = True) -> dict[str, Any]:
+    """Train the pending samples; append their results. Returns counts and seconds. Says on
+    stderr what is already done (unless `quiet`) and the progress (if `progress`)."""
     todo, already = pending(samples, results_path, setup)
     total = len(samples)
-    print(f"sweep: {already} of {total} models already in {results_path}, training {len(todo)}",
-          file=sys.stderr)
-    progress = Progress(len(todo), "sweep", every=1 / max(len(todo), 1))
+    if not quiet:
+        print(f"sweep: {already} of {total} models already in {results_path}, training "
+              f"{len(todo)}", file=sys.stderr)
+    bar = Progress(len(todo), "sweep", every=1 / max(len(todo), 1), enabled=progress)
     start, finished, failed = time.time(), 0, 0
     with Appender(results_path) as appender:
         for result in _execute(todo, setup, workers, ray_address):
@@ -138,8 +141,8 @@ def run_sweep(samples: list[dict[str, Any]], results_path: Path, setup: dict[str
             note = (f"{result['id']} failed: {result['failed']}" if "failed" in result else
                     f"{result['id']} best error {result['best_error']:.2f}% in "
                     f"{result['seconds']:.1f} s")
-            progress.update(finished, note)
-    progress.close()
+            bar.update(finished, note)
+    bar.close()
     return {"trained": finished, "failed": failed, "already": already, "total": total,
             "seconds": time.time() - start}
 

@@ -165,3 +165,88 @@ def test_every_written_file_has_an_extension_its_command_writes(argv, formats, m
 def test_fit_writes_the_format_of_its_source(models, tmp_path, capsys):
     assert main(["space", "fit", str(models["spec"]), "-o", str(tmp_path / "f.jsonl")]) == 2
     assert "fitted spec of a spec as .yaml" in one_error_line(capsys)
+
+
+DIGITS = TINY.replace("channels: 3, size: 32", "channels: 1, size: 8")
+REDUCENET = {"name": "tiny_reducenet", "input": {"channels": 1, "size": 8}, "num_classes": 10,
+             "stem": {"type": "simple", "width": 8, "stride": 1},
+             "body": {"type": "anynet", "stages": [
+                 {"block": "reducenet", "depth": 1, "width": 8, "stride": 1, "expansion": 2,
+                  "phase": "train"}]}}
+
+# Every command, quickly: S a digits-sized spec, P its checkpoint, O its ONNX model, R a
+# ReduceNet checkpoint, J a samples file, K a results file; OUT.x a fresh file
+QUIET_RUNS = {
+    "build": ["build", "S", "-o", "OUT.onnx"],
+    "fuse": ["fuse", "P", "-o", "OUT.pt2"],
+    "passes": ["passes"],
+    "info": ["info", "S"],
+    "models": ["models", "--filter", "regnetx_200mf"],
+    "show": ["show", "S", "-o", "OUT.svg"],
+    "schema": ["schema", "-o", "OUT.json"],
+    "space sample": ["space", "sample", "SPACE", "-n", "2", "-o", "OUT.jsonl"],
+    "space sweep": ["space", "sweep", "J", "--data", "digits", "--epochs", "1", "-o",
+                    "OUT.jsonl"],
+    "space analyze": ["space", "analyze", "K", "-o", "OUT", "--resamples", "20"],
+    "space fit": ["space", "fit", "K", "-o", "OUT.jsonl"],
+    "train": ["train", "S", "--data", "digits", "--epochs", "1", "-o", "OUT.pt"],
+    "eval": ["eval", "P", "--data", "digits"],
+    "prune": ["prune", "P", "--ratio", "0.5", "-o", "OUT.pt"],
+    "lowrank": ["lowrank", "P", "-o", "OUT.pt"],
+    "reduce": ["reduce", "R", "-o", "OUT.pt"],
+    "quantize": ["quantize", "O", "--calib", "digits", "-o", "OUT.onnx", "--latency-rounds",
+                 "0", "--samples", "16"],
+    "qat": ["qat", "P", "--data", "digits", "--epochs", "1", "-o", "OUT.onnx",
+            "--latency-rounds", "0", "--samples", "16"],
+}
+
+
+def test_the_quiet_runs_cover_every_command():
+    from archc.cli.main import _all_parsers, make_parser
+
+    leaves = {parser.prog.removeprefix("archc ") for parser in _all_parsers(make_parser())
+              if not any(a.dest in ("command", "space_command") for a in parser._actions)}
+    assert leaves == set(QUIET_RUNS)
+
+
+@pytest.fixture(scope="module")
+def quiet_inputs(tmp_path_factory) -> dict[str, str]:
+    import json
+
+    import yaml
+
+    folder = tmp_path_factory.mktemp("quiet")
+    spec = folder / "digits.yaml"
+    spec.write_text(DIGITS)
+    reducenet = folder / "reducenet.yaml"
+    reducenet.write_text(yaml.safe_dump(REDUCENET))
+    names = {"S": spec, "P": folder / "digits.pt", "O": folder / "digits.onnx",
+             "R": folder / "reducenet.pt", "J": folder / "samples.jsonl",
+             "K": folder / "results.jsonl", "SPACE": Path("spaces/regnetx.yaml").resolve()}
+    for source, output in (("S", "P"), ("S", "O")):
+        assert main(["build", str(names[source]), "-o", str(names[output]), "-q"]) == 0
+    assert main(["build", str(reducenet), "-o", str(names["R"]), "-q"]) == 0
+    spec_dict = yaml.safe_load(DIGITS)
+    names["J"].write_text(json.dumps({"id": "a", "spec": spec_dict}) + "\n")
+    regnet = yaml.safe_load(Path("specs/regnetx_200mf.yaml").read_text())
+    names["K"].write_text("".join(json.dumps({"id": f"m{i}", "spec": regnet,
+                                              "best_error": 10.0 + i,
+                                              "complexity": {"flops": 2e8, "params": 2e6,
+                                                             "acts": 2e6}}) + "\n"
+                                  for i in range(4)))
+    return {key: str(value) for key, value in names.items()}
+
+
+@pytest.mark.parametrize("command", sorted(QUIET_RUNS))
+def test_quiet_prints_nothing_but_json_still_prints_the_report(command, quiet_inputs, tmp_path,
+                                                               capfd):
+    argv = [quiet_inputs.get(part, str(tmp_path / part) if part.startswith("OUT") else part)
+            for part in QUIET_RUNS[command]]
+    assert main([*argv, "--quiet"]) == 0
+    assert capfd.readouterr() == ("", "")
+    if command in ("eval", "train", "info", "models", "lowrank"):  # --json: asked, so printed
+        import json
+
+        assert main([*argv, "--quiet", "--json"]) == 0
+        captured = capfd.readouterr()
+        assert json.loads(captured.out) and captured.err == ""
