@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -188,12 +189,19 @@ def trace(model: nn.Module, source: str) -> GraphModule:
 
 
 def _load_program(data: bytes, path: Path) -> ImportedModel:
+    # torch.export.load logs the traceback of a failed load as a warning before raising; the
+    # error below says it in one line, so its logger is silenced for the load only
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         program = torch.export.load(io.BytesIO(data))
     except Exception as exc:
         raise CheckpointError(
             f"{path}: not a loadable torch.export program ({first_line(exc)})"
         ) from None
+    finally:
+        logger.setLevel(level)
     shape = None
     example = getattr(program, "example_inputs", None)
     if example and example[0] and isinstance(example[0][0], torch.Tensor):

@@ -250,3 +250,19 @@ def test_quiet_prints_nothing_but_json_still_prints_the_report(command, quiet_in
         assert main([*argv, "--quiet", "--json"]) == 0
         captured = capfd.readouterr()
         assert json.loads(captured.out) and captured.err == ""
+
+
+def test_a_truncated_program_is_one_line_without_torch_logging(models, tmp_path):
+    """torch's logger prints the load's traceback before archc's error: silenced around the
+    load, its level restored after (a subprocess: pytest's own log capture would hide it)."""
+    import subprocess
+    import sys
+
+    cut = tmp_path / "cut.pt2"
+    data = models["pt2"].read_bytes()
+    cut.write_bytes(data[:-100])  # the zip's directory is cut: torch logs, then raises
+    run = subprocess.run([sys.executable, "-m", "archc", "info", str(cut)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a loadable torch.export program" in lines[0], run.stderr
