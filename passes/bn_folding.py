@@ -74,7 +74,7 @@ from archc.rewrite.legality import (
 )
 from archc.rewrite.linear_chains import ChannelAffine, LinearNode, LinearReader
 from archc.rewrite.pipeline import PassContext, PassResult, register_pass
-from archc.rewrite.rules import Match, Op, Refuse, Rule, apply_rules
+from archc.rewrite.rules import Match, Op, Plan, Refuse, Rule, apply_rules
 
 NOT_CONSTANT = ("a functional weight or BN statistic is computed in the graph, not a get_attr "
                 "constant")
@@ -202,7 +202,7 @@ class _Fold:
     norm: _Norm
 
 
-def _check(match: Match, layer_index: int) -> _Fold | Refuse:
+def _check(match: Match, layer_index: int) -> Plan | Refuse:
     """Legality of folding the BN into the layer; `match.nodes[0]` produces the tensor between."""
     gm, (between, consumer) = match.gm, match.nodes
     norm, layer = _norm(gm, match.nodes[1 - layer_index]), _layer(gm, match.nodes[layer_index])
@@ -220,7 +220,7 @@ def _check(match: Match, layer_index: int) -> _Fold | Refuse:
         reason = UNBATCHED
     if reason is None and layer_index == 1 and layer.zero_pads:
         reason = PADDING
-    return Refuse(reason) if reason else _Fold(layer, norm)
+    return Refuse(reason) if reason else Plan(_Fold(layer, norm))
 
 
 def _in_algebra_dtype(layer: _Layer, norm: _Norm
@@ -253,11 +253,11 @@ def _fold_into_following(match: Match, fold: _Fold) -> str:
     return f"folded {describe(norm.node)} into the following {describe(layer.node)}"
 
 
-def _before(match: Match) -> _Fold | Refuse:
+def _before(match: Match) -> Plan | Refuse:
     return _check(match, 0)
 
 
-def _after(match: Match) -> _Fold | Refuse:
+def _after(match: Match) -> Plan | Refuse:
     return _check(match, 1)
 
 
@@ -314,7 +314,7 @@ class _Scale:
     shift: Tensor
 
 
-def _check_scale(match: Match) -> _Scale | Refuse:
+def _check_scale(match: Match) -> Plan | Refuse:
     gm, (layer_node, node) = match.gm, match.nodes
     layer = _layer(gm, layer_node)
     if layer.reason:
@@ -330,7 +330,7 @@ def _check_scale(match: Match) -> _Scale | Refuse:
         if step_scale.shape != (channels,) or step_shift.shape != (channels,):
             return Refuse(CHANNEL_MISMATCH)
         scale, shift = step_scale * scale, step_scale * shift + step_shift
-    return _Scale(layer, scale, shift)
+    return Plan(_Scale(layer, scale, shift))
 
 
 def _fold_scale(match: Match, plan: _Scale) -> str:

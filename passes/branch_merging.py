@@ -62,7 +62,17 @@ from archc.rewrite.linear_chains import (
     dtype_at,
 )
 from archc.rewrite.pipeline import PassContext, PassResult, register_pass
-from archc.rewrite.rules import Done, Match, Partial, Refuse, Rule, apply_rules
+from archc.rewrite.rules import (
+    Done,
+    Match,
+    Plan,
+    Refuse,
+    Refused,
+    Rule,
+    Skip,
+    apply_rules,
+    without_plan,
+)
 
 DIFFERENT_INPUTS = "branches read different inputs"
 STRIDE_MISMATCH = "stride mismatch between branches"
@@ -437,7 +447,7 @@ class _SumPlan:
     merges: list[_GroupMerge]
 
 
-def _check_sum(match: Match) -> Partial | list[Refuse]:
+def _check_sum(match: Match) -> Plan | Refused | Skip:
     gm, reader, root = match.gm, match.memo, match.anchor
     adds, leaves = _sum_tree(reader, root)
     branches = [_branch(reader, leaf, coefficient, set(adds))
@@ -456,8 +466,8 @@ def _check_sum(match: Match) -> Partial | list[Refuse]:
             merges.append(merge)
     refusals += _apart(gm, reader, branches, root)
     if not merges:
-        return refusals
-    return Partial(_SumPlan(adds, branches, merges), tuple(refusals))
+        return without_plan(refusals)
+    return Plan(_SumPlan(adds, branches, merges), tuple(refusals))
 
 
 def _merge_sum(match: Match, plan: _SumPlan) -> list[Done]:
@@ -481,7 +491,7 @@ class _CatPlan:
     tensors: list[Node | _GroupMerge]  # the new operands: kept tensors and merged runs
 
 
-def _check_cat(match: Match) -> Partial | list[Refuse]:
+def _check_cat(match: Match) -> Plan | Refused | Skip:
     gm, reader, cat = match.gm, match.memo, match.anchor
     branches = [_branch(reader, leaf, 1.0, {cat}) for leaf in _cat_operands(reader, cat)]
     runs: list[list[_Branch]] = []
@@ -503,8 +513,8 @@ def _check_cat(match: Match) -> Partial | list[Refuse]:
                 tensors.append(merge)
     refusals += _apart(gm, reader, branches, cat)
     if len(tensors) == len(branches):
-        return refusals
-    return Partial(_CatPlan(tensors), tuple(refusals))
+        return without_plan(refusals)
+    return Plan(_CatPlan(tensors), tuple(refusals))
 
 
 def _merge_cat(match: Match, plan: _CatPlan) -> list[Done]:

@@ -41,7 +41,7 @@ from archc.ir.graph import arg, attribute, describe, erase_unused, replace_with_
 from archc.ir.ops import ATEN_TO_TORCH, BN_FUNCTIONS, aten_name, reshape_sizes
 from archc.ir.shapes import node_shape
 from archc.rewrite.pipeline import PassContext, PassResult, Requirement, register_pass
-from archc.rewrite.rules import Match, Refuse, Rule, apply_rules
+from archc.rewrite.rules import Match, Plan, Refuse, Rule, Skip, always, apply_rules
 
 NOT_FRESH = ("the written tensor is a graph input, a constant or a view of another tensor: the "
              "write is visible elsewhere")
@@ -134,21 +134,15 @@ def _guard_query(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
     return (node,) if _only_guards(node) else None
 
 
-@dataclass(frozen=True)
-class _Value:
-    """A Python value a node computes (wrapped: a tuple value is no list of refusals)."""
-
-    value: object
+def _value_of_query(match: Match) -> Plan:
+    return Plan(_query_value(match.anchor))
 
 
-def _value_of_query(match: Match) -> _Value:
-    return _Value(_query_value(match.anchor))
-
-
-def _resolve(match: Match, plan: _Value) -> str:
+def _resolve(match: Match, value: object) -> str:
+    """Replace the node by the Python value it computes."""
     node = match.anchor
-    replace_with_value(match.gm, node, plan.value)
-    return f"resolved {node.name} = {plan.value!r}"
+    replace_with_value(match.gm, node, value)
+    return f"resolved {node.name} = {value!r}"
 
 
 def _constant_op(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
@@ -157,12 +151,12 @@ def _constant_op(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
     return (node,)
 
 
-def _evaluate(match: Match) -> _Value | tuple[()]:
+def _evaluate(match: Match) -> Plan | Skip:
     node = match.anchor
     try:
-        return _Value(node.target(*node.args, **node.kwargs))
+        return Plan(node.target(*node.args, **node.kwargs))
     except Exception:  # e.g. a division by zero the model itself would raise: leave it
-        return ()
+        return Skip()
 
 
 def _true_assert(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
@@ -199,7 +193,7 @@ def _batch_norm_call(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | No
 def _functional_batch_norms(gm: GraphModule) -> list[str]:
     """The functional / aten BatchNorm calls that `functional_bn` turns into modules."""
     return [node.name for node in gm.graph.nodes if _batch_norm_call(gm, node, None)
-            and isinstance(_check_batch_norm(Match(gm, (node,))), _FunctionalNorm)]
+            and isinstance(_check_batch_norm(Match(gm, (node,))), Plan)]
 
 
 # Every BatchNorm that can become a module is one (what fold_bn requires).
@@ -207,7 +201,7 @@ BATCH_NORM_MODULES = Requirement("every eval-mode BatchNorm on constants as a mo
                                  _functional_batch_norms, "canonicalize")
 
 
-def _check_batch_norm(match: Match) -> _FunctionalNorm | Refuse | tuple[()]:
+def _check_batch_norm(match: Match) -> Plan | Refuse | Skip:
     node, gm = match.anchor, match.gm
     if node.target is torch.batch_norm or aten_name(node) == "batch_norm":
         # aten.batch_norm and torch.batch_norm(x, w, b, mean, var, training, m, eps, _)
@@ -219,16 +213,16 @@ def _check_batch_norm(match: Match) -> _FunctionalNorm | Refuse | tuple[()]:
         x, mean, var, weight, bias, training, momentum, eps = (
             arg(node, i, name, default) for i, (name, default) in enumerate(zip(names, defaults)))
     if training or mean is None or var is None:
-        return ()  # batch statistics: nothing to fold
+        return Skip()  # batch statistics: nothing to fold
     parts = {"running_mean": mean, "running_var": var, "weight": weight, "bias": bias}
     if not all(p is None or (isinstance(p, Node) and p.op == "get_attr") for p in parts.values()):
         return Refuse(STATISTICS)
     shape = node_shape(node)
     if shape is None or len(shape) not in _BATCH_NORMS:
-        return ()
+        return Skip()
     owner = mean.target.rpartition(".")[0]
     tensors = {k: None if p is None else attribute(gm, p.target) for k, p in parts.items()}
-    return _FunctionalNorm(x, owner, tensors, float(eps), momentum)
+    return Plan(_FunctionalNorm(x, owner, tensors, float(eps), momentum))
 
 
 def _to_module(match: Match, norm: _FunctionalNorm) -> str:
@@ -295,7 +289,7 @@ def _creates_view(gm: GraphModule, node: Node) -> bool:
     return True  # placeholders, constants
 
 
-def _check_in_place(match: Match) -> tuple[str, Node] | Refuse:
+def _check_in_place(match: Match) -> Plan | Refuse:
     gm, node = match.gm, match.anchor
     kind, written = _out_of_place(gm, node)
     if _creates_view(gm, written):
@@ -307,7 +301,7 @@ def _check_in_place(match: Match) -> tuple[str, Node] | Refuse:
         if any(order[u] > order[node] for u in view.users):
             return Refuse(VIEW_READ)
         views += [u for u in view.users if _creates_view(gm, u)]
-    return kind, written
+    return Plan((kind, written))
 
 
 def _functionalize(match: Match, plan: tuple[str, Node]) -> str:
@@ -367,12 +361,12 @@ RULES = (
     # op(c1, c2) -> c3 for Python constants
     Rule("constant_op", _constant_op, _evaluate, _resolve, "4 == 4 -> True"),
     # torch._assert(True, msg) -> nothing
-    Rule("true_assert", _true_assert, lambda m: None, _drop_assert, "assert True -> pass"),
+    Rule("true_assert", _true_assert, always, _drop_assert, "assert True -> pass"),
     # F.batch_norm(x, μ, σ², γ, β, False, m, ε) -> BatchNormNd(x)
     Rule("functional_bn", _batch_norm_call, _check_batch_norm, _to_module,
          "F.batch_norm(eval) = BatchNorm module"),
     # x.view(N, ...) -> x.view(-1, ...) for the batch size N
-    Rule("batch_free_reshape", _batch_reshape, lambda m: None, _free_batch,
+    Rule("batch_free_reshape", _batch_reshape, always, _free_batch,
          "view(N, s...) = view(-1, s...) when the input holds N samples"),
     # a.op_(b) -> op(a, b), later readers of a read the result
     Rule("in_place", _in_place_op, _check_in_place, _functionalize,

@@ -63,7 +63,7 @@ from archc.ir.shuffles import Shuffle, find_shuffles
 from archc.rewrite import weight_algebra as wa
 from archc.rewrite.legality import SHAPES_UNKNOWN, SHARED_MODULE
 from archc.rewrite.pipeline import PassContext, PassResult, register_pass
-from archc.rewrite.rules import Match, Refuse, Rule, apply_rules
+from archc.rewrite.rules import Match, Plan, Refuse, Refused, Rule, Skip, apply_rules
 
 # fold_channel_shuffle
 UNKNOWN_GROUPS = "group count unknown: it is computed in the graph from values not known here"
@@ -219,7 +219,7 @@ class _ShufflePlan:
     fold: _Fold | None  # None: the shuffle is the identity and goes
 
 
-def _check_fold(match: Match) -> _ShufflePlan | Refuse | list[Refuse]:
+def _check_fold(match: Match) -> Plan | Refuse | Refused:
     """Fold the shuffle (consumer side first), drop it if it is the identity, or say why not."""
     gm, shuffle = match.gm, match.memo.by_output[match.anchor]
     if shuffle.groups is None:
@@ -229,14 +229,14 @@ def _check_fold(match: Match) -> _ShufflePlan | Refuse | list[Refuse]:
         return Refuse(SHAPES_UNKNOWN, (shuffle.name,))
     perm = wa.channel_shuffle_permutation(shape[1], shuffle.groups)
     if torch.equal(perm, torch.arange(len(perm))) and not _written_in_place(gm, shuffle):
-        return _ShufflePlan(shuffle, perm, None)
+        return Plan(_ShufflePlan(shuffle, perm, None))
     refusals = []
     for consumer in (True, False):
         plan = _plan(gm, shuffle, consumer, len(shape))
         if isinstance(plan, _Fold):
-            return _ShufflePlan(shuffle, perm, plan)
+            return Plan(_ShufflePlan(shuffle, perm, plan))
         refusals.append(plan)
-    return refusals
+    return Refused(tuple(refusals))
 
 
 def _fold(match: Match, plan: _ShufflePlan) -> str:
@@ -281,16 +281,16 @@ def fold_channel_shuffle(gm: GraphModule, ctx: PassContext) -> PassResult:
 
 # ---- canonicalize_channel_shuffle ----
 
-def _check_canonical(match: Match) -> Shuffle | Refuse | tuple[()]:
+def _check_canonical(match: Match) -> Plan | Refuse | Skip:
     gm, shuffle = match.gm, match.memo.by_output[match.anchor]
     if shuffle.canonical:
-        return ()
+        return Skip()
     shape = node_shape(shuffle.output)
     if shape is not None and len(shape) < 3:
         return Refuse(RANK_2, (shuffle.name,))
     if _written_in_place(gm, shuffle):
         return Refuse(IN_PLACE, (shuffle.name,))
-    return shuffle
+    return Plan(shuffle)
 
 
 def _canonicalize(match: Match, shuffle: Shuffle) -> str:
@@ -355,14 +355,14 @@ def _grouped_pair(gm: GraphModule, node: Node, shuffles: _Shuffles) -> tuple[Nod
     return None if found is None else (node, found[0])
 
 
-def _check_insert(match: Match) -> int | Refuse | tuple[()]:
+def _check_insert(match: Match) -> Plan | Refuse | Skip:
     gm, (first, second), shuffles = match.gm, match.nodes, match.memo
     shuffled = _next_conv(gm, first, shuffles.by_start)[1]
     g1, g2 = _conv(gm, first).groups, _conv(gm, second).groups
     names = (describe(first), describe(second))
     shape, rank = node_shape(second.args[0]), _conv(gm, second).weight.ndim
     if shuffled is not None:
-        return () if shuffled.output in shuffles.inserted else Refuse(SHUFFLED)
+        return Skip() if shuffled.output in shuffles.inserted else Refuse(SHUFFLED)
     if g2 == 1:
         return Refuse(f"{DENSE_NEXT}: {names[1]} has groups=1")
     if g2 % g1:
@@ -370,7 +370,7 @@ def _check_insert(match: Match) -> int | Refuse | tuple[()]:
                       f"{names[0]}")
     if shape is not None and len(shape) != rank:
         return Refuse(f"{CHANNEL_DIM}: {names[1]} on a {len(shape)}-D tensor")
-    return g1
+    return Plan(g1)
 
 
 def _insert(match: Match, groups: int) -> str:

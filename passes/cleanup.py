@@ -32,7 +32,17 @@ from archc.ir.graph import (
 )
 from archc.ir.shapes import node_dtype, node_shape
 from archc.rewrite.pipeline import PassContext, PassResult, register_pass
-from archc.rewrite.rules import Match, Op, Refuse, Rule, always, apply_rules
+from archc.rewrite.rules import (
+    Match,
+    Op,
+    Plan,
+    Refuse,
+    Rule,
+    Skip,
+    always,
+    apply_rules,
+    whole_graph,
+)
 
 TRAINING_DROPOUT = "dropout module is in training mode: it zeroes activations at random"
 FUNCTIONAL_TRAINING = "functional dropout called with training=True: it is random, not the identity"
@@ -76,24 +86,24 @@ def _passthrough(node: Node) -> Node | None:
     return None
 
 
-def _check_dropout_module(match: Match) -> Refuse | None:
-    return Refuse(TRAINING_DROPOUT) if match.module(0).training else None
+def _check_dropout_module(match: Match) -> Plan | Refuse:
+    return Refuse(TRAINING_DROPOUT) if match.module(0).training else Plan()
 
 
-def _check_dropout_function(match: Match) -> Refuse | None:
+def _check_dropout_function(match: Match) -> Plan | Refuse:
     node = match.nodes[0]
     keyword, default = _DROPOUT_FUNCTIONS[node.target]
     training = arg(node, 2, keyword, default)
-    return Refuse(FUNCTIONAL_TRAINING) if training and arg(node, 1, "p", 0.5) != 0 else None
+    return Refuse(FUNCTIONAL_TRAINING) if training and arg(node, 1, "p", 0.5) != 0 else Plan()
 
 
-def _check_neutral(match: Match) -> Refuse | None:
+def _check_neutral(match: Match) -> Plan | Refuse:
     node = match.nodes[0]
     x = _passthrough(node)
     if node_dtype(node) is None or node_dtype(x) is None:
         return Refuse(DTYPE_UNKNOWN)
     same = node_dtype(node) == node_dtype(x) and node_shape(node) == node_shape(x)
-    return None if same else Refuse(CHANGES_DTYPE)
+    return Plan() if same else Refuse(CHANGES_DTYPE)
 
 
 def _remove(input_of: Callable[[Node], Node]) -> Callable[[Match, None], str]:
@@ -149,13 +159,9 @@ def _dead_nodes(gm: GraphModule) -> list[Node]:
     return [node for node in gm.graph.nodes if node in dead]
 
 
-def _output(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
-    """The graph as a whole, anchored at its output node."""
-    return (node,) if node.op == "output" else None
-
-
-def _check_dead(match: Match) -> list[Node] | tuple[()]:
-    return _dead_nodes(match.gm) or ()
+def _check_dead(match: Match) -> Plan | Skip:
+    dead = _dead_nodes(match.gm)
+    return Plan(dead) if dead else Skip()
 
 
 def _erase_dead(match: Match, dead: list[Node]) -> str:
@@ -166,7 +172,7 @@ def _erase_dead(match: Match, dead: list[Node]) -> str:
 
 DEAD_CODE_RULES = (
     # f(x) with no reader and no side effect -> nothing
-    Rule("dead_code", _output, _check_dead, _erase_dead, "unread pure value -> nothing"),
+    Rule("dead_code", whole_graph, _check_dead, _erase_dead, "unread pure value -> nothing"),
 )
 
 
@@ -216,13 +222,13 @@ def _constant(gm: GraphModule, node: Node) -> torch.Tensor:
     return attribute(gm, node.target)
 
 
-def _check_constant(match: Match) -> torch.Tensor | Refuse:
+def _check_constant(match: Match) -> Plan | Refuse:
     node = match.nodes[0]
     inputs = [_constant(match.gm, n) for n in node.all_input_nodes]
     shape = _evaluate(node, lambda n: _constant(match.gm, n).to("meta"))
     if shape.numel() > max(t.numel() for t in inputs):
         return Refuse(GROWS)
-    return _evaluate(node, lambda n: _constant(match.gm, n)).detach().clone()
+    return Plan(_evaluate(node, lambda n: _constant(match.gm, n)).detach().clone())
 
 
 def _fold_constant(match: Match, value: torch.Tensor) -> str:

@@ -47,7 +47,17 @@ from archc.ir.graph_edits import set_tensor
 from archc.ir.shapes import has_shapes, node_value, propagate_shapes
 from archc.rewrite import weight_algebra as wa
 from archc.rewrite.pipeline import PassContext, PassOption, PassResult, register_pass
-from archc.rewrite.rules import Match, Partial, Refuse, Rule, apply_rules
+from archc.rewrite.rules import (
+    Match,
+    Plan,
+    Refuse,
+    Refused,
+    Rule,
+    Skip,
+    apply_rules,
+    whole_graph,
+    without_plan,
+)
 
 NAME = "align_channels"
 DOUBLES = "padding would more than double the channels"
@@ -74,12 +84,12 @@ class _Padding:
     rewrites: list[str]
 
 
-def _check(match: Match) -> Partial | list[Refuse]:
+def _check(match: Match) -> Plan | Refused | Skip:
     graph = analyze_channels(match.gm)
     layouts, rewrites, refusals = plan(graph, match.memo.multiple)
     if not layouts:
-        return refusals
-    return Partial(_Padding(graph, layouts, rewrites), tuple(refusals))
+        return without_plan(refusals)
+    return Plan(_Padding(graph, layouts, rewrites), tuple(refusals))
 
 
 def _pad(match: Match, padding: _Padding) -> list[str]:
@@ -93,14 +103,9 @@ def _pad(match: Match, padding: _Padding) -> list[str]:
             f"flops {_growth(before.flops, after.flops)} per sample"]
 
 
-def _graph(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
-    """The graph as a whole, anchored at its output node."""
-    return (node,) if node.op == "output" else None
-
-
 RULES = (
     # x -> pad(x): zero filters and zero input columns, padded channels exactly 0 (docstring)
-    Rule(NAME, _graph, _check, _pad, "W' = scatter(W); sum over padded channels adds 0"),
+    Rule(NAME, whole_graph, _check, _pad, "W' = scatter(W); sum over padded channels adds 0"),
 )
 
 

@@ -36,7 +36,7 @@ from archc.rewrite.linear_chains import (
     conv_module,
 )
 from archc.rewrite.pipeline import PassContext, PassResult, register_pass
-from archc.rewrite.rules import Done, Match, Refuse, Rule, apply_rules
+from archc.rewrite.rules import Done, Match, Plan, Refuse, Rule, Skip, apply_rules
 
 COST = "cost rule: the merged conv needs more multiply-adds than the convs it replaces"
 NONLINEAR = "a non-linear op between the convs"
@@ -79,7 +79,7 @@ class _Merge:
     label: str  # which identity, the merged geometry, the cost numbers, a rounding-level zero
 
 
-def _check(match: Match) -> _Merge | Refuse | tuple[()]:
+def _check(match: Match) -> Plan | Refuse | Skip:
     gm, reader, chain = match.gm, match.memo, match.nodes
     first, second = chain[0], chain[-1]
     for node in chain[1:-1]:
@@ -87,11 +87,11 @@ def _check(match: Match) -> _Merge | Refuse | tuple[()]:
         if isinstance(op, NotLinear):
             return Refuse(op.reason or f"{NONLINEAR}: {op_kind(gm, node)}")
         if not _passes_through(op):
-            return ()  # a linear conv or pool between: another chain's business
+            return Skip()  # a linear conv or pool between: another chain's business
     for node in (first, second):
         op = reader.op(node)
         if isinstance(op, NotLinear):
-            return Refuse(op.reason) if op.reason else ()
+            return Refuse(op.reason) if op.reason else Skip()
     if any(set(n.users) != {user} for n, user in zip(chain, chain[1:])):
         return Refuse(OTHER_USERS)
     first_conv = _conv_step(reader.op(first))
@@ -112,8 +112,8 @@ def _check(match: Match) -> _Merge | Refuse | tuple[()]:
     identity = _identity(first_conv, _conv_step(reader.op(second)))
     rounding = (f"; the border bias is zero up to {str(state.rounding).removeprefix('torch.')} "
                 f"rounding" if state.rounded else "")
-    return _Merge(state, padding,
-                  f"{identity}; {conv_label(state.conv, padding)}; {numbers}{rounding}")
+    return Plan(_Merge(state, padding,
+                       f"{identity}; {conv_label(state.conv, padding)}; {numbers}{rounding}"))
 
 
 def _conv_step(op: LinearNode) -> UnpaddedConv:

@@ -6,13 +6,17 @@ A rule is pattern -> check -> rewrite.
   nodes `n_0 -> ... -> n_k` where every `n_{i+1}` takes `n_i` as its first argument, anchored at
   `n_k`. A shape that is no chain (a tree of adds, a reshape-spelled channel shuffle, a conv
   reached back through BNs and pads) is a `Matcher`: a function of an anchor node that returns
-  the matched nodes or None. Either way a node anchors at most one match per rule and sweep.
-- The check decides legality and does the work the rewrite needs: it returns a *plan* (any
-  object: the folded weights' inputs, the merged conv's geometry and weights) or `Refuse(reason)`
-  (a list of them when several parts refuse; an empty one when there is nothing to do and
-  nothing to say; any other object, a list of nodes included, is a plan). `Partial(plan,
-  refusals)` applies a plan while reporting what it left out.
-- The rewrite applies the plan, `rewrite(match, plan)`, mutating the graph, and returns one
+  the matched nodes or None. Either way a node anchors at most one match per rule and sweep. A
+  rule over the whole graph (dead code, channel layouts) has the matcher `whole_graph`: it
+  anchors at the graph's output node, so its check runs once per sweep.
+- The check decides legality and does the work the rewrite needs. It returns one of four
+  outcomes, and nothing else (anything else is an archc bug, raised as `RuleError`):
+  `Plan(value)` applies: `value` is what the rewrite needs (the folded weights' inputs, the merged
+  conv's geometry and weights), and `Plan(value, refusals)` also reports the parts of the match it
+  leaves alone; `Skip()` applies nothing and says nothing (another rule's business, or nothing to
+  do); `Refuse(reason)` applies nothing and says why; `Refused(refusals)` applies nothing and says
+  why for several parts (`without_plan(refusals)` is `Refused` or, with no refusal, `Skip`).
+- The rewrite applies the plan, `rewrite(match, plan.value)`, mutating the graph, and returns one
   readable line per change ("folded s1.bn into s1.conv"), or `Done(line, rounded=dtype)` for a
   change that is exact only up to the rounding of the model's own constants in `dtype` (a bias
   the graph cancels with a constant it computed in float32): the pass's report then says so,
@@ -29,6 +33,7 @@ bug, raised as `FixpointError`.
 
 from __future__ import annotations
 
+import reprlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +52,11 @@ MAX_SWEEPS = 100
 
 class FixpointError(RuntimeError):
     """Rules kept rewriting: an internal error (exit code 1), never a user's."""
+
+
+class RuleError(RuntimeError):
+    """A check returned something that is no outcome (`Plan`, `Skip`, `Refuse`, `Refused`): an
+    internal error (exit code 1), never a user's."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,9 @@ class Match:
 
 @dataclass(frozen=True)
 class Refuse:
-    """A failed check: why, where (default: the match's nodes) and under which rule name
-    (default: the rule's own; a rule with several sides names each)."""
+    """A refusal, and the outcome of a check that refuses for one reason: why, where (default:
+    the match's nodes) and under which rule name (default: the rule's own; a rule with several
+    sides names each)."""
 
     reason: str
     nodes: tuple[Node | str, ...] = ()
@@ -96,11 +107,33 @@ class Refuse:
 
 
 @dataclass(frozen=True)
-class Partial:
-    """A plan to apply, and refusals for the parts of the match it leaves alone."""
+class Refused:
+    """A failed check with several refusals (at least one), each with its own nodes."""
 
-    plan: Any
+    refusals: tuple[Refuse, ...]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A check with nothing to do and nothing to say: the rule does not apply here."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A passed check: `value` is what the rewrite needs, `rewrite(match, value)`; `refusals`
+    report the parts of the match the rewrite leaves alone."""
+
+    value: Any = None
     refusals: tuple[Refuse, ...] = ()
+
+
+# What a check returns: apply (with refusals for what it leaves out), skip silently, or refuse.
+Outcome = Plan | Skip | Refuse | Refused
+
+
+def without_plan(refusals: Sequence[Refuse]) -> Refused | Skip:
+    """The outcome of a check that found nothing to apply: its refusals, or `Skip()` if none."""
+    return Refused(tuple(refusals)) if refusals else Skip()
 
 
 @dataclass(frozen=True)
@@ -115,12 +148,18 @@ class Done:
 Matcher = Callable[[GraphModule, Node, Any], "tuple[Node, ...] | None"]
 
 
+def whole_graph(gm: GraphModule, node: Node, memo: Any) -> tuple[Node, ...] | None:
+    """The matcher of a rule over the whole graph: it anchors at the graph's output node, the one
+    node every graph has once, so the rule's check runs once per sweep."""
+    return (node,) if node.op == "output" else None
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str
     pattern: tuple[Op, ...] | Matcher
-    check: Callable[[Match], Any]  # a plan, Refuse, a sequence of Refuse, or Partial
-    rewrite: Callable[[Match, Any], str | Done | list[str | Done]]  # applies the plan
+    check: Callable[[Match], Outcome]
+    rewrite: Callable[[Match, Any], str | Done | list[str | Done]] | None  # applies a Plan's value
     identity: str  # the identity the rewrite relies on, e.g. "x * 1 -> x"
 
     def match(self, gm: GraphModule, anchor: Node, memo: Any = None) -> Match | None:
@@ -185,24 +224,13 @@ def _try(gm: GraphModule, rule: Rule, node: Node, memo: Any, sweep: _Sweep) -> N
     match = rule.match(gm, node, memo)
     if match is None:
         return
-    outcome = rule.check(match)
-    refusals: Sequence[Refuse] = ()
-    plan: Any = None
-    applies = True
-    if isinstance(outcome, Refuse):
-        refusals, applies = (outcome,), False
-    elif isinstance(outcome, (list, tuple)) and all(isinstance(r, Refuse) for r in outcome):
-        refusals, applies = outcome, False
-    elif isinstance(outcome, Partial):
-        plan, refusals = outcome.plan, outcome.refusals
-    else:
-        plan = outcome
+    plan, refusals = _read_outcome(rule, match, rule.check(match))
     for refusal in refusals:
         nodes = refusal.nodes or match.nodes
         names = tuple(n if isinstance(n, str) else describe(n) for n in nodes)
         sweep.refusals.append(Refusal(refusal.rule or rule.name, names, refusal.reason))
-    if applies:
-        done = rule.rewrite(match, plan)
+    if plan is not None:
+        done = rule.rewrite(match, plan.value)
         sweep.fired[rule.name] += 1
         for item in [done] if isinstance(done, (str, Done)) else done:
             if isinstance(item, Done):
@@ -213,6 +241,30 @@ def _try(gm: GraphModule, rule: Rule, node: Node, memo: Any, sweep: _Sweep) -> N
         refresh_shapes(gm)
 
 
-def always(match: Match) -> None:
-    """A check for rules whose pattern is their whole condition."""
-    return None
+def _read_outcome(rule: Rule, match: Match, outcome: Outcome
+                  ) -> tuple[Plan | None, tuple[Refuse, ...]]:
+    """(the plan to apply or None, the refusals to report) of a check's outcome; anything that is
+    no outcome is a `RuleError`."""
+    if isinstance(outcome, Plan):
+        plan, refusals = outcome, outcome.refusals
+    elif isinstance(outcome, Skip):
+        plan, refusals = None, ()
+    elif isinstance(outcome, Refuse):
+        plan, refusals = None, (outcome,)
+    elif isinstance(outcome, Refused) and outcome.refusals:
+        plan, refusals = None, outcome.refusals
+    else:
+        raise RuleError(
+            f"internal error: the check of rule {rule.name} at {describe(match.anchor)} returned "
+            f"{reprlib.repr(outcome)}, not Plan(value), Skip(), Refuse(reason) or "
+            f"Refused(refusals) with at least one refusal")
+    if not all(isinstance(refusal, Refuse) for refusal in refusals):
+        raise RuleError(f"internal error: the check of rule {rule.name} at "
+                        f"{describe(match.anchor)} gave refusals that are not Refuse: "
+                        f"{reprlib.repr(refusals)}")
+    return plan, tuple(refusals)
+
+
+def always(match: Match) -> Plan:
+    """A check for rules whose pattern is their whole condition: apply, with nothing to plan."""
+    return Plan()

@@ -25,10 +25,16 @@ from archc.rewrite.rules import (
     Done,
     FixpointError,
     Op,
-    Partial,
+    Plan,
     Refuse,
+    Refused,
     Rule,
+    RuleError,
+    Skip,
+    always,
     apply_rules,
+    whole_graph,
+    without_plan,
 )
 
 # ---- the driver ----
@@ -42,7 +48,7 @@ def _flip(match, plan) -> str:
 
 def test_the_sweep_cap_fires_with_a_clear_internal_error():
     gm = torch.fx.symbolic_trace(lambda x: torch.relu(x))
-    rules = [Rule("flip", (Op(functions=(torch.relu, torch.sigmoid)),), lambda m: None, _flip,
+    rules = [Rule("flip", (Op(functions=(torch.relu, torch.sigmoid)),), always, _flip,
                   "none: a broken rule")]
     with pytest.raises(FixpointError, match=rf"internal error: rules flip did not reach a "
                                             rf"fixpoint in {MAX_SWEEPS} sweeps \(the last sweep "
@@ -51,37 +57,96 @@ def test_the_sweep_cap_fires_with_a_clear_internal_error():
     assert not issubclass(FixpointError, ArchcError)  # an archc bug: exit 1, not a user error
 
 
-def _double_negations(gm, node, memo):
+def _negations(gm, node, memo):
     return (node,) if node.op == "call_function" and node.target is torch.neg else None
 
 
-def test_partial_plans_report_their_refusals_and_done_marks_rounding():
-    gm = torch.fx.symbolic_trace(lambda x: torch.neg(torch.neg(x)) + torch.neg(x))
+def _to_abs(match, node) -> Done:
+    """Rewrite the planned node to abs: it no longer matches, so the next sweep settles."""
+    node.target = torch.abs
+    return Done(f"rewrote {node.name}", rounded=torch.float32)
+
+
+def _three_negations() -> GraphModule:
+    return torch.fx.symbolic_trace(lambda x: torch.neg(torch.neg(x)) + torch.neg(x))
+
+
+def _run(check, rewrite=_to_abs, gm=None):
+    gm = _three_negations() if gm is None else gm
+    return apply_rules(gm, [Rule("neg", _negations, check, rewrite, "none")]).report
+
+
+def test_a_plan_applies_its_value_and_done_marks_rounding():
     seen = []
 
     def check(match):
         seen.append(match.anchor.name)
-        return Partial(match.anchor, (Refuse("left out", ("somewhere",), rule="part"),))
+        return Plan(match.anchor)
 
-    def rewrite(match, node):
-        node.target = torch.abs  # no longer matches: one sweep rewrites, the next settles
-        return Done(f"rewrote {node.name}", rounded=torch.float32)
-
-    result = apply_rules(gm, [Rule("neg", _double_negations, check, rewrite, "none")])
-    assert result.report.rewrites == ["rewrote neg", "rewrote neg_1", "rewrote neg_2"]
-    assert result.report.rounded_in == torch.float32
-    assert result.report.refusals == []  # the final sweep matched nothing
+    report = _run(check)
+    assert report.rewrites == ["rewrote neg", "rewrote neg_1", "rewrote neg_2"]
+    assert report.rounded_in == torch.float32 and report.fired == {"neg": 3}
+    assert report.refusals == []  # the final sweep matched nothing
     assert seen == ["neg", "neg_1", "neg_2"]
 
 
-def test_a_check_may_say_nothing_and_a_list_of_nodes_is_a_plan():
-    gm = torch.fx.symbolic_trace(lambda x: torch.neg(x))
-    silent = Rule("silent", _double_negations, lambda m: [], None, "none")
-    assert apply_rules(gm, [silent]).report.refusals == []
-    erase = Rule("erase", _double_negations, lambda m: [m.anchor],
-                 lambda m, nodes: (nodes[0].replace_all_uses_with(nodes[0].args[0]),
-                                   erase_unused(m.gm, nodes), "erased")[-1], "-x -> x")
-    assert apply_rules(gm, [erase]).report.rewrites == ["erased"]
+def test_skip_applies_nothing_and_says_nothing():
+    report = _run(lambda match: Skip(), rewrite=None)
+    assert report.rewrites == [] and report.refusals == [] and not report.fired
+    report = _run(lambda match: without_plan([]), rewrite=None)  # no refusal: a skip
+    assert report.rewrites == [] and report.refusals == []
+
+
+def test_refuse_reports_its_reason_at_the_match_or_its_own_nodes():
+    report = _run(lambda match: Refuse("never"), rewrite=None)
+    assert report.rewrites == []
+    assert [str(r) for r in report.refusals] == ["neg at neg: never", "neg at neg_1: never",
+                                                 "neg at neg_2: never"]
+    refused = Refused((Refuse("one", ("here",)), Refuse("two", ("there",), rule="side")))
+    report = _run(lambda match: refused if match.anchor.name == "neg" else Skip(), rewrite=None)
+    assert [str(r) for r in report.refusals] == ["neg at here: one", "side at there: two"]
+    assert without_plan(refused.refusals) == refused
+
+
+def test_a_plan_with_refusals_applies_and_reports_them():
+    left_out = (Refuse("left out", ("somewhere",), rule="part"),)
+
+    def rewrite(match, node) -> list[str]:
+        node.target = torch.abs
+        return []  # no line: this sweep is the last, so its refusals are the report's
+
+    gm = _three_negations()
+    report = _run(lambda match: Plan(match.anchor, left_out), rewrite, gm)
+    assert report.fired == {"neg": 3} and report.rewrites == []
+    assert [str(r) for r in report.refusals] == ["part at somewhere: left out"] * 3
+    assert not any(n.target is torch.neg for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("outcome", [None, [], (), [Refuse("old style")], "a plan",
+                                     Refused(()), Plan(1, ("not a Refuse",)), Skip])
+def test_a_check_that_returns_no_outcome_is_an_internal_error(outcome):
+    with pytest.raises(RuleError, match=r"internal error: the check of rule neg at neg "):
+        _run(lambda match: outcome, rewrite=None)
+    assert not issubclass(RuleError, ArchcError)  # an archc bug: exit 1, not a user error
+
+
+def test_a_whole_graph_rule_runs_once_per_sweep_at_the_output():
+    gm = _three_negations()
+    anchors = []
+
+    def check(match):
+        anchors.append(match.anchor.op)
+        negations = [n for n in match.gm.graph.nodes if n.target is torch.neg]
+        return Plan(negations) if negations else Skip()
+
+    def rewrite(match, negations):
+        for node in negations:
+            node.target = torch.abs
+        return f"rewrote {len(negations)}"
+
+    report = apply_rules(gm, [Rule("all", whole_graph, check, rewrite, "none")]).report
+    assert report.rewrites == ["rewrote 3"] and anchors == ["output", "output"]
+    assert all(whole_graph(gm, n, None) is None for n in gm.graph.nodes if n.op != "output")
 
 
 # ---- graph helpers ----

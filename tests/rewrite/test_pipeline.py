@@ -26,7 +26,7 @@ from archc.rewrite.pipeline import (
     resolve_pipeline,
     run_pipeline,
 )
-from archc.rewrite.rules import Op, Refuse, Rule, apply_rules
+from archc.rewrite.rules import Op, Plan, Refuse, Rule, apply_rules
 
 SHAPE = (2, 3, 6, 6)
 
@@ -225,7 +225,7 @@ def _cancel(match, plan) -> str:
 
 # -(-x) -> x
 CANCEL = Rule("double_negation", (Op(functions=(torch.neg,)), Op(functions=(torch.neg,))),
-              lambda m: Refuse("shared") if has_other_users(*m.nodes) else None, _cancel,
+              lambda m: Refuse("shared") if has_other_users(*m.nodes) else Plan(), _cancel,
               "-(-x) -> x")
 
 
