@@ -203,6 +203,23 @@ def test_quiet_json_progress_and_info_on_a_checkpoint(tiny, tmp_path, capsys):
     assert from_checkpoint["stages"] == from_spec["stages"]
 
 
+def test_missing_output_folders_are_created_and_said(tiny, tmp_path, capsys):
+    """A folder an output goes into (`-o` into a new folder, `--dump-after`'s DIR) is created
+    with one note each, silent with --quiet; the dumps run as Python."""
+    output, dumps = tmp_path / "out" / "m.pt2", tmp_path / "dumps"
+    assert main(["build", str(tiny), "-o", str(output), "--dump-after", "fold_bn",
+                 str(dumps)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err.count(f"created folder {tmp_path / 'out'}") == 1
+    assert err.count(f"created folder {dumps}") == 1
+    for dump in dumps.iterdir():  # the default pipeline folds BN twice
+        ran = subprocess.run([sys.executable, str(dump)], capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr
+    quiet = tmp_path / "quiet" / "m.pt2"
+    assert main(["build", str(tiny), "-o", str(quiet), "--passes", "none", "-q"]) == 0
+    assert capsys.readouterr() == ("", "") and quiet.exists()
+
+
 def test_a_fold_does_not_read_as_a_cost(tiny, tmp_path, capsys):
     assert main(["build", str(tiny), "-o", str(tmp_path / "m.pt2"), "--json"]) == 0
     passes = json.loads(capsys.readouterr().out)["passes"]
