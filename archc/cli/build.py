@@ -15,6 +15,7 @@ from pathlib import Path
 from archc.cli import arguments
 from archc.cli import quant as cli_quant
 from archc.cli.output import Output, count_text
+from archc.common.fileio import size_text
 
 OUTPUT_FORMATS = (".onnx", ".pt", ".pt2", ".py")
 FUSE_FORMATS = (".pt2", ".onnx", ".py")
@@ -435,7 +436,7 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _print_emitted(emitted, out: Output, document: dict, args=None) -> None:
-    details = "; ".join([f"{emitted.bytes / 1e6:.1f} MB", *emitted.notes])
+    details = "; ".join([size_text(emitted.bytes), *emitted.notes])
     out.say(f"wrote {emitted.path} ({details})")
     out.say(
         f"verified with {emitted.verified_with} against eager PyTorch: max abs error "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from archc.cli import arguments
 from archc.cli.output import Output
+from archc.common.fileio import size_text
 
 # as archc.compress.quantize.METHODS, written out so the CLI stays torch-free
 METHODS = ("minmax", "entropy", "percentile")
@@ -183,7 +184,7 @@ def _say(report, source: Path, data: str, out) -> None:
         out.say(f"latency (ONNX Runtime CPU, batch 1, median of interleaved rounds): fp32 "
                 f"{report.fp32_ms:.3f} ms, int8 {report.int8_ms:.3f} ms, int8/fp32 "
                 f"{report.latency_ratio:.2f}")
-    out.say(f"wrote {report.output} ({report.bytes / 1e3:,.1f} kB; loads and runs in ONNX "
+    out.say(f"wrote {report.output} ({size_text(report.bytes)}; loads and runs in ONNX "
             f"Runtime)")
 
 

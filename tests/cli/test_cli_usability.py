@@ -244,6 +244,18 @@ def test_every_output_is_a_normal_file(tiny, tmp_path):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
 
 
+def test_the_emitted_python_and_its_weights_each_report_their_size(tiny, tmp_path, capsys):
+    from archc.common.fileio import size_text
+
+    code, weights = tmp_path / "m.py", tmp_path / "m.weights.pt"
+    assert main(["build", str(tiny), "-o", str(code), "--passes", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"]["bytes"] == code.stat().st_size
+    assert main(["build", str(tiny), "-o", str(code), "--passes", "none"]) == 0
+    wrote = next(line for line in capsys.readouterr().out.splitlines() if "wrote" in line)
+    assert wrote == (f"wrote {code} ({size_text(code.stat().st_size)}; weights in "
+                     f"{weights.name}, {size_text(weights.stat().st_size)})")
+
+
 def test_the_emitted_python_checks_itself(tiny, tmp_path, capsys):
     assert main(["build", str(tiny), "-o", str(tmp_path / "m.py"), "-q"]) == 0
     run = subprocess.run([sys.executable, "-I", str(tmp_path / "m.py")], capture_output=True,
