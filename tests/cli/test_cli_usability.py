@@ -220,6 +220,16 @@ def test_missing_output_folders_are_created_and_said(tiny, tmp_path, capsys):
     assert capsys.readouterr() == ("", "") and quiet.exists()
 
 
+def test_one_is_singular(tiny, tmp_path, capsys):
+    from archc.cli.output import counted
+
+    assert [counted(n, "model") for n in (0, 1, 2)] == ["0 models", "1 model", "2 models"]
+    assert counted(1, "fit") == "1 fit"
+    assert main(["build", str(tiny), "-o", str(tmp_path / "m.pt2"), "--passes", "none",
+                 "--progress"]) == 0
+    assert "tiny: lowering 1 block\n" in capsys.readouterr().err
+
+
 def test_a_fold_does_not_read_as_a_cost(tiny, tmp_path, capsys):
     assert main(["build", str(tiny), "-o", str(tmp_path / "m.pt2"), "--json"]) == 0
     passes = json.loads(capsys.readouterr().out)["passes"]
