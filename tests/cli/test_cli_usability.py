@@ -230,6 +230,28 @@ def test_one_is_singular(tiny, tmp_path, capsys):
     assert "tiny: lowering 1 block\n" in capsys.readouterr().err
 
 
+def test_info_on_a_program_lists_stages_as_the_graph_runs_them(tmp_path, capsys):
+    """A torch.export program's weights are read (get_attr) before any layer runs; its rows
+    follow the layers that run, not the order its weights are read in."""
+    import torch
+    from torch import nn
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+            self.layer1, self.fc = nn.Conv2d(8, 16, 3), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc(self.layer1(self.bn1(self.conv1(x))).mean((2, 3)))
+
+    program = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(Plain().eval(), (torch.randn(1, 3, 16, 16),)), program)
+    assert main(["info", str(program), "--json"]) == 0
+    stages = [row["stage"] for row in json.loads(capsys.readouterr().out)["stages"]]
+    assert stages == ["conv1", "bn1", "layer1", "fc"]
+
+
 def test_a_fold_does_not_read_as_a_cost(tiny, tmp_path, capsys):
     assert main(["build", str(tiny), "-o", str(tmp_path / "m.pt2"), "--json"]) == 0
     passes = json.loads(capsys.readouterr().out)["passes"]
