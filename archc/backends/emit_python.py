@@ -31,7 +31,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from archc.backends.export import EmitReport, check_output
-from archc.common.fileio import atomic_output
+from archc.common.fileio import atomic_output, size_text
 from archc.errors import ExportError
 from archc.ir.graph import attribute
 
@@ -235,8 +235,8 @@ def emit_python(
         output = _run_standalone(code_tmp, weights_tmp, example_input)
         with torch.no_grad():
             check_output(report, gm(example_input), output, rtol)
-    report.bytes = len(code.encode()) + len(buffer.getvalue())
-    report.notes.append(f"weights in {weights_path.name}")
+    report.bytes = len(code.encode())  # the .py's own size; the weights file's is in the note
+    report.notes.append(f"weights in {weights_path.name}, {size_text(len(buffer.getvalue()))}")
     return report
 
 

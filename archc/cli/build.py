@@ -14,7 +14,8 @@ from pathlib import Path
 
 from archc.cli import arguments
 from archc.cli import quant as cli_quant
-from archc.cli.output import Output, count_text
+from archc.cli.output import Output, count_text, counted
+from archc.common.fileio import size_text
 
 OUTPUT_FORMATS = (".onnx", ".pt", ".pt2", ".py")
 FUSE_FORMATS = (".pt2", ".onnx", ".py")
@@ -234,7 +235,7 @@ def _build(args: argparse.Namespace) -> int:
     from archc.ir.analysis import complexity_report
     from archc.ir.init import random_input
 
-    out.progress(f"{spec.name}: lowering {sum(s.depth for s in spec.stages())} blocks")
+    out.progress(f"{spec.name}: lowering {counted(sum(s.depth for s in spec.stages()), 'block')}")
     gm = lower.build(spec, seed=args.seed, init=args.init)
     shape = lower.input_shape(spec, args.batch, args.input_size)
     report = complexity_report(gm, shape).total
@@ -435,7 +436,7 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _print_emitted(emitted, out: Output, document: dict, args=None) -> None:
-    details = "; ".join([f"{emitted.bytes / 1e6:.1f} MB", *emitted.notes])
+    details = "; ".join([size_text(emitted.bytes), *emitted.notes])
     out.say(f"wrote {emitted.path} ({details})")
     out.say(
         f"verified with {emitted.verified_with} against eager PyTorch: max abs error "

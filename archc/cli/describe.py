@@ -15,7 +15,7 @@ from pathlib import Path
 
 from archc.cli import arguments
 from archc.cli.build import add_input_size, checked_pipeline
-from archc.cli.output import Output, count_text
+from archc.cli.output import Output, count_text, counted
 
 CHECKPOINT_FORMATS = (".pt", ".pth", ".pt2")
 
@@ -216,7 +216,8 @@ def _models(args: argparse.Namespace) -> int:
     for row in rows:
         out.say(f"{row['name']:<28} {row['params'] / 1e6:>8.2f}M {count_text(row['flops']):>10} "
                 f"{row['input_size']:>6}  {row['body']}")
-    out.say(f"{len(rows)} specs; build one by name: archc build {rows[0]['name']} -o model.onnx")
+    out.say(f"{counted(len(rows), 'spec')}; build one by name: "
+            f"archc build {rows[0]['name']} -o model.onnx")
     return 0
 
 

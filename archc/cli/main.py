@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         problem = _output_problem(parser, args) or cli_build.option_problem(args)
         if problem:
             raise ArchcError(problem)
+        _create_output_folders(parser, args)
         commands = {
             **cli_build.HANDLERS,
             **cli_describe.HANDLERS,
@@ -141,6 +142,19 @@ def _output_problem(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         if problem:
             return problem
     return None
+
+
+def _create_output_folders(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Create the missing folders the command's outputs go into (a `-o` file's folder, a folder
+    output such as `--dump-after`'s DIR), each said in one note; after the checks, before work."""
+    from archc.cli.output import Output
+
+    out = Output(args)
+    for path, kind in arguments.written_locations(parser, args):
+        folder = path if kind == "folder" else path.parent
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            out.note(f"created folder {folder}")
 
 
 if __name__ == "__main__":

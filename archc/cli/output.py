@@ -48,6 +48,11 @@ def count_text(value: int) -> str:
     return f"{value / 1e9:,.2f}G" if value >= 10e9 else f"{value / 1e6:,.1f}M"
 
 
+def counted(count: int, noun: str) -> str:
+    """`count` and `noun`, plural (an added s) unless the count is one: "1 model", "2 models"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def write_spec(spec_dict: dict, output: Path | None, out: Output) -> None:
     """A spec as YAML (JSON for a .json name), written atomically to `output` or to stdout."""
     import yaml

@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 
 from archc.cli import arguments
-from archc.cli.output import Output
+from archc.cli.output import Output, counted
+from archc.common.fileio import size_text
 
 # as archc.compress.quantize.METHODS, written out so the CLI stays torch-free
 METHODS = ("minmax", "entropy", "percentile")
@@ -162,7 +163,7 @@ def _db(value: float) -> str:
 def _say(report, source: Path, data: str, out) -> None:
     weights = "per-tensor" if not report.per_channel else "per-channel"
     out.say(f"{source} -> {report.output}: int8 QDQ, {report.method} calibration on "
-            f"{report.calibration_samples} images of {data}, {weights} weights"
+            f"{counted(report.calibration_samples, 'image')} of {data}, {weights} weights"
             + (f", kept in float: {', '.join(report.kept_float)}" if report.kept_float else ""))
     ops = ", ".join(f"{op} {count}" for op, count in sorted(report.quantized_ops.items()))
     out.say(f"ONNX Runtime runs: {ops or 'no integer ops'}; convs still in float: "
@@ -183,7 +184,7 @@ def _say(report, source: Path, data: str, out) -> None:
         out.say(f"latency (ONNX Runtime CPU, batch 1, median of interleaved rounds): fp32 "
                 f"{report.fp32_ms:.3f} ms, int8 {report.int8_ms:.3f} ms, int8/fp32 "
                 f"{report.latency_ratio:.2f}")
-    out.say(f"wrote {report.output} ({report.bytes / 1e3:,.1f} kB; loads and runs in ONNX "
+    out.say(f"wrote {report.output} ({size_text(report.bytes)}; loads and runs in ONNX "
             f"Runtime)")
 
 
@@ -220,7 +221,7 @@ def _qat(args: argparse.Namespace) -> int:
                      label=f"{spec.name} qat").fit(deploy, data)
     fake = [100.0 - error for error in result.errors]
     out.say(f"{spec.name}: deploy form fp32 {before:.2f}%; fake-quantized fine-tuning of "
-            f"{plugin.wrapped} layers, validation top-1 per epoch: "
+            f"{counted(plugin.wrapped, 'layer')}, validation top-1 per epoch: "
             + ", ".join(f"{value:.2f}%" for value in fake))
     tuned = unwrap(result.model)
     with tempfile.TemporaryDirectory(prefix="archc-qat-") as folder:

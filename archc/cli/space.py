@@ -15,7 +15,7 @@ from pathlib import Path
 
 from archc.cli import arguments
 from archc.cli import compress as cli_compress
-from archc.cli.output import SPEC_FORMATS, Output, write_spec
+from archc.cli.output import SPEC_FORMATS, Output, counted, write_spec
 
 # `space fit -o`: a fitted spec of a spec, the fits (.jsonl) of a samples or results file
 FIT_FORMATS = (*SPEC_FORMATS, ".jsonl")
@@ -235,7 +235,7 @@ def _sample(args: argparse.Namespace) -> int:
     write_records(args.output, records)
     seconds = time.time() - start
     out.note(f"{space.name}: {stats.summary()}")
-    out.note(f"wrote {args.output}: {len(records)} samples in {seconds:.1f} s "
+    out.note(f"wrote {args.output}: {counted(len(records), 'sample')} in {seconds:.1f} s "
              f"({len(records) / seconds:.1f} samples/s, {stats.tries / seconds:,.0f} tries/s)")
     return 0
 
@@ -288,7 +288,7 @@ def _sweep(args: argparse.Namespace) -> int:
     summary = run_sweep(samples, args.output, setup, workers=args.workers,
                         ray_address=args.ray, quiet=out.quiet, progress=not out.quiet)
     held = summary["already"] + summary["trained"]
-    out.say(f"trained {summary['trained']} models ({summary['failed']} failed) in "
+    out.say(f"trained {counted(summary['trained'], 'model')} ({summary['failed']} failed) in "
           f"{summary['seconds']:.1f} s; {args.output} holds {held} of {summary['total']}")
     return 0
 
@@ -305,8 +305,8 @@ def _analyze(args: argparse.Namespace) -> int:
                            args.bins)
     for space in summary["spaces"]:
         e = space["error"]
-        out.say(f"{space['label']}: {space['n']} models ({space['failed']} failed), error min "
-                f"{e['min']:.2f} mean {e['mean']:.2f} median {e['median']:.2f}")
+        out.say(f"{space['label']}: {counted(space['n'], 'model')} ({space['failed']} failed), "
+                f"error min {e['min']:.2f} mean {e['mean']:.2f} median {e['median']:.2f}")
     out.say(f"wrote {args.output}/: {', '.join(summary['plots'])}, summary.json, summary.md")
     return 0
 
@@ -328,7 +328,7 @@ def _fit(args: argparse.Namespace) -> int:
     fit, fitted = fit_spec(spec)
     if fit is None:
         raise SpaceError(f"no RegNet of depth {sum(s.depth for s in spec.stages())} has "
-                         f"{len(spec.stages())} stages", "body", str(args.source))
+                         f"{counted(len(spec.stages()), 'stage')}", "body", str(args.source))
     fitted_spec = spec_from_mapping(fitted, "fitted spec")
     out = Output(args)
     out.note(f"{spec.name}: e_fit = {fit.e_fit:.4f} with w0 = {fit.w0}, wa = {fit.wa:g}, "
@@ -369,11 +369,11 @@ def _fit_records(args: argparse.Namespace) -> int:
             print(dumps(entry))
     else:
         write_records(args.output, fits)
-        out.note(f"wrote {args.output}: {len(fits)} fits")
+        out.note(f"wrote {args.output}: {counted(len(fits), 'fit')}")
     values = [f["e_fit"] for f in fits if f["e_fit"] is not None]
     if values:
         out.note(f"e_fit: median {float(sorted(values)[len(values) // 2]):.4f}, min "
-                 f"{min(values):.4f}, max {max(values):.4f} over {len(values)} models")
+                 f"{min(values):.4f}, max {max(values):.4f} over {counted(len(values), 'model')}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Atomic file output: a failed run leaves no partial file (torch-free)."""
+"""Atomic file output (a failed run leaves no partial file) and the one way a file's size is
+written (torch-free)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,16 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def size_text(count: int) -> str:
+    """A size in bytes in the largest decimal unit (B, kB, MB, GB) that keeps the number below
+    1000 where it can: `999 B`, `1.0 kB`, `11.8 MB`; one decimal, bytes whole."""
+    if count < 1000:
+        return f"{count} B"
+    value, unit = count / 1000, "kB"
+    for larger in ("MB", "GB"):
+        if round(value, 1) < 1000:
+            break
+        value, unit = value / 1000, larger
+    return f"{value:,.1f} {unit}"

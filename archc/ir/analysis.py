@@ -139,14 +139,13 @@ def _module_conv_flops(module: nn.Module, node: Node, out: tuple[int, ...]) -> i
 
 
 def stage_of(node: Node) -> str:
-    """The top-level component of a node's qualified name (`s2` for `s2.b1.f.a.conv`)."""
+    """The top-level component of a node's qualified name (`s2` for `s2.b1.f.a.conv`); for a
+    function call, that of the outermost module it was called in below the root (torch.export
+    records the root itself as the path '')."""
     if node.op in ("call_module", "get_attr"):
         return str(node.target).split(".")[0]
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        first_path = next(iter(stack.values()))[0]
-        return first_path.split(".")[0] if first_path else "<top>"
-    return "<top>"
+    paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path]
+    return paths[0].split(".")[0] if paths else "<top>"
 
 
 def complexity_report(
@@ -155,7 +154,9 @@ def complexity_report(
     """flops, params and acts of a graph, in total and per stage.
 
     `input_shape` (N, C, H, W) triggers shape propagation; without it the nodes must already
-    carry shapes. Figures are per sample whatever N is.
+    carry shapes. Figures are per sample whatever N is. Stages are listed as the graph runs
+    them (by their first call), not in the order their weights are read (a torch.export
+    program reads every weight before the first layer).
     """
     if input_shape is not None:
         propagate_shapes(gm, [tuple(input_shape)])
@@ -167,7 +168,11 @@ def complexity_report(
         total += cx
         stages.setdefault(stage_of(node), Complexity())
         stages[stage_of(node)] += cx
-    return ComplexityReport(total, stages)
+    runs = {stage_of(node): None for node in gm.graph.nodes
+            if node.op in ("call_module", "call_function", "call_method")}
+    order = [name for name in runs if name in stages]
+    order += [name for name in stages if name not in runs]
+    return ComplexityReport(total, {name: stages[name] for name in order})
 
 
 def complexity(gm: GraphModule, input_size: int | tuple[int, ...] = 224) -> tuple[int, int, int]:

@@ -493,7 +493,8 @@ def run_pipeline(model: nn.Module, names: list[str], ctx: PassContext | None = N
         reports.append(report)
         if ctx.dump_after == "all" or (ctx.dump_after and info.name in ctx.dump_after):
             Path(ctx.dump_dir).mkdir(parents=True, exist_ok=True)
-            (Path(ctx.dump_dir) / f"{index:02d}_{info.name}.py").write_text(gm.code)
+            (Path(ctx.dump_dir) / f"{index:02d}_{info.name}.py").write_text(
+                dump_source(gm, index, info.name))
     result = PipelineResult(gm, reports, None, ctx.explain, exactness)
     if baseline is not None and exact:
         result.max_error = verify.relative_error(original, baseline.outputs)
@@ -503,6 +504,50 @@ def run_pipeline(model: nn.Module, names: list[str], ctx: PassContext | None = N
     if baseline is not None and exact and exactness == "float64":
         _judge_artifact(result, model, inputs, original, ctx.rtol, tuple(names))
     return result
+
+
+def dump_source(gm: GraphModule, index: int, pass_name: str) -> str:
+    """The graph after pass `index` (`pass_name`) as a runnable Python file: a header importing
+    every global name torch.fx's code uses (`torch`, `_Tensor_`, the functions it calls), and a
+    module class `GraphAfter<Pass>` whose `forward` is the graph's code. The class holds no
+    submodules or weights: its forward runs bound to the graph module of that point,
+    `GraphAfter<Pass>.forward(graph_module, x)`."""
+    code = gm.graph.python_code(root_module="self")
+    class_name = "GraphAfter" + "".join(part.capitalize() for part in pass_name.split("_"))
+    imports = ["import torch"]
+    imports += [_global_source(name, value) for name, value in code.globals.items()
+                if not (name == "torch" and value is torch)]
+    header = (f'"""The graph after pass {index} ({pass_name}), as torch.fx code.\n\n'
+              f"`{class_name}.forward` is the graph; it calls the submodules and reads the\n"
+              f"tensors of the graph module it is bound to (this file holds no weights):\n"
+              f"`{class_name}.forward(graph_module, x)` runs it.\n" + '"""\n\n')
+    forward = "\n".join(f"    {line}" if line.strip() else "" for line in
+                        code.src.strip("\n").splitlines())
+    return (header + "\n".join(imports) + f"\n\n\nclass {class_name}(torch.nn.Module):\n"
+            + forward.rstrip() + "\n")
+
+
+def _global_source(name: str, value: Any) -> str:
+    """A line that binds `name` to `value`, one of the globals of torch.fx's generated code: a
+    module import, an import of a named function or class, or a literal (`inf`, the string of a
+    postponed annotation such as `_Tensor_ = 'Tensor'`)."""
+    import math
+    import types
+
+    if isinstance(value, types.ModuleType):
+        return f"import {value.__name__} as {name}"
+    if value is type(None):
+        return f"{name} = type(None)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name} = float({str(value)!r})"
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return f"{name} = {value!r}"
+    module, qualname = getattr(value, "__module__", None), getattr(value, "__qualname__", "")
+    if module and qualname.isidentifier():
+        return f"from {module} import {qualname} as {name}"
+    if module and qualname and "<" not in qualname:
+        return f"import {module}\n{name} = {module}.{qualname}"
+    return f"{name} = None  # {value!r} has no source form: this file does not run"
 
 
 def _working_copy(model: nn.Module, inputs: tuple[Tensor, ...] | None, ctx: PassContext,

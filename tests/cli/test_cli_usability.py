@@ -203,6 +203,55 @@ def test_quiet_json_progress_and_info_on_a_checkpoint(tiny, tmp_path, capsys):
     assert from_checkpoint["stages"] == from_spec["stages"]
 
 
+def test_missing_output_folders_are_created_and_said(tiny, tmp_path, capsys):
+    """A folder an output goes into (`-o` into a new folder, `--dump-after`'s DIR) is created
+    with one note each, silent with --quiet; the dumps run as Python."""
+    output, dumps = tmp_path / "out" / "m.pt2", tmp_path / "dumps"
+    assert main(["build", str(tiny), "-o", str(output), "--dump-after", "fold_bn",
+                 str(dumps)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err.count(f"created folder {tmp_path / 'out'}") == 1
+    assert err.count(f"created folder {dumps}") == 1
+    for dump in dumps.iterdir():  # the default pipeline folds BN twice
+        ran = subprocess.run([sys.executable, str(dump)], capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr
+    quiet = tmp_path / "quiet" / "m.pt2"
+    assert main(["build", str(tiny), "-o", str(quiet), "--passes", "none", "-q"]) == 0
+    assert capsys.readouterr() == ("", "") and quiet.exists()
+
+
+def test_one_is_singular(tiny, tmp_path, capsys):
+    from archc.cli.output import counted
+
+    assert [counted(n, "model") for n in (0, 1, 2)] == ["0 models", "1 model", "2 models"]
+    assert counted(1, "fit") == "1 fit"
+    assert main(["build", str(tiny), "-o", str(tmp_path / "m.pt2"), "--passes", "none",
+                 "--progress"]) == 0
+    assert "tiny: lowering 1 block\n" in capsys.readouterr().err
+
+
+def test_info_on_a_program_lists_stages_as_the_graph_runs_them(tmp_path, capsys):
+    """A torch.export program's weights are read (get_attr) before any layer runs; its rows
+    follow the layers that run, not the order its weights are read in."""
+    import torch
+    from torch import nn
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+            self.layer1, self.fc = nn.Conv2d(8, 16, 3), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc(self.layer1(self.bn1(self.conv1(x))).mean((2, 3)))
+
+    program = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(Plain().eval(), (torch.randn(1, 3, 16, 16),)), program)
+    assert main(["info", str(program), "--json"]) == 0
+    stages = [row["stage"] for row in json.loads(capsys.readouterr().out)["stages"]]
+    assert stages == ["conv1", "bn1", "layer1", "fc"]
+
+
 def test_a_fold_does_not_read_as_a_cost(tiny, tmp_path, capsys):
     assert main(["build", str(tiny), "-o", str(tmp_path / "m.pt2"), "--json"]) == 0
     passes = json.loads(capsys.readouterr().out)["passes"]
@@ -225,6 +274,18 @@ def test_every_output_is_a_normal_file(tiny, tmp_path):
     assert written == ["m.onnx", "m.pt", "m.pt2", "m.py", "m.weights.pt", "schema.json"]
     for name in written:
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_the_emitted_python_and_its_weights_each_report_their_size(tiny, tmp_path, capsys):
+    from archc.common.fileio import size_text
+
+    code, weights = tmp_path / "m.py", tmp_path / "m.weights.pt"
+    assert main(["build", str(tiny), "-o", str(code), "--passes", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"]["bytes"] == code.stat().st_size
+    assert main(["build", str(tiny), "-o", str(code), "--passes", "none"]) == 0
+    wrote = next(line for line in capsys.readouterr().out.splitlines() if "wrote" in line)
+    assert wrote == (f"wrote {code} ({size_text(code.stat().st_size)}; weights in "
+                     f"{weights.name}, {size_text(weights.stat().st_size)})")
 
 
 def test_the_emitted_python_checks_itself(tiny, tmp_path, capsys):
