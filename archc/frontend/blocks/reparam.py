@@ -261,6 +261,20 @@ class MobileOneUnit(nn.Module):
         self.se = se
         self.act = None if act is None else ACTIVATIONS[act]()
 
+    def forward(self, x: Tensor) -> Tensor:
+        total = self.convs[0](x)
+        for conv in self.convs[1:]:
+            total = total + conv(x)
+        if self.scale is not None:
+            total = total + self.scale(x)
+        if self.identity is not None:
+            total = total + self.identity(x)
+        if self.bn is not None:
+            total = self.bn(total)
+        if self.se is not None:
+            total = self.se(total)
+        return total if self.act is None else self.act(total)
+
     @staticmethod
     def complexity(cx: Cx, w_in: int, w_out: int, kernel: int, stride: int, groups: int,
                    branches: int, post_bn: bool = False) -> Cx:
@@ -276,20 +290,6 @@ class MobileOneUnit(nn.Module):
             branch_cx(cx, lambda side: conv_bn_cx(side, w_in, w_out, kernel, stride, groups))
         conv_bn_cx(cx, w_in, w_out, kernel, stride, groups)
         return norm2d_cx(cx, w_out) if post_bn else cx
-
-    def forward(self, x: Tensor) -> Tensor:
-        total = self.convs[0](x)
-        for conv in self.convs[1:]:
-            total = total + conv(x)
-        if self.scale is not None:
-            total = total + self.scale(x)
-        if self.identity is not None:
-            total = total + self.identity(x)
-        if self.bn is not None:
-            total = self.bn(total)
-        if self.se is not None:
-            total = self.se(total)
-        return total if self.act is None else self.act(total)
 
 
 @register_block
