@@ -5,8 +5,8 @@
 2. Schema (`archc.frontend.spec.validate_schema`): structure, types and ranges.
 3. Cross-field checks: a RegNet body must give the stage count it asks for; every stage must be
    buildable by its registered block when entered with the previous stage's width
-   (`archc.frontend.blocks.check_stage`); `activation_lambda` is given exactly when a VanillaNet
-   part reads it, and `drop_path_rate` needs a block with a residual branch.
+   (`archc.frontend.blocks.registry.check_stage`); `activation_lambda` is given exactly when a
+   VanillaNet part reads it, and `drop_path_rate` needs a block with a residual branch.
 
 Every failure is one `SpecError`: `file:field.path: what is wrong`. Steps 1 and 2 need no torch;
 `archc.frontend.blocks` (which does) is imported only for step 3, so a malformed file is reported at
@@ -38,7 +38,7 @@ def spec_from_mapping(data: Any, source: str = "<spec>") -> Spec:
 def _check_semantics(spec: Spec) -> None:
     """Checks that need more than one field: RegNet stage count, block-specific rules, the
     parts that read `activation_lambda` and `drop_path_rate`."""
-    from archc.frontend.blocks import BLOCKS, check_stage
+    from archc.frontend.blocks.registry import BLOCKS, check_stage
 
     _check_lambda(spec)
     if isinstance(spec.body, RegNetBody):
@@ -155,7 +155,7 @@ def _unique_key_loader():
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of the spec language (`archc schema`), registered block names included."""
-    from archc.frontend.blocks import BLOCKS
+    from archc.frontend.blocks.registry import BLOCKS
 
     schema = Spec.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

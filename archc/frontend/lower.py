@@ -17,14 +17,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from archc.frontend.blocks import (
-    BLOCKS,
-    StochasticDepth,
-    build_head,
-    build_pool,
-    build_stem,
-    set_activation_lambda,
-)
+from archc.frontend.blocks.layers import StochasticDepth, build_pool
+from archc.frontend.blocks.registry import BLOCKS, HEADS, STEMS
+from archc.frontend.blocks.vanillanet import set_activation_lambda
 from archc.frontend.loading import load_spec
 from archc.frontend.spec import Spec
 
@@ -39,10 +34,11 @@ class Network(nn.Module):
 
     def __init__(self, spec: Spec):
         super().__init__()
-        stem = build_stem(spec.built_stem(), spec.input.channels)
+        stem_spec = spec.built_stem()
+        stem = STEMS[stem_spec.type].build(stem_spec, spec.input.channels)
         if stem is not None:
             self.stem = stem
-        width = spec.input.channels if stem is None else spec.built_stem().channels
+        width = spec.input.channels if stem is None else stem_spec.channels
         stages = spec.stages()
         drop_rate = getattr(spec.body, "drop_path_rate", 0.0)
         total, position = sum(stage.depth for stage in stages), 0
@@ -60,7 +56,8 @@ class Network(nn.Module):
             if stage.pool is not None:
                 blocks["pool"] = build_pool(stage.pool)
             self.add_module(f"s{stage_index}", nn.Sequential(blocks))
-        self.head = build_head(spec.built_head(), width, spec.num_classes)
+        head = spec.built_head()
+        self.head = HEADS[head.type](head, width, spec.num_classes)
         if spec.activation_lambda is not None:
             set_activation_lambda(self, spec.activation_lambda)
 

@@ -289,13 +289,6 @@ class StageSpec(_BottleneckFields):
         return value
 
 
-def se_in_alternate_blocks(stage: StageSpec, index: int) -> StageSpec:
-    """RepViT's SE placement: the fields of block `index` (0-based) of `stage`, SE kept in the
-    1st, 3rd, ... of the stage's stride-1 blocks (a strided stage's first block has none)."""
-    position = index - 1 if stage.stride > 1 else index  # among the stride-1 blocks
-    return stage if position % 2 == 0 else stage.model_copy(update={"se_ratio": 0.0})
-
-
 class CompoundScaling(_Strict):
     # widths of stem, stages and head: make_divisible(c * width, width_divisor) (B1: 1.0, B7: 2.0)
     width: Annotated[float, Field(gt=0.0, le=16.0)]

@@ -32,7 +32,7 @@ from archc.compress.pruning import (
     prune,
     prune_to_macs,
 )
-from archc.frontend.blocks import channel_shuffle
+from archc.frontend.blocks.layers import channel_shuffle
 from archc.ir.channels import SHUFFLE_SIZES, analyze_channels
 from archc.ir.init import randomize
 from tests.helpers import kill_half

@@ -1,6 +1,7 @@
-"""The analytic complexity twin (archc.frontend.analytic_complexity) equals the graph's complexity
-(archc.ir.analysis) exactly: on every reference spec, on random specs over every registered block,
-and on at least 200 samples of every shipped space (slow).
+"""The analytic complexity twin (archc.frontend.analytic_complexity, walking the `complexity` of
+every registered block, stem and head) equals the graph's complexity (archc.ir.analysis) exactly:
+on every reference spec, on random specs over every registered block, and on at least 200 samples
+of every shipped space (slow).
 
 Counting a graph needs its shapes. `archc.ir.analysis.complexity` propagates them with fake tensors;
 for many models the tests propagate them once through the meta graph's modules materialized on
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -21,10 +23,20 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from archc.errors import SpecError
 from archc.frontend import lower
-from archc.frontend.analytic_complexity import BLOCK_CX, STAGE_AT, Cx, pool2d_cx, spec_complexity
-from archc.frontend.blocks import BLOCKS
+from archc.frontend.analytic_complexity import spec_complexity
+from archc.frontend.blocks.counting import Cx, pool2d_cx
+from archc.frontend.blocks.hybrid import RepViT
+from archc.frontend.blocks.registry import (
+    BLOCKS,
+    HEADS,
+    STEMS,
+    Block,
+    Head,
+    Stem,
+    register_block,
+)
 from archc.frontend.loading import load_spec, spec_from_mapping
-from archc.frontend.spec import StageSpec
+from archc.frontend.spec import HeadSpec, StageSpec, StemSpec
 from archc.ir import analysis
 from archc.space.design_space import load_space
 
@@ -41,19 +53,32 @@ def graph_complexity(spec) -> tuple[int, int, int]:
     return analysis.complexity_report(gm).total.as_tuple()
 
 
-def test_every_registered_block_has_a_twin():
-    assert set(BLOCK_CX) == set(BLOCKS)
+def _defines_complexity(cls: type, base: type) -> bool:
+    return next(klass for klass in cls.__mro__ if "complexity" in vars(klass)) is not base
+
+
+def test_every_registered_block_stem_and_head_has_a_twin():
+    """Every type a spec can name is registered, and each registered class counts itself."""
+    for registry, base, spec_type in ((STEMS, Stem, StemSpec), (HEADS, Head, HeadSpec)):
+        assert set(registry) == set(get_args(spec_type.model_fields["type"].annotation))
+        assert all(_defines_complexity(cls, base) for cls in registry.values())
+    assert all(_defines_complexity(cls, Block) for cls in BLOCKS.values())
+
+
+def test_a_block_without_a_twin_does_not_register():
+    class Untwinned(Block):
+        name = "untwinned"
+
+    with pytest.raises(TypeError, match="no analytic complexity twin"):
+        register_block(Untwinned)
+    assert "untwinned" not in BLOCKS
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_twins_vary_fields_along_a_stage_as_the_blocks_do(stride):
-    """`STAGE_AT` is the torch-free mirror of every `Block.stage_at` (RepViT's alternate SE)."""
-    stage = StageSpec(depth=5, width=16, stride=stride, se_ratio=0.25)
-    for name, block in BLOCKS.items():
-        fields_at = STAGE_AT.get(name, lambda stage, index: stage)
-        assert [fields_at(stage, i) for i in range(5)] == [
-            block.stage_at(stage, i) for i in range(5)], name
-    assert [STAGE_AT["repvit"](stage, i).se_ratio for i in range(5)] == (
+def test_repvit_keeps_se_in_alternate_blocks(stride):
+    """The one block whose fields vary along a stage; the twin reads the same `stage_at`."""
+    stage = StageSpec(block="repvit", depth=5, width=16, stride=stride, se_ratio=0.25)
+    assert [RepViT.stage_at(stage, i).se_ratio for i in range(5)] == (
         [0.25, 0.0, 0.25, 0.0, 0.25] if stride == 1 else [0.0, 0.25, 0.0, 0.25, 0.0])
 
 
@@ -107,7 +132,7 @@ def random_specs(draw):
         elif block == "shufflenet_v2":
             stage["stride"] = 2
             width = width * 2
-        else:  # train-form blocks: widths whose groups divide every width (blocks.py checks less)
+        else:  # train-form blocks: widths whose groups divide every width (the blocks check less)
             train_form = block in ("repvgg", "acb", "dbb")
             width = draw(st.sampled_from([16, 32] if train_form else [16, 24, 32]))
             stage.update({key: draw(strategy) for key, strategy in STAGE_OPTIONS[block].items()})

@@ -13,7 +13,7 @@ from torch import nn
 import archc
 from archc.backends.export import export_onnx
 from archc.errors import SpecError
-from archc.frontend.blocks import channel_shuffle
+from archc.frontend.blocks.layers import channel_shuffle
 from archc.frontend.spec import make_divisible
 from archc.ir.init import random_input
 from archc.ir.ops import op_kind

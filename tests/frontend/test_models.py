@@ -19,9 +19,9 @@ from torch import nn
 
 import archc
 from archc.cli.main import main
-from archc.frontend.blocks import (
+from archc.frontend.blocks.layers import StochasticDepth
+from archc.frontend.blocks.vanillanet import (
     DeepTrainingActivation,
-    StochasticDepth,
     deep_training_lambda,
     set_activation_lambda,
 )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import archc
-from archc.frontend.blocks import channel_shuffle
+from archc.frontend.blocks.layers import channel_shuffle
 from archc.ir import channels
 from archc.ir.channels import analyze_channels, channel_groups
 from archc.ir.shuffles import find_shuffles

@@ -17,7 +17,7 @@ from torch import nn
 
 import archc
 from archc.errors import ArchcError, PassError
-from archc.frontend.blocks import channel_shuffle
+from archc.frontend.blocks.layers import channel_shuffle
 from archc.ir import channels
 from archc.ir.channels import analyze_channels
 from archc.ir.init import random_input, randomize

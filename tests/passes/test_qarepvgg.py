@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from archc.frontend.blocks import QARepVGG
+from archc.frontend.blocks.reparam import QARepVGG
 from archc.frontend.loading import spec_from_mapping
 from archc.frontend.lower import build
 from archc.frontend.spec import StageSpec
