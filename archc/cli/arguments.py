@@ -149,9 +149,9 @@ def unknown_pass(option: str, name: str) -> str | None:
     """Why `name` (given to `option`) is not a pass of the catalogue, with the closest name."""
     if name in PASS_NAMES:
         return None
-    import difflib
+    from archc.common.suggest import close_matches
 
-    close = difflib.get_close_matches(name, PASS_NAMES, n=1)
+    close = close_matches(name, PASS_NAMES)
     hint = f"did you mean {close[0]}?" if close else "`archc passes` lists them"
     return f"{option} {name}: not a pass of the pipeline: no pass has that name ({hint})"
 

@@ -16,11 +16,11 @@ error deep inside torch. Importing any module of `archc.frontend.blocks` first r
 
 from __future__ import annotations
 
-import difflib
 from typing import ClassVar
 
 from torch import nn
 
+from archc.common.suggest import did_you_mean
 from archc.errors import SpecError
 from archc.frontend.blocks.counting import Cx
 from archc.frontend.spec import HeadSpec, StageSpec, StemSpec
@@ -64,10 +64,9 @@ def check_stage(block: str, stage: StageSpec | None, path: str, w_in: int = 0) -
     """Raise `SpecError` if `block` is unknown or cannot build `stage` entered with width `w_in`
     (stage None: check the name only)."""
     if block not in BLOCKS:
-        close = difflib.get_close_matches(block, list(BLOCKS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         field = path if path.endswith(".block") else f"{path}.block"
-        raise SpecError(f"unknown block {block!r}{hint}; registered: {', '.join(BLOCKS)}", field)
+        raise SpecError(f"unknown block {block!r}{did_you_mean(block, BLOCKS)}; registered: "
+                        f"{', '.join(BLOCKS)}", field)
     if stage is None:
         return
     cls = BLOCKS[block]
