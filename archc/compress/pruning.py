@@ -6,15 +6,16 @@ entries K of every channelwise member (BN statistics and affine, depthwise filte
 leaf's places of K in every composite that contains it (channel t of a part (offset o, stride s)
 is the composite's o + s t: concatenations, splits, a shuffle's input and output); splits and
 slices are re-cut to the new sizes (a piece [a, b) keeps the whole's kept channels in [a, b)).
-The removal is `archc.rewrite.channel_resize.resize_channels` with each group's kept channels as
-its sources (no new channels), and a candidate's MACs are counted by `archc.ir.analysis`'s
-per-layer formula at the kept counts. A model archc did not build is first brought to the
-canonical form the analysis reads (`canonical_graph`).
 A group the analysis cut into pieces for a shuffle (`refined`) is one unit over its channels, each
 piece keeping at least one (no tensor left empty). Residual adds, SE gates, depthwise convs,
 flatten -> Linear and the lockstep segments of a shuffle are ties inside a group, so they stay
 consistent by construction; groups the analysis fixes (model inputs/outputs, shared modules,
 shuffles it refuses) are left alone.
+
+The removal is `archc.rewrite.channel_resize.resize_channels` with each group's kept channels as
+its sources (no new channels), and a candidate's MACs are counted by `archc.ir.analysis`'s
+per-layer formula at the kept counts. A model archc did not build is first brought to the
+canonical form the analysis reads (`canonical_graph`).
 
 Scores (one per channel of a group, higher is kept):
 - `l1` / `l2`: the L1 / L2 norm of the channel's rows in every producer (summed over producers,
