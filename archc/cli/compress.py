@@ -130,7 +130,13 @@ def _load(path: Path):
 
 def _prune(args: argparse.Namespace) -> int:
     from archc.backends.importers import check_example, load_model
-    from archc.compress.pruning import PruneConfig, PruneError, prune, prune_to_macs
+    from archc.compress.pruning import (
+        PruneConfig,
+        PruneError,
+        canonical_graph,
+        prune,
+        prune_to_macs,
+    )
     from archc.frontend.loading import spec_from_mapping
     from archc.frontend.lower import input_shape
     from archc.ir.init import random_input
@@ -180,16 +186,6 @@ def _prune(args: argparse.Namespace) -> int:
         print(spec_line)
         print(f"wrote {args.output}")
     return 0
-
-
-def canonical_graph(gm, example):
-    """A foreign model's graph in the canonical form (the `canonical` pipeline: BatchNorm modules
-    for functional BN, no in-place ops or shape guards), which the channel analysis reads."""
-    import archc.passes  # noqa: F401 - registers the catalogue
-    from archc.rewrite.pipeline import PassContext, pipelines, run_pipeline
-
-    context = PassContext(example_inputs=(example,))
-    return run_pipeline(gm, list(pipelines()["canonical"]), context).graph_module
 
 
 def _save_pruned(args: argparse.Namespace, spec, spec_dict: dict, gm, example,

@@ -12,6 +12,11 @@ flatten -> Linear and the lockstep segments of a shuffle are ties inside a group
 consistent by construction; groups the analysis fixes (model inputs/outputs, shared modules,
 shuffles it refuses) are left alone.
 
+The removal is `archc.rewrite.channel_resize.resize_channels` with each group's kept channels as
+its sources (no new channels), and a candidate's MACs are counted by `archc.ir.analysis`'s
+per-layer formula at the kept counts. A model archc did not build is first brought to the
+canonical form the analysis reads (`canonical_graph`).
+
 Scores (one per channel of a group, higher is kept):
 - `l1` / `l2`: the L1 / L2 norm of the channel's rows in every producer (summed over producers,
   e.g. both branches of a residual add);
@@ -53,19 +58,17 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from archc.errors import ArchcError
-from archc.ir.analysis import complexity_report
+from archc.ir.analysis import complexity_report, module_complexity, module_macs
 from archc.ir.channels import ChannelGraph, ChannelGroup, analyze_channels
 from archc.ir.graph import attribute
-from archc.ir.graph_edits import (
-    make_module,
-    module_config,
-    put_module,
-    put_tensor,
-    record,
-    set_slice,
-    set_split,
-)
 from archc.ir.ops import BN_MODULES, CONV_MODULES
+from archc.rewrite.channel_resize import (
+    Sources,
+    complete_sources,
+    resize_channels,
+    resized_groups,
+    resized_layers,
+)
 
 CRITERIA = ("l1", "l2", "bn-scale", "random")
 GROUP_POLICIES = ("keep-count", "keep-width")
@@ -425,153 +428,14 @@ def _keep(unit: _Unit, want: int, round_to: int) -> np.ndarray:
     return np.concatenate(kept)
 
 
-# ---- applying a decision ----
+def canonical_graph(gm: GraphModule, example: Tensor) -> GraphModule:
+    """A foreign model's graph in the canonical form (the `canonical` pipeline: BatchNorm modules
+    for functional BN, no in-place ops or shape guards), which the channel analysis reads."""
+    import archc.passes  # noqa: F401 - registers the catalogue
+    from archc.rewrite.pipeline import PassContext, pipelines, run_pipeline
 
-def _composite_keep(cg: ChannelGraph, keep: dict[int, np.ndarray], group: ChannelGroup
-                    ) -> np.ndarray:
-    if group.index in keep:
-        return keep[group.index]
-    if not group.parts:
-        return np.arange(group.size)
-    result = np.sort(np.concatenate([
-        p.offset + p.stride * _composite_keep(cg, keep, cg.groups[p.group]) for p in group.parts]))
-    keep[group.index] = result
-    return result
-
-
-def _grouped_weight(weight: Tensor, bias: Tensor | None, groups: int, out_keep: np.ndarray,
-                    in_keep: np.ndarray) -> tuple[Tensor, Tensor | None, int]:
-    """Rows `out_keep` and input channels `in_keep` of a conv with `groups` groups (weight
-    [out, in/groups, k...]): each segment keeps its own rows and columns; segments left with
-    neither are dropped; the rest must keep equal counts."""
-    out_per, in_per = weight.shape[0] // groups, weight.shape[1]
-    blocks, biases = [], []
-    row_counts, col_counts = set(), set()
-    for j in range(groups):
-        rows = out_keep[(out_keep >= j * out_per) & (out_keep < (j + 1) * out_per)]
-        cols = in_keep[(in_keep >= j * in_per) & (in_keep < (j + 1) * in_per)] - j * in_per
-        if rows.size == 0 and cols.size == 0:
-            continue
-        if rows.size == 0 or cols.size == 0:
-            raise PruneError("a grouped conv would keep a group with no inputs or no outputs")
-        row_counts.add(rows.size)
-        col_counts.add(cols.size)
-        rows_t, cols_t = torch.from_numpy(rows), torch.from_numpy(cols)
-        blocks.append(weight[rows_t][:, cols_t])
-        if bias is not None:
-            biases.append(bias[rows_t])
-    if len(row_counts) != 1 or len(col_counts) != 1:
-        raise PruneError("a grouped conv's groups would keep different channel counts")
-    return (torch.cat(blocks), torch.cat(biases) if bias is not None else None, len(blocks))
-
-
-def _replace(gm: GraphModule, name: str, old: nn.Module, config: dict, tensors: dict) -> None:
-    reference = next(old.parameters(), None)
-    if reference is None:
-        reference = next(old.buffers())
-    with torch.device(reference.device):
-        new = make_module(config).to(reference.dtype)
-    new.train(old.training)
-    with torch.no_grad():
-        for key, value in tensors.items():
-            target = getattr(new, key)
-            if isinstance(target, nn.Parameter):
-                setattr(new, key, nn.Parameter(value.detach().clone().to(reference.dtype),
-                                               requires_grad=getattr(old, key).requires_grad))
-            else:
-                target.copy_(value)
-    put_module(gm, name, new)
-
-
-def _apply(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> None:
-    for group in cg.groups:
-        _composite_keep(cg, keep, group)
-    changed = {i for i, k in keep.items() if k.size != cg.groups[i].size}
-
-    def kept(node) -> np.ndarray:
-        index = cg.index[node]
-        return keep.get(index, np.arange(cg.groups[index].size))
-
-    for node in list(gm.graph.nodes):
-        module = _module(gm, node)
-        if not isinstance(module, (*CONV_MODULES, *BN_MODULES, nn.Linear)) or node not in cg.index:
-            continue
-        out_index = cg.index[node]
-        in_index = cg.index.get(node.args[0]) if node.args else None
-        if out_index not in changed and in_index not in changed:
-            continue
-        out_keep = torch.from_numpy(kept(node))
-        config = module_config(module)
-        if isinstance(module, BN_MODULES):
-            config["features"] = out_keep.numel()
-            tensors = {key: getattr(module, key)[out_keep] for key in
-                       ("weight", "bias", "running_mean", "running_var")
-                       if getattr(module, key) is not None}
-            if module.num_batches_tracked is not None:
-                tensors["num_batches_tracked"] = module.num_batches_tracked
-        elif isinstance(module, CONV_MODULES) and _depthwise(module):
-            config.update({"in": out_keep.numel(), "out": out_keep.numel(),
-                           "groups": out_keep.numel()})
-            tensors = {"weight": module.weight[out_keep]}
-            if module.bias is not None:
-                tensors["bias"] = module.bias[out_keep]
-        elif isinstance(module, CONV_MODULES):
-            weight, bias, groups = _grouped_weight(
-                module.weight.detach(), None if module.bias is None else module.bias.detach(),
-                module.groups, kept(node), kept(node.args[0]))
-            config.update({"in": int(weight.shape[1]) * groups, "out": int(weight.shape[0]),
-                           "groups": groups})
-            tensors = {"weight": weight, **({"bias": bias} if bias is not None else {})}
-        elif isinstance(module, nn.Linear):
-            in_keep = torch.from_numpy(kept(node.args[0]))
-            config.update({"in": in_keep.numel(), "out": out_keep.numel()})
-            tensors = {"weight": module.weight.detach()[out_keep][:, in_keep]}
-            if module.bias is not None:
-                tensors["bias"] = module.bias.detach()[out_keep]
-        else:
-            raise PruneError(f"cannot prune module {node.target} ({type(module).__name__})")
-        _replace(gm, str(node.target), module, config, tensors)
-    for node, read in cg.constants.items():  # per-channel constants: a layer scale, a bias
-        if cg.index[node] in changed:
-            at = torch.from_numpy(kept(node))
-            for name, axis, _ in read:
-                put_tensor(gm, name, attribute(gm, name).detach().index_select(axis, at))
-    for node, cut in cg.cuts.items():
-        if cut not in changed:
-            continue
-        whole = keep[cut]  # a cut's piece [a, b) keeps the whole's kept channels in [a, b)
-        if node.target in ("split", "chunk") or getattr(node.target, "__name__", "") in (
-                "split", "chunk"):
-            bounds = np.cumsum([0, *(meta.shape[1] for meta in node.meta["tensor_meta"])])
-            sizes = np.diff(np.searchsorted(whole, bounds)).tolist()
-            set_split(node, sizes)
-            record(gm, {"op": "split", "node": node.name, "sizes": sizes})
-        else:  # a slice x[:, a:b]
-            bounds = node.args[1][1].indices(cg.groups[cut].size)[:2]
-            start, stop = np.searchsorted(whole, bounds).tolist()
-            set_slice(node, start, stop)
-            record(gm, {"op": "split", "node": node.name, "slice": [start, stop]})
-    gm.graph.lint()
-    gm.recompile()
-
-
-# ---- the whole operation ----
-
-def _node_macs_params(gm: GraphModule) -> dict[str, tuple[int, int]]:
-    """module name -> (MACs, params), at the recorded shapes."""
-    result = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            one = complexity_report_of_node(gm, node)
-            result[str(node.target)] = one
-    return result
-
-
-def complexity_report_of_node(gm: GraphModule, node: Node) -> tuple[int, int]:
-    from archc.ir.analysis import _node_complexity  # the one counting rule of `archc info`
-
-    cx = _node_complexity(gm, node, set())
-    return cx.flops, cx.params
+    context = PassContext(example_inputs=(example,))
+    return run_pipeline(gm, list(pipelines()["canonical"]), context).graph_module
 
 
 def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):
@@ -587,49 +451,32 @@ def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):
     return gm, cg, units, notes, before
 
 
-def _keep_map(units: list[_Unit], decisions: list[np.ndarray]) -> dict[int, np.ndarray]:
-    keep: dict[int, np.ndarray] = {}
+def _sources(units: list[_Unit], decisions: list[np.ndarray]) -> Sources:
+    """group -> its kept channels (`archc.rewrite.channel_resize` sources without new channels)."""
+    kept_of: dict[int, np.ndarray] = {}
     for unit, kept in zip(units, decisions):
         for group in unit.groups:
-            keep[group.index] = kept
+            kept_of[group.index] = kept
         for leaf, channels in unit.pieces:
-            keep[leaf] = np.flatnonzero(np.isin(channels, kept))
-    return keep
+            kept_of[leaf] = np.flatnonzero(np.isin(channels, kept))
+    return {index: torch.as_tensor(kept, dtype=torch.long) for index, kept in kept_of.items()}
 
 
-def _estimated_macs(gm: GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray],
-                    macs: dict[str, tuple[int, int]]) -> int:
-    """The pruned model's MACs from the kept counts, without pruning (the graph's shapes are the
-    unpruned ones; spatial sizes do not change). Equal to what `prune` reports."""
-    for group in cg.groups:
-        _composite_keep(cg, keep, group)
-    total = sum(m for m, _ in macs.values())
-    for node in gm.graph.nodes:
-        module = _module(gm, node)
-        if not isinstance(module, (*CONV_MODULES, nn.Linear)) or node not in cg.index:
+def _estimated_macs(gm: GraphModule, cg: ChannelGraph, sources: Sources, before: int) -> int:
+    """The pruned model's MACs from the kept counts, without pruning: `before` plus, for every
+    conv and Linear that reads or writes a pruned group, its MACs at the kept counts less its
+    MACs now (`archc.ir.analysis.module_macs`: the graph's shapes are the unpruned ones, spatial
+    sizes do not change). Equal to what `prune` reports."""
+    total = before
+    for node, module, in_source, out_source in resized_layers(gm, cg, complete_sources(cg,
+                                                                                       sources)):
+        if not isinstance(module, (*CONV_MODULES, nn.Linear)):
             continue
-        out_group, in_group = cg.groups[cg.index[node]], cg.groups[cg.index[node.args[0]]]
-        out_kept = keep[out_group.index].size if out_group.index in keep else out_group.size
-        in_kept = keep[in_group.index].size if in_group.index in keep else in_group.size
-        old, _ = macs[str(node.target)]
-        bias = module.bias is not None
-        if isinstance(module, nn.Linear):
-            rows = old // (module.in_features * module.out_features + bias * module.out_features)
-            new = rows * (in_kept * out_kept + bias * out_kept)
-        else:
-            spatial = old // (math.prod(module.kernel_size) * module.in_channels
-                              * module.out_channels // module.groups + bias * module.out_channels)
-            if _depthwise(module):
-                groups = out_kept
-            elif module.groups == 1:
-                groups = 1
-            else:  # the kept segments of the output group
-                per = module.out_channels // module.groups
-                groups = len({int(o) // per for o in keep.get(out_group.index,
-                                                              np.arange(out_group.size))})
-            new = spatial * (math.prod(module.kernel_size) * in_kept * out_kept // groups
-                             + bias * out_kept)
-        total += new - old
+        groups = resized_groups(module.groups, module.in_channels, module.out_channels,
+                                out_source) if isinstance(module, CONV_MODULES) else None
+        total += module_macs(module, node, in_channels=len(in_source),
+                             out_channels=len(out_source), groups=groups) \
+            - module_macs(module, node)
     return total
 
 
@@ -637,11 +484,11 @@ def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig,
           prepared=None) -> PruneResult:
     """A pruned copy of `gm` (see the module docstring); `gm` is left as it is."""
     gm, cg, units, notes, before = prepared or _prepare(gm, example_input, config)
-    macs_before = _node_macs_params(gm)
+    macs_before = module_complexity(gm)
     decisions = _decide(units, config)
-    _apply(gm, cg, _keep_map(units, decisions))
+    resize_channels(gm, cg, _sources(units, decisions))
     after = complexity_report(gm, tuple(example_input.shape)).total
-    macs_after = _node_macs_params(gm)
+    macs_after = module_complexity(gm)
     changes = []
     for unit, kept in zip(units, decisions):
         policy = "keep-width" if unit.whole_segments else (
@@ -651,8 +498,9 @@ def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig,
                                              *group.channelwise) if n.op == "call_module"}
             changes.append(GroupChange(
                 group.label(), group.size, int(kept.size), policy,
-                sum(macs_before[n][0] for n in names), sum(macs_after[n][0] for n in names),
-                sum(macs_before[n][1] for n in names), sum(macs_after[n][1] for n in names)))
+                sum(macs_before[n].flops for n in names), sum(macs_after[n].flops for n in names),
+                sum(macs_before[n].params for n in names),
+                sum(macs_after[n].params for n in names)))
     return PruneResult(gm.eval(), (before.params, after.params), (before.flops, after.flops),
                        changes, notes)
 
@@ -672,16 +520,15 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
         raise PruneError(f"the MACs target must be a fraction in (0, 1), not {target}")
     prepared = _prepare(gm, example_input, make_config(0.5))
     copy_, cg, units, notes, before = prepared
-    macs = _node_macs_params(copy_)
 
     def fits(config: PruneConfig) -> bool:
-        keep = _keep_map(units, _decide(units, config))
-        return _estimated_macs(copy_, cg, keep, macs) <= target * before.flops
+        sources = _sources(units, _decide(units, config))
+        return _estimated_macs(copy_, cg, sources, before.flops) <= target * before.flops
 
     best = _smallest_fitting_ratio(lambda r: fits(make_config(r)), 0.0, 0.99, steps)
     if best is None:
-        keep = _keep_map(units, _decide(units, make_config(0.99)))
-        fraction = _estimated_macs(copy_, cg, keep, macs) / before.flops
+        sources = _sources(units, _decide(units, make_config(0.99)))
+        fraction = _estimated_macs(copy_, cg, sources, before.flops) / before.flops
         raise PruneError(f"cannot reach {100 * target:.0f}% of the MACs: at ratio 0.99 the "
                          f"pruned model keeps {100 * fraction:.1f}% (its other channels are "
                          f"fixed)")

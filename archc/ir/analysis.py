@@ -83,15 +83,8 @@ def _node_complexity(gm: GraphModule, node: Node, seen: set[str]) -> Complexity:
             cx.params = sum(p.numel() for p in module.parameters())
         if out is None:
             return cx
-        if isinstance(module, _CONVS):
-            cx.flops = _module_conv_flops(module, node, out)
-            cx.acts = _per_sample(out)
-        elif isinstance(module, nn.Linear):
-            rows = math.prod(out[1:-1]) if len(out) > 2 else 1
-            cx.flops = rows * (
-                module.in_features * module.out_features
-                + (module.out_features if module.bias is not None else 0)
-            )
+        if isinstance(module, (*_CONVS, nn.Linear)):
+            cx.flops = module_macs(module, node)
             cx.acts = _per_sample(out)
         elif isinstance(module, _POOLS):
             cx.acts = _per_sample(out)
@@ -121,21 +114,49 @@ def _node_complexity(gm: GraphModule, node: Node, seen: set[str]) -> Complexity:
     return cx
 
 
-def _module_conv_flops(module: nn.Module, node: Node, out: tuple[int, ...]) -> int:
+def module_macs(module: nn.Module, node: Node, *, in_channels: int | None = None,
+                out_channels: int | None = None, groups: int | None = None) -> int:
+    """Multiply-adds of the conv or Linear `module` called at `node`, at its recorded shapes, by
+    the rules above (0 without shapes or for another module). The keywords count the same layer
+    with other channel counts and the same spatial sizes: a pruned candidate before it is built.
+
+    Conv: prod(k) c_in c_out / g prod(out_spatial) + [bias] c_out prod(out_spatial); a transposed
+    conv runs its kernel at every input position: prod(in_spatial) in place of prod(out_spatial)
+    in the first term. Linear: rows (c_in c_out + [bias] c_out), rows = prod(out[1:-1])."""
+    out = node_shape(node)
+    if out is None:
+        return 0
     bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        c_in = module.in_features if in_channels is None else in_channels
+        c_out = module.out_features if out_channels is None else out_channels
+        rows = math.prod(out[1:-1]) if len(out) > 2 else 1
+        return rows * (c_in * c_out + (c_out if bias else 0))
+    if not isinstance(module, _CONVS):
+        return 0
+    c_in = module.in_channels if in_channels is None else in_channels
+    c_out = module.out_channels if out_channels is None else out_channels
+    g = module.groups if groups is None else groups
+    kernel = math.prod(module.kernel_size)
+    spatial = math.prod(out[2:])
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         source = node_shape(node.args[0]) if isinstance(node.args[0], Node) else None
         if source is None:
             return 0
-        kernel = math.prod(module.kernel_size)
-        macs = kernel * module.in_channels * module.out_channels // module.groups
-        return macs * math.prod(source[2:]) + (
-            module.out_channels * math.prod(out[2:]) if bias else 0
-        )
-    spatial = math.prod(out[2:])
-    kernel = math.prod(module.kernel_size)
-    macs = kernel * module.in_channels * module.out_channels // module.groups * spatial
-    return macs + (module.out_channels * spatial if bias else 0)
+        return kernel * c_in * c_out // g * math.prod(source[2:]) + (
+            c_out * spatial if bias else 0)
+    return kernel * c_in * c_out // g * spatial + (c_out * spatial if bias else 0)
+
+
+def module_complexity(gm: GraphModule) -> dict[str, Complexity]:
+    """module name -> the flops of its calls and its params, at the recorded shapes."""
+    found: dict[str, Complexity] = {}
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            found.setdefault(str(node.target), Complexity())
+            found[str(node.target)] += _node_complexity(gm, node, seen)
+    return found
 
 
 def stage_of(node: Node) -> str:

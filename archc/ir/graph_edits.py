@@ -136,11 +136,24 @@ def set_split(node: Node, sizes: list[int]) -> None:
     node.kwargs = {"dim": 1}
 
 
+def put_split(gm: GraphModule, node: Node, sizes: list[int]) -> None:
+    """`set_split` and record it."""
+    set_split(node, sizes)
+    record(gm, {"op": "split", "node": node.name, "sizes": list(sizes)})
+
+
 def set_slice(node: Node, start: int, stop: int) -> None:
+    """Make a channel slice `x[:, a:b]` take `x[:, start:stop]`."""
     x, index = node.args
     items = list(index) if isinstance(index, tuple) else [index]
     items[1] = slice(start, stop)
     node.args = (x, tuple(items))
+
+
+def put_slice(gm: GraphModule, node: Node, start: int, stop: int) -> None:
+    """`set_slice` and record it."""
+    set_slice(node, start, stop)
+    record(gm, {"op": "split", "node": node.name, "slice": [start, stop]})
 
 
 def chain(gm: GraphModule, node: Node, names: list[str]) -> Node:

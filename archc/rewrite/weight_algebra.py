@@ -26,7 +26,6 @@ Notation: `W ⋆ x` is the conv, sums over `c` run within the group of the outpu
          contiguous output blocks, so a plain cat of grouped weights regroups the channels)
     R11  shuffle y[:, j] = x[:, π_j]:   W ⋆ y = W' ⋆ x,  W'[:, π_j] = W[:, j]   (groups 1)
          (W ⋆ x + b)[:, π]      = W[π] ⋆ x + b[π]
-    pad  channel padding: W'[π_o(o), π_i(i)] = W[o, i], zeros elsewhere (`scatter_weight`)
 
 The identities, their conditions and the traps around them are written out in `docs/rewrites.md`.
 """
@@ -406,27 +405,3 @@ def permute_output_channels(
 def permute_vector(vector: Tensor, perm: Tensor | Sequence[int]) -> Tensor:
     """`v[π]`: BN statistics and affine parameters of a BN that follows a permuted producer."""
     return vector[_as_permutation(perm, vector.shape[0], "permute_vector")]
-
-
-def scatter_weight(weight: Tensor, out_index: Tensor, out_size: int, in_index: Tensor,
-                   in_size: int, groups: int, new_groups: int) -> Tensor:
-    """Channel padding: the weight of a conv or Linear (`[O, I / groups, k...]`, groups 1 for
-    Linear) whose output channel o moves to `out_index[o]` of `out_size` and input channel i to
-    `in_index[i]` of `in_size`, with `new_groups` groups; every other entry is 0:
-    W'[π_o(o), π_i(G(o) I/g + i) - G'(o) I'/g'] = W[o, i], G(o) = o // (O/g), G'(o) =
-    π_o(o) // (O'/g')."""
-    out_channels, per_group = weight.shape[:2]
-    old_inputs = ((torch.arange(out_channels) // (out_channels // groups))[:, None] * per_group
-                  + torch.arange(per_group))
-    new_group = out_index // (out_size // new_groups)
-    columns = in_index[old_inputs] - new_group[:, None] * (in_size // new_groups)
-    result = weight.new_zeros((out_size, in_size // new_groups, *weight.shape[2:]))
-    result[out_index[:, None].expand_as(columns), columns] = weight.detach()
-    return result
-
-
-def scatter_vector(vector: Tensor, index: Tensor, size: int, fill: float = 0.0) -> Tensor:
-    """Channel padding of a per-channel vector: `v'[index[i]] = v[i]`, `fill` elsewhere."""
-    result = vector.detach().new_full((size,), fill)
-    result[index] = vector.detach()
-    return result

@@ -25,7 +25,6 @@ from archc.compress.pruning import (
     CRITERIA,
     PruneConfig,
     PruneError,
-    _grouped_weight,
     _keep,
     _Unit,
     _unit_pieces,
@@ -35,6 +34,7 @@ from archc.compress.pruning import (
 from archc.frontend.blocks.layers import channel_shuffle
 from archc.ir.channels import SHUFFLE_SIZES, analyze_channels
 from archc.ir.init import randomize
+from archc.rewrite.channel_resize import gather, resize_weight, resized_groups
 from tests.helpers import kill_half
 
 X32 = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -169,8 +169,10 @@ def test_pruning_rule_keeps_equal_top_counts_per_segment(segments, per, want, ro
     conv = nn.Conv2d(size, size, 3, padding=1, groups=segments, bias=True).double()
     x = torch.randn(1, size, 5, 5, dtype=torch.float64)
     x[:, [c for c in range(size) if c not in set(kept.tolist())]] = 0
-    weight, bias, groups = _grouped_weight(conv.weight.detach(), conv.bias.detach(), segments,
-                                           kept, kept)
+    source = torch.from_numpy(kept)
+    groups = resized_groups(segments, size, size, source)
+    weight = resize_weight(conv.weight, source, source, segments, groups)
+    bias = gather(conv.bias, source)
     y = torch.nn.functional.conv2d(x[:, torch.from_numpy(kept)], weight, bias, padding=1,
                                    groups=groups)
     torch.testing.assert_close(y, conv(x)[:, torch.from_numpy(kept)])

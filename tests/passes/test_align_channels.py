@@ -23,7 +23,6 @@ from archc.ir.channels import analyze_channels
 from archc.ir.init import random_input, randomize
 from archc.ir.verify import relative_error
 from archc.passes import layout
-from archc.rewrite import weight_algebra as wa
 from archc.rewrite.pipeline import PassContext, run_pipeline
 from tests.helpers import TOLERANCE, Fn
 
@@ -100,27 +99,6 @@ def _reasons(report) -> list[str]:
 def _shapes(gm) -> dict[str, tuple[int, ...]]:
     return {name: tuple(m.weight.shape) for name, m in gm.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
-# ---- the weight scatter on its own ----
-
-@pytest.mark.parametrize("groups", [1, 3])
-def test_scatter_weight_matches_the_unpadded_conv(groups):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(12, 6, 3, padding=1, groups=groups).double()
-    x = torch.randn(2, 12, 5, 5, dtype=torch.double)
-    c, o = 12 // groups, 6 // groups  # per group: c -> c + 4 inputs, o -> o + 1 outputs
-    c_new, o_new = groups * (c + 4), groups * (o + 1)
-    segments = torch.arange(groups)[:, None]
-    in_index = (segments * (c + 4) + torch.arange(c)).flatten()
-    out_index = (segments * (o + 1) + torch.arange(o)).flatten()
-    weight = wa.scatter_weight(conv.weight, out_index, o_new, in_index, c_new, groups, groups)
-    padded_x = torch.full((2, c_new, 5, 5), 7.0, dtype=torch.double)  # padding is never read
-    padded_x[:, in_index] = x
-    y = F.conv2d(padded_x, weight, None, 1, 1, 1, groups)
-    assert torch.allclose(y[:, out_index], F.conv2d(x, conv.weight, None, 1, 1, 1, groups),
-                          rtol=0, atol=1e-12)
-    assert y[:, [i for i in range(o_new) if i not in out_index]].abs().max() == 0
 
 
 # ---- hand-built odd widths ----
