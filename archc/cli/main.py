@@ -85,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         problem = _output_problem(parser, args) or cli_build.option_problem(args)
         if problem:
             raise ArchcError(problem)
-        _create_output_folders(parser, args)
         commands = {
             **cli_build.HANDLERS,
             **cli_describe.HANDLERS,
@@ -93,7 +92,20 @@ def main(argv: list[str] | None = None) -> int:
             **cli_compress.HANDLERS,
             **cli_quant.HANDLERS,
         }
-        return commands[args.command](args)
+        created = _create_output_folders(parser, args)
+        try:
+            code = commands[args.command](args)
+        except BaseException:
+            _remove_empty(created)
+            raise
+        if code:
+            _remove_empty(created)
+        else:
+            from archc.cli.output import Output
+
+            for folder in created:
+                Output(args).note(f"created folder {folder}")
+        return code
     except ArchcError as exc:
         for line in exc.lines() if hasattr(exc, "lines") else [str(exc)]:
             print(f"error: {line}", file=sys.stderr)
@@ -144,17 +156,27 @@ def _output_problem(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return None
 
 
-def _create_output_folders(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _create_output_folders(parser: argparse.ArgumentParser,
+                           args: argparse.Namespace) -> list[Path]:
     """Create the missing folders the command's outputs go into (a `-o` file's folder, a folder
-    output such as `--dump-after`'s DIR), each said in one note; after the checks, before work."""
-    from archc.cli.output import Output
-
-    out = Output(args)
+    output such as `--dump-after`'s DIR), after the checks and before any work; the folders
+    created, outermost first. They are said only once the command succeeds (an error stays one
+    line) and removed again, if still empty, when it fails."""
+    created: list[Path] = []
     for path, kind in arguments.written_locations(parser, args):
         folder = path if kind == "folder" else path.parent
-        if not folder.exists():
+        missing = [f for f in (folder, *folder.parents) if not f.exists()]
+        if missing:
             folder.mkdir(parents=True)
-            out.note(f"created folder {folder}")
+            created += [f for f in reversed(missing) if f not in created]
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed command created, innermost first, where nothing was written."""
+    for folder in reversed(folders):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 if __name__ == "__main__":
