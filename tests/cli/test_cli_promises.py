@@ -10,16 +10,7 @@ from pathlib import Path
 import pytest
 
 from archc.cli.main import main
-
-TINY = """name: tiny
-input: {channels: 3, size: 32}
-num_classes: 10
-stem: {type: simple, width: 8}
-body:
-  type: anynet
-  stages:
-    - {block: res_basic, depth: 1, width: 16, stride: 2}
-"""
+from tests.cli.test_cli_usability import TINY
 
 
 @pytest.fixture(scope="module")
