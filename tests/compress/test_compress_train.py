@@ -80,7 +80,7 @@ def test_cli_slimming_teacher_and_pruned_fine_tuning(tmp_path, capsys):
     assert _bn_scale(slim) < _bn_scale(plain)  # the penalty pulled the scales down
     student = tmp_path / "student.pt"
     assert main(["train", str(spec), "-o", str(student), "--teacher", str(plain),
-                 "--kd-weight", "0.5", *common]) == 0
+                 "--kd-weight", "0.5", "--json", *common]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["compression"]["teacher"] == str(plain)
     assert metrics["config"]["task_weight"] == 0.5

@@ -87,6 +87,8 @@ def test_per_layer_pruning_is_always_expressible(block, widths, depth, grouped, 
     hidden 64 -> 20 at ratio 0.7: t = 10/3 gives 17); nor grouped RepVGG blocks, whose groups
     the spec derives from each block's input width and one group width per stage (a pruned group
     width read back may not even divide the pruned width: 8 channels in groups of 3)."""
+    if block == "repvgg" and grouped:  # rising widths: each stage's groups divide its width
+        widths = sorted(widths)
     stages = []
     for index, width in enumerate(widths):
         stage = {"block": block, "depth": depth, "width": width, "stride": 1 + index}
