@@ -158,8 +158,10 @@ def add_commands(commands) -> None:
                          help="bootstrap resample size as a fraction of the models (0.25)")
     analyze.add_argument("--bins", type=arguments.positive_int, default=10,
                          help="flops bins of the normalized EDF (default 10)")
+    analyze.add_argument("--permutations", type=arguments.positive_int, default=10_000,
+                         help="permutations of the test of the normalized EDFs (default 10,000)")
     analyze.add_argument("--seed", type=arguments.seed, default=0,
-                         help="bootstrap seed (default 0)")
+                         help="bootstrap and permutation seed (default 0)")
 
     fit = space_commands.add_parser(
         "fit",
@@ -297,7 +299,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from archc.space.report import load_results, write_report
+    from archc.space.report import comparison_text, load_results, write_report
 
     out = Output(args)
     spaces = load_results(args.results)
@@ -305,11 +307,19 @@ def _analyze(args: argparse.Namespace) -> int:
         if space.truncated:
             out.note(f"note: {space.files[0]}: skipped a cut-short last line")
     summary = write_report(spaces, args.output, args.resamples, args.seed, args.fraction,
-                           args.bins)
+                           args.bins, args.permutations)
     for space in summary["spaces"]:
         e = space["error"]
         out.say(f"{space['label']}: {counted(space['n'], 'model')} ({space['failed']} failed), "
                 f"error min {e['min']:.2f} mean {e['mean']:.2f} median {e['median']:.2f}")
+    if len(spaces) > 1:
+        dropped = [f"{space['normalized']['dropped']} of {space['label']}"
+                   for space in summary["spaces"] if space["normalized"]["dropped"]]
+        out.say(f"normalized EDFs: {summary['common_bins']} of "
+                f"{counted(summary['bins'], 'flops bin')} common; models dropped: "
+                f"{', '.join(dropped) if dropped else 'none'}")
+    for comparison in summary["comparisons"]:
+        out.say(comparison_text(comparison))
     out.say(f"wrote {args.output}/: {', '.join(summary['plots'])}, summary.json, summary.md")
     return 0
 
