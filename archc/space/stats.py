@@ -145,6 +145,8 @@ def stratified_permutation_test(errors_a: np.ndarray, weights_a: np.ndarray, bin
     """(D, p) of two weighted EDFs whose weights are constant per space within each bin (the
     normalized weights of the models kept): the stratified permutation test of the module
     docstring, B = `permutations`."""
+    if not np.array_equal(np.unique(bins_a), np.unique(bins_b)):
+        raise ValueError("the two samples must occupy the same bins (the common bins)")
     errors_a, errors_b = np.asarray(errors_a, float), np.asarray(errors_b, float)
     statistic = weighted_ks_statistic(errors_a, weights_a, errors_b, weights_b)
     strata = [(errors_a[bins_a == j], errors_b[bins_b == j]) for j in np.unique(bins_a)]

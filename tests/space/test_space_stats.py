@@ -188,6 +188,13 @@ def test_the_permutations_stay_within_bins():
     assert statistic == pytest.approx(0.0, abs=1e-12) and p == 1.0
 
 
+def test_the_permutation_test_needs_the_same_bins():
+    one = np.array([1.0, 2.0])
+    with pytest.raises(ValueError, match="same bins"):
+        stratified_permutation_test(one, np.full(2, 0.5), np.array([0, 1]), one,
+                                    np.full(2, 0.5), np.array([0, 0]), rng(0), 10)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 20)), min_size=1, max_size=20),
        st.lists(st.tuples(st.integers(0, 2), st.integers(0, 20)), min_size=1, max_size=20),
