@@ -213,9 +213,8 @@ def fit_spec(spec: Any) -> tuple[Fit | None, dict[str, Any]]:
     """Fit the widths of `spec` (any body) and return (fit, the RegNet spec mapping or {}).
 
     The RegNet keeps the spec's fields other than its name and body (input, classes, stem,
-    head, ...), and takes the block type, the
-    bottleneck, the group width and the SE ratio its stages share (else the most frequent); a
-    dense source stays dense (module docstring)."""
+    head, ...), and takes the block type, the bottleneck, the group width and the SE ratio its
+    stages share (else the most frequent); a dense source stays dense (module docstring)."""
     stages = spec.stages()
     bottleneck = shared_value([stage.bottleneck for stage in stages])
     dense = all(_groups(stage) == 1 for stage in stages)
@@ -267,8 +266,8 @@ def regnet_stage_fields(stage: Any) -> dict[str, Any]:
     groups = _groups(stage)
     return {"block": stage.block, "depth": stage.depth, "width": stage.width,
             "stride": stage.stride, "group_width": _group_width(stage) if groups > 1 else None,
-            "groups": groups,
-            "bottleneck_ratio": 1 / stage.bottleneck, "se_ratio": stage.se_ratio}
+            "groups": groups, "bottleneck_ratio": 1 / stage.bottleneck,
+            "se_ratio": stage.se_ratio}
 
 
 def relative_change(before: float, after: float) -> float:
