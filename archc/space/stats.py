@@ -4,7 +4,7 @@ Recognition"; 2020, "Designing Network Design Spaces"). Pure numpy.
 - Error EDF of n models with errors e_i and weights w_i (1/n each unless normalized):
   F(e) = sum_i w_i 1[e_i < e], the fraction of models with error below e. Plotted as the sorted
   errors against the running sum of their weights (as pycls).
-- Complexity-normalized EDF (2019, Sec. 3.2 "normalized comparison"): spaces whose models differ
+- Complexity-normalized EDF (2019, its "normalized comparison"): spaces whose models differ
   in complexity are compared by reweighting each space's models so that all compared spaces have
   the same complexity distribution, uniform over the bins they share. The complexity range of all
   compared spaces is cut into k log-spaced bins; the common bins are those every space occupies,
