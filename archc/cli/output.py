@@ -18,7 +18,7 @@ class Output:
     with --progress, never with --quiet), `report` the --json document to stdout (whenever --json
     asks for it, --quiet or not). Errors always reach stderr; a command's product written to
     stdout in place of a file (`schema`, `space fit` without -o) is not text about the work and
-    is always written."""
+    is always written (with --json, inside the report)."""
 
     def __init__(self, args: argparse.Namespace):
         self.quiet = getattr(args, "quiet", False)

@@ -158,8 +158,10 @@ def add_commands(commands) -> None:
                          help="bootstrap resample size as a fraction of the models (0.25)")
     analyze.add_argument("--bins", type=arguments.positive_int, default=10,
                          help="flops bins of the normalized EDF (default 10)")
+    analyze.add_argument("--permutations", type=arguments.positive_int, default=10_000,
+                         help="permutations of the test of the normalized EDFs (default 10,000)")
     analyze.add_argument("--seed", type=arguments.seed, default=0,
-                         help="bootstrap seed (default 0)")
+                         help="bootstrap and permutation seed (default 0)")
 
     fit = space_commands.add_parser(
         "fit",
@@ -173,6 +175,9 @@ def add_commands(commands) -> None:
     fit.add_argument("-o", "--output", type=arguments.output_path(FIT_FORMATS), metavar="OUT",
                      help="the fitted RegNet spec (.yaml/.json) for a spec, or a .jsonl of fits "
                      "for a samples/results file; default: print")
+    fit.add_argument("--json", action="store_true",
+                     help="one JSON report on stdout (the fit, what it changes, and the fitted "
+                     "spec or fits) instead of the text and the printed spec or fits")
 
     train = commands.add_parser(
         "train",
@@ -294,7 +299,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from archc.space.report import load_results, write_report
+    from archc.space.report import comparison_text, load_results, write_report
 
     out = Output(args)
     spaces = load_results(args.results)
@@ -302,18 +307,26 @@ def _analyze(args: argparse.Namespace) -> int:
         if space.truncated:
             out.note(f"note: {space.files[0]}: skipped a cut-short last line")
     summary = write_report(spaces, args.output, args.resamples, args.seed, args.fraction,
-                           args.bins)
+                           args.bins, args.permutations)
     for space in summary["spaces"]:
         e = space["error"]
         out.say(f"{space['label']}: {counted(space['n'], 'model')} ({space['failed']} failed), "
                 f"error min {e['min']:.2f} mean {e['mean']:.2f} median {e['median']:.2f}")
+    if len(spaces) > 1:
+        dropped = [f"{space['normalized']['dropped']} of {space['label']}"
+                   for space in summary["spaces"] if space["normalized"]["dropped"]]
+        out.say(f"normalized EDFs: {summary['common_bins']} of "
+                f"{counted(summary['bins'], 'flops bin')} common; models dropped: "
+                f"{', '.join(dropped) if dropped else 'none'}")
+    for comparison in summary["comparisons"]:
+        out.say(comparison_text(comparison))
     out.say(f"wrote {args.output}/: {', '.join(summary['plots'])}, summary.json, summary.md")
     return 0
 
 
 def _fit(args: argparse.Namespace) -> int:
     from archc.errors import SpaceError
-    from archc.space.fit import fit_spec
+    from archc.space.fit import fit_changes, fit_spec
 
     records = args.source.suffix.lower() == ".jsonl"
     if args.output is not None and (args.output.suffix.lower() == ".jsonl") != records:
@@ -330,22 +343,54 @@ def _fit(args: argparse.Namespace) -> int:
         raise SpaceError(f"no RegNet of depth {sum(s.depth for s in spec.stages())} has "
                          f"{counted(len(spec.stages()), 'stage')}", "body", str(args.source))
     fitted_spec = spec_from_mapping(fitted, "fitted spec")
+    changes = fit_changes(spec, fitted_spec)
     out = Output(args)
     out.note(f"{spec.name}: e_fit = {fit.e_fit:.4f} with w0 = {fit.w0}, wa = {fit.wa:g}, "
              f"wm = {fit.wm:g} (d = {len(fit.widths)})")
-    out.note(f"  widths {[s.width for s in spec.stages()]} x {[s.depth for s in spec.stages()]} "
-             f"-> {fit.stage_widths} x {fit.stage_depths}")
-    if any(stage.stride != 2 for stage in spec.stages()):
-        out.note("  note: every RegNet stage has stride 2, unlike the source's "
-                 f"{[s.stride for s in spec.stages()]}")
-    write_spec(fitted_spec.to_dict(), args.output, out)
+    for line in _change_lines(changes):
+        out.note(f"  {line}")
+    if changes["large"]:
+        out.note(f"warning: the fitted RegNet is a different network: "
+                 f"{'; '.join(changes['large'])}")
+    fitted_dict = fitted_spec.to_dict()
+    if args.output is not None or not out.json:
+        write_spec(fitted_dict, args.output, out)
+    out.report({"source": str(args.source), "e_fit": fit.e_fit, "w0": fit.w0, "wa": fit.wa,
+                "wm": fit.wm, "depth": len(fit.widths), "changes": changes,
+                "output": None if args.output is None else str(args.output),
+                "spec": fitted_dict})
     return 0
+
+
+def _change_lines(changes: dict) -> list[str]:
+    """`archc.space.fit.fit_changes` as text: each changed stage field, then the complexity."""
+    from archc.cli.output import count_text
+
+    lines = ["what the fit changes (source -> RegNet):"]
+    if not changes["stages"]:
+        lines.append("  stages: unchanged")
+    for name, change in changes["stages"].items():
+        lines.append(f"  {name.replace('_', ' ')}: {_stage_values(change['before'])} -> "
+                     f"{_stage_values(change['after'])}")
+    for name, change in changes["complexity"].items():
+        lines.append(f"  {name}: {count_text(change['before'])} -> {count_text(change['after'])} "
+                     f"({change['relative']:+.1%})")
+    return lines
+
+
+def _stage_values(values: list) -> str:
+    """Per-stage values: one value when every stage has it ("dense" for a group width of
+    None), else the list."""
+    shown = ["dense" if value is None else value for value in values]
+    if all(value == shown[0] for value in shown):
+        return f"{shown[0]} (every stage)"
+    return "[" + ", ".join(str(value) for value in shown) + "]"
 
 
 def _fit_records(args: argparse.Namespace) -> int:
     from archc.errors import SpaceError, SpecError
     from archc.frontend.spec import validate_schema
-    from archc.space.fit import fit_spec
+    from archc.space.fit import LARGE_CHANGE, fit_changes, fit_spec
     from archc.space.records import dumps, read_records, write_records
 
     out = Output(args)
@@ -360,20 +405,29 @@ def _fit_records(args: argparse.Namespace) -> int:
             raise SpaceError(f"the spec is not valid: {exc.message}", f"line {number}",
                              str(args.source)) from None
         fit, fitted = fit_spec(spec)
-        fits.append({"id": record.get("id", spec.name), "best_error": record.get("best_error"),
-                     "e_fit": None if fit is None else fit.e_fit,
-                     **({} if fit is None else {"w0": fit.w0, "wa": fit.wa, "wm": fit.wm,
-                                               "spec": fitted})})
-    if args.output is None:
-        for entry in fits:
-            print(dumps(entry))
-    else:
+        entry = {"id": record.get("id", spec.name), "best_error": record.get("best_error"),
+                 "e_fit": None if fit is None else fit.e_fit}
+        if fit is not None:
+            changes = fit_changes(spec, validate_schema(fitted, "fitted spec"))
+            entry.update(w0=fit.w0, wa=fit.wa, wm=fit.wm, changes=changes, spec=fitted)
+        fits.append(entry)
+    if args.output is not None:
         write_records(args.output, fits)
         out.note(f"wrote {args.output}: {counted(len(fits), 'fit')}")
+    elif not out.json:
+        for entry in fits:
+            print(dumps(entry))
     values = [f["e_fit"] for f in fits if f["e_fit"] is not None]
     if values:
         out.note(f"e_fit: median {float(sorted(values)[len(values) // 2]):.4f}, min "
                  f"{min(values):.4f}, max {max(values):.4f} over {counted(len(values), 'model')}")
+        different = sum(bool(f["changes"]["large"]) for f in fits if f["e_fit"] is not None)
+        out.note(f"{different} of {counted(len(values), 'fitted RegNet')} "
+                 f"{'is a different network' if different == 1 else 'are different networks'} "
+                 f"(flops or params beyond ±{LARGE_CHANGE:.0%}, or a form a RegNet cannot "
+                 f"express: the lines' changes.large)")
+    out.report({"source": str(args.source),
+                "output": None if args.output is None else str(args.output), "fits": fits})
     return 0
 
 

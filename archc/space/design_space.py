@@ -26,7 +26,13 @@ seed fixes the whole file on every machine. One try:
    decreasing: `archc.space.distributions.non_decreasing`);
 2. write the values into the base; with `adjust_groups` give each anynet stage that has a group
    width pycls' `adjust_block_compatibility`, as RegNet does (the group width is clamped to the
-   bottleneck width, which is rounded to a multiple of it, so the stage width may change);
+   bottleneck width, which is rounded to a multiple of it, so the stage width may change). With
+   a shared group width (`body.stages[*].group_width` drawn with `shared: true`, AnyNetX_C to E)
+   the clamp would give a stage narrower than g a g of its own: such a try is rejected instead,
+   so every accepted model has one g, the drawn one (the law of g becomes its drawn law
+   conditioned on g <= every stage's bottleneck width); the widths are only rounded to multiples
+   of g. `SamplingStats.adjusted` counts the accepted models the adjustment changed (a width or
+   a group width other than drawn);
 3. reject it if it fails the schema; if a RegNet body does not have the stage count it asks for
    with every stage exponent k used (pycls: stages = max(round(s_j)) + 1); if a monotonic field
    decreases in the final stages; if its analytic complexity (`archc.frontend.analytic_complexity`)
@@ -359,11 +365,16 @@ class Sample:
                 "spec": self.spec, "complexity": self.complexity, "parameters": self.parameters}
 
 
+SHARED_GROUP_REASON = "shared group width above a stage's bottleneck width"
+
+
 @dataclass
 class SamplingStats:
     tries: int = 0
     accepted: int = 0
     rejected: Counter = field(default_factory=Counter)  # reason -> count
+    adjusting: bool = False  # whether the space adjusts group widths (`adjust_groups`)
+    adjusted: int = 0  # accepted models whose widths or group widths the adjustment changed
 
     @property
     def acceptance(self) -> float:
@@ -373,6 +384,9 @@ class SamplingStats:
         reasons = ", ".join(f"{reason} {count:,}" for reason, count in self.rejected.most_common())
         text = (f"accepted {self.accepted:,} of {self.tries:,} tries "
                 f"(acceptance rate {100 * self.acceptance:.2f}%)")
+        if self.adjusting:
+            text += (f"; the group adjustment changed {self.adjusted:,} of the "
+                     f"{self.accepted:,} accepted")
         return f"{text}; rejected: {reasons}" if reasons else text
 
 
@@ -403,6 +417,8 @@ class Space:
         self.monotonic = [self._parse(text, f"monotonic[{i}]")
                           for i, text in enumerate(schema.monotonic)]
         self.monotonic_paths = set(schema.monotonic)
+        group_law = schema.parameters.get("body.stages[*].group_width")
+        self.shared_group_width = group_law is not None and group_law.shared
         for i, text in enumerate(schema.monotonic):
             law = schema.parameters.get(text)
             if law is None or law.shared or not self.paths[text].per_stage:
@@ -490,6 +506,7 @@ class Space:
         from archc.frontend.loading import spec_from_mapping
 
         stats = stats if stats is not None else SamplingStats()
+        stats.adjusting = self.schema.adjust_groups
         misses = 0
         for batch in itertools.count() if n > 0 else ():
             rng = np.random.Generator(
@@ -501,10 +518,10 @@ class Space:
                         f"({stats.summary()})", "window", self.source)
                 stats.tries += 1
                 misses += 1
-                reason = self._regnet_stage_count_refuses(values)
+                reason, adjusted = self._regnet_stage_count_refuses(values), False
                 if reason is None:
                     mapping = self.candidate(values)
-                    spec, complexity, reason = self._check(mapping)
+                    spec, complexity, reason, adjusted = self._check(mapping)
                 if reason is None:
                     try:
                         spec = spec_from_mapping(mapping, "<sample>")
@@ -516,6 +533,7 @@ class Space:
                 index = stats.accepted
                 sample_id = f"{self.name}_{index:04d}"
                 stats.accepted += 1
+                stats.adjusted += adjusted
                 misses = 0
                 spec_dict = spec.model_copy(update={"name": sample_id}).to_dict()
                 yield Sample(sample_id, index, spec_dict, complexity, values)
@@ -543,42 +561,47 @@ class Space:
             return f"regnet: not {count} stages, one per exponent k"
         return None
 
-    def _check(self, mapping: dict[str, Any]) -> tuple[Spec | None, dict[str, int], str | None]:
-        """(spec, complexity, None) or (_, _, the reason for rejecting `mapping`), cheapest and
-        most selective checks first; the cross-field checks of `spec_from_mapping` run last."""
+    def _check(self, mapping: dict[str, Any]
+               ) -> tuple[Spec | None, dict[str, int], str | None, bool]:
+        """(spec, complexity, None, whether the group adjustment changed `mapping`) or
+        (_, _, the reason for rejecting `mapping`, _), cheapest and most selective checks first;
+        the cross-field checks of `spec_from_mapping` run last."""
         from archc.frontend.analytic_complexity import spec_complexity
 
+        adjusted = False
         try:
             if self.schema.adjust_groups:
-                _adjust_groups(mapping)
+                adjusted, reason = _adjust_groups(mapping, self.shared_group_width)
+                if reason is not None:
+                    return None, {}, reason, adjusted
             spec = validate_schema(mapping, "<sample>")
         except SpecError as exc:
-            return None, {}, f"invalid spec ({exc.path})"
+            return None, {}, f"invalid spec ({exc.path})", adjusted
         body = spec.body
         stages = None
         if isinstance(body, RegNetBody):
             reason = f"regnet: not {body.num_stages or 'max(k) + 1'} stages, one per exponent k"
             sure = _last_exponent_is(body, body.num_stages) if body.num_stages else None
             if sure is False:
-                return None, {}, reason
+                return None, {}, reason, adjusted
             if sure is None:  # near a rounding boundary, or any stage count allowed: exactly
                 generated = generate_widths(body.depth, body.w0, body.wa, body.wm, body.q)
                 if generated.max_stages != len(generated.widths):
-                    return None, {}, reason
+                    return None, {}, reason, adjusted
             stages = spec.stages()
             if body.num_stages is not None and len(stages) != body.num_stages:
-                return None, {}, reason
+                return None, {}, reason, adjusted
         stages = spec.stages() if stages is None else stages
         for path in self.monotonic:
             values = [getattr(stage, path.leaf) for stage in stages]
             if any(later < earlier for earlier, later in zip(values, values[1:])):
-                return None, {}, f"monotonic {path.text}"
+                return None, {}, f"monotonic {path.text}", adjusted
         complexity = dict(zip(COMPLEXITY, spec_complexity(spec, stages)))
         for name in COMPLEXITY:
             bounds = getattr(self.schema.window, name)
             if bounds is not None and not bounds[0] <= complexity[name] <= bounds[1]:
-                return None, {}, f"{name} outside [{bounds[0]:g}, {bounds[1]:g}]"
-        return spec, complexity, None
+                return None, {}, f"{name} outside [{bounds[0]:g}, {bounds[1]:g}]", adjusted
+        return spec, complexity, None, adjusted
 
 def _last_exponent_is(body: RegNetBody, count: int) -> bool | None:
     """Whether the last block's exponent round(s), s = ln(u_{d-1} / w0) / ln(wm)
@@ -592,17 +615,22 @@ def _last_exponent_is(body: RegNetBody, count: int) -> bool | None:
     return low < last < high
 
 
-def _adjust_groups(mapping: dict[str, Any]) -> None:
-    """pycls' `adjust_block_compatibility` on every anynet stage that has a group width."""
+def _adjust_groups(mapping: dict[str, Any], shared: bool) -> tuple[bool, str | None]:
+    """pycls' `adjust_block_compatibility` on every anynet stage that has a group width:
+    (whether it changed a width or a group width, None), or (_, the rejection reason) when the
+    group width is `shared` and a stage would need a smaller one (module docstring)."""
     body = mapping.get("body", {})
     if body.get("type") != "anynet":
-        return
+        return False, None
     spec = validate_schema(mapping, "<sample>")
+    changed = False
     for stage_mapping, stage in zip(body["stages"], spec.body.stages):
         if stage.group_width is None:
             continue
         widths, group_widths = adjust_block_compatibility(
             [stage.width], stage.bottleneck, stage.group_width)
+        if shared and group_widths[0] != stage.group_width:
+            return changed, SHARED_GROUP_REASON
+        changed |= (widths[0], group_widths[0]) != (stage.width, stage.group_width)
         stage_mapping["width"], stage_mapping["group_width"] = widths[0], group_widths[0]
-
-
+    return changed, None

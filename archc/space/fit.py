@@ -22,6 +22,18 @@ between consecutive steps, so one r per interval finds the best wa exactly. The 
 the generator's formulas on whole grids with numpy; the best few candidates are then recomputed
 with `archc.frontend.regnet` itself, and that is the e_fit reported. wa and wm are rounded to the
 fewest decimals that keep the same widths.
+
+What the fit changes (`fit_changes`). A RegNet has one block type, one b, one g and one SE ratio
+for every stage, stride 2 in every stage, and every other stage field (kernel, expansion,
+activation, ...) at its default; its depths and widths are the fit's. A spec that is not a RegNet
+therefore comes back as a different network, and `fit_changes` says how: per stage, each field
+before -> after, and flops, params and acts before -> after with the relative change
+(after - before) / before. The fit is called a different network when |relative change| of flops
+or params exceeds LARGE_CHANGE, or when the RegNet form cannot express the source (several block
+types, strides other than 2, stage fields it cannot carry). A dense source (every stage's
+grouped conv has one group) is fitted with a group width no stage's bottleneck exceeds, so the
+RegNet stays dense (pycls clamps g to the bottleneck width), instead of taking the first stage's
+bottleneck width as g and grouping the later, wider stages.
 """
 
 from __future__ import annotations
@@ -38,6 +50,11 @@ from archc.frontend.regnet import adjust_block_compatibility, generate_widths
 GRID_POINTS = 400  # log-spaced wm values per w0
 INTERVAL_POINTS = 7  # wm values tried inside each interval that reproduces the stage widths
 VERIFIED = 8  # best grid candidates recomputed with archc.frontend.regnet
+DENSE_GROUP_WIDTH = 2**30  # the fit's g for a dense source: above every bottleneck width
+LARGE_CHANGE = 0.25  # |relative change| of flops or params that makes the fit a different network
+# stage fields a RegNet sets (`regnet_stage_fields`, and the bottleneck's two spellings)
+REGNET_STAGE_FIELDS = ("block", "depth", "width", "stride", "group_width", "groups",
+                       "bottleneck_ratio", "bottleneck_multiplier", "se_ratio")
 
 
 @dataclass(frozen=True)
@@ -195,15 +212,20 @@ def shared_value(values: list[Any]) -> Any:
 def fit_spec(spec: Any) -> tuple[Fit | None, dict[str, Any]]:
     """Fit the widths of `spec` (any body) and return (fit, the RegNet spec mapping or {}).
 
-    The RegNet keeps the spec's input, stem, head and classes, and takes the block type, the
-    bottleneck, the group width and the SE ratio its stages share (else the most frequent)."""
+    The RegNet keeps the spec's fields other than its name and body (input, classes, stem,
+    head, ...), and takes the block type, the bottleneck, the group width and the SE ratio its
+    stages share (else the most frequent); a dense source stays dense (module docstring)."""
     stages = spec.stages()
     bottleneck = shared_value([stage.bottleneck for stage in stages])
-    group_width = shared_value([_group_width(stage) for stage in stages])
+    dense = all(_groups(stage) == 1 for stage in stages)
+    group_width = DENSE_GROUP_WIDTH if dense else shared_value(
+        [_group_width(stage) for stage in stages])
     fit = fit_stages([s.width for s in stages], [s.depth for s in stages], bottleneck,
                      group_width, spec.body.q if hasattr(spec.body, "q") else 8)
     if fit is None:
         return None, {}
+    if dense:  # g clamps to each stage's bottleneck width: the widest keeps every stage dense
+        group_width = max(fit.group_widths)
     source = spec.to_dict()
     ratio = 1 / bottleneck
     body = {"type": "regnet", "block": shared_value([stage.block for stage in stages]),
@@ -216,15 +238,84 @@ def fit_spec(spec: Any) -> tuple[Fit | None, dict[str, Any]]:
         body["bottleneck_multiplier"] = bottleneck
     if "q" in source["body"]:
         body["q"] = source["body"]["q"]
-    fitted = {"name": f"{spec.name}_fit", **{key: source[key] for key in
-                                              ("input", "num_classes", "stem", "head")},
+    fitted = {"name": f"{spec.name}_fit",
+              **{key: value for key, value in source.items() if key not in ("name", "body")},
               "body": body}
     return fit, fitted
 
 
+def _bottleneck_width(stage: Any) -> int:
+    return int(round(stage.width * stage.bottleneck))
+
+
 def _group_width(stage: Any) -> int:
     """Channels per group of a stage's grouped conv (the whole bottleneck when dense)."""
-    bottleneck_width = int(round(stage.width * stage.bottleneck))
     if stage.group_width:
         return stage.group_width
-    return bottleneck_width // stage.groups if stage.groups else bottleneck_width
+    return _bottleneck_width(stage) // stage.groups if stage.groups else _bottleneck_width(stage)
+
+
+def _groups(stage: Any) -> int:
+    """Groups of a stage's grouped conv: bottleneck width / group width (1: dense)."""
+    return max(1, _bottleneck_width(stage) // _group_width(stage))
+
+
+def regnet_stage_fields(stage: Any) -> dict[str, Any]:
+    """A stage in the terms of a RegNet: block, depth d_i, width w_i, stride, group width g_i
+    (None: dense, one group), groups, bottleneck ratio b_i and SE ratio."""
+    groups = _groups(stage)
+    return {"block": stage.block, "depth": stage.depth, "width": stage.width,
+            "stride": stage.stride, "group_width": _group_width(stage) if groups > 1 else None,
+            "groups": groups, "bottleneck_ratio": 1 / stage.bottleneck,
+            "se_ratio": stage.se_ratio}
+
+
+def relative_change(before: float, after: float) -> float:
+    """(after - before) / before."""
+    return (after - before) / before
+
+
+def fit_changes(source: Any, fitted: Any) -> dict[str, Any]:
+    """What the fitted RegNet spec `fitted` changes of the spec `source` (module docstring):
+
+    - `stages`: per field that differs in some stage, its per-stage values `before` and `after`
+      (the RegNet fields of `regnet_stage_fields`, then every other stage field);
+    - `complexity`: flops, params and acts `before`, `after` and their `relative` change;
+    - `large`: the reasons the fit is a different network, one phrase each (empty: none)."""
+    from archc.frontend.analytic_complexity import spec_complexity
+
+    source_stages, fitted_stages = source.stages(), fitted.stages()
+    stages: dict[str, dict[str, list[Any]]] = {}
+    summaries = ([regnet_stage_fields(s) for s in source_stages],
+                 [regnet_stage_fields(s) for s in fitted_stages])
+    for name in summaries[0][0]:
+        before, after = ([summary[name] for summary in side] for side in summaries)
+        if before != after:
+            stages[name] = {"before": before, "after": after}
+    dumps = ([s.model_dump(mode="json") for s in source_stages],
+             [s.model_dump(mode="json") for s in fitted_stages])
+    dropped = []
+    for name in dumps[0][0]:
+        if name in REGNET_STAGE_FIELDS:
+            continue
+        before, after = ([dump[name] for dump in side] for side in dumps)
+        if before != after:
+            stages[name] = {"before": before, "after": after}
+            dropped.append(name)
+    complexity = {}
+    for name, before, after in zip(("flops", "params", "acts"), spec_complexity(source),
+                                   spec_complexity(fitted)):
+        complexity[name] = {"before": before, "after": after,
+                            "relative": relative_change(before, after)}
+    large = [f"{name} {complexity[name]['relative']:+.1%} (beyond ±{LARGE_CHANGE:.0%})"
+             for name in ("flops", "params")
+             if abs(complexity[name]["relative"]) > LARGE_CHANGE]
+    blocks = sorted({stage.block for stage in source_stages})
+    if len(blocks) > 1:
+        large.append(f"one block type, {fitted_stages[0].block}, for stages of "
+                     f"{', '.join(blocks)}")
+    if "stride" in stages:
+        large.append(f"stride 2 in every stage, not {stages['stride']['before']}")
+    if dropped:
+        large.append(f"{', '.join(dropped)} at a RegNet's default")
+    return {"stages": stages, "complexity": complexity, "large": large}

@@ -9,6 +9,13 @@ b and g the value the stages share (else the most frequent), and w0, wa, wm and 
 the quantized linear fit of its widths (`archc.space.fit`), as the paper analyses AnyNetX_E; plus
 flops, params and acts, and every numeric parameter the sampler drew for all stages at once. The
 statistics are `archc.space.stats`; plots use matplotlib's Agg backend, in PNG and SVG.
+
+The flops-normalized EDFs of all the spaces share one normalization: `--bins` log-spaced bins over
+the flops of every space, weights uniform over the bins every space occupies, models in other
+bins dropped (and counted). Each pair of spaces is tested for a difference: its error EDFs by the
+exact two-sample Kolmogorov-Smirnov test, its normalized EDFs (as plotted) by the stratified
+permutation test of the weighted KS statistic; the summary says, per pair, D, p and the sample
+sizes, and whether p < ALPHA (per pair, no correction for the number of pairs).
 """
 
 from __future__ import annotations
@@ -23,13 +30,23 @@ import numpy as np
 from archc.common.fileio import atomic_output
 from archc.errors import SpaceError
 from archc.space.records import read_records
-from archc.space.stats import bootstrap_best, edf, log_bins, normalized_weights
+from archc.space.stats import (
+    bin_index,
+    bootstrap_best,
+    common_bins,
+    edf,
+    ks_two_sample,
+    log_bins,
+    normalized_weights,
+    stratified_permutation_test,
+)
 
 TREND_METRICS = ("d", "w0", "wa", "wm", "b", "g", "flops")
 LABELS = {"d": "depth d", "w0": "w0", "wa": "wa", "wm": "wm", "b": "bottleneck ratio b",
           "g": "group width g", "flops": "flops (M)", "params": "params (M)",
           "acts": "acts (M)", "e_fit": "e_fit"}
 SCALE = {"flops": 1e-6, "params": 1e-6, "acts": 1e-6}
+ALPHA = 0.05  # the level at which a pair's test is said to show a difference
 NAMED_PATHS = {"body.depth", "body.w0", "body.wa", "body.wm", "body.group_width",
                "body.bottleneck_ratio", "body.bottleneck_multiplier",
                "body.stages[*].bottleneck_ratio", "body.stages[*].group_width"}  # d, w0, ..., g
@@ -126,10 +143,67 @@ def load_results(paths: list[Path]) -> list[SpaceResults]:
     return spaces
 
 
+@dataclass
+class Normalized:
+    """The flops-normalized EDFs of the spaces (module docstring): the bin edges, which bins are
+    common, and per space the errors, weights and bins of the models kept, and the count of
+    models with flops that were dropped."""
+
+    edges: np.ndarray | None  # None: no model has flops
+    common: np.ndarray  # bool per bin
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (errors, weights, bins) per space
+    dropped: list[int]
+
+
+def normalize(spaces: list[SpaceResults], bins: int) -> Normalized:
+    columns = [space.column("flops") for space in spaces]
+    if not any(len(flops) for flops, _ in columns):
+        empty = (np.empty(0), np.empty(0), np.empty(0, dtype=np.int64))
+        return Normalized(None, np.zeros(bins, bool), [empty] * len(spaces),
+                          [0] * len(spaces))
+    edges = log_bins([flops for flops, _ in columns], bins)
+    common = common_bins([flops for flops, _ in columns], edges)
+    kept, dropped = [], []
+    for flops, errors in columns:
+        weights = normalized_weights(flops, edges, common)
+        keep = weights > 0
+        kept.append((errors[keep], weights[keep], bin_index(flops, edges)[keep]))
+        dropped.append(int((~keep).sum()))
+    return Normalized(edges, common, kept, dropped)
+
+
+def compare(spaces: list[SpaceResults], normalized: Normalized, seed: int,
+            permutations: int) -> list[dict[str, Any]]:
+    """Per pair of spaces: the KS test of their error EDFs and the permutation test of their
+    normalized EDFs (None when either space keeps no model)."""
+    comparisons = []
+    for first in range(len(spaces)):
+        for second in range(first + 1, len(spaces)):
+            a, b = spaces[first], spaces[second]
+            statistic, p = ks_two_sample(a.errors, b.errors)
+            entry: dict[str, Any] = {
+                "spaces": [a.label, b.label],
+                "edf": {"statistic": statistic, "p": p, "n": [len(a.errors), len(b.errors)]},
+                "normalized_edf": None}
+            kept_a, kept_b = normalized.kept[first], normalized.kept[second]
+            if len(kept_a[0]) and len(kept_b[0]):
+                rng = np.random.Generator(np.random.PCG64(
+                    np.random.SeedSequence([seed, first, second], spawn_key=(1,))))
+                statistic, p = stratified_permutation_test(*kept_a, *kept_b, rng, permutations)
+                entry["normalized_edf"] = {"statistic": statistic, "p": p,
+                                           "n": [len(kept_a[0]), len(kept_b[0])],
+                                           "permutations": permutations}
+            comparisons.append(entry)
+    return comparisons
+
+
 def summarize(spaces: list[SpaceResults], resamples: int, seed: int, fraction: float,
-              bins: int) -> dict[str, Any]:
+              bins: int, permutations: int = 10_000) -> dict[str, Any]:
+    normalized = normalize(spaces, bins)
     summary: dict[str, Any] = {"resamples": resamples, "fraction": fraction, "seed": seed,
-                               "normalized_by": "flops", "bins": bins, "spaces": []}
+                               "normalized_by": "flops", "bins": bins,
+                               "common_bins": int(normalized.common.sum()),
+                               "permutations": permutations, "alpha": ALPHA, "spaces": []}
     for index, space in enumerate(spaces):
         errors = np.asarray(space.errors)
         best = int(np.argmin(errors))
@@ -140,6 +214,8 @@ def summarize(spaces: list[SpaceResults], resamples: int, seed: int, fraction: f
                  "best": {"id": space.ids[best], "error": float(errors[best]),
                           **{k: space.metrics[best][k] for k in ("flops", "params", "acts")
                              if k in space.metrics[best]}},
+                 "normalized": {"kept": len(normalized.kept[index][0]),
+                                "dropped": normalized.dropped[index]},
                  "bootstrap": {}}
         for name in space.metric_names():
             values, metric_errors = space.column(name)
@@ -149,7 +225,21 @@ def summarize(spaces: list[SpaceResults], resamples: int, seed: int, fraction: f
             entry["bootstrap"][name] = {"low": low, "median": median, "high": high,
                                         "models": len(values)}
         summary["spaces"].append(entry)
+    summary["comparisons"] = compare(spaces, normalized, seed, permutations)
     return summary
+
+
+def comparison_text(comparison: dict[str, Any]) -> str:
+    """One line: each test's D, p and sample sizes, and what p says at level ALPHA."""
+    def said(test: dict[str, Any]) -> str:
+        verdict = ("differ" if test["p"] < ALPHA else "cannot be told apart")
+        return (f"D = {test['statistic']:.3f}, p = {test['p']:.3g} (n = {test['n'][0]}, "
+                f"{test['n'][1]}): {verdict} at the {ALPHA:.0%} level")
+
+    first, second = comparison["spaces"]
+    normalized = comparison["normalized_edf"]
+    return (f"{first} vs {second}: error EDFs {said(comparison['edf'])}; normalized EDFs "
+            + (said(normalized) if normalized else "not compared (no common flops bin)"))
 
 
 def _figure_style():
@@ -166,13 +256,14 @@ def _figure_style():
 def plot_edfs(spaces: list[SpaceResults], bins: int, normalized: bool):
     plt = _figure_style()
     figure, axis = plt.subplots(figsize=(5.0, 3.6))
-    edges = log_bins([s.column("flops")[0] for s in spaces], bins) if normalized else None
+    kept = normalize(spaces, bins).kept if normalized else None
     for index, space in enumerate(spaces):
         errors = np.asarray(space.errors)
         weights = None
         if normalized:
-            flops, errors = space.column("flops")
-            weights = normalized_weights(flops, edges)
+            errors, weights, _ = kept[index]
+            if not len(errors):
+                continue
         x, cumulative = edf(errors, weights)
         label = f"{space.label}  {len(x)} | {x.min():.1f} | {errors.mean():.1f}"
         axis.plot(np.concatenate([[x[0]], x]), np.concatenate([[0.0], cumulative]),
@@ -180,7 +271,11 @@ def plot_edfs(spaces: list[SpaceResults], bins: int, normalized: bool):
     axis.set_xlabel("error (%)")
     axis.set_ylabel("cumulative prob." + (" (flops-normalized)" if normalized else ""))
     axis.set_ylim(0, 1.02)
-    axis.legend(loc="lower right", title="n | min | mean")
+    if axis.get_lines():
+        axis.legend(loc="lower right", title="n | min | mean")
+    else:
+        axis.text(0.5, 0.5, "no flops bin common to every space", ha="center",
+                  transform=axis.transAxes)
     figure.tight_layout()
     return figure
 
@@ -211,9 +306,10 @@ def plot_trends(spaces: list[SpaceResults], summary: dict[str, Any]):
 
 
 def write_report(spaces: list[SpaceResults], out_dir: Path, resamples: int, seed: int,
-                 fraction: float = 0.25, bins: int = 10) -> dict[str, Any]:
+                 fraction: float = 0.25, bins: int = 10,
+                 permutations: int = 10_000) -> dict[str, Any]:
     """Compute everything, then write the plots, summary.json and summary.md into `out_dir`."""
-    summary = summarize(spaces, resamples, seed, fraction, bins)
+    summary = summarize(spaces, resamples, seed, fraction, bins, permutations)
     figures = {"edf": plot_edfs(spaces, bins, normalized=False),
                "edf_normalized": plot_edfs(spaces, bins, normalized=True),
                "trends": plot_trends(spaces, summary)}
@@ -224,6 +320,7 @@ def write_report(spaces: list[SpaceResults], out_dir: Path, resamples: int, seed
             with atomic_output(out_dir / f"{name}.{kind}") as temporary:
                 figure.savefig(temporary, format=kind, dpi=110,
                                metadata={"Date": None} if kind == "svg" else {"Software": None})
+        _figure_style().close(figure)  # pyplot keeps every figure until closed
     for name, text in (("summary.json", json.dumps(summary, indent=1) + "\n"),
                        ("summary.md", markdown(summary))):
         with atomic_output(out_dir / name) as temporary:
@@ -243,6 +340,31 @@ def markdown(summary: dict[str, Any]) -> str:
         e = space["error"]
         lines.append(f"| {space['label']} | {space['n']} | {space['failed']} | {e['min']:.2f} | "
                      f"{e['mean']:.2f} | {e['median']:.2f} | {space['best']['id']} |")
+    lines += ["", "## Normalized EDFs", "",
+              f"Flops-normalized: {summary['common_bins']} of {summary['bins']} log-spaced flops "
+              f"bins hold models of every space; each space's weight is uniform over those bins, "
+              f"and its models in the other bins are dropped.", "",
+              "| space | models kept | dropped |", "|---|---|---|"]
+    for space in summary["spaces"]:
+        lines.append(f"| {space['label']} | {space['normalized']['kept']} | "
+                     f"{space['normalized']['dropped']} |")
+    if summary["comparisons"]:
+        lines += ["", "## Do the spaces differ?", "",
+                  f"Error EDFs: exact two-sample Kolmogorov-Smirnov test. Normalized EDFs: the "
+                  f"weighted KS statistic D, p by {summary['permutations']:,} permutations of "
+                  f"the errors within each common bin. p < {summary['alpha']} is read as a "
+                  f"difference (per pair, uncorrected); a larger p means these samples cannot "
+                  f"tell the spaces apart, not that they are alike.", "",
+                  "| spaces | n | D | p | normalized n | D | p |",
+                  "|---|---|---|---|---|---|---|"]
+        for comparison in summary["comparisons"]:
+            raw, normalized = comparison["edf"], comparison["normalized_edf"]
+            cells = (["-", "-", "-"] if normalized is None else
+                     [f"{normalized['n'][0]}, {normalized['n'][1]}",
+                      f"{normalized['statistic']:.3f}", f"{normalized['p']:.3g}"])
+            lines.append(f"| {' vs '.join(comparison['spaces'])} | {raw['n'][0]}, "
+                         f"{raw['n'][1]} | {raw['statistic']:.3f} | {raw['p']:.3g} | "
+                         + " | ".join(cells) + " |")
     lines += ["", "## Best value of each parameter (median [95% interval])", "",
               "| parameter | " + " | ".join(s["label"] for s in summary["spaces"]) + " |",
               "|---|" + "---|" * len(summary["spaces"])]

@@ -235,7 +235,7 @@ def test_quiet_prints_nothing_but_json_still_prints_the_report(command, quiet_in
             for part in QUIET_RUNS[command]]
     assert main([*argv, "--quiet"]) == 0
     assert capfd.readouterr() == ("", "")
-    if command in ("eval", "train", "info", "models", "lowrank"):  # --json: asked, so printed
+    if command in ("eval", "train", "info", "models", "lowrank", "space fit"):  # --json: asked
         import json
 
         assert main([*argv, "--quiet", "--json"]) == 0

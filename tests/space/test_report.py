@@ -123,18 +123,35 @@ def test_summary_numbers_are_the_statistics_of_the_results(tmp_path):
         assert values.min() <= low <= median <= high <= values.max()
 
 
+def _shifted(path: Path, factor: float) -> Path:
+    """The results file with every model's flops multiplied by `factor`."""
+    records = _lines(path)
+    for record in records:
+        record["complexity"]["flops"] = int(record["complexity"]["flops"] * factor)
+    return _write(path, records)
+
+
 def test_plotted_edfs_are_the_statistics_edfs(tmp_path):
-    paths = [_space(tmp_path, "alpha", seed=0), _space(tmp_path, "beta", n=11, seed=1)]
+    """The normalized EDFs keep the models in the bins both spaces occupy (beta's flops are
+    shifted up, so some of alpha's lowest and beta's highest are dropped)."""
+    paths = [_space(tmp_path, "alpha", seed=0), _shifted(_space(tmp_path, "beta", n=11, seed=1),
+                                                         1.6)]
     spaces = load_results(paths)
     records = [_lines(path) for path in paths]
     errors = [np.array([r["best_error"] for r in rs]) for rs in records]
     flops = [np.array([r["complexity"]["flops"] for r in rs], dtype=float) for rs in records]
     edges = stats.log_bins(flops, BINS)
+    common = stats.common_bins(flops, edges)
+    assert 0 < common.sum() < BINS
     for normalized in (False, True):
         lines = plot_edfs(spaces, BINS, normalized).axes[0].get_lines()
         assert len(lines) == 2
         for line, space_errors, space_flops in zip(lines, errors, flops):
-            weights = stats.normalized_weights(space_flops, edges) if normalized else None
+            weights = None
+            if normalized:
+                weights = stats.normalized_weights(space_flops, edges, common)
+                space_errors, weights = space_errors[weights > 0], weights[weights > 0]
+                assert len(space_errors) < len(space_flops)
             x, cumulative = stats.edf(space_errors, weights)
             np.testing.assert_array_equal(line.get_xdata(), np.concatenate([[x[0]], x]))
             np.testing.assert_allclose(line.get_ydata(), np.concatenate([[0.0], cumulative]))
@@ -161,6 +178,69 @@ def test_two_spaces_side_by_side(tmp_path, capsys):
     assert "| parameter | alpha | beta |" in text and "|---|---|---|" in text
     printed = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in printed[:2]] == ["alpha", "beta"]
+
+
+def test_each_pair_of_spaces_is_tested(tmp_path, capsys):
+    """summary.json, summary.md and the printed lines carry, per pair, the exact KS test of the
+    error EDFs and the permutation test of the normalized EDFs, computed here directly."""
+    paths = [_space(tmp_path, "alpha", seed=0), _shifted(_space(tmp_path, "beta", n=11, seed=1),
+                                                         1.6), _space(tmp_path, "gamma", seed=2)]
+    out = tmp_path / "report"
+    assert main(["space", "analyze", *map(str, paths), "-o", str(out), "--resamples", "50",
+                 "--bins", str(BINS), "--seed", str(SEED), "--permutations", "400"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    records = [_lines(path) for path in paths]
+    errors = [np.array([r["best_error"] for r in rs]) for rs in records]
+    flops = [np.array([r["complexity"]["flops"] for r in rs], dtype=float) for rs in records]
+    edges = stats.log_bins(flops, BINS)
+    common = stats.common_bins(flops, edges)
+    assert summary["common_bins"] == common.sum() and summary["permutations"] == 400
+    kept = []
+    for space, space_flops, space_errors in zip(summary["spaces"], flops, errors):
+        weights = stats.normalized_weights(space_flops, edges, common)
+        keep = weights > 0
+        assert space["normalized"] == {"kept": int(keep.sum()), "dropped": int((~keep).sum())}
+        kept.append((space_errors[keep], weights[keep], stats.bin_index(space_flops, edges)[keep]))
+    assert sum(space["normalized"]["dropped"] for space in summary["spaces"]) > 0
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    assert [c["spaces"] for c in summary["comparisons"]] == [
+        [summary["spaces"][i]["label"], summary["spaces"][j]["label"]] for i, j in pairs]
+    printed = capsys.readouterr().out.splitlines()
+    for (i, j), comparison in zip(pairs, summary["comparisons"]):
+        statistic, p = stats.ks_two_sample(errors[i], errors[j])
+        assert comparison["edf"] == {"statistic": statistic, "p": p,
+                                     "n": [len(errors[i]), len(errors[j])]}
+        generator = np.random.Generator(np.random.PCG64(
+            np.random.SeedSequence([SEED, i, j], spawn_key=(1,))))
+        statistic, p = stats.stratified_permutation_test(*kept[i], *kept[j], generator, 400)
+        assert comparison["normalized_edf"] == {
+            "statistic": statistic, "p": p, "n": [len(kept[i][0]), len(kept[j][0])],
+            "permutations": 400}
+        raw = comparison["edf"]
+        verdict = "differ" if raw["p"] < 0.05 else "cannot be told apart"
+        line = next(line for line in printed if line.startswith(" vs ".join(
+            comparison["spaces"]) + ":"))
+        assert (f"error EDFs D = {raw['statistic']:.3f}, p = {raw['p']:.3g} (n = "
+                f"{raw['n'][0]}, {raw['n'][1]}): {verdict} at the 5% level; normalized EDFs D = "
+                f"{statistic:.3f}, p = {p:.3g}") in line
+    dropped = ", ".join(f"{s['normalized']['dropped']} of {s['label']}"
+                        for s in summary["spaces"] if s["normalized"]["dropped"])
+    assert (f"normalized EDFs: {common.sum()} of {BINS} flops bins common; models dropped: "
+            f"{dropped}") in printed
+    text = (out / "summary.md").read_text()
+    assert "## Do the spaces differ?" in text and "| alpha vs beta | 16, 11 |" in text
+    assert f"| beta | {summary['spaces'][1]['normalized']['kept']} | " in text
+
+
+def test_spaces_without_a_common_bin_are_not_compared_normalized(tmp_path, capsys):
+    paths = [_space(tmp_path, "alpha", seed=0), _shifted(_space(tmp_path, "beta", seed=1), 10)]
+    assert _analyze(paths, tmp_path / "report") == 0
+    summary = json.loads((tmp_path / "report/summary.json").read_text())
+    assert summary["common_bins"] == 0
+    assert [s["normalized"] for s in summary["spaces"]] == [{"kept": 0, "dropped": 16}] * 2
+    (comparison,) = summary["comparisons"]
+    assert comparison["normalized_edf"] is None and comparison["edf"]["n"] == [16, 16]
+    assert "normalized EDFs not compared (no common flops bin)" in capsys.readouterr().out
 
 
 def test_two_files_of_one_space_keep_apart(tmp_path):

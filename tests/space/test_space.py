@@ -85,12 +85,8 @@ def assert_constraints_hold(space, sample):
         if not distribution.shared:
             continue
         leaf, drawn = path.split(".")[-1], sample.parameters[path]
-        for stage in stages:  # b_i = b, g_i = g, one SE ratio for all stages
-            if leaf == "group_width" and stage.group_width != drawn:
-                # pycls' compatibility rule: a g above the bottleneck width becomes that width
-                assert stage.group_width == int(round(stage.width * stage.bottleneck)) < drawn
-            else:
-                assert getattr(stage, leaf) == drawn, path
+        for stage in stages:  # b_i = b, g_i = g (also after the group adjustment), one SE ratio
+            assert getattr(stage, leaf) == drawn, path
     for path in space.monotonic:
         values = [getattr(stage, path.leaf) for stage in stages]
         assert values == sorted(values), (path.text, values)
@@ -115,6 +111,51 @@ def test_samples_of_every_space_are_valid(spaces, name):
     assert sum(stats.rejected.values()) == stats.tries - 12
     for sample in samples:
         assert_constraints_hold(spaces[name], sample)
+
+
+def widths_changed(sample) -> bool:
+    return [s["width"] for s in sample.spec["body"]["stages"]] != sample.parameters[
+        "body.stages[*].width"]
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_a_shared_group_width_stays_shared(spaces, seed):
+    """AnyNetX_C, D and E: after the group adjustment every model has one group width, the drawn
+    one, and the adjustment count is the number of models whose widths differ from the draw."""
+    for name in ("anynetx_c", "anynetx_d", "anynetx_e"):
+        stats = SamplingStats()
+        samples = list(spaces[name].samples(4, seed, stats))
+        for sample in samples:
+            groups = {stage["group_width"] for stage in sample.spec["body"]["stages"]}
+            assert groups == {sample.parameters["body.stages[*].group_width"]}, name
+        assert stats.adjusted == sum(widths_changed(sample) for sample in samples)
+
+
+def test_the_adjustment_count_of_unshared_group_widths(spaces):
+    """AnyNetX_A clamps each stage's g to its bottleneck width: a model counts as changed when
+    a width or a group width differs from the draw."""
+    stats = SamplingStats()
+    samples = list(spaces["anynetx_a"].samples(12, 3, stats))
+    changed = [widths_changed(sample) or [s["group_width"] for s in sample.spec["body"]["stages"]]
+               != sample.parameters["body.stages[*].group_width"] for sample in samples]
+    assert stats.adjusted == sum(changed) > 0
+    assert f"the group adjustment changed {sum(changed)} of the 12 accepted" in stats.summary()
+
+
+def test_sample_reports_the_adjusted_models(tmp_path, capsys):
+    output = tmp_path / "s.jsonl"
+    assert main(["space", "sample", str(ROOT / "spaces/anynetx_c.yaml"), "-n", "8", "--seed",
+                 "1", "-o", str(output)]) == 0
+    records, _ = read_records(output)
+    changed = sum([s["width"] for s in r["spec"]["body"]["stages"]]
+                  != r["parameters"]["body.stages[*].width"] for r in records)
+    err = capsys.readouterr().err
+    assert f"the group adjustment changed {changed} of the 8 accepted" in err
+    assert "shared group width above a stage's bottleneck width" in err
+    assert main(["space", "sample", str(ROOT / "spaces/regnetx.yaml"), "-n", "2", "-o",
+                 str(output)]) == 0
+    assert "group adjustment" not in capsys.readouterr().err
 
 
 def test_same_seed_same_bytes_different_seed_different(tmp_path, capsys):
@@ -216,6 +257,8 @@ EXPECTED = {
     "monotonic_shared.yaml": ("monotonic[0]", "unshared stages[*] parameter"),
     "window_reversed.yaml": ("window", "exceeds max"),
     "empty_window.yaml": ("window", "nothing can be sampled: 2,000 tries in a row"),
+    "shared_group_too_wide.yaml": ("window", "shared group width above a stage's bottleneck "
+                                   "width 300"),
 }
 
 
