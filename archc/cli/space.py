@@ -230,7 +230,7 @@ def _sample(args: argparse.Namespace) -> int:
     out = Output(args)
     space = load_space(args.space, args.set)
     stats = SamplingStats()
-    progress = Progress(args.n, f"sampling {space.name}", every=0.1, enabled=not out.quiet)
+    progress = Progress(args.n, f"sampling {space.name}", every=0.1, enabled=out.show_progress)
     start = time.time()
     records = []
     for sample in space.samples(args.n, args.seed, stats):
@@ -291,7 +291,7 @@ def _sweep(args: argparse.Namespace) -> int:
              "options": _training_options(args)}
     out = Output(args)
     summary = run_sweep(samples, args.output, setup, workers=args.workers,
-                        ray_address=args.ray, quiet=out.quiet, progress=not out.quiet)
+                        ray_address=args.ray, quiet=out.quiet, progress=out.show_progress)
     held = summary["already"] + summary["trained"]
     out.say(f"trained {counted(summary['trained'], 'model')} ({summary['failed']} failed) in "
           f"{summary['seconds']:.1f} s; {args.output} holds {held} of {summary['total']}")
@@ -473,7 +473,7 @@ def _train(args: argparse.Namespace) -> int:
         model = build(spec, seed=args.seed)
     config = TrainConfig(epochs=args.epochs, seed=args.seed,
                          **{**_training_options(args), **overrides})
-    result = Trainer(config, plugins, progress=not out.quiet, label=spec.name).fit(model, data)
+    result = Trainer(config, plugins, progress=out.show_progress, label=spec.name).fit(model, data)
     for epoch in result.history:
         out.note(f"epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}, validation "
                  f"error {epoch['val_error']:.2f}%" + (f" (EMA {epoch['ema_val_error']:.2f}%)"

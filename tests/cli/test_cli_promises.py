@@ -257,3 +257,18 @@ def test_a_truncated_program_is_one_line_without_torch_logging(models, tmp_path)
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a loadable torch.export program" in lines[0], run.stderr
+
+
+@pytest.mark.parametrize("command, label", [("space sample", "sampling regnetx"),
+                                            ("space sweep", "sweep: 1/1"), ("train", "epoch 1/1")])
+def test_progress_reaches_a_pipe_only_when_asked(command, label, quiet_inputs, tmp_path, capfd):
+    """Progress goes to stderr on a terminal or with --progress: a pipe (the captured stderr
+    here) gets the notes, not the progress lines, unless --progress asks for them."""
+    argv = [quiet_inputs.get(part, str(tmp_path / part) if part.startswith("OUT") else part)
+            for part in QUIET_RUNS[command]]
+    assert main(argv) == 0
+    assert label not in capfd.readouterr().err
+    argv = [quiet_inputs.get(part, str(tmp_path / f"again_{part}") if part.startswith("OUT")
+                             else part) for part in QUIET_RUNS[command]]
+    assert main([*argv, "--progress"]) == 0
+    assert label in capfd.readouterr().err
