@@ -168,9 +168,7 @@ def test_batch_norm_settings_reach_every_batch_norm(traced):
     """The model's `bn` sets the stem's, the head's (BatchNorm1d too) and a stage's BNs; a
     stage's own `bn` replaces it there (a null momentum included); nothing is counted
     differently."""
-    from archc.frontend.lower import build_module
-
-    model = archc.build(BN_SPEC) if traced else build_module(BN_SPEC)
+    model = archc.build(BN_SPEC) if traced else archc.build_module(BN_SPEC)
     settings = {part: {(m.eps, m.momentum) for m in _batch_norms(model.get_submodule(part))}
                 for part in ("stem", "s1", "s2", "head")}
     assert settings == {"stem": {(1e-3, 0.01)}, "s1": {(1e-3, 0.01)}, "s2": {(0.25, None)},
@@ -187,13 +185,12 @@ def test_batch_norm_settings_reach_every_batch_norm(traced):
 
 def test_batch_norm_settings_change_the_function_and_the_training_statistics():
     """eps enters every eval-mode BN, momentum every training step's running statistics."""
-    from archc.frontend.lower import build_module
-
     plain = {key: value for key, value in BN_SPEC.items() if key != "bn"}
     plain["body"] = {"type": "anynet", "stages": [BN_SPEC["body"]["stages"][0]]}
     tuned = {**plain, "bn": {"eps": 0.5, "momentum": 1.0}}
     x = torch.randn(4, 3, 32, 32)
-    default, other = build_module(plain, init="random"), build_module(tuned, init="random")
+    default = archc.build_module(plain, init="random")
+    other = archc.build_module(tuned, init="random")
     with torch.no_grad():
         assert not torch.allclose(default(x), other(x))
         other.train()(x)

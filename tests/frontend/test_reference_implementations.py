@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 import archc
-from archc.frontend.lower import build_module
 from archc.ir.init import random_input
 from archc.ir.verify import relative_error
 
@@ -580,7 +579,8 @@ def at_side(spec: archc.Spec) -> archc.Spec:
 def reference_error(name: str, spec: archc.Spec | None = None) -> float:
     """Relative error of archc's network for `spec` (the shipped one by default) against the
     reference with archc's weights, float64, eval mode, batch 2 at SIDE x SIDE."""
-    model = build_module(at_side(spec or archc.load_spec(name)), seed=0, init="random").double()
+    spec = at_side(spec or archc.load_spec(name))
+    model = archc.build_module(spec, seed=0, init="random").double()
     reference = REFERENCES[name]()
     copy_weights(model, reference)
     reference.double().eval()
@@ -607,7 +607,7 @@ def test_mobilenet_v3_without_its_batch_norm_settings_is_another_function(name):
     torch_default, torchvision = r"eps=1e-05, momentum=0\.1", r"eps=0\.001, momentum=0\.01"
     with pytest.raises(AssertionError, match=f"{torch_default}.*{torchvision}"):
         reference_error(name, spec)
-    model = build_module(at_side(spec), seed=0, init="random").double()
+    model = archc.build_module(at_side(spec), seed=0, init="random").double()
     reference = REFERENCES[name]()
     batch_norms = [layer for layer in reference.modules() if isinstance(layer, nn.BatchNorm2d)]
     for layer in batch_norms:
