@@ -5,8 +5,9 @@
 2. Schema (`archc.frontend.spec.validate_schema`): structure, types and ranges.
 3. Cross-field checks: a RegNet body must give the stage count it asks for; every stage must be
    buildable by its registered block when entered with the previous stage's width
-   (`archc.frontend.blocks.registry.check_stage`); `activation_lambda` is given exactly when a
-   VanillaNet part reads it, and `drop_path_rate` needs a block with a residual branch.
+   (`archc.frontend.blocks.registry.check_stage`, which refuses a stage's `bn` on a block
+   without BatchNorm); `activation_lambda` is given exactly when a VanillaNet part reads it,
+   `drop_path_rate` needs a block with a residual branch, and the model's `bn` a BatchNorm.
 
 Every failure is one `SpecError`: `file:field.path: what is wrong`. Steps 1 and 2 need no torch;
 `archc.frontend.blocks` (which does) is imported only for step 3, so a malformed file is reported at
@@ -37,7 +38,7 @@ def spec_from_mapping(data: Any, source: str = "<spec>") -> Spec:
 
 def _check_semantics(spec: Spec) -> None:
     """Checks that need more than one field: RegNet stage count, block-specific rules, the
-    parts that read `activation_lambda` and `drop_path_rate`."""
+    parts that read `activation_lambda`, `drop_path_rate` and `bn`."""
     from archc.frontend.blocks.registry import BLOCKS, check_stage
 
     _check_lambda(spec)
@@ -50,6 +51,7 @@ def _check_semantics(spec: Spec) -> None:
                 f"(widths {[s.width for s in stages]}), {spec.body.num_stages} requested",
                 "body",
             )
+        _check_batch_norm(spec)
         return
     stem = spec.built_stem()
     if stem.type == "repvit" and stem.channels % 2:
@@ -64,6 +66,7 @@ def _check_semantics(spec: Spec) -> None:
         residual = sorted(name for name, cls in BLOCKS.items() if cls.stochastic_depth)
         raise SpecError(f"no block of this body has a residual branch to drop (blocks with "
                         f"stochastic depth: {', '.join(residual)})", "body.drop_path_rate")
+    _check_batch_norm(spec)
 
 
 def _check_lambda(spec: Spec) -> None:
@@ -81,6 +84,20 @@ def _check_lambda(spec: Spec) -> None:
                         "activation_lambda (0: ReLU, 1: linear)", "activation_lambda")
     if not readers and spec.activation_lambda is not None:
         raise SpecError("no vanillanet stem, block or head reads it", "activation_lambda")
+
+
+def _check_batch_norm(spec: Spec) -> None:
+    """The model's `bn` needs a stem, block or head with BatchNorm to set."""
+    from archc.frontend.blocks.registry import BLOCKS, HEADS, STEMS
+
+    if spec.bn is None:
+        return
+    body = spec.body
+    blocks = ([stage.block for stage in body.stages] if isinstance(body, AnyNetBody)
+              else [body.block])
+    if not (STEMS[spec.stem.type].has_batch_norm or HEADS[spec.head.type].has_batch_norm(spec.head)
+            or any(BLOCKS[block].has_batch_norm for block in blocks)):
+        raise SpecError("no stem, block or head of this network has BatchNorm to set", "bn")
 
 
 def load_spec(source: str | Path | Mapping[str, Any]) -> Spec:

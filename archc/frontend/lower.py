@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from archc.frontend.blocks.layers import StochasticDepth, build_pool
+from archc.frontend.blocks.layers import StochasticDepth, build_pool, set_batch_norm
 from archc.frontend.blocks.registry import BLOCKS, HEADS, STEMS
 from archc.frontend.blocks.vanillanet import set_activation_lambda
 from archc.frontend.loading import load_spec
@@ -30,13 +30,16 @@ class Network(nn.Module):
     """[stem] -> s1 .. sN -> head. Stage i is `b1..bK` [+ `pool`]; block j of the stage is built
     with `stage_at(stage, j)`. With a `drop_path_rate` r, the n-th of N blocks (0-based, over the
     whole body) drops its residual branch with probability r n / N in training mode; the spec's
-    `activation_lambda` is set on every deep-training activation (`set_activation_lambda`)."""
+    `activation_lambda` is set on every deep-training activation (`set_activation_lambda`); the
+    spec's `bn` on every BatchNorm of the stem, the head and each stage without its own `bn`
+    (`set_batch_norm`)."""
 
     def __init__(self, spec: Spec):
         super().__init__()
         stem_spec = spec.built_stem()
         stem = STEMS[stem_spec.type].build(stem_spec, spec.input.channels)
         if stem is not None:
+            set_batch_norm(stem, spec.bn)
             self.stem = stem
         width = spec.input.channels if stem is None else stem_spec.channels
         stages = spec.stages()
@@ -56,8 +59,11 @@ class Network(nn.Module):
             if stage.pool is not None:
                 blocks["pool"] = build_pool(stage.pool)
             self.add_module(f"s{stage_index}", nn.Sequential(blocks))
+            set_batch_norm(self.get_submodule(f"s{stage_index}"),
+                           spec.bn if stage.bn is None else stage.bn)
         head = spec.built_head()
         self.head = HEADS[head.type](head, width, spec.num_classes)
+        set_batch_norm(self.head, spec.bn)
         if spec.activation_lambda is not None:
             set_activation_lambda(self, spec.activation_lambda)
 

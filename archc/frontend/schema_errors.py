@@ -9,6 +9,7 @@ how to word its tagged unions.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -70,4 +71,10 @@ def describe(error: dict[str, Any], owner: Callable[[tuple], type[BaseModel] | N
     message = error["msg"]
     if not isinstance(value, (dict, list)):
         message += f" (got {value!r})"
+    if kind == "float_type" and isinstance(value, str) and _DOTLESS_EXPONENT.fullmatch(value):
+        message += "; YAML reads an exponent without a dot as text: write 1.0e-3, not 1e-3"
     return message
+
+
+# 1e-3: a number to JSON and to YAML 1.2, text to YAML 1.1 (PyYAML), which wants 1.0e-3
+_DOTLESS_EXPONENT = re.compile(r"[+-]?\d+[eE][+-]?\d+")

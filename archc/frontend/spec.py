@@ -48,9 +48,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -74,6 +76,24 @@ class _Strict(BaseModel):
     """Unknown keys are errors; types are not coerced (a string is not a number)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class BatchNormSpec(_Strict):
+    """The settings of every BatchNorm in a model (`Spec.bn`) or in one stage (`StageSpec.bn`,
+    which replaces the model's there): y = gamma (x - mean) / sqrt(var + eps) + beta, and in
+    training running = (1 - momentum) running + momentum batch."""
+
+    # the variance offset (torch's default 1e-5; torchvision's MobileNetV3 1e-3)
+    eps: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-5
+    # weight of a batch's statistics in the running ones (torch's default 0.1; torchvision's
+    # MobileNetV3 0.01; TensorFlow's decay d is 1 - d); null: their cumulative average
+    momentum: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.1
+
+    @model_serializer(mode="wrap")
+    def _momentum_even_if_null(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A null momentum is a setting (the cumulative average), not an absent one: it stays in
+        `Spec.to_dict()`, which drops None values, so the dump loads back to this spec."""
+        return {**handler(self), "momentum": self.momentum}
 
 
 class InputSpec(_Strict):
@@ -243,6 +263,7 @@ class StageSpec(_BottleneckFields):
     # repmixer: initial value of the per-channel layer scales (FastViT 1e-5); None: no scales
     layer_scale: Annotated[float, Field(gt=0.0, le=16.0)] | None = None
     pool: PoolSpec | None = None  # a pooling layer after the stage's last block (`sN.pool`)
+    bn: BatchNormSpec | None = None  # this stage's BatchNorm eps and momentum; None: the model's
 
     def se_width(self, w_in: int, width: int) -> int:
         """Width of the SE on `width` channels of a block entered with `w_in` (0: no SE):
@@ -384,6 +405,9 @@ class Spec(_Strict):
     # VanillaNet's deep-training lambda, shared by the vanillanet stem, blocks and head: their
     # activation between two convs is (1 - lambda) relu(x) + lambda x; 1 removes it
     activation_lambda: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    # eps and momentum of every BatchNorm (stem, blocks, head) unless a stage gives its own; None:
+    # each layer's own (torch's 1e-5 and 0.1; VanillaNet's layers eps 1e-6, as its reference)
+    bn: BatchNormSpec | None = None
 
     def stages(self) -> list[StageSpec]:
         """The explicit stage list (a regnet body is lowered by `archc.frontend.regnet`; an anynet

@@ -142,3 +142,90 @@ def test_complexity_of_a_foreign_graph():
     assert flops == 6 * 3 * 9 * 64 + (6 * 4 + 4)
     assert params == 6 * 3 * 9 + 28
     assert acts == 6 * 64 + 6 * 16 + 4
+
+
+def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+BN_SPEC = {
+    "name": "bn",
+    "input": {"size": 32},
+    "num_classes": 5,
+    "bn": {"eps": 1.0e-3, "momentum": 0.01},
+    "stem": {"type": "simple", "width": 16},
+    "body": {"type": "anynet", "stages": [
+        {"block": "inverted_residual", "depth": 2, "width": 16, "stride": 1, "expansion": 4,
+         "se_ratio": 0.25},
+        {"block": "res_basic", "depth": 1, "width": 32, "bn": {"eps": 0.25, "momentum": None}},
+    ]},
+    "head": {"type": "classifier", "width": 64, "batch_norm": True},
+}
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_batch_norm_settings_reach_every_batch_norm(traced):
+    """The model's `bn` sets the stem's, the head's (BatchNorm1d too) and a stage's BNs; a
+    stage's own `bn` replaces it there (a null momentum included); nothing is counted
+    differently."""
+    model = archc.build(BN_SPEC) if traced else archc.build_module(BN_SPEC)
+    settings = {part: {(m.eps, m.momentum) for m in _batch_norms(model.get_submodule(part))}
+                for part in ("stem", "s1", "s2", "head")}
+    assert settings == {"stem": {(1e-3, 0.01)}, "s1": {(1e-3, 0.01)}, "s2": {(0.25, None)},
+                        "head": {(1e-3, 0.01)}}
+    assert any(isinstance(m, nn.BatchNorm1d) for m in _batch_norms(model.head))
+    plain = {key: value for key, value in BN_SPEC.items() if key != "bn"}
+    plain["body"] = {"type": "anynet", "stages": [
+        {key: value for key, value in stage.items() if key != "bn"}
+        for stage in BN_SPEC["body"]["stages"]]}
+    default = archc.build(plain)
+    assert {(m.eps, m.momentum) for m in _batch_norms(default)} == {(1e-5, 0.1)}
+    assert archc.complexity(archc.build(BN_SPEC), 32) == archc.complexity(default, 32)
+
+
+def test_batch_norm_settings_change_the_function_and_the_training_statistics():
+    """eps enters every eval-mode BN, momentum every training step's running statistics."""
+    plain = {key: value for key, value in BN_SPEC.items() if key != "bn"}
+    plain["body"] = {"type": "anynet", "stages": [BN_SPEC["body"]["stages"][0]]}
+    tuned = {**plain, "bn": {"eps": 0.5, "momentum": 1.0}}
+    x = torch.randn(4, 3, 32, 32)
+    default = archc.build_module(plain, init="random")
+    other = archc.build_module(tuned, init="random")
+    with torch.no_grad():
+        assert not torch.allclose(default(x), other(x))
+        other.train()(x)
+    stem_bn = other.stem.bn
+    batch_mean = other.stem.conv(x).mean(dim=(0, 2, 3))
+    assert torch.allclose(stem_bn.running_mean, batch_mean, atol=1e-5)  # momentum 1: the batch's
+
+
+def test_null_momentum_survives_the_dump():
+    """Checkpoints store `Spec.to_dict()`, which drops None values; a null momentum (torch's
+    cumulative average) is a setting and stays."""
+    spec = archc.load_spec({**BN_SPEC, "bn": {"eps": 1.0e-3, "momentum": None}})
+    assert spec.to_dict()["bn"] == {"eps": 1e-3, "momentum": None}
+    assert spec.to_dict()["body"]["stages"][1]["bn"] == {"eps": 0.25, "momentum": None}
+    assert archc.load_spec(spec.to_dict()) == spec
+
+
+def test_has_batch_norm_says_what_every_shipped_part_builds():
+    """`has_batch_norm` of every stem, block and head of the shipped specs (which load-time
+    checks of `bn` rely on) agrees with the BatchNorms the part builds."""
+    from archc.frontend.blocks.registry import BLOCKS, HEADS, STEMS
+    from archc.frontend.reference import shipped_names
+
+    seen = set()
+    for name in shipped_names():
+        spec = archc.load_spec(name)
+        model = archc.build(spec, device="meta")
+        stem = dict(model.named_children()).get("stem")
+        claims = [("stem", STEMS[spec.stem.type].has_batch_norm, stem),
+                  ("head", HEADS[spec.head.type].has_batch_norm(spec.head), model.head)]
+        claims += [(stage.block, BLOCKS[stage.block].has_batch_norm,
+                    model.get_submodule(f"s{index}"))
+                   for index, stage in enumerate(spec.stages(), start=1)]
+        for part, claim, module in claims:
+            built = module is not None and bool(_batch_norms(module))
+            assert claim == built, f"{name}: {part}"
+            seen.add((part, claim))
+    assert ("conv", False) in seen and ("fire", False) in seen and ("head", False) in seen

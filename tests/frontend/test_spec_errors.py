@@ -86,6 +86,12 @@ EXPECTED = {
     "mobileone_unit_group_width.yaml": ("body.stages[0].group_width",
                                         "not divisible by group_width 5"),
     "hidden_width_zero.yaml": ("head.hidden[1]", "greater than or equal to 1"),
+    "bn_eps_not_positive.yaml": ("bn.eps", "greater than 0"),
+    "bn_momentum_above_one.yaml": ("body.stages[0].bn.momentum", "less than or equal to 1"),
+    "bn_eps_as_string.yaml": ("bn.eps", "write 1.0e-3, not 1e-3"),
+    "misspelt_bn_key.yaml": ("bn.epsilon", "did you mean 'eps'"),
+    "bn_on_block_without_batch_norm.yaml": ("body.stages[0].bn", "block 'conv' does not use"),
+    "bn_without_batch_norm.yaml": ("bn", "no stem, block or head of this network has BatchNorm"),
 }
 
 

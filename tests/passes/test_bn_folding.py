@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from torch import nn
 
+import archc
 from archc.errors import PassError
 from archc.ir.init import random_input, randomize
 from archc.ir.verify import relative_error
@@ -86,6 +87,25 @@ def test_fold_is_exact_and_removes_bn(case, dtype):
     assert result.max_error <= TOLERANCE[dtype]
     assert not {op for op in _ops(result) if op.startswith("BatchNorm")}
     assert all(p.dtype == dtype for p in result.graph_module.parameters())
+
+
+def test_fold_uses_the_eps_a_spec_gives():
+    """A spec's `bn` eps (0.5 here, far from torch's 1e-5) is what the folded weights divide by:
+    the fold is exact in float64, and the same network with torch's eps is another function."""
+    spec = {"name": "eps", "input": {"size": 16}, "num_classes": 3,
+            "bn": {"eps": 0.5, "momentum": 0.01},
+            "body": {"type": "anynet", "stages": [
+                {"block": "inverted_residual", "depth": 2, "width": 8, "stride": 1,
+                 "expansion": 2}]}}
+    model = archc.build(spec)
+    _, result, error = _fold(model, (2, 3, 16, 16), torch.float64)
+    assert error <= TOLERANCE[torch.float64]
+    assert not {op for op in _ops(result) if op.startswith("BatchNorm")}
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.eps = 1e-5
+    x = random_input((2, 3, 16, 16), 1, torch.float64)
+    with torch.no_grad():
+        assert relative_error([model(x)], [result.graph_module(x)]) > 1e-3
 
 
 def test_fold_gives_a_bias_and_a_readable_report():

@@ -1,6 +1,7 @@
 """Layers several block families share, each with its analytic twin beside it: conv + BN,
 squeeze-excitation, the projection shortcut, a stage's pool, and the channel shuffle and
-stochastic depth (which count nothing).
+stochastic depth (which count nothing); and `set_batch_norm`, which gives the BatchNorms of a
+built part the spec's eps and momentum.
 
 SE (`se_ratio` > 0): `x * gate(expand(act(reduce(avgpool(x)))))`, 1x1 convs with bias, act ReLU
 (`se_activation`), width round(se_ratio * base) or make_divisible(se_ratio * base, se_divisor),
@@ -18,7 +19,7 @@ from collections import OrderedDict
 from torch import Tensor, nn
 
 from archc.frontend.blocks.counting import Cx, branch_cx, conv2d_cx, norm2d_cx, pool2d_cx
-from archc.frontend.spec import PoolSpec, StageSpec
+from archc.frontend.spec import BatchNormSpec, PoolSpec, StageSpec
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -49,6 +50,18 @@ def conv_bn(
     if act is not None:
         layers["act"] = ACTIVATIONS[act]()
     return nn.Sequential(layers)
+
+
+def set_batch_norm(part: nn.Module, settings: BatchNormSpec | None) -> None:
+    """Give every BatchNorm (1d or 2d) in `part` the `eps` and `momentum` of `settings`; None
+    keeps each layer's own. eps and momentum are plain attributes of torch's BatchNorm, read at
+    every call, so setting them after construction is the same as constructing with them (as
+    torchvision's `norm_layer=partial(nn.BatchNorm2d, eps=..., momentum=...)` does)."""
+    if settings is None:
+        return
+    for module in part.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eps, module.momentum = settings.eps, settings.momentum
 
 
 def conv_bn_cx(cx: Cx, w_in: int, w_out: int, kernel, stride: int = 1, groups: int = 1,

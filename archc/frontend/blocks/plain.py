@@ -34,6 +34,7 @@ class Conv(Block):
 
     name = "conv"
     uses = frozenset({"kernel", "padding", "groups", "activation"})
+    has_batch_norm = False
 
     @classmethod
     def check(cls, stage, w_in):
@@ -68,6 +69,7 @@ class Fire(Block):
     Stride 1: SqueezeNet downsamples with the stages' pools."""
 
     name = "fire"
+    has_batch_norm = False
     uses = BOTTLENECK_FIELDS
 
     @classmethod

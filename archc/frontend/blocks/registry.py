@@ -71,9 +71,10 @@ def check_stage(block: str, stage: StageSpec | None, path: str, w_in: int = 0) -
         return
     cls = BLOCKS[block]
     optional = set(type(stage).model_fields) - STAGE_FIELDS
+    uses = cls.uses | ({"bn"} if cls.has_batch_norm else set())
     unused = sorted(
         field
-        for field in optional - cls.uses
+        for field in optional - uses
         if getattr(stage, field) != type(stage).model_fields[field].default
     )
     if unused:
@@ -89,6 +90,9 @@ class Block(nn.Module):
 
     name: ClassVar[str]
     uses: ClassVar[frozenset[str]] = frozenset()  # optional stage fields the block reads
+    # whether the block has BatchNorm layers, which then read the stage's `bn` (every block does
+    # but the plain `conv` and `fire`)
+    has_batch_norm: ClassVar[bool] = True
     # whether the block has a residual branch that `drop_path_rate` may drop: the network then
     # sets its `drop_path` to a `StochasticDepth`
     stochastic_depth: ClassVar[bool] = False
@@ -116,6 +120,7 @@ class Stem:
     """Base class of registered stem types (`archc.frontend.spec.StemSpec` states each)."""
 
     name: ClassVar[str]
+    has_batch_norm: ClassVar[bool] = True  # whether the stem has BatchNorm layers
 
     @staticmethod
     def build(stem: StemSpec, w_in: int) -> nn.Module | None:
@@ -132,6 +137,11 @@ class Head(nn.Module):
     """Base class of registered head types, built from `(head, w_in, num_classes)`."""
 
     name: ClassVar[str]
+
+    @staticmethod
+    def has_batch_norm(head: HeadSpec) -> bool:
+        """Whether the head `head` describes has BatchNorm layers."""
+        return True
 
     @staticmethod
     def complexity(cx: Cx, head: HeadSpec, w_in: int, num_classes: int) -> Cx:

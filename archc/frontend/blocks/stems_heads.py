@@ -30,6 +30,7 @@ class NoStem(Stem):
     """`none`: no stem, the first stage reads the input (RepVGG's stem is its first block)."""
 
     name = "none"
+    has_batch_norm = False
 
     @staticmethod
     def build(stem: StemSpec, w_in: int) -> None:
@@ -171,6 +172,10 @@ class ClassifierHead(Head):
     name = "classifier"
 
     @staticmethod
+    def has_batch_norm(head: HeadSpec) -> bool:
+        return head.width is not None or head.batch_norm
+
+    @staticmethod
     def complexity(cx: Cx, head: HeadSpec, w_in: int, num_classes: int) -> Cx:
         width = w_in
         if head.width is not None:
@@ -235,6 +240,10 @@ class ConvClassifierHead(Head):
     pool, flatten."""
 
     name = "conv_classifier"
+
+    @staticmethod
+    def has_batch_norm(head: HeadSpec) -> bool:
+        return False
 
     @staticmethod
     def complexity(cx: Cx, head: HeadSpec, w_in: int, num_classes: int) -> Cx:
