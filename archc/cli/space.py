@@ -492,16 +492,16 @@ def _train(args: argparse.Namespace) -> int:
     device = _device(args)
     spec = spec_from_mapping(spec_dict, str(args.model))
     plugins, overrides, compression = cli_compress.train_plugins(args, spec)
+    config = TrainConfig(epochs=args.epochs, seed=args.seed,
+                         **{**_training_options(args), "device": device, **overrides})
+    identity = {"spec": spec_dict, "data": args.data, "config": config.describe(),
+                "compression": compression}
+    resume = None if args.resume is None else load_run_state(args.resume, identity)
     data = load_data(args.data, spec.input.channels, spec.input.size)
     check_classes(spec.num_classes, data)
     out.note(data.describe())
     if model is None:
         model = build(spec, seed=args.seed)
-    config = TrainConfig(epochs=args.epochs, seed=args.seed,
-                         **{**_training_options(args), "device": device, **overrides})
-    identity = {"spec": spec_dict, "data": data.name, "config": config.describe(),
-                "compression": compression}
-    resume = None if args.resume is None else load_run_state(args.resume, identity)
     state_path = args.output.with_suffix(".state.pt") if args.save_every else None
     trainer = Trainer(config, plugins, progress=out.show_progress, label=spec.name,
                       save_every=args.save_every or 0, state_path=state_path, identity=identity,
