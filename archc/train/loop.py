@@ -39,10 +39,10 @@ requested (warning, not failing, for an op that has none on the device), and the
 count is fixed (`threads`, default 1). The same seed, data, torch version, thread count and memory
 format (`channels_last`, on by default: oneDNN's NHWC kernels train the small grouped convs of these
 models about twice as fast on this CPU) then give the same numbers; a different thread count, memory
-format or torch build may change the last bits of the reductions, and so the trajectory. On a GPU
-(docs/design-spaces.md): torch's deterministic mode makes cuDNN pick deterministic convolution
-algorithms, but some kernels (atomic-add reductions, cuBLAS without CUBLAS_WORKSPACE_CONFIG) still
-vary from run to run.
+format or torch build may change the last bits of the reductions, and so the trajectory. On a GPU,
+deterministic mode makes cuDNN choose deterministic convolution algorithms, but some CUDA kernels
+have no deterministic version (the backward of adaptive average pooling, NLL loss: atomic adds) and
+stay run-to-run variable; docs/design-spaces.md says what follows.
 """
 
 from __future__ import annotations
