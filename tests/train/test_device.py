@@ -133,3 +133,11 @@ def test_cli_refuses_devices_in_one_line(tmp_path, capsys, no_gpu, argv, phrase)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and phrase in err[0], err
     assert not any((tmp_path / n).exists() for n in ("out.pt", "q.onnx", "r.jsonl"))
+
+
+def test_fake_quantization_trains_under_autocast(digits):  # noqa: F811
+    from archc.compress.qat import FakeQuant
+
+    config = TrainConfig(epochs=1, batch_size=128, lr=0.05, precision="bf16")
+    result = Trainer(config, [FakeQuant()], progress=False).fit(tiny_model(), digits)
+    assert math.isfinite(result.history[0]["train_loss"])
