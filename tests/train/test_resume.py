@@ -14,7 +14,7 @@ import torch
 
 from archc.backends.checkpoint import load_checkpoint
 from archc.cli.main import main
-from archc.errors import CheckpointError
+from archc.errors import CheckpointError, TrainingError
 from archc.train.loop import Plugin, TrainConfig, Trainer, _duration
 from archc.train.state import first_difference, load_run_state, random_states, restore_random_states
 from tests.train.test_train import TINY, digits, tiny_model, untimed  # noqa: F401 - fixture
@@ -73,6 +73,12 @@ def test_the_last_epoch_is_always_saved_and_jsonl_has_one_line_per_epoch(digits,
     for record in records:
         assert {"epoch", "train_loss", "val_error", "images_per_second", "seconds"} <= set(record)
         assert record["images_per_second"] > 0
+
+
+@pytest.mark.parametrize("every, path", [(-1, "s.pt"), (2, None)])
+def test_saving_needs_a_positive_period_and_a_path(every, path):
+    with pytest.raises(TrainingError, match="save_every must be >= 0, with a state path"):
+        Trainer(CONFIG, save_every=every, state_path=path)
 
 
 def test_random_states_round_trip():
