@@ -81,6 +81,10 @@ class ResourceError(ArchcError):
     """The work would not fit this machine (memory, sizes beyond what torch can index)."""
 
 
+class DeviceError(ArchcError):
+    """A device that is unknown or not on this machine, or a precision it cannot train in."""
+
+
 class CheckpointError(ArchcError):
     """A checkpoint is corrupt, truncated, of the wrong format or does not match its spec."""
 

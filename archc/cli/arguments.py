@@ -24,6 +24,17 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
+def add_device_options(group, precision: bool = True) -> None:
+    """`--device` (and `--precision`), checked by archc.train.device when the command runs."""
+    group.add_argument("--device", default="auto", metavar="DEVICE",
+                       help="auto (CUDA, else MPS, else the CPU), cpu, cuda, cuda:N or mps "
+                       "(default auto)")
+    if precision:
+        group.add_argument("--precision", default="fp32", metavar="P",
+                           help="fp32, bf16 or fp16 (torch.autocast; fp16 with a gradient "
+                           "scaler; default fp32)")
+
+
 def positive_int(text: str) -> int:
     value = _integer(text)
     if value < 1:

@@ -88,6 +88,7 @@ def add_commands(commands) -> None:
     group.add_argument("--seed", type=arguments.seed, default=0, help="batch order (default 0)")
     group.add_argument("--train-threads", type=arguments.positive_int, default=1,
                        help="torch intra-op threads while fine-tuning (default 1)")
+    arguments.add_device_options(group)
     group = qat.add_argument_group("export")
     group.add_argument("--samples", type=arguments.positive_int, default=256, metavar="N",
                        help="calibration images of the activation ranges (default 256)")
@@ -201,9 +202,12 @@ def _qat(args: argparse.Namespace) -> int:
     from archc.ir.init import random_input
     from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
     from archc.train.data import load_data
+    from archc.train.device import check_precision, resolve_device
     from archc.train.loop import TrainConfig, Trainer, check_classes, evaluate
 
     out = Output(args)
+    device = str(resolve_device(args.device))
+    check_precision(args.precision)
     spec_dict, model = load_checkpoint(args.checkpoint)
     spec = spec_from_mapping(spec_dict, str(args.checkpoint))
     data = load_data(args.data, spec.input.channels, spec.input.size)
@@ -215,7 +219,7 @@ def _qat(args: argparse.Namespace) -> int:
     before = evaluate(deploy, data.val_x, data.val_y)["accuracy"]
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          weight_decay=args.weight_decay, seed=args.seed,
-                         threads=args.train_threads)
+                         threads=args.train_threads, device=device, precision=args.precision)
     plugin = FakeQuant()
     result = Trainer(config, [plugin], progress=out.show_progress,
                      label=f"{spec.name} qat").fit(deploy, data)

@@ -52,6 +52,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _device(args: argparse.Namespace) -> str:
+    """The device `--device` names on this machine (and `--precision` checked): DeviceError,
+    one line and exit 2, before any data is read."""
+    from archc.train.device import check_precision, resolve_device
+
+    if hasattr(args, "precision"):
+        check_precision(args.precision)
+    return str(resolve_device(args.device))
+
+
 def _add_training_options(parser: argparse.ArgumentParser, epochs_required: bool) -> None:
     """Options of the shared training loop (archc.train.loop.TrainConfig)."""
     parser.add_argument("--data", required=True, metavar="DATA",
@@ -75,6 +85,7 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs_required: bool
                        "(e.g. 0.999) and report and keep it")
     group.add_argument("--threads", type=arguments.positive_int, default=1,
                        help="torch intra-op threads (default 1; results depend on it)")
+    arguments.add_device_options(group)
 
 
 def _training_options(args: argparse.Namespace) -> dict:
@@ -82,7 +93,7 @@ def _training_options(args: argparse.Namespace) -> dict:
     return {"batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
             "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
             "label_smoothing": args.label_smoothing, "ema_decay": args.ema,
-            "threads": args.threads}
+            "threads": args.threads, "device": args.device, "precision": args.precision}
 
 
 def add_commands(commands) -> None:
@@ -138,7 +149,8 @@ def add_commands(commands) -> None:
                        "local Ray without one")
     sweep.add_argument("--trainer", default=None, metavar="MODULE:FUNCTION",
                        help="your trainer instead of archc's: called as function(spec, data=, "
-                       "epochs=, seed=, config=) and returning a mapping with best_error")
+                       "epochs=, seed=, config=) and returning a mapping with best_error; config "
+                       "holds the training options, --device and --precision included")
 
     analyze = space_commands.add_parser(
         "analyze",
@@ -196,6 +208,16 @@ def add_commands(commands) -> None:
     train.add_argument("--metrics", type=arguments.output_path((".json",)), metavar="FILE",
                        help="also write the metrics here (.json)")
     _add_training_options(train, epochs_required=False)
+    group = train.add_argument_group("long runs")
+    group.add_argument("--metrics-jsonl", type=arguments.output_path((".jsonl",)),
+                       metavar="FILE", help="one JSON line per finished epoch (epoch, losses, "
+                       "errors, images/s, seconds), rewritten after every epoch")
+    group.add_argument("--save-every", type=arguments.positive_int, default=None, metavar="N",
+                       help="write the run state (model, optimizer, schedule step, EMA, random "
+                       "states) to CKPT's stem + .state.pt every N epochs and after the last")
+    group.add_argument("--resume", type=Path, default=None, metavar="STATE",
+                       help="continue the run whose state --save-every wrote (same model, data "
+                       "and training options; the device may differ)")
     train.add_argument("--json", action="store_true",
                        help="the metrics as JSON on stdout even with --quiet (the default text "
                        "is the same JSON)")
@@ -212,6 +234,7 @@ def add_commands(commands) -> None:
                           help="digits, a .npz with x and y, or a directory of class folders")
     evaluate.add_argument("--batch-size", type=arguments.positive_int, default=256,
                           help="default 256")
+    arguments.add_device_options(evaluate, precision=False)
     evaluate.add_argument("--json", action="store_true",
                           help="the metrics as JSON on stdout even with --quiet (the default "
                           "text is the same JSON)")
@@ -282,6 +305,7 @@ def _sweep_samples(args: argparse.Namespace) -> list[dict]:
 def _sweep(args: argparse.Namespace) -> int:
     from archc.space.sweep import BUILTIN_TRAINER, resolve_trainer, run_sweep
 
+    _device(args)  # checked here; each worker resolves `auto` on its own machine
     samples = _sweep_samples(args)
     trainer = args.trainer or BUILTIN_TRAINER
     resolve_trainer(trainer)
@@ -462,18 +486,27 @@ def _train(args: argparse.Namespace) -> int:
     from archc.ir.init import random_input
     from archc.train.data import load_data
     from archc.train.loop import TrainConfig, Trainer, check_classes
+    from archc.train.state import load_run_state
 
     out = Output(args)
+    device = _device(args)
     spec = spec_from_mapping(spec_dict, str(args.model))
     plugins, overrides, compression = cli_compress.train_plugins(args, spec)
+    config = TrainConfig(epochs=args.epochs, seed=args.seed,
+                         **{**_training_options(args), "device": device, **overrides})
+    identity = {"spec": spec_dict, "data": args.data, "config": config.describe(),
+                "compression": compression}
+    resume = None if args.resume is None else load_run_state(args.resume, identity)
     data = load_data(args.data, spec.input.channels, spec.input.size)
     check_classes(spec.num_classes, data)
     out.note(data.describe())
     if model is None:
         model = build(spec, seed=args.seed)
-    config = TrainConfig(epochs=args.epochs, seed=args.seed,
-                         **{**_training_options(args), **overrides})
-    result = Trainer(config, plugins, progress=out.show_progress, label=spec.name).fit(model, data)
+    state_path = args.output.with_suffix(".state.pt") if args.save_every else None
+    trainer = Trainer(config, plugins, progress=out.show_progress, label=spec.name,
+                      save_every=args.save_every or 0, state_path=state_path, identity=identity,
+                      metrics_jsonl=args.metrics_jsonl)
+    result = trainer.fit(model, data, resume=resume)
     for epoch in result.history:
         out.note(f"epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}, validation "
                  f"error {epoch['val_error']:.2f}%" + (f" (EMA {epoch['ema_val_error']:.2f}%)"
@@ -484,7 +517,9 @@ def _train(args: argparse.Namespace) -> int:
     metrics = {"model": spec.name, "data": data.name, "train_size": len(data.train_y),
                "val_size": len(data.val_y), "config": config.describe(),
                **({"compression": compression} if compression else {}), **result.metrics(),
-               "checkpoint": str(args.output)}
+               "checkpoint": str(args.output),
+               **({"run_state": str(state_path)} if state_path else {}),
+               **({"resumed_from": str(args.resume)} if args.resume else {})}
     text = json.dumps(metrics, indent=1)
     if args.metrics is not None:
         with atomic_output(args.metrics) as temporary:
@@ -499,7 +534,14 @@ def _eval(args: argparse.Namespace) -> int:
     from archc.train.data import load_data
     from archc.train.loop import evaluate
 
-    if args.model.suffix.lower() == ".onnx":
+    onnx = args.model.suffix.lower() == ".onnx"
+    if onnx and args.device not in ("auto", "cpu"):
+        from archc.errors import DeviceError
+
+        raise DeviceError(f"--device {args.device}: an ONNX model is evaluated by ONNX Runtime "
+                          f"on the CPU; evaluate the checkpoint (.pt) on a GPU")
+    device = "cpu" if onnx else _device(args)
+    if onnx:
         from archc.backends.onnx_runtime import onnx_classifier
 
         run, (channels, size), outputs = onnx_classifier(args.model)
@@ -510,13 +552,15 @@ def _eval(args: argparse.Namespace) -> int:
         from archc.frontend.loading import spec_from_mapping
 
         spec = spec_from_mapping(spec_dict, str(args.model))
-        run, channels, size, outputs = model, spec.input.channels, spec.input.size, spec.num_classes
+        run, channels, size, outputs = (model.to(device), spec.input.channels, spec.input.size,
+                                        spec.num_classes)
     data = load_data(args.data, channels, size)
     if data.classes > outputs:
         raise DataError(f"{args.model} has {outputs} outputs but {data.name} has {data.classes} "
                         f"classes")
-    metrics = evaluate(run, data.val_x, data.val_y, args.batch_size)
+    metrics = evaluate(run, data.val_x, data.val_y, args.batch_size, device)
     document = {"model": str(args.model), "data": data.name, "split": "validation",
+                "device": device,
                 "samples": len(data.val_y), **metrics}
     out = Output(args)
     out.say(json.dumps(document, indent=1))  # the metrics are this command's text

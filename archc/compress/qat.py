@@ -52,6 +52,7 @@ class ActivationQuant(nn.Module):
         self.register_buffer("seen", torch.tensor(False))
 
     def forward(self, x: Tensor) -> Tensor:
+        x = x.float()  # ranges and rounding in float32, also under bf16/fp16 autocast
         if self.training:
             low, high = x.detach().min(), x.detach().max()
             if not bool(self.seen):

@@ -54,6 +54,12 @@ class Distillation(Plugin):
             parameter.requires_grad_(False)
         self.temperature, self.weight = temperature, weight
 
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Put the teacher on the student's device (the trainer has moved the student)."""
+        device = next(model.parameters(), torch.empty(0)).device
+        self.teacher.to(device)
+        return model
+
     def loss(self, step: Step) -> Tensor | None:
         with torch.no_grad():
             teacher = self.teacher(step.inputs)

@@ -22,23 +22,39 @@ Extension points (used by quantization-aware training, pruning, slimming and dis
   not in the optimizer); a BatchNorm whose weight and bias are both frozen also keeps its running
   statistics (it runs in eval mode).
 
+Devices and precision (`archc.train.device`): the model and every batch move to
+`TrainConfig.device` (the same code on the CPU, CUDA and MPS), the forward pass and the loss run
+under `torch.autocast` for `precision` bf16 or fp16 (fp16 with a gradient scaler), and the trained
+model comes back on the CPU. Validation runs in float32.
+
+Long runs: `Trainer(save_every=N, state_path=P, identity=...)` writes the run state
+(`archc.train.state`) atomically every N epochs and after the last; `fit(..., resume=state)`
+continues from one, giving the uninterrupted run's weights exactly on the CPU. `metrics_jsonl`
+rewrites a JSON-lines file with one line per finished epoch (epoch, losses, errors, images/s,
+seconds). Progress shows the loss, images/s and the run's ETA.
+
 Reproducibility: the batch order comes from numpy's PCG64(SeedSequence([seed, epoch])) and the
 weights from `archc.ir.init`, torch's generator is seeded for dropout, deterministic algorithms are
-requested, and the intra-op thread count is fixed (`threads`, default 1). The same seed, data,
-torch version, thread count and memory format (`channels_last`, on by default: oneDNN's NHWC
-kernels train the small grouped convs of these models about twice as fast on this CPU) then give
-the same numbers; a different thread count, memory format or torch build may change the last bits
-of the reductions, and so the trajectory.
+requested (warning, not failing, for an op that has none on the device), and the intra-op thread
+count is fixed (`threads`, default 1). The same seed, data, torch version, thread count and memory
+format (`channels_last`, on by default: oneDNN's NHWC kernels train the small grouped convs of these
+models about twice as fast on this CPU) then give the same numbers; a different thread count, memory
+format or torch build may change the last bits of the reductions, and so the trajectory. On a GPU,
+deterministic mode makes cuDNN choose deterministic convolution algorithms, but some CUDA kernels
+have no deterministic version (the backward of adaptive average pooling, NLL loss: atomic adds) and
+stay run-to-run variable; docs/design-spaces.md says what follows.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,9 +62,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from archc.common.fileio import atomic_output
 from archc.common.progress import Progress
 from archc.errors import DataError, TrainingError
 from archc.train.data import Dataset
+from archc.train.device import (
+    autocast,
+    check_precision,
+    deterministic_algorithms,
+    grad_scaler,
+    resolve_device,
+    to_device,
+)
+from archc.train.state import random_states, restore_random_states, save_run_state
 
 
 @dataclass(frozen=True)
@@ -67,6 +93,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1  # torch intra-op threads while training
     channels_last: bool = True  # NHWC while training: oneDNN's fast CPU kernels (~2x here)
+    device: str = "cpu"  # auto, cpu, cuda, cuda:N or mps (archc.train.device.resolve_device)
+    precision: str = "fp32"  # fp32, bf16 or fp16 autocast (fp16 with a gradient scaler)
 
     def describe(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value
@@ -121,33 +149,48 @@ class TrainResult:
 
 
 class Trainer:
+    """`save_every` > 0 writes the run state to `state_path` every that many epochs and after the
+    last, recording `identity` (what `--resume` checks); `metrics_jsonl` gets one line per epoch."""
+
     def __init__(self, config: TrainConfig, plugins: Sequence[Plugin] = (),
-                 progress: bool = True, label: str = "training"):
+                 progress: bool = True, label: str = "training", save_every: int = 0,
+                 state_path: Path | None = None, identity: dict[str, Any] | None = None,
+                 metrics_jsonl: Path | None = None):
+        if save_every < 0 or (save_every and state_path is None):
+            raise TrainingError("save_every must be >= 0, with a state path when positive")
         self.config, self.plugins = config, list(plugins)
         self.progress, self.label = progress, label
+        self.save_every, self.state_path = save_every, state_path
+        self.identity = identity if identity is not None else {"config": config.describe()}
+        self.metrics_jsonl = metrics_jsonl
         self.model: nn.Module | None = None
 
-    def fit(self, model: nn.Module, data: Dataset) -> TrainResult:
+    def fit(self, model: nn.Module, data: Dataset,
+            resume: dict[str, Any] | None = None) -> TrainResult:
+        """Train `model` on `data`, from the start or from a run state (`archc.train.state`)."""
         config = self.config
         if config.epochs < 1 or config.batch_size < 1:
             raise TrainingError("epochs and batch size must be positive")
+        check_precision(config.precision)
+        device = resolve_device(config.device)
         threads = torch.get_num_threads()
-        deterministic = torch.are_deterministic_algorithms_enabled()
         torch.set_num_threads(config.threads)
-        torch.use_deterministic_algorithms(True)
         try:
-            return self._fit(model, data)
+            with deterministic_algorithms():
+                return self._fit(model, data, device, resume)
         finally:
             torch.set_num_threads(threads)
-            torch.use_deterministic_algorithms(deterministic)
 
-    def _fit(self, model: nn.Module, data: Dataset) -> TrainResult:
+    def _fit(self, model: nn.Module, data: Dataset, device: torch.device,
+             resume: dict[str, Any] | None) -> TrainResult:
         config, start = self.config, time.time()
         torch.manual_seed(config.seed)
+        model = model.to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         for plugin in self.plugins:
             model = plugin.wrap(model)
+        model = model.to(device)  # parameters a plugin added
         self.model = model
         frozen_bns = _freeze(model, config.freeze)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -157,11 +200,22 @@ class Trainer:
                                     nesterov=config.nesterov and config.momentum > 0,
                                     weight_decay=config.weight_decay)
         ema = _ema_copy(model) if config.ema_decay is not None else None
+        scaler = grad_scaler(device, config.precision)
         x, y = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
         steps_per_epoch = math.ceil(len(y) / config.batch_size)
         schedule = _schedule(config, steps_per_epoch)
-        result, step = TrainResult(ema if ema is not None else model), 0
-        for epoch in range(1, config.epochs + 1):
+        result, step, first_epoch = TrainResult(ema if ema is not None else model), 0, 1
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            scaler.load_state_dict(resume["scaler"])
+            if ema is not None:
+                ema.load_state_dict(resume["ema"])
+            restore_random_states(resume["random"])
+            step, first_epoch = resume["step"], resume["epoch"] + 1
+            result.history = list(resume["history"])
+        total_steps = config.epochs * steps_per_epoch
+        for epoch in range(first_epoch, config.epochs + 1):
             epoch_start = time.time()
             for plugin in self.plugins:
                 plugin.epoch_start(self, epoch)
@@ -172,73 +226,101 @@ class Trainer:
                 np.random.PCG64(np.random.SeedSequence([config.seed, epoch]))).permutation(len(y))
             progress = Progress(steps_per_epoch, f"{self.label} epoch {epoch}/{config.epochs}",
                                 enabled=self.progress)
-            loss_sum, wrong, seen = 0.0, 0, 0
+            loss_sum, wrong, seen, train_start = 0.0, 0, 0, time.time()
             for batch in range(steps_per_epoch):
                 index = torch.from_numpy(order[batch * config.batch_size:
                                                (batch + 1) * config.batch_size])
-                inputs, targets = x[index], y[index]
+                inputs, targets = to_device(x[index], device), to_device(y[index], device)
                 if config.channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 for group in optimizer.param_groups:
                     group["lr"] = schedule(step)
-                logits = model(inputs)
-                loss = config.task_weight * F.cross_entropy(
-                    logits, targets, label_smoothing=config.label_smoothing)
-                context = Step(model, inputs, targets, logits, epoch, step)
-                for plugin in self.plugins:
-                    term = plugin.loss(context)
-                    if term is not None:
-                        loss = loss + term
+                with autocast(device, config.precision):
+                    logits = model(inputs)
+                    loss = config.task_weight * F.cross_entropy(
+                        logits, targets, label_smoothing=config.label_smoothing)
+                    context = Step(model, inputs, targets, logits, epoch, step)
+                    for plugin in self.plugins:
+                        term = plugin.loss(context)
+                        if term is not None:
+                            loss = loss + term
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"the loss is {loss.item()} at epoch {epoch}, step {batch + 1}: "
                         f"training diverged (try a lower --lr)")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 if ema is not None:
                     _ema_update(ema, model, config.ema_decay)
                 loss_sum += loss.item() * len(targets)
                 wrong += int((logits.argmax(1) != targets).sum())
                 seen += len(targets)
                 step += 1
-                progress.update(batch + 1, f"loss {loss_sum / seen:.4f}")
+                rate = seen / max(time.time() - train_start, 1e-9)
+                progress.update(batch + 1, f"loss {loss_sum / seen:.4f}, {rate:.0f} images/s, "
+                                f"ETA {_duration((total_steps - step) * config.batch_size / rate)}")
             progress.close()
             metrics = {"epoch": epoch, "lr": schedule(step - 1), "train_loss": loss_sum / seen,
-                       "train_error": 100.0 * wrong / seen}
-            for key, value in evaluate(model, data.val_x, data.val_y, config.batch_size).items():
+                       "train_error": 100.0 * wrong / seen,
+                       "images_per_second": seen / max(time.time() - train_start, 1e-9)}
+            for key, value in evaluate(model, data.val_x, data.val_y, config.batch_size,
+                                       device).items():
                 metrics[f"val_{key}"] = value
             if ema is not None:
-                for key, value in evaluate(ema, data.val_x, data.val_y,
-                                           config.batch_size).items():
+                for key, value in evaluate(ema, data.val_x, data.val_y, config.batch_size,
+                                           device).items():
                     metrics[f"ema_val_{key}"] = value
             metrics["seconds"] = time.time() - epoch_start
             result.history.append(metrics)
             for plugin in self.plugins:
                 plugin.epoch_end(self, epoch, metrics)
+            if self.metrics_jsonl is not None:
+                with atomic_output(self.metrics_jsonl) as temporary:
+                    temporary.write_text("".join(json.dumps(line) + "\n"
+                                                 for line in result.history))
+            if self.save_every and (epoch % self.save_every == 0 or epoch == config.epochs):
+                save_run_state(self.state_path, {
+                    "epoch": epoch, "step": step, "history": result.history,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "random": random_states()}, self.identity)
         result.seconds = time.time() - start
-        result.model = result.model.to(memory_format=torch.contiguous_format).eval()
+        result.model = result.model.to("cpu", memory_format=torch.contiguous_format).eval()
         return result
 
 
 def evaluate(model: nn.Module | Callable[[Tensor], Tensor], x: np.ndarray, y: np.ndarray,
-             batch_size: int = 256) -> dict[str, float]:
-    """Mean cross-entropy, top-1 error and accuracy (percent) of `model` in eval mode."""
+             batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Mean cross-entropy, top-1 error and accuracy (percent) of `model` in eval mode, in
+    float32, with the batches on `device` (where an nn.Module must already be)."""
+    device = torch.device(device)
     if isinstance(model, nn.Module):
         was_training = model.training
         model.eval()
     loss_sum, wrong = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(y), batch_size):
-            inputs = torch.from_numpy(x[start:start + batch_size])
-            targets = torch.from_numpy(y[start:start + batch_size])
-            logits = model(inputs)
+            inputs = to_device(torch.from_numpy(x[start:start + batch_size]), device)
+            targets = to_device(torch.from_numpy(y[start:start + batch_size]), device)
+            logits = model(inputs).float()
             loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
             wrong += int((logits.argmax(1) != targets).sum())
     if isinstance(model, nn.Module):
         model.train(was_training)
     error = 100.0 * wrong / len(y)
     return {"loss": loss_sum / len(y), "error": error, "accuracy": 100.0 - error}
+
+
+def _duration(seconds: float) -> str:
+    """`1h02m`, `3m05s` or `42s`."""
+    seconds = max(0, round(seconds))
+    hours, minutes = divmod(seconds // 60, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds % 60:02d}s" if minutes else f"{seconds}s"
 
 
 def _schedule(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -288,7 +370,10 @@ def train_spec(spec: dict[str, Any], *, data: str, epochs: int, seed: int = 0,
 
     A user's trainer (`archc space sweep --trainer module:function`) is called the same way and
     must return a mapping with at least `best_error` (percent), and `errors` per epoch if it has
-    them."""
+    them. `config` holds the CLI's training options, including `device` (as typed, e.g. `auto`,
+    for `archc.train.device.resolve_device` on the machine that trains) and `precision` (fp32,
+    bf16 or fp16; `archc.train.device.autocast` and `grad_scaler`), so a user's trainer gets the
+    same device and precision settings as this one."""
     from archc.frontend.loading import spec_from_mapping
     from archc.frontend.lower import build
     from archc.train.data import load_data

@@ -31,6 +31,7 @@ def comparable(path: Path) -> dict:
         record.pop("seconds")
         for epoch in record["epochs"]:
             epoch.pop("seconds")
+            epoch.pop("images_per_second")
         records[record["id"]] = record
     return records
 
