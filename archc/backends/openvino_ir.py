@@ -38,7 +38,7 @@ from archc.backends.export import (
 from archc.common.extras import missing_extra
 from archc.common.fileio import atomic_output
 from archc.errors import ExportError
-from archc.ir.verify import float64_reference
+from archc.ir.verify import float64_function
 
 EXTRA = "openvino"
 # archc's --dtype names -> OpenVINO's element types for INFERENCE_PRECISION_HINT, and back
@@ -88,22 +88,6 @@ def read_ir(xml: bytes, weights: bytes):
     openvino = require()
     tensor = openvino.Tensor(np.frombuffer(weights, dtype=np.uint8).copy())
     return openvino.Core().read_model(xml.decode(), tensor)
-
-
-def float64_function(gm: GraphModule, example_input: torch.Tensor
-                     ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-    """The reference a runtime is judged against: the graph run in float64 (its outputs on
-    `example_input` computed once, here), or, for a graph that does not run in float64, in its
-    own dtype; with its name for reports."""
-    found = float64_reference(gm, (example_input,))
-    if isinstance(found, str):
-        return gm, f"eager PyTorch (no float64 run: {found})"
-    copy, (example_output, *_) = found
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return example_output if x is example_input else copy(x.double())
-
-    return run, "float64 PyTorch"
 
 
 def precision_tolerance(used: str, rtol: float) -> float:

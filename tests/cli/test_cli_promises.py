@@ -190,6 +190,7 @@ REDUCENET = {"name": "tiny_reducenet", "input": {"channels": 1, "size": 8}, "num
 QUIET_RUNS = {
     "build": ["build", "S", "-o", "OUT.onnx"],
     "fuse": ["fuse", "P", "-o", "OUT.pt2"],
+    "bench": ["bench", "S", "--runtimes", "torch", "--rounds", "1"],
     "passes": ["passes"],
     "info": ["info", "S"],
     "models": ["models", "--filter", "regnetx_200mf"],
