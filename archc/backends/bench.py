@@ -3,8 +3,9 @@
 Runtimes (`RUNTIMES`): `ort` (archc's ONNX in ONNX Runtime, full graph optimizations), `openvino`
 (the same ONNX converted by OpenVINO, CPU plugin at f32: `archc.backends.openvino_ir`), `torch`
 (the deploy graph in eager PyTorch), `torch-compile` (the deploy graph through `torch.compile`,
-inductor), `executorch` (archc does not write ExecuTorch programs yet: always left out, with that
-reason). The train form in eager PyTorch is always timed too, as the baseline.
+inductor), `executorch` (the `.pte` program lowered to XNNPACK in ExecuTorch's runtime:
+`archc.backends.executorch_pte`; its XNNPACK threads are its own, not `--threads`). The train
+form in eager PyTorch is always timed too, as the baseline.
 
 Check. Before it is timed, every runtime runs the benchmark input and its output is compared with
 the train form run in float64 (`archc.ir.verify`); a runtime further from it than the tolerance
@@ -122,14 +123,20 @@ def _torch_compile(deploy: GraphModule) -> Prepared:
     return Prepared(compiled)
 
 
-def _executorch() -> Prepared:
-    raise Unavailable("archc does not write ExecuTorch programs (.pte) yet")
+def _executorch(deploy: GraphModule, x: torch.Tensor) -> Prepared:
+    problem = missing_extra("executorch", "executorch", "the executorch runtime")
+    if problem:
+        raise Unavailable(problem)
+    from archc.backends import executorch_pte
+
+    data, _, _ = executorch_pte.program_bytes(deploy, x)
+    return Prepared(executorch_pte.runner(data))
 
 
-def prepare(runtime: str, deploy: GraphModule, onnx: Callable[[], bytes],
+def prepare(runtime: str, deploy: GraphModule, x: torch.Tensor, onnx: Callable[[], bytes],
             threads: int) -> Prepared:
-    """`runtime` loaded with the deploy form (`onnx()` gives its ONNX bytes); `Unavailable`
-    with the reason when it cannot run here."""
+    """`runtime` loaded with the deploy form for inputs shaped like `x` (`onnx()` gives its ONNX
+    bytes); `Unavailable` with the reason when it cannot run here."""
     try:
         if runtime == "ort":
             return _ort(onnx(), threads)
@@ -140,7 +147,7 @@ def prepare(runtime: str, deploy: GraphModule, onnx: Callable[[], bytes],
         if runtime == "torch-compile":
             return _torch_compile(deploy)
         if runtime == "executorch":
-            return _executorch()
+            return _executorch(deploy, x)
     except Unavailable:
         raise
     except Exception as exc:  # a runtime that cannot load the model: its own exception types
@@ -193,7 +200,7 @@ def bench(train: GraphModule, deploy: GraphModule, x: torch.Tensor, *, runtimes:
         rows: dict[str, tuple[str, float, float]] = {}
         left_out: dict[str, str] = {}
         for name, load in [(TRAIN_FORM, lambda: Prepared(train)),
-                           *((r, lambda r=r: prepare(r, deploy, onnx, threads))
+                           *((r, lambda r=r: prepare(r, deploy, x, onnx, threads))
                              for r in runtimes)]:
             progress(f"bench: loading and checking {name}")
             try:

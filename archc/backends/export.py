@@ -49,7 +49,7 @@ class EmitReport:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence exporter chatter (progress prints, torchvision-missing warnings)."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
     levels = [logger.level for logger in loggers]
@@ -177,7 +177,7 @@ def _torch_onnx_export(gm: GraphModule, example_input: torch.Tensor, opset: int,
                        dynamic_batch: bool):
     dynamic_shapes = {_input_name(gm): {0: torch.export.Dim("batch")}} if dynamic_batch else None
     try:
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             program = torch.onnx.export(
                 gm,
                 (_trace_input(example_input, dynamic_batch),),
@@ -201,7 +201,7 @@ def _simplify(model, report: EmitReport):
     import onnxsim
 
     try:
-        with _quiet():
+        with quiet():
             simplified, ok = onnxsim.simplify(model, check_n=2)
     except Exception as exc:  # onnxsim failures must not lose a valid export
         report.notes.append(f"onnx-simplifier skipped: {type(exc).__name__}")
@@ -243,7 +243,7 @@ def export_program(
     report = EmitReport(Path(path), "pt2", verified_with="torch.export.load")
     dynamic_shapes = {_input_name(gm): {0: torch.export.Dim("batch")}} if dynamic_batch else None
     try:
-        with _quiet():
+        with quiet():
             program = torch.export.export(
                 gm.eval(),
                 (_trace_input(example_input, dynamic_batch),),

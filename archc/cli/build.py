@@ -17,8 +17,8 @@ from archc.cli import quant as cli_quant
 from archc.cli.output import Output, count_text, counted
 from archc.common.fileio import size_text
 
-OUTPUT_FORMATS = (".onnx", ".pt", ".pt2", ".py", ".xml")
-FUSE_FORMATS = (".pt2", ".onnx", ".py", ".xml")
+OUTPUT_FORMATS = (".onnx", ".pt", ".pt2", ".py", ".xml", ".pte")
+FUSE_FORMATS = (".pt2", ".onnx", ".py", ".xml", ".pte")
 # The opsets torch's ONNX exporter writes as asked (it raises lower ones to 18 without a word)
 ONNX_OPSETS = (18, 24)
 INPUT_SIDES = (8, 4096)  # as the spec schema's input.size
@@ -136,8 +136,9 @@ def add_commands(commands) -> None:
         description="Lower SPEC to a torch.fx graph, run the passes and emit it; the format "
         "follows the extension of OUT: .onnx (single file, verified in ONNX Runtime), .pt2 "
         "(torch.export), .py (standalone module + weights), .xml (OpenVINO IR + .bin, "
-        "verified in OpenVINO's CPU plugin; needs archc[openvino]), .pt (archc checkpoint: "
-        "spec + state_dict, the train form).",
+        "verified in OpenVINO's CPU plugin; needs archc[openvino]), .pte (ExecuTorch program "
+        "lowered to XNNPACK, verified in ExecuTorch's runtime; needs archc[executorch]), .pt "
+        "(archc checkpoint: spec + state_dict, the train form).",
     )
     build.add_argument("spec", help="spec file (YAML or JSON) or a shipped spec's name "
                        "(`archc models` lists them)")
@@ -147,7 +148,7 @@ def add_commands(commands) -> None:
         type=arguments.output_path(OUTPUT_FORMATS),
         required=True,
         metavar="OUT",
-        help="output file: .onnx, .pt2, .py, .xml or .pt",
+        help="output file: .onnx, .pt2, .py, .xml, .pte or .pt",
     )
     add_input_size(build)
     build.add_argument(
@@ -187,8 +188,9 @@ def add_commands(commands) -> None:
         description="Read CKPT (an archc checkpoint .pt, a torch.export program .pt2, or a whole "
         "pickled nn.Module with --trust-pickle), run the passes (default: fold BN, "
         "merge branches and linear convs), verify, and emit OUT: .pt2 (default "
-        "<name>.fused.pt2), .onnx, .py (a standalone module + <name>.weights.pt) or .xml "
-        "(OpenVINO IR + .bin; needs archc[openvino]).",
+        "<name>.fused.pt2), .onnx, .py (a standalone module + <name>.weights.pt), .xml "
+        "(OpenVINO IR + .bin; needs archc[openvino]) or .pte (ExecuTorch, XNNPACK; needs "
+        "archc[executorch]).",
     )
     fuse.add_argument("checkpoint", type=Path, metavar="CKPT", help=".pt or .pt2 file")
     fuse.add_argument(
@@ -196,7 +198,7 @@ def add_commands(commands) -> None:
         "--output",
         type=arguments.output_path(FUSE_FORMATS),
         metavar="OUT",
-        help="output file: .pt2, .onnx, .py or .xml (default CKPT's name + .fused.pt2)",
+        help="output file: .pt2, .onnx, .py, .xml or .pte (default CKPT's name + .fused.pt2)",
     )
     fuse.add_argument(
         "--trust-pickle",
@@ -283,6 +285,10 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
             dynamic_batch=dynamic_batch, simplify=not getattr(args, "no_simplify", False),
             exporter=args.onnx_exporter, rtol=rtol,
         )
+    if suffix == ".pte":  # fp32, NCHW, the example's batch (option_problem)
+        from archc.backends.executorch_pte import export_executorch
+
+        return export_executorch(gm, output, example, rtol=rtol)
     form = export.deploy_form(
         gm, example, dtype=args.dtype, channels_last=args.channels_last, rtol=rtol
     )
@@ -344,6 +350,15 @@ def option_problem(args: argparse.Namespace) -> str | None:
         from archc.common.extras import missing_extra
 
         problem = missing_extra("openvino", "openvino", f"writing {output}")
+        if problem:
+            return problem
+    if output is not None and output.suffix.lower() == ".pte":
+        if getattr(args, "dtype", "fp32") != "fp32" or getattr(args, "channels_last", False):
+            return ("archc writes ExecuTorch programs in float32 NCHW (XNNPACK chooses its own "
+                    "layout): drop --dtype / --channels-last for .pte")
+        from archc.common.extras import missing_extra
+
+        problem = missing_extra("executorch", "executorch", f"writing {output}")
         if problem:
             return problem
     after = getattr(args, "after", None)

@@ -46,12 +46,14 @@ def test_every_runtime_asked_for_gets_a_checked_row(tiny, capsys):
             rows["torch (train form)"]["median_ms"] / row["median_ms"])
 
 
-def test_the_table_names_every_row_and_why_one_is_left_out(tiny, capsys):
+def test_the_table_names_every_row_and_why_one_is_left_out(tiny, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "executorch", None)  # what an install without it looks like
     argv = ["bench", str(tiny), "--runtimes", "ort,executorch", "--rounds", "2", "--threads", "1"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "torch (train form)" in text and "\nort " in text and "vs fastest" in text
-    assert "left out: executorch: archc does not write ExecuTorch programs" in text
+    assert ("left out: executorch: the executorch runtime needs executorch, which is not "
+            "installed: pip install 'archc[executorch]'") in text
 
 
 def test_a_runtime_that_disagrees_with_float64_is_left_out(tiny, capsys, monkeypatch):
@@ -94,6 +96,14 @@ def test_a_checkpoint_is_benched_like_a_spec(tiny, tmp_path, capsys):
 def test_torch_compile_is_timed_after_its_check(tiny, capsys):
     report = bench_json([str(tiny), "--runtimes", "torch-compile"], capsys)
     assert [row["runtime"] for row in report["rows"]] == ["torch (train form)", "torch-compile"]
+
+
+def test_executorch_is_timed_after_its_check(tiny, capsys):
+    pytest.importorskip("executorch", reason="the archc[executorch] extra is not installed")
+    report = bench_json([str(tiny), "--runtimes", "executorch"], capsys)
+    rows = {row["runtime"]: row for row in report["rows"]}
+    assert set(rows) == {"torch (train form)", "executorch"}
+    assert rows["executorch"]["relative_error"] <= rows["executorch"]["tolerance"]
 
 
 @pytest.mark.parametrize("runtimes, phrase", [
