@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule
 
-from archc.backends.export import EmitReport, onnx_bytes
+from archc.backends.export import DEFAULT_OPSET, EmitReport, onnx_bytes
 from archc.common.extras import missing_extra
 from archc.common.timing import Timing, interleaved
 from archc.errors import first_line
@@ -191,7 +191,7 @@ def bench(train: GraphModule, deploy: GraphModule, x: torch.Tensor, *, runtimes:
 
     def onnx() -> bytes:
         if not onnx_cache:
-            onnx_cache.append(onnx_bytes(deploy, x, EmitReport(None, "onnx"), opset=18,
+            onnx_cache.append(onnx_bytes(deploy, x, EmitReport(None, "onnx"), opset=DEFAULT_OPSET,
                                          dynamic_batch=False, simplify=True, exporter="auto"))
         return onnx_cache[0]
 

@@ -29,6 +29,7 @@ import torch
 from torch.fx import GraphModule
 
 from archc.backends.export import (
+    DEFAULT_OPSET,
     DEPLOY_DTYPES,
     EmitReport,
     dtype_tolerance,
@@ -37,7 +38,7 @@ from archc.backends.export import (
 )
 from archc.common.extras import missing_extra
 from archc.common.fileio import atomic_output
-from archc.errors import ExportError
+from archc.errors import ExportError, first_line
 from archc.ir.verify import float64_function
 
 EXTRA = "openvino"
@@ -102,7 +103,7 @@ def export_openvino(
     example_input: torch.Tensor,
     *,
     dtype: str = "fp32",
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = False,
     simplify: bool = True,
     exporter: str = "auto",
@@ -120,8 +121,9 @@ def export_openvino(
     try:
         model = openvino.convert_model(io.BytesIO(data))
     except Exception as exc:  # the converter raises its own and generic types
-        raise ExportError(f"OpenVINO could not convert the ONNX model: {type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0][:200]}") from None
+        raise ExportError(f"OpenVINO could not convert the ONNX model: {first_line(exc)}"
+                          ) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
         written = Path(folder) / "model.xml"
         openvino.save_model(model, written, compress_to_fp16=False)
