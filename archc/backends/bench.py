@@ -4,8 +4,8 @@ Runtimes (`RUNTIMES`): `ort` (archc's ONNX in ONNX Runtime, full graph optimizat
 (the same ONNX converted by OpenVINO, CPU plugin at f32: `archc.backends.openvino_ir`), `torch`
 (the deploy graph in eager PyTorch), `torch-compile` (the deploy graph through `torch.compile`,
 inductor), `executorch` (the `.pte` program lowered to XNNPACK in ExecuTorch's runtime:
-`archc.backends.executorch_pte`; its XNNPACK threads are its own, not `--threads`). The train
-form in eager PyTorch is always timed too, as the baseline.
+`archc.backends.executorch_pte`). The train form in eager PyTorch is always timed too, as the
+baseline.
 
 Check. Before it is timed, every runtime runs the benchmark input and its output is compared with
 the train form run in float64 (`archc.ir.verify`); a runtime further from it than the tolerance
@@ -21,6 +21,7 @@ number of runs per round chosen so that the slowest runtime's round takes about
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import torch
 from torch.fx import GraphModule
 
 from archc.backends.export import DEFAULT_OPSET, EmitReport, onnx_bytes
-from archc.common.extras import missing_extra
+from archc.common.extras import installed, missing_extra
 from archc.common.timing import Timing, interleaved
 from archc.errors import first_line
 from archc.ir.verify import float64_function, relative_error
@@ -187,6 +188,11 @@ def bench(train: GraphModule, deploy: GraphModule, x: torch.Tensor, *, runtimes:
     reference, reference_name = float64_function(train, x)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    pools = contextlib.ExitStack()
+    if "executorch" in runtimes and installed("executorch"):
+        from archc.backends.executorch_pte import threads_set
+
+        pools.enter_context(threads_set(threads))
     onnx_cache: list[bytes] = []
 
     def onnx() -> bytes:
@@ -217,6 +223,7 @@ def bench(train: GraphModule, deploy: GraphModule, x: torch.Tensor, *, runtimes:
         after = os.getloadavg()
     finally:
         torch.set_num_threads(saved_threads)
+        pools.close()
     table = []
     for name in configs:
         precision, error, allowed = rows[name]

@@ -93,6 +93,23 @@ def runner(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
+@contextlib.contextmanager
+def threads_set(count: int) -> Iterator[None]:
+    """XNNPACK's thread pool in ExecuTorch sized to `count` threads (as `archc bench --threads`
+    sizes the other runtimes'), restored after. ExecuTorch calls the reset unsafe while a program
+    runs; none runs while it is called here."""
+    from executorch.extension.pybindings import portable_lib
+
+    saved = portable_lib._threadpool_get_thread_count()
+    with _native_stderr_silenced():
+        portable_lib._unsafe_reset_threadpool(count)
+    try:
+        yield
+    finally:
+        with _native_stderr_silenced():
+            portable_lib._unsafe_reset_threadpool(saved)
+
+
 def export_executorch(gm: GraphModule, path: str | Path, example_input: torch.Tensor, *,
                       rtol: float = 1e-5) -> EmitReport:
     """Write `path` (.pte), verified in ExecuTorch's runtime (module docstring)."""
