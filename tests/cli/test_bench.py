@@ -26,7 +26,7 @@ def tiny(tmp_path):
 
 
 def bench_json(argv: list[str], capsys) -> dict:
-    assert main(["bench", *argv, "--rounds", "2", "--threads", "1", "--json"]) == 0
+    assert main(["bench", "--rounds", "2", "--threads", "1", "--json", *argv]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -100,7 +100,12 @@ def test_torch_compile_is_timed_after_its_check(tiny, capsys):
 
 def test_executorch_is_timed_after_its_check(tiny, capsys):
     pytest.importorskip("executorch", reason="the archc[executorch] extra is not installed")
-    report = bench_json([str(tiny), "--runtimes", "executorch"], capsys)
+    from executorch.extension.pybindings import portable_lib
+
+    pool = portable_lib._threadpool_get_thread_count()
+    report = bench_json([str(tiny), "--runtimes", "executorch", "--threads", "3"], capsys)
+    assert portable_lib._threadpool_get_thread_count() == pool  # resized for the run only
+    assert report["threads"] == 3
     rows = {row["runtime"]: row for row in report["rows"]}
     assert set(rows) == {"torch (train form)", "executorch"}
     assert rows["executorch"]["relative_error"] <= rows["executorch"]["tolerance"]
