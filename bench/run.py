@@ -45,8 +45,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from archc.common.timing import Timing, interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("deploy", "families", "pass-cost", "tool-cost", "gpu")
@@ -72,38 +73,6 @@ DEFAULT_SPECS = [
 ]
 
 
-@dataclass
-class Timing:
-    rounds: list[float] = field(default_factory=list)  # per-round medians, seconds
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rounds)
-
-    def text(self) -> str:
-        return (
-            f"{self.median * 1e3:.2f} ms "
-            f"[{min(self.rounds) * 1e3:.2f}-{max(self.rounds) * 1e3:.2f}]"
-        )
-
-
-def interleaved(configs: dict, rounds: int, iters: int, warmup: int) -> dict[str, Timing]:
-    """Time every callable in `configs`, interleaved round by round."""
-    for run in configs.values():
-        for _ in range(warmup):
-            run()
-    timings = {name: Timing() for name in configs}
-    for _ in range(rounds):
-        for name, run in configs.items():
-            samples = []
-            for _ in range(iters):
-                start = time.perf_counter()
-                run()
-                samples.append(time.perf_counter() - start)
-            timings[name].rounds.append(statistics.median(samples))
-    return timings
-
-
 def matmul_peak_gflops(threads: int, size: int = 1024, repeats: int = 20) -> float:
     import torch
 
@@ -120,18 +89,12 @@ def matmul_peak_gflops(threads: int, size: int = 1024, repeats: int = 20) -> flo
 
 
 def ort_session(model_bytes: bytes, threads: int):
-    import onnxruntime as ort
+    """An optimized, non-spinning CPU session (`archc.backends.onnx_runtime.cpu_session`), its
+    input name and the seconds its creation took."""
+    from archc.backends.onnx_runtime import cpu_session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # idle workers must not spin: with interleaved sessions, one session's spinning thread pool
-    # steals the cores from the next one (measured: a 2x penalty on whichever runs second)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
     start = time.perf_counter()
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    session = cpu_session(model_bytes, threads)
     created = time.perf_counter() - start
     name = session.get_inputs()[0].name
     return session, name, created

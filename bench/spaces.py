@@ -28,7 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import ROOT, Timing, machine  # bench/run.py: the shared protocol helpers
+from run import ROOT, machine  # bench/run.py: the shared protocol helpers
+
+from archc.common.timing import Timing
 
 TINY_REGNETX = ["--set", "base.input.size=32", "--set", "base.num_classes=10",
                 "--set", "window.flops=[300000,1000000]", "--set", "window.params=null",

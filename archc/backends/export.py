@@ -40,14 +40,16 @@ class EmitReport:
     format: str
     bytes: int = 0
     verified_with: str = ""
+    reference: str = "eager PyTorch"  # what the output was compared with
     max_abs_error: float = float("nan")
     relative_error: float = float("nan")
     rtol: float = 1e-5  # the tolerance it was verified at
+    precision: str = ""  # the precision the runtime ran it at, where the runtime chooses (OpenVINO)
     notes: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence exporter chatter (progress prints, torchvision-missing warnings)."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
     levels = [logger.level for logger in loggers]
@@ -132,14 +134,28 @@ def export_onnx(
     `exporter`: "archc" translates the graph node by node (`archc.backends.onnx_direct`), "torch"
     uses `torch.onnx.export`, "auto" the first and, for a graph outside its vocabulary, the
     second."""
+    report = EmitReport(Path(path), "onnx", verified_with="onnxruntime (graph optimizations off)")
+    gm = gm.eval()
+    data = onnx_bytes(gm, example_input, report, opset=opset, dynamic_batch=dynamic_batch,
+                      simplify=simplify, exporter=exporter)
+    session = _onnxruntime_session(data)
+    verify_emitted(report, gm, session, example_input, dynamic_batch, rtol)
+    with atomic_output(report.path) as temporary:
+        temporary.write_bytes(data)
+    report.bytes = len(data)
+    return report
+
+
+def onnx_bytes(gm: GraphModule, example_input: torch.Tensor, report: EmitReport, *, opset: int,
+               dynamic_batch: bool, simplify: bool, exporter: str) -> bytes:
+    """The graph as a checked single-file ONNX model (not yet run); the exporter used and the
+    simplifier's effect are noted in `report`. `exporter`: see `export_onnx`."""
     import onnx
 
     from archc.backends.onnx_direct import Untranslatable, translate
 
     if exporter not in ONNX_EXPORTERS:
         raise ExportError(f"unknown ONNX exporter {exporter!r}; one of {', '.join(ONNX_EXPORTERS)}")
-    report = EmitReport(Path(path), "onnx", verified_with="onnxruntime (graph optimizations off)")
-    gm = gm.eval()
     model = None
     if exporter != "torch":
         try:
@@ -154,20 +170,14 @@ def export_onnx(
         if simplify:  # archc's translation leaves nothing to fold: constants are constants
             model = _simplify(model, report)
     onnx.checker.check_model(model)
-    data = model.SerializeToString()
-    session = _onnxruntime_session(data)
-    verify_emitted(report, gm, session, example_input, dynamic_batch, rtol)
-    with atomic_output(report.path) as temporary:
-        temporary.write_bytes(data)
-    report.bytes = len(data)
-    return report
+    return model.SerializeToString()
 
 
 def _torch_onnx_export(gm: GraphModule, example_input: torch.Tensor, opset: int,
                        dynamic_batch: bool):
     dynamic_shapes = {_input_name(gm): {0: torch.export.Dim("batch")}} if dynamic_batch else None
     try:
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             program = torch.onnx.export(
                 gm,
                 (_trace_input(example_input, dynamic_batch),),
@@ -191,7 +201,7 @@ def _simplify(model, report: EmitReport):
     import onnxsim
 
     try:
-        with _quiet():
+        with quiet():
             simplified, ok = onnxsim.simplify(model, check_n=2)
     except Exception as exc:  # onnxsim failures must not lose a valid export
         report.notes.append(f"onnx-simplifier skipped: {type(exc).__name__}")
@@ -233,7 +243,7 @@ def export_program(
     report = EmitReport(Path(path), "pt2", verified_with="torch.export.load")
     dynamic_shapes = {_input_name(gm): {0: torch.export.Dim("batch")}} if dynamic_batch else None
     try:
-        with _quiet():
+        with quiet():
             program = torch.export.export(
                 gm.eval(),
                 (_trace_input(example_input, dynamic_batch),),

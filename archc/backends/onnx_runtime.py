@@ -1,4 +1,5 @@
-"""An ONNX classifier run by ONNX Runtime as a function of torch batches (`archc eval`).
+"""ONNX Runtime on the CPU: an ONNX classifier as a function of torch batches (`archc eval`), and
+the session settings of timed runs (`archc bench`).
 
 The model must take one float input (N, C, H, W) with fixed C, H and W; a fixed batch size N is
 honoured by running N images at a time (the last chunk zero-padded, its padding dropped).
@@ -55,3 +56,20 @@ def onnx_classifier(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor],
     if classes is None:
         classes = run(torch.zeros((chunk or 1, channels, height, width))).shape[-1]
     return run, (channels, height), classes
+
+
+def cpu_session(model: str | bytes, threads: int = 1, optimized: bool = True):
+    """An ONNX Runtime CPU session with `threads` intra-op threads that does not spin-wait: with
+    sessions run in turns (interleaved timing), one session's spinning thread pool would steal
+    the cores from the next (measured: a 2x penalty on whichever runs second). `optimized`:
+    ORT's full graph optimizations, else none (to check the file itself)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

@@ -14,6 +14,10 @@ PASS_NAMES = ("align_channels", "canonicalize", "canonicalize_channel_shuffle",
               "insert_channel_shuffle", "merge_parallel_branches", "merge_sequential_convs",
               "remove_identity")
 
+# The runtimes `archc bench` knows, written out so that parsing `--runtimes` stays torch-free;
+# tests/cli/test_bench.py holds them to archc.backends.bench.RUNTIMES
+RUNTIME_NAMES = ("ort", "openvino", "torch", "torch-compile", "executorch")
+
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -118,6 +122,21 @@ def memory_size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive memory size")
     return int(value)
+
+
+def runtime_list(text: str) -> list[str]:
+    """Comma-separated runtime names of `archc bench`, each known, in the order given."""
+    from archc.common.suggest import did_you_mean
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one runtime")
+    for name in names:
+        if name not in RUNTIME_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"unknown runtime {name!r}{did_you_mean(name, RUNTIME_NAMES)}; one of "
+                f"{', '.join(RUNTIME_NAMES)}")
+    return list(dict.fromkeys(names))
 
 
 def output_path(formats: tuple[str, ...]) -> Callable[[str], Path]:

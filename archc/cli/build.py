@@ -17,21 +17,22 @@ from archc.cli import quant as cli_quant
 from archc.cli.output import Output, count_text, counted
 from archc.common.fileio import size_text
 
-OUTPUT_FORMATS = (".onnx", ".pt", ".pt2", ".py")
-FUSE_FORMATS = (".pt2", ".onnx", ".py")
+OUTPUT_FORMATS = (".onnx", ".pt", ".pt2", ".py", ".xml", ".pte")
+FUSE_FORMATS = (".pt2", ".onnx", ".py", ".xml", ".pte")
 # The opsets torch's ONNX exporter writes as asked (it raises lower ones to 18 without a word)
 ONNX_OPSETS = (18, 24)
 INPUT_SIDES = (8, 4096)  # as the spec schema's input.size
 
 
 def _add_deploy_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("deploy form (.onnx, .pt2, .py)")
+    group = parser.add_argument_group("deploy form (.onnx, .pt2, .py, .xml)")
     group.add_argument(
         "--dtype",
         choices=("fp32", "fp16", "bf16"),
         default="fp32",
-        help="cast the emitted model after folding in float32 (default fp32); "
-        "verified at 10 units of the format's rounding",
+        help="cast the emitted model after folding in float32 (default fp32); for .xml, "
+        "OpenVINO's inference precision (the weights stay float32); verified at 10 units of "
+        "the format's rounding",
     )
     group.add_argument(
         "--channels-last",
@@ -134,8 +135,10 @@ def add_commands(commands) -> None:
         help="lower a spec to a verified ONNX / torch.export / checkpoint / Python file",
         description="Lower SPEC to a torch.fx graph, run the passes and emit it; the format "
         "follows the extension of OUT: .onnx (single file, verified in ONNX Runtime), .pt2 "
-        "(torch.export), .py (standalone module + weights), .pt (archc checkpoint: spec + "
-        "state_dict, the train form).",
+        "(torch.export), .py (standalone module + weights), .xml (OpenVINO IR + .bin, "
+        "verified in OpenVINO's CPU plugin; needs archc[openvino]), .pte (ExecuTorch program "
+        "lowered to XNNPACK, verified in ExecuTorch's runtime; needs archc[executorch]), .pt "
+        "(archc checkpoint: spec + state_dict, the train form).",
     )
     build.add_argument("spec", help="spec file (YAML or JSON) or a shipped spec's name "
                        "(`archc models` lists them)")
@@ -145,7 +148,7 @@ def add_commands(commands) -> None:
         type=arguments.output_path(OUTPUT_FORMATS),
         required=True,
         metavar="OUT",
-        help="output file: .onnx, .pt2, .py or .pt",
+        help="output file: .onnx, .pt2, .py, .xml, .pte or .pt",
     )
     add_input_size(build)
     build.add_argument(
@@ -158,8 +161,8 @@ def add_commands(commands) -> None:
     build.add_argument(
         "--static-batch",
         action="store_true",
-        help="fix the batch size of .onnx / .pt2 outputs to --batch (default: any batch size, "
-        "verified at two)",
+        help="fix the batch size of .onnx / .pt2 / .xml outputs to --batch (default: any batch "
+        "size, verified at two)",
     )
     _add_opset(build, "ONNX opset")
     build.add_argument("--seed", type=arguments.seed, default=0,
@@ -185,7 +188,9 @@ def add_commands(commands) -> None:
         description="Read CKPT (an archc checkpoint .pt, a torch.export program .pt2, or a whole "
         "pickled nn.Module with --trust-pickle), run the passes (default: fold BN, "
         "merge branches and linear convs), verify, and emit OUT: .pt2 (default "
-        "<name>.fused.pt2), .onnx, or .py (a standalone module + <name>.weights.pt).",
+        "<name>.fused.pt2), .onnx, .py (a standalone module + <name>.weights.pt), .xml "
+        "(OpenVINO IR + .bin; needs archc[openvino]) or .pte (ExecuTorch, XNNPACK; needs "
+        "archc[executorch]).",
     )
     fuse.add_argument("checkpoint", type=Path, metavar="CKPT", help=".pt or .pt2 file")
     fuse.add_argument(
@@ -193,7 +198,7 @@ def add_commands(commands) -> None:
         "--output",
         type=arguments.output_path(FUSE_FORMATS),
         metavar="OUT",
-        help="output file: .pt2, .onnx or .py (default CKPT's name + .fused.pt2)",
+        help="output file: .pt2, .onnx, .py, .xml or .pte (default CKPT's name + .fused.pt2)",
     )
     fuse.add_argument(
         "--trust-pickle",
@@ -211,8 +216,8 @@ def add_commands(commands) -> None:
     fuse.add_argument(
         "--static-batch",
         action="store_true",
-        help="fix the batch size of .onnx / .pt2 outputs to the example input's (default: any "
-        "batch size, verified at two)",
+        help="fix the batch size of .onnx / .pt2 / .xml outputs to the example input's "
+        "(default: any batch size, verified at two)",
     )
     fuse.add_argument("--seed", type=arguments.seed, default=0,
                       help="seed of the verification inputs")
@@ -271,10 +276,22 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
     if noise is None:
         noise = verify.rounding_noise(gm, (example,))
     rtol = verify.artifact_tolerance(args.rtol, noise)
+    dynamic_batch = not args.static_batch
+    if suffix == ".xml":  # the runtime casts: the IR keeps float32, --dtype is its precision
+        from archc.backends.openvino_ir import export_openvino
+
+        return export_openvino(
+            gm, output, example, dtype=args.dtype, opset=args.opset,
+            dynamic_batch=dynamic_batch, simplify=not getattr(args, "no_simplify", False),
+            exporter=args.onnx_exporter, rtol=rtol,
+        )
+    if suffix == ".pte":  # fp32, NCHW, the example's batch (option_problem)
+        from archc.backends.executorch_pte import export_executorch
+
+        return export_executorch(gm, output, example, rtol=rtol)
     form = export.deploy_form(
         gm, example, dtype=args.dtype, channels_last=args.channels_last, rtol=rtol
     )
-    dynamic_batch = not args.static_batch
     if suffix == ".onnx":
         emitted = export.export_onnx(
             form.graph_module,
@@ -325,7 +342,25 @@ def option_problem(args: argparse.Namespace) -> str | None:
                     "use it with .pt2 or .py")
         if getattr(args, "dtype", None) == "bf16":
             return ("ONNX Runtime on CPU has no bfloat16 Conv, so a bf16 .onnx cannot be "
-                    "verified: use fp16 for .onnx, or bf16 with .pt2 / .py")
+                    "verified: use fp16 for .onnx, or bf16 with .pt2 / .py / .xml")
+    if output is not None and output.suffix.lower() == ".xml":
+        if getattr(args, "channels_last", False):
+            return ("OpenVINO IR is NCHW and the CPU plugin picks its own layout: "
+                    "use --channels-last with .pt2 or .py")
+        from archc.common.extras import missing_extra
+
+        problem = missing_extra("openvino", "openvino", f"writing {output}")
+        if problem:
+            return problem
+    if output is not None and output.suffix.lower() == ".pte":
+        if getattr(args, "dtype", "fp32") != "fp32" or getattr(args, "channels_last", False):
+            return ("archc writes ExecuTorch programs in float32 NCHW (XNNPACK chooses its own "
+                    "layout): drop --dtype / --channels-last for .pte")
+        from archc.common.extras import missing_extra
+
+        problem = missing_extra("executorch", "executorch", f"writing {output}")
+        if problem:
+            return problem
     after = getattr(args, "after", None)
     dump_after = getattr(args, "dump_after", None)
     for option, name in (("--after", after),
@@ -439,14 +474,17 @@ def _print_emitted(emitted, out: Output, document: dict, args=None) -> None:
     details = "; ".join([size_text(emitted.bytes), *emitted.notes])
     out.say(f"wrote {emitted.path} ({details})")
     out.say(
-        f"verified with {emitted.verified_with} against eager PyTorch: max abs error "
+        f"verified with {emitted.verified_with} against {emitted.reference}: max abs error "
         f"{emitted.max_abs_error:.2e}, relative {emitted.relative_error:.2e} "
         f"(tolerance {emitted.rtol:g})"
     )
     document["output"] = {"path": str(emitted.path), "bytes": emitted.bytes,
                           "notes": list(emitted.notes), "verified_with": emitted.verified_with,
+                          "reference": emitted.reference,
                           "max_abs_error": emitted.max_abs_error,
                           "relative_error": emitted.relative_error, "tolerance": emitted.rtol}
+    if emitted.precision:
+        document["output"]["precision"] = emitted.precision
     if args is not None and args.int8:
         document["int8"] = cli_quant.chain(args, emitted.path, out)
     out.report(document)

@@ -1,8 +1,8 @@
 """The `archc` command line: the top-level parser, the options every command takes (--quiet,
 --progress, --debug), dispatch, and the guard that turns failures into exit codes. Each command
 group has its own module with `add_commands` (its parsers) and `HANDLERS` (its handlers):
-`archc.cli.build` (build, fuse), `archc.cli.describe` (info, show, passes, models, schema),
-`archc.cli.space`, `archc.cli.compress` and `archc.cli.quant`.
+`archc.cli.build` (build, fuse), `archc.cli.bench`, `archc.cli.describe` (info, show, passes,
+models, schema), `archc.cli.space`, `archc.cli.compress` and `archc.cli.quant`.
 
 Argument parsing imports nothing heavy: `archc --help` and argument errors never import torch, and
 every option is checked as it is parsed (`archc.cli.arguments`). One guard (`main`) turns every
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from archc.cli import arguments
+from archc.cli import bench as cli_bench
 from archc.cli import build as cli_build
 from archc.cli import compress as cli_compress
 from archc.cli import describe as cli_describe
@@ -51,6 +52,7 @@ def make_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     cli_build.add_commands(commands)  # build, fuse
+    cli_bench.add_commands(commands)  # bench
     cli_describe.add_commands(commands)  # passes, info, models, show, schema
     cli_space.add_commands(commands)  # space sample|sweep|analyze|fit, train, eval
     cli_compress.add_commands(commands)  # prune, lowrank, reduce
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ArchcError(problem)
         commands = {
             **cli_build.HANDLERS,
+            **cli_bench.HANDLERS,
             **cli_describe.HANDLERS,
             **cli_space.HANDLERS,
             **cli_compress.HANDLERS,

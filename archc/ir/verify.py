@@ -29,7 +29,7 @@ dtype's rounding (1.2e-5 for float32) instead, and its report says so.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +96,25 @@ def float64_reference(model: nn.Module, inputs: Sequence[Tensor]
     except Exception as exc:  # any op may insist on its dtype
         lines = str(exc).strip().splitlines()
         return f"{type(exc).__name__}: {lines[0][:120]}" if lines else type(exc).__name__
+
+
+def float64_function(model: nn.Module, example_input: Tensor
+                     ) -> tuple[Callable[[Tensor], Tensor], str]:
+    """What a runtime's output is judged against, and its name for reports: `model` run in
+    float64 (its output on `example_input` computed once, here), or, for a model that does not
+    run in float64, in its own dtype."""
+    found = float64_reference(model, (example_input,))
+    if isinstance(found, str):
+        return model, f"eager PyTorch (no float64 run: {found})"
+    copy, (example_output, *_) = found
+
+    def run(x: Tensor) -> Tensor:
+        if x is example_input:
+            return example_output
+        with torch.no_grad():
+            return copy(x.double())
+
+    return run, "float64 PyTorch"
 
 
 def rounding_noise(model: nn.Module, inputs: Sequence[Tensor],

@@ -1,5 +1,6 @@
-"""Emitters: every spec emits .onnx, .pt2 and .py that reload and reproduce the eager output;
-deploy dtypes and channels_last are verified at their own tolerance."""
+"""Emitters: every spec emits .onnx, .pt2 and .py (and .xml where archc[openvino] is installed)
+that reload and reproduce the eager output; deploy dtypes and channels_last are verified at their
+own tolerance."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import archc.passes  # noqa: F401 - registers the catalogue
 from archc.backends.emit_python import emit_python
 from archc.backends.export import export_program
 from archc.cli.main import main
+from archc.common.extras import installed
 from archc.ir.verify import relative_error
 from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
 from tests.golden_suite import input_side
@@ -107,9 +109,11 @@ def run_standalone(folder: Path, x: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SPECS)
-def test_every_spec_emits_three_formats(name, tmp_path, capsys):
-    """`archc build` to ONNX end to end; the same deploy graph through the .pt2 and .py emitters
-    (the pipeline run once more, without its float64 checks: the build above made them)."""
+def test_every_spec_emits_every_format(name, tmp_path, capsys):
+    """`archc build` to ONNX end to end; the same deploy graph through the .pt2, .py and (where
+    the extra is installed: tests/backends/test_openvino.py skips with the reason where not)
+    OpenVINO emitters (the pipeline run once more, without its float64 checks: the build above
+    made them)."""
     x = example(name)
     gm, y, tolerance = float64_reference(name, x)
     build(name, tmp_path / "model.onnx")
@@ -125,6 +129,16 @@ def test_every_spec_emits_three_formats(name, tmp_path, capsys):
     emit_python(deploy, tmp_path / "model.py", x, model_name=name, source=name, rtol=tolerance)
     got, imported = run_standalone(tmp_path, x)
     assert relative_error(y, got.double()) <= tolerance and imported == "[]"
+    if installed("openvino"):
+        from archc.backends import openvino_ir
+
+        report = openvino_ir.export_openvino(deploy, tmp_path / "model.xml", x,
+                                             dynamic_batch=True, rtol=tolerance)
+        compiled, used = openvino_ir.compile_cpu(
+            openvino_ir.require().Core().read_model(str(tmp_path / "model.xml")))
+        got = openvino_ir.runner(compiled)(x)
+        assert report.precision == used == "fp32"
+        assert relative_error(y, got.double()) <= tolerance
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("fp16", 1e-2), ("bf16", 8e-2)])

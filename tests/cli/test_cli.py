@@ -27,6 +27,10 @@ def run_python(code: str) -> subprocess.CompletedProcess:
         ["build", "x.yaml"],
         ["frobnicate"],
         ["info", "x.yaml", "--input-size", "-3"],
+        ["bench", "--help"],
+        ["bench", "x.yaml", "--runtimes", "tvm"],
+        ["build", "x.yaml", "-o", "y.xml", "--channels-last"],
+        ["build", "x.yaml", "-o", "y.pte", "--dtype", "bf16"],
     ],
 )
 def test_help_and_argument_errors_do_not_import_torch(argv):

@@ -70,7 +70,8 @@ def unwritable_outputs(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("where", ["sys", "proc", "long", "under_a_file"])
 @pytest.mark.parametrize("command, suffix", [
     (["build", "SPEC"], ".pt"), (["build", "SPEC"], ".onnx"), (["fuse", "PT"], ".pt2"),
-    (["show", "SPEC"], ".svg"), (["schema"], ".json"), (["space", "fit", "SPEC"], ".yaml"),
+    (["build", "SPEC"], ".xml"), (["show", "SPEC"], ".svg"), (["schema"], ".json"),
+    (["space", "fit", "SPEC"], ".yaml"),
     (["train", "SPEC", "--data", "digits"], ".pt"), (["lowrank", "PT"], ".pt"),
 ])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(
@@ -100,6 +101,11 @@ def test_a_folder_that_cannot_be_written_is_refused_before_any_work(where, model
     (["build", "SPEC", "-o", "m.onnx", "--channels-last"], "ONNX is NCHW"),
     (["fuse", "PT", "-o", "m.onnx", "--channels-last"], "ONNX is NCHW"),
     (["build", "SPEC", "-o", "m.onnx", "--dtype", "bf16"], "no bfloat16 Conv"),
+    (["build", "SPEC", "-o", "m.xml", "--channels-last"], "OpenVINO IR is NCHW"),
+    (["fuse", "PT", "-o", "m.xml", "--channels-last"], "OpenVINO IR is NCHW"),
+    (["build", "SPEC", "-o", "m.xml", "--int8", "--calib", "digits"], "give an .onnx output"),
+    (["build", "SPEC", "-o", "m.pte", "--dtype", "fp16"], "ExecuTorch programs in float32"),
+    (["fuse", "PT", "-o", "m.pte", "--channels-last"], "ExecuTorch programs in float32"),
     (["build", "SPEC", "-o", "m.pt", "--passes", "default"], "a .pt checkpoint stores"),
     (["show", "SPEC", "-o", "g.svg", "--after", "fold_bm"], "did you mean fold_bn"),
     (["build", "SPEC", "-o", "m.pt2", "--dump-after", "fold_bm", "DIR"], "did you mean fold_bn"),
@@ -112,6 +118,21 @@ def test_option_combinations_are_checked_before_any_work(argv, phrase, models, t
     argv = [names.get(part, local(tmp_path, part)) for part in argv]
     assert main(argv) == 2
     assert phrase in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("runtime, suffix", [("openvino", ".xml"), ("executorch", ".pte")])
+@pytest.mark.parametrize("command", [["build", "SPEC"], ["fuse", "PT"]])
+def test_a_runtime_output_without_its_extra_is_one_line_before_any_work(
+        command, runtime, suffix, models, tmp_path, capsys, monkeypatch):
+    import sys
+
+    no_work(monkeypatch)
+    monkeypatch.setitem(sys.modules, runtime, None)  # what an install without it looks like
+    argv = [{"SPEC": str(models["spec"]), "PT": str(models["pt"])}.get(p, p) for p in command]
+    assert main([*argv, "-o", str(tmp_path / f"m{suffix}")]) == 2
+    line = one_error_line(capsys)
+    assert f"needs {runtime}" in line and f"pip install 'archc[{runtime}]'" in line
     assert list(tmp_path.iterdir()) == []
 
 
@@ -140,6 +161,8 @@ def test_the_pass_names_parsing_knows_are_the_catalogue():
     (["schema", "-o", "schema.yaml"], ".json"),
     (["prune", "PT", "--ratio", "0.5", "-o", "p.pt", "--spec", "p.txt"], ".yaml, .yml, .json"),
     (["lowrank", "PT", "-o", "l.onnx"], ".pt"),
+    (["build", "SPEC", "-o", "m.bin"], ".onnx, .pt, .pt2, .py, .xml, .pte"),
+    (["fuse", "PT", "-o", "m.bin"], ".pt2, .onnx, .py, .xml, .pte"),
     (["quantize", "m.onnx", "--calib", "digits", "-o", "q.pt"], ".onnx"),
 ])
 def test_every_written_file_has_an_extension_its_command_writes(argv, formats, models, tmp_path,
@@ -170,6 +193,7 @@ REDUCENET = {"name": "tiny_reducenet", "input": {"channels": 1, "size": 8}, "num
 QUIET_RUNS = {
     "build": ["build", "S", "-o", "OUT.onnx"],
     "fuse": ["fuse", "P", "-o", "OUT.pt2"],
+    "bench": ["bench", "S", "--runtimes", "torch", "--rounds", "1"],
     "passes": ["passes"],
     "info": ["info", "S"],
     "models": ["models", "--filter", "regnetx_200mf"],

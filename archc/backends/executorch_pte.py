@@ -1,0 +1,128 @@
+"""ExecuTorch programs (`.pte`) lowered to the XNNPACK backend, run in ExecuTorch's runtime bindings
+against the float64 reference, written atomically.
+
+Lowering: `torch.export` of the deploy graph at the example input's shape, then
+`executorch.exir.to_edge_transform_and_lower` with the `XnnpackPartitioner` (XNNPACK's CPU kernels
+take every op they support; the rest stay portable ExecuTorch ops) and `to_executorch()`. The
+batch is static: ExecuTorch plans its memory for the shapes it was exported at. The program's
+bytes are loaded by `executorch.runtime.Runtime`, run on the example input, and held at fp32 to
+the artifact tolerance (`archc.ir.verify`: `--rtol`, or ten times the model's own float32
+rounding) against the float64 model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch.fx import GraphModule
+
+from archc.backends.export import EmitReport, verify_emitted
+from archc.common.extras import missing_extra
+from archc.common.fileio import atomic_output
+from archc.errors import ExportError, first_line
+from archc.ir.verify import float64_function
+
+EXTRA = "executorch"
+
+
+def require(purpose: str = "writing ExecuTorch programs (.pte)") -> None:
+    """`ExportError` naming the extra if ExecuTorch is not installed."""
+    problem = missing_extra("executorch", EXTRA, purpose)
+    if problem:
+        raise ExportError(problem)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """ExecuTorch's C++ runtime logs CPU probing on file descriptor 2 when it loads; Python
+    exceptions still carry any failure."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def program_bytes(gm: GraphModule, example_input: torch.Tensor) -> tuple[bytes, int, int]:
+    """The graph lowered to XNNPACK as `.pte` bytes, with how many of its compute nodes XNNPACK
+    took (delegate calls) and how many stayed portable ops."""
+    require()
+    from archc.backends.export import quiet
+
+    try:
+        with quiet(), _native_stderr_silenced(), torch.no_grad():
+            # torchao (imported by the lowering) reports its optional CUDA kernels on stderr
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+                XnnpackPartitioner,
+            )
+            from executorch.exir import to_edge_transform_and_lower
+
+            exported = torch.export.export(gm.eval(), (example_input,))
+            lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+            program = lowered.to_executorch()
+    except Exception as exc:  # exporter and lowering raise many types
+        raise ExportError(f"ExecuTorch lowering failed: {first_line(exc)}") from None
+    calls = [node for node in lowered.exported_program().graph.nodes if node.op == "call_function"]
+    delegated = sum("call_delegate" in str(node.target) for node in calls)
+    portable = sum("getitem" not in str(node.target) for node in calls) - delegated
+    return program.buffer, delegated, portable
+
+
+def runner(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A `.pte` program's `forward` in ExecuTorch's runtime, as a function of a torch batch."""
+    require()
+    from executorch.runtime import Runtime
+
+    with _native_stderr_silenced():
+        program = Runtime.get().load_program(data)
+        method = program.load_method("forward")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        # the program reads `data` in place: the closure keeps both alive as long as `run`
+        return method.execute([x.contiguous()])[0] if program and data else None
+
+    return run
+
+
+@contextlib.contextmanager
+def threads_set(count: int) -> Iterator[None]:
+    """XNNPACK's thread pool in ExecuTorch sized to `count` threads (as `archc bench --threads`
+    sizes the other runtimes'), restored after. ExecuTorch calls the reset unsafe while a program
+    runs; none runs while it is called here."""
+    from executorch.extension.pybindings import portable_lib
+
+    saved = portable_lib._threadpool_get_thread_count()
+    with _native_stderr_silenced():
+        portable_lib._unsafe_reset_threadpool(count)
+    try:
+        yield
+    finally:
+        with _native_stderr_silenced():
+            portable_lib._unsafe_reset_threadpool(saved)
+
+
+def export_executorch(gm: GraphModule, path: str | Path, example_input: torch.Tensor, *,
+                      rtol: float = 1e-5) -> EmitReport:
+    """Write `path` (.pte), verified in ExecuTorch's runtime (module docstring)."""
+    report = EmitReport(Path(path), "pte", verified_with="ExecuTorch runtime (XNNPACK)")
+    gm = gm.eval()
+    data, delegated, portable = program_bytes(gm, example_input)
+    reference, report.reference = float64_function(gm, example_input)
+    with _native_stderr_silenced():
+        run = runner(data)
+        verify_emitted(report, reference, run, example_input, False, rtol)
+    report.notes.append(f"XNNPACK delegate calls: {delegated}, portable ops left: {portable}")
+    report.notes.append(f"static batch {example_input.shape[0]}")
+    with atomic_output(report.path) as temporary:
+        temporary.write_bytes(data)
+    report.bytes = len(data)
+    return report
