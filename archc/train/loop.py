@@ -22,6 +22,10 @@ Extension points (used by quantization-aware training, pruning, slimming and dis
   not in the optimizer); a BatchNorm whose weight and bias are both frozen also keeps its running
   statistics (it runs in eval mode).
 
+Data: any object with `train_size`, `train_batches(batch_size, seed, epoch)` and
+`val_batches(batch_size)` (`archc.train.data`: arrays in memory, or an image folder streamed by a
+DataLoader).
+
 Reproducibility: the batch order comes from numpy's PCG64(SeedSequence([seed, epoch])) and the
 weights from `archc.ir.init`, torch's generator is seeded for dropout, deterministic algorithms are
 requested, and the intra-op thread count is fixed (`threads`, default 1). The same seed, data,
@@ -37,7 +41,7 @@ import copy
 import fnmatch
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,7 +52,7 @@ from torch import Tensor, nn
 
 from archc.common.progress import Progress
 from archc.errors import DataError, TrainingError
-from archc.train.data import Dataset
+from archc.train.data import Dataset, ImageFolder
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ class Trainer:
         self.progress, self.label = progress, label
         self.model: nn.Module | None = None
 
-    def fit(self, model: nn.Module, data: Dataset) -> TrainResult:
+    def fit(self, model: nn.Module, data: Dataset | ImageFolder) -> TrainResult:
         config = self.config
         if config.epochs < 1 or config.batch_size < 1:
             raise TrainingError("epochs and batch size must be positive")
@@ -141,7 +145,7 @@ class Trainer:
             torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(deterministic)
 
-    def _fit(self, model: nn.Module, data: Dataset) -> TrainResult:
+    def _fit(self, model: nn.Module, data: Dataset | ImageFolder) -> TrainResult:
         config, start = self.config, time.time()
         torch.manual_seed(config.seed)
         if config.channels_last:
@@ -157,8 +161,7 @@ class Trainer:
                                     nesterov=config.nesterov and config.momentum > 0,
                                     weight_decay=config.weight_decay)
         ema = _ema_copy(model) if config.ema_decay is not None else None
-        x, y = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
-        steps_per_epoch = math.ceil(len(y) / config.batch_size)
+        steps_per_epoch = math.ceil(data.train_size / config.batch_size)
         schedule = _schedule(config, steps_per_epoch)
         result, step = TrainResult(ema if ema is not None else model), 0
         for epoch in range(1, config.epochs + 1):
@@ -168,15 +171,11 @@ class Trainer:
             model.train()
             for bn in frozen_bns:
                 bn.eval()
-            order = np.random.Generator(
-                np.random.PCG64(np.random.SeedSequence([config.seed, epoch]))).permutation(len(y))
             progress = Progress(steps_per_epoch, f"{self.label} epoch {epoch}/{config.epochs}",
                                 enabled=self.progress)
             loss_sum, wrong, seen = 0.0, 0, 0
-            for batch in range(steps_per_epoch):
-                index = torch.from_numpy(order[batch * config.batch_size:
-                                               (batch + 1) * config.batch_size])
-                inputs, targets = x[index], y[index]
+            batches = data.train_batches(config.batch_size, config.seed, epoch)
+            for batch, (inputs, targets) in enumerate(batches):
                 if config.channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 for group in optimizer.param_groups:
@@ -206,12 +205,11 @@ class Trainer:
             progress.close()
             metrics = {"epoch": epoch, "lr": schedule(step - 1), "train_loss": loss_sum / seen,
                        "train_error": 100.0 * wrong / seen}
-            for key, value in evaluate(model, data.val_x, data.val_y, config.batch_size).items():
-                metrics[f"val_{key}"] = value
-            if ema is not None:
-                for key, value in evaluate(ema, data.val_x, data.val_y,
-                                           config.batch_size).items():
-                    metrics[f"ema_val_{key}"] = value
+            kept = {"val": model} if ema is None else {"val": model, "ema_val": ema}
+            for prefix, evaluated in kept.items():
+                batches = data.val_batches(config.batch_size)
+                for key, value in evaluate_batches(evaluated, batches).items():
+                    metrics[f"{prefix}_{key}"] = value
             metrics["seconds"] = time.time() - epoch_start
             result.history.append(metrics)
             for plugin in self.plugins:
@@ -224,21 +222,28 @@ class Trainer:
 def evaluate(model: nn.Module | Callable[[Tensor], Tensor], x: np.ndarray, y: np.ndarray,
              batch_size: int = 256) -> dict[str, float]:
     """Mean cross-entropy, top-1 error and accuracy (percent) of `model` in eval mode."""
+    return evaluate_batches(model, ((torch.from_numpy(x[start:start + batch_size]),
+                                     torch.from_numpy(y[start:start + batch_size]))
+                                    for start in range(0, len(y), batch_size)))
+
+
+def evaluate_batches(model: nn.Module | Callable[[Tensor], Tensor],
+                     batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """`evaluate` over (inputs, targets) batches (a data set's `val_batches`)."""
     if isinstance(model, nn.Module):
         was_training = model.training
         model.eval()
-    loss_sum, wrong = 0.0, 0
+    loss_sum, wrong, seen = 0.0, 0, 0
     with torch.no_grad():
-        for start in range(0, len(y), batch_size):
-            inputs = torch.from_numpy(x[start:start + batch_size])
-            targets = torch.from_numpy(y[start:start + batch_size])
+        for inputs, targets in batches:
             logits = model(inputs)
             loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
             wrong += int((logits.argmax(1) != targets).sum())
+            seen += len(targets)
     if isinstance(model, nn.Module):
         model.train(was_training)
-    error = 100.0 * wrong / len(y)
-    return {"loss": loss_sum / len(y), "error": error, "accuracy": 100.0 - error}
+    error = 100.0 * wrong / seen
+    return {"loss": loss_sum / seen, "error": error, "accuracy": 100.0 - error}
 
 
 def _schedule(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -291,10 +296,10 @@ def train_spec(spec: dict[str, Any], *, data: str, epochs: int, seed: int = 0,
     them."""
     from archc.frontend.loading import spec_from_mapping
     from archc.frontend.lower import build
-    from archc.train.data import load_data
+    from archc.train.data import open_data
 
     model_spec = spec_from_mapping(spec, f"spec {spec.get('name', '')}")
-    dataset = load_data(data, model_spec.input.channels, model_spec.input.size)
+    dataset = open_data(data, model_spec.input.channels, model_spec.input.size)
     check_classes(model_spec.num_classes, dataset)
     options = dict(config or {}, epochs=epochs, seed=seed)
     options["freeze"] = tuple(options.get("freeze", ()))
@@ -303,7 +308,7 @@ def train_spec(spec: dict[str, Any], *, data: str, epochs: int, seed: int = 0,
     return result.metrics()
 
 
-def check_classes(num_classes: int, dataset: Dataset) -> None:
+def check_classes(num_classes: int, dataset: Dataset | ImageFolder) -> None:
     if dataset.classes > num_classes:
         raise DataError(
             f"the model has {num_classes} outputs but {dataset.name} has {dataset.classes} "
