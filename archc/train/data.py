@@ -155,7 +155,6 @@ class _Images:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        import torch
         from PIL import Image, UnidentifiedImageError
 
         from archc.train.transforms import transform
@@ -169,17 +168,18 @@ class _Images:
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             reason = str(exc).replace(f" '{file}'", "")  # PIL repeats the path
             return f"{file}: not a readable image ({reason})"
-        return x, torch.tensor(int(self.labels[index]))
+        return x, int(self.labels[index])
 
 
 def _collate(items: list):
-    """Stack a batch, or pass on the first unreadable file's message."""
-    import torch
+    """Stack a batch (torch's default_collate: in a worker, straight into shared memory), or pass
+    on the first unreadable file's message."""
+    from torch.utils.data import default_collate
 
     unreadable = next((item for item in items if isinstance(item, str)), None)
     if unreadable is not None:
         return unreadable
-    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+    return tuple(default_collate(items))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
