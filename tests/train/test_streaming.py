@@ -145,3 +145,15 @@ def test_augmentation_applies_to_folders_only(tmp_path, spec_file, capsys):
     expect_refusal(capsys, ["train", str(spec_file), "--data", "digits", "-o",
                             str(tmp_path / "m.pt"), "--augment", "basic"],
                    "--augment basic applies to image folders")
+
+
+def test_batches_are_pinned_only_for_a_cuda_device(tmp_path):
+    from argparse import Namespace
+
+    from archc.cli.space import _on_cuda
+
+    assert _on_cuda(Namespace(device="cuda:1")) and not _on_cuda(Namespace(device="cpu"))
+    assert not _on_cuda(Namespace())  # no --device option: the loop runs on the CPU
+    data = str(make_folder(tmp_path / "images", per_class=2))
+    assert open_data(data, 1, 8, pin_memory=True).pin_memory
+    assert not open_data(data, 1, 8).pin_memory
