@@ -173,8 +173,9 @@ def report(sizes, generation, results, rounds) -> str:
                    <= min(max(results[n]["archc"]["speed"]), max(results[n]["plain"]["speed"]))]
     if overlapping:
         lines += ["", f"At {', '.join(f'{n:,}' for n in overlapping)} images the two loops' "
-                  f"images/s ranges overlap across rounds: this run does not tell their speeds "
-                  f"apart, and the ratio there is noise of the shared machine, not a difference."]
+                  f"images/s ranges overlap across rounds: this run cannot say whether, or by how "
+                  f"much, their speeds differ on a quiet machine, so it neither shows nor "
+                  f"refutes \"within 10%\"."]
     small, large = sizes[0], sizes[-1]
     growth = (statistics.median(results[large]["archc"]["rss"])
               / statistics.median(results[small]["archc"]["rss"]))
