@@ -46,6 +46,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (a count of worker processes)."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (give 0 or more)")
+    return value
+
+
 def seed(text: str) -> int:
     value = _integer(text)
     if value < 0:

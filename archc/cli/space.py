@@ -88,6 +88,13 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs_required: bool
     arguments.add_device_options(group)
 
 
+def _add_loader_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the streaming image-folder loader (archc.train.data.ImageFolder)."""
+    parser.add_argument("--workers", type=arguments.nonnegative_int, default=0,
+                        help="image folders only: DataLoader worker processes that decode the "
+                        "images (default 0: in this process)")
+
+
 def _training_options(args: argparse.Namespace) -> dict:
     """The TrainConfig fields the CLI sets, other than epochs and seed."""
     return {"batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
@@ -218,6 +225,11 @@ def add_commands(commands) -> None:
     group.add_argument("--resume", type=Path, default=None, metavar="STATE",
                        help="continue the run whose state --save-every wrote (same model, data "
                        "and training options; the device may differ)")
+    _add_loader_options(train)
+    train.add_argument("--augment", choices=("none", "basic"), default="none",
+                       help="image folders only: basic = random-resized crop (scale 0.08..1, "
+                       "ratio 3/4..4/3) and horizontal flip for training; none = resize and "
+                       "centre crop (default; evaluation always resizes and centre-crops)")
     train.add_argument("--json", action="store_true",
                        help="the metrics as JSON on stdout even with --quiet (the default text "
                        "is the same JSON)")
@@ -235,6 +247,7 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--batch-size", type=arguments.positive_int, default=256,
                           help="default 256")
     arguments.add_device_options(evaluate, precision=False)
+    _add_loader_options(evaluate)
     evaluate.add_argument("--json", action="store_true",
                           help="the metrics as JSON on stdout even with --quiet (the default "
                           "text is the same JSON)")
@@ -458,11 +471,11 @@ def _fit_records(args: argparse.Namespace) -> int:
 def _check_data(data: str, spec_dict: dict) -> None:
     """Fail before any training if the data cannot feed the built-in trainer."""
     from archc.frontend.loading import spec_from_mapping
-    from archc.train.data import load_data
+    from archc.train.data import open_data
     from archc.train.loop import check_classes
 
     spec = spec_from_mapping(spec_dict, "sample")
-    check_classes(spec.num_classes, load_data(data, spec.input.channels, spec.input.size))
+    check_classes(spec.num_classes, open_data(data, spec.input.channels, spec.input.size))
 
 
 def _load_trainable(path: Path):
@@ -484,7 +497,7 @@ def _train(args: argparse.Namespace) -> int:
     from archc.frontend.loading import spec_from_mapping
     from archc.frontend.lower import build, input_shape
     from archc.ir.init import random_input
-    from archc.train.data import load_data
+    from archc.train.data import open_data
     from archc.train.loop import TrainConfig, Trainer, check_classes
     from archc.train.state import load_run_state
 
@@ -494,10 +507,12 @@ def _train(args: argparse.Namespace) -> int:
     plugins, overrides, compression = cli_compress.train_plugins(args, spec)
     config = TrainConfig(epochs=args.epochs, seed=args.seed,
                          **{**_training_options(args), "device": device, **overrides})
-    identity = {"spec": spec_dict, "data": args.data, "config": config.describe(),
+    identity = {"spec": spec_dict, "data": args.data, "augment": args.augment,
+                "config": config.describe(),
                 "compression": compression}
     resume = None if args.resume is None else load_run_state(args.resume, identity)
-    data = load_data(args.data, spec.input.channels, spec.input.size)
+    data = open_data(args.data, spec.input.channels, spec.input.size, args.augment, args.workers,
+                     pin_memory=_pins_memory(device))
     check_classes(spec.num_classes, data)
     out.note(data.describe())
     if model is None:
@@ -514,8 +529,8 @@ def _train(args: argparse.Namespace) -> int:
     example = random_input(input_shape(spec, batch=2), args.seed)
     compression.update(cli_compress.after_training(plugins, result.model, example, out))
     save_checkpoint(result.model, spec_dict, args.output, example)
-    metrics = {"model": spec.name, "data": data.name, "train_size": len(data.train_y),
-               "val_size": len(data.val_y), "config": config.describe(),
+    metrics = {"model": spec.name, "data": data.name, "train_size": data.train_size,
+               "val_size": data.val_size, "config": config.describe(),
                **({"compression": compression} if compression else {}), **result.metrics(),
                "checkpoint": str(args.output),
                **({"run_state": str(state_path)} if state_path else {}),
@@ -529,10 +544,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pins_memory(device: str) -> bool:
+    """Pin the loader's batches in page-locked memory when the model runs on a CUDA device."""
+    import torch
+
+    from archc.train.device import pins_memory
+
+    return pins_memory(torch.device(device))
+
+
 def _eval(args: argparse.Namespace) -> int:
     from archc.errors import DataError
-    from archc.train.data import load_data
-    from archc.train.loop import evaluate
+    from archc.train.data import open_data
+    from archc.train.loop import evaluate_batches
 
     onnx = args.model.suffix.lower() == ".onnx"
     if onnx and args.device not in ("auto", "cpu"):
@@ -554,14 +578,14 @@ def _eval(args: argparse.Namespace) -> int:
         spec = spec_from_mapping(spec_dict, str(args.model))
         run, channels, size, outputs = (model.to(device), spec.input.channels, spec.input.size,
                                         spec.num_classes)
-    data = load_data(args.data, channels, size)
+    data = open_data(args.data, channels, size, workers=args.workers,
+                     pin_memory=_pins_memory(device))
     if data.classes > outputs:
         raise DataError(f"{args.model} has {outputs} outputs but {data.name} has {data.classes} "
                         f"classes")
-    metrics = evaluate(run, data.val_x, data.val_y, args.batch_size, device)
+    metrics = evaluate_batches(run, data.val_batches(args.batch_size), device)
     document = {"model": str(args.model), "data": data.name, "split": "validation",
-                "device": device,
-                "samples": len(data.val_y), **metrics}
+                "device": device, "samples": data.val_size, **metrics}
     out = Output(args)
     out.say(json.dumps(document, indent=1))  # the metrics are this command's text
     out.report(document)

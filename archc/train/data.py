@@ -2,22 +2,32 @@
 
 `DATA` is one of:
 - `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 gray images, 10 classes), pixel
-  values 0..16 scaled to [0, 1];
+  values 0..16 scaled to [0, 1]; held in memory;
 - `PATH.npz`: arrays `x` (N, C, H, W) and `y` (N,) of integer labels 0..K-1, used as stored (as
-  float32); optional `x_val`, `y_val` are the validation set;
+  float32); optional `x_val`, `y_val` are the validation set; held in memory;
 - a directory of class folders, `DIR/<class>/<image>` (any format Pillow reads), classes in sorted
-  name order, pixels scaled to [0, 1]; `DIR/train/<class>/...` and `DIR/val/<class>/...` give the
-  split explicitly.
+  name order; `DIR/train/<class>/...` and `DIR/val/<class>/...` (ImageNet's layout) give the split
+  explicitly. `open_data` streams it: only the file paths and labels are held, and each batch is
+  decoded by a `torch.utils.data.DataLoader` with `workers` processes (pinned memory for a CUDA
+  device) through `archc.train.transforms` (random-resized crop and flip with `augment="basic"`,
+  else resize and centre crop; mean/std normalisation). `load_data` decodes the whole folder
+  through the evaluation transform, for the commands that want arrays (quantization calibration).
 
 Without an explicit validation set the split is fixed: the permutation of PCG64(SeedSequence(0))
 puts 80% of the examples (rounded down) in training and the rest in validation, the same on every
-run and machine, independent of any training seed. Images are resized to the model's square input
+run and machine, independent of any training seed. Arrays are resized to the model's square input
 size (bilinear, antialiased when shrinking) and a one-channel image is repeated to the model's
 input channels.
+
+Batch order and augmentation are seeded: epoch e of seed s visits the training examples in the
+order of PCG64(SeedSequence([s, e])), and example i's augmentation draws from
+PCG64(SeedSequence([s, e, i])), so a run is the same with any number of workers. The loader's
+`generator` is seeded with s too, which fixes torch's per-worker seeds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +38,7 @@ from archc.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 TRAIN_FRACTION = 0.8
+AUGMENTATIONS = ("none", "basic")
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,190 @@ class Dataset:
     def describe(self) -> str:
         return (f"{self.name}: {len(self.train_y)} train / {len(self.val_y)} validation images, "
                 f"{self.classes} classes, {'x'.join(map(str, self.train_x.shape[1:]))}")
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_y)
+
+    @property
+    def val_size(self) -> int:
+        return len(self.val_y)
+
+    def train_batches(self, batch_size: int, seed: int, epoch: int) -> Iterator[tuple]:
+        """(inputs, targets) tensors of epoch `epoch` in the seeded order (module docstring)."""
+        import torch
+
+        order = epoch_order(len(self.train_y), seed, epoch)
+        x, y = torch.from_numpy(self.train_x), torch.from_numpy(self.train_y)
+        for start in range(0, len(order), batch_size):
+            index = torch.from_numpy(order[start:start + batch_size])
+            yield x[index], y[index]
+
+    def val_batches(self, batch_size: int) -> Iterator[tuple]:
+        import torch
+
+        for start in range(0, len(self.val_y), batch_size):
+            yield (torch.from_numpy(self.val_x[start:start + batch_size]),
+                   torch.from_numpy(self.val_y[start:start + batch_size]))
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """A folder data set read lazily: paths and labels only (module docstring)."""
+
+    name: str
+    train_files: np.ndarray  # (N,) str
+    train_labels: np.ndarray  # (N,) int64
+    val_files: np.ndarray
+    val_labels: np.ndarray
+    classes: int
+    channels: int
+    size: int
+    augment: str = "none"
+    workers: int = 0
+    pin_memory: bool = False
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def val_size(self) -> int:
+        return len(self.val_labels)
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.train_size} train / {self.val_size} validation images, "
+                f"{self.classes} classes, {self.channels}x{self.size}x{self.size}, streamed "
+                f"by {self.workers} worker(s), augment {self.augment}")
+
+    def train_batches(self, batch_size: int, seed: int, epoch: int) -> Iterator[tuple]:
+        order = epoch_order(self.train_size, seed, epoch)
+        return self._batches(self.train_files, self.train_labels, order, batch_size, seed,
+                             epoch, self.augment == "basic")
+
+    def val_batches(self, batch_size: int) -> Iterator[tuple]:
+        return self._batches(self.val_files, self.val_labels, np.arange(self.val_size),
+                             batch_size, 0, 0, False)
+
+    def _batches(self, files, labels, order, batch_size, seed, epoch, augment):
+        import torch
+        from torch.utils.data import DataLoader
+
+        images = _Images(files, labels, self.channels, self.size, augment, seed, epoch)
+        loader = DataLoader(images, batch_size=batch_size, sampler=order.tolist(),
+                            num_workers=self.workers, pin_memory=self.pin_memory,
+                            collate_fn=_collate, generator=torch.Generator().manual_seed(seed))
+        for batch in loader:
+            if isinstance(batch, str):
+                raise DataError(batch)
+            yield batch
+
+    def materialise(self, files: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All of `files` through the evaluation transform, as arrays (for `load_data`)."""
+        images = _Images(files, labels, self.channels, self.size, False, 0, 0)
+        items = [images[i] for i in range(len(files))]
+        unreadable = next((item for item in items if isinstance(item, str)), None)
+        if unreadable is not None:
+            raise DataError(unreadable)
+        return (np.stack([x.numpy() for x, _ in items]).astype(np.float32),
+                np.asarray(labels, dtype=np.int64))
+
+
+class _Images:
+    """Map-style torch data set over (path, label); an unreadable file comes back as its one-line
+    error message, so that the message crosses the worker boundary intact."""
+
+    def __init__(self, files, labels, channels, size, augment, seed, epoch):
+        self.files, self.labels = files, labels
+        self.channels, self.size, self.augment = channels, size, augment
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from PIL import Image, UnidentifiedImageError
+
+        from archc.train.transforms import transform
+
+        rng = (np.random.Generator(np.random.PCG64(
+            np.random.SeedSequence([self.seed, self.epoch, index]))) if self.augment else None)
+        file = str(self.files[index])
+        try:
+            with Image.open(file) as image:
+                x = transform(image, self.size, self.channels, rng)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            reason = str(exc).replace(f" '{file}'", "")  # PIL repeats the path
+            return f"{file}: not a readable image ({reason})"
+        return x, int(self.labels[index])
+
+
+def _collate(items: list):
+    """Stack a batch (torch's default_collate: in a worker, straight into shared memory), or pass
+    on the first unreadable file's message."""
+    from torch.utils.data import default_collate
+
+    unreadable = next((item for item in items if isinstance(item, str)), None)
+    if unreadable is not None:
+        return unreadable
+    return tuple(default_collate(items))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """Epoch `epoch`'s training order: the permutation of PCG64(SeedSequence([seed, epoch]))."""
+    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+    return generator.permutation(n)
+
+
+def open_data(source: str, channels: int, size: int, augment: str = "none", workers: int = 0,
+              pin_memory: bool = False) -> Dataset | ImageFolder:
+    """`source` for training or evaluation: a folder streams (`ImageFolder`), digits and .npz
+    are arrays in memory (`Dataset`). Raises `DataError`."""
+    if augment not in AUGMENTATIONS:
+        raise DataError(f"augment {augment!r}: give one of {', '.join(AUGMENTATIONS)}")
+    if workers < 0:
+        raise DataError(f"--workers {workers}: give 0 (load in this process) or more")
+    path = Path(str(source))
+    if str(source) != "digits" and path.is_dir():
+        return open_folder(path, channels, size, augment, workers, pin_memory)
+    if augment != "none":
+        raise DataError(f"{source}: --augment {augment} applies to image folders; digits and "
+                        f".npz arrays are used as stored (give --augment none)")
+    return load_data(str(source), channels, size)
+
+
+def open_folder(root: Path, channels: int, size: int, augment: str = "none", workers: int = 0,
+                pin_memory: bool = False) -> ImageFolder:
+    """Scan `root` (either layout); read no image."""
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        files, labels, names = _scan_classes(root / "train")
+        val_files, val_labels, _ = _scan_classes(root / "val", names)
+    else:
+        all_files, all_labels, names = _scan_classes(root)
+        train, val = split_indices(len(all_labels), str(root))
+        files, labels = all_files[train], all_labels[train]
+        val_files, val_labels = all_files[val], all_labels[val]
+    return ImageFolder(str(root), files, labels, val_files, val_labels, len(names), channels,
+                       size, augment, workers, pin_memory)
+
+
+def _scan_classes(root: Path, names: list[str] | None = None):
+    """(paths, labels, class names) of `root/<class>/<image>`, classes and files sorted."""
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not found:
+        raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
+    if names is not None and found != names:
+        raise DataError(f"{root}: class folders {found} differ from the training set's {names}")
+    files, labels = [], []
+    for label, name in enumerate(found):
+        images = sorted(str(p) for p in (root / name).iterdir()
+                        if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise DataError(f"{root / name}: empty class folder (no "
+                            f"{'/'.join(sorted(s[1:] for s in IMAGE_SUFFIXES))} files)")
+        files += images
+        labels += [label] * len(images)
+    return np.array(files), np.array(labels, dtype=np.int64), found
 
 
 def load_data(source: str, channels: int, size: int) -> Dataset:
@@ -66,7 +261,8 @@ def _load(source: str, channels: int, size: int) -> Dataset:
                 f"{source}: not a data set (give digits, a .npz file with x and y, or a "
                 f"directory of class folders)")
     if val is None:
-        x, y, val = _fixed_split(x, y, source)
+        train, held_out = split_indices(len(y), source)
+        x, y, val = x[train], y[train], (x[held_out], y[held_out])
     val_x, val_y = val
     classes = int(max(y.max(), val_y.max())) + 1
     return Dataset(source, _fit(x, channels, size, source), y, _fit(val_x, channels, size, source),
@@ -117,47 +313,20 @@ def _checked(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.n
 
 
 def _folders(root: Path, channels: int, size: int):
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        x, y, names = _read_classes(root / "train", channels, size)
-        val_x, val_y, _ = _read_classes(root / "val", channels, size, names)
-        return x, y, (val_x, val_y)
-    x, y, _ = _read_classes(root, channels, size)
-    return x, y, None
+    folder = open_folder(root, channels, size)
+    x, y = folder.materialise(folder.train_files, folder.train_labels)
+    val = folder.materialise(folder.val_files, folder.val_labels)
+    return x, y, val
 
 
-def _read_classes(root: Path, channels: int, size: int, names: list[str] | None = None):
-    from PIL import Image, UnidentifiedImageError
-
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not found:
-        raise DataError(f"{root}: no class folders")
-    if names is not None and found != names:
-        raise DataError(f"{root}: class folders {found} differ from the training set's {names}")
-    mode = "L" if channels != 3 else "RGB"
-    images, labels = [], []
-    for label, name in enumerate(found):
-        for file in sorted(p for p in (root / name).iterdir()
-                           if p.suffix.lower() in IMAGE_SUFFIXES):
-            try:
-                with Image.open(file) as image:
-                    image = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
-                    pixels = np.asarray(image, dtype=np.float32) / 255.0
-            except (OSError, UnidentifiedImageError) as exc:
-                raise DataError(f"{file}: not a readable image ({exc})") from None
-            images.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
-            labels.append(label)
-    if not images:
-        raise DataError(f"{root}: no images in the class folders")
-    return np.stack(images), np.array(labels, dtype=np.int64), found
-
-
-def _fixed_split(x: np.ndarray, y: np.ndarray, source: str):
-    if len(y) < 2:
-        raise DataError(f"{source}: {len(y)} example(s) cannot be split into train and validation")
-    order = np.random.Generator(np.random.PCG64(np.random.SeedSequence(0))).permutation(len(y))
-    cut = max(1, min(len(y) - 1, int(TRAIN_FRACTION * len(y))))
-    train, val = order[:cut], order[cut:]
-    return x[train], y[train], (x[val], y[val])
+def split_indices(n: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices: the first 80% (rounded down, at least one of each) of the
+    permutation of PCG64(SeedSequence(0))."""
+    if n < 2:
+        raise DataError(f"{source}: {n} example(s) cannot be split into train and validation")
+    order = np.random.Generator(np.random.PCG64(np.random.SeedSequence(0))).permutation(n)
+    cut = max(1, min(n - 1, int(TRAIN_FRACTION * n)))
+    return order[:cut], order[cut:]
 
 
 def _fit(x: np.ndarray, channels: int, size: int, source: str) -> np.ndarray:

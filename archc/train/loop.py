@@ -33,6 +33,10 @@ continues from one, giving the uninterrupted run's weights exactly on the CPU. `
 rewrites a JSON-lines file with one line per finished epoch (epoch, losses, errors, images/s,
 seconds). Progress shows the loss, images/s and the run's ETA.
 
+Data: any object with `train_size`, `train_batches(batch_size, seed, epoch)` and
+`val_batches(batch_size)` (`archc.train.data`: arrays in memory, or an image folder streamed by a
+DataLoader).
+
 Reproducibility: the batch order comes from numpy's PCG64(SeedSequence([seed, epoch])) and the
 weights from `archc.ir.init`, torch's generator is seeded for dropout, deterministic algorithms are
 requested (warning, not failing, for an op that has none on the device), and the intra-op thread
@@ -52,7 +56,7 @@ import fnmatch
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +69,7 @@ from torch import Tensor, nn
 from archc.common.fileio import atomic_output
 from archc.common.progress import Progress
 from archc.errors import DataError, TrainingError
-from archc.train.data import Dataset
+from archc.train.data import Dataset, ImageFolder
 from archc.train.device import (
     autocast,
     check_precision,
@@ -165,7 +169,7 @@ class Trainer:
         self.metrics_jsonl = metrics_jsonl
         self.model: nn.Module | None = None
 
-    def fit(self, model: nn.Module, data: Dataset,
+    def fit(self, model: nn.Module, data: Dataset | ImageFolder,
             resume: dict[str, Any] | None = None) -> TrainResult:
         """Train `model` on `data`, from the start or from a run state (`archc.train.state`)."""
         config = self.config
@@ -181,7 +185,7 @@ class Trainer:
         finally:
             torch.set_num_threads(threads)
 
-    def _fit(self, model: nn.Module, data: Dataset, device: torch.device,
+    def _fit(self, model: nn.Module, data: Dataset | ImageFolder, device: torch.device,
              resume: dict[str, Any] | None) -> TrainResult:
         config, start = self.config, time.time()
         torch.manual_seed(config.seed)
@@ -201,8 +205,7 @@ class Trainer:
                                     weight_decay=config.weight_decay)
         ema = _ema_copy(model) if config.ema_decay is not None else None
         scaler = grad_scaler(device, config.precision)
-        x, y = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
-        steps_per_epoch = math.ceil(len(y) / config.batch_size)
+        steps_per_epoch = math.ceil(data.train_size / config.batch_size)
         schedule = _schedule(config, steps_per_epoch)
         result, step, first_epoch = TrainResult(ema if ema is not None else model), 0, 1
         if resume is not None:
@@ -222,15 +225,12 @@ class Trainer:
             model.train()
             for bn in frozen_bns:
                 bn.eval()
-            order = np.random.Generator(
-                np.random.PCG64(np.random.SeedSequence([config.seed, epoch]))).permutation(len(y))
             progress = Progress(steps_per_epoch, f"{self.label} epoch {epoch}/{config.epochs}",
                                 enabled=self.progress)
             loss_sum, wrong, seen, train_start = 0.0, 0, 0, time.time()
-            for batch in range(steps_per_epoch):
-                index = torch.from_numpy(order[batch * config.batch_size:
-                                               (batch + 1) * config.batch_size])
-                inputs, targets = to_device(x[index], device), to_device(y[index], device)
+            batches = data.train_batches(config.batch_size, config.seed, epoch)
+            for batch, (inputs, targets) in enumerate(batches):
+                inputs, targets = to_device(inputs, device), to_device(targets, device)
                 if config.channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 for group in optimizer.param_groups:
@@ -265,13 +265,11 @@ class Trainer:
             metrics = {"epoch": epoch, "lr": schedule(step - 1), "train_loss": loss_sum / seen,
                        "train_error": 100.0 * wrong / seen,
                        "images_per_second": seen / max(time.time() - train_start, 1e-9)}
-            for key, value in evaluate(model, data.val_x, data.val_y, config.batch_size,
-                                       device).items():
-                metrics[f"val_{key}"] = value
-            if ema is not None:
-                for key, value in evaluate(ema, data.val_x, data.val_y, config.batch_size,
-                                           device).items():
-                    metrics[f"ema_val_{key}"] = value
+            kept = {"val": model} if ema is None else {"val": model, "ema_val": ema}
+            for prefix, evaluated in kept.items():
+                batches = data.val_batches(config.batch_size)
+                for key, value in evaluate_batches(evaluated, batches, device).items():
+                    metrics[f"{prefix}_{key}"] = value
             metrics["seconds"] = time.time() - epoch_start
             result.history.append(metrics)
             for plugin in self.plugins:
@@ -296,22 +294,31 @@ def evaluate(model: nn.Module | Callable[[Tensor], Tensor], x: np.ndarray, y: np
              batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean cross-entropy, top-1 error and accuracy (percent) of `model` in eval mode, in
     float32, with the batches on `device` (where an nn.Module must already be)."""
+    return evaluate_batches(model, ((torch.from_numpy(x[start:start + batch_size]),
+                                     torch.from_numpy(y[start:start + batch_size]))
+                                    for start in range(0, len(y), batch_size)), device)
+
+
+def evaluate_batches(model: nn.Module | Callable[[Tensor], Tensor],
+                     batches: Iterable[tuple[Tensor, Tensor]],
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """`evaluate` over (inputs, targets) batches (a data set's `val_batches`)."""
     device = torch.device(device)
     if isinstance(model, nn.Module):
         was_training = model.training
         model.eval()
-    loss_sum, wrong = 0.0, 0
+    loss_sum, wrong, seen = 0.0, 0, 0
     with torch.no_grad():
-        for start in range(0, len(y), batch_size):
-            inputs = to_device(torch.from_numpy(x[start:start + batch_size]), device)
-            targets = to_device(torch.from_numpy(y[start:start + batch_size]), device)
+        for inputs, targets in batches:
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
             logits = model(inputs).float()
             loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
             wrong += int((logits.argmax(1) != targets).sum())
+            seen += len(targets)
     if isinstance(model, nn.Module):
         model.train(was_training)
-    error = 100.0 * wrong / len(y)
-    return {"loss": loss_sum / len(y), "error": error, "accuracy": 100.0 - error}
+    error = 100.0 * wrong / seen
+    return {"loss": loss_sum / seen, "error": error, "accuracy": 100.0 - error}
 
 
 def _duration(seconds: float) -> str:
@@ -376,10 +383,10 @@ def train_spec(spec: dict[str, Any], *, data: str, epochs: int, seed: int = 0,
     same device and precision settings as this one."""
     from archc.frontend.loading import spec_from_mapping
     from archc.frontend.lower import build
-    from archc.train.data import load_data
+    from archc.train.data import open_data
 
     model_spec = spec_from_mapping(spec, f"spec {spec.get('name', '')}")
-    dataset = load_data(data, model_spec.input.channels, model_spec.input.size)
+    dataset = open_data(data, model_spec.input.channels, model_spec.input.size)
     check_classes(model_spec.num_classes, dataset)
     options = dict(config or {}, epochs=epochs, seed=seed)
     options["freeze"] = tuple(options.get("freeze", ()))
@@ -388,7 +395,7 @@ def train_spec(spec: dict[str, Any], *, data: str, epochs: int, seed: int = 0,
     return result.metrics()
 
 
-def check_classes(num_classes: int, dataset: Dataset) -> None:
+def check_classes(num_classes: int, dataset: Dataset | ImageFolder) -> None:
     if dataset.classes > num_classes:
         raise DataError(
             f"the model has {num_classes} outputs but {dataset.name} has {dataset.classes} "
