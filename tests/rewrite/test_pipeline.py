@@ -13,7 +13,7 @@ from torch import nn
 from archc.errors import ArchcError, PassError
 from archc.ir.graph import bypass, called_once, has_other_users, module_uses, unique_user
 from archc.ir.init import randomize
-from archc.ir.verify import relative_error
+from archc.ir.verify import below_normal, relative_error
 from archc.passes.pipelines import PIPELINES
 from archc.rewrite import pipeline
 from archc.rewrite.pipeline import (
@@ -210,6 +210,16 @@ def test_relative_error():
     assert relative_error([a], [torch.tensor([1.0, -2.0, 0.0])]) == float("inf")
     assert relative_error([a], [a[:2]]) == float("inf")
     assert relative_error([torch.zeros(2)], [torch.full((2,), 1e-3)]) == pytest.approx(1e-3)
+    assert relative_error([a], [torch.tensor([1.0, float("inf"), float("nan")])]) == float("inf")
+
+
+def test_below_normal_names_outputs_a_format_flushes():
+    tiny = [torch.tensor([3e-9, -1e-10])]
+    assert below_normal(tiny, torch.float16) == (
+        "its outputs, at most 3.0e-09 in magnitude, are below float16's smallest normal number "
+        "6.1e-05")
+    assert below_normal(tiny, torch.bfloat16) == ""  # bfloat16 has float32's exponent range
+    assert below_normal([torch.tensor([1e-4, float("nan")])], torch.float16) == ""
 
 
 # ---- rules ----
