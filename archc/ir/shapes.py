@@ -205,12 +205,21 @@ class Recorder(torch.fx.Interpreter):
         return result
 
 
-def _record_run(recorder: Recorder, *inputs) -> None:
+def _record_run(recorder: Recorder, *inputs) -> Any:
     """Run `recorder` on `inputs`, then record every value it kept on its node (nothing is
-    recorded if the run fails)."""
-    recorder.run(*inputs)
+    recorded if the run fails); return the graph's result."""
+    result = recorder.run(*inputs)
     for node, value in recorder.values.items():
         _record(node, value)
+    return result
+
+
+def run_recording_shapes(gm: GraphModule, inputs: Sequence[Tensor]) -> Any:
+    """`gm(*inputs)` without gradients, run once for real, recording every node's shape and dtype
+    from that run as `propagate_shapes` does: a caller that needs both the outputs and the shapes
+    (the pipeline's float64 reference) pays for one run. If the run fails, `gm` has no shapes."""
+    _forget_all(gm)
+    return _record_run(Recorder(gm, keep=stand_in), *inputs)
 
 
 def _evaluate(gm: GraphModule, node: Node):

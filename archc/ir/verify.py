@@ -44,9 +44,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 
 from archc.ir.graph import copy_module
+from archc.ir.shapes import run_recording_shapes
 
 FLOAT64_RTOL = 1e-9
 NOISE_FACTOR = 10.0
@@ -102,9 +104,13 @@ def in_float64(inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
 def float64_reference(model: nn.Module, inputs: Sequence[Tensor]
                       ) -> tuple[nn.Module, list[Tensor]] | str:
     """A float64 copy of `model` and its outputs on `inputs`, or why the model does not run in
-    float64 (it casts explicitly, say)."""
+    float64 (it casts explicitly, say). A graph module's copy keeps the shapes of that run
+    (`archc.ir.shapes.run_recording_shapes`), so nobody needs to run it again for them."""
     try:
         copy = copy_module(model, torch.float64)
+        if isinstance(copy, GraphModule):
+            result = run_recording_shapes(copy, in_float64(inputs))
+            return copy, [t for t in tree_leaves(result) if isinstance(t, Tensor)]
         return copy, outputs(copy, in_float64(inputs))
     except Exception as exc:  # any op may insist on its dtype
         lines = str(exc).strip().splitlines()
