@@ -28,12 +28,13 @@ tensors (passes replace tensors, never write them) and each rewrite rounds to th
 
 What verification costs, and what it does not cut. The float64 graph runs once as the reference,
 and that run also records the shapes the passes read (`verify.float64_reference`); it runs again
-only after a function-preserving pass that changed the graph, against the outputs of the graph
-before it (one reference, carried forward); the result is judged with one run of it and one of
-the input model in the model's dtype. The input is the caller's, at the deploy shape, not a
-smaller one that the graph would accept: the passes and the FLOPs they report read the shapes of
-that input, and at a smaller one the last stages' maps shrink to 1x1, where a 3x3 kernel's
-off-centre taps touch only padding, so a rewrite that misplaced them would pass.
+only after a pass that changed the graph (a pass that left it unchanged costs no run), and a
+function-preserving pass is compared with the outputs of the graph before it (one reference,
+carried forward); the result is judged with one run of it and one of the input model in the
+model's dtype. The input is the caller's, at the deploy shape, not a smaller one that the graph
+would accept: the passes and the FLOPs they report read the shapes of that input, and at a
+smaller one the last stages' maps shrink to 1x1, where a 3x3 kernel's off-centre taps touch only
+padding, so a rewrite that misplaced them would pass.
 """
 
 from __future__ import annotations
