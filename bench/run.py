@@ -595,8 +595,9 @@ def tool_cost_section(costs: dict[str, ToolCost], imports: list[float], rounds: 
     worst = max(small, key=lambda name: small[name].ratio)
     slowest = max(specs, key=lambda name: statistics.median(specs[name].times))
     slowest_time = statistics.median(specs[slowest].times)
-    verdict = (f"all {len(small)} within {TOOL_COST_BOUND:g}x" if not over else
-               f"{len(over)} of {len(small)} over {TOOL_COST_BOUND:g}x: {', '.join(over)}")
+    verdict = (f"all {len(small)} within {TOOL_COST_BOUND:g}x `import torch`" if not over else
+               f"{len(over)} of {len(small)} over {TOOL_COST_BOUND:g}x `import torch`: "
+               f"{', '.join(over)}")
     lines = [
         "## Tool cost",
         "",
@@ -618,7 +619,7 @@ def tool_cost_section(costs: dict[str, ToolCost], imports: list[float], rounds: 
         "",
         f"`import torch`: {statistics.median(imports):.2f} s median "
         f"[{min(imports):.2f}-{max(imports):.2f}] over {len(imports)} runs. Specs up to "
-        f"{SMALL_GFLOPS:g} GFLOP: {verdict} `import torch` (largest ratio: {worst}, "
+        f"{SMALL_GFLOPS:g} GFLOP: {verdict} (largest ratio: {worst}, "
         f"{small[worst].ratio:.2f}x). Slowest build: {slowest}, {slowest_time:.1f} s "
         f"({specs[slowest].ratio:.1f}x `import torch`).",
         "",

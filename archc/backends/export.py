@@ -161,8 +161,8 @@ def export_onnx(
         model = _torch_onnx_export(gm, example_input, opset, dynamic_batch)
         if simplify:  # archc's translation leaves nothing to fold: constants are constants
             model = _simplify(model, report)
-    onnx.checker.check_model(model)
     data = model.SerializeToString()
+    onnx.checker.check_model(data)  # the bytes: a model would be serialized once more
     session = _onnxruntime_session(data)
     verify_emitted(report, gm, session, example_input, dynamic_batch, rtol)
     with atomic_output(report.path) as temporary:
