@@ -487,7 +487,7 @@ def pass_cost_section(rows: list[dict], args) -> str:
         "every graph once with verification off and once with it on (median [min-max] of the "
         "rounds; time after `import`, the graph already built). *Passes* is `run_pipeline` with "
         "`verify=False`: copying the graph structure, one shape propagation (a real run for "
-        "graphs up to 50M params, meta tensors beyond), the seven passes and their reports. "
+        "graphs up to 100M params, meta tensors beyond), the seven passes and their reports. "
         "*Verification* is what verification adds: the float64 "
         "copy, the float64 reference run, a float64 run after every pass that changed the graph, "
         "and the result's float32 check. `depthN` is N RepVGG-style train-form blocks of 64 "
