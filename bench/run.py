@@ -24,8 +24,9 @@ Measured per spec:
   ONNX of the deploy form;
 - achieved GFLOP/s of the deploy form (archc's multiply-add count x 2 / time) against the
   machine's measured fp32 matrix-multiply peak;
-- `archc build` wall time (archc's ONNX translation and torch.onnx's), against `import torch`
-  in the same rounds;
+- `archc build` wall time of every shipped spec (and of torch.onnx's exporter on one), each
+  against an `import torch` run just before it (`tool-cost`: specs up to 1 GFLOP get
+  `--tool-cost-rounds` rounds, default 3, larger ones `--tool-cost-large-rounds`, default 1);
 - per re-parameterization family written the way model libraries write them (tests/wild):
   archc's fused form vs the authors' hand-written conversion, eager and ONNX Runtime;
 - the default pipeline's own cost on graphs of growing size: the passes with verification off,
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from archc.common.timing import Timing, interleaved
@@ -449,7 +451,7 @@ def pass_cost_section(rows: list[dict], args) -> str:
         "every graph once with verification off and once with it on (median [min-max] of the "
         "rounds; time after `import`, the graph already built). *Passes* is `run_pipeline` with "
         "`verify=False`: copying the graph structure, one shape propagation (a real run for "
-        "graphs up to 50M params, meta tensors beyond), the seven passes and their reports. "
+        "graphs up to 100M params, meta tensors beyond), the seven passes and their reports. "
         "*Verification* is what verification adds: the float64 "
         "copy, the float64 reference run, a float64 run after every pass that changed the graph, "
         "and the result's float32 check. `depthN` is N RepVGG-style train-form blocks of 64 "
@@ -472,51 +474,131 @@ def pass_cost_section(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-TOOL_COST_COMMANDS = {
-    "python -c 'import torch'": ["-c", "import torch"],
-    "archc build specs/regnetx_600mf.yaml -o model.onnx": [
-        "-m", "archc", "build", "specs/regnetx_600mf.yaml", "-o", "{folder}/model.onnx"],
-    "... --onnx-exporter torch": [
+IMPORT_TORCH = ["-c", "import torch"]
+SMALL_GFLOPS = 1.0  # specs up to this many GFLOPs are held to TOOL_COST_BOUND
+TOOL_COST_BOUND = 5.0  # x import torch, median of the per-round ratios
+# Other ways to build one spec, timed in the small specs' rounds: label -> python's arguments
+TOOL_COST_VARIANTS = {
+    "archc build specs/regnetx_600mf.yaml -o model.onnx --onnx-exporter torch": [
         "-m", "archc", "build", "specs/regnetx_600mf.yaml", "-o", "{folder}/model.onnx",
         "--onnx-exporter", "torch"],
+    # torch imported before archc's CLI runs: OpenMP keeps torch's default wait policy
+    "archc build specs/mobilenet_v3_large.yaml -o model.onnx, OpenMP's default wait policy": [
+        "-c", "import sys, torch; from archc.cli.main import main; sys.exit(main(['build', "
+        "'specs/mobilenet_v3_large.yaml', '-o', '{folder}/model.onnx']))"],
 }
 
 
-def bench_tool_cost(rounds: int) -> dict[str, Timing]:
-    """Wall time of each command in a fresh process, interleaved: every round runs them all."""
-    timings = {label: Timing() for label in TOOL_COST_COMMANDS}
+@dataclass
+class ToolCost:
+    """The wall times of one command over its rounds, each next to the `import torch` run just
+    before it."""
+
+    gflops: float | None = None  # of the spec built (archc's count), None for a variant
+    times: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # time / the paired import torch
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+
+def shipped_spec_gflops() -> dict[str, float]:
+    """Every shipped spec and its GFLOPs by archc's count (multiply-adds per sample at the spec's
+    input size, `archc.frontend.analytic_complexity`, equal to the graph's count), smallest
+    first."""
+    from archc.frontend.analytic_complexity import spec_complexity
+    from archc.frontend.loading import load_spec
+
+    gflops = {path.stem: spec_complexity(load_spec(path))[0] / 1e9
+              for path in (ROOT / "specs").glob("*.yaml")}
+    return dict(sorted(gflops.items(), key=lambda item: (item[1], item[0])))
+
+
+def _wall_time(arguments: list[str]) -> float:
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, cwd=ROOT)
+    elapsed = time.perf_counter() - start
+    if run.returncode != 0:
+        raise SystemExit(f"`{' '.join(arguments)}` failed: {run.stderr.strip()[-2000:]}")
+    return elapsed
+
+
+def bench_tool_cost(rounds: int, large_rounds: int) -> tuple[dict[str, ToolCost], list[float]]:
+    """`archc build SPEC -o model.onnx` of every shipped spec, each run in a fresh process right
+    after a fresh `python -c 'import torch'`, its ratio to that run. Rounds interleave the specs:
+    each round builds every spec once, smallest first; specs up to SMALL_GFLOPS get `rounds`
+    rounds and larger ones `large_rounds` (their builds take up to a minute each). The variants
+    run in the small specs' rounds. Returns the costs and every `import torch` time."""
+    costs = {name: ToolCost(gflops) for name, gflops in shipped_spec_gflops().items()}
+    commands = {name: ["-m", "archc", "build", f"specs/{name}.yaml", "-o", "{folder}/model.onnx"]
+                for name in costs}
+    commands.update(TOOL_COST_VARIANTS)
+    costs.update({label: ToolCost() for label in TOOL_COST_VARIANTS})
+    imports: list[float] = []
     with tempfile.TemporaryDirectory() as folder:
-        for round_index in range(rounds):
-            print(f"tool cost: round {round_index + 1}/{rounds}", file=sys.stderr, flush=True)
-            for label, arguments in TOOL_COST_COMMANDS.items():
-                command = [sys.executable] + [a.format(folder=folder) for a in arguments]
-                start = time.perf_counter()
-                subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
-                timings[label].rounds.append(time.perf_counter() - start)
-    return timings
+        for round_index in range(max(rounds, large_rounds)):
+            for label, arguments in commands.items():
+                gflops = costs[label].gflops
+                wanted = rounds if gflops is None or gflops <= SMALL_GFLOPS else large_rounds
+                if round_index >= wanted:
+                    continue
+                print(f"tool cost: round {round_index + 1}, {label}", file=sys.stderr, flush=True)
+                imports.append(_wall_time(IMPORT_TORCH))
+                elapsed = _wall_time([a.format(folder=folder) for a in arguments])
+                costs[label].times.append(elapsed)
+                costs[label].ratios.append(elapsed / imports[-1])
+    return costs, imports
 
 
-def tool_cost_section(timings: dict[str, Timing]) -> str:
-    base = timings["python -c 'import torch'"]
+def tool_cost_section(costs: dict[str, ToolCost], imports: list[float], rounds: int,
+                      large_rounds: int) -> str:
+    specs = {name: cost for name, cost in costs.items() if cost.gflops is not None}
+    small = {name: cost for name, cost in specs.items() if cost.gflops <= SMALL_GFLOPS}
+    over = [name for name, cost in small.items() if cost.ratio > TOOL_COST_BOUND]
+    worst = max(small, key=lambda name: small[name].ratio)
+    slowest = max(specs, key=lambda name: statistics.median(specs[name].times))
+    slowest_time = statistics.median(specs[slowest].times)
+    verdict = (f"all {len(small)} within {TOOL_COST_BOUND:g}x `import torch`" if not over else
+               f"{len(over)} of {len(small)} over {TOOL_COST_BOUND:g}x `import torch`: "
+               f"{', '.join(over)}")
     lines = [
         "## Tool cost",
         "",
-        "Wall time of each command in a fresh process (`python bench/run.py --sections "
-        "tool-cost`), interleaved over rounds; the ratio is the median of the per-round ratios "
-        "to `import torch` in the same round. `archc build` lowers, folds BN, verifies every "
-        "pass in float64 and the fp32 result, writes the ONNX file (archc's own translation; "
-        "with `--onnx-exporter torch`, torch.onnx's dynamo exporter and onnx-simplifier) and "
-        "checks it in ONNX Runtime at two batch sizes.",
+        "`archc build SPEC -o model.onnx` of every shipped spec, each in a fresh process right "
+        "after a fresh `python -c 'import torch'` (`python bench/run.py --sections tool-cost`); "
+        "a spec's ratio is the median over rounds of its build time over that `import torch`, "
+        "so both see the same load. Rounds interleave the specs (each round builds every spec "
+        f"once); specs up to {SMALL_GFLOPS:g} GFLOP get {rounds} rounds "
+        f"(`--tool-cost-rounds`), larger ones {large_rounds} (`--tool-cost-large-rounds`). "
+        "GFLOPs are archc's count: multiply-adds per sample at the spec's input size. "
+        "`archc build` lowers the spec, folds BN, verifies every pass that changed the graph in "
+        "float64 and the fp32 result, writes the ONNX file (archc's own translation) and checks "
+        "it in ONNX Runtime at two batch sizes. The CLI lets idle OpenMP threads sleep "
+        "(`archc/cli/main.py`); the row with OpenMP's default wait policy is the same build "
+        "of mobilenet_v3_large with torch imported first, so that they spin between ops as "
+        "they do by default.",
         "",
         f"Machine: {machine()}.",
         "",
-        "| command | median | range | x import torch |",
-        "|---|---|---|---|",
+        f"`import torch`: {statistics.median(imports):.2f} s median "
+        f"[{min(imports):.2f}-{max(imports):.2f}] over {len(imports)} runs. Specs up to "
+        f"{SMALL_GFLOPS:g} GFLOP: {verdict} (largest ratio: {worst}, "
+        f"{small[worst].ratio:.2f}x). Slowest build: {slowest}, {slowest_time:.1f} s "
+        f"({specs[slowest].ratio:.1f}x `import torch`).",
+        "",
+        f"| spec | GFLOPs | rounds | build, median | range | x import torch | "
+        f"within {TOOL_COST_BOUND:g}x |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for label, timing in timings.items():
-        ratios = [t / b for t, b in zip(timing.rounds, base.rounds)]
-        lines.append(f"| `{label}` | {timing.median:.2f} s | {min(timing.rounds):.2f}-"
-                     f"{max(timing.rounds):.2f} s | {statistics.median(ratios):.2f} |")
+    for name, cost in costs.items():
+        gflops = "-" if cost.gflops is None else f"{cost.gflops:.2f}"
+        held = cost.gflops is not None and cost.gflops <= SMALL_GFLOPS
+        within = ("yes" if cost.ratio <= TOOL_COST_BOUND else "**no**") if held else "-"
+        label = name if cost.gflops is not None else f"`{name}`"
+        lines.append(f"| {label} | {gflops} | {len(cost.times)} | "
+                     f"{statistics.median(cost.times):.2f} s | {min(cost.times):.2f}-"
+                     f"{max(cost.times):.2f} s | {cost.ratio:.2f} | {within} |")
     return "\n".join(lines)
 
 
@@ -574,8 +656,10 @@ def main() -> None:
     parser.add_argument("--eager-threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--ort-threads", default="1,2",
                         help="ONNX Runtime intra-op thread counts to compare")
-    parser.add_argument("--build-repeats", type=int, default=5,
-                        help="interleaved rounds of the tool-cost commands")
+    parser.add_argument("--tool-cost-rounds", type=int, default=3,
+                        help=f"tool-cost rounds of the specs up to {SMALL_GFLOPS:g} GFLOPs")
+    parser.add_argument("--tool-cost-large-rounds", type=int, default=1,
+                        help=f"tool-cost rounds of the specs above {SMALL_GFLOPS:g} GFLOPs")
     parser.add_argument("--pass-cost-specs", default=",".join(PASS_COST_SPECS),
                         help="zoo specs of the pass-cost section")
     parser.add_argument("--pass-cost-rounds", type=int, default=3,
@@ -607,7 +691,8 @@ def main() -> None:
         print("benchmarking the pipeline's own cost ...", file=sys.stderr, flush=True)
         sections["pass-cost"] = pass_cost_section(bench_pass_cost(args), args)
     if "tool-cost" in wanted:
-        sections["tool-cost"] = tool_cost_section(bench_tool_cost(args.build_repeats))
+        rounds = (args.tool_cost_rounds, args.tool_cost_large_rounds)
+        sections["tool-cost"] = tool_cost_section(*bench_tool_cost(*rounds), *rounds)
     if "gpu" in wanted:
         import torch
 

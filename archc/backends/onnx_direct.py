@@ -96,13 +96,10 @@ class _Translation:
         return names[0] if outputs == 1 else names
 
     def tensor(self, name: str, value: torch.Tensor) -> str:
-        from onnx import numpy_helper
-
         if value.dtype not in ONNX_DTYPES:
             raise Untranslatable(f"a constant of dtype {value.dtype}")
         name = self.fresh(name)
-        self.initializers[name] = numpy_helper.from_array(
-            value.detach().cpu().contiguous().numpy(), name)
+        self.initializers[name] = value.detach().cpu().contiguous().numpy()
         return name
 
     def constant(self, value: float | int | list, dtype: torch.dtype, hint: str = "const") -> str:
@@ -169,12 +166,25 @@ def translate(gm: GraphModule, example_input: torch.Tensor, *, opset: int,
         else:
             graph.names[node] = _translate_node(graph, node)
     opsets = [helper.make_opsetid("", opset)]
-    return helper.make_model(
-        helper.make_graph(graph.nodes, "archc", inputs, outputs,
-                          list(graph.initializers.values())),
+    model = helper.make_model(
+        helper.make_graph(graph.nodes, "archc", inputs, outputs),
         opset_imports=opsets, producer_name="archc",
         ir_version=helper.find_min_ir_version_for(opsets),  # the oldest runtime that can read it
     )
+    for name, array in graph.initializers.items():
+        _add_initializer(helper, model.graph, name, array)
+    return model
+
+
+def _add_initializer(helper, graph, name: str, array) -> None:
+    """`array` as an initializer of the ONNX `graph`, written in place (little-endian raw data,
+    as `numpy_helper.from_array` writes it): a tensor built apart is copied into the graph, and
+    the graph into the model, twice more (0.7 s for AlexNet's 244 MB)."""
+    tensor = graph.initializer.add()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor.dims.extend(array.shape)
+    tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def _attribute(gm: GraphModule, target: str) -> torch.Tensor:

@@ -32,7 +32,8 @@ def _add_deploy_options(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         help="cast the emitted model after folding in float32 (default fp32); for .xml, "
         "OpenVINO's inference precision (the weights stay float32); verified at 10 units of "
-        "the format's rounding",
+        "the format's rounding, or at 10x the model's own rounding in that format where it is "
+        "larger",
     )
     group.add_argument(
         "--channels-last",
@@ -258,17 +259,19 @@ def _build(args: argparse.Namespace) -> int:
         emitted = checkpoint.save_checkpoint(gm, spec.to_dict(), args.output, example,
                                              rtol=args.rtol)
     else:
-        gm, noise = _run_passes(gm, args, example, pipeline, out, document)
-        emitted = _emit(gm, args.output, example, args, spec.name, str(args.spec), noise)
+        deploy, noise = _run_passes(gm, args, example, pipeline, out, document)
+        emitted = _emit(deploy, args.output, example, args, spec.name, str(args.spec), noise,
+                        source=gm)
     _print_emitted(emitted, out, document, args)
     return 0
 
 
-def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source: str,
-          noise: float | None):
+def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source_name: str,
+          noise: float | None, source=None):
     """Cast to the deploy dtype/layout, then write `output` in the format of its extension,
     verified at `--rtol` or, for a model whose own float32 rounding is larger, at a multiple of
-    that rounding (`noise`: measured by the pipeline, else here)."""
+    that rounding (`noise`: measured by the pipeline, else here). `source` is the model before
+    the passes: in fp16 / bf16 the deploy form is allowed its own rounding in that format."""
     from archc.backends import export
     from archc.ir import verify
 
@@ -290,7 +293,7 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
 
         return export_executorch(gm, output, example, rtol=rtol)
     form = export.deploy_form(
-        gm, example, dtype=args.dtype, channels_last=args.channels_last, rtol=rtol
+        gm, example, dtype=args.dtype, channels_last=args.channels_last, rtol=rtol, source=source
     )
     if suffix == ".onnx":
         emitted = export.export_onnx(
@@ -311,7 +314,7 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
             output,
             form.example_input,
             model_name=name,
-            source=source,
+            source=source_name,
             channels_last=args.channels_last,
             rtol=form.rtol,
         )
@@ -465,7 +468,8 @@ def _fuse(args: argparse.Namespace) -> int:
                 "kind": model.kind, "input_shape": list(shape)}
     gm, noise = _run_passes(model.graph_module, args, example, pipeline, out, document)
     output = args.output or args.checkpoint.with_name(f"{model.name}.fused.pt2")
-    emitted = _emit(gm, output, example, args, model.name, args.checkpoint.name, noise)
+    emitted = _emit(gm, output, example, args, model.name, args.checkpoint.name, noise,
+                    source=model.graph_module)
     _print_emitted(emitted, out, document, args)
     return 0
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils._pytree import tree_leaves
 
 from archc.ir.graph import attribute, copy_module
 
@@ -65,7 +66,10 @@ def propagate_shapes(gm: GraphModule, inputs: Sequence[Tensor | torch.Size | tup
 
 
 REAL_RUN_INPUT_ELEMENTS = 2 * 3 * 256 * 256  # up to this input size, a real run is the cheaper
-REAL_RUN_PARAMETERS = 50_000_000             # ... for models up to this size
+# ... for models up to this size. The first meta run in a process imports ~800 modules (~1 s);
+# measured at 224x224 on 2 cores: real runs of AlexNet (61M params) 0.04 s, RegNetY-16GF (84M)
+# 0.6 s, RegNetY-32GF (145M) 0.9 s, a warm meta run of the last 0.15 s
+REAL_RUN_PARAMETERS = 100_000_000
 
 
 def _cheap_to_run(gm: GraphModule, values: list) -> bool:
@@ -105,7 +109,10 @@ def _forget_all(gm: GraphModule) -> None:
 
 def refresh_shapes(gm: GraphModule) -> None:
     """Give every node without a value one computed from its inputs' values (nodes created by a
-    rewrite); nodes whose inputs have none, or whose op fails on meta, stay unknown."""
+    rewrite); nodes whose inputs have none, or whose op fails, stay unknown. A node whose inputs
+    are small is evaluated for real on zeros of their shapes, as a small model is propagated:
+    a process's first meta evaluation imports much of torch's compiler stack (a meta Linear with
+    a bias, or a BatchNorm, imports torch._dynamo: 1-1.3 s), where a real one costs microseconds."""
     for node in gm.graph.nodes:
         if VALUE in node.meta or node.op == "placeholder":
             continue
@@ -205,27 +212,72 @@ class Recorder(torch.fx.Interpreter):
         return result
 
 
-def _record_run(recorder: Recorder, *inputs) -> None:
+def _record_run(recorder: Recorder, *inputs) -> Any:
     """Run `recorder` on `inputs`, then record every value it kept on its node (nothing is
-    recorded if the run fails)."""
-    recorder.run(*inputs)
+    recorded if the run fails); return the graph's result."""
+    result = recorder.run(*inputs)
     for node, value in recorder.values.items():
         _record(node, value)
+    return result
+
+
+def run_recording_shapes(gm: GraphModule, inputs: Sequence[Tensor]) -> Any:
+    """`gm(*inputs)` without gradients, run once for real, recording every node's shape and dtype
+    from that run as `propagate_shapes` does: a caller that needs both the outputs and the shapes
+    (the pipeline's float64 reference) pays for one run. If the run fails, `gm` has no shapes."""
+    _forget_all(gm)
+    return _record_run(Recorder(gm, keep=stand_in), *inputs)
+
+
+REAL_EVALUATION_ELEMENTS = 1 << 20  # a new node whose tensor inputs hold up to this many
 
 
 def _evaluate(gm: GraphModule, node: Node):
+    """The meta value of `node` from its inputs' values: for real on zeros where that is cheap
+    and the node's module holds real tensors (`refresh_shapes`), else on meta."""
     args, kwargs = map_arg((node.args, node.kwargs), lambda n: n.meta[VALUE])
+    if node.op == "output":
+        return args[0]
+    if node.op == "get_attr":
+        return _to_meta(attribute(gm, node.target))
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if _cheap_to_evaluate(module, (args, kwargs)):
+        with contextlib.suppress(Exception):  # an op that fails for real may still run on meta
+            real_args, real_kwargs = map_aggregate((args, kwargs), _zeros_like)
+            return stand_in(_call(node, module, real_args, real_kwargs))
+    if module is not None:
+        with torch.no_grad():
+            return torch.func.functional_call(module, _state_on_meta(module), args, kwargs)
+    return _call(node, None, args, kwargs)
+
+
+def _call(node: Node, module: nn.Module | None, args, kwargs):
     with torch.no_grad():
-        if node.op == "output":
-            return args[0]
-        if node.op == "get_attr":
-            return _to_meta(attribute(gm, node.target))
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
-        module = gm.get_submodule(node.target)
-        return torch.func.functional_call(module, _state_on_meta(module), args, kwargs)
+        return module(*args, **kwargs)
+
+
+def _cheap_to_evaluate(module: nn.Module | None, values) -> bool:
+    """Whether a node runs for real (`refresh_shapes`): its tensor inputs hold few elements, and
+    its module, if any, is in eval mode with every tensor holding data on the CPU."""
+    tensors = [v for v in tree_leaves(values) if isinstance(v, Tensor)]
+    if sum(t.numel() for t in tensors) > REAL_EVALUATION_ELEMENTS:
+        return False
+    if module is None:
+        return True
+    state = [*module.parameters(), *module.buffers()]
+    return not any(m.training for m in module.modules()) and all(
+        t.device.type == "cpu" for t in state)
+
+
+def _zeros_like(value):
+    """Real zeros standing in for a meta value (other values stay as they are)."""
+    if isinstance(value, Tensor) and value.device.type == "meta":
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype).zero_()
+    return value
 
 
 def _record(node: Node, value) -> None:

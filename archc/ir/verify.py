@@ -21,6 +21,16 @@ passes if its distance from the float64 reference is within
 so `--rtol` keeps its meaning on shallow nets and a deep net is not refused for rounding: a
 rewritten graph rounds differently from its source, not worse than a small multiple of it.
 
+A reduced-precision deploy form (fp16, bf16) is judged the same way, against the rounding the
+model itself suffers in that format: `rounding_noise` of the model before the passes, cast to the
+format, against the same model in float32. The cast result may differ from float32 by
+`artifact_tolerance(format_rtol, noise)`, format_rtol being 10 units of the format's rounding.
+A correct rewrite therefore cannot fail for the format alone: with pycls' initialisation a deep
+MobileNet's logits are about 1e-9, below fp16's smallest normal number (6.1e-5), so fp16 flushes
+them to zero and the model's own fp16 rounding is a relative error of 1; `below_normal` says so.
+A cast that loses more than the model's own rounding (folded weights beyond the format's range,
+say) still fails.
+
 A few rewrites are exact only up to the rounding of constants the model computed in its own
 dtype (DBB's BNAndPad cancels a bias with a float32 copy of it): in float64 they differ from the
 graph by that rounding, so such a pass is held to `rounding_tolerance(dtype)` = 100 units of the
@@ -29,13 +39,16 @@ dtype's rounding (1.2e-5 for float32) instead, and its report says so.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.fx import GraphModule
 from torch.utils._pytree import tree_leaves
 
 from archc.ir.graph import copy_module
+from archc.ir.shapes import run_recording_shapes
 
 FLOAT64_RTOL = 1e-9
 NOISE_FACTOR = 10.0
@@ -73,7 +86,9 @@ def _distance(reference: list[Tensor], candidate: list[Tensor]) -> tuple[float, 
     for ref, out in zip(reference, candidate):
         ref, out = ref.detach().double(), out.detach().double()
         diff = (out - ref).abs()
-        diff = torch.where(ref.isnan() & out.isnan(), 0.0, diff.nan_to_num(nan=float("inf")))
+        # a new NaN or an overflow is infinitely far (nan_to_num's default is float64's max)
+        diff = torch.where(ref.isnan() & out.isnan(), 0.0,
+                           diff.nan_to_num(nan=math.inf, posinf=math.inf))
         if diff.numel():
             delta = max(delta, diff.max().item())
             scale = max(scale, ref.nan_to_num(nan=0.0).abs().max().item())
@@ -89,9 +104,13 @@ def in_float64(inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
 def float64_reference(model: nn.Module, inputs: Sequence[Tensor]
                       ) -> tuple[nn.Module, list[Tensor]] | str:
     """A float64 copy of `model` and its outputs on `inputs`, or why the model does not run in
-    float64 (it casts explicitly, say)."""
+    float64 (it casts explicitly, say). A graph module's copy keeps the shapes of that run
+    (`archc.ir.shapes.run_recording_shapes`), so nobody needs to run it again for them."""
     try:
         copy = copy_module(model, torch.float64)
+        if isinstance(copy, GraphModule):
+            result = run_recording_shapes(copy, in_float64(inputs))
+            return copy, [t for t in tree_leaves(result) if isinstance(t, Tensor)]
         return copy, outputs(copy, in_float64(inputs))
     except Exception as exc:  # any op may insist on its dtype
         lines = str(exc).strip().splitlines()
@@ -132,6 +151,19 @@ def rounding_noise(model: nn.Module, inputs: Sequence[Tensor],
 def artifact_tolerance(rtol: float, noise: float | None) -> float:
     """What an artifact in the model's dtype may differ from float64 by (module docstring)."""
     return rtol if noise is None else max(rtol, NOISE_FACTOR * noise)
+
+
+def below_normal(reference: Outputs, dtype: torch.dtype) -> str:
+    """Why `dtype` cannot represent the outputs `reference`: their largest magnitude is below its
+    smallest normal number (they flush to zero or keep only a few bits); "" if it is not."""
+    largest = max((t.detach().double().nan_to_num(nan=0.0).abs().max().item()
+                   for t in _as_list(reference) if t.numel()), default=0.0)
+    tiny = torch.finfo(dtype).tiny
+    if largest >= tiny:
+        return ""
+    name = str(dtype).removeprefix("torch.")
+    return (f"its outputs, at most {largest:.1e} in magnitude, are below {name}'s smallest normal "
+            f"number {tiny:.1e}")
 
 
 def rounding_tolerance(dtype: torch.dtype) -> float:

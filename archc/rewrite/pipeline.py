@@ -25,6 +25,16 @@ before and after. Verification (`ctx.verify`, `archc.ir.verify`):
 A model that does not run in float64 (it casts explicitly) is worked on and checked in its own
 dtype at `rtol`, and the report says why. With `verify=False` the copy shares the caller's
 tensors (passes replace tensors, never write them) and each rewrite rounds to the model's dtype.
+
+What verification costs, and what it does not cut. The float64 graph runs once as the reference,
+and that run also records the shapes the passes read (`verify.float64_reference`); it runs again
+only after a pass that changed the graph (a pass that left it unchanged costs no run), and a
+function-preserving pass is compared with the outputs of the graph before it (one reference,
+carried forward); the result is judged with one run of it and one of the input model in the
+model's dtype. The input is the caller's, at the deploy shape, not a smaller one that the graph
+would accept: the passes and the FLOPs they report read the shapes of that input, and at a
+smaller one the last stages' maps shrink to 1x1, where a 3x3 kernel's off-centre taps touch only
+padding, so a rewrite that misplaced them would pass.
 """
 
 from __future__ import annotations
@@ -455,7 +465,8 @@ def run_pipeline(model: nn.Module, names: list[str], ctx: PassContext | None = N
     dtype = model_dtype(model)
     gm, baseline, exactness = _working_copy(model, inputs, ctx, dtype)
     gm.meta[SOURCE_DTYPE] = dtype
-    propagate_shapes(gm, baseline.inputs if baseline else inputs)
+    if exactness != "float64":  # else the float64 reference run recorded the shapes
+        propagate_shapes(gm, baseline.inputs if baseline else inputs)
     stats = graph_stats(gm, ctx.measure)
     reports: list[PassReport] = []
     exact = True  # every pass that changed the graph preserves the function

@@ -5,6 +5,7 @@ own tolerance."""
 from __future__ import annotations
 
 import functools
+import operator
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +13,18 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
 import archc
 import archc.passes  # noqa: F401 - registers the catalogue
 from archc.backends.emit_python import emit_python
-from archc.backends.export import export_program
+from archc.backends.export import deploy_form, export_program
 from archc.cli.main import main
 from archc.common.extras import installed
+from archc.errors import ExportError
+from archc.ir.init import randomize
 from archc.ir.verify import relative_error
+from archc.rewrite import pipeline
 from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
 from tests.golden_suite import input_side
 
@@ -171,6 +176,63 @@ def test_fp16_onnx(tmp_path, capsys):
     assert session.get_inputs()[0].type == "tensor(float16)"
     (got,) = session.run(None, {session.get_inputs()[0].name: x.half().numpy()})
     assert relative_error(reference(name, x), torch.from_numpy(got).float()) <= 1e-2
+
+
+def test_fp16_of_a_model_whose_outputs_underflow(tmp_path, capsys):
+    """pycls' initialisation gives a MobileNetV2 logits of about 1e-9, which fp16 flushes to zero:
+    the fp16 form is judged by the model's own fp16 rounding, and the note says why it is large."""
+    argv = ["build", str(ROOT / "specs/mobilenet_v2.yaml"), "-o", str(tmp_path / "m.onnx"),
+            "--input-size", str(SIZE), "--dtype", "fp16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "the model's own fp16 rounding: 1.0e+00" in out
+    assert "below float16's smallest normal number 6.1e-05" in out
+
+
+def test_fp16_build_still_refuses_a_wrong_rewrite(monkeypatch, tmp_path, capsys):
+    """The same underflowing model with a pass that negates the output: float64 sees it."""
+    monkeypatch.setattr(pipeline, "_PASSES", dict(pipeline._PASSES))
+
+    @pipeline.register_pass("test_negate_output", "claims to preserve the function", True)
+    def negate_output(gm, ctx):
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(output):
+            output.args = (gm.graph.call_function(operator.neg, (output.args[0],)),)
+        return pipeline.PassResult(gm, True)
+
+    argv = ["build", str(ROOT / "specs/mobilenet_v2.yaml"), "-o", str(tmp_path / "m.onnx"),
+            "--input-size", str(SIZE), "--dtype", "fp16", "--passes", "fold_bn,test_negate_output"]
+    assert main(argv) == 2
+    assert "pass 'test_negate_output' (after fold_bn): output changed: relative error 2" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+class _Scaled(nn.Module):
+    """`conv(x)` computed as `(1e5 conv)(x) * 1e-5`: the same function, out of fp16's range."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size)
+        with torch.no_grad():
+            self.conv.weight.copy_(conv.weight * 1e5)
+            self.conv.bias.copy_(conv.bias * 1e5)
+
+    def forward(self, x):
+        return self.conv(x) * 1e-5
+
+
+def test_fp16_refuses_a_cast_worse_than_the_models_own_rounding():
+    source = randomize(nn.Sequential(nn.Conv2d(3, 8, 3)), 0)
+    x = torch.randn(1, 3, 8, 8)
+    fine = deploy_form(torch.fx.symbolic_trace(source), x, dtype="fp16", source=source)
+    assert fine.cast_error <= 1e-2
+    scaled = torch.fx.symbolic_trace(_Scaled(source[0]).eval())
+    assert relative_error(source(x), scaled(x)) <= 1e-6  # equal in float32
+    with pytest.raises(ExportError, match=r"the fp16 model differs from float32 by relative "
+                                          r"error inf > tolerance 0.00977; the model's own fp16 "
+                                          r"rounding: \d\.\de-04$"):
+        deploy_form(scaled, x, dtype="fp16", source=source)
 
 
 @pytest.mark.parametrize(

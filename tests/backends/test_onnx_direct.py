@@ -143,3 +143,20 @@ def test_only_the_batch_stays_symbolic():
     assert "Shape" in kinds and "Gather" in kinds and "Div" not in kinds
     kinds = [node.op_type for node in translate(gm, x, opset=18, dynamic_batch=False).graph.node]
     assert kinds == ["Reshape", "Transpose", "Reshape"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_initializers_are_what_numpy_helper_writes(dtype):
+    """Initializers are written into the graph in place; each is the tensor onnx's own
+    `numpy_helper.from_array` makes of its value, byte for byte."""
+    from onnx import numpy_helper
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).to(dtype)
+    proto = translate(torch.fx.symbolic_trace(model.eval()), torch.randn(1, 3, 6, 6, dtype=dtype),
+                      opset=18, dynamic_batch=False)
+    weights = {t.name: t for t in proto.graph.initializer}
+    assert len(weights) >= 4
+    for name, tensor in weights.items():
+        written = numpy_helper.from_array(numpy_helper.to_array(tensor), name)
+        assert tensor.SerializeToString() == written.SerializeToString()
+    assert (numpy_helper.to_array(weights["0.weight"]) == model[0].weight.detach().numpy()).all()

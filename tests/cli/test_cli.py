@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 
-from archc.cli.main import main
+from archc.cli.main import idle_threads_sleep, main
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -41,6 +42,25 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
     )
     result = run_python(code)
     assert result.stdout.strip().splitlines()[-1] == "False False", result.stderr
+
+
+@pytest.mark.parametrize("environment, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_idle_threads_sleep_unless_the_environment_says_otherwise(environment, expected):
+    """`archc` sets OpenMP's wait policy before torch loads OpenMP (cli/main.py's docstring)."""
+    code = ("import os\nfrom archc.cli.main import main\nmain(['models', '-q'])\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if environment is not None:
+        env["OMP_WAIT_POLICY"] = environment
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.stdout.strip().splitlines()[-1] == expected, result.stderr
+
+
+def test_idle_threads_sleep_changes_nothing_once_torch_is_loaded(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    idle_threads_sleep()  # torch is imported by this test module: too late to matter
+    assert "OMP_WAIT_POLICY" not in os.environ
 
 
 def test_help_is_fast():

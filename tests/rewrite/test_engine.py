@@ -271,6 +271,35 @@ def test_new_nodes_get_shapes_from_their_inputs():
     assert node_shape(pooled) == (1, 8 * 4 * 4)
 
 
+REFRESH_A_NEW_LINEAR = """
+import sys, torch
+from torch import nn
+from archc.ir import shapes
+gm = torch.fx.symbolic_trace(nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).eval())
+shapes.propagate_shapes(gm, [torch.randn(2, 3, 2, 2)])
+linear = next(n for n in gm.graph.nodes if n.target == "1")
+gm.add_submodule("new", nn.Linear(5, 7).eval())
+with gm.graph.inserting_after(linear):
+    new = gm.graph.call_module("new", (linear,))
+shapes.REAL_EVALUATION_ELEMENTS = int(sys.argv[1])
+shapes.refresh_shapes(gm)
+print(shapes.node_shape(new), shapes.node_dtype(new), "torch._dynamo" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("limit, dynamo", [(1 << 20, "False"), (0, "True")])
+def test_new_nodes_with_small_inputs_get_shapes_from_a_real_evaluation(limit, dynamo):
+    """A new Linear with a bias evaluated on meta imports torch._dynamo (1 s in a fresh process);
+    evaluated for real on zeros it does not. Both give the same shape (a fresh process, since
+    this one may have imported it already)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", REFRESH_A_NEW_LINEAR, str(limit)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["(2,", "7)", "torch.float32", dynamo], run.stderr
+
+
 # ---- pass options ----
 
 def test_options_are_declared_typed_and_suggested():

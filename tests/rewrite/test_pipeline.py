@@ -13,7 +13,8 @@ from torch import nn
 from archc.errors import ArchcError, PassError
 from archc.ir.graph import bypass, called_once, has_other_users, module_uses, unique_user
 from archc.ir.init import randomize
-from archc.ir.verify import relative_error
+from archc.ir.shapes import node_dtype, node_shape, propagate_shapes
+from archc.ir.verify import below_normal, float64_reference, relative_error
 from archc.passes.pipelines import PIPELINES
 from archc.rewrite import pipeline
 from archc.rewrite.pipeline import (
@@ -106,6 +107,22 @@ def test_example_inputs_and_float64():
     x = torch.randn(SHAPE, dtype=torch.float64)
     result = run_pipeline(model, PIPELINES["default"], PassContext(example_inputs=(x,), rtol=1e-12))
     assert result.max_error <= 1e-12
+
+
+def test_the_float64_reference_run_records_the_shapes(monkeypatch):
+    """One float64 run serves as the reference and as the shape propagation of the working copy:
+    its recorded shapes are those a separate propagation finds, and the pipeline runs none."""
+    gm = torch.fx.symbolic_trace(_model())
+    x = torch.randn(SHAPE)
+    copy, _ = float64_reference(gm, (x,))
+    recorded = {n.name: (node_shape(n), node_dtype(n)) for n in copy.graph.nodes}
+    propagate_shapes(copy, (x.double(),))
+    assert recorded == {n.name: (node_shape(n), node_dtype(n)) for n in copy.graph.nodes}
+    assert recorded["output"] == ((2, 4, 4, 4), torch.float64)
+    propagations = []
+    monkeypatch.setattr(pipeline, "propagate_shapes", lambda *a: propagations.append(a))
+    result = run_pipeline(gm, ["fold_bn"], PassContext(example_inputs=(x,)))
+    assert result.exactness == "float64" and propagations == []
 
 
 def test_dump_after(tmp_path):
@@ -210,6 +227,16 @@ def test_relative_error():
     assert relative_error([a], [torch.tensor([1.0, -2.0, 0.0])]) == float("inf")
     assert relative_error([a], [a[:2]]) == float("inf")
     assert relative_error([torch.zeros(2)], [torch.full((2,), 1e-3)]) == pytest.approx(1e-3)
+    assert relative_error([a], [torch.tensor([1.0, float("inf"), float("nan")])]) == float("inf")
+
+
+def test_below_normal_names_outputs_a_format_flushes():
+    tiny = [torch.tensor([3e-9, -1e-10])]
+    assert below_normal(tiny, torch.float16) == (
+        "its outputs, at most 3.0e-09 in magnitude, are below float16's smallest normal number "
+        "6.1e-05")
+    assert below_normal(tiny, torch.bfloat16) == ""  # bfloat16 has float32's exponent range
+    assert below_normal([torch.tensor([1e-4, float("nan")])], torch.float16) == ""
 
 
 # ---- rules ----
