@@ -107,7 +107,7 @@ class ImageFolder:
     def describe(self) -> str:
         return (f"{self.name}: {self.train_size} train / {self.val_size} validation images, "
                 f"{self.classes} classes, {self.channels}x{self.size}x{self.size}, streamed "
-                f"by {self.workers} worker(s), augment {self.augment}")
+                f"with --workers {self.workers}, augment {self.augment}")
 
     def train_batches(self, batch_size: int, seed: int, epoch: int) -> Iterator[tuple]:
         order = epoch_order(self.train_size, seed, epoch)
