@@ -63,3 +63,11 @@ def test_architecture_lists_every_module():
         if path.stem not in ("__init__", "__main__"):
             name = path.relative_to(DOCS.parent).as_posix()
             assert f"`{name}`" in text, f"docs/architecture.md omits {name}"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """The README says its test command is what `.ci/run` runs: the same install and pytest."""
+    readme = (DOCS.parent / "README.md").read_text()
+    ci = (DOCS.parent / ".ci" / "run").read_text()
+    command = next(line.strip() for line in readme.splitlines() if "-m pytest" in line)
+    assert command in ci, f"README's test command is not in .ci/run: {command}"
