@@ -32,15 +32,22 @@ MAY_DIFFER = ("device",)  # configuration fields a resumed run may change
 
 
 def random_states() -> dict[str, Any]:
+    """The generators' states in types `torch.load(weights_only=True)` reads: numpy's key array
+    travels as a tensor, so loading a run state never unpickles code."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all(),
-            "numpy": np.random.get_state(), "python": random.getstate()}
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss,
+                      cached_gaussian),
+            "python": random.getstate()}
 
 
 def restore_random_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
-    np.random.set_state(states["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss,
+                         cached_gaussian))
     random.setstate(states["python"])
 
 
@@ -55,7 +62,7 @@ def load_run_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     """The run state in `path`, checked against `identity`; `CheckpointError` if it is not a run
     state or belongs to another spec or configuration."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such run state") from None
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError,

@@ -125,7 +125,7 @@ def test_cli_resume_gives_the_uninterrupted_weights(tmp_path, capsys, monkeypatc
         lambda p, o, d: ([*p, StopAt(2)], o, d))(*plugins(args, spec)))
     assert train(tmp_path, "-o", str(tmp_path / "cut.pt"), "--save-every", "1") != 0
     monkeypatch.setattr(cli_compress, "train_plugins", plugins)
-    assert torch.load(tmp_path / "cut.state.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "cut.state.pt", weights_only=True)["epoch"] == 1
     assert not (tmp_path / "cut.pt").exists()
     capsys.readouterr()
     assert train(tmp_path, "-o", str(tmp_path / "resumed.pt"), "--resume",
@@ -171,3 +171,17 @@ def test_cli_refuses_a_wrong_run_state(tmp_path, capsys, state, extra, phrase):
     assert not (tmp_path / "out.pt").exists()
     with pytest.raises(CheckpointError):
         load_run_state(tmp_path / names[state], {"nothing": "matches"})
+
+
+class _Payload:
+    """An object whose unpickling would run code: a run state must never load it."""
+
+    def __reduce__(self):
+        return (pytest.fail, ("a run state executed pickled code",))
+
+
+def test_a_run_state_never_executes_pickled_code(tmp_path):
+    path = tmp_path / "evil.state.pt"
+    torch.save({"format": "archc-run-state", "payload": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="not a training run state"):
+        load_run_state(path, {"config": CONFIG.describe()})
