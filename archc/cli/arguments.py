@@ -39,6 +39,16 @@ def add_device_options(group, precision: bool = True) -> None:
                            "scaler; default fp32)")
 
 
+def resolved_device(args) -> str:
+    """The device `--device` names on this machine (and `--precision` checked): DeviceError,
+    one line and exit 2, before any data is read."""
+    from archc.train.device import check_precision, resolve_device
+
+    if hasattr(args, "precision"):
+        check_precision(args.precision)
+    return str(resolve_device(args.device))
+
+
 def positive_int(text: str) -> int:
     value = _integer(text)
     if value < 1:

@@ -202,12 +202,10 @@ def _qat(args: argparse.Namespace) -> int:
     from archc.ir.init import random_input
     from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
     from archc.train.data import load_data
-    from archc.train.device import check_precision, resolve_device
     from archc.train.loop import TrainConfig, Trainer, check_classes, evaluate
 
     out = Output(args)
-    device = str(resolve_device(args.device))
-    check_precision(args.precision)
+    device = arguments.resolved_device(args)
     spec_dict, model = load_checkpoint(args.checkpoint)
     spec = spec_from_mapping(spec_dict, str(args.checkpoint))
     data = load_data(args.data, spec.input.channels, spec.input.size)

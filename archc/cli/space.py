@@ -52,16 +52,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _device(args: argparse.Namespace) -> str:
-    """The device `--device` names on this machine (and `--precision` checked): DeviceError,
-    one line and exit 2, before any data is read."""
-    from archc.train.device import check_precision, resolve_device
-
-    if hasattr(args, "precision"):
-        check_precision(args.precision)
-    return str(resolve_device(args.device))
-
-
 def _add_training_options(parser: argparse.ArgumentParser, epochs_required: bool) -> None:
     """Options of the shared training loop (archc.train.loop.TrainConfig)."""
     parser.add_argument("--data", required=True, metavar="DATA",
@@ -318,7 +308,7 @@ def _sweep_samples(args: argparse.Namespace) -> list[dict]:
 def _sweep(args: argparse.Namespace) -> int:
     from archc.space.sweep import BUILTIN_TRAINER, resolve_trainer, run_sweep
 
-    _device(args)  # checked here; each worker resolves `auto` on its own machine
+    arguments.resolved_device(args)  # checked here; each worker resolves `auto` on its own machine
     samples = _sweep_samples(args)
     trainer = args.trainer or BUILTIN_TRAINER
     resolve_trainer(trainer)
@@ -502,7 +492,7 @@ def _train(args: argparse.Namespace) -> int:
     from archc.train.state import load_run_state
 
     out = Output(args)
-    device = _device(args)
+    device = arguments.resolved_device(args)
     spec = spec_from_mapping(spec_dict, str(args.model))
     plugins, overrides, compression = cli_compress.train_plugins(args, spec)
     config = TrainConfig(epochs=args.epochs, seed=args.seed,
@@ -564,7 +554,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         raise DeviceError(f"--device {args.device}: an ONNX model is evaluated by ONNX Runtime "
                           f"on the CPU; evaluate the checkpoint (.pt) on a GPU")
-    device = "cpu" if onnx else _device(args)
+    device = "cpu" if onnx else arguments.resolved_device(args)
     if onnx:
         from archc.backends.onnx_runtime import onnx_classifier
 
