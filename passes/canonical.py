@@ -10,9 +10,15 @@
                                                             -> an nn.BatchNorm1d/2d/3d module
                       (a BatchNorm subclass whose forward re-implements BN, with activation
                       and dropout tails, becomes that module followed by its tails)
+    functional_ln     F.layer_norm / aten.layer_norm over one dim, weight and bias constants
+                                                            -> an nn.LayerNorm module (timm's
+                      and torchvision's LayerNorm2d permute around F.layer_norm)
     batch_free_reshape  x.view(N, 2, 58, 8, 8) with N the batch (an exported program's literal)
                                                             -> x.view(-1, 2, 58, 8, 8): the
                       artifact keeps accepting any batch size
+    parameter_view    gamma.view(1, 64, 1, 1) of a parameter with 64 values (an exported
+                      program's literal)                    -> gamma.view(1, -1, 1, 1): the
+                      view follows the parameter's size
     in_place          a.add_(b), a += b, aten.add_(a, b), relu_(a), F.relu(a, inplace=True)
                                                             -> the same op out of place, every
                       later reader of `a` reading the result instead
@@ -47,6 +53,7 @@ NOT_FRESH = ("the written tensor is a graph input, a constant or a view of anoth
              "write is visible elsewhere")
 VIEW_READ = "a view of the written tensor is read after the write: it sees the written values"
 STATISTICS = "BN statistics or affine parameters are computed in the graph, not constants"
+LN_AFFINE = "LayerNorm weight or bias is computed in the graph, not a constant"
 
 # Python-level ops a guard is made of; evaluated when every argument is a constant.
 _CONSTANT_OPS = frozenset({
@@ -249,6 +256,56 @@ def _to_module(match: Match, norm: _FunctionalNorm) -> str:
     return f"{describe(node)} -> {type(module).__name__} {name}"
 
 
+# ---- functional layer norm ----
+
+_LAYER_NORMS = {F.layer_norm, torch.layer_norm}  # and aten's "layer_norm"
+
+
+def _layer_norm_call(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
+    if node.op == "call_function" and (node.target in _LAYER_NORMS
+                                       or aten_name(node) == "layer_norm"):
+        return (node,)
+    return None
+
+
+def _check_layer_norm(match: Match) -> Plan | Refuse | Skip:
+    """F.layer_norm(x, shape, weight, bias, eps) (aten's too, with a trailing cudnn flag)."""
+    node = match.anchor
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    x, shape, weight, bias, eps = (arg(node, i, name, default) for i, (name, default) in
+                                   enumerate(zip(names, (None, None, None, None, 1e-5))))
+    if not isinstance(shape, (list, tuple)) or len(shape) != 1 or not isinstance(shape[0], int):
+        return Skip()  # over several dims or a computed shape: left as it is
+    parts = {"weight": weight, "bias": bias}
+    if not all(p is None or isinstance(p, Node) and p.op == "get_attr" for p in parts.values()):
+        return Refuse(LN_AFFINE)
+    owner = next((p.target.rpartition(".")[0] for p in parts.values() if p is not None), "")
+    tensors = {k: None if p is None else attribute(match.gm, p.target) for k, p in parts.items()}
+    return Plan((x, owner, shape[0], tensors, float(eps)))
+
+
+def _to_layer_norm(match: Match, plan) -> str:
+    gm, node = match.gm, match.anchor
+    x, owner, size, tensors, eps = plan
+    like = next((t for t in tensors.values() if t is not None), None)
+    module = nn.LayerNorm(size, eps=eps, elementwise_affine=tensors["weight"] is not None,
+                          bias=tensors["bias"] is not None,
+                          **({} if like is None else {"device": like.device, "dtype": like.dtype}))
+    for name, tensor in tensors.items():  # shared with the original module, never copied
+        if tensor is not None:
+            setattr(module, name, tensor if isinstance(tensor, nn.Parameter)
+                    else nn.Parameter(tensor, requires_grad=False))
+    module.train(gm.training)
+    name = unique_name(gm, f"{owner}.norm" if owner else "layer_norm")
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(name, (x,))
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    erase_unused(gm, [node])
+    return f"{describe(node)} -> LayerNorm {name}"
+
+
 # ---- in-place ops ----
 
 def _out_of_place(gm: GraphModule, node: Node):
@@ -353,6 +410,22 @@ def _free_batch(match: Match, plan) -> str:
     return f"{node.name}: the batch size of its shape is -1 (any batch)"
 
 
+def _parameter_view(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
+    sizes = _literal_sizes(node)
+    x = node.args[0] if node.args else None
+    if sizes is None or -1 in sizes or not isinstance(x, Node) or x.op != "get_attr":
+        return None
+    wide = [i for i, n in enumerate(sizes) if n != 1]
+    return (node,) if len(wide) == 1 else None
+
+
+def _follow_parameter(match: Match, plan) -> str:
+    node = match.anchor
+    sizes = [n if n == 1 else -1 for n in _literal_sizes(node)]
+    node.args = (node.args[0], sizes) if node.op == "call_function" else (node.args[0], *sizes)
+    return f"{node.name}: the view takes the parameter's size (-1)"
+
+
 RULES = (
     # x.ndim, x.dim() -> the rank
     Rule("rank_query", _rank_query, _value_of_query, _resolve, "x.ndim = len(shape)"),
@@ -365,9 +438,15 @@ RULES = (
     # F.batch_norm(x, μ, σ², γ, β, False, m, ε) -> BatchNormNd(x)
     Rule("functional_bn", _batch_norm_call, _check_batch_norm, _to_module,
          "F.batch_norm(eval) = BatchNorm module"),
+    # F.layer_norm(x, (C,), γ, β, ε) -> LayerNorm(x)
+    Rule("functional_ln", _layer_norm_call, _check_layer_norm, _to_layer_norm,
+         "F.layer_norm over one dim = LayerNorm module"),
     # x.view(N, ...) -> x.view(-1, ...) for the batch size N
     Rule("batch_free_reshape", _batch_reshape, always, _free_batch,
          "view(N, s...) = view(-1, s...) when the input holds N samples"),
+    # p.view(1, C, 1, 1) -> p.view(1, -1, 1, 1) for a parameter p of C values
+    Rule("parameter_view", _parameter_view, always, _follow_parameter,
+         "p.view(1, C, 1, 1) = p.view(1, -1, 1, 1) when p holds C values"),
     # a.op_(b) -> op(a, b), later readers of a read the result
     Rule("in_place", _in_place_op, _check_in_place, _functionalize,
          "a.op_(b); f(a) = f(op(a, b)) for a fresh a"),
@@ -375,6 +454,7 @@ RULES = (
 
 
 @register_pass("canonicalize",
-               "one spelling for shape guards, functional/aten BatchNorm and in-place ops", True)
+               "one spelling for shape guards, functional/aten BatchNorm and LayerNorm, "
+               "in-place ops", True)
 def canonicalize(gm: GraphModule, ctx: PassContext) -> PassResult:
     return apply_rules(gm, RULES)

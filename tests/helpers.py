@@ -93,7 +93,8 @@ def kill_half(gm, example, whole_segments: bool = False) -> None:
     """Make the first half of every pruning unit's channels (of every segment; with
     whole_segments, the first half of the segments) exactly dead wherever they are (in the
     composites holding them too: concatenations, splits, shuffles): producer rows and biases 0, BN
-    gamma and beta 0. A unit is a free leaf group, or a group the analysis cut into pieces."""
+    gamma and beta 0. A unit is a free leaf group, or a group the analysis cut into pieces; groups
+    a LayerNorm normalizes have no dead channels (PruneConfig.keep_normalized leaves them)."""
     cg = analyze_channels(gm, (example.to(next(gm.parameters()).dtype),))
     positions = _positions(cg)
     pieces = _unit_pieces(cg)
@@ -101,7 +102,7 @@ def kill_half(gm, example, whole_segments: bool = False) -> None:
     killed = 0
     for group in cg.groups:
         if group.fixed or group.parts and group.index not in pieces or group.size < 2 \
-                or group.index in in_unit:
+                or group.index in in_unit or group.normalized:
             continue
         killed += 1
         segments = group.divisor

@@ -12,6 +12,14 @@ flatten -> Linear and the lockstep segments of a shuffle are ties inside a group
 consistent by construction; groups the analysis fixes (model inputs/outputs, shared modules,
 shuffles it refuses) are left alone.
 
+Channels-last blocks (ConvNeXt) prune the same way: the analysis follows the channels through
+permutes, so a Linear on the last dim is a producer/consumer like a 1x1 conv, and a LayerNorm over
+the channels and a layer scale gamma [C] are channelwise members (weight, bias and gamma lose the
+removed entries). A LayerNorm's mean and variance run over all the channels of its group
+(`ChannelGroup.normalized`), so removing any of them, even a dead one, changes its output: such
+groups are pruned as Torch-Pruning prunes them (the note says how many; fine-tune afterwards), or
+left whole with `keep_normalized`, and exactness holds for every other group.
+
 The removal is `archc.rewrite.channel_resize.resize_channels` with each group's kept channels as
 its sources (no new channels), and a candidate's MACs are counted by `archc.ir.analysis`'s
 per-layer formula at the kept counts. A model archc did not build is first brought to the
@@ -89,6 +97,8 @@ class PruneConfig:
     # per layer: the ratio of the groups grouped convs cut into segments (their counts move in
     # steps of a segment count); None: `ratio`
     grouped_ratio: float | None = None
+    # leave the groups a LayerNorm normalizes whole (their pruning is never exact)
+    keep_normalized: bool = False
 
     def __post_init__(self):
         for name in ("ratio", "grouped_ratio"):
@@ -288,7 +298,7 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
     pieces_of = _unit_pieces(cg)
     in_unit = {leaf for pieces in pieces_of.values() for leaf in pieces}
     scored: dict[int, np.ndarray] = {}
-    skipped_no_bn = 0
+    skipped_no_bn = normalized = 0
     fixed: dict[str, int] = {}
     for group in cg.groups:
         if group.fixed and not group.fixed.startswith(("model input", "model output")):
@@ -297,6 +307,10 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
         if group.fixed or (group.parts and group.index not in pieces_of) or group.size < 2 \
                 or group.index in in_unit:
             continue
+        if group.normalized:
+            normalized += 1
+            if config.keep_normalized:
+                continue
         if group.index in pieces_of:  # its pieces' scores, in its channel order
             scores = np.zeros(group.size)
             for leaf, channels in pieces_of[group.index].items():
@@ -315,6 +329,10 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
         scored[group.index] = scores
     for reason, count in fixed.items():
         notes.append(f"{count} groups left as they are: {reason}")
+    if normalized:
+        notes.append(f"{normalized} groups are normalized by a LayerNorm over their channels: "
+                     + ("left whole" if config.keep_normalized else
+                        "pruning them changes its statistics (not exact; fine-tune after)"))
     if skipped_no_bn:
         notes.append(f"{skipped_no_bn} groups have no BatchNorm: bn-scale leaves them unpruned")
     # keep-width: groups tied through grouped convs lose the same segments

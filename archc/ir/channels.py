@@ -62,6 +62,14 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
+from archc.ir.channel_dims import (
+    index_items,
+    normal_dim,
+    permuted_dim,
+    reduced_dim,
+    reshaped_dim,
+    transposed_dim,
+)
 from archc.ir.graph import arg, called_once, describe
 from archc.ir.ops import (
     ACTIVATION_FUNCTIONS,
@@ -123,7 +131,8 @@ _RULES: dict[object, str] = {
     **dict.fromkeys((operator.truediv, torch.div, "div"), "division"),
     **dict.fromkeys(CONV_MODULES, "conv"),
     nn.Linear: "linear",
-    **dict.fromkeys(BN_MODULES, "channelwise"),
+    **dict.fromkeys(BN_MODULES, "batch_norm"),
+    nn.LayerNorm: "layer_norm",
     **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), "cat"),
     **dict.fromkeys((torch.split, torch.chunk, "split", "chunk"), "split"),
     operator.getitem: "getitem",
@@ -161,7 +170,9 @@ class ChannelGroup:
     tensors: tuple[Node, ...]  # nodes whose result has this group as dim 1 (graph order)
     producers: tuple[Node, ...]  # define the channels: conv/Linear outputs, inputs, opaque ops
     consumers: tuple[Node, ...]  # conv/Linear layers reading them as input channels
-    channelwise: tuple[Node, ...]  # per-channel parameters on the way: BN, depthwise convs
+    channelwise: tuple[Node, ...]  # per-channel parameters on the way: BN, LayerNorm, depthwise
+    # LayerNorms whose statistics span these channels (removing any channel changes them)
+    normalized: tuple[Node, ...] = ()
     groups: tuple[int, ...] = ()  # group counts g of grouped convs reading or writing it
     parts: tuple[Part, ...] = ()  # a composite's segments in channel order; () for a leaf
     fixed: str = ""  # why the size cannot change; "" if it can
@@ -185,7 +196,7 @@ class ChannelGroup:
             text += " = " + " + ".join(
                 f"g{p.group}" + (f"[{p.offset}::{p.stride}]" if p.stride > 1 else "")
                 for p in self.parts)
-        for role in ("producers", "consumers", "channelwise"):
+        for role in ("producers", "consumers", "channelwise", "normalized"):
             nodes = getattr(self, role)
             if nodes:
                 text += f"; {role} {', '.join(describe(n) for n in nodes)}"
@@ -198,6 +209,8 @@ class ChannelGraph:
 
     groups: list[ChannelGroup]
     index: dict[Node, int]  # channel tensor node (not inside a shuffle) -> index into `groups`
+    # channel tensor node -> the dim holding its channels, where not 1 (a permute moved them)
+    dims: dict[Node, int] = field(default_factory=dict)
     cuts: dict[Node, int] = field(default_factory=dict)  # split/chunk/slice node -> cut group
     # elementwise node -> the per-channel constants it reads: (parameter/buffer name, its dim
     # along the channels, "scale" or "shift"), e.g. a layer scale `x * gamma`, gamma [C, 1, 1]
@@ -205,6 +218,10 @@ class ChannelGraph:
 
     def of(self, node: Node) -> ChannelGroup:
         return self.groups[self.index[node]]
+
+    def dim(self, node: Node) -> int:
+        """The dim of `node`'s result that holds its channels."""
+        return self.dims.get(node, 1)
 
     def leaves(self, group: ChannelGroup) -> list[ChannelGroup]:
         """The non-composite groups a group is made of (itself if it is a leaf)."""
@@ -258,10 +275,6 @@ def _channel_shape(value) -> tuple[int, ...] | None:
     return shape if shape is not None and len(shape) >= 2 else None
 
 
-def _dim(value, rank: int) -> int | None:
-    return value % rank if isinstance(value, int) and -rank <= value < rank else None
-
-
 def _priority(reason: str) -> int:
     return next(i for i, known in enumerate(_PRIORITY) if reason.startswith(known))
 
@@ -279,6 +292,7 @@ class _Builder:
         self.gm = gm
         self.uf = UnionFind()
         self.space: dict[Node, int] = {}  # channel tensor -> its space
+        self.dims: dict[Node, int] = {}  # channel tensor -> its channel dim, where not 1
         self.size: list[int] = []  # space -> channel count
         self.reasons: list[tuple[int, str]] = []  # (space, reason)
         self.layouts: list[_Layout] = []  # how composites are made of pieces
@@ -296,10 +310,18 @@ class _Builder:
                 self.shuffled.update(dict.fromkeys(shuffle.nodes, shuffle))
         self.grouped: list[tuple[int, int]] = []  # (space, g)
         self.roles: dict[str, list[tuple[int, Node]]] = {
-            "producers": [], "consumers": [], "channelwise": []}
+            "producers": [], "consumers": [], "channelwise": [], "normalized": []}
         self.cuts: dict[Node, int] = {}  # split/chunk/slice node -> the space it cuts
-        self.unread: list[Node] = []  # get_attr tensors not (yet) read as per-channel constants
+        self.unread: list[Node] = []  # constants not (yet) read as per-channel constants
         self.constants: dict[Node, list[tuple[str, int, str]]] = {}  # ChannelGraph.constants
+        # views of a parameter (`gamma.reshape(1, -1, 1, 1)`): view -> (parameter, its dim)
+        self.views: dict[Node, tuple[Node, int]] = {}
+        for node in gm.graph.nodes:
+            found = _constant_view(node)
+            if found is not None:
+                self.views[node] = found
+                self.done.add(node)
+                self.unread.append(node)
 
     # ---- spaces ----
 
@@ -309,9 +331,19 @@ class _Builder:
         self.uf[space]  # noqa: B018 - registers the element
         return space
 
+    def dim(self, node: Node) -> int:
+        """The dim of a tensor node's result holding its channels (1 unless a rule moved them)."""
+        return self.dims.get(node, 1)
+
+    def channels(self, node) -> int | None:
+        """The channel count of a tensor node of rank >= 2 (None for anything else)."""
+        shape = _channel_shape(node)
+        return shape[self.dim(node)] if shape is not None and self.dim(node) < len(shape) \
+            else None
+
     def of(self, node: Node) -> int:
         if node not in self.space:
-            self.space[node] = self.new_space(_channel_shape(node)[1])
+            self.space[node] = self.new_space(self.channels(node))
         return self.space[node]
 
     def tie(self, a: Node | int, b: Node | int) -> None:
@@ -322,7 +354,7 @@ class _Builder:
 
     def fix(self, nodes: Iterable[Node], reason: str) -> None:
         for node in nodes:
-            if _channel_shape(node) is not None:
+            if self.channels(node) is not None:
                 self.reasons.append((self.of(node), reason))
 
     def role(self, role: str, node: Node, tensor: Node) -> None:
@@ -331,7 +363,7 @@ class _Builder:
     def opaque(self, node: Node, reason: str) -> None:
         """Fix every channel tensor `node` reads or writes; its result's channels are its own."""
         self.fix([*_node_args(node), node], reason)
-        if _channel_shape(node) is not None:
+        if self.channels(node) is not None:
             self.role("producers", node, node)
 
     def unsupported(self, node: Node, what: str = "") -> None:
@@ -352,9 +384,9 @@ class _Builder:
             self.fix([node], MODEL_INPUT)
         elif node.op == "output":
             self.fix(_node_args(node), MODEL_OUTPUT)
-        elif node.op == "get_attr":
+        elif node.op == "get_attr" and not (node.users and set(node.users) <= self.views.keys()):
             self.unread.append(node)  # fixed in `finish` unless an op reads it per channel
-        if node.op not in ("output", "get_attr") and _channel_shape(node) is not None:
+        if node.op not in ("output", "get_attr") and self.channels(node) is not None:
             self.of(node)  # every channel tensor has a group (a constant's: if not read per
             # channel, in `finish`)
 
@@ -370,6 +402,15 @@ class _Builder:
         elif _channel_shape(node) is not None or any(map(_channel_shape, _node_args(node))):
             self.unsupported(node)
 
+    def same_dim(self, node: Node, inputs: list[Node]) -> bool:
+        """Give `node` the channel dim its channel tensor `inputs` share; False if they differ."""
+        dims = {self.dim(x) for x in inputs if x in self.space or x.op != "get_attr"}
+        if len(dims) > 1:
+            return False
+        if dims and dims != {1}:
+            self.dims[node] = dims.pop()
+        return True
+
     def elementwise(self, node: Node, target=None) -> None:
         out = _channel_shape(node)
         operands = [a for a in _node_args(node) if node_shape(a) is not None]
@@ -377,54 +418,95 @@ class _Builder:
             if any(map(_channel_shape, operands)):
                 self.unsupported(node)
             return
+        full = [a for a in operands if len(node_shape(a)) == len(out) and a not in self.views
+                and (a.op != "get_attr" or a in self.space)]
+        if not self.same_dim(node, full):
+            return self.unsupported(node, "operands with their channels on different dims")
+        c = self.dim(node)
         self.of(node)
         for operand in operands:
             shape = node_shape(operand)
             lead = len(out) - len(shape)  # broadcasting aligns trailing dims
             if lead < 0:
                 return self.unsupported(node, "broadcast to a lower rank")
-            position = 1 - lead  # the operand's dim that lines up with the result's channels
-            if position < 0 or shape[position] != out[1]:
+            position = c - lead  # the operand's dim that lines up with the result's channels
+            if position < 0 or shape[position] != out[c]:
                 continue  # no channel dim, or size 1 broadcast over the channels
             if self.per_channel_constant(node, operand, position):
                 continue
             if lead == 0:
+                if operand not in self.space and position != 1:  # a constant read whole
+                    self.dims[operand] = position
                 self.tie(operand, node)
-            elif out[1] != 1:
+            elif out[c] != 1:
                 return self.unsupported(node, "per-channel operand of a lower rank")
 
     def per_channel_constant(self, node: Node, operand: Node, position: int) -> bool:
         """Whether `operand` is a constant scaling or shifting each channel of `node` (a layer
-        scale `x * gamma`, gamma [C, 1, 1]; a bias `x + b`): read by this op alone, size 1 off
-        its channel dim. It is then a channelwise member, pruned with the channels."""
+        scale `x * gamma`, gamma [C, 1, 1] or, channels last, [C]; `gamma.reshape(1, -1, 1, 1)`;
+        a bias `x + b`): read by this op alone, size 1 off its channel dim. It is then a
+        channelwise member, pruned with the channels."""
         shape, kind = node_shape(operand), _SCALE_OR_SHIFT.get(node_target(self.gm, node))
-        if (operand.op != "get_attr" or kind is None or len(operand.users) != 1
+        if operand in self.views:
+            (constant, dim), sizes = self.views[operand], reshape_sizes(operand)
+            if sizes is None or len(sizes) != len(shape) or sizes[position] != -1:
+                return False  # a view hard-coding the channel count
+        else:
+            constant, dim = operand, position
+        if (constant.op != "get_attr" or kind is None or len(operand.users) != 1
                 or any(n != 1 for d, n in enumerate(shape) if d != position)):
             return False
         self.unread.remove(operand)
-        self.constants.setdefault(node, []).append((str(operand.target), position, kind))
+        self.constants.setdefault(node, []).append((str(constant.target), dim, kind))
         self.role("channelwise", node, node)
         return True
 
     def division(self, node: Node, target) -> None:
-        divisor = _channel_shape(arg(node, 1, "other"))
-        if divisor is not None and divisor[1] > 1:  # padded channels would divide by 0
-            return self.unsupported(node, "division by a tensor")
+        divisor = arg(node, 1, "other")
+        if isinstance(divisor, Node) and (self.channels(divisor) or 1) > 1:
+            return self.unsupported(node, "division by a tensor")  # padded channels: 0 / 0
         self.elementwise(node)
 
     def channelwise(self, node: Node, target=None) -> None:
-        """A module with per-channel parameters that maps channel c to channel c (BN, depthwise
-        conv): ties input and output."""
+        """A module with per-channel parameters that maps channel c to channel c (BN, LayerNorm,
+        depthwise conv): ties input and output."""
         x = node.args[0]
-        if _channel_shape(x) is None or _channel_shape(node) is None:
+        if self.channels(x) is None or _channel_shape(node) is None:
             return self.unsupported(node)
+        if self.dim(x) != 1:
+            self.dims[node] = self.dim(x)
         self.tie(x, node)
         self.role("channelwise", node, node)
         if not called_once(self.gm, node):
             self.fix([node], SHARED_MODULE)
 
+    def channels_first(self, node: Node) -> bool:
+        """Whether `node`'s input holds its channels on dim 1 (what BN and convs read)."""
+        if self.dim(node.args[0]) == 1:
+            return True
+        self.unsupported(node, f"{node_target(self.gm, node).__name__} on a tensor with its "
+                               f"channels on dim {self.dim(node.args[0])}")
+        return False
+
+    def batch_norm(self, node: Node, target=None) -> None:
+        if self.channels_first(node):
+            self.channelwise(node)
+
+    def layer_norm(self, node: Node, target=None) -> None:
+        """A LayerNorm over the channels alone (normalized_shape (C,), the channels last):
+        per-channel weight and bias, statistics over the whole group (`normalized`)."""
+        x = node.args[0]
+        shape = _channel_shape(x)
+        if shape is None or len(self.gm.get_submodule(node.target).normalized_shape) != 1 \
+                or self.dim(x) != len(shape) - 1:
+            return self.unsupported(node, "LayerNorm over more than the channels")
+        self.channelwise(node)
+        self.role("normalized", node, node)
+
     def conv(self, node: Node, target=None) -> None:
         module = self.gm.get_submodule(node.target)
+        if not self.channels_first(node):
+            return
         g = module.groups
         if g > 1 and g == module.in_channels == module.out_channels:
             return self.channelwise(node)
@@ -439,10 +521,14 @@ class _Builder:
             self.fix([x, node], SHARED_MODULE)
 
     def linear(self, node: Node, target=None) -> None:
+        """A Linear reads and writes the last dim: the channels of [N, F], of a channels-last
+        [N, H, W, C] (a 1x1 conv) or of tokens [N, L, C]."""
         x = node.args[0]
         shape = _channel_shape(x)
-        if shape is None or len(shape) != 2 or len(_channel_shape(node) or ()) != 2:
-            return self.unsupported(node, "Linear on a tensor of rank other than 2")
+        if shape is None or self.dim(x) != len(shape) - 1 or _channel_shape(node) is None:
+            return self.unsupported(node, "Linear over a dim that does not hold the channels")
+        if len(shape) > 2:
+            self.dims[node] = len(shape) - 1
         self.role("consumers", node, x)
         self.role("producers", node, node)
         if not called_once(self.gm, node):
@@ -451,13 +537,14 @@ class _Builder:
     def cat(self, node: Node, target=None) -> None:
         tensors = arg(node, 0, "tensors")
         out = _channel_shape(node)
-        if out is None or not all(map(_channel_shape, tensors)):
+        if out is None or not all(map(_channel_shape, tensors)) \
+                or not self.same_dim(node, tensors):
             return self.unsupported(node)
-        if _dim(arg(node, 1, "dim", 0), len(out)) != 1:
+        if normal_dim(arg(node, 1, "dim", 0), len(out)) != self.dim(node):
             for t in tensors:
                 self.tie(t, node)
             return
-        pieces = [t for t in tensors if _channel_shape(t)[1] > 0]
+        pieces = [t for t in tensors if self.channels(t) > 0]
         if len(pieces) == 1:
             self.tie(pieces[0], node)
         else:
@@ -472,11 +559,15 @@ class _Builder:
                 u.target is operator.getitem and isinstance(u.args[1], int) for u in users):
             return self.unsupported(node, "split used as a whole")
         self.done.update(users)
-        if _dim(arg(node, 2, "dim", 0), len(shape)) != 1:
+        c = self.dim(x)
+        for user in users:
+            if c != 1:
+                self.dims[user] = c
+        if normal_dim(arg(node, 2, "dim", 0), len(shape)) != c:
             for user in users:
                 self.tie(x, user)
             return
-        sizes = [m.shape[1] for m in metas]
+        sizes = [m.shape[c] for m in metas]
         if len(sizes) == 1 or 0 in sizes:
             return self.unsupported(node, "split into one or empty pieces")
         pieces = [self.new_space(size) for size in sizes]
@@ -492,58 +583,66 @@ class _Builder:
             if _channel_shape(node) is not None:
                 self.unsupported(node)
             return
-        items = index if isinstance(index, tuple) else (index,)
-        if len(items) < 2:
-            items = (*items, slice(None))
-        plain = all(isinstance(i, int) or isinstance(i, slice) and not any(
-            isinstance(v, Node) for v in (i.start, i.stop, i.step)) for i in items)
-        if not plain or not isinstance(items[0], slice) or not isinstance(items[1], slice) \
-                or items[1].step not in (None, 1) or _channel_shape(node) is None:
+        c = self.dim(x)
+        items = index_items(index, len(shape))
+        if items is None or not isinstance(items[c], slice) or items[c].step not in (None, 1) \
+                or isinstance(items[0], int) or _channel_shape(node) is None:
             return self.unsupported(node, "indexing")
-        start, stop, _ = items[1].indices(shape[1])
+        dim = c - sum(isinstance(i, int) for i in items[:c])  # an int index drops its dim
+        if dim != 1:
+            self.dims[node] = dim
+        start, stop, _ = items[c].indices(shape[c])
         if stop <= start:
             return self.unsupported(node, "empty channel slice")
-        if (start, stop) == (0, shape[1]):
+        if (start, stop) == (0, shape[c]):
             return self.tie(x, node)
         pieces = [self.new_space(start)] if start else []
         pieces.append(self.of(node))
-        pieces += [self.new_space(shape[1] - stop)] if stop < shape[1] else []
+        pieces += [self.new_space(shape[c] - stop)] if stop < shape[c] else []
         self.cuts[node] = self.of(x)
         self.concatenation(x, pieces)
 
     def reshape(self, node: Node, target) -> None:
+        """A reshape that only moves the channel dim (`reshaped_dim`): flatten(x, 1) of
+        [N, C, 1, 1], [N, H, W, C] -> [N, H W, C]; a requested size there must be -1."""
         x = node.args[0] if node.args else node.kwargs["input"]
         before, after = _channel_shape(x), _channel_shape(node)
-        if before is None or after is None or after[:2] != before[:2]:
+        dim = None if before is None or after is None else reshaped_dim(before, after,
+                                                                        self.dim(x))
+        if dim is None:
             return self.opaque(node, MOVES_CHANNELS)
         if target in RESHAPES:
-            shape = reshape_sizes(node) or ()
-            if len(shape) < 2 or shape[1] != -1:
+            sizes = reshape_sizes(node) or ()
+            if len(sizes) <= dim or sizes[dim] != -1:
                 return self.opaque(node, SIZE_READ)
+        if dim != 1:
+            self.dims[node] = dim
         self.tie(x, node)
 
     def transpose(self, node: Node, target) -> None:
+        """A permute or transpose moves the channel dim where it sends it (NCHW <-> NHWC)."""
         x = node.args[0]
         shape = _channel_shape(x)
-        if shape is None:
+        if shape is None or _channel_shape(node) is None:
             return self.unsupported(node)
         dims = node.args[1:]
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = dims[0]
-        dims = [_dim(d, len(shape)) for d in dims]
         if target in ("permute", torch.permute):
-            keeps = dims[:2] == [0, 1]
+            dim = permuted_dim(dims, len(shape), self.dim(x))
         else:
-            keeps = len(dims) == 2 and None not in dims and (dims[0] == dims[1] or min(dims) >= 2)
-        if not keeps or _channel_shape(node) is None:
-            return self.opaque(node, MOVES_CHANNELS)
+            dim = transposed_dim(*dims, len(shape), self.dim(x)) if len(dims) == 2 else None
+        if dim is None:
+            return self.unsupported(node, "malformed permutation")
+        if dim != 1:
+            self.dims[node] = dim
         self.tie(x, node)
 
     def shuffle(self, node: Node, target=None) -> None:
         """y = shuffle(x, g) on C = g m channels: x is g segments of one group Q (lockstep: the
         same kept indices), y interleaves them (channel j g + i is Q's channel j of segment i)."""
-        if node not in self.shuffles:  # a spelling archc.ir.shuffles does not know
-            return self.opaque(node, MOVES_CHANNELS)
+        if node not in self.shuffles or self.dim(node.args[0]) != 1:
+            return self.opaque(node, MOVES_CHANNELS)  # a spelling archc.ir.shuffles misses
         shuffle, reason = self.shuffles[node]
         x, g = shuffle.input, shuffle.groups
         if _channel_shape(x) is None or _channel_shape(node) is None:
@@ -566,9 +665,14 @@ class _Builder:
             return self.unsupported(node) if _channel_shape(node) else None
         dims = arg(node, 1, "dim")
         dims = [dims] if isinstance(dims, int) else list(dims or [])
-        dims = [_dim(d, len(shape)) for d in dims]
-        if not dims or any(d is None or d < 2 for d in dims) or _channel_shape(node) is None:
+        dims = [normal_dim(d, len(shape)) for d in dims]
+        keep = bool(arg(node, 2, "keepdim", False))
+        dim = None if not dims or None in dims or 0 in dims else reduced_dim(dims, keep,
+                                                                             self.dim(x))
+        if dim is None or _channel_shape(node) is None:
             return self.unsupported(node, "reduction over the channels")
+        if dim != 1:
+            self.dims[node] = dim
         self.tie(x, node)
 
     def metadata(self, node: Node, target) -> None:
@@ -581,17 +685,18 @@ class _Builder:
         shape = _channel_shape(x)
         if shape is None:
             return
+        c = self.dim(x)
         dim = arg(node, 1, "dim") if target == "size" else None
         if dim is not None:
-            read = _dim(dim, len(shape)) == 1 and not self.shuffles_only(node, x)
+            read = normal_dim(dim, len(shape)) == c and not self.shuffles_only(node, x)
         else:  # a whole torch.Size: which items does the graph take?
             read = False
             for user in node.users:
                 index = user.args[1] if user.target is operator.getitem else None
                 if isinstance(index, int):
-                    channels = _dim(index, len(shape)) == 1
+                    channels = normal_dim(index, len(shape)) == c
                 elif isinstance(index, slice):
-                    channels = 1 in range(*index.indices(len(shape)))
+                    channels = c in range(*index.indices(len(shape)))
                 else:
                     channels = True  # the shape escapes whole
                 read |= channels and not self.shuffles_only(user, x)
@@ -737,7 +842,8 @@ class _Builder:
         index = {node: number[find(space)] for node, space in self.space.items()}
         cuts = {node: number[find(space)] for node, space in self.cuts.items()}
         constants = {node: tuple(read) for node, read in self.constants.items()}
-        return ChannelGraph(groups, index, cuts, constants)
+        dims = {node: dim for node, dim in self.dims.items() if node in self.space}
+        return ChannelGraph(groups, index, dims, cuts, constants)
 
     def members(self) -> dict[int, dict[str, list[Node]]]:
         """root -> {"tensors" | role: nodes in graph order}."""
@@ -754,6 +860,18 @@ class _Builder:
                 if node not in listed:
                     listed.append(node)
         return members
+
+
+def _constant_view(node: Node) -> tuple[Node, int] | None:
+    """(parameter, the dim of its values) of a reshape of a parameter or buffer whose values lie
+    along one dim (a layer scale gamma [C] viewed as [1, C, 1, 1]); None for anything else."""
+    if node.op not in ("call_function", "call_method") or node.target not in RESHAPES \
+            or not node.args or not isinstance(node.args[0], Node) \
+            or node.args[0].op != "get_attr":
+        return None
+    shape = node_shape(node.args[0])
+    wide = [d for d, n in enumerate(shape or ()) if n != 1]
+    return (node.args[0], wide[0]) if len(wide) == 1 else None
 
 
 def _normalized(parts) -> tuple[tuple[int, int, int, int], ...]:

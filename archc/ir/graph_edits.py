@@ -9,9 +9,11 @@ them on a freshly built graph (on the meta device when loading, then the state_d
 Edits are dicts of plain values (loadable with `torch.load(weights_only=True)`):
 - `{"op": "module", "name": N, "config": C}`: put a new module built from C at N (replacing
   what is there; containers on the way are created). C is `module_config(m)` of a Conv1d/2d/3d,
-  BatchNorm1d/2d/3d or Linear.
-- `{"op": "split", "node": n, "sizes": [..]}`: a split/chunk of dim 1 cuts these sizes now
-  (a chunk becomes a split); a slice `x[:, a:b]` takes `{"node": n, "slice": [a, b]}`.
+  BatchNorm1d/2d/3d, LayerNorm or Linear.
+- `{"op": "split", "node": n, "sizes": [..], "dim": d}`: a split/chunk of dim d (1 if absent)
+  cuts these sizes now (a chunk becomes a split); a slice `x[:, a:b]` takes
+  `{"node": n, "slice": [a, b], "at": i}`, i the place of the channel slice in the index (1 if
+  absent: `x[..., a:b]` has it at 1).
 - `{"op": "chain", "node": n, "modules": [N1, N2, ...]}`: the call of one module becomes the
   calls of N1, N2, ... in sequence (the modules must exist: put them with `module` edits first).
 - `{"op": "delete", "name": N}`: remove a module nothing calls any more.
@@ -38,7 +40,7 @@ _BN_TYPES = {kind.__name__: kind for kind in BN_MODULES}
 
 
 def module_config(module: nn.Module) -> dict[str, Any]:
-    """The constructor arguments of a conv, BN or Linear, as plain values."""
+    """The constructor arguments of a conv, BN, LayerNorm or Linear, as plain values."""
     kind = type(module).__name__
     if kind in _CONV_TYPES and type(module) is _CONV_TYPES[kind]:
         return {"type": kind, "in": module.in_channels, "out": module.out_channels,
@@ -51,6 +53,9 @@ def module_config(module: nn.Module) -> dict[str, Any]:
         return {"type": kind, "features": module.num_features, "eps": module.eps,
                 "momentum": module.momentum, "affine": module.affine,
                 "track": module.track_running_stats}
+    if type(module) is nn.LayerNorm:
+        return {"type": "LayerNorm", "shape": list(module.normalized_shape), "eps": module.eps,
+                "affine": module.elementwise_affine, "bias": module.bias is not None}
     if type(module) is nn.Linear:
         return {"type": "Linear", "in": module.in_features, "out": module.out_features,
                 "bias": module.bias is not None}
@@ -71,6 +76,9 @@ def make_module(config: dict[str, Any]) -> nn.Module:
         return _BN_TYPES[kind](config["features"], eps=config["eps"],
                                momentum=config["momentum"], affine=config["affine"],
                                track_running_stats=config["track"])
+    if kind == "LayerNorm":
+        return nn.LayerNorm(config["shape"], eps=config["eps"],
+                            elementwise_affine=config["affine"], bias=config["bias"])
     if kind == "Linear":
         return nn.Linear(config["in"], config["out"], bias=config["bias"])
     raise ValueError(f"unknown module type {kind!r}")
@@ -128,32 +136,33 @@ def _node(gm: GraphModule, name: str) -> Node:
     raise KeyError(name)
 
 
-def set_split(node: Node, sizes: list[int]) -> None:
-    """Make a split/chunk of dim 1 cut `sizes`."""
+def set_split(node: Node, sizes: list[int], dim: int = 1) -> None:
+    """Make a split/chunk of dim `dim` cut `sizes`."""
     x = node.args[0]
     node.target = torch.split if node.op == "call_function" else "split"
     node.args = (x, list(sizes))
-    node.kwargs = {"dim": 1}
+    node.kwargs = {"dim": dim}
 
 
-def put_split(gm: GraphModule, node: Node, sizes: list[int]) -> None:
+def put_split(gm: GraphModule, node: Node, sizes: list[int], dim: int = 1) -> None:
     """`set_split` and record it."""
-    set_split(node, sizes)
-    record(gm, {"op": "split", "node": node.name, "sizes": list(sizes)})
+    set_split(node, sizes, dim)
+    record(gm, {"op": "split", "node": node.name, "sizes": list(sizes), "dim": dim})
 
 
-def set_slice(node: Node, start: int, stop: int) -> None:
-    """Make a channel slice `x[:, a:b]` take `x[:, start:stop]`."""
+def set_slice(node: Node, start: int, stop: int, at: int = 1) -> None:
+    """Make a channel slice `x[:, a:b]` (its slice item `at` of the index) take start:stop."""
     x, index = node.args
     items = list(index) if isinstance(index, tuple) else [index]
-    items[1] = slice(start, stop)
+    items += [slice(None)] * (at + 1 - len(items))
+    items[at] = slice(start, stop)
     node.args = (x, tuple(items))
 
 
-def put_slice(gm: GraphModule, node: Node, start: int, stop: int) -> None:
+def put_slice(gm: GraphModule, node: Node, start: int, stop: int, at: int = 1) -> None:
     """`set_slice` and record it."""
-    set_slice(node, start, stop)
-    record(gm, {"op": "split", "node": node.name, "slice": [start, stop]})
+    set_slice(node, start, stop, at)
+    record(gm, {"op": "split", "node": node.name, "slice": [start, stop], "at": at})
 
 
 def chain(gm: GraphModule, node: Node, names: list[str]) -> Node:
@@ -184,9 +193,9 @@ def apply_edits(gm: GraphModule, edits: list[dict[str, Any]], device: str = "cpu
             elif op == "split":
                 node = _node(gm, edit["node"])
                 if "slice" in edit:
-                    set_slice(node, *edit["slice"])
+                    set_slice(node, *edit["slice"], edit.get("at", 1))
                 else:
-                    set_split(node, edit["sizes"])
+                    set_split(node, edit["sizes"], edit.get("dim", 1))
             elif op == "chain":
                 chain(gm, _node(gm, edit["node"]), list(edit["modules"]))
             elif op == "delete":

@@ -24,9 +24,13 @@ exactly (a removed channel must be dead, a new channel is exactly 0 wherever it 
   (removing whole groups lowers it; padding and per-group removal keep g);
 - BN: γ, β, μ gathered with s, σ² too; on a new channel μ = 0, σ² = 1, γ = 0, β = 0, so BN maps
   its 0 to exactly 0 (copied statistics would give β - μγ/σ);
+- LayerNorm over the channels: γ and β gathered with s. Its mean and variance run over the
+  channels, so any change of their number changes its output: removal is exact only where the
+  LayerNorm's channels are all kept, and padding through it is refused;
 - a per-channel constant (`graph.constants`: a layer scale `x * gamma`, a shift `x + beta`):
   gathered along its channel dim with s, 0 on new channels;
-- a split, chunk or channel slice of a resized group (`graph.cuts`): an old boundary b moves to
+- a split, chunk or channel slice of a resized group (`graph.cuts`, on whichever dim holds the
+  channels): an old boundary b moves to
   the number of new channels before it, a `NEW` channel counting with the channel before it
   (`cut_bounds`); a chunk becomes a split.
 
@@ -55,6 +59,7 @@ from archc.ir.graph_edits import (
     put_tensor,
 )
 from archc.ir.ops import BN_MODULES, CONV_MODULES
+from archc.ir.shapes import node_shape
 
 NEW = -1  # the source of a new (zero) channel
 Sources = dict[int, Tensor]  # channel group index -> the source of each of its new channels
@@ -214,7 +219,7 @@ def resize_channels(gm: GraphModule, graph: ChannelGraph, sources: Sources) -> N
                 put_tensor(gm, name, gather(attribute(gm, name), sources[graph.index[node]], dim))
     for node, whole in graph.cuts.items():
         if whole in sources:
-            _recut(gm, node, sources[whole], graph.groups[whole].size)
+            _recut(gm, node, sources[whole], graph.groups[whole].size, graph.dim(node.args[0]))
     gm.graph.lint()
     gm.recompile()
 
@@ -244,6 +249,16 @@ def _resize_linear(linear: nn.Linear, in_source: Tensor, out_source: Tensor
     return config, tensors
 
 
+def _resize_layer_norm(norm: nn.LayerNorm, in_source: Tensor, out_source: Tensor
+                       ) -> tuple[dict, dict[str, Tensor]]:
+    if bool((out_source < 0).any()):
+        raise ValueError("a new channel would change the LayerNorm's mean and variance")
+    config = {**module_config(norm), "shape": [len(out_source)]}
+    tensors = {key: gather(getattr(norm, key), out_source) for key in ("weight", "bias")
+               if getattr(norm, key) is not None}
+    return config, tensors
+
+
 def _resize_norm(norm: nn.Module, in_source: Tensor, out_source: Tensor
                  ) -> tuple[dict, dict[str, Tensor]]:
     """New channels: μ = 0, σ² = 1, γ = 0, β = 0, so BN maps their 0 to exactly 0."""
@@ -261,6 +276,7 @@ _LAYERS: dict[type, Callable[[nn.Module, Tensor, Tensor], tuple[dict, dict[str, 
     **dict.fromkeys(CONV_MODULES, _resize_conv),
     nn.Linear: _resize_linear,
     **dict.fromkeys(BN_MODULES, _resize_norm),
+    nn.LayerNorm: _resize_layer_norm,
 }
 
 
@@ -285,14 +301,25 @@ def _replace(gm: GraphModule, name: str, old: nn.Module, config: dict,
     put_module(gm, name, new)
 
 
-def _recut(gm: GraphModule, node: Node, source: Tensor, size: int) -> None:
-    """Give a split, chunk or channel slice of a resized group its new bounds."""
-    if node.target is operator.getitem:  # x[:, a:b]
-        start, stop = node.args[1][1].indices(size)[:2]
-        put_slice(gm, node, *cut_bounds(source, [start, stop]))
+def _recut(gm: GraphModule, node: Node, source: Tensor, size: int, dim: int) -> None:
+    """Give a split, chunk or channel slice (of channel dim `dim`) of a resized group its new
+    bounds."""
+    if node.target is operator.getitem:  # x[:, a:b], x[..., a:b]
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        at = _slice_place(index, len(node_shape(node.args[0])), dim)
+        start, stop = index[at].indices(size)[:2]
+        put_slice(gm, node, *cut_bounds(source, [start, stop]), at)
         return
     bounds = [0]
     for piece in node.meta["tensor_meta"]:
-        bounds.append(bounds[-1] + piece.shape[1])
+        bounds.append(bounds[-1] + piece.shape[dim])
     moved = cut_bounds(source, bounds)
-    put_split(gm, node, [b - a for a, b in zip(moved, moved[1:])])
+    put_split(gm, node, [b - a for a, b in zip(moved, moved[1:])], dim)
+
+
+def _slice_place(index: tuple, rank: int, dim: int) -> int:
+    """The place in `index` of the item that slices dim `dim` (an Ellipsis stands for the dims
+    the other items leave)."""
+    if Ellipsis not in index or index.index(Ellipsis) > dim:
+        return dim
+    return dim - (rank - len(index))

@@ -1,7 +1,7 @@
 """canonicalize (passes/canonical.py): one test per rule (shape queries and guards, constant ops,
-satisfied asserts, functional / aten batch norm, batch-free reshapes, in-place ops), each checked in
-float64 on random weights with randomized BN statistics, idempotent; one negative test per refusal
-reason."""
+satisfied asserts, functional / aten batch norm and layer norm, batch-free reshapes, parameter
+views, in-place ops), each checked in float64 on random weights with randomized BN statistics,
+idempotent; one negative test per refusal reason."""
 
 from __future__ import annotations
 
@@ -214,6 +214,55 @@ def test_batch_free_reshape_accepts_any_batch():
 def test_a_reshape_whose_first_size_is_not_the_batch_is_kept():
     gm, report = _canonicalize(ConvThen(lambda m, y, x: y.view(4, 2, 64)))
     assert not report.fired["batch_free_reshape"]
+
+
+# ---- layer norm written as a function ----
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's and torchvision's NCHW LayerNorm: a LayerNorm subclass permuting around
+    F.layer_norm."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                         self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def test_functional_layer_norm_becomes_a_module():
+    gm, report = _canonicalize(nn.Sequential(nn.Conv2d(3, 4, 1), LayerNorm2d(4, eps=1e-6)))
+    assert report.fired["functional_ln"] == 1 and F.layer_norm not in _targets(gm)
+    norm = next(m for m in gm.modules() if type(m) is nn.LayerNorm)
+    assert norm.normalized_shape == (4,) and norm.eps == 1e-6
+
+
+def test_layer_norm_over_several_dims_is_left_as_it_is():
+    gm, report = _canonicalize(ConvThen(lambda m, y, x: F.layer_norm(y, y.shape[2:])))
+    assert not report.fired["functional_ln"] and F.layer_norm in _targets(gm)
+
+
+def test_computed_layer_norm_weight_is_refused():
+    class Scaled(nn.LayerNorm):
+        def forward(self, x):
+            return F.layer_norm(x, self.normalized_shape, self.weight * 2.0, self.bias)
+
+    gm, report = _canonicalize(nn.Sequential(nn.Linear(8, 4), Scaled(4)), (2, 8))
+    assert not report.fired["functional_ln"] and F.layer_norm in _targets(gm)
+    assert _reasons(report) == [canonical.LN_AFFINE]
+
+
+def test_a_parameter_view_follows_the_parameter():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.gamma = nn.Conv2d(3, 4, 1), nn.Parameter(torch.rand(4))
+
+        def forward(self, x):
+            return self.conv(x) * self.gamma.view(1, 4, 1, 1)
+
+    gm, report = _canonicalize(Scale())
+    assert report.fired["parameter_view"] == 1
+    view = next(n for n in gm.graph.nodes if n.target == "view")
+    assert list(view.args[1:]) == [1, -1, 1, 1]
 
 
 # ---- in-place ops ----

@@ -1,0 +1,148 @@
+"""Pruning networks whose blocks work channels last (tests/wild/channels_last.py: torchvision's and
+timm's ConvNeXt blocks): the channel analysis follows the channels through permutes, LayerNorm
+and layer scales lose the removed entries, dead channels go exactly, `archc prune --macs` reaches
+its target through the pickle and the torch.export route, and the pruned program prunes again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archc.backends.importers import lift_aten_graph
+from archc.cli.main import main
+from archc.compress.pruning import PruneConfig, canonical_graph, prune
+from archc.ir import channels
+from archc.ir.channels import analyze_channels
+from archc.ir.init import random_input, randomize
+from tests.helpers import kill_half
+from tests.wild.channels_last import NETWORKS as CHANNELS_LAST
+from tests.wild.channels_last import Permute
+
+SHAPE = (2, 3, 32, 32)
+
+
+def _model(make):
+    return randomize(make(), 0, calibration_input=random_input((4, *SHAPE[1:]), 1)).eval()
+
+
+def _graph(model: nn.Module, route: str, example: torch.Tensor):
+    if route == "trace":
+        gm = torch.fx.symbolic_trace(model)
+    else:
+        gm = lift_aten_graph(torch.export.export(model, (example,)).module())
+    return canonical_graph(gm, example)
+
+
+def _shapes(gm, kind) -> dict[str, tuple]:
+    return {name: tuple(m.weight.shape) for name, m in gm.named_modules() if type(m) is kind}
+
+
+@pytest.mark.parametrize("name", list(CHANNELS_LAST))
+@pytest.mark.parametrize("route", ["trace", "export"])
+def test_dead_channels_of_channels_last_blocks_pruned_exactly(name, route):
+    """Half of every group without a LayerNorm (the MLP's hidden channels) dead -> removed
+    exactly, in float64; the LayerNorm groups stay whole with keep_normalized."""
+    example = random_input(SHAPE, 0).double()
+    gm = _graph(_model(CHANNELS_LAST[name]).double(), route, example)
+    kill_half(gm, example)
+    result = prune(gm, example, PruneConfig(0.5, keep_normalized=True))
+    assert result.macs[1] < 0.7 * result.macs[0]
+    assert _shapes(result.graph_module, nn.LayerNorm) == _shapes(gm, nn.LayerNorm)
+    assert any("normalized by a LayerNorm" in note and "left whole" in note
+               for note in result.notes)
+    x = random_input(SHAPE, 5).double()
+    torch.testing.assert_close(result.graph_module(x), gm(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(CHANNELS_LAST))
+def test_layer_norms_and_layer_scales_lose_the_removed_channels(name):
+    example = random_input(SHAPE, 0)
+    gm = _graph(_model(CHANNELS_LAST[name]), "trace", example)
+    result = prune(gm, example, PruneConfig(0.5))
+    pruned = result.graph_module
+    before, after = _shapes(gm, nn.LayerNorm), _shapes(pruned, nn.LayerNorm)
+    assert before.keys() == after.keys() and len(before) >= 4
+    assert all(after[n][0] == before[n][0] // 2 for n in before)
+    scales = {n: p.numel() for n, p in gm.named_parameters() if "gamma" in n or "scale" in n}
+    pruned_scales = {n: p.numel() for n, p in pruned.named_parameters() if n in scales}
+    assert scales and all(pruned_scales[n] == scales[n] // 2 for n in scales)
+    assert any("not exact" in note for note in result.notes)
+    assert pruned(random_input(SHAPE, 5)).shape == (2, 10)
+    again = analyze_channels(pruned, (example,))  # the pruned graph reads as the original did
+    assert sorted(g.size for g in again.groups) == sorted(
+        g.size if g.fixed else g.size // 2 for g in analyze_channels(gm).groups)
+
+
+@pytest.mark.slow  # pickles, exports and prunes each network twice (about 8 s)
+@pytest.mark.parametrize("name", list(CHANNELS_LAST))
+def test_channels_last_prunes_to_the_macs_target_by_both_routes_and_again(tmp_path, capsys,
+                                                                           name):
+    model = _model(CHANNELS_LAST[name])
+    pickled, program = tmp_path / "m.pt", tmp_path / "m.pt2"
+    torch.save(model, pickled)
+    torch.export.save(torch.export.export(model, (random_input(SHAPE, 0),)), str(program))
+    outputs = []
+    for source, extra in ((pickled, ["--trust-pickle", "--input-shape", "2,3,32,32"]),
+                          (program, [])):
+        out = tmp_path / f"{source.suffix[1:]}.pt2"
+        assert main(["prune", str(source), *extra, "--macs", "0.5", "-o", str(out),
+                     "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert 0.45 * report["macs"][0] <= report["macs"][1] <= 0.5 * report["macs"][0]
+        outputs.append((out, report))
+    out, report = outputs[1]
+    assert main(["prune", str(out), "--ratio", "0.3", "-o", str(tmp_path / "again.pt2"),
+                 "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["macs"][0] == report["macs"][1] and again["macs"][1] < report["macs"][1]
+
+
+# ---- what the analysis still refuses, one line naming the op ----
+
+class Block(nn.Module):
+    """A conv, then `tail(self, y)`, then a 1x1 conv reading 8 channels."""
+
+    def __init__(self, tail, norm=None):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.norm, self.tail = norm, tail
+
+    def forward(self, x):
+        return self.head(self.tail(self, self.conv(x)))
+
+
+def _conv_group(model: nn.Module):
+    gm = torch.fx.symbolic_trace(model.eval())
+    graph = analyze_channels(gm, (torch.randn(2, 3, 8, 8),))
+    return graph.of(next(n for n in gm.graph.nodes if n.target == "conv"))
+
+
+@pytest.mark.parametrize("tail, norm, message", [
+    (lambda m, y: m.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), nn.LayerNorm([8, 8, 8]),
+     "LayerNorm over more than the channels"),
+    (lambda m, y: m.norm(y), nn.Linear(8, 8), "Linear over a dim that does not hold the channels"),
+    (lambda m, y: m.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), nn.BatchNorm2d(8),
+     "BatchNorm2d on a tensor with its channels on dim 3"),
+    (lambda m, y: y + y.permute(0, 3, 1, 2), None, "operands with their channels on different"),
+    (lambda m, y: y - y.mean(1, keepdim=True), None, "reduction over the channels"),
+])
+def test_ops_the_analysis_cannot_follow_fix_their_channels(tail, norm, message):
+    group = _conv_group(Block(tail, norm))
+    assert group.fixed.startswith(channels.UNSUPPORTED) and message in group.fixed
+    assert "\n" not in group.fixed
+
+
+def test_a_reshape_that_merges_the_moved_channels_is_refused():
+    group = _conv_group(Block(lambda m, y: y.permute(0, 2, 3, 1).flatten(2)
+                              .reshape(2, -1, 8, 8)))
+    assert group.fixed == channels.MOVES_CHANNELS
+
+
+def test_permutes_that_only_move_the_channels_are_followed():
+    group = _conv_group(Block(lambda m, y: F.gelu(m.norm(y)).transpose(1, 3).transpose(2, 3),
+                              Permute([0, 2, 3, 1])))
+    assert not group.fixed
