@@ -15,7 +15,8 @@
                       and torchvision's LayerNorm2d permute around F.layer_norm)
     batch_free_reshape  x.view(N, 2, 58, 8, 8) with N the batch (an exported program's literal)
                                                             -> x.view(-1, 2, 58, 8, 8): the
-                      artifact keeps accepting any batch size
+                      artifact keeps accepting any batch size (x.view(N, 64, 2, -1): the -1
+                      becomes the size it stood for)
     parameter_view    gamma.view(1, 64, 1, 1) of a parameter with 64 values (an exported
                       program's literal)                    -> gamma.view(1, -1, 1, 1): the
                       view follows the parameter's size
@@ -393,7 +394,8 @@ def _literal_sizes(node: Node) -> list | None:
 
 def _batch_reshape(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
     sizes = _literal_sizes(node)
-    if sizes is None or len(sizes) < 2 or -1 in sizes or not isinstance(node.args[0], Node):
+    if sizes is None or len(sizes) < 2 or sizes[0] == -1 or not isinstance(node.args[0], Node) \
+            or -1 in sizes and node_shape(node) is None:
         return None
     shape = node_shape(node.args[0])
     inputs = [node_shape(n) for n in gm.graph.nodes if n.op == "placeholder"]
@@ -405,7 +407,9 @@ def _batch_reshape(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None
 
 def _free_batch(match: Match, plan) -> str:
     node = match.anchor
-    sizes = [-1, *_literal_sizes(node)[1:]]
+    result = node_shape(node)  # a -1 elsewhere takes the size it computed
+    sizes = [result[i] if n == -1 else n for i, n in enumerate(_literal_sizes(node))]
+    sizes = [-1, *sizes[1:]]
     node.args = (node.args[0], sizes) if node.op == "call_function" else (node.args[0], *sizes)
     return f"{node.name}: the batch size of its shape is -1 (any batch)"
 

@@ -135,7 +135,7 @@ def _zero(gm, cg, group, channels) -> None:
                         attribute(gm, name).index_fill_(axis, channels, 0)
                 continue
             module = gm.get_submodule(node.target)
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.weight[channels] = 0
                 module.bias[channels] = 0
             elif module.bias is not None:

@@ -63,6 +63,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
 from archc.ir.channel_dims import (
+    head_split,
     index_items,
     normal_dim,
     permuted_dim,
@@ -100,8 +101,9 @@ SEGMENT_CONFLICT = "concatenated or split with different segment boundaries"
 GROUPED_PARTS = "a grouped conv reads or writes a concatenated or split group"
 SIZE_READ = "the graph reads or hard-codes this channel count (size(1), shape[1], view)"
 UNSUPPORTED = "an op the channel analysis does not model touches these channels"
+HEADS = "attention scores: one per head (heads keep their count; their dims are pruned)"
 _PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHUFFLE_GROUPS, SHUFFLE_SIZES,
-             SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, SIZE_READ, UNSUPPORTED)
+             SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, SIZE_READ, HEADS, UNSUPPORTED)
 
 # Ops that map channel c of every operand to channel c of the result; modules by exact type (a
 # subclass may compute something else).
@@ -137,7 +139,10 @@ _RULES: dict[object, str] = {
     **dict.fromkeys((torch.split, torch.chunk, "split", "chunk"), "split"),
     operator.getitem: "getitem",
     **dict.fromkeys((nn.Flatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
-                     "view", "reshape", "flatten", "squeeze", "unsqueeze"), "reshape"),
+                     "view", "reshape", "flatten", "squeeze", "unsqueeze", "reshape_as",
+                     torch.Tensor.reshape_as), "reshape"),
+    **dict.fromkeys((operator.matmul, torch.matmul, "matmul"), "matmul"),
+    **dict.fromkeys((nn.Softmax, F.softmax, torch.softmax, "softmax"), "softmax"),
     **dict.fromkeys((torch.transpose, torch.permute, "transpose", "permute"), "transpose"),
     **dict.fromkeys((nn.ChannelShuffle, torch.channel_shuffle, torch.native_channel_shuffle,
                      F.channel_shuffle), "shuffle"),
@@ -215,6 +220,8 @@ class ChannelGraph:
     # elementwise node -> the per-channel constants it reads: (parameter/buffer name, its dim
     # along the channels, "scale" or "shift"), e.g. a layer scale `x * gamma`, gamma [C, 1, 1]
     constants: dict[Node, tuple[tuple[str, int, str], ...]] = field(default_factory=dict)
+    # reshape node -> the place in its sizes of a literal channel count (its result's channels)
+    sizes: dict[Node, int] = field(default_factory=dict)
 
     def of(self, node: Node) -> ChannelGroup:
         return self.groups[self.index[node]]
@@ -314,6 +321,7 @@ class _Builder:
         self.cuts: dict[Node, int] = {}  # split/chunk/slice node -> the space it cuts
         self.unread: list[Node] = []  # constants not (yet) read as per-channel constants
         self.constants: dict[Node, list[tuple[str, int, str]]] = {}  # ChannelGraph.constants
+        self.sizes: dict[Node, int] = {}  # ChannelGraph.sizes
         # views of a parameter (`gamma.reshape(1, -1, 1, 1)`): view -> (parameter, its dim)
         self.views: dict[Node, tuple[Node, int]] = {}
         for node in gm.graph.nodes:
@@ -603,20 +611,77 @@ class _Builder:
         self.concatenation(x, pieces)
 
     def reshape(self, node: Node, target) -> None:
-        """A reshape that only moves the channel dim (`reshaped_dim`): flatten(x, 1) of
-        [N, C, 1, 1], [N, H, W, C] -> [N, H W, C]; a requested size there must be -1."""
+        """A reshape that only moves the channel dim (`reshaped_dim`: flatten(x, 1) of
+        [N, C, 1, 1], [N, H, W, C] -> [N, H W, C]), or splits it into heads [.., h, d] (x is h
+        lockstep segments of the result's group: each head keeps the same dims) or merges heads
+        back. A requested size there is -1 or a literal channel count, rewritten when pruned."""
         x = node.args[0] if node.args else node.kwargs["input"]
         before, after = _channel_shape(x), _channel_shape(node)
-        dim = None if before is None or after is None else reshaped_dim(before, after,
-                                                                        self.dim(x))
+        if before is None or after is None:
+            return self.opaque(node, MOVES_CHANNELS)
+        c = self.dim(x)
+        dim, heads = reshaped_dim(before, after, c), None
+        if dim is None and head_split(before, after, c):
+            dim, heads = c + 1, ("split", after[c])
+        elif dim is None and c > 0 and head_split(after, before, c - 1):
+            dim, heads = c - 1, ("merge", before[c - 1])
         if dim is None:
             return self.opaque(node, MOVES_CHANNELS)
-        if target in RESHAPES:
+        if target in ("reshape_as", torch.Tensor.reshape_as):  # another tensor's sizes
+            other = node.args[1]
+            if self.dim(other) != dim or self.channels(other) != after[dim]:
+                return self.opaque(node, MOVES_CHANNELS)
+        elif target in RESHAPES:
             sizes = reshape_sizes(node) or ()
-            if len(sizes) <= dim or sizes[dim] != -1:
-                return self.opaque(node, SIZE_READ)
+            if len(sizes) != len(after) or sizes[dim] != -1 and not (
+                    type(sizes[dim]) is int and sizes[dim] == after[dim]) \
+                    or heads and heads[0] == "split" and sizes[dim - 1] == -1:
+                return self.opaque(node, SIZE_READ)  # computed, or the heads follow it
+            if sizes[dim] != -1:
+                self.sizes[node] = dim
         if dim != 1:
             self.dims[node] = dim
+        if heads is None:
+            self.tie(x, node)
+            if target in ("reshape_as", torch.Tensor.reshape_as):
+                self.tie(node, node.args[1])
+        elif heads[0] == "split":
+            d = after[dim]
+            self.layouts.append((self.of(x), tuple((self.of(node), i * d, 1, d)
+                                                   for i in range(heads[1]))))
+        else:
+            d = before[c]
+            self.layouts.append((self.of(node), tuple((self.of(x), i * d, 1, d)
+                                                      for i in range(heads[1]))))
+
+    def matmul(self, node: Node, target=None) -> None:
+        """Attention's products: `q @ k.T` contracts the channels of q and k (one group, pruned
+        alike; the scores have no channels: their dim 1 is the heads, fixed); `scores @ v` keeps
+        the channels of v."""
+        a, b = node.args[:2]
+        sa, sb, out = _channel_shape(a), _channel_shape(b), _channel_shape(node)
+        rank = len(out or ())
+        if sa is None or sb is None or not len(sa) == len(sb) == rank:
+            return self.unsupported(node, "matmul of these ranks")
+        ca, cb = self.dim(a), self.dim(b)
+        if ca == rank - 1 and cb == rank - 2:
+            self.tie(a, b)
+            self.fix([node], HEADS)
+            return self.role("producers", node, node)
+        if cb == rank - 1 and ca < rank - 2 and b in self.space:
+            self.dims[node] = rank - 1
+            return self.tie(b, node)
+        self.unsupported(node, "matmul that mixes channels")
+
+    def softmax(self, node: Node, target=None) -> None:
+        x = node.args[0]
+        shape = _channel_shape(x)
+        dim = arg(node, 1, "dim") if node.op != "call_module" else \
+            self.gm.get_submodule(node.target).dim
+        if shape is None or normal_dim(dim, len(shape)) in (None, self.dim(x)):
+            return self.unsupported(node, "softmax over the channels")
+        if self.dim(x) != 1:
+            self.dims[node] = self.dim(x)
         self.tie(x, node)
 
     def transpose(self, node: Node, target) -> None:
@@ -843,7 +908,7 @@ class _Builder:
         cuts = {node: number[find(space)] for node, space in self.cuts.items()}
         constants = {node: tuple(read) for node, read in self.constants.items()}
         dims = {node: dim for node, dim in self.dims.items() if node in self.space}
-        return ChannelGraph(groups, index, dims, cuts, constants)
+        return ChannelGraph(groups, index, dims, cuts, constants, dict(self.sizes))
 
     def members(self) -> dict[int, dict[str, list[Node]]]:
         """root -> {"tensors" | role: nodes in graph order}."""

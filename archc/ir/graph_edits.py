@@ -14,6 +14,8 @@ Edits are dicts of plain values (loadable with `torch.load(weights_only=True)`):
   cuts these sizes now (a chunk becomes a split); a slice `x[:, a:b]` takes
   `{"node": n, "slice": [a, b], "at": i}`, i the place of the channel slice in the index (1 if
   absent: `x[..., a:b]` has it at 1).
+- `{"op": "reshape", "node": n, "at": i, "size": s}`: the reshape n requests size s at place i
+  of its sizes (a channel count written as a literal: `reshape(B, N, 64)` after heads).
 - `{"op": "chain", "node": n, "modules": [N1, N2, ...]}`: the call of one module becomes the
   calls of N1, N2, ... in sequence (the modules must exist: put them with `module` edits first).
 - `{"op": "delete", "name": N}`: remove a module nothing calls any more.
@@ -31,7 +33,7 @@ from torch.fx import GraphModule, Node
 
 from archc.errors import CheckpointError
 from archc.ir.graph import attribute
-from archc.ir.ops import BN_MODULES, CONV_MODULES
+from archc.ir.ops import BN_MODULES, CONV_MODULES, reshape_sizes
 
 EDITS_KEY = "archc_edits"
 
@@ -165,6 +167,24 @@ def put_slice(gm: GraphModule, node: Node, start: int, stop: int, at: int = 1) -
     record(gm, {"op": "split", "node": node.name, "slice": [start, stop], "at": at})
 
 
+def set_reshape(node: Node, at: int, size: int) -> None:
+    """Make the reshape `node` (`torch.reshape(x, sizes)`, `x.view(*sizes)`) request `size` at
+    place `at` of its sizes."""
+    sizes = reshape_sizes(node)
+    changed = (*sizes[:at], size, *sizes[at + 1:])
+    if node.op == "call_method":
+        node.args = (node.args[0], *changed)
+    else:
+        node.args, node.kwargs = (node.args[0], changed), {
+            k: v for k, v in node.kwargs.items() if k != "shape"}
+
+
+def put_reshape(gm: GraphModule, node: Node, at: int, size: int) -> None:
+    """`set_reshape` and record it."""
+    set_reshape(node, at, size)
+    record(gm, {"op": "reshape", "node": node.name, "at": at, "size": size})
+
+
 def chain(gm: GraphModule, node: Node, names: list[str]) -> Node:
     """Replace the module call `node` by calls of `names` in sequence; return the last call."""
     current = node.args[0]
@@ -196,6 +216,8 @@ def apply_edits(gm: GraphModule, edits: list[dict[str, Any]], device: str = "cpu
                     set_slice(node, *edit["slice"], edit.get("at", 1))
                 else:
                     set_split(node, edit["sizes"], edit.get("dim", 1))
+            elif op == "reshape":
+                set_reshape(_node(gm, edit["node"]), edit["at"], edit["size"])
             elif op == "chain":
                 chain(gm, _node(gm, edit["node"]), list(edit["modules"]))
             elif op == "delete":

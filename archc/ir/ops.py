@@ -74,6 +74,8 @@ ATEN_TO_TORCH = {
     _ATEN.split.Tensor: torch.split, _ATEN.unsqueeze.default: torch.unsqueeze,
     _ATEN.squeeze.dim: torch.squeeze, _ATEN.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
     _ATEN.avg_pool2d.default: F.avg_pool2d, _ATEN.max_pool2d.default: F.max_pool2d,
+    _ATEN.split_with_sizes.default: torch.split, _ATEN.matmul.default: torch.matmul,
+    _ATEN.softmax.int: torch.softmax, _ATEN.reshape_as.default: torch.Tensor.reshape_as,
 }
 
 

@@ -32,7 +32,9 @@ exactly (a removed channel must be dead, a new channel is exactly 0 wherever it 
 - a split, chunk or channel slice of a resized group (`graph.cuts`, on whichever dim holds the
   channels): an old boundary b moves to
   the number of new channels before it, a `NEW` channel counting with the channel before it
-  (`cut_bounds`); a chunk becomes a split.
+  (`cut_bounds`); a chunk becomes a split;
+- a reshape that writes a resized group's channel count as a literal (`graph.sizes`:
+  `reshape(B, N, 64)` merging attention heads) requests the new count.
 
 Every change is recorded as a graph edit (`archc.ir.graph_edits`: `module`, `tensor`, `split`), so
 an archc checkpoint of the resized graph rebuilds it. Modules are replaced, never written in place.
@@ -54,6 +56,7 @@ from archc.ir.graph_edits import (
     make_module,
     module_config,
     put_module,
+    put_reshape,
     put_slice,
     put_split,
     put_tensor,
@@ -220,6 +223,9 @@ def resize_channels(gm: GraphModule, graph: ChannelGraph, sources: Sources) -> N
     for node, whole in graph.cuts.items():
         if whole in sources:
             _recut(gm, node, sources[whole], graph.groups[whole].size, graph.dim(node.args[0]))
+    for node, at in graph.sizes.items():
+        if graph.index[node] in sources:
+            put_reshape(gm, node, at, len(sources[graph.index[node]]))
     gm.graph.lint()
     gm.recompile()
 

@@ -215,7 +215,7 @@ class Opaque(nn.Module):
         ys = {"moves": c["moves"](x).flatten(2).transpose(1, 2).reshape(n, -1, 8, 8),
               "shuffle": c["shuffle"](x).view(2, 2, 10, 8, 8).transpose(1, 2).reshape(2, 20, 8, 8),
               "size": z / z.size(1),
-              "view": c["view"](x).view(n, 20, -1).view(n, -1, 8, 8),
+              "view": c["view"](x).view(n, n * 10, -1).view(n, -1, 8, 8),
               "softmax": torch.softmax(c["softmax"](x), 1),
               "shared": c["shared"](x) + c["shared"](2 * x)}
         out = sum(self.heads[k](ys[k]) for k in self.KEYS)
@@ -229,7 +229,7 @@ def test_fixing_reasons():
     assert reasons["moves"] == channels.MOVES_CHANNELS
     assert reasons["shuffle"] == channels.SHUFFLE_SIZES  # a shuffle with literal sizes
     assert reasons["size"] == channels.SIZE_READ
-    assert reasons["view"] == channels.SIZE_READ  # view(n, 20, -1) names the channel count
+    assert reasons["view"] == channels.SIZE_READ  # view(n, n * 10, -1) computes the count
     assert reasons["softmax"].startswith(channels.UNSUPPORTED)
     assert "softmax" in reasons["softmax"]
     assert reasons["flat"] == channels.MOVES_CHANNELS  # [N, 20, 8, 8] -> [N, 1280]

@@ -199,7 +199,8 @@ REFUSED = {  # id -> (reason, middle module, the refused group's first producer)
     "shuffle_sizes": (channels.SHUFFLE_SIZES,  # a shuffle spelt with the batch and channels
                       Fn(lambda x: x.view(2, 3, 4, 8, 8).transpose(1, 2).reshape(2, 12, 8, 8)),
                       "a"),
-    "moves_channels": (channels.MOVES_CHANNELS, Fn(lambda x: x.transpose(1, 3).transpose(1, 3)),
+    "moves_channels": (channels.MOVES_CHANNELS,
+                       Fn(lambda x: x.flatten(2).transpose(1, 2).reshape(2, -1, 8, 8)),
                        "a"),
     "size_read": (channels.SIZE_READ, Fn(lambda x: x / x.shape[1]), "a"),
     "unsupported": (channels.UNSUPPORTED, nn.GroupNorm(3, 12), "a"),

@@ -239,6 +239,31 @@ def test_a_source_that_reorders_is_refused():
         resize_channels(gm, cg, {cg.index[a]: _source([1, 0, 2, 3, 4, 5])})
 
 
+def test_padding_through_a_layer_norm_is_refused_and_removal_replays():
+    """A LayerNorm over the channels (channels last, between Linears) keeps its statistics
+    only without new channels; removal gathers its weight and bias and replays from the edits."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    analyzed = []
+    for _ in range(2):
+        gm = torch.fx.symbolic_trace(model)
+        cg = analyze_channels(gm, (torch.randn(2, 4, dtype=torch.double),))
+        hidden = cg.index[next(n for n in gm.graph.nodes if n.target == "0")]
+        analyzed.append((gm, cg, hidden))
+    gm, cg, hidden = analyzed[0]
+    assert cg.groups[hidden].normalized
+    with pytest.raises(ResizeError, match="LayerNorm's mean and variance"):
+        resize_channels(gm, cg, {hidden: _source([0, 1, 2, 3, 4, 5, NEW])})
+    gm, cg, hidden = analyzed[1]
+    resize_channels(gm, cg, {hidden: _source([0, 2, 5])})
+    norm = gm.get_submodule("1")
+    assert norm.normalized_shape == (3,) and torch.equal(norm.weight, model[1].weight[[0, 2, 5]])
+    rebuilt = torch.fx.symbolic_trace(copy.deepcopy(model))
+    apply_edits(rebuilt, edits_of(gm))
+    rebuilt.double().load_state_dict(gm.state_dict())
+    x = torch.randn(2, 4, dtype=torch.double)
+    torch.testing.assert_close(rebuilt(x), gm(x))
+
+
 # ---- random maps: removal and padding at once ----
 
 class Chain(nn.Module):
