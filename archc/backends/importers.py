@@ -5,7 +5,8 @@
 - torch.export program (`.pt2`): the parameterized layers of its aten-level graph are *lifted*
   back to modules: `aten.conv{1,2,3}d(x, W, b, s, p, d, g)` -> `nn.ConvNd`, `aten.linear` ->
   `nn.Linear`; parameters keep their names. Functional aten ops become the torch functions a
-  traced module calls (`ATEN_TO_TORCH`: `aten.add.Tensor` -> `torch.add`, ...). aten BatchNorm
+  traced module calls (`ATEN_TO_TORCH`: `aten.add.Tensor` -> `torch.add`, ...), `aten.slice` the
+  indexing `x[:, a:b]`. aten BatchNorm
   and in-place ops are brought to the same form as a traced module's by `canonicalize`.
 - a whole pickled `nn.Module` (`torch.save(model)`): unpickling runs arbitrary code, so it is read
   only with an explicit `trust_pickle=True` (`--trust-pickle`); then traced with `symbolic_trace`.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import operator
 import os
 import sys
 from dataclasses import dataclass
@@ -237,6 +239,8 @@ def lift_aten_graph(exported: nn.Module) -> GraphModule:
             _lift(node, _conv_module(exported, node), root, graph)
         elif node.op == "call_function" and node.target in ATEN_TO_TORCH:
             node.target = ATEN_TO_TORCH[node.target]
+        elif node.op == "call_function" and node.target == torch.ops.aten.slice.Tensor:
+            _as_indexing(node)
         elif node.op == "call_function" and node.target == torch.ops.aten.linear.default:
             weight, bias = _attr(exported, node.args[1]), _attr(exported, _arg(node, 2))
             module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -250,6 +254,14 @@ def lift_aten_graph(exported: nn.Module) -> GraphModule:
     gm = GraphModule(root, graph)
     gm.graph.lint()
     return gm.eval()
+
+
+def _as_indexing(node: Node) -> None:
+    """`aten.slice(x, d, a, b, s)` -> `x[:, ..., a:b:s]` (the slice on dim d), as traced code
+    writes it."""
+    x, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+    node.target = operator.getitem
+    node.args = (x, (*[slice(None)] * dim, slice(start, end, step)))
 
 
 def _plain_signature(graph) -> None:

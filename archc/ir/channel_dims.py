@@ -16,7 +16,8 @@ when the op does more than move it (merges it with another dim, splits it, reduc
   it.
 
 `head_split` recognizes the one reshape that splits the channel dim itself in a way pruning can
-follow: [.., h d, ..] -> [.., h, d, ..] (attention heads, `archc.ir.channels`).
+follow: [.., h d, ..] -> [.., h, d, ..] (attention heads, `archc.ir.channels`), the dims after it
+free to be reshaped among themselves ([N, h d, H, W] -> [N, h, d, H W], EfficientViT).
 """
 
 from __future__ import annotations
@@ -65,10 +66,12 @@ def reduced_dim(dims: Sequence[int], keepdim: bool, c: int) -> int | None:
 
 def head_split(before: Sequence[int], after: Sequence[int], c: int) -> tuple[int, int] | None:
     """(heads dim, head-size dim) of a reshape that splits channel dim c of C = h d channels into
-    two adjacent dims [h, d] and keeps every other dim (None otherwise)."""
-    if len(after) != len(before) + 1 or c >= len(before):
+    two adjacent dims [h, d], keeps the dims before it and the number of elements after it
+    (None otherwise)."""
+    if len(after) < c + 2 or c >= len(before):
         return None
-    if tuple(after[:c]) != tuple(before[:c]) or tuple(after[c + 2:]) != tuple(before[c + 1:]):
+    if tuple(after[:c]) != tuple(before[:c]) \
+            or math.prod(after[c + 2:]) != math.prod(before[c + 1:]):
         return None
     heads, size = after[c], after[c + 1]
     if heads * size != before[c] or heads < 2 or size < 1:

@@ -102,8 +102,9 @@ GROUPED_PARTS = "a grouped conv reads or writes a concatenated or split group"
 SIZE_READ = "the graph reads or hard-codes this channel count (size(1), shape[1], view)"
 UNSUPPORTED = "an op the channel analysis does not model touches these channels"
 HEADS = "attention scores: one per head (heads keep their count; their dims are pruned)"
+PADDED = "constant channels a pad adds"
 _PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHUFFLE_GROUPS, SHUFFLE_SIZES,
-             SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, SIZE_READ, HEADS, UNSUPPORTED)
+             SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, SIZE_READ, HEADS, PADDED, UNSUPPORTED)
 
 # Ops that map channel c of every operand to channel c of the result; modules by exact type (a
 # subclass may compute something else).
@@ -143,6 +144,7 @@ _RULES: dict[object, str] = {
                      torch.Tensor.reshape_as), "reshape"),
     **dict.fromkeys((operator.matmul, torch.matmul, "matmul"), "matmul"),
     **dict.fromkeys((nn.Softmax, F.softmax, torch.softmax, "softmax"), "softmax"),
+    **dict.fromkeys((F.pad, torch.constant_pad_nd), "pad"),
     **dict.fromkeys((torch.transpose, torch.permute, "transpose", "permute"), "transpose"),
     **dict.fromkeys((nn.ChannelShuffle, torch.channel_shuffle, torch.native_channel_shuffle,
                      F.channel_shuffle), "shuffle"),
@@ -322,6 +324,8 @@ class _Builder:
         self.unread: list[Node] = []  # constants not (yet) read as per-channel constants
         self.constants: dict[Node, list[tuple[str, int, str]]] = {}  # ChannelGraph.constants
         self.sizes: dict[Node, int] = {}  # ChannelGraph.sizes
+        # `k.T @ v`: its rows are k's channels, its channel dim v's -> the space of the rows
+        self.rows: dict[Node, int] = {}
         # views of a parameter (`gamma.reshape(1, -1, 1, 1)`): view -> (parameter, its dim)
         self.views: dict[Node, tuple[Node, int]] = {}
         for node in gm.graph.nodes:
@@ -623,7 +627,7 @@ class _Builder:
         dim, heads = reshaped_dim(before, after, c), None
         if dim is None and head_split(before, after, c):
             dim, heads = c + 1, ("split", after[c])
-        elif dim is None and c > 0 and head_split(after, before, c - 1):
+        elif dim is None and 0 < c < len(after) + 1 and head_split(after, before, c - 1):
             dim, heads = c - 1, ("merge", before[c - 1])
         if dim is None:
             return self.opaque(node, MOVES_CHANNELS)
@@ -634,9 +638,8 @@ class _Builder:
         elif target in RESHAPES:
             sizes = reshape_sizes(node) or ()
             if len(sizes) != len(after) or sizes[dim] != -1 and not (
-                    type(sizes[dim]) is int and sizes[dim] == after[dim]) \
-                    or heads and heads[0] == "split" and sizes[dim - 1] == -1:
-                return self.opaque(node, SIZE_READ)  # computed, or the heads follow it
+                    type(sizes[dim]) is int and sizes[dim] == after[dim]):
+                return self.opaque(node, SIZE_READ)  # a computed channel count
             if sizes[dim] != -1:
                 self.sizes[node] = dim
         if dim != 1:
@@ -657,7 +660,8 @@ class _Builder:
     def matmul(self, node: Node, target=None) -> None:
         """Attention's products: `q @ k.T` contracts the channels of q and k (one group, pruned
         alike; the scores have no channels: their dim 1 is the heads, fixed); `scores @ v` keeps
-        the channels of v."""
+        the channels of v. Linear attention: `k.T @ v` contracts the tokens, its rows are k's
+        channels and its columns v's (`rows`); `q @ kv` contracts q's channels with those rows."""
         a, b = node.args[:2]
         sa, sb, out = _channel_shape(a), _channel_shape(b), _channel_shape(node)
         rank = len(out or ())
@@ -668,10 +672,43 @@ class _Builder:
             self.tie(a, b)
             self.fix([node], HEADS)
             return self.role("producers", node, node)
-        if cb == rank - 1 and ca < rank - 2 and b in self.space:
-            self.dims[node] = rank - 1
-            return self.tie(b, node)
-        self.unsupported(node, "matmul that mixes channels")
+        if cb != rank - 1 or b not in self.space:
+            return self.unsupported(node, "matmul that mixes channels")
+        if ca == rank - 2 and a in self.space:  # k.T @ v
+            self.rows[node] = self.of(a)
+        elif ca == rank - 1 and b in self.rows:  # q @ (k.T @ v)
+            self.tie(a, self.rows[b])
+        elif ca >= rank - 2:
+            return self.unsupported(node, "matmul that mixes channels")
+        self.dims[node] = rank - 1
+        self.tie(b, node)
+
+    def pad(self, node: Node, target=None) -> None:
+        """Constant padding: of other dims, a tie; of the channel dim (EfficientViT pads v with a
+        ones channel), the result is the input between fixed constant pieces."""
+        x = node.args[0]
+        shape, out = _channel_shape(x), _channel_shape(node)
+        pads = arg(node, 1, "pad")
+        mode = arg(node, 2, "mode", "constant") if target is F.pad else "constant"
+        if shape is None or out is None or mode != "constant" or not isinstance(
+                pads, (tuple, list)) or not all(isinstance(p, int) for p in pads):
+            return self.unsupported(node, "pad")
+        c = self.dim(x)
+        place = 2 * (len(shape) - 1 - c)  # pads run from the last dim backwards
+        low, high = (tuple(pads[place:place + 2]) + (0, 0))[:2]
+        if c != 1:
+            self.dims[node] = c
+        if (low, high) == (0, 0):
+            return self.tie(x, node)
+        if min(low, high) < 0:
+            return self.unsupported(node, "pad that crops the channels")
+        pieces = []
+        for size in (low, high):
+            if size:
+                pieces.append(self.new_space(size))
+                self.reasons.append((pieces[-1], PADDED))
+        pieces.insert(1 if low else 0, self.of(x))
+        self.concatenation(node, pieces)
 
     def softmax(self, node: Node, target=None) -> None:
         x = node.args[0]

@@ -76,6 +76,7 @@ ATEN_TO_TORCH = {
     _ATEN.avg_pool2d.default: F.avg_pool2d, _ATEN.max_pool2d.default: F.max_pool2d,
     _ATEN.split_with_sizes.default: torch.split, _ATEN.matmul.default: torch.matmul,
     _ATEN.softmax.int: torch.softmax, _ATEN.reshape_as.default: torch.Tensor.reshape_as,
+    _ATEN.constant_pad_nd.default: torch.constant_pad_nd, _ATEN.pad.default: F.pad,
 }
 
 

@@ -1,7 +1,9 @@
 """Pruning networks whose blocks work channels last (tests/wild/channels_last.py: torchvision's and
-timm's ConvNeXt blocks): the channel analysis follows the channels through permutes, LayerNorm
-and layer scales lose the removed entries, dead channels go exactly, `archc prune --macs` reaches
-its target through the pickle and the torch.export route, and the pruned program prunes again."""
+timm's ConvNeXt blocks) or split their channels into attention heads (tests/wild/attention.py:
+timm's LeViT): the channel analysis follows the channels through permutes and head reshapes,
+LayerNorm and layer scales lose the removed entries, q, k and v lose the same dims in every head,
+dead channels and head dims go exactly, `archc prune --macs` reaches its target through the
+pickle and the torch.export route, and the pruned program prunes again."""
 
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ from archc.ir import channels
 from archc.ir.channels import analyze_channels
 from archc.ir.init import random_input, randomize
 from tests.helpers import kill_half
+from tests.wild.attention import NETWORKS as ATTENTION
 from tests.wild.channels_last import NETWORKS as CHANNELS_LAST
 from tests.wild.channels_last import Permute
 
 SHAPE = (2, 3, 32, 32)
+NETWORKS = {**CHANNELS_LAST, **ATTENTION}
 
 
 def _model(make):
@@ -41,19 +45,21 @@ def _shapes(gm, kind) -> dict[str, tuple]:
     return {name: tuple(m.weight.shape) for name, m in gm.named_modules() if type(m) is kind}
 
 
-@pytest.mark.parametrize("name", list(CHANNELS_LAST))
+@pytest.mark.parametrize("name", list(NETWORKS))
 @pytest.mark.parametrize("route", ["trace", "export"])
-def test_dead_channels_of_channels_last_blocks_pruned_exactly(name, route):
-    """Half of every group without a LayerNorm (the MLP's hidden channels) dead -> removed
-    exactly, in float64; the LayerNorm groups stay whole with keep_normalized."""
+def test_dead_channels_and_head_dims_pruned_exactly(name, route):
+    """Half of every group without a LayerNorm dead (the MLPs' hidden channels; in LeViT also the
+    residual stream and half the dims of q, k and v in every head) -> removed exactly, in
+    float64; the LayerNorm groups stay whole with keep_normalized."""
     example = random_input(SHAPE, 0).double()
-    gm = _graph(_model(CHANNELS_LAST[name]).double(), route, example)
+    gm = _graph(_model(NETWORKS[name]).double(), route, example)
     kill_half(gm, example)
     result = prune(gm, example, PruneConfig(0.5, keep_normalized=True))
     assert result.macs[1] < 0.7 * result.macs[0]
     assert _shapes(result.graph_module, nn.LayerNorm) == _shapes(gm, nn.LayerNorm)
-    assert any("normalized by a LayerNorm" in note and "left whole" in note
-               for note in result.notes)
+    if name in CHANNELS_LAST:
+        assert any("normalized by a LayerNorm" in note and "left whole" in note
+                   for note in result.notes)
     x = random_input(SHAPE, 5).double()
     torch.testing.assert_close(result.graph_module(x), gm(x), rtol=1e-12, atol=1e-12)
 
@@ -77,11 +83,22 @@ def test_layer_norms_and_layer_scales_lose_the_removed_channels(name):
         g.size if g.fixed else g.size // 2 for g in analyze_channels(gm).groups)
 
 
-@pytest.mark.slow  # pickles, exports and prunes each network twice (about 8 s)
-@pytest.mark.parametrize("name", list(CHANNELS_LAST))
-def test_channels_last_prunes_to_the_macs_target_by_both_routes_and_again(tmp_path, capsys,
-                                                                           name):
-    model = _model(CHANNELS_LAST[name])
+def test_levit_attention_loses_the_same_dims_in_every_head():
+    example = random_input(SHAPE, 0)
+    gm = _graph(_model(ATTENTION["levit"]), "trace", example)
+    pruned = prune(gm, example, PruneConfig(0.5)).graph_module
+    for block in ("stages.0.attn", "stages.1.attn"):
+        qkv, proj = (pruned.get_submodule(f"{block}.{n}.linear") for n in ("qkv", "proj.1"))
+        assert qkv.out_features == 2 * (4 + 4 + 8) and proj.in_features == 2 * 8
+    views = [n for n in pruned.graph.nodes if n.target == "reshape" and len(n.args) > 3]
+    assert views and all(n.args[-1] == 16 for n in views)  # reshape(B, N, heads * val_dim)
+    assert pruned(random_input(SHAPE, 5)).shape == (2, 10)
+
+
+@pytest.mark.slow  # pickles, exports and prunes each network twice (about 10 s)
+@pytest.mark.parametrize("name", ["torchvision_convnext", "timm_convnext", *ATTENTION])
+def test_prunes_to_the_macs_target_by_both_routes_and_again(tmp_path, capsys, name):
+    model = _model(NETWORKS[name])
     pickled, program = tmp_path / "m.pt", tmp_path / "m.pt2"
     torch.save(model, pickled)
     torch.export.save(torch.export.export(model, (random_input(SHAPE, 0),)), str(program))
@@ -122,6 +139,8 @@ def _conv_group(model: nn.Module):
 
 
 @pytest.mark.parametrize("tail, norm, message", [
+    (lambda m, y: y @ y, None, "matmul that mixes channels"),
+    (lambda m, y: y.softmax(1), None, "softmax over the channels"),
     (lambda m, y: m.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), nn.LayerNorm([8, 8, 8]),
      "LayerNorm over more than the channels"),
     (lambda m, y: m.norm(y), nn.Linear(8, 8), "Linear over a dim that does not hold the channels"),
@@ -136,10 +155,16 @@ def test_ops_the_analysis_cannot_follow_fix_their_channels(tail, norm, message):
     assert "\n" not in group.fixed
 
 
-def test_a_reshape_that_merges_the_moved_channels_is_refused():
-    group = _conv_group(Block(lambda m, y: y.permute(0, 2, 3, 1).flatten(2)
-                              .reshape(2, -1, 8, 8)))
+def test_a_reshape_that_merges_the_channels_with_other_dims_is_refused():
+    """[N, C, H, W] -> [N, C H W]: the channels are the outer dim, not heads of the inner."""
+    group = _conv_group(Block(lambda m, y: y.flatten(1).view(2, -1, 8, 8)))
     assert group.fixed == channels.MOVES_CHANNELS
+
+
+def test_a_head_split_with_a_computed_head_size_is_refused():
+    group = _conv_group(Block(lambda m, y: y.view(2, 2, y.size(0) * 2, 8, 8).relu()
+                              .reshape(2, 8, 8, 8)))
+    assert group.fixed == channels.SIZE_READ
 
 
 def test_permutes_that_only_move_the_channels_are_followed():
