@@ -1,18 +1,32 @@
 """Channel-dependency analysis: which channel dimensions of an FX graph must change together.
 
-Every tensor of rank >= 2 has a *channel space*, its dim 1 (the C of [N, C, H, W], the features F
-of [N, F]). The analysis partitions the spaces into `ChannelGroup`s: sets of dimensions that must
-keep one size and one channel order, so that pruning or padding edits a whole group at once.
+Every tensor of rank >= 2 has a *channel space* on one dim: dim 1 (the C of [N, C, H, W], the
+features F of [N, F]) unless an op moved it (`archc.ir.channel_dims`: a permute to NHWC puts it
+last, `flatten(2).transpose(1, 2)` makes tokens [N, L, C]); `ChannelGraph.dims` records where. The
+analysis partitions the spaces into `ChannelGroup`s: sets of dimensions that must keep one size
+and one channel order, so that pruning or padding edits a whole group at once.
 
 - Ties (one group): an elementwise op ties its result to every operand with the same channel
   count, `y = relu(x)`, `y = a + b` (a residual add ties both branches), `y = x * g` with the SE
   gate `g` of shape [N, C, 1, 1]; an operand of size 1 on dim 1 broadcasts and is not tied. So do
-  BN, pooling, dropout, casts, reshapes that keep dims 0 and 1 (`flatten(x, 1)` of an
-  [N, C, 1, 1] tensor, which ties conv channels to a Linear's in-features), reductions over dims
-  >= 2, and a depthwise conv (groups = C_in = C_out: channel c only reads channel c).
-- Producers and consumers: a conv or Linear *produces* its output's group (rows `W[o]`, `b[o]`)
-  and *consumes* its input's group (columns `W[:, i]`); the two groups are independent. BN and
-  depthwise convs are `channelwise` members (per-channel parameters in the group's order).
+  BN, pooling, dropout, casts, permutes, reshapes that keep the channel dim whole
+  (`flatten(x, 1)` of an [N, C, 1, 1] tensor, which ties conv channels to a Linear's
+  in-features), reductions and softmax over other dims, and a depthwise conv (groups = C_in =
+  C_out: channel c only reads channel c). Operands of one rank must hold their channels on the
+  same dim.
+- Producers and consumers: a conv (channels on dim 1) or Linear (channels last: [N, F],
+  channels-last [N, H, W, C], tokens [N, L, C]) *produces* its output's group (rows `W[o]`,
+  `b[o]`) and *consumes* its input's group (columns `W[:, i]`); the two groups are independent.
+  BN, depthwise convs, a LayerNorm over the channels alone and layer scales are `channelwise`
+  members (per-channel parameters in the group's order); a LayerNorm's statistics also span the
+  group (`normalized`: no removal there is exact).
+- Attention: a reshape splitting the channels into heads, [.., h d, ..] -> [.., h, d, ..], makes
+  its input h lockstep segments of its result's group (every head keeps the same dims, as a
+  shuffle's input below); merging heads back is the reverse. `q @ k.T` ties q's and k's channels
+  (they are contracted) and writes scores without channels (`HEADS`); `scores @ v` keeps v's;
+  in linear attention `k.T @ v` keeps v's with k's as its rows and `q @ kv` ties q to them. A
+  constant pad of the channel dim adds fixed pieces (`PADDED`). Literal channel counts in
+  reshapes are recorded (`ChannelGraph.sizes`) and rewritten by a resize.
 - Composites: `cat(dim=1)` makes its result's group the concatenation of its inputs' groups
   (`parts`); a split, chunk or slice on dim 1 makes its input's group the concatenation of the
   pieces. Two layouts of one group with the same parts identify their pieces (`cat([a, b])` split
@@ -29,19 +43,20 @@ keep one size and one channel order, so that pruning or padding edits a whole gr
   stay divisible by `divisor = lcm(groups)` with every segment changed alike.
 - Fixed: a group whose size cannot change carries the reason in `fixed`: model inputs and outputs,
   an op the analysis does not model (the conservative default: anything unknown fixes every
-  channel space it touches), a graph that reads or hard-codes the channel count (`x.size(1)`,
-  `view(n, 64)`; the size reads inside a shuffle's spelling are part of it), a reshape or permute
-  that moves dim 1 and is not a shuffle, a shuffle whose group count is computed in the graph or
-  whose reshape hard-codes a channel-dependent size, a module called twice, conflicting layouts, a
-  grouped conv on a composite (ShuffleNetV1's grouped 1x1 convs around its shuffle). A fixed
-  composite fixes its parts; a fixed part leaves its composite free.
+  channel space it touches), a graph that reads or computes the channel count (`x.size(1)`,
+  `view(n, 2 * n)`; the size reads inside a shuffle's spelling are part of it), a reshape that
+  merges or splits the channel dim other than into heads and is not a shuffle, a shuffle whose
+  group count is computed in the graph or whose reshape hard-codes a channel-dependent size, a
+  module called twice, conflicting layouts, a grouped conv on a composite (ShuffleNetV1's
+  grouped 1x1 convs around its shuffle). A fixed composite fixes its parts; a fixed part leaves
+  its composite free.
 
 Usage::
 
     graph = analyze_channels(gm, (torch.randn(1, 3, 64, 64),))
     for group in graph.groups:
         print(group)  # g3 24 ch, grouped 3; producers s1.b1.f.a.conv; consumers s1.b1.f.b.conv
-    graph.of(node)  # the group of a tensor node's dim 1
+    graph.of(node)  # the group of a tensor node's channel dim (graph.dim(node))
 
 `analyze_channels` reads the shapes recorded by `archc.ir.shapes` (propagating them first when
 given example inputs).

@@ -86,12 +86,26 @@ def test_layer_norms_and_layer_scales_lose_the_removed_channels(name):
 def test_levit_attention_loses_the_same_dims_in_every_head():
     example = random_input(SHAPE, 0)
     gm = _graph(_model(ATTENTION["levit"]), "trace", example)
+    scores = [g for g in analyze_channels(gm).groups if g.fixed == channels.HEADS]
+    assert len(scores) == 2 and all(g.size == 2 for g in scores)  # one per head, 2 heads
     pruned = prune(gm, example, PruneConfig(0.5)).graph_module
     for block in ("stages.0.attn", "stages.1.attn"):
         qkv, proj = (pruned.get_submodule(f"{block}.{n}.linear") for n in ("qkv", "proj.1"))
         assert qkv.out_features == 2 * (4 + 4 + 8) and proj.in_features == 2 * 8
     views = [n for n in pruned.graph.nodes if n.target == "reshape" and len(n.args) > 3]
     assert views and all(n.args[-1] == 16 for n in views)  # reshape(B, N, heads * val_dim)
+    assert pruned(random_input(SHAPE, 5)).shape == (2, 10)
+
+
+def test_efficientvit_linear_attention_loses_the_same_dims_in_every_head():
+    example = random_input(SHAPE, 0)
+    gm = _graph(_model(ATTENTION["efficientvit"]), "trace", example)
+    padded = [g for g in analyze_channels(gm).groups if g.fixed == channels.PADDED]
+    assert [g.size for g in padded] == [1]  # v's ones channel
+    pruned = prune(gm, example, PruneConfig(0.5)).graph_module
+    attention = "stages.1.context_module.main"
+    qkv, proj = (pruned.get_submodule(f"{attention}.{n}.conv") for n in ("qkv", "proj"))
+    assert qkv.out_channels == 4 * 3 * 2 and proj.in_channels == 4 * 2  # 4 heads of 2 dims
     assert pruned(random_input(SHAPE, 5)).shape == (2, 10)
 
 
@@ -141,6 +155,8 @@ def _conv_group(model: nn.Module):
 @pytest.mark.parametrize("tail, norm, message", [
     (lambda m, y: y @ y, None, "matmul that mixes channels"),
     (lambda m, y: y.softmax(1), None, "softmax over the channels"),
+    (lambda m, y: F.pad(y, (0, 0, 0, 0, -1, 1)), None, "pad that crops the channels"),
+    (lambda m, y: F.pad(y, (1, 1, 1, 1), mode="reflect")[..., 1:-1, 1:-1], None, "pad"),
     (lambda m, y: m.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), nn.LayerNorm([8, 8, 8]),
      "LayerNorm over more than the channels"),
     (lambda m, y: m.norm(y), nn.Linear(8, 8), "Linear over a dim that does not hold the channels"),

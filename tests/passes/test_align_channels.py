@@ -181,6 +181,17 @@ class Shared(nn.Module):
         return self.conv(F.relu(self.conv(x)))
 
 
+class ChannelsLastNorm(nn.Module):
+    """ConvNeXt's LayerNorm over the channels, between permutes."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(12)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class ConcatSplit(nn.Module):
     def __init__(self, sizes, groups=1):
         super().__init__()
@@ -204,6 +215,7 @@ REFUSED = {  # id -> (reason, middle module, the refused group's first producer)
                        "a"),
     "size_read": (channels.SIZE_READ, Fn(lambda x: x / x.shape[1]), "a"),
     "unsupported": (channels.UNSUPPORTED, nn.GroupNorm(3, 12), "a"),
+    "normalized": (layout.NORMALIZED, ChannelsLastNorm(), "a"),
     "shared_module": (channels.SHARED_MODULE, Shared(), "a"),
     "segment_conflict": (channels.SEGMENT_CONFLICT, ConcatSplit([6, 18]), "middle.p"),
     "grouped_parts": (channels.GROUPED_PARTS, ConcatSplit([12, 12], groups=2), "middle.p"),
