@@ -264,6 +264,34 @@ def test_padding_through_a_layer_norm_is_refused_and_removal_replays():
     torch.testing.assert_close(rebuilt(x), gm(x))
 
 
+class LiteralView(nn.Module):
+    """A channel count written as a literal in a reshape (an exported program's view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x).view(2, 8, 36).view(2, 8, 6, 6))
+
+
+def test_a_literal_channel_count_follows_the_resize_and_replays():
+    model = LiteralView().double()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.double)
+    cg = analyze_channels(gm, (x,))
+    a = next(n for n in gm.graph.nodes if n.target == "a")
+    assert len(cg.sizes) == 2 and not cg.of(a).fixed
+    resize_channels(gm, cg, {cg.index[a]: _source([0, 2, 4, 6])})
+    assert [n.args[2] for n in gm.graph.nodes if n.target == "view"] == [4, 4]
+    edits = [e for e in edits_of(gm) if e["op"] == "reshape"]
+    assert [(e["at"], e["size"]) for e in edits] == [(1, 4), (1, 4)]
+    rebuilt = torch.fx.symbolic_trace(LiteralView())
+    apply_edits(rebuilt, edits_of(gm))
+    rebuilt.double().load_state_dict(gm.state_dict())
+    torch.testing.assert_close(rebuilt(x), gm(x))
+
+
 # ---- random maps: removal and padding at once ----
 
 class Chain(nn.Module):
