@@ -209,7 +209,9 @@ def _qat(args: argparse.Namespace) -> int:
     spec_dict, model = load_checkpoint(args.checkpoint)
     spec = spec_from_mapping(spec_dict, str(args.checkpoint))
     data = load_data(args.data, spec.input.channels, spec.input.size)
-    check_classes(spec.num_classes, data)
+    mismatch = check_classes(spec.num_classes, data)
+    if mismatch is not None:
+        out.warning(mismatch)
     example = random_input(input_shape(spec, batch=2), 0)
     out.progress(f"{spec.name}: fusing to the deploy form")
     deploy = run_pipeline(model, resolve_pipeline("default"),
@@ -219,8 +221,8 @@ def _qat(args: argparse.Namespace) -> int:
                          weight_decay=args.weight_decay, seed=args.seed,
                          threads=args.train_threads, device=device, precision=args.precision)
     plugin = FakeQuant()
-    result = Trainer(config, [plugin], progress=out.show_progress,
-                     label=f"{spec.name} qat").fit(deploy, data)
+    result = Trainer(config, [plugin], progress=out.show_progress, label=f"{spec.name} qat",
+                     warn=out.warning).fit(deploy, data)
     fake = [100.0 - error for error in result.errors]
     out.say(f"{spec.name}: deploy form fp32 {before:.2f}%; fake-quantized fine-tuning of "
             f"{counted(plugin.wrapped, 'layer')}, validation top-1 per epoch: "

@@ -312,11 +312,11 @@ def _sweep(args: argparse.Namespace) -> int:
     samples = _sweep_samples(args)
     trainer = args.trainer or BUILTIN_TRAINER
     resolve_trainer(trainer)
+    out = Output(args)
     if args.trainer is None:
-        _check_data(args.data, samples[0]["spec"])
+        _check_data(args, samples[0]["spec"], out)
     setup = {"data": args.data, "epochs": args.epochs, "seed": args.seed, "trainer": trainer,
              "options": _training_options(args)}
-    out = Output(args)
     summary = run_sweep(samples, args.output, setup, workers=args.workers,
                         ray_address=args.ray, quiet=out.quiet, progress=out.show_progress)
     held = summary["already"] + summary["trained"]
@@ -377,8 +377,8 @@ def _fit(args: argparse.Namespace) -> int:
     for line in _change_lines(changes):
         out.note(f"  {line}")
     if changes["large"]:
-        out.note(f"warning: the fitted RegNet is a different network: "
-                 f"{'; '.join(changes['large'])}")
+        out.warning(f"the fitted RegNet is a different network: "
+                    f"{'; '.join(changes['large'])}")
     fitted_dict = fitted_spec.to_dict()
     if args.output is not None or not out.json:
         write_spec(fitted_dict, args.output, out)
@@ -458,14 +458,37 @@ def _fit_records(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_data(data: str, spec_dict: dict) -> None:
-    """Fail before any training if the data cannot feed the built-in trainer."""
+def _check_data(args: argparse.Namespace, spec_dict: dict, out: Output) -> None:
+    """Fail before any training if the data cannot feed the built-in trainer; warn about what
+    is legal but probably a mistake (docs/design-spaces.md, "Warnings")."""
     from archc.frontend.loading import spec_from_mapping
     from archc.train.data import open_data
-    from archc.train.loop import check_classes
+    from archc.train.loop import check_classes, ema_warning
 
     spec = spec_from_mapping(spec_dict, "sample")
-    check_classes(spec.num_classes, open_data(data, spec.input.channels, spec.input.size))
+    data = open_data(args.data, spec.input.channels, spec.input.size)
+    for warning in (check_classes(spec.num_classes, data),
+                    _upscaling_warning(data, spec.input.size, "the models read",
+                                       "for a small version of a space add --set "
+                                       "base.input.size=32 with a flops window for 32 pixels "
+                                       "(docs/design-spaces.md, 'The shipped spaces')"),
+                    None if args.ema is None else ema_warning(
+                        args.ema, args.epochs * -(-data.train_size // args.batch_size))):
+        if warning is not None:
+            out.warning(warning)
+
+
+def _upscaling_warning(data, size: int, reader: str, advice: str) -> str | None:
+    """A warning when `data`'s stored images are much smaller than the model's input."""
+    from archc.train.data import upscaling
+
+    factor = upscaling(data, size)
+    if factor is None:
+        return None
+    height, width = data.stored_size
+    return (f"{reader} {size}x{size} images but {data.name}'s are {height}x{width}: each is "
+            f"upscaled {factor:.0f}x, so training pays the flops of {size}x{size} inputs for "
+            f"{height}x{width} content; {advice}")
 
 
 def _load_trainable(path: Path):
@@ -481,6 +504,20 @@ def _load_trainable(path: Path):
 
 
 def _train(args: argparse.Namespace) -> int:
+    """`archc train`; under torchrun, one of the processes training the model together
+    (archc.train.distributed): rank 0 alone prints and writes."""
+    from archc.train.distributed import device_for, from_environment, process_group
+
+    ranks = from_environment()
+    device = arguments.resolved_device(args)
+    if ranks is None:
+        return _train_on(args, device, None)
+    placed = device_for(ranks, args.device)
+    with process_group(ranks, placed):
+        return _train_on(args, str(placed), ranks)
+
+
+def _train_on(args: argparse.Namespace, device: str, ranks) -> int:
     spec_dict, model = _load_trainable(args.model)
     from archc.backends.checkpoint import save_checkpoint
     from archc.common.fileio import atomic_output
@@ -491,8 +528,8 @@ def _train(args: argparse.Namespace) -> int:
     from archc.train.loop import TrainConfig, Trainer, check_classes
     from archc.train.state import load_run_state
 
-    out = Output(args)
-    device = arguments.resolved_device(args)
+    main = ranks is None or ranks.main
+    out = Output(args if main else argparse.Namespace(quiet=True))
     spec = spec_from_mapping(spec_dict, str(args.model))
     plugins, overrides, compression = cli_compress.train_plugins(args, spec)
     config = TrainConfig(epochs=args.epochs, seed=args.seed,
@@ -503,15 +540,24 @@ def _train(args: argparse.Namespace) -> int:
     resume = None if args.resume is None else load_run_state(args.resume, identity)
     data = open_data(args.data, spec.input.channels, spec.input.size, args.augment, args.workers,
                      pin_memory=_pins_memory(device))
-    check_classes(spec.num_classes, data)
-    out.note(data.describe())
+    for warning in (check_classes(spec.num_classes, data),
+                    _upscaling_warning(data, spec.input.size, "the model reads",
+                                       "for digits, the specs "
+                                       "bench/compression/digits_*.yaml read 8x8")):
+        if warning is not None:
+            out.warning(warning)
+    out.note(data.describe() + ("" if ranks is None else
+                                f"; {ranks.size} processes share every batch of "
+                                f"{args.batch_size}"))
     if model is None:
         model = build(spec, seed=args.seed)
     state_path = args.output.with_suffix(".state.pt") if args.save_every else None
     trainer = Trainer(config, plugins, progress=out.show_progress, label=spec.name,
                       save_every=args.save_every or 0, state_path=state_path, identity=identity,
-                      metrics_jsonl=args.metrics_jsonl)
+                      metrics_jsonl=args.metrics_jsonl, ranks=ranks, warn=out.warning)
     result = trainer.fit(model, data, resume=resume)
+    if not main:
+        return 0  # rank 0 writes the checkpoint and the metrics
     for epoch in result.history:
         out.note(f"epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}, validation "
                  f"error {epoch['val_error']:.2f}%" + (f" (EMA {epoch['ema_val_error']:.2f}%)"
