@@ -122,3 +122,22 @@ def test_two_gloo_processes_give_one_process_loss_curve(tmp_path, capsys, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == [  # written once, by rank 0
         "cut.state.pt", "one.jsonl", "one.pt", "tiny.json", "two.jsonl", "two.pt",
         "two.state.pt"]
+
+
+@pytest.mark.parametrize("kind", ["arrays", "folder"])
+def test_each_data_kind_hands_out_the_pieces(tmp_path, kind):
+    """Digits in memory and a streamed folder (2 loader workers): the processes' pieces of every
+    training batch, and their validation shares, are one process's batches, with augmentation."""
+    from archc.train.data import open_data
+    from tests.train.test_streaming import make_folder
+
+    if kind == "arrays":
+        data = open_data("digits", 1, 8)
+    else:
+        data = open_data(str(make_folder(tmp_path / "images", per_class=9)), 3, 8, "basic", 2)
+    for whole, *pieces in zip(data.train_batches(7, 3, 2), data.train_batches(7, 3, 2, 0, 2),
+                              data.train_batches(7, 3, 2, 1, 2)):
+        for index in (0, 1):  # inputs, targets
+            assert torch.equal(torch.cat([p[index] for p in pieces]), whole[index])
+    val = [torch.cat([b[1] for b in data.val_batches(5, rank, 3)]) for rank in range(3)]
+    assert torch.equal(torch.cat(val), torch.cat([b[1] for b in data.val_batches(5)]))
