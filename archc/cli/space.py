@@ -144,6 +144,13 @@ def add_commands(commands) -> None:
     where.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                        help="run on Ray (pip install 'archc[ray]'): a cluster ADDRESS, or a "
                        "local Ray without one")
+    sweep.add_argument("--cpus-per-model", type=arguments.positive_float, default=None,
+                       metavar="C", help="with --ray: CPUs Ray reserves for each model (default "
+                       "1; --threads sets torch's threads inside)")
+    sweep.add_argument("--gpus-per-model", type=arguments.positive_float, default=None,
+                       metavar="G", help="with --ray: GPUs Ray reserves for each model (default "
+                       "0; 1 runs one model per GPU, 0.5 two); the model trains on its GPU with "
+                       "--device auto")
     sweep.add_argument("--trainer", default=None, metavar="MODULE:FUNCTION",
                        help="your trainer instead of archc's: called as function(spec, data=, "
                        "epochs=, seed=, config=) and returning a mapping with best_error; config "
@@ -305,10 +312,33 @@ def _sweep_samples(args: argparse.Namespace) -> list[dict]:
     return [sample.record(space.name, args.seed) for sample in space.samples(args.n, args.seed)]
 
 
+def _sweep_resources(args: argparse.Namespace) -> dict[str, float]:
+    """What each Ray task asks for: `--cpus-per-model` / `--gpus-per-model` (Ray only)."""
+    from archc.errors import ArchcError
+
+    resources = {key: value for key, value in (("num_cpus", args.cpus_per_model),
+                                               ("num_gpus", args.gpus_per_model))
+                 if value is not None}
+    if resources and args.ray is None:
+        raise ArchcError("--cpus-per-model and --gpus-per-model reserve Ray resources per model: "
+                         "add --ray (local --workers N runs N models on this machine's CPUs)")
+    if (args.ray is not None and not resources.get("num_gpus")
+            and args.device.strip().lower().startswith("cuda")):
+        raise ArchcError(f"--device {args.device} with --ray needs --gpus-per-model: Ray hides "
+                         f"the GPUs from a task that reserves none")
+    return resources
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from archc.space.sweep import BUILTIN_TRAINER, resolve_trainer, run_sweep
 
-    arguments.resolved_device(args)  # checked here; each worker resolves `auto` on its own machine
+    resources = _sweep_resources(args)
+    if resources.get("num_gpus"):  # the GPUs are the Ray cluster's, maybe not this machine's
+        from archc.train.device import check_precision
+
+        check_precision(args.precision)
+    else:  # checked here; each worker resolves `auto` on its own machine
+        arguments.resolved_device(args)
     samples = _sweep_samples(args)
     trainer = args.trainer or BUILTIN_TRAINER
     resolve_trainer(trainer)
@@ -318,7 +348,8 @@ def _sweep(args: argparse.Namespace) -> int:
     setup = {"data": args.data, "epochs": args.epochs, "seed": args.seed, "trainer": trainer,
              "options": _training_options(args)}
     summary = run_sweep(samples, args.output, setup, workers=args.workers,
-                        ray_address=args.ray, quiet=out.quiet, progress=out.show_progress)
+                        ray_address=args.ray, resources=resources, quiet=out.quiet,
+                        progress=out.show_progress)
     held = summary["already"] + summary["trained"]
     out.say(f"trained {counted(summary['trained'], 'model')} ({summary['failed']} failed) in "
           f"{summary['seconds']:.1f} s; {args.output} holds {held} of {summary['total']}")

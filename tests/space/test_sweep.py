@@ -184,3 +184,44 @@ def test_a_space_without_n(tmp_path, capsys):
                  "--epochs", "1", "-o", str(results)]) == 2
     assert "needs -n N" in capsys.readouterr().err
     assert not results.exists()
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--gpus-per-model", "1"], "reserve Ray resources per model: add --ray"),
+    (["--cpus-per-model", "2", "--workers", "2"], "reserve Ray resources per model: add --ray"),
+    (["--ray", "--device", "cuda"], "--device cuda with --ray needs --gpus-per-model"),
+])
+def test_ray_resources_without_ray_are_refused(samples, tmp_path, capsys, argv, phrase):
+    results = tmp_path / "results.jsonl"
+    assert sweep(samples, results, *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and phrase in err[0], err
+    assert not results.exists()
+
+
+def test_a_request_no_ray_node_meets_is_refused():
+    from archc.errors import ArchcError
+    from archc.space.sweep import check_capacity
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]  # a dead node counts not
+    check_capacity(nodes, {"num_cpus": 4, "num_gpus": 0.5}, "local")
+    with pytest.raises(ArchcError, match="--cpus-per-model 8: no node of the Ray cluster"):
+        check_capacity(nodes, {"num_cpus": 8, "num_gpus": 0}, "local")
+    with pytest.raises(ArchcError, match=r"--gpus-per-model 2: .* \(the largest has 1\)"):
+        check_capacity(nodes, {"num_cpus": 1, "num_gpus": 2}, "local")
+
+
+def test_the_builtin_and_a_user_trainer_get_the_same_settings(samples, tmp_path, monkeypatch):
+    import archc.train
+    from tests.sweep_trainers import placement
+
+    options = ["--device", "cpu", "--precision", "bf16", "--batch-size", "32", "--ema", "0.9"]
+    assert sweep(samples, tmp_path / "user.jsonl", *options,
+                 trainer="tests.sweep_trainers:placement") == 0
+    monkeypatch.setattr(archc.train, "train_spec", placement, raising=False)
+    assert sweep(samples, tmp_path / "builtin.jsonl", *options, trainer=None) == 0
+    user, builtin = lines(tmp_path / "user.jsonl"), lines(tmp_path / "builtin.jsonl")
+    assert [r["config"] for r in user] == [r["config"] for r in builtin]
+    assert user[0]["config"] == user[0]["setup"]["options"]
+    assert (user[0]["config"]["device"], user[0]["config"]["precision"]) == ("cpu", "bf16")
