@@ -497,8 +497,11 @@ def _check_data(args: argparse.Namespace, spec_dict: dict, out: Output) -> None:
     from archc.train.loop import check_classes, ema_warning
 
     spec = spec_from_mapping(spec_dict, "sample")
-    data = open_data(args.data, spec.input.channels, spec.input.size)
-    for warning in (check_classes(spec.num_classes, data),
+    # the checks need the classes, sizes and channels, not the images at the models' size (all
+    # of digits at 224x224 would take 1 GB): arrays are read at 8x8
+    data = open_data(args.data, spec.input.channels, min(spec.input.size, 8))
+    mismatch = check_classes(spec.num_classes, data)
+    for warning in (mismatch and f"{mismatch}; for a space: --set base.num_classes={data.classes}",
                     _upscaling_warning(data, spec.input.size, "the models read",
                                        "for a small version of a space add --set "
                                        "base.input.size=32 with a flops window for 32 pixels "
@@ -517,9 +520,9 @@ def _upscaling_warning(data, size: int, reader: str, advice: str) -> str | None:
     if factor is None:
         return None
     height, width = data.stored_size
-    return (f"{reader} {size}x{size} images but {data.name}'s are {height}x{width}: each is "
-            f"upscaled {factor:.0f}x, so training pays the flops of {size}x{size} inputs for "
-            f"{height}x{width} content; {advice}")
+    return (f"{reader} {size}x{size} images but the images of {data.name} are "
+            f"{height}x{width}: each is upscaled {factor:.0f}x, so training pays the flops of "
+            f"{size}x{size} inputs for {height}x{width} content; {advice}")
 
 
 def _load_trainable(path: Path):

@@ -225,3 +225,28 @@ def test_the_builtin_and_a_user_trainer_get_the_same_settings(samples, tmp_path,
     assert [r["config"] for r in user] == [r["config"] for r in builtin]
     assert user[0]["config"] == user[0]["setup"]["options"]
     assert (user[0]["config"]["device"], user[0]["config"]["precision"]) == ("cpu", "bf16")
+
+
+def test_a_224_pixel_space_on_digits_is_warned_about(samples, tmp_path, capsys, monkeypatch):
+    """The shipped spaces' 224x224 models with 1000 outputs, swept on 8x8 digits with the
+    built-in trainer (faked here): two warnings, and the sweep goes on; a space sized for digits
+    (32 px, 10 outputs) gets none."""
+    import archc.train
+    from tests.sweep_trainers import fake
+    from tests.train.test_train import TINY
+
+    monkeypatch.setattr(archc.train, "train_spec", fake, raising=False)
+    assert sweep(samples, tmp_path / "big.jsonl", trainer=None) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning: ")]
+    assert len(warnings) == 2, warnings
+    assert "the model has 1000 outputs but digits has 10 classes" in warnings[0]
+    assert warnings[0].endswith("; for a space: --set base.num_classes=10")
+    assert ("the models read 224x224 images but the images of digits are 8x8: each is "
+            "upscaled 28x" in warnings[1] and "--set base.input.size=32" in warnings[1])
+    assert len(lines(tmp_path / "big.jsonl")) == 8
+    small = tmp_path / "small.jsonl"
+    small.write_text(json.dumps({"id": "tiny", "spec": {**TINY, "input": {"channels": 1,
+                                                                          "size": 32}}}) + "\n")
+    assert sweep(small, tmp_path / "results.jsonl", "--ema", "0.9", trainer=None) == 0
+    assert "warning:" not in capsys.readouterr().err
