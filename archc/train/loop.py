@@ -33,9 +33,14 @@ continues from one, giving the uninterrupted run's weights exactly on the CPU. `
 rewrites a JSON-lines file with one line per finished epoch (epoch, losses, errors, images/s,
 seconds). Progress shows the loss, images/s and the run's ETA.
 
+Several processes (`Trainer(ranks=...)`, `archc.train.distributed`): the model runs in
+DistributedDataParallel, every process takes its piece of each global batch, its cross-entropy
+weighted by its share of the batch, and the metrics are summed over the processes; rank 0 alone
+writes and shows progress.
+
 Data: any object with `train_size`, `train_batches(batch_size, seed, epoch)` and
 `val_batches(batch_size)` (`archc.train.data`: arrays in memory, or an image folder streamed by a
-DataLoader).
+DataLoader); for several processes, both also take `rank` and `ranks`.
 
 Reproducibility: the batch order comes from numpy's PCG64(SeedSequence([seed, epoch])) and the
 weights from `archc.ir.init`, torch's generator is seeded for dropout, deterministic algorithms are
