@@ -252,7 +252,8 @@ class Trainer:
                 bn.eval()
             progress = Progress(steps_per_epoch, f"{self.label} epoch {epoch}/{config.epochs}",
                                 enabled=self.progress)
-            loss_sum, wrong, seen, train_start = 0.0, 0, 0, time.time()
+            loss_sum, seen, train_start = 0.0, 0, time.time()
+            wrong = torch.zeros((), dtype=torch.int64, device=device)  # summed on the device
             batches = (data.train_batches(config.batch_size, config.seed, epoch) if ranks == 1
                        else data.train_batches(config.batch_size, config.seed, epoch, rank, ranks))
             for batch, (inputs, targets) in enumerate(batches):
@@ -271,9 +272,10 @@ class Trainer:
                         term = plugin.loss(context)
                         if term is not None:
                             loss = loss + term
-                if not torch.isfinite(loss):
+                value = loss.item()  # the step's one wait for the device: check, running loss
+                if not math.isfinite(value):
                     raise TrainingError(
-                        f"the loss is {loss.item()} at epoch {epoch}, step {batch + 1}: "
+                        f"the loss is {value} at epoch {epoch}, step {batch + 1}: "
                         f"training diverged (try a lower --lr)")
                 optimizer.zero_grad(set_to_none=True)
                 if ranks > 1:  # this process's share of the global batch (archc.train.distributed)
@@ -286,14 +288,15 @@ class Trainer:
                 scaler.update()
                 if ema is not None:
                     _ema_update(ema, model, config.ema_decay)
-                loss_sum += loss.item() * len(targets)
-                wrong += int((logits.argmax(1) != targets).sum())
+                loss_sum += value * len(targets)
+                wrong += (logits.argmax(1) != targets).sum()
                 seen += len(targets)
                 step += 1
                 rate = seen * ranks / max(time.time() - train_start, 1e-9)
                 progress.update(batch + 1, f"loss {loss_sum / seen:.4f}, {rate:.0f} images/s, "
                                 f"ETA {_duration((total_steps - step) * config.batch_size / rate)}")
             progress.close()
+            wrong = int(wrong)
             if ranks > 1:
                 loss_sum, wrong, seen = all_sum([loss_sum, wrong, seen], device)
                 seen = round(seen)
@@ -355,17 +358,17 @@ def _evaluation_sums(model: nn.Module | Callable[[Tensor], Tensor],
     if isinstance(model, nn.Module):
         was_training = model.training
         model.eval()
-    loss_sum, wrong, seen = 0.0, 0, 0
+    losses, wrong, seen = [], torch.zeros((), dtype=torch.int64, device=device), 0
     with torch.no_grad():
-        for inputs, targets in batches:
+        for inputs, targets in batches:  # read back at the end: no wait for the device per batch
             inputs, targets = to_device(inputs, device), to_device(targets, device)
             logits = model(inputs).float()
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-            wrong += int((logits.argmax(1) != targets).sum())
+            losses.append(F.cross_entropy(logits, targets, reduction="sum"))
+            wrong += (logits.argmax(1) != targets).sum()
             seen += len(targets)
     if isinstance(model, nn.Module):
         model.train(was_training)
-    return loss_sum, wrong, seen
+    return sum(loss.item() for loss in losses), int(wrong), seen
 
 
 def _evaluation_metrics(loss_sum: float, wrong: float, seen: float) -> dict[str, float]:
