@@ -61,7 +61,9 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs_required: bool
     group.add_argument("--epochs", type=arguments.positive_int, required=epochs_required,
                        default=None if epochs_required else 10,
                        help="epochs" + ("" if epochs_required else " (default 10)"))
-    group.add_argument("--batch-size", type=arguments.positive_int, default=64, help="default 64")
+    group.add_argument("--batch-size", type=arguments.positive_int, default=64,
+                       help="default 64; under torchrun the global batch, split between the "
+                       "processes")
     group.add_argument("--lr", type=arguments.nonnegative_float, default=0.1,
                        help="peak learning rate of the cosine schedule (default 0.1)")
     group.add_argument("--momentum", type=_fraction, default=0.9, help="SGD momentum (0.9)")
