@@ -469,7 +469,8 @@ def train_spec(spec: dict[str, Any], *, data: str, epochs: int, seed: int = 0,
     check_classes(model_spec.num_classes, dataset)
     options = dict(config or {}, epochs=epochs, seed=seed)
     options["freeze"] = tuple(options.get("freeze", ()))
-    trainer = Trainer(TrainConfig(**options), progress=False)
+    # the sweep warns about its configuration once, before any model trains (archc.cli.space)
+    trainer = Trainer(TrainConfig(**options), progress=False, warn=lambda text: None)
     result = trainer.fit(build(model_spec, seed=seed), dataset)
     return result.metrics()
 
