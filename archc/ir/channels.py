@@ -600,7 +600,8 @@ class _Builder:
         if len(items) < 2:
             items = (*items, slice(None))
         plain = all(isinstance(i, int) or isinstance(i, slice) and not any(
-            isinstance(v, Node) for v in (i.start, i.stop, i.step)) for i in items)
+            isinstance(v, Node) for v in (i.start, i.stop, i.step)) for i in items[:2]) and all(
+            i is None or isinstance(i, (int, slice)) for i in items[2:])  # `e[:, :, None, None]`
         if not plain or not isinstance(items[0], slice) or not isinstance(items[1], slice) \
                 or items[1].step not in (None, 1) or _channel_shape(node) is None:
             return self.unsupported(node, "indexing")
@@ -618,6 +619,9 @@ class _Builder:
     def reshape(self, node: Node, target) -> None:
         x = node.args[0] if node.args else node.kwargs["input"]
         before, after = _channel_shape(x), _channel_shape(node)
+        sizes = reshape_sizes(node) or ()
+        if before is None and after is not None and len(sizes) > 1 and sizes[1] == after[1]:
+            return self.opaque(node, SIZE_READ)  # a constant's `gamma.view(1, 64, 1, 1)`
         if before is None or after is None or after[:2] != before[:2]:
             return self.opaque(node, MOVES_CHANNELS)
         if target in RESHAPES:
