@@ -144,13 +144,14 @@ class FaceNet(nn.Module):
         self.conv_4 = nn.Sequential(nn.Conv2d(24, 32, 1, bias=False), nn.BatchNorm2d(32),
                                     nn.PReLU())
         self.conv_gdc = ConvBlock(32, 32, size // 4, 1, 0, groups=32, linear=True)  # global
+        self.flatten = nn.Flatten()
         self.linear = nn.Linear(32, embedding, bias=False)
         self.bn = nn.BatchNorm1d(embedding)
 
     def forward(self, x):
         x = self.conv_23(self.conv2_dw(self.conv1(x)))
         x = self.conv_gdc(self.conv_4(self.conv_3(x)))
-        return self.bn(self.linear(x.view(x.shape[0], -1)))
+        return self.bn(self.linear(self.flatten(x)))
 
 
 class PoolFormerBlock(nn.Module):
