@@ -11,12 +11,19 @@ keep one size and one channel order, so that pruning or padding edits a whole gr
   [N, C, 1, 1] tensor, which ties conv channels to a Linear's in-features), reductions over dims
   >= 2, and a depthwise conv (groups = C_in = C_out: channel c only reads channel c).
 - Producers and consumers: a conv or Linear *produces* its output's group (rows `W[o]`, `b[o]`)
-  and *consumes* its input's group (columns `W[:, i]`); the two groups are independent. BN and
-  depthwise convs are `channelwise` members (per-channel parameters in the group's order).
+  and *consumes* its input's group (columns `W[:, i]`); the two groups are independent. BN,
+  GroupNorm, PReLU with a slope per channel and depthwise convs are `channelwise` members
+  (per-channel parameters in the group's order), and so is an elementwise op reading a
+  per-channel constant (`constants`: a layer scale, a bare [1, C, 1, 1] parameter, a position
+  embedding [1, C, H, W], or a [C] vector through views adding size-1 dims). A GroupNorm's group
+  count goes to `norm_groups`: its group changes by whole norm groups only.
 - Composites: `cat(dim=1)` makes its result's group the concatenation of its inputs' groups
   (`parts`); a split, chunk or slice on dim 1 makes its input's group the concatenation of the
   pieces. Two layouts of one group with the same parts identify their pieces (`cat([a, b])` split
   at the same point gives back a and b); concatenations with different boundaries conflict.
+- Pixel shuffles: y = pixel_shuffle(x, r) reads channels c r² .. c r² + r² - 1 of x for its
+  channel c, so x interleaves r² copies of y's group (parts (y, k, stride r²)); pixel_unshuffle
+  the reverse. Removing a channel of the coarse side removes its block of r² on the fine side.
 - Channel shuffles (`archc.ir.shuffles`, every spelling): y = shuffle(x, g) on C = g m channels
   sends x's channel i m + j to y's j g + i. x is the concatenation of g segments of one new
   group Q (lockstep: pruning keeps the same indices K in every segment; the pruned shuffle of
@@ -33,7 +40,8 @@ keep one size and one channel order, so that pruning or padding edits a whole gr
   `view(n, 64)`; the size reads inside a shuffle's spelling are part of it), a reshape or permute
   that moves dim 1 and is not a shuffle, a shuffle whose group count is computed in the graph or
   whose reshape hard-codes a channel-dependent size, a module called twice, conflicting layouts, a
-  grouped conv on a composite (ShuffleNetV1's grouped 1x1 convs around its shuffle). A fixed
+  grouped conv on a composite (ShuffleNetV1's grouped 1x1 convs around its shuffle), a
+  GroupNorm of a composite (its norm groups need not line up with the parts). A fixed
   composite fixes its parts; a fixed part leaves its composite free.
 
 Usage::
