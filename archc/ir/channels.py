@@ -460,7 +460,7 @@ class _Builder:
             target = node_target(self.gm, user)
             if target in _SCALE_OR_SHIFT:
                 return chain
-            if target not in _CONSTANT_VIEWS or user.args[0] is not node \
+            if target not in _CONSTANT_VIEWS or user.args[:1] != (node,) \
                     or not _only_views(user, target):
                 return []
             chain.append(user)

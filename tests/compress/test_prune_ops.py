@@ -258,7 +258,7 @@ def test_kept_norm_groups_counts_whole_groups_and_refuses_partial_ones(groups, w
         kept_norm_groups(torch.cat([source, torch.tensor([-1])]), channels_, groups)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.integers(1, 6), st.integers(2, 3), st.data())
 def test_pruned_pixel_shuffle_reads_the_interleaved_blocks(channels_, r, data):
     """The analysis' layout (the input interleaves r² copies of the output's group) and
@@ -271,3 +271,57 @@ def test_pruned_pixel_shuffle_reads_the_interleaved_blocks(channels_, r, data):
     y = torch.randn(1, channels_, 2 * r, 2 * r)  # and the reverse
     torch.testing.assert_close(F.pixel_unshuffle(y[:, kept], r),
                                F.pixel_unshuffle(y, r)[:, positions])
+
+
+SPELLINGS = {  # how a per-channel constant of C channels is written into `y = conv(x) op c`
+    "bare": (lambda c: torch.rand(1, c, 1, 1), lambda p: p),
+    "layer_scale": (lambda c: torch.rand(c, 1, 1), lambda p: p),
+    "position": (lambda c: torch.rand(1, c, 4, 4), lambda p: p),
+    "view": (lambda c: torch.rand(c), lambda p: p.view(1, -1, 1, 1)),
+    "reshape": (lambda c: torch.rand(c), lambda p: torch.reshape(p, (1, -1, 1, 1))),
+    "unsqueeze": (lambda c: torch.rand(c), lambda p: p.unsqueeze(-1).unsqueeze(-1)),
+    "index": (lambda c: torch.rand(c), lambda p: p[None, :, None, None]),
+}
+
+
+class ScaledConv(nn.Module):
+    def __init__(self, channels: int, spelling: str, shift: bool):
+        super().__init__()
+        make, self.spell = SPELLINGS[spelling]
+        self.a, self.b = nn.Conv2d(3, channels, 1), nn.Conv2d(channels, 2, 1)
+        self.constant = nn.Parameter(make(channels) + 0.5)
+        self.shift = shift
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y + self.spell(self.constant) if self.shift else self.spell(self.constant) * y
+        return self.b(torch.relu(y))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(2, 6), st.sampled_from(list(SPELLINGS)), st.booleans(), st.data())
+def test_per_channel_constants_follow_their_channels(channels_, spelling, shift, data):
+    """Every spelling of a per-channel constant is a channelwise member along its own channel
+    dim: with random channels dead (and the constant 0 there for a shift), removing them through
+    the constant is exact (float64)."""
+    from archc.rewrite.channel_resize import resize_channels
+
+    model = ScaledConv(channels_, spelling, shift).double()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    graph = analyze_channels(gm, (x,))
+    group = graph.of(next(n for n in gm.graph.nodes if n.target == "a"))
+    assert not group.fixed
+    (read,) = [r for node in group.channelwise for r in graph.constants[node]]
+    assert read[0] == "constant" and read[2] == ("shift" if shift else "scale")
+    dead = sorted(data.draw(st.sets(st.integers(0, channels_ - 1), max_size=channels_ - 1)))
+    with torch.no_grad():
+        gm.a.weight[dead] = 0
+        gm.a.bias[dead] = 0
+        if shift:
+            gm.constant.index_fill_(read[1], torch.tensor(dead, dtype=torch.long), 0)
+    expected = gm(x)
+    kept = torch.tensor([c for c in range(channels_) if c not in dead])
+    resize_channels(gm, graph, {group.index: kept})
+    assert gm.constant.shape[read[1]] == len(kept) == gm.a.out_channels
+    torch.testing.assert_close(gm(x), expected, rtol=1e-12, atol=1e-12)
