@@ -124,6 +124,22 @@ def test_pickled_super_resolution_prunes_to_a_mac_target(tmp_path, capsys):
     assert program(random_input(SHAPE, 3)).shape == (2, 3, 32, 32)
 
 
+def test_pixel_unshuffle_modules_prune_exactly():
+    """nn.PixelUnshuffle -> conv -> nn.PixelShuffle between two convs: both coarse groups and the
+    fine one in between are pruned (dead channels, float64); the fine group's conv loses whole
+    blocks of r² = 4."""
+    middle = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(32, 32, 1), nn.PixelShuffle(2))
+    model = randomize(Fixture(middle), 0).double()
+    x = random_input((2, 3, 8, 8), 0).double()
+    gm = torch.fx.symbolic_trace(model)
+    kill_half(gm, x)
+    result = prune(gm, x, PruneConfig(0.5))
+    torch.testing.assert_close(result.graph_module(x), gm(x), rtol=1e-12, atol=1e-12)
+    modules = dict(result.graph_module.named_modules())
+    assert (modules["a"].out_channels, modules["b"].in_channels) == (4, 4)
+    assert (modules["middle.1"].in_channels, modules["middle.1"].out_channels) == (16, 16)
+
+
 # ---- what is still refused: one line naming the op ----
 
 class Fixture(nn.Module):
