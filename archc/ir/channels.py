@@ -433,7 +433,7 @@ class _Builder:
         with the channels (along its own channel dim)."""
         kind = _SCALE_OR_SHIFT.get(node_target(self.gm, node))
         if operand in self.chains:
-            constant, chain = self.chains[operand]
+            constant, _ = self.chains[operand]
             shape = node_shape(operand)
             if kind is None or any(n != 1 for d, n in enumerate(shape) if d != position):
                 return False
