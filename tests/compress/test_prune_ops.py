@@ -341,3 +341,15 @@ def test_per_channel_constants_follow_their_channels(channels_, spelling, shift,
     resize_channels(gm, graph, {group.index: kept})
     assert gm.constant.shape[read[1]] == len(kept) == gm.a.out_channels
     torch.testing.assert_close(gm(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("module", [nn.GroupNorm(3, 12, eps=1e-3), nn.GroupNorm(2, 8, affine=False),
+                                    nn.PReLU(6), nn.PReLU()])
+def test_new_module_configs_rebuild_the_module(module):
+    """A pruned GroupNorm or PReLU is recorded as a `module` edit: its config rebuilds it."""
+    from archc.ir.graph_edits import make_module, module_config
+
+    rebuilt = make_module(module_config(module))
+    assert type(rebuilt) is type(module) and module_config(rebuilt) == module_config(module)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
+        {k: v.shape for k, v in module.state_dict().items()}
