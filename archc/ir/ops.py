@@ -74,6 +74,8 @@ ATEN_TO_TORCH = {
     _ATEN.split.Tensor: torch.split, _ATEN.unsqueeze.default: torch.unsqueeze,
     _ATEN.squeeze.dim: torch.squeeze, _ATEN.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
     _ATEN.avg_pool2d.default: F.avg_pool2d, _ATEN.max_pool2d.default: F.max_pool2d,
+    _ATEN.pixel_shuffle.default: F.pixel_shuffle, _ATEN.pixel_unshuffle.default:
+    F.pixel_unshuffle, _ATEN.prelu.default: F.prelu,
 }
 
 

@@ -24,8 +24,13 @@ exactly (a removed channel must be dead, a new channel is exactly 0 wherever it 
   (removing whole groups lowers it; padding and per-group removal keep g);
 - BN: γ, β, μ gathered with s, σ² too; on a new channel μ = 0, σ² = 1, γ = 0, β = 0, so BN maps
   its 0 to exactly 0 (copied statistics would give β - μγ/σ);
-- a per-channel constant (`graph.constants`: a layer scale `x * gamma`, a shift `x + beta`):
-  gathered along its channel dim with s, 0 on new channels;
+- GroupNorm: γ, β gathered with s; its groups are removed whole (`kept_norm_groups`: the kept
+  channels must be whole old groups, so every kept group's statistics are unchanged), new
+  channels are refused; PReLU with one slope per channel: slopes gathered, 0 on new channels
+  (prelu(0) = 0);
+- a per-channel constant (`graph.constants`: a layer scale `x * gamma`, a shift `x + beta`, a
+  position embedding `x + pos`, a functional PReLU's slopes): gathered along its channel dim with
+  s, 0 on new channels;
 - a split, chunk or channel slice of a resized group (`graph.cuts`): an old boundary b moves to
   the number of new channels before it, a `NEW` channel counting with the channel before it
   (`cut_bounds`); a chunk becomes a split.
@@ -74,6 +79,20 @@ def gather(tensor: Tensor, source: Tensor, dim: int = 0, fill: float = 0.0) -> T
     sourced = source >= 0
     result[sourced] = moved[source[sourced]]
     return result.movedim(0, dim).contiguous()
+
+
+def kept_norm_groups(source: Tensor, channels: int, groups: int) -> int:
+    """The group count of a GroupNorm over `channels` in `groups` groups whose channels become
+    `source`: the number of old groups it keeps. Raises ValueError unless `source` keeps whole
+    groups (every channel of a kept group, no new channel): a partial group would be normalized
+    with other statistics."""
+    width = channels // groups
+    if bool((source < 0).any()):
+        raise ValueError("a GroupNorm cannot take new channels")
+    kept = torch.unique(source // width)
+    if len(source) != len(kept) * width:
+        raise ValueError(f"a GroupNorm keeps whole groups of {width} channels only")
+    return len(kept)
 
 
 def resized_groups(groups: int, in_channels: int, out_channels: int, out_source: Tensor) -> int:
@@ -184,8 +203,8 @@ def complete_sources(graph: ChannelGraph, sources: Sources) -> Sources:
 
 def resized_layers(gm: GraphModule, graph: ChannelGraph, sources: Sources
                    ) -> Iterator[tuple[Node, nn.Module, Tensor, Tensor]]:
-    """(node, module, input source, output source) of every conv, Linear and BN module call that
-    reads or writes a group of the complete `sources`, in graph order."""
+    """(node, module, input source, output source) of every conv, Linear, BN, GroupNorm and PReLU
+    module call that reads or writes a group of the complete `sources`, in graph order."""
     for node in gm.graph.nodes:
         if node.op != "call_module" or node not in graph.index:
             continue
@@ -204,10 +223,11 @@ def resize_channels(gm: GraphModule, graph: ChannelGraph, sources: Sources) -> N
     sources = complete_sources(graph, sources)
     for node, module, in_source, out_source in list(resized_layers(gm, graph, sources)):
         try:
-            config, tensors = _LAYERS[type(module)](module, in_source, out_source)
+            resized = _LAYERS[type(module)](module, in_source, out_source)
         except ValueError as exc:
             raise ResizeError(f"{node.target}: {exc}") from None
-        _replace(gm, str(node.target), module, config, tensors)
+        if resized is not None:
+            _replace(gm, str(node.target), module, *resized)
     for node, reads in graph.constants.items():
         if graph.index[node] in sources:
             for name, dim, _ in reads:
@@ -256,11 +276,33 @@ def _resize_norm(norm: nn.Module, in_source: Tensor, out_source: Tensor
     return config, tensors
 
 
-# module type -> its handler: (module, input source, output source) -> (config, tensors)
-_LAYERS: dict[type, Callable[[nn.Module, Tensor, Tensor], tuple[dict, dict[str, Tensor]]]] = {
+def _resize_group_norm(norm: nn.GroupNorm, in_source: Tensor, out_source: Tensor
+                       ) -> tuple[dict, dict[str, Tensor]]:
+    groups = kept_norm_groups(out_source, norm.num_channels, norm.num_groups)
+    config = {**module_config(norm), "groups": groups, "features": len(out_source)}
+    tensors = {key: gather(getattr(norm, key), out_source) for key in ("weight", "bias")
+               if getattr(norm, key) is not None}
+    return config, tensors
+
+
+def _resize_prelu(prelu: nn.PReLU, in_source: Tensor, out_source: Tensor
+                  ) -> tuple[dict, dict[str, Tensor]] | None:
+    """One slope per channel: gathered (0 on new channels); a single slope stays."""
+    if prelu.num_parameters == 1:
+        return None
+    return {**module_config(prelu), "features": len(out_source)}, {
+        "weight": gather(prelu.weight, out_source)}
+
+
+# module type -> its handler: (module, input source, output source) -> (config, tensors), None
+# if the module stays as it is
+_LAYERS: dict[type, Callable[[nn.Module, Tensor, Tensor],
+                             tuple[dict, dict[str, Tensor]] | None]] = {
     **dict.fromkeys(CONV_MODULES, _resize_conv),
     nn.Linear: _resize_linear,
     **dict.fromkeys(BN_MODULES, _resize_norm),
+    nn.GroupNorm: _resize_group_norm,
+    nn.PReLU: _resize_prelu,
 }
 
 
