@@ -174,6 +174,11 @@ def _say(report, source: Path, data: str, out) -> None:
     if report.fp32_accuracy is not None:
         out.say(f"accuracy: fp32 {report.fp32_accuracy:.2f}%, int8 {report.int8_accuracy:.2f}% "
                 f"({report.int8_accuracy - report.fp32_accuracy:+.2f} points)")
+    if report.paired is not None:
+        paired = report.paired
+        out.say(f"int8 vs fp32, image by image: {paired.only_b} right by int8 only, "
+                f"{paired.only_a} by fp32 only; exact McNemar: "
+                f"{paired.verdict('fp32', 'int8')}")
     if report.layers:
         out.say("layers that lose most (per-tensor SQNR, and its drop from the layer's inputs):")
         for layer in report.layers:

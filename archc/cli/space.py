@@ -250,6 +250,10 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--json", action="store_true",
                           help="the metrics as JSON on stdout even with --quiet (the default "
                           "text is the same JSON)")
+    evaluate.add_argument("--predictions", type=Path, metavar="FILE.json",
+                          help="also write every validation example's label and top-1 class "
+                          "(in the split's order) here, for paired tests of two models "
+                          "(docs/compression.md, 'Reading the numbers')")
 
 
 def _space(args: argparse.Namespace) -> int:
@@ -626,6 +630,7 @@ def _pins_memory(device: str) -> bool:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from archc.common.accuracy_stats import wilson_interval
     from archc.errors import DataError
     from archc.train.data import open_data
     from archc.train.loop import evaluate_batches
@@ -655,9 +660,21 @@ def _eval(args: argparse.Namespace) -> int:
     if data.classes > outputs:
         raise DataError(f"{args.model} has {outputs} outputs but {data.name} has {data.classes} "
                         f"classes")
-    metrics = evaluate_batches(run, data.val_batches(args.batch_size), device)
+    outcomes: list[tuple[int, int]] = []
+    metrics = evaluate_batches(run, data.val_batches(args.batch_size), device, outcomes)
+    correct = sum(label == top1 for label, top1 in outcomes)
+    low, high = wilson_interval(correct, len(outcomes))
     document = {"model": str(args.model), "data": data.name, "split": "validation",
-                "device": device, "samples": data.val_size, **metrics}
+                "device": device, "samples": len(outcomes), **metrics, "correct": correct,
+                "accuracy_interval_95": [100 * low, 100 * high]}
+    if args.predictions is not None:
+        from archc.common.fileio import atomic_output
+
+        with atomic_output(args.predictions) as temporary:
+            temporary.write_text(json.dumps({
+                "model": str(args.model), "data": data.name, "split": "validation",
+                "labels": [label for label, _ in outcomes],
+                "predictions": [top1 for _, top1 in outcomes]}) + "\n")
     out = Output(args)
     out.say(json.dumps(document, indent=1))  # the metrics are this command's text
     out.report(document)

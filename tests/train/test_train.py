@@ -179,14 +179,27 @@ def test_train_then_eval_checkpoint_and_onnx(tmp_path, capsys):
     assert metrics == json.loads((tmp_path / "m.json").read_text())
     assert metrics["val_size"] == 360 and len(metrics["errors"]) == 1
     assert "validation error" in out.err
-    assert main(["eval", str(ckpt), "--data", "digits"]) == 0
+    assert main(["eval", str(ckpt), "--data", "digits", "--predictions",
+                 str(tmp_path / "ckpt.json")]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["error"] == pytest.approx(metrics["final_error"])
+    # the counts and the 95% Wilson interval behind the accuracy, and every example's top-1
+    assert evaluated["samples"] == 360
+    assert evaluated["accuracy"] == pytest.approx(100 * evaluated["correct"] / 360)
+    low, high = evaluated["accuracy_interval_95"]
+    assert 0 <= low < evaluated["accuracy"] < high <= 100
+    by_ckpt = json.loads((tmp_path / "ckpt.json").read_text())
+    assert len(by_ckpt["labels"]) == len(by_ckpt["predictions"]) == 360
+    assert sum(a == b for a, b in zip(by_ckpt["labels"], by_ckpt["predictions"],
+                                      strict=True)) == evaluated["correct"]
     onnx = tmp_path / "tiny.onnx"
     assert main(["fuse", str(ckpt), "-o", str(onnx)]) == 0
     capsys.readouterr()
-    assert main(["eval", str(onnx), "--data", "digits"]) == 0
+    assert main(["eval", str(onnx), "--data", "digits", "--predictions",
+                 str(tmp_path / "onnx.json")]) == 0
     assert json.loads(capsys.readouterr().out)["error"] == pytest.approx(metrics["final_error"])
+    by_onnx = json.loads((tmp_path / "onnx.json").read_text())
+    assert by_onnx["labels"] == by_ckpt["labels"]  # the same examples in the same order
     assert main(["train", str(ckpt), "--data", "digits", "--epochs", "1", "--batch-size", "128",
                  "-o", str(tmp_path / "again.pt")]) == 0  # fine-tuning a checkpoint
     assert (tmp_path / "again.pt").exists()
