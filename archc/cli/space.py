@@ -374,8 +374,11 @@ def _analyze(args: argparse.Namespace) -> int:
                            args.bins, args.permutations)
     for space in summary["spaces"]:
         e = space["error"]
+        band = e["median_interval"]
         out.say(f"{space['label']}: {counted(space['n'], 'model')} ({space['failed']} failed), "
-                f"error min {e['min']:.2f} mean {e['mean']:.2f} median {e['median']:.2f}")
+                f"error min {e['min']:.2f} mean {e['mean']:.2f} "
+                f"median {e['median']:.2f}"
+                + ("" if band is None else f" [95%: {band[0]:.2f}, {band[1]:.2f}]"))
     if len(spaces) > 1:
         dropped = [f"{space['normalized']['dropped']} of {space['label']}"
                    for space in summary["spaces"] if space["normalized"]["dropped"]]
