@@ -84,6 +84,7 @@ class QuantizationReport:
     int8_accuracy: float | None
     # int8 against fp32 on the same held-out images: exact McNemar (archc.common.accuracy_stats)
     paired: PairedComparison | None = None
+    int8_right: list[bool] = field(default_factory=list)  # per held-out image, for other pairs
     layers: list[LayerLoss] = field(default_factory=list)  # worst first
     fp32_ms: float | None = None
     int8_ms: float | None = None
@@ -370,7 +371,8 @@ def _measure(fp32: Path, int8: Path, fp32_session, int8_session, model_input: Mo
         top1_agreement=agreement,
         fp32_accuracy=100.0 * float(np.mean(reference.argmax(1) == y)),
         int8_accuracy=100.0 * float(np.mean(quantized.argmax(1) == y)),
-        paired=compare_paired(reference.argmax(1) == y, quantized.argmax(1) == y))
+        paired=compare_paired(reference.argmax(1) == y, quantized.argmax(1) == y),
+        int8_right=(quantized.argmax(1) == y).tolist())
     progress("per-tensor comparison")
     report.layers = layer_losses(fp32, int8, model_input, x[:HELD_OUT_LAYER_SAMPLES])[:layers]
     if rounds > 0:

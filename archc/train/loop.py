@@ -335,12 +335,15 @@ class Trainer:
 
 
 def evaluate(model: nn.Module | Callable[[Tensor], Tensor], x: np.ndarray, y: np.ndarray,
-             batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
+             batch_size: int = 256, device: torch.device | str = "cpu",
+             predictions: list[tuple[int, int]] | None = None) -> dict[str, float]:
     """Mean cross-entropy, top-1 error and accuracy (percent) of `model` in eval mode, in
-    float32, with the batches on `device` (where an nn.Module must already be)."""
+    float32, with the batches on `device` (where an nn.Module must already be); `predictions`
+    as in `evaluate_batches`."""
     return evaluate_batches(model, ((torch.from_numpy(x[start:start + batch_size]),
                                      torch.from_numpy(y[start:start + batch_size]))
-                                    for start in range(0, len(y), batch_size)), device)
+                                    for start in range(0, len(y), batch_size)), device,
+                            predictions)
 
 
 def evaluate_batches(model: nn.Module | Callable[[Tensor], Tensor],
