@@ -89,6 +89,12 @@ class PairedComparison:
             return f"no detectable difference at n = {self.n} ({p})"
         return f"{name_a if self.only_a > self.only_b else name_b} better ({p})"
 
+    def difference(self) -> str:
+        """'-0.56 (2:4, p = 0.69)': B's accuracy minus A's in points, then the images only B gets
+        right : the images only A gets right, and the McNemar p-value; the tables' cell."""
+        points = 100 * (self.correct_b - self.correct_a) / self.n
+        return f"{points:+.2f} ({self.only_b}:{self.only_a}, p = {self.p_value:.2g})"
+
     def document(self) -> dict:
         return {"n": self.n, "correct_a": self.correct_a, "correct_b": self.correct_b,
                 "only_a": self.only_a, "only_b": self.only_b, "test": "exact McNemar",
@@ -106,8 +112,9 @@ def compare_paired(right_a: Sequence[bool], right_b: Sequence[bool]) -> PairedCo
         only_a=sum(a and not b for a, b in pairs), only_b=sum(b and not a for a, b in pairs))
 
 
-def accuracy_with_interval(correct: int, n: int) -> str:
-    """'99.44% [98.0, 99.8] (358/360)': the accuracy in percent, its 95% Wilson interval and the
-    counts, as the docs' tables print it."""
+def accuracy_with_interval(correct: int, n: int, counts: bool = True) -> str:
+    """'99.44% [98.0, 99.8] (358/360)': the accuracy in percent, its 95% Wilson interval and
+    (with `counts`) the counts, as the docs' tables print it."""
     low, high = wilson_interval(correct, n)
-    return f"{100 * correct / n:.2f}% [{100 * low:.1f}, {100 * high:.1f}] ({correct}/{n})"
+    text = f"{100 * correct / n:.2f}% [{100 * low:.1f}, {100 * high:.1f}]"
+    return f"{text} ({correct}/{n})" if counts else text

@@ -103,6 +103,7 @@ def main(path: str) -> None:
     if "resnet_slimming" in r:
         print(f"\nresnet_slimming vs resnet: "
               f"{tests.versus(r['resnet_slimming']['right'], r['resnet']['right'])}")
+        tests.summary()  # counted on its own line, not in the next table's count
     print()
     print("| run | prune command | MACs kept | params kept | accuracy after pruning | "
           "after fine-tuning | unpruned | fine-tuned vs unpruned: Δ (b:c, p) |\n"

@@ -102,6 +102,7 @@ def test_compare_paired_counts_the_discordant_examples():
     assert paired.p_value == pytest.approx(1.0) and not paired.different
     assert paired.verdict() == "no detectable difference at n = 6 (p = 1)"
     assert paired.document()["test"] == "exact McNemar"
+    assert paired.difference() == "-16.67 (1:2, p = 1)"
 
 
 def test_compare_paired_calls_a_clear_difference_one():
@@ -120,3 +121,4 @@ def test_compare_paired_refuses_vectors_that_do_not_pair(a, b):
 
 def test_accuracy_with_interval_text():
     assert accuracy_with_interval(358, 360) == "99.44% [98.0, 99.8] (358/360)"
+    assert accuracy_with_interval(360, 360, counts=False) == "100.00% [98.9, 100.0]"
