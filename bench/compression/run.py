@@ -3,7 +3,9 @@
     python bench/compression/run.py OUT_DIR      # writes OUT_DIR/results.json and the checkpoints
 
 Every figure in docs/compression.md comes from the results.json this writes; each entry records
-the command line that produced it.
+the command line that produced it and, for each accuracy, the model's correctness on every
+validation image (`right*`: "1" right, "0" wrong, from `archc eval --predictions`), from which
+tables.py computes the intervals and the paired tests.
 """
 
 from __future__ import annotations
