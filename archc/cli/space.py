@@ -250,6 +250,13 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--json", action="store_true",
                           help="the metrics as JSON on stdout even with --quiet (the default "
                           "text is the same JSON)")
+    evaluate.add_argument("--predictions", type=Path, metavar="FILE.json",
+                          help="also write every validation example's label and top-1 class "
+                          "(in the split's order) here, for paired tests of two models "
+                          "(docs/design-spaces.md, eval)")
+    evaluate.add_argument("--against", type=Path, metavar="OTHER.json",
+                          help="a --predictions file of another model on the same data: compare "
+                          "the two image by image (exact McNemar test)")
 
 
 def _space(args: argparse.Namespace) -> int:
@@ -370,8 +377,11 @@ def _analyze(args: argparse.Namespace) -> int:
                            args.bins, args.permutations)
     for space in summary["spaces"]:
         e = space["error"]
+        band = e["median_interval"]
         out.say(f"{space['label']}: {counted(space['n'], 'model')} ({space['failed']} failed), "
-                f"error min {e['min']:.2f} mean {e['mean']:.2f} median {e['median']:.2f}")
+                f"error min {e['min']:.2f} mean {e['mean']:.2f} "
+                f"median {e['median']:.2f}"
+                + ("" if band is None else f" [95%: {band[0]:.2f}, {band[1]:.2f}]"))
     if len(spaces) > 1:
         dropped = [f"{space['normalized']['dropped']} of {space['label']}"
                    for space in summary["spaces"] if space["normalized"]["dropped"]]
@@ -626,10 +636,12 @@ def _pins_memory(device: str) -> bool:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from archc.common.accuracy_stats import wilson_interval
     from archc.errors import DataError
     from archc.train.data import open_data
     from archc.train.loop import evaluate_batches
 
+    against = None if args.against is None else _read_predictions(args.against)
     onnx = args.model.suffix.lower() == ".onnx"
     if onnx and args.device not in ("auto", "cpu"):
         from archc.errors import DeviceError
@@ -655,13 +667,62 @@ def _eval(args: argparse.Namespace) -> int:
     if data.classes > outputs:
         raise DataError(f"{args.model} has {outputs} outputs but {data.name} has {data.classes} "
                         f"classes")
-    metrics = evaluate_batches(run, data.val_batches(args.batch_size), device)
+    outcomes: list[tuple[int, int]] = []
+    metrics = evaluate_batches(run, data.val_batches(args.batch_size), device, outcomes)
+    correct = sum(label == top1 for label, top1 in outcomes)
+    low, high = wilson_interval(correct, len(outcomes))
     document = {"model": str(args.model), "data": data.name, "split": "validation",
-                "device": device, "samples": data.val_size, **metrics}
+                "device": device, "samples": len(outcomes), **metrics, "correct": correct,
+                "accuracy_interval_95": [100 * low, 100 * high]}
+    if args.against is not None:
+        from archc.common.accuracy_stats import compare_paired
+
+        other = _same_examples(args.against, against, [label for label, _ in outcomes])
+        paired = compare_paired(other, [label == top1 for label, top1 in outcomes])
+        document["against"] = {"file": str(args.against), **paired.document(),
+                               "verdict": paired.verdict(args.against.name, args.model.name)}
+    if args.predictions is not None:
+        from archc.common.fileio import atomic_output
+
+        with atomic_output(args.predictions) as temporary:
+            temporary.write_text(json.dumps({
+                "model": str(args.model), "data": data.name, "split": "validation",
+                "labels": [label for label, _ in outcomes],
+                "predictions": [top1 for _, top1 in outcomes]}) + "\n")
     out = Output(args)
     out.say(json.dumps(document, indent=1))  # the metrics are this command's text
     out.report(document)
     return 0
+
+
+def _read_predictions(path: Path) -> tuple[list, list]:
+    """(labels, predictions) of a `--predictions` file, read before any work is done."""
+    from archc.errors import DataError
+
+    try:
+        document = json.loads(path.read_text())
+        labels, predicted = document["labels"], document["predictions"]
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror})") from None
+    except (ValueError, TypeError, KeyError):
+        raise DataError(f"{path}: not a predictions file of archc eval --predictions (JSON "
+                        f"with 'labels' and 'predictions')") from None
+    if not isinstance(labels, list) or not isinstance(predicted, list) or len(labels) != len(
+            predicted):
+        raise DataError(f"{path}: 'labels' and 'predictions' must be lists of one length")
+    return labels, predicted
+
+
+def _same_examples(path: Path, read: tuple[list, list], labels: list[int]) -> list[bool]:
+    """The per-example correctness of a `--predictions` file, checked to be of the same examples
+    (the same labels in the same order) as `labels`."""
+    from archc.errors import DataError
+
+    theirs, predicted = read
+    if theirs != labels:
+        raise DataError(f"{path}: its {len(theirs)} labels are not this data's {len(labels)} "
+                        f"validation labels in order: evaluate both models on the same data")
+    return [label == top1 for label, top1 in zip(theirs, predicted, strict=True)]
 
 
 HANDLERS = {"space": _space, "train": _train, "eval": _eval}

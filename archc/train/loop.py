@@ -335,39 +335,53 @@ class Trainer:
 
 
 def evaluate(model: nn.Module | Callable[[Tensor], Tensor], x: np.ndarray, y: np.ndarray,
-             batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
+             batch_size: int = 256, device: torch.device | str = "cpu",
+             predictions: list[tuple[int, int]] | None = None) -> dict[str, float]:
     """Mean cross-entropy, top-1 error and accuracy (percent) of `model` in eval mode, in
-    float32, with the batches on `device` (where an nn.Module must already be)."""
+    float32, with the batches on `device` (where an nn.Module must already be); `predictions`
+    as in `evaluate_batches`."""
     return evaluate_batches(model, ((torch.from_numpy(x[start:start + batch_size]),
                                      torch.from_numpy(y[start:start + batch_size]))
-                                    for start in range(0, len(y), batch_size)), device)
+                                    for start in range(0, len(y), batch_size)), device,
+                            predictions)
 
 
 def evaluate_batches(model: nn.Module | Callable[[Tensor], Tensor],
                      batches: Iterable[tuple[Tensor, Tensor]],
-                     device: torch.device | str = "cpu") -> dict[str, float]:
-    """`evaluate` over (inputs, targets) batches (a data set's `val_batches`)."""
-    return _evaluation_metrics(*_evaluation_sums(model, batches, device))
+                     device: torch.device | str = "cpu",
+                     predictions: list[tuple[int, int]] | None = None) -> dict[str, float]:
+    """`evaluate` over (inputs, targets) batches (a data set's `val_batches`); (label, top-1
+    class) of every example, in the batches' order, is appended to `predictions` when it is
+    given (paired tests of two models need them: archc.common.accuracy_stats)."""
+    return _evaluation_metrics(*_evaluation_sums(model, batches, device, predictions))
 
 
 def _evaluation_sums(model: nn.Module | Callable[[Tensor], Tensor],
                      batches: Iterable[tuple[Tensor, Tensor]],
-                     device: torch.device | str) -> tuple[float, int, int]:
-    """(summed cross-entropy, wrong, seen) of `model` in eval mode over `batches`."""
+                     device: torch.device | str,
+                     predictions: list[tuple[int, int]] | None = None) -> tuple[float, int, int]:
+    """(summed cross-entropy, wrong, seen) of `model` in eval mode over `batches`; the
+    (label, top-1) pairs appended to `predictions` when given."""
     device = torch.device(device)
     if isinstance(model, nn.Module):
         was_training = model.training
         model.eval()
     losses, wrong, seen = [], torch.zeros((), dtype=torch.int64, device=device), 0
+    pairs: list[tuple[Tensor, Tensor]] = []
     with torch.no_grad():
         for inputs, targets in batches:  # read back at the end: no wait for the device per batch
             inputs, targets = to_device(inputs, device), to_device(targets, device)
             logits = model(inputs).float()
             losses.append(F.cross_entropy(logits, targets, reduction="sum"))
-            wrong += (logits.argmax(1) != targets).sum()
+            top1 = logits.argmax(1)
+            wrong += (top1 != targets).sum()
             seen += len(targets)
+            if predictions is not None:
+                pairs.append((targets, top1))
     if isinstance(model, nn.Module):
         model.train(was_training)
+    for targets, top1 in pairs:
+        predictions.extend(zip(targets.tolist(), top1.tolist(), strict=True))
     return sum(loss.item() for loss in losses), int(wrong), seen
 
 
