@@ -10,9 +10,13 @@ no spin-waiting, `--threads` intra-op threads, interleaved rounds (each round ru
 specs also `archc qat` (fake-quantized fine-tuning of the fused form, `--qat-epochs`) and, as its
 control, the same extra epochs of plain float training followed by PTQ.
 
-    .venv/bin/python bench/quantization.py [--epochs 6] [--rounds 21] [--threads 1]
+    .venv/bin/python bench/quantization.py [--epochs 6] [--rounds 21] [--threads 1] [--json R.json]
+    .venv/bin/python bench/quantization.py --tables R.json   # the tables again, from R.json
 
-Prints two markdown tables on stdout (progress on stderr).
+Every accuracy is printed with its 95% Wilson interval, and every int8 model is compared with
+its fp32 model image by image (exact McNemar test on the paired correctness; `archc eval
+--predictions` gives each model's top-1 per validation image). Prints three markdown tables on
+stdout (progress on stderr).
 """
 
 from __future__ import annotations
@@ -49,6 +53,18 @@ def cli(*argv) -> str:
     return buffer.getvalue()
 
 
+def correctness(model: Path) -> str:
+    """One character per digits validation image, "1" where `model` (an ONNX file, run in ONNX
+    Runtime by `archc eval --predictions`) is right, "0" where wrong, in the split's order: the
+    paired tests of the tables need them."""
+    predictions = model.with_name(model.name + ".predictions.json")
+    cli("eval", model, "--data", "digits", "--predictions", predictions)
+    document = json.loads(predictions.read_text())
+    return "".join("1" if label == top1 else "0"
+                   for label, top1 in zip(document["labels"], document["predictions"],
+                                          strict=True))
+
+
 def latency(fp32: Path, int8: Path, batch: int, args) -> dict[str, float]:
     import numpy as np
 
@@ -82,16 +98,19 @@ def bench_spec(name: str, work: Path, args) -> dict:
                              "--seed", args.seed, "-o", checkpoint))
     fused = json.loads(cli("fuse", checkpoint, "-o", fp32, "--json"))
     row = {"name": name, "train_error": metrics["final_error"],
-           "convs": fused["deploy_form"]["convs"], "quantized": {}}
+           "convs": fused["deploy_form"]["convs"], "quantized": {},
+           "right": {"fp32": correctness(fp32)}}
     for method in METHODS:
         say(f"{name}: quantizing ({method})")
         report = quantize(fp32, "digits", work / f"{name}.{method}.int8.onnx", method=method,
                           samples=args.samples, latency_rounds=0)
         row["quantized"][method] = report.document()
+        row["right"][method] = correctness(work / f"{name}.{method}.int8.onnx")
     say(f"{name}: quantizing (minmax, per-tensor weights)")
     report = quantize(fp32, "digits", work / f"{name}.tensor.int8.onnx", samples=args.samples,
                       per_channel=False, latency_rounds=0)
     row["quantized"]["per_tensor"] = report.document()
+    row["right"]["per_tensor"] = correctness(work / f"{name}.tensor.int8.onnx")
     if name in args.qat_specs.split(","):
         qat_out = work / f"{name}.qat.int8.onnx"
         say(f"{name}: archc qat, {args.qat_epochs} epochs")
@@ -107,6 +126,9 @@ def bench_spec(name: str, work: Path, args) -> dict:
         row["tuned_ptq"] = quantize(work / f"{name}.tuned.onnx", "digits",
                                     work / f"{name}.tuned.int8.onnx", samples=args.samples,
                                     latency_rounds=0).document()
+        row["right"]["qat"] = correctness(qat_out)
+        row["right"]["tuned_fp32"] = correctness(work / f"{name}.tuned.onnx")
+        row["right"]["tuned_ptq"] = correctness(work / f"{name}.tuned.int8.onnx")
     int8 = work / f"{name}.minmax.int8.onnx"
     row["latency"] = {}
     for batch in (1, args.batch):
@@ -115,47 +137,85 @@ def bench_spec(name: str, work: Path, args) -> dict:
     return row
 
 
+def _right(bits: str) -> list[bool]:
+    return [bit == "1" for bit in bits]
+
+
+def _accuracy(bits: str) -> str:
+    """'98.89% [97.2, 99.6]': top-1 and its 95% Wilson interval (n is in the table's caption)."""
+    from archc.common.accuracy_stats import accuracy_with_interval
+
+    return accuracy_with_interval(bits.count("1"), len(bits), counts=False)
+
+
+def _versus(bits: str, reference: str) -> str:
+    """'+0.28 (1:0, p = 1)': `bits` against `reference` on the same images (exact McNemar)."""
+    from archc.common.accuracy_stats import compare_paired
+
+    return compare_paired(_right(reference), _right(bits)).difference()
+
+
+def _any_difference(pairs: list[tuple[str, str]]) -> str:
+    """The verdict over several paired comparisons: which of them the test calls a difference."""
+    from archc.common.accuracy_stats import compare_paired
+
+    found = [compare_paired(_right(a), _right(b)) for a, b in pairs]
+    different = sum(paired.different for paired in found)
+    n = found[0].n if found else 0
+    return (f"{different} of {len(found)} comparisons differ at p < 0.05 (exact McNemar, "
+            f"n = {n} paired images)")
+
+
 def accuracy_table(rows: list[dict]) -> str:
-    lines = ["| spec | deploy convs | fp32 top-1 | " + " | ".join(
-                 f"int8 {m} top-1 (Δ) / SQNR / agree" for m in METHODS)
-             + " | int8 per-tensor min-max top-1 (Δ) / SQNR |",
-             "|---|---|---|" + "---|" * (len(METHODS) + 1)]
+    kinds = [*METHODS, "per_tensor"]
+    lines = ["| spec | deploy convs | weights, calibration | top-1 [95% CI] | "
+             "Δ to fp32 (only int8 right : only fp32 right, McNemar p) | SQNR | "
+             "top-1 agreement |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
-        fp32 = row["quantized"]["minmax"]["fp32_accuracy"]
-        cells = []
-        for method in METHODS:
-            q = row["quantized"][method]
-            cells.append(f"{q['int8_accuracy']:.2f}% ({q['int8_accuracy'] - fp32:+.2f}) / "
-                         f"{q['sqnr_db']:.1f} dB / {q['top1_agreement']:.1f}%")
-        q = row["quantized"]["per_tensor"]
-        cells.append(f"{q['int8_accuracy']:.2f}% ({q['int8_accuracy'] - fp32:+.2f}) / "
-                     f"{q['sqnr_db']:.1f} dB")
-        lines.append(f"| {row['name']} | {row['convs']} | {fp32:.2f}% | " + " | ".join(cells)
-                     + " |")
-    return "\n".join(lines)
+        right = row["right"]
+        lines.append(f"| {row['name']} | {row['convs']} | fp32 | {_accuracy(right['fp32'])} "
+                     f"| | | |")
+        for kind in kinds:
+            q = row["quantized"][kind]
+            label = ("per-tensor, minmax" if kind == "per_tensor"
+                     else f"per-channel, {kind}")
+            lines.append(f"| | | int8 {label} | {_accuracy(right[kind])} | "
+                         f"{_versus(right[kind], right['fp32'])} | {q['sqnr_db']:.1f} dB | "
+                         f"{q['top1_agreement']:.1f}% |")
+    pairs = [(row["right"]["fp32"], row["right"][kind]) for row in rows for kind in kinds]
+    return "\n".join(lines) + "\n\n" + _any_difference(pairs) + "."
 
 
 def repvgg_table(rows: list[dict]) -> str:
-    lines = ["| spec | fp32 top-1 (deploy form) | PTQ top-1 (Δ) / SQNR | "
-             "float fine-tuning + PTQ: fp32 / int8 top-1 (Δ to deploy fp32) / SQNR | "
-             "QAT int8 top-1 (Δ to deploy fp32) / SQNR vs fine-tuned fp32 |",
-             "|---|---|---|---|---|"]
+    lines = ["| spec | model | top-1 [95% CI] | Δ to the deploy form's fp32 (only this right : "
+             "only it right, McNemar p) | Δ to float fine-tuning + PTQ (same) | SQNR |",
+             "|---|---|---|---|---|---|"]
+    pairs = []
     for row in rows:
         if "qat" not in row:
             continue
-        ptq, tuned, qat = row["quantized"]["minmax"], row["tuned_ptq"], row["qat"]
-        fp32 = ptq["fp32_accuracy"]
-        lines.append(
-            f"| {row['name']} | {fp32:.2f}% | {ptq['int8_accuracy']:.2f}% "
-            f"({ptq['int8_accuracy'] - fp32:+.2f}) / {ptq['sqnr_db']:.1f} dB | "
-            f"{tuned['fp32_accuracy']:.2f}% / {tuned['int8_accuracy']:.2f}% "
-            f"({tuned['int8_accuracy'] - fp32:+.2f}) / {tuned['sqnr_db']:.1f} dB | "
-            f"{qat['int8_accuracy']:.2f}% ({qat['int8_accuracy'] - fp32:+.2f}) / "
-            f"{qat['sqnr_db']:.1f} dB |")
-    return "\n".join(lines)
+        right = row["right"]
+        deploy = right["fp32"]
+        entries = (("deploy form, fp32", "fp32", None),
+                   ("PTQ of the deploy form", "minmax",
+                    row["quantized"]["minmax"]["sqnr_db"]),
+                   ("float fine-tuning, fp32", "tuned_fp32", None),
+                   ("float fine-tuning + PTQ", "tuned_ptq", row["tuned_ptq"]["sqnr_db"]),
+                   ("QAT, int8", "qat", row["qat"]["sqnr_db"]))
+        for label, key, sqnr in entries:
+            against_deploy = "" if key == "fp32" else _versus(right[key], deploy)
+            against_control = _versus(right[key], right["tuned_ptq"]) if key == "qat" else ""
+            lines.append(f"| {row['name'] if key == 'fp32' else ''} | {label} | "
+                         f"{_accuracy(right[key])} | {against_deploy} | {against_control} | "
+                         f"{'' if sqnr is None else f'{sqnr:.1f} dB'} |")
+            if key != "fp32":
+                pairs.append((deploy, right[key]))
+        pairs.append((right["tuned_ptq"], right["qat"]))
+    return "\n".join(lines) + "\n\n" + _any_difference(pairs) + "."
 
 
-def latency_table(rows: list[dict], args) -> str:
+def latency_table(rows: list[dict]) -> str:
     lines = ["| spec | batch | fp32 | int8 | int8/fp32 | integer ops ORT runs | float convs left |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -199,26 +259,38 @@ def main() -> None:
                         help="fine-tuning epochs of archc qat (and of its float control)")
     parser.add_argument("--qat-lr", type=float, default=0.01, help="learning rate of archc qat")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--tables", type=Path, metavar="RESULTS.json",
+                        help="measure nothing: print the tables of a --json file written before")
     args = parser.parse_args()
-    import torch
+    if args.tables:
+        results = json.loads(args.tables.read_text())
+    else:
+        import torch
 
-    torch.set_num_threads(args.threads)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="archc-bench-quant-") as folder:
-        for name in args.specs.split(","):
-            rows.append(bench_spec(name, Path(folder), args))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
-    # file arguments by name only: the docs must not name a folder on the measuring machine
-    command = " ".join(["bench/quantization.py",
-                        *(Path(a).name if "/" in a else a for a in sys.argv[1:])])
-    print(f"Measured with `{command}` on {machine(args)}; {args.epochs} epochs, seed "
-          f"{args.seed}, {args.samples} calibration images, 360 validation images.\n")
+        torch.set_num_threads(args.threads)
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="archc-bench-quant-") as folder:
+            for name in args.specs.split(","):
+                rows.append(bench_spec(name, Path(folder), args))
+        # file arguments by name only: the docs must not name a folder on the measuring machine
+        command = " ".join(["bench/quantization.py",
+                            *(Path(a).name if "/" in a else a for a in sys.argv[1:])])
+        n = len(rows[0]["right"]["fp32"]) if rows else 0
+        results = {"measured": f"Measured with `{command}` on {machine(args)}; {args.epochs} "
+                               f"epochs, seed {args.seed}, {args.samples} calibration images, "
+                               f"{n} validation images.", "rows": rows}
+        if args.json:
+            from archc.common.fileio import atomic_output
+
+            with atomic_output(args.json) as temporary:
+                temporary.write_text(json.dumps(results, indent=1) + "\n")
+    rows = results["rows"]
+    print(results["measured"] + "\n")
     print(accuracy_table(rows))
     print()
     print(repvgg_table(rows))
     print()
-    print(latency_table(rows, args))
+    print(latency_table(rows))
 
 
 if __name__ == "__main__":

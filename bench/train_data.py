@@ -11,7 +11,7 @@ folders (`DIR/<class>/<i>.jpg`: a class colour plus noise, written by Pillow) fo
   each file with PIL and applies the same transform function (`archc.train.transforms.transform`),
   a `DataLoader(shuffle=True, num_workers=2)`, the same model (archc's build and init), SGD with
   the same settings, channels_last and one intra-op thread as archc's loop, then one pass over the
-  validation images.
+  validation images; both subprocesses get the OpenMP wait policy the archc CLI sets (PASSIVE).
 Both see the same train/validation files (archc's fixed split). Reported per N and loop: the peak
 resident set size of the subprocess (`os.wait4`'s ru_maxrss: the largest of the process and its
 waited-for children, i.e. the main process or one DataLoader worker), and images/s = training
@@ -61,8 +61,11 @@ def generate(root: Path, n: int) -> float:
 
 
 def measured(command: list[str]) -> tuple[dict, float]:
-    """(the JSON the command wrote to its last argument, peak RSS in MiB) of one subprocess."""
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    """(the JSON the command wrote to its last argument, peak RSS in MiB) of one subprocess, run
+    with the OpenMP wait policy the archc CLI sets for itself (archc.cli.main.idle_threads_sleep:
+    PASSIVE unless the environment chose one), so that both loops run under the same policy."""
+    environment = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, env=environment)
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:

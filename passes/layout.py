@@ -29,9 +29,10 @@ every member by the rules above and records the changes as graph edits.
 
 A group is skipped, with a refusal that gives the numbers, when C' > 2 C (TVM's rule: more padding
 than channels), when the analysis fixed it (its reason), when a channel shuffle reorders it
-(`SHUFFLED`: padding would have to keep the shuffle's segments in lockstep), and when a LayerNorm
-normalizes it (`NORMALIZED`: a zero channel would change its mean and variance). The report gives
-parameters and FLOPs before and after (`archc.ir.analysis`). Every group ends aligned or refused, so
+(`SHUFFLED`: padding would have to keep the shuffle's segments in lockstep; a pixel shuffle's
+interleave too), when a LayerNorm normalizes it (`NORMALIZED`: a zero channel would change its mean
+and variance) and when a GroupNorm normalizes it (`NORMED`). The report gives parameters and
+FLOPs before and after (`archc.ir.analysis`). Every group ends aligned or refused, so
 a second run changes nothing.
 """
 
@@ -66,6 +67,7 @@ NAME = "align_channels"
 DOUBLES = "padding would more than double the channels"
 SHUFFLED = "a channel shuffle reorders these channels (padding through it is not implemented)"
 NORMALIZED = "a LayerNorm normalizes these channels: a zero channel would change its statistics"
+NORMED = "a GroupNorm normalizes these channels (zero channels would change its statistics)"
 NEEDS_INPUTS = "needs example inputs (PassContext.example_inputs or input_shape) for the shapes"
 
 Layouts = Sources  # leaf group index -> the source of each padded channel (NEW: padding)
@@ -137,9 +139,10 @@ def plan(graph: ChannelGraph, multiple: int) -> tuple[Layouts, list[str], list[R
             continue
         if group.parts:  # its parts' layouts, one after the other (`resize_channels`)
             continue
-        if group.fixed or group.normalized:
+        if group.fixed or group.normalized or group.norm_groups:
             if group.size % multiple:
-                refusals.append(Refuse(group.fixed or NORMALIZED, _names(graph, group)))
+                refusals.append(Refuse(group.fixed or (NORMALIZED if group.normalized else NORMED),
+                                       _names(graph, group)))
             continue
         segments = group.divisor
         width = group.size // segments

@@ -93,8 +93,9 @@ def kill_half(gm, example, whole_segments: bool = False) -> None:
     """Make the first half of every pruning unit's channels (of every segment; with
     whole_segments, the first half of the segments) exactly dead wherever they are (in the
     composites holding them too: concatenations, splits, shuffles): producer rows and biases 0, BN
-    gamma and beta 0. A unit is a free leaf group, or a group the analysis cut into pieces; groups
-    a LayerNorm normalizes have no dead channels (PruneConfig.keep_normalized leaves them)."""
+    gamma and beta 0. A unit is a free leaf group, or a group the analysis cut into pieces; a group
+    with GroupNorms loses the first half of its norm groups, whole; groups a LayerNorm normalizes
+    have no dead channels (PruneConfig.keep_normalized leaves them)."""
     cg = analyze_channels(gm, (example.to(next(gm.parameters()).dtype),))
     positions = _positions(cg)
     pieces = _unit_pieces(cg)
@@ -105,9 +106,9 @@ def kill_half(gm, example, whole_segments: bool = False) -> None:
                 or group.index in in_unit or group.normalized:
             continue
         killed += 1
-        segments = group.divisor
+        segments = group.norm_groups or group.divisor
         per = group.size // segments
-        if whole_segments and segments > 1:
+        if (whole_segments or group.norm_groups) and segments > 1:
             dead = [c for s in range(segments // 2) for c in range(s * per, (s + 1) * per)]
         else:
             dead = [s * per + c for s in range(segments) for c in range(per // 2)]
@@ -138,5 +139,5 @@ def _zero(gm, cg, group, channels) -> None:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.weight[channels] = 0
                 module.bias[channels] = 0
-            elif module.bias is not None:
+            elif getattr(module, "bias", None) is not None:
                 module.bias[channels] = 0

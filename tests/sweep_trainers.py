@@ -26,3 +26,13 @@ def no_metrics(spec, **kwargs):
 
 def broken(spec, **kwargs):
     raise RuntimeError("the user's trainer has a bug")
+
+
+def placement(spec, *, data, epochs, seed, config):
+    """`fake`'s metrics with what the trainer was handed and, in a Ray task, what Ray reserved."""
+    import ray
+
+    metrics = fake(spec, data=data, epochs=epochs, seed=seed, config={})
+    resources = (ray.get_runtime_context().get_assigned_resources() if ray.is_initialized()
+                 else None)
+    return {**metrics, "config": config, "resources": resources}

@@ -71,3 +71,23 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (DOCS.parent / ".ci" / "run").read_text()
     command = next(line.strip() for line in readme.splitlines() if "-m pytest" in line)
     assert command in ci, f"README's test command is not in .ci/run: {command}"
+
+
+def test_measured_tables_are_what_the_bench_prints_from_its_committed_results():
+    """The accuracy tables of docs/compression.md and docs/quantization.md (with their intervals
+    and paired tests) are printed by the bench scripts from the results files committed beside
+    them: no number in them is typed by hand."""
+    import subprocess
+    import sys
+
+    root = DOCS.parent
+    for script, results, doc in (
+            ("bench/compression/tables.py", "bench/compression/results.json", "compression.md"),
+            ("bench/quantization.py", "--tables bench/quantization.json", "quantization.md")):
+        printed = subprocess.run([sys.executable, script, *results.split()], cwd=root, check=True,
+                                 capture_output=True, text=True).stdout
+        text = (DOCS / doc).read_text()
+        tables = [block for block in printed.split("\n\n") if block.startswith("|")]
+        assert len(tables) >= 3
+        for table in tables:
+            assert table.strip() in text, f"docs/{doc} lacks this table of {script}:\n{table}"

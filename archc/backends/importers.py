@@ -4,9 +4,9 @@
   and rebuilt from its spec.
 - torch.export program (`.pt2`): the parameterized layers of its aten-level graph are *lifted*
   back to modules: `aten.conv{1,2,3}d(x, W, b, s, p, d, g)` -> `nn.ConvNd`, `aten.linear` ->
-  `nn.Linear`; parameters keep their names. Functional aten ops become the torch functions a
-  traced module calls (`ATEN_TO_TORCH`: `aten.add.Tensor` -> `torch.add`, ...), `aten.slice` the
-  indexing `x[:, a:b]`. aten BatchNorm
+  `nn.Linear`, an affine `aten.group_norm` -> `nn.GroupNorm`; parameters keep their names.
+  Functional aten ops become the torch functions a traced module calls (`ATEN_TO_TORCH`:
+  `aten.add.Tensor` -> `torch.add`, ...), `aten.slice` the indexing `x[:, a:b]`. aten BatchNorm
   and in-place ops are brought to the same form as a traced module's by `canonicalize`.
 - a whole pickled `nn.Module` (`torch.save(model)`): unpickling runs arbitrary code, so it is read
   only with an explicit `trust_pickle=True` (`--trust-pickle`); then traced with `symbolic_trace`.
@@ -246,6 +246,13 @@ def lift_aten_graph(exported: nn.Module) -> GraphModule:
             module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
             _assign(module, weight=weight, bias=bias)
             _lift(node, module, root, graph)
+        elif node.op == "call_function" and node.target == torch.ops.aten.group_norm.default \
+                and isinstance(_arg(node, 2), Node) and isinstance(_arg(node, 3), Node):
+            weight, bias = _attr(exported, node.args[2]), _attr(exported, node.args[3])
+            module = nn.GroupNorm(node.args[1], weight.shape[0],
+                                  1e-5 if _arg(node, 4) is None else node.args[4])
+            _assign(module, weight=weight, bias=bias)
+            _lift(node, module, root, graph, node.args[2])
     for node in graph.nodes:
         if node.op == "get_attr" and node.users and node.target not in root:
             root[node.target] = _attr(exported, node)
@@ -273,10 +280,11 @@ def _plain_signature(graph) -> None:
         output.args = (result[0],)
 
 
-def _lift(node: Node, module: nn.Module, root: dict, graph) -> None:
+def _lift(node: Node, module: nn.Module, root: dict, graph, weight: Node | None = None) -> None:
     """Replace `node` by a call of `module`, named after its weight's owner (`s1.conv.weight` ->
-    `s1.conv`). A weight used by several calls keeps one shared module, as in the source model."""
-    target = str(node.args[1].target)
+    `s1.conv`; the weight is the call's second argument unless given). A weight used by several
+    calls keeps one shared module, as in the source model."""
+    target = str((weight or node.args[1]).target)
     name = target.rsplit(".", 1)[0] if "." in target else f"{target}_module"
     root.setdefault(name, module)
     with graph.inserting_after(node):

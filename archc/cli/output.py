@@ -14,9 +14,10 @@ SPEC_FORMATS = (".yaml", ".yml", ".json")  # what `write_spec` writes
 class Output:
     """Where a command's text goes, one rule for every command: `say` the human-readable result
     to stdout (not with --quiet or --json), `note` an informational line (what was written, a
-    summary) to stderr (not with --quiet), `progress` a progress line to stderr (on a terminal or
-    with --progress, never with --quiet), `report` the --json document to stdout (whenever --json
-    asks for it, --quiet or not). Errors always reach stderr; a command's product written to
+    summary) to stderr (not with --quiet), `warning` a note that starts with `warning:`,
+    `progress` a progress line to stderr (on a terminal or with --progress, never with
+    --quiet), `report` the --json document to stdout (whenever --json asks for it, --quiet or
+    not). Errors always reach stderr; a command's product written to
     stdout in place of a file (`schema`, `space fit` without -o) is not text about the work and
     is always written (with --json, inside the report)."""
 
@@ -33,6 +34,11 @@ class Output:
     def note(self, text: str) -> None:
         if not self.quiet:
             print(text, file=sys.stderr, flush=True)
+
+    def warning(self, text: str) -> None:
+        """A `warning:` line on stderr (not with --quiet): legal input that is probably not
+        what the user meant; the command goes on."""
+        self.note(f"warning: {text}")
 
     def progress(self, text: str) -> None:
         if self.show_progress:

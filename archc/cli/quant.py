@@ -174,6 +174,11 @@ def _say(report, source: Path, data: str, out) -> None:
     if report.fp32_accuracy is not None:
         out.say(f"accuracy: fp32 {report.fp32_accuracy:.2f}%, int8 {report.int8_accuracy:.2f}% "
                 f"({report.int8_accuracy - report.fp32_accuracy:+.2f} points)")
+    if report.paired is not None:
+        paired = report.paired
+        out.say(f"int8 vs fp32, image by image: {paired.only_b} right by int8 only, "
+                f"{paired.only_a} by fp32 only; exact McNemar: "
+                f"{paired.verdict('fp32', 'int8')}")
     if report.layers:
         out.say("layers that lose most (per-tensor SQNR, and its drop from the layer's inputs):")
         for layer in report.layers:
@@ -195,6 +200,7 @@ def _qat(args: argparse.Namespace) -> int:
     import archc.passes  # noqa: F401 - registers the catalogue
     from archc.backends.checkpoint import load_checkpoint
     from archc.backends.export import export_onnx
+    from archc.common.accuracy_stats import compare_paired
     from archc.compress.qat import FakeQuant, unwrap
     from archc.compress.quantize import quantize
     from archc.frontend.loading import spec_from_mapping
@@ -209,18 +215,21 @@ def _qat(args: argparse.Namespace) -> int:
     spec_dict, model = load_checkpoint(args.checkpoint)
     spec = spec_from_mapping(spec_dict, str(args.checkpoint))
     data = load_data(args.data, spec.input.channels, spec.input.size)
-    check_classes(spec.num_classes, data)
+    mismatch = check_classes(spec.num_classes, data)
+    if mismatch is not None:
+        out.warning(mismatch)
     example = random_input(input_shape(spec, batch=2), 0)
     out.progress(f"{spec.name}: fusing to the deploy form")
     deploy = run_pipeline(model, resolve_pipeline("default"),
                           PassContext(example_inputs=(example,))).graph_module
-    before = evaluate(deploy, data.val_x, data.val_y)["accuracy"]
+    outcomes: list[tuple[int, int]] = []
+    before = evaluate(deploy, data.val_x, data.val_y, predictions=outcomes)["accuracy"]
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          weight_decay=args.weight_decay, seed=args.seed,
                          threads=args.train_threads, device=device, precision=args.precision)
     plugin = FakeQuant()
-    result = Trainer(config, [plugin], progress=out.show_progress,
-                     label=f"{spec.name} qat").fit(deploy, data)
+    result = Trainer(config, [plugin], progress=out.show_progress, label=f"{spec.name} qat",
+                     warn=out.warning).fit(deploy, data)
     fake = [100.0 - error for error in result.errors]
     out.say(f"{spec.name}: deploy form fp32 {before:.2f}%; fake-quantized fine-tuning of "
             f"{counted(plugin.wrapped, 'layer')}, validation top-1 per epoch: "
@@ -232,12 +241,16 @@ def _qat(args: argparse.Namespace) -> int:
         report = quantize(fp32, args.data, args.output, samples=args.samples,
                           latency_rounds=args.latency_rounds, threads=args.threads,
                           progress=out.progress)
+    against = compare_paired([label == top1 for label, top1 in outcomes], report.int8_right)
     out.say(f"int8 after QAT: {report.int8_accuracy:.2f}% against the deploy form's fp32 "
-            f"{before:.2f}% ({report.int8_accuracy - before:+.2f} points); below, fp32 is the "
+            f"{before:.2f}% ({report.int8_accuracy - before:+.2f} points; image by image "
+            f"{against.only_b}:{against.only_a}, exact McNemar: "
+            f"{against.verdict('the deploy form', 'QAT int8')}); below, fp32 is the "
             f"fine-tuned float model")
     _say(report, args.checkpoint, args.data, out)
     out.report({"command": "qat", "source": str(args.checkpoint), "data": args.data,
-                "deploy_fp32_accuracy": before, "fake_quant_accuracy": fake,
+                "deploy_fp32_accuracy": before, "qat_int8_vs_deploy_fp32": against.document(),
+                "fake_quant_accuracy": fake,
                 "quantized_layers": plugin.wrapped, **report.document()})
     return 0
 

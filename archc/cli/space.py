@@ -61,7 +61,9 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs_required: bool
     group.add_argument("--epochs", type=arguments.positive_int, required=epochs_required,
                        default=None if epochs_required else 10,
                        help="epochs" + ("" if epochs_required else " (default 10)"))
-    group.add_argument("--batch-size", type=arguments.positive_int, default=64, help="default 64")
+    group.add_argument("--batch-size", type=arguments.positive_int, default=64,
+                       help="default 64; under torchrun the global batch, split between the "
+                       "processes")
     group.add_argument("--lr", type=arguments.nonnegative_float, default=0.1,
                        help="peak learning rate of the cosine schedule (default 0.1)")
     group.add_argument("--momentum", type=_fraction, default=0.9, help="SGD momentum (0.9)")
@@ -144,6 +146,13 @@ def add_commands(commands) -> None:
     where.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                        help="run on Ray (pip install 'archc[ray]'): a cluster ADDRESS, or a "
                        "local Ray without one")
+    sweep.add_argument("--cpus-per-model", type=arguments.positive_float, default=None,
+                       metavar="C", help="with --ray: CPUs Ray reserves for each model (default "
+                       "1; --threads sets torch's threads inside)")
+    sweep.add_argument("--gpus-per-model", type=arguments.positive_float, default=None,
+                       metavar="G", help="with --ray: GPUs Ray reserves for each model (default "
+                       "0; 1 runs one model per GPU, 0.5 two); the model trains on its GPU with "
+                       "--device auto")
     sweep.add_argument("--trainer", default=None, metavar="MODULE:FUNCTION",
                        help="your trainer instead of archc's: called as function(spec, data=, "
                        "epochs=, seed=, config=) and returning a mapping with best_error; config "
@@ -241,6 +250,13 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--json", action="store_true",
                           help="the metrics as JSON on stdout even with --quiet (the default "
                           "text is the same JSON)")
+    evaluate.add_argument("--predictions", type=Path, metavar="FILE.json",
+                          help="also write every validation example's label and top-1 class "
+                          "(in the split's order) here, for paired tests of two models "
+                          "(docs/design-spaces.md, eval)")
+    evaluate.add_argument("--against", type=Path, metavar="OTHER.json",
+                          help="a --predictions file of another model on the same data: compare "
+                          "the two image by image (exact McNemar test)")
 
 
 def _space(args: argparse.Namespace) -> int:
@@ -305,20 +321,44 @@ def _sweep_samples(args: argparse.Namespace) -> list[dict]:
     return [sample.record(space.name, args.seed) for sample in space.samples(args.n, args.seed)]
 
 
+def _sweep_resources(args: argparse.Namespace) -> dict[str, float]:
+    """What each Ray task asks for: `--cpus-per-model` / `--gpus-per-model` (Ray only)."""
+    from archc.errors import ArchcError
+
+    resources = {key: value for key, value in (("num_cpus", args.cpus_per_model),
+                                               ("num_gpus", args.gpus_per_model))
+                 if value is not None}
+    if resources and args.ray is None:
+        raise ArchcError("--cpus-per-model and --gpus-per-model reserve Ray resources per model: "
+                         "add --ray (local --workers N runs N models on this machine's CPUs)")
+    if (args.ray is not None and not resources.get("num_gpus")
+            and args.device.strip().lower().startswith("cuda")):
+        raise ArchcError(f"--device {args.device} with --ray needs --gpus-per-model: Ray hides "
+                         f"the GPUs from a task that reserves none")
+    return resources
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from archc.space.sweep import BUILTIN_TRAINER, resolve_trainer, run_sweep
 
-    arguments.resolved_device(args)  # checked here; each worker resolves `auto` on its own machine
+    resources = _sweep_resources(args)
+    if resources.get("num_gpus"):  # the GPUs are the Ray cluster's, maybe not this machine's
+        from archc.train.device import check_precision
+
+        check_precision(args.precision)
+    else:  # checked here; each worker resolves `auto` on its own machine
+        arguments.resolved_device(args)
     samples = _sweep_samples(args)
     trainer = args.trainer or BUILTIN_TRAINER
     resolve_trainer(trainer)
+    out = Output(args)
     if args.trainer is None:
-        _check_data(args.data, samples[0]["spec"])
+        _check_data(args, samples[0]["spec"], out)
     setup = {"data": args.data, "epochs": args.epochs, "seed": args.seed, "trainer": trainer,
              "options": _training_options(args)}
-    out = Output(args)
     summary = run_sweep(samples, args.output, setup, workers=args.workers,
-                        ray_address=args.ray, quiet=out.quiet, progress=out.show_progress)
+                        ray_address=args.ray, resources=resources, quiet=out.quiet,
+                        progress=out.show_progress)
     held = summary["already"] + summary["trained"]
     out.say(f"trained {counted(summary['trained'], 'model')} ({summary['failed']} failed) in "
           f"{summary['seconds']:.1f} s; {args.output} holds {held} of {summary['total']}")
@@ -337,8 +377,11 @@ def _analyze(args: argparse.Namespace) -> int:
                            args.bins, args.permutations)
     for space in summary["spaces"]:
         e = space["error"]
+        band = e["median_interval"]
         out.say(f"{space['label']}: {counted(space['n'], 'model')} ({space['failed']} failed), "
-                f"error min {e['min']:.2f} mean {e['mean']:.2f} median {e['median']:.2f}")
+                f"error min {e['min']:.2f} mean {e['mean']:.2f} "
+                f"median {e['median']:.2f}"
+                + ("" if band is None else f" [95%: {band[0]:.2f}, {band[1]:.2f}]"))
     if len(spaces) > 1:
         dropped = [f"{space['normalized']['dropped']} of {space['label']}"
                    for space in summary["spaces"] if space["normalized"]["dropped"]]
@@ -377,8 +420,8 @@ def _fit(args: argparse.Namespace) -> int:
     for line in _change_lines(changes):
         out.note(f"  {line}")
     if changes["large"]:
-        out.note(f"warning: the fitted RegNet is a different network: "
-                 f"{'; '.join(changes['large'])}")
+        out.warning(f"the fitted RegNet is a different network: "
+                    f"{'; '.join(changes['large'])}")
     fitted_dict = fitted_spec.to_dict()
     if args.output is not None or not out.json:
         write_spec(fitted_dict, args.output, out)
@@ -458,14 +501,40 @@ def _fit_records(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_data(data: str, spec_dict: dict) -> None:
-    """Fail before any training if the data cannot feed the built-in trainer."""
+def _check_data(args: argparse.Namespace, spec_dict: dict, out: Output) -> None:
+    """Fail before any training if the data cannot feed the built-in trainer; warn about what
+    is legal but probably a mistake (docs/design-spaces.md, "Warnings")."""
     from archc.frontend.loading import spec_from_mapping
     from archc.train.data import open_data
-    from archc.train.loop import check_classes
+    from archc.train.loop import check_classes, ema_warning
 
     spec = spec_from_mapping(spec_dict, "sample")
-    check_classes(spec.num_classes, open_data(data, spec.input.channels, spec.input.size))
+    # the checks need the classes, sizes and channels, not the images at the models' size (all
+    # of digits at 224x224 would take 1 GB): arrays are read at 8x8
+    data = open_data(args.data, spec.input.channels, min(spec.input.size, 8))
+    mismatch = check_classes(spec.num_classes, data)
+    for warning in (mismatch and f"{mismatch}; for a space: --set base.num_classes={data.classes}",
+                    _upscaling_warning(data, spec.input.size, "the models read",
+                                       "for a small version of a space add --set "
+                                       "base.input.size=32 with a flops window for 32 pixels "
+                                       "(docs/design-spaces.md, 'The shipped spaces')"),
+                    None if args.ema is None else ema_warning(
+                        args.ema, args.epochs * -(-data.train_size // args.batch_size))):
+        if warning is not None:
+            out.warning(warning)
+
+
+def _upscaling_warning(data, size: int, reader: str, advice: str) -> str | None:
+    """A warning when `data`'s stored images are much smaller than the model's input."""
+    from archc.train.data import upscaling
+
+    factor = upscaling(data, size)
+    if factor is None:
+        return None
+    height, width = data.stored_size
+    return (f"{reader} {size}x{size} images but the images of {data.name} are "
+            f"{height}x{width}: each is upscaled {factor:.0f}x, so training pays the flops of "
+            f"{size}x{size} inputs for {height}x{width} content; {advice}")
 
 
 def _load_trainable(path: Path):
@@ -481,6 +550,20 @@ def _load_trainable(path: Path):
 
 
 def _train(args: argparse.Namespace) -> int:
+    """`archc train`; under torchrun, one of the processes training the model together
+    (archc.train.distributed): rank 0 alone prints and writes."""
+    from archc.train.distributed import device_for, from_environment, process_group
+
+    ranks = from_environment()
+    device = arguments.resolved_device(args)
+    if ranks is None:
+        return _train_on(args, device, None)
+    placed = device_for(ranks, args.device)
+    with process_group(ranks, placed):
+        return _train_on(args, str(placed), ranks)
+
+
+def _train_on(args: argparse.Namespace, device: str, ranks) -> int:
     spec_dict, model = _load_trainable(args.model)
     from archc.backends.checkpoint import save_checkpoint
     from archc.common.fileio import atomic_output
@@ -491,8 +574,8 @@ def _train(args: argparse.Namespace) -> int:
     from archc.train.loop import TrainConfig, Trainer, check_classes
     from archc.train.state import load_run_state
 
-    out = Output(args)
-    device = arguments.resolved_device(args)
+    main = ranks is None or ranks.main
+    out = Output(args if main else argparse.Namespace(quiet=True))
     spec = spec_from_mapping(spec_dict, str(args.model))
     plugins, overrides, compression = cli_compress.train_plugins(args, spec)
     config = TrainConfig(epochs=args.epochs, seed=args.seed,
@@ -503,15 +586,24 @@ def _train(args: argparse.Namespace) -> int:
     resume = None if args.resume is None else load_run_state(args.resume, identity)
     data = open_data(args.data, spec.input.channels, spec.input.size, args.augment, args.workers,
                      pin_memory=_pins_memory(device))
-    check_classes(spec.num_classes, data)
-    out.note(data.describe())
+    for warning in (check_classes(spec.num_classes, data),
+                    _upscaling_warning(data, spec.input.size, "the model reads",
+                                       "for digits, the specs "
+                                       "bench/compression/digits_*.yaml read 8x8")):
+        if warning is not None:
+            out.warning(warning)
+    out.note(data.describe() + ("" if ranks is None else
+                                f"; {ranks.size} processes share every batch of "
+                                f"{args.batch_size}"))
     if model is None:
         model = build(spec, seed=args.seed)
     state_path = args.output.with_suffix(".state.pt") if args.save_every else None
     trainer = Trainer(config, plugins, progress=out.show_progress, label=spec.name,
                       save_every=args.save_every or 0, state_path=state_path, identity=identity,
-                      metrics_jsonl=args.metrics_jsonl)
+                      metrics_jsonl=args.metrics_jsonl, ranks=ranks, warn=out.warning)
     result = trainer.fit(model, data, resume=resume)
+    if not main:
+        return 0  # rank 0 writes the checkpoint and the metrics
     for epoch in result.history:
         out.note(f"epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}, validation "
                  f"error {epoch['val_error']:.2f}%" + (f" (EMA {epoch['ema_val_error']:.2f}%)"
@@ -544,10 +636,12 @@ def _pins_memory(device: str) -> bool:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from archc.common.accuracy_stats import wilson_interval
     from archc.errors import DataError
     from archc.train.data import open_data
     from archc.train.loop import evaluate_batches
 
+    against = None if args.against is None else _read_predictions(args.against)
     onnx = args.model.suffix.lower() == ".onnx"
     if onnx and args.device not in ("auto", "cpu"):
         from archc.errors import DeviceError
@@ -573,13 +667,62 @@ def _eval(args: argparse.Namespace) -> int:
     if data.classes > outputs:
         raise DataError(f"{args.model} has {outputs} outputs but {data.name} has {data.classes} "
                         f"classes")
-    metrics = evaluate_batches(run, data.val_batches(args.batch_size), device)
+    outcomes: list[tuple[int, int]] = []
+    metrics = evaluate_batches(run, data.val_batches(args.batch_size), device, outcomes)
+    correct = sum(label == top1 for label, top1 in outcomes)
+    low, high = wilson_interval(correct, len(outcomes))
     document = {"model": str(args.model), "data": data.name, "split": "validation",
-                "device": device, "samples": data.val_size, **metrics}
+                "device": device, "samples": len(outcomes), **metrics, "correct": correct,
+                "accuracy_interval_95": [100 * low, 100 * high]}
+    if args.against is not None:
+        from archc.common.accuracy_stats import compare_paired
+
+        other = _same_examples(args.against, against, [label for label, _ in outcomes])
+        paired = compare_paired(other, [label == top1 for label, top1 in outcomes])
+        document["against"] = {"file": str(args.against), **paired.document(),
+                               "verdict": paired.verdict(args.against.name, args.model.name)}
+    if args.predictions is not None:
+        from archc.common.fileio import atomic_output
+
+        with atomic_output(args.predictions) as temporary:
+            temporary.write_text(json.dumps({
+                "model": str(args.model), "data": data.name, "split": "validation",
+                "labels": [label for label, _ in outcomes],
+                "predictions": [top1 for _, top1 in outcomes]}) + "\n")
     out = Output(args)
     out.say(json.dumps(document, indent=1))  # the metrics are this command's text
     out.report(document)
     return 0
+
+
+def _read_predictions(path: Path) -> tuple[list, list]:
+    """(labels, predictions) of a `--predictions` file, read before any work is done."""
+    from archc.errors import DataError
+
+    try:
+        document = json.loads(path.read_text())
+        labels, predicted = document["labels"], document["predictions"]
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror})") from None
+    except (ValueError, TypeError, KeyError):
+        raise DataError(f"{path}: not a predictions file of archc eval --predictions (JSON "
+                        f"with 'labels' and 'predictions')") from None
+    if not isinstance(labels, list) or not isinstance(predicted, list) or len(labels) != len(
+            predicted):
+        raise DataError(f"{path}: 'labels' and 'predictions' must be lists of one length")
+    return labels, predicted
+
+
+def _same_examples(path: Path, read: tuple[list, list], labels: list[int]) -> list[bool]:
+    """The per-example correctness of a `--predictions` file, checked to be of the same examples
+    (the same labels in the same order) as `labels`."""
+    from archc.errors import DataError
+
+    theirs, predicted = read
+    if theirs != labels:
+        raise DataError(f"{path}: its {len(theirs)} labels are not this data's {len(labels)} "
+                        f"validation labels in order: evaluate both models on the same data")
+    return [label == top1 for label, top1 in zip(theirs, predicted, strict=True)]
 
 
 HANDLERS = {"space": _space, "train": _train, "eval": _eval}

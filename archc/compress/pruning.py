@@ -41,6 +41,14 @@ bn-scale and random taken as they are) and one threshold over all groups removes
 prunable channels. Every group keeps at least one unit, and its kept count is rounded up to a
 multiple of `round_to` (and of the grouped convs' segment count).
 
+GroupNorm (G groups of C/G channels) is pruned by whole groups, its group count decreasing: a
+channel removed from inside a group would change that group's mean and variance, so only removing
+whole groups keeps the others' outputs (and removing a group whose channels are dead and whose β
+is 0 is exact). A group with GroupNorms is one unit of G segments (several GroupNorms: the gcd of
+their group counts) scored by the sum of each segment's channel scores; `round_to` applies to
+the kept channel count in steps of whole groups. GroupNorm on a group with grouped convs is left
+as it is. PReLU with one slope per channel has its slopes pruned with the channels.
+
 Grouped convs (g groups, not depthwise) read and write g equal segments:
 - `keep-count`: the group count stays g; each segment keeps the same number k of channels, its own
   top-k (not the same indices in every segment), so the group width becomes k;
@@ -120,7 +128,7 @@ class GroupChange:
     label: str
     before: int
     after: int
-    policy: str  # "channels", "keep-count" or "keep-width"
+    policy: str  # "channels", "keep-count", "keep-width" or "norm-groups" (whole GroupNorm groups)
     macs_before: int = 0  # of the layers reading, writing or scaling these channels
     macs_after: int = 0
     params_before: int = 0
@@ -272,12 +280,12 @@ def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelG
                 else:
                     shift = b
                 alive |= (shift != 0).numpy()
-            elif isinstance(module, CONV_MODULES) and module.bias is not None:
-                alive |= (module.bias.detach()[at] != 0).numpy()
+            elif isinstance(module, (*CONV_MODULES, nn.GroupNorm)) and module.bias is not None:
+                alive |= (module.bias.detach()[at] != 0).numpy()  # a dead GroupNorm group is β
             for name, axis, kind in cg.constants.get(node, ()):
                 if kind == "shift":  # a dead channel plus a constant is not dead
                     shift = attribute(gm, name).detach().index_select(axis, at)
-                    alive |= (shift.reshape(-1) != 0).numpy()
+                    alive |= (shift.movedim(axis, 0).reshape(n, -1) != 0).any(1).numpy()
     if producers == 0:
         return None
     if criterion in ("l1", "l2"):
@@ -307,6 +315,12 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
         if group.fixed or (group.parts and group.index not in pieces_of) or group.size < 2 \
                 or group.index in in_unit:
             continue
+        if group.norm_groups == 1 or group.norm_groups and group.groups:
+            notes.append(f"{group.label()}: " + (
+                "a GroupNorm with one group normalizes all these channels together"
+                if group.norm_groups == 1 else "a GroupNorm and a grouped conv on these channels")
+                + ", left as they are")
+            continue
         if group.normalized:
             normalized += 1
             if config.keep_normalized:
@@ -315,7 +329,7 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
             scores = np.zeros(group.size)
             for leaf, channels in pieces_of[group.index].items():
                 piece = cg.groups[leaf]
-                found = None if piece.fixed else _channel_scores(
+                found = None if piece.fixed or piece.norm_groups else _channel_scores(
                     gm, cg, positions, piece, config.criterion, rng)
                 if found is None:
                     scores = None
@@ -370,6 +384,9 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
                 notes.append(f"{groups[0].label()}: the grouped conv's other side is fixed, "
                              f"pruned keep-count")
             for g in groups:
+                if g.norm_groups:  # whole GroupNorm groups
+                    units.append(_Unit([g], g.norm_groups, True, [scored[g.index]]))
+                    continue
                 units.append(_Unit([g], g.divisor, False, [scored[g.index]],
                                    list(pieces_of.get(g.index, {}).items())))
             continue
@@ -422,10 +439,13 @@ def _unit_ratio(unit: _Unit, config: PruneConfig) -> float:
 
 
 def _unit_scores(unit: _Unit) -> np.ndarray:
-    """Per decision item: channels, or whole segments (summed over the unit's groups)."""
+    """Per decision item: channels, or whole segments (summed over the unit's groups; a segment
+    is dead only when all its channels are)."""
     total = np.sum(unit.scores, axis=0)
     if unit.whole_segments:
-        return total.reshape(unit.segments, -1).sum(1)
+        segments = total.reshape(unit.segments, -1)
+        finite = np.where(np.isfinite(segments), segments, 0.0).sum(1)
+        return np.where(np.isfinite(segments).any(1), finite, -np.inf)
     return total
 
 
@@ -509,8 +529,8 @@ def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig,
     macs_after = module_complexity(gm)
     changes = []
     for unit, kept in zip(units, decisions):
-        policy = "keep-width" if unit.whole_segments else (
-            "keep-count" if unit.segments > 1 else "channels")
+        policy = "norm-groups" if unit.groups[0].norm_groups else "keep-width" \
+            if unit.whole_segments else "keep-count" if unit.segments > 1 else "channels"
         for group in unit.groups:
             names = {str(n.target) for n in (*group.producers, *group.consumers,
                                              *group.channelwise) if n.op == "call_module"}

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from archc.common.accuracy_stats import PairedComparison, compare_paired
 from archc.common.suggest import did_you_mean
 from archc.errors import ArchcError
 
@@ -81,6 +82,9 @@ class QuantizationReport:
     top1_agreement: float  # percent
     fp32_accuracy: float | None  # percent, None without usable labels
     int8_accuracy: float | None
+    # int8 against fp32 on the same held-out images: exact McNemar (archc.common.accuracy_stats)
+    paired: PairedComparison | None = None
+    int8_right: list[bool] = field(default_factory=list)  # per held-out image, for other pairs
     layers: list[LayerLoss] = field(default_factory=list)  # worst first
     fp32_ms: float | None = None
     int8_ms: float | None = None
@@ -101,6 +105,7 @@ class QuantizationReport:
                 "held_out_samples": self.held_out_samples, "kept_float": self.kept_float,
                 "sqnr_db": self.sqnr_db, "top1_agreement": self.top1_agreement,
                 "fp32_accuracy": self.fp32_accuracy, "int8_accuracy": self.int8_accuracy,
+                "int8_vs_fp32": None if self.paired is None else self.paired.document(),
                 "layers": [vars(layer) for layer in self.layers],
                 "fp32_ms": self.fp32_ms, "int8_ms": self.int8_ms,
                 "latency_ratio": self.latency_ratio, "quantized_ops": self.quantized_ops,
@@ -365,7 +370,9 @@ def _measure(fp32: Path, int8: Path, fp32_session, int8_session, model_input: Mo
         held_out_samples=len(y), kept_float=[], sqnr_db=sqnr_db(reference, quantized),
         top1_agreement=agreement,
         fp32_accuracy=100.0 * float(np.mean(reference.argmax(1) == y)),
-        int8_accuracy=100.0 * float(np.mean(quantized.argmax(1) == y)))
+        int8_accuracy=100.0 * float(np.mean(quantized.argmax(1) == y)),
+        paired=compare_paired(reference.argmax(1) == y, quantized.argmax(1) == y),
+        int8_right=(quantized.argmax(1) == y).tolist())
     progress("per-tensor comparison")
     report.layers = layer_losses(fp32, int8, model_input, x[:HELD_OUT_LAYER_SAMPLES])[:layers]
     if rounds > 0:

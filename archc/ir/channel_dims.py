@@ -95,3 +95,20 @@ def index_items(index, rank: int) -> list | None:
             for i in items):
         return None
     return items + [slice(None)] * (rank - len(items))
+
+
+def index_place(index, rank: int, dim: int) -> int:
+    """The place in `index` (of `x[index]`, x of rank `rank`) of the item that indexes dim `dim`
+    of x: an Ellipsis stands for the dims the other items leave, `None` items (new dims of size
+    1) index none."""
+    index = list(index) if isinstance(index, (tuple, list)) else [index]
+    items = [i for i in index if i is not None]
+    place = dim
+    if Ellipsis in items and items.index(Ellipsis) <= dim:
+        place = max(items.index(Ellipsis), dim - (rank - len(items)))
+    seen = -1
+    for at, item in enumerate(index):  # the place-th item that is not None
+        seen += item is not None
+        if seen == place:
+            return at
+    return len(index)

@@ -17,9 +17,14 @@ and one channel order, so that pruning or padding edits a whole group at once.
 - Producers and consumers: a conv (channels on dim 1) or Linear (channels last: [N, F],
   channels-last [N, H, W, C], tokens [N, L, C]) *produces* its output's group (rows `W[o]`,
   `b[o]`) and *consumes* its input's group (columns `W[:, i]`); the two groups are independent.
-  BN, depthwise convs, a LayerNorm over the channels alone and layer scales are `channelwise`
-  members (per-channel parameters in the group's order); a LayerNorm's statistics also span the
-  group (`normalized`: no removal there is exact).
+  BN, GroupNorm, PReLU with a slope per channel, depthwise convs and a LayerNorm over the
+  channels alone are `channelwise` members (per-channel parameters in the group's order), and so
+  is an elementwise op reading a per-channel constant (`constants`: a layer scale, a bare
+  [1, C, 1, 1] parameter, a position embedding [1, C, H, W], or a [C] vector through views adding
+  size-1 dims, on whichever dim holds the channels). A LayerNorm's statistics span the group
+  (`normalized`: no removal there is exact); a GroupNorm's group count goes to `norm_groups`: its
+  group changes by whole norm groups only. BN, GroupNorm, PReLU, pixel shuffles and convs read
+  their channels on dim 1.
 - Attention: a reshape splitting the channels into heads, [.., h d, ..] -> [.., h, d, ..], makes
   its input h lockstep segments of its result's group (every head keeps the same dims, as a
   shuffle's input below); merging heads back is the reverse. `q @ k.T` ties q's and k's channels
@@ -31,6 +36,9 @@ and one channel order, so that pruning or padding edits a whole group at once.
   (`parts`); a split, chunk or slice on dim 1 makes its input's group the concatenation of the
   pieces. Two layouts of one group with the same parts identify their pieces (`cat([a, b])` split
   at the same point gives back a and b); concatenations with different boundaries conflict.
+- Pixel shuffles: y = pixel_shuffle(x, r) reads channels c r² .. c r² + r² - 1 of x for its
+  channel c, so x interleaves r² copies of y's group (parts (y, k, stride r²)); pixel_unshuffle
+  the reverse. Removing a channel of the coarse side removes its block of r² on the fine side.
 - Channel shuffles (`archc.ir.shuffles`, every spelling): y = shuffle(x, g) on C = g m channels
   sends x's channel i m + j to y's j g + i. x is the concatenation of g segments of one new
   group Q (lockstep: pruning keeps the same indices K in every segment; the pruned shuffle of
@@ -48,8 +56,9 @@ and one channel order, so that pruning or padding edits a whole group at once.
   merges or splits the channel dim other than into heads and is not a shuffle, a shuffle whose
   group count is computed in the graph or whose reshape hard-codes a channel-dependent size, a
   module called twice, conflicting layouts, a grouped conv on a composite (ShuffleNetV1's
-  grouped 1x1 convs around its shuffle). A fixed composite fixes its parts; a fixed part leaves
-  its composite free.
+  grouped 1x1 convs around its shuffle), a GroupNorm of a composite (its norm groups need not
+  line up with the parts). A fixed composite fixes its parts; a fixed part leaves its composite
+  free.
 
 Usage::
 
@@ -80,6 +89,7 @@ from torch.fx.node import map_aggregate
 from archc.ir.channel_dims import (
     head_split,
     index_items,
+    index_place,
     normal_dim,
     permuted_dim,
     reduced_dim,
@@ -115,11 +125,13 @@ SHARED_MODULE = "a module called more than once reads or writes these channels"
 SEGMENT_CONFLICT = "concatenated or split with different segment boundaries"
 GROUPED_PARTS = "a grouped conv reads or writes a concatenated or split group"
 SIZE_READ = "the graph reads or hard-codes this channel count (size(1), shape[1], view)"
+NORM_PARTS = "a GroupNorm normalizes a concatenated, split or shuffled group"
 UNSUPPORTED = "an op the channel analysis does not model touches these channels"
 HEADS = "attention scores: one per head (heads keep their count; their dims are pruned)"
 PADDED = "constant channels a pad adds"
 _PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHUFFLE_GROUPS, SHUFFLE_SIZES,
-             SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, SIZE_READ, HEADS, PADDED, UNSUPPORTED)
+             SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, NORM_PARTS, SIZE_READ, HEADS, PADDED,
+             UNSUPPORTED)
 
 # Ops that map channel c of every operand to channel c of the result; modules by exact type (a
 # subclass may compute something else).
@@ -142,6 +154,9 @@ _SCALE_OR_SHIFT = {
                      torch.sub, "add", "sub", "add_", "sub_"), "shift"),
 }
 _HARMLESS_ATTRIBUTES = {"dtype", "device", "ndim", "is_cuda", "layout"}
+# shape-only views a per-channel constant may pass through (`gamma.view(1, -1, 1, 1)`)
+_CONSTANT_VIEWS = {*RESHAPES, torch.unsqueeze, torch.squeeze, torch.flatten, "unsqueeze",
+                   "squeeze", "flatten", operator.getitem}
 
 # op kind -> the _Builder method that handles it (anything else: `unsupported`)
 _RULES: dict[object, str] = {
@@ -151,6 +166,10 @@ _RULES: dict[object, str] = {
     nn.Linear: "linear",
     **dict.fromkeys(BN_MODULES, "batch_norm"),
     nn.LayerNorm: "layer_norm",
+    nn.GroupNorm: "group_norm",
+    **dict.fromkeys((nn.PReLU, F.prelu), "prelu"),
+    **dict.fromkeys((nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle),
+                    "pixel_shuffle"),
     **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), "cat"),
     **dict.fromkeys((torch.split, torch.chunk, "split", "chunk"), "split"),
     operator.getitem: "getitem",
@@ -196,6 +215,7 @@ class ChannelGroup:
     # LayerNorms whose statistics span these channels (removing any channel changes them)
     normalized: tuple[Node, ...] = ()
     groups: tuple[int, ...] = ()  # group counts g of grouped convs reading or writing it
+    norm_groups: int = 0  # its GroupNorms' group count: prunable by whole groups only; 0: none
     parts: tuple[Part, ...] = ()  # a composite's segments in channel order; () for a leaf
     fixed: str = ""  # why the size cannot change; "" if it can
     refined: bool = False  # its parts are pieces of one channel space that the analysis cut
@@ -214,6 +234,8 @@ class ChannelGroup:
         text = f"g{self.index} {self.size} ch"
         if self.groups:
             text += f", grouped {'/'.join(map(str, self.groups))}"
+        if self.norm_groups:
+            text += f", {self.norm_groups} norm groups"
         if self.parts:
             text += " = " + " + ".join(
                 f"g{p.group}" + (f"[{p.offset}::{p.stride}]" if p.stride > 1 else "")
@@ -333,6 +355,16 @@ class _Builder:
             if not reason:
                 self.shuffled.update(dict.fromkeys(shuffle.nodes, shuffle))
         self.grouped: list[tuple[int, int]] = []  # (space, g)
+        self.normed: list[tuple[int, int]] = []  # (space, a GroupNorm's group count)
+        # end of a view chain from a constant -> (the get_attr, the chain's nodes): see
+        # `constant_chain`; the chain's nodes are left to the op reading its end
+        self.chains: dict[Node, tuple[Node, list[Node]]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                chain = self.constant_chain(node)
+                if chain:
+                    self.chains[chain[-1]] = (node, chain)
+                    self.done.update(chain)
         self.roles: dict[str, list[tuple[int, Node]]] = {
             "producers": [], "consumers": [], "channelwise": [], "normalized": []}
         self.cuts: dict[Node, int] = {}  # split/chunk/slice node -> the space it cuts
@@ -341,14 +373,6 @@ class _Builder:
         self.sizes: dict[Node, int] = {}  # ChannelGraph.sizes
         # `k.T @ v`: its rows are k's channels, its channel dim v's -> the space of the rows
         self.rows: dict[Node, int] = {}
-        # views of a parameter (`gamma.reshape(1, -1, 1, 1)`): view -> (parameter, its dim)
-        self.views: dict[Node, tuple[Node, int]] = {}
-        for node in gm.graph.nodes:
-            found = _constant_view(node)
-            if found is not None:
-                self.views[node] = found
-                self.done.add(node)
-                self.unread.append(node)
 
     # ---- spaces ----
 
@@ -411,7 +435,7 @@ class _Builder:
             self.fix([node], MODEL_INPUT)
         elif node.op == "output":
             self.fix(_node_args(node), MODEL_OUTPUT)
-        elif node.op == "get_attr" and not (node.users and set(node.users) <= self.views.keys()):
+        elif node.op == "get_attr":
             self.unread.append(node)  # fixed in `finish` unless an op reads it per channel
         if node.op not in ("output", "get_attr") and self.channels(node) is not None:
             self.of(node)  # every channel tensor has a group (a constant's: if not read per
@@ -445,7 +469,7 @@ class _Builder:
             if any(map(_channel_shape, operands)):
                 self.unsupported(node)
             return
-        full = [a for a in operands if len(node_shape(a)) == len(out) and a not in self.views
+        full = [a for a in operands if len(node_shape(a)) == len(out) and a not in self.chains
                 and (a.op != "get_attr" or a in self.space)]
         if not self.same_dim(node, full):
             return self.unsupported(node, "operands with their channels on different dims")
@@ -461,6 +485,8 @@ class _Builder:
                 continue  # no channel dim, or size 1 broadcast over the channels
             if self.per_channel_constant(node, operand, position):
                 continue
+            if operand in self.chains:  # a view of a constant this op does not read per channel
+                self.unsupported(operand, "constant tensor")
             if lead == 0:
                 if operand not in self.space and position != 1:  # a constant read whole
                     self.dims[operand] = position
@@ -469,24 +495,48 @@ class _Builder:
                 return self.unsupported(node, "per-channel operand of a lower rank")
 
     def per_channel_constant(self, node: Node, operand: Node, position: int) -> bool:
-        """Whether `operand` is a constant scaling or shifting each channel of `node` (a layer
-        scale `x * gamma`, gamma [C, 1, 1] or, channels last, [C]; `gamma.reshape(1, -1, 1, 1)`;
-        a bias `x + b`): read by this op alone, size 1 off its channel dim. It is then a
-        channelwise member, pruned with the channels."""
-        shape, kind = node_shape(operand), _SCALE_OR_SHIFT.get(node_target(self.gm, node))
-        if operand in self.views:
-            (constant, dim), sizes = self.views[operand], reshape_sizes(operand)
-            if sizes is None or len(sizes) != len(shape) or sizes[position] != -1:
-                return False  # a view hard-coding the channel count
-        else:
-            constant, dim = operand, position
-        if (constant.op != "get_attr" or kind is None or len(operand.users) != 1
-                or any(n != 1 for d, n in enumerate(shape) if d != position)):
+        """Whether `operand` is a constant scaling or shifting each channel of `node`, read by
+        this op alone: a layer scale `x * gamma` (gamma [C, 1, 1], or [C] on channels last, or a
+        bare [1, C, 1, 1] parameter), a bias `x + b`, a learned position embedding `x + pos` (pos
+        [1, C, H, W]), or such a constant reached through views that only add or drop dims of
+        size 1 (`gamma.view(1, -1, 1, 1)`, `constant_chain`). `position` is the operand's dim that
+        lines up with `node`'s channel dim. It is then a channelwise member, pruned with the
+        channels (along the constant's own channel dim)."""
+        kind = _SCALE_OR_SHIFT.get(node_target(self.gm, node))
+        if operand in self.chains:
+            constant, _ = self.chains[operand]
+            shape = node_shape(operand)
+            if kind is None or any(n != 1 for d, n in enumerate(shape) if d != position):
+                return False
+            position = next(d for d, n in enumerate(node_shape(constant)) if n != 1)
+            operand = constant
+        elif operand.op != "get_attr" or kind is None or len(operand.users) != 1:
             return False
         self.unread.remove(operand)
-        self.constants.setdefault(node, []).append((str(constant.target), dim, kind))
+        self.constants.setdefault(node, []).append((str(operand.target), position, kind))
         self.role("channelwise", node, node)
         return True
+
+    def constant_chain(self, constant: Node) -> list[Node]:
+        """The views a constant with one dim of size > 1 passes through, one user each, to an
+        elementwise scale or shift (`[gamma.view(1, -1, 1, 1)]`); [] if it does not. A view keeps
+        the constant's channels in order and may not hard-code their count (sizes 1 and -1 only;
+        indexing by `None` and full slices only)."""
+        shape = node_shape(constant)
+        if shape is None or sum(n != 1 for n in shape) != 1:
+            return []
+        chain, node = [], constant
+        while len(node.users) == 1:
+            user = next(iter(user for user in node.users))
+            target = node_target(self.gm, user)
+            if target in _SCALE_OR_SHIFT:
+                return chain
+            if target not in _CONSTANT_VIEWS or user.args[:1] != (node,) \
+                    or not _only_views(user, target):
+                return []
+            chain.append(user)
+            node = user
+        return []
 
     def division(self, node: Node, target) -> None:
         divisor = arg(node, 1, "other")
@@ -508,11 +558,13 @@ class _Builder:
             self.fix([node], SHARED_MODULE)
 
     def channels_first(self, node: Node) -> bool:
-        """Whether `node`'s input holds its channels on dim 1 (what BN and convs read)."""
-        if self.dim(node.args[0]) == 1:
+        """Whether `node`'s input holds its channels on dim 1 (what BN, GroupNorm, PReLU, pixel
+        shuffles and convs read)."""
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        if not isinstance(x, Node) or self.dim(x) == 1:
             return True
         self.unsupported(node, f"{node_target(self.gm, node).__name__} on a tensor with its "
-                               f"channels on dim {self.dim(node.args[0])}")
+                               f"channels on dim {self.dim(x)}")
         return False
 
     def batch_norm(self, node: Node, target=None) -> None:
@@ -529,6 +581,67 @@ class _Builder:
             return self.unsupported(node, "LayerNorm over more than the channels")
         self.channelwise(node)
         self.role("normalized", node, node)
+
+    def group_norm(self, node: Node, target=None) -> None:
+        """GroupNorm: channelwise (weight, bias) and prunable by whole groups only: removing a
+        channel from a group would change its mean and variance."""
+        if not self.channels_first(node):
+            return
+        self.channelwise(node)
+        if node in self.space:
+            self.normed.append((self.of(node), self.gm.get_submodule(node.target).num_groups))
+
+    def prelu(self, node: Node, target) -> None:
+        """PReLU: one slope per channel (num_parameters = C) is a channelwise member, its slopes
+        pruned with the channels; a single slope is elementwise."""
+        if target is not F.prelu:
+            if self.gm.get_submodule(node.target).num_parameters == 1:
+                return self.elementwise(node)
+            if self.channels_first(node):
+                self.channelwise(node)
+            return
+        x, weight = node.args[0], arg(node, 1, "weight")
+        shape = node_shape(weight) if isinstance(weight, Node) else None
+        if _channel_shape(x) is None or _channel_shape(node) is None or shape is None \
+                or len(shape) != 1:
+            return self.unsupported(node, "prelu")
+        if shape[0] > 1 and (weight.op != "get_attr" or len(weight.users) != 1):
+            return self.unsupported(node, "prelu with a shared or computed slope")
+        if shape[0] > 1 and not self.channels_first(node):
+            return
+        if self.dim(x) != 1:  # one slope: elementwise on any layout
+            self.dims[node] = self.dim(x)
+        self.tie(x, node)
+        if shape[0] > 1:
+            self.unread.remove(weight)
+            self.constants.setdefault(node, []).append((str(weight.target), 0, "slope"))
+            self.role("channelwise", node, node)
+
+    def pixel_shuffle(self, node: Node, target) -> None:
+        """y = pixel_shuffle(x, r): y's channel c is x's channels c r² .. c r² + r² - 1, so x
+        interleaves r² copies of y's group (parts (y, k, stride r²)): pruning y's channel c
+        removes its whole block of x. pixel_unshuffle is the reverse (y interleaves x)."""
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            r = getattr(module, "upscale_factor", getattr(module, "downscale_factor", None))
+            up = isinstance(module, nn.PixelShuffle)
+        else:
+            up = target is F.pixel_shuffle
+            r = arg(node, 1, "upscale_factor" if up else "downscale_factor")
+        name = "pixel_shuffle" if up else "pixel_unshuffle"
+        if not isinstance(x, Node) or _channel_shape(x) is None or _channel_shape(node) is None:
+            return self.unsupported(node, f"{name} of unknown shape")
+        if not isinstance(r, int):
+            return self.opaque(node, f"{UNSUPPORTED}: {name} with a computed factor "
+                                     f"({node.name})")
+        if not self.channels_first(node):
+            return
+        if r == 1:
+            return self.tie(x, node)
+        coarse, fine = (node, x) if up else (x, node)  # fine = r² channels per coarse one
+        q, n = self.of(coarse), _channel_shape(coarse)[1]
+        self.layouts.append((self.of(fine), tuple((q, k, r * r, n) for k in range(r * r))))
 
     def conv(self, node: Node, target=None) -> None:
         module = self.gm.get_submodule(node.target)
@@ -611,9 +724,11 @@ class _Builder:
                 self.unsupported(node)
             return
         c = self.dim(x)
-        items = index_items(index, len(shape))
+        raw = list(index) if isinstance(index, tuple) else [index]
+        items = index_items(tuple(i for i in raw if i is not None), len(shape))
         if items is None or not isinstance(items[c], slice) or items[c].step not in (None, 1) \
-                or isinstance(items[0], int) or _channel_shape(node) is None:
+                or isinstance(items[0], int) or _channel_shape(node) is None \
+                or None in raw[:index_place(raw, len(shape), c) + 1]:  # `e[:, :, None, None]`
             return self.unsupported(node, "indexing")
         dim = c - sum(isinstance(i, int) for i in items[:c])  # an int index drops its dim
         if dim != 1:
@@ -636,6 +751,10 @@ class _Builder:
         back. A requested size there is -1 or a literal channel count, rewritten when pruned."""
         x = node.args[0] if node.args else node.kwargs["input"]
         before, after = _channel_shape(x), _channel_shape(node)
+        sizes = reshape_sizes(node) or ()
+        if before is None and after is not None and len(sizes) == len(after) and any(
+                type(s) is int and s == n > 1 for s, n in zip(sizes, after)):
+            return self.opaque(node, SIZE_READ)  # a constant's `gamma.view(1, 64, 1, 1)`
         if before is None or after is None:
             return self.opaque(node, MOVES_CHANNELS)
         c = self.dim(x)
@@ -935,6 +1054,11 @@ class _Builder:
             reasons.setdefault(root, []).append(SEGMENT_CONFLICT)
         for root in groups_of.keys() & chosen.keys():
             reasons.setdefault(root, []).append(GROUPED_PARTS)
+        norms_of: dict[int, int] = {}
+        for space, g in self.normed:
+            norms_of[find(space)] = math.gcd(norms_of.get(find(space), 0), g)
+        for root in norms_of.keys() & chosen.keys():
+            reasons.setdefault(root, []).append(NORM_PARTS)
         pieces = set().union(*pieces_of.values())
         for root in roots:  # a safety net: no rule leaves such a group
             if root not in chosen and root not in pieces and not members[root]["producers"]:
@@ -951,6 +1075,7 @@ class _Builder:
                 index=number[root], size=self.size[root],
                 **{role: tuple(nodes) for role, nodes in members[root].items()},
                 groups=tuple(sorted(groups_of.get(root, ()))),
+                norm_groups=norms_of.get(root, 0),
                 parts=tuple(Part(number[find(p)], offset, size, stride)
                             for p, offset, stride, size in chosen.get(root, ())),
                 fixed=fixed.get(root, ""),
@@ -979,16 +1104,15 @@ class _Builder:
         return members
 
 
-def _constant_view(node: Node) -> tuple[Node, int] | None:
-    """(parameter, the dim of its values) of a reshape of a parameter or buffer whose values lie
-    along one dim (a layer scale gamma [C] viewed as [1, C, 1, 1]); None for anything else."""
-    if node.op not in ("call_function", "call_method") or node.target not in RESHAPES \
-            or not node.args or not isinstance(node.args[0], Node) \
-            or node.args[0].op != "get_attr":
-        return None
-    shape = node_shape(node.args[0])
-    wide = [d for d, n in enumerate(shape or ()) if n != 1]
-    return (node.args[0], wide[0]) if len(wide) == 1 else None
+def _only_views(node: Node, target) -> bool:
+    """Whether a view of a constant only adds or drops dims of size 1 (`constant_chain`)."""
+    if target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        return all(i is None or i is Ellipsis or i == slice(None) for i in index)
+    if target in RESHAPES:
+        return all(size in (1, -1) for size in reshape_sizes(node) or (0,))
+    return True
+
 
 
 def _normalized(parts) -> tuple[tuple[int, int, int, int], ...]:

@@ -9,7 +9,7 @@ them on a freshly built graph (on the meta device when loading, then the state_d
 Edits are dicts of plain values (loadable with `torch.load(weights_only=True)`):
 - `{"op": "module", "name": N, "config": C}`: put a new module built from C at N (replacing
   what is there; containers on the way are created). C is `module_config(m)` of a Conv1d/2d/3d,
-  BatchNorm1d/2d/3d, LayerNorm or Linear.
+  BatchNorm1d/2d/3d, LayerNorm, Linear, GroupNorm or PReLU.
 - `{"op": "split", "node": n, "sizes": [..], "dim": d}`: a split/chunk of dim d (1 if absent)
   cuts these sizes now (a chunk becomes a split); a slice `x[:, a:b]` takes
   `{"node": n, "slice": [a, b], "at": i}`, i the place of the channel slice in the index (1 if
@@ -42,7 +42,8 @@ _BN_TYPES = {kind.__name__: kind for kind in BN_MODULES}
 
 
 def module_config(module: nn.Module) -> dict[str, Any]:
-    """The constructor arguments of a conv, BN, LayerNorm or Linear, as plain values."""
+    """The constructor arguments of a conv, BN, LayerNorm, Linear, GroupNorm or PReLU, as plain
+    values."""
     kind = type(module).__name__
     if kind in _CONV_TYPES and type(module) is _CONV_TYPES[kind]:
         return {"type": kind, "in": module.in_channels, "out": module.out_channels,
@@ -61,6 +62,11 @@ def module_config(module: nn.Module) -> dict[str, Any]:
     if type(module) is nn.Linear:
         return {"type": "Linear", "in": module.in_features, "out": module.out_features,
                 "bias": module.bias is not None}
+    if type(module) is nn.GroupNorm:
+        return {"type": "GroupNorm", "groups": module.num_groups,
+                "features": module.num_channels, "eps": module.eps, "affine": module.affine}
+    if type(module) is nn.PReLU:
+        return {"type": "PReLU", "features": module.num_parameters}
     raise ValueError(f"cannot record a {kind} module")
 
 
@@ -83,6 +89,11 @@ def make_module(config: dict[str, Any]) -> nn.Module:
                             elementwise_affine=config["affine"], bias=config["bias"])
     if kind == "Linear":
         return nn.Linear(config["in"], config["out"], bias=config["bias"])
+    if kind == "GroupNorm":
+        return nn.GroupNorm(config["groups"], config["features"], eps=config["eps"],
+                            affine=config["affine"])
+    if kind == "PReLU":
+        return nn.PReLU(config["features"])
     raise ValueError(f"unknown module type {kind!r}")
 
 

@@ -27,8 +27,13 @@ exactly (a removed channel must be dead, a new channel is exactly 0 wherever it 
 - LayerNorm over the channels: γ and β gathered with s. Its mean and variance run over the
   channels, so any change of their number changes its output: removal is exact only where the
   LayerNorm's channels are all kept, and padding through it is refused;
-- a per-channel constant (`graph.constants`: a layer scale `x * gamma`, a shift `x + beta`):
-  gathered along its channel dim with s, 0 on new channels;
+- GroupNorm: γ, β gathered with s; its groups are removed whole (`kept_norm_groups`: the kept
+  channels must be whole old groups, so every kept group's statistics are unchanged), new
+  channels are refused; PReLU with one slope per channel: slopes gathered, 0 on new channels
+  (prelu(0) = 0);
+- a per-channel constant (`graph.constants`: a layer scale `x * gamma`, a shift `x + beta`, a
+  position embedding `x + pos`, a functional PReLU's slopes): gathered along its channel dim with
+  s, 0 on new channels;
 - a split, chunk or channel slice of a resized group (`graph.cuts`, on whichever dim holds the
   channels): an old boundary b moves to
   the number of new channels before it, a `NEW` channel counting with the channel before it
@@ -50,6 +55,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from archc.errors import ArchcError
+from archc.ir.channel_dims import index_place
 from archc.ir.channels import ChannelGraph, ChannelGroup
 from archc.ir.graph import attribute
 from archc.ir.graph_edits import (
@@ -82,6 +88,20 @@ def gather(tensor: Tensor, source: Tensor, dim: int = 0, fill: float = 0.0) -> T
     sourced = source >= 0
     result[sourced] = moved[source[sourced]]
     return result.movedim(0, dim).contiguous()
+
+
+def kept_norm_groups(source: Tensor, channels: int, groups: int) -> int:
+    """The group count of a GroupNorm over `channels` in `groups` groups whose channels become
+    `source`: the number of old groups it keeps. Raises ValueError unless `source` keeps whole
+    groups (every channel of a kept group, no new channel): a partial group would be normalized
+    with other statistics."""
+    width = channels // groups
+    if bool((source < 0).any()):
+        raise ValueError("a GroupNorm cannot take new channels")
+    kept = torch.unique(source // width)
+    if len(source) != len(kept) * width:
+        raise ValueError(f"a GroupNorm keeps whole groups of {width} channels only")
+    return len(kept)
 
 
 def resized_groups(groups: int, in_channels: int, out_channels: int, out_source: Tensor) -> int:
@@ -192,8 +212,9 @@ def complete_sources(graph: ChannelGraph, sources: Sources) -> Sources:
 
 def resized_layers(gm: GraphModule, graph: ChannelGraph, sources: Sources
                    ) -> Iterator[tuple[Node, nn.Module, Tensor, Tensor]]:
-    """(node, module, input source, output source) of every conv, Linear and BN module call that
-    reads or writes a group of the complete `sources`, in graph order."""
+    """(node, module, input source, output source) of every conv, Linear, BN, LayerNorm,
+    GroupNorm and PReLU module call that reads or writes a group of the complete `sources`, in
+    graph order."""
     for node in gm.graph.nodes:
         if node.op != "call_module" or node not in graph.index:
             continue
@@ -212,10 +233,11 @@ def resize_channels(gm: GraphModule, graph: ChannelGraph, sources: Sources) -> N
     sources = complete_sources(graph, sources)
     for node, module, in_source, out_source in list(resized_layers(gm, graph, sources)):
         try:
-            config, tensors = _LAYERS[type(module)](module, in_source, out_source)
+            resized = _LAYERS[type(module)](module, in_source, out_source)
         except ValueError as exc:
             raise ResizeError(f"{node.target}: {exc}") from None
-        _replace(gm, str(node.target), module, config, tensors)
+        if resized is not None:
+            _replace(gm, str(node.target), module, *resized)
     for node, reads in graph.constants.items():
         if graph.index[node] in sources:
             for name, dim, _ in reads:
@@ -277,12 +299,34 @@ def _resize_norm(norm: nn.Module, in_source: Tensor, out_source: Tensor
     return config, tensors
 
 
-# module type -> its handler: (module, input source, output source) -> (config, tensors)
-_LAYERS: dict[type, Callable[[nn.Module, Tensor, Tensor], tuple[dict, dict[str, Tensor]]]] = {
+def _resize_group_norm(norm: nn.GroupNorm, in_source: Tensor, out_source: Tensor
+                       ) -> tuple[dict, dict[str, Tensor]]:
+    groups = kept_norm_groups(out_source, norm.num_channels, norm.num_groups)
+    config = {**module_config(norm), "groups": groups, "features": len(out_source)}
+    tensors = {key: gather(getattr(norm, key), out_source) for key in ("weight", "bias")
+               if getattr(norm, key) is not None}
+    return config, tensors
+
+
+def _resize_prelu(prelu: nn.PReLU, in_source: Tensor, out_source: Tensor
+                  ) -> tuple[dict, dict[str, Tensor]] | None:
+    """One slope per channel: gathered (0 on new channels); a single slope stays."""
+    if prelu.num_parameters == 1:
+        return None
+    return {**module_config(prelu), "features": len(out_source)}, {
+        "weight": gather(prelu.weight, out_source)}
+
+
+# module type -> its handler: (module, input source, output source) -> (config, tensors), None
+# if the module stays as it is
+_LAYERS: dict[type, Callable[[nn.Module, Tensor, Tensor],
+                             tuple[dict, dict[str, Tensor]] | None]] = {
     **dict.fromkeys(CONV_MODULES, _resize_conv),
     nn.Linear: _resize_linear,
     **dict.fromkeys(BN_MODULES, _resize_norm),
     nn.LayerNorm: _resize_layer_norm,
+    nn.GroupNorm: _resize_group_norm,
+    nn.PReLU: _resize_prelu,
 }
 
 
@@ -312,7 +356,7 @@ def _recut(gm: GraphModule, node: Node, source: Tensor, size: int, dim: int) -> 
     bounds."""
     if node.target is operator.getitem:  # x[:, a:b], x[..., a:b]
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        at = _slice_place(index, len(node_shape(node.args[0])), dim)
+        at = index_place(index, len(node_shape(node.args[0])), dim)
         start, stop = index[at].indices(size)[:2]
         put_slice(gm, node, *cut_bounds(source, [start, stop]), at)
         return
@@ -322,10 +366,3 @@ def _recut(gm: GraphModule, node: Node, source: Tensor, size: int, dim: int) -> 
     moved = cut_bounds(source, bounds)
     put_split(gm, node, [b - a for a, b in zip(moved, moved[1:])], dim)
 
-
-def _slice_place(index: tuple, rank: int, dim: int) -> int:
-    """The place in `index` of the item that slices dim `dim` (an Ellipsis stands for the dims
-    the other items leave)."""
-    if Ellipsis not in index or index.index(Ellipsis) > dim:
-        return dim
-    return dim - (rank - len(index))

@@ -37,6 +37,7 @@ from archc.space.stats import (
     edf,
     ks_two_sample,
     log_bins,
+    median_interval,
     normalized_weights,
     stratified_permutation_test,
 )
@@ -210,7 +211,8 @@ def summarize(spaces: list[SpaceResults], resamples: int, seed: int, fraction: f
         entry = {"label": space.label, "files": space.files, "n": len(errors),
                  "failed": space.failed,
                  "error": {"min": float(errors.min()), "mean": float(errors.mean()),
-                           "median": float(np.median(errors)), "max": float(errors.max())},
+                           "median": float(np.median(errors)), "max": float(errors.max()),
+                           "median_interval": median_interval(errors)},
                  "best": {"id": space.ids[best], "error": float(errors[best]),
                           **{k: space.metrics[best][k] for k in ("flops", "params", "acts")
                              if k in space.metrics[best]}},
@@ -334,12 +336,18 @@ def markdown(summary: dict[str, Any]) -> str:
              f"{summary['resamples']:,} resamples of {summary['fraction']:.0%} of the models "
              f"with replacement (seed {summary['seed']}); the interval is the 2.5-97.5 percentile "
              f"range of the best model's value.", "",
-             "| space | models | failed | min | mean | median | best model |",
+             "| space | models | failed | min | mean | median [95% interval] | best model |",
              "|---|---|---|---|---|---|---|"]
     for space in summary["spaces"]:
         e = space["error"]
+        band = e.get("median_interval")
+        interval = "" if band is None else f" [{band[0]:.2f}, {band[1]:.2f}]"
         lines.append(f"| {space['label']} | {space['n']} | {space['failed']} | {e['min']:.2f} | "
-                     f"{e['mean']:.2f} | {e['median']:.2f} | {space['best']['id']} |")
+                     f"{e['mean']:.2f} | {e['median']:.2f}{interval} | {space['best']['id']} |")
+    lines += ["", "The median's interval is distribution-free (order statistics: it holds the "
+              "median of the space's error distribution with probability at least 95%; none "
+              "below 6 models). The min is the best of the sampled models, not an estimate of "
+              "anything: compare spaces by their EDFs and the tests below."]
     lines += ["", "## Normalized EDFs", "",
               f"Flops-normalized: {summary['common_bins']} of {summary['bins']} log-spaced flops "
               f"bins hold models of every space; each space's weight is uniform over those bins, "

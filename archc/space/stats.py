@@ -31,11 +31,18 @@ Recognition"; 2020, "Designing Network Design Spaces"). Pure numpy.
   value of the pair with the lowest error; the 2.5, 50 and 97.5 percentiles of the B kept values
   (numpy's linear interpolation) are the 95% interval and the median of the best value. The same
   B resamples serve every parameter. pycls uses B = 2,500, the paper 10^4.
+- Distribution-free 95% interval of a space's median error (the order-statistic interval): with
+  the n errors sorted, x_(1) <= ... <= x_(n), the interval [x_(j), x_(n+1-j)] holds the median
+  of the distribution the models were drawn from with probability 1 - 2 P(X <= j - 1),
+  X ~ Binomial(n, 1/2), whatever that distribution; j is the largest with that probability at
+  least 95% (n = 24: the 7th and 18th errors, 97.7%). No interval exists for n < 6.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from archc.common.accuracy_stats import binomial_half_tail
 
 PERCENTILES = (2.5, 50.0, 97.5)
 
@@ -183,3 +190,17 @@ def bootstrap_best(values: dict[str, np.ndarray], errors: np.ndarray,
     return {name: tuple(float(v) for v in np.percentile(np.asarray(column, float)[best],
                                                         PERCENTILES))
             for name, column in values.items()}
+
+
+def median_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float] | None:
+    """(low, high, coverage): the order-statistic interval of the median (module docstring), or
+    None when n is too small for any interval to reach `level`."""
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(ordered)
+    best = None
+    for j in range(1, n // 2 + 1):
+        coverage = 1 - 2 * binomial_half_tail(j - 1, n)
+        if coverage < level:
+            break
+        best = (float(ordered[j - 1]), float(ordered[n - j]), coverage)
+    return best

@@ -3,8 +3,12 @@
 `run_sweep` takes samples (from `archc.space.design_space` or a samples file), drops those the
 results file already holds, and runs `run_task` on each of the others: in this process
 (`workers=1`), in local worker processes (`workers=N`, spawned, so no state is inherited) or as Ray
-tasks (`ray=ADDRESS`, one CPU each). `run_task` is the same function in all three; it fixes the
-intra-op thread count, so identical seeds give identical numbers whichever way it runs. The parent
+tasks (`ray=ADDRESS`), each asking Ray for `resources` (default one CPU and no GPU; a request no
+node of the cluster can meet is refused before any task starts). Ray gives a task that asks for
+GPUs its own (CUDA_VISIBLE_DEVICES), so a trainer's `device` `auto` finds that GPU; a task without
+GPUs is handed `device` `cpu` in place of `auto`, whatever the node has. `run_task` is the same
+function in all three; it fixes the intra-op thread count, so identical seeds give identical
+numbers whichever way it runs. The parent
 alone appends to the results file, one complete line per finished model
 (`archc.space.records.Appender`), so a killed sweep leaves whole lines (at most a partial last one,
 which the next run cuts off) and a rerun trains only the models that are missing.
@@ -35,6 +39,7 @@ BUILTIN_TRAINER = "archc.train:train_spec"
 # thread pools of worker processes (OpenMP, MKL, OpenBLAS): as many threads as a task uses, as Ray
 # does, else each library's idle threads spin against the other workers' on the same cores
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+RAY_DEFAULTS = {"num_cpus": 1, "num_gpus": 0}  # what a Ray task asks for unless told
 
 
 def resolve_trainer(reference: str) -> Callable[..., dict[str, Any]]:
@@ -56,8 +61,11 @@ def resolve_trainer(reference: str) -> Callable[..., dict[str, Any]]:
 
 
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
-    """Train one sample; return its result line (module docstring). Picklable, stateless."""
+    """Train one sample; return its result line (module docstring). Picklable, stateless. The
+    trainer gets the setup's options, with `device` replaced by the task's `device` if it has
+    one (a Ray task's, `ray_task`); the line records the setup as given."""
     sample, setup = task["sample"], task["setup"]
+    options = dict(setup["options"], **({"device": task["device"]} if "device" in task else {}))
     trainer = resolve_trainer(setup["trainer"])
     start = time.time()
     record = {key: sample[key] for key in ("id", "space", "index", "spec", "complexity",
@@ -65,7 +73,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     record["setup"] = setup
     try:
         metrics = trainer(sample["spec"], data=setup["data"], epochs=setup["epochs"],
-                          seed=setup["seed"], config=setup["options"])
+                          seed=setup["seed"], config=options)
     except TrainingError as exc:
         record.update(failed=str(exc), best_error=None, seconds=time.time() - start)
         return record
@@ -122,10 +130,12 @@ def pending(samples: list[dict[str, Any]], results_path: Path,
 
 
 def run_sweep(samples: list[dict[str, Any]], results_path: Path, setup: dict[str, Any], *,
-              workers: int = 1, ray_address: str | None = None, quiet: bool = False,
+              workers: int = 1, ray_address: str | None = None,
+              resources: dict[str, float] | None = None, quiet: bool = False,
               progress: bool = True) -> dict[str, Any]:
     """Train the pending samples; append their results. Returns counts and seconds. Says on
-    stderr what is already done (unless `quiet`) and the progress (if `progress`)."""
+    stderr what is already done (unless `quiet`) and the progress (if `progress`). `resources`
+    (`num_cpus`, `num_gpus`) is what each Ray task asks for."""
     todo, already = pending(samples, results_path, setup)
     total = len(samples)
     if not quiet:
@@ -134,7 +144,7 @@ def run_sweep(samples: list[dict[str, Any]], results_path: Path, setup: dict[str
     bar = Progress(len(todo), "sweep", every=1 / max(len(todo), 1), enabled=progress)
     start, finished, failed = time.time(), 0, 0
     with Appender(results_path) as appender:
-        for result in _execute(todo, setup, workers, ray_address):
+        for result in _execute(todo, setup, workers, ray_address, resources):
             appender.append(result)
             finished += 1
             failed += "failed" in result
@@ -148,10 +158,11 @@ def run_sweep(samples: list[dict[str, Any]], results_path: Path, setup: dict[str
 
 
 def _execute(todo: list[dict[str, Any]], setup: dict[str, Any], workers: int,
-             ray_address: str | None) -> Iterable[dict[str, Any]]:
+             ray_address: str | None,
+             resources: dict[str, float] | None) -> Iterable[dict[str, Any]]:
     tasks = [{"sample": sample, "setup": setup} for sample in todo]
     if ray_address is not None:
-        yield from _execute_ray(tasks, ray_address)
+        yield from _execute_ray(tasks, ray_address, {**RAY_DEFAULTS, **(resources or {})})
     elif workers == 1 or len(tasks) <= 1:
         for task in tasks:
             yield run_task(task)
@@ -188,7 +199,33 @@ def _environment(variables: dict[str, str]):
                 os.environ[name] = value
 
 
-def _execute_ray(tasks: list[dict[str, Any]], address: str) -> Iterable[dict[str, Any]]:
+def ray_task(task: dict[str, Any]) -> dict[str, Any]:
+    """`run_task` inside a Ray task: `device` `auto` becomes `cpu` when Ray gave the task no GPU
+    (it would otherwise pick a GPU of the node that another task holds)."""
+    import ray
+
+    if task["setup"]["options"].get("device") == "auto" and not ray.get_gpu_ids():
+        task = {**task, "device": "cpu"}
+    return run_task(task)
+
+
+def check_capacity(nodes: list[dict[str, Any]], resources: dict[str, float],
+                   address: str) -> None:
+    """Refuse (ArchcError) a request that no live node of `ray.nodes()` can meet: its tasks
+    would wait for ever."""
+    for option, name in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+        wanted = resources.get(option, 0)
+        largest = max((node["Resources"].get(name, 0.0) for node in nodes if node.get("Alive")),
+                      default=0.0)
+        if wanted > largest:
+            flag = "--cpus-per-model" if name == "CPU" else "--gpus-per-model"
+            raise ArchcError(f"{flag} {wanted:g}: no node of the Ray cluster ({address}) has "
+                             f"{wanted:g} {name}s (the largest has {largest:g}), so no model "
+                             f"could ever be scheduled")
+
+
+def _execute_ray(tasks: list[dict[str, Any]], address: str,
+                 resources: dict[str, float]) -> Iterable[dict[str, Any]]:
     try:
         import ray
     except ImportError:
@@ -198,7 +235,8 @@ def _execute_ray(tasks: list[dict[str, Any]], address: str) -> Iterable[dict[str
             ray.init(include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
-    remote = ray.remote(num_cpus=1)(run_task)
+    check_capacity(ray.nodes(), resources, address)
+    remote = ray.remote(**resources)(ray_task)
     waiting = [remote.remote(task) for task in tasks]
     try:
         while waiting:

@@ -22,7 +22,9 @@ input channels.
 Batch order and augmentation are seeded: epoch e of seed s visits the training examples in the
 order of PCG64(SeedSequence([s, e])), and example i's augmentation draws from
 PCG64(SeedSequence([s, e, i])), so a run is the same with any number of workers. The loader's
-`generator` is seeded with s too, which fixes torch's per-worker seeds.
+`generator` is seeded with s too, which fixes torch's per-worker seeds. When several processes
+train one model (`archc.train.distributed`), each reads its contiguous piece of every batch of
+that order (`batch_indices`) and a contiguous share of the validation set (`val_share`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from archc.errors import DataError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 TRAIN_FRACTION = 0.8
 AUGMENTATIONS = ("none", "basic")
+UPSCALE_LIMIT = 4  # `upscaling` speaks up beyond this factor (224 px models on 8x8 digits: 28)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Dataset:
     val_x: np.ndarray
     val_y: np.ndarray
     classes: int
+    stored_size: tuple[int, int] | None = None  # (H, W) of the images before resizing
 
     def describe(self) -> str:
         return (f"{self.name}: {len(self.train_y)} train / {len(self.val_y)} validation images, "
@@ -62,22 +66,23 @@ class Dataset:
     def val_size(self) -> int:
         return len(self.val_y)
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int) -> Iterator[tuple]:
-        """(inputs, targets) tensors of epoch `epoch` in the seeded order (module docstring)."""
+    def train_batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                      ranks: int = 1) -> Iterator[tuple]:
+        """(inputs, targets) tensors of epoch `epoch` in the seeded order (module docstring);
+        process `rank`'s part of each when `ranks` processes share the batches."""
         import torch
 
         order = epoch_order(len(self.train_y), seed, epoch)
         x, y = torch.from_numpy(self.train_x), torch.from_numpy(self.train_y)
-        for start in range(0, len(order), batch_size):
-            index = torch.from_numpy(order[start:start + batch_size])
+        for index in batch_indices(order, batch_size, rank, ranks):
+            index = torch.from_numpy(index)
             yield x[index], y[index]
 
-    def val_batches(self, batch_size: int) -> Iterator[tuple]:
+    def val_batches(self, batch_size: int, rank: int = 0, ranks: int = 1) -> Iterator[tuple]:
         import torch
 
-        for start in range(0, len(self.val_y), batch_size):
-            yield (torch.from_numpy(self.val_x[start:start + batch_size]),
-                   torch.from_numpy(self.val_y[start:start + batch_size]))
+        for index in batch_indices(val_share(self.val_size, rank, ranks), batch_size):
+            yield torch.from_numpy(self.val_x[index]), torch.from_numpy(self.val_y[index])
 
 
 @dataclass(frozen=True)
@@ -109,21 +114,24 @@ class ImageFolder:
                 f"{self.classes} classes, {self.channels}x{self.size}x{self.size}, streamed "
                 f"with --workers {self.workers}, augment {self.augment}")
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int) -> Iterator[tuple]:
+    def train_batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                      ranks: int = 1) -> Iterator[tuple]:
         order = epoch_order(self.train_size, seed, epoch)
-        return self._batches(self.train_files, self.train_labels, order, batch_size, seed,
-                             epoch, self.augment == "basic")
+        return self._batches(self.train_files, self.train_labels,
+                             batch_indices(order, batch_size, rank, ranks), seed, epoch,
+                             self.augment == "basic")
 
-    def val_batches(self, batch_size: int) -> Iterator[tuple]:
-        return self._batches(self.val_files, self.val_labels, np.arange(self.val_size),
-                             batch_size, 0, 0, False)
+    def val_batches(self, batch_size: int, rank: int = 0, ranks: int = 1) -> Iterator[tuple]:
+        return self._batches(self.val_files, self.val_labels,
+                             batch_indices(val_share(self.val_size, rank, ranks), batch_size),
+                             0, 0, False)
 
-    def _batches(self, files, labels, order, batch_size, seed, epoch, augment):
+    def _batches(self, files, labels, batches, seed, epoch, augment):
         import torch
         from torch.utils.data import DataLoader
 
         images = _Images(files, labels, self.channels, self.size, augment, seed, epoch)
-        loader = DataLoader(images, batch_size=batch_size, sampler=order.tolist(),
+        loader = DataLoader(images, batch_sampler=[batch.tolist() for batch in batches],
                             num_workers=self.workers, pin_memory=self.pin_memory,
                             collate_fn=_collate, generator=torch.Generator().manual_seed(seed))
         for batch in loader:
@@ -182,10 +190,34 @@ def _collate(items: list):
     return tuple(default_collate(items))
 
 
+def batch_indices(order: np.ndarray, batch_size: int, rank: int = 0,
+                  ranks: int = 1) -> list[np.ndarray]:
+    """The batches of `batch_size` consecutive entries of `order`; with `ranks` processes,
+    process `rank`'s piece of each: the batch cut into `ranks` contiguous pieces whose sizes
+    differ by at most one (np.array_split), so that the processes' pieces of a batch are
+    disjoint and together are the batch of a one-process run (`archc.train.distributed`)."""
+    return [np.array_split(order[start:start + batch_size], ranks)[rank]
+            for start in range(0, len(order), batch_size)]
+
+
+def val_share(n: int, rank: int, ranks: int) -> np.ndarray:
+    """The validation examples process `rank` of `ranks` evaluates: a contiguous share."""
+    return np.array_split(np.arange(n), ranks)[rank]
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """Epoch `epoch`'s training order: the permutation of PCG64(SeedSequence([seed, epoch]))."""
     generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
     return generator.permutation(n)
+
+
+def upscaling(dataset: Dataset | ImageFolder, size: int) -> float | None:
+    """How many times a model's `size` x `size` input exceeds the side of the stored images, when
+    more than UPSCALE_LIMIT times (arrays only: a folder's images are not read to know)."""
+    stored = getattr(dataset, "stored_size", None)
+    if stored is None or size <= UPSCALE_LIMIT * max(stored):
+        return None
+    return size / max(stored)
 
 
 def open_data(source: str, channels: int, size: int, augment: str = "none", workers: int = 0,
@@ -266,7 +298,7 @@ def _load(source: str, channels: int, size: int) -> Dataset:
     val_x, val_y = val
     classes = int(max(y.max(), val_y.max())) + 1
     return Dataset(source, _fit(x, channels, size, source), y, _fit(val_x, channels, size, source),
-                   val_y, classes)
+                   val_y, classes, tuple(x.shape[2:]))
 
 
 def _digits():

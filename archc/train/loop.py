@@ -33,9 +33,14 @@ continues from one, giving the uninterrupted run's weights exactly on the CPU. `
 rewrites a JSON-lines file with one line per finished epoch (epoch, losses, errors, images/s,
 seconds). Progress shows the loss, images/s and the run's ETA.
 
+Several processes (`Trainer(ranks=...)`, `archc.train.distributed`): the model runs in
+DistributedDataParallel, every process takes its piece of each global batch, its cross-entropy
+weighted by its share of the batch, and the metrics are summed over the processes; rank 0 alone
+writes and shows progress.
+
 Data: any object with `train_size`, `train_batches(batch_size, seed, epoch)` and
 `val_batches(batch_size)` (`archc.train.data`: arrays in memory, or an image folder streamed by a
-DataLoader).
+DataLoader); for several processes, both also take `rank` and `ranks`.
 
 Reproducibility: the batch order comes from numpy's PCG64(SeedSequence([seed, epoch])) and the
 weights from `archc.ir.init`, torch's generator is seeded for dropout, deterministic algorithms are
@@ -56,6 +61,7 @@ import fnmatch
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +84,7 @@ from archc.train.device import (
     resolve_device,
     to_device,
 )
+from archc.train.distributed import Ranks, all_sum, broadcast_buffers, check_batches, wrap
 from archc.train.state import random_states, restore_random_states, save_run_state
 
 
@@ -154,19 +161,26 @@ class TrainResult:
 
 class Trainer:
     """`save_every` > 0 writes the run state to `state_path` every that many epochs and after the
-    last, recording `identity` (what `--resume` checks); `metrics_jsonl` gets one line per epoch."""
+    last, recording `identity` (what `--resume` checks); `metrics_jsonl` gets one line per epoch.
+    `ranks` places this process among several training one model (`archc.train.distributed`,
+    whose process group must be up); only rank 0 writes and shows progress. `warn` receives
+    one-line warnings about the configuration (a `--freeze` pattern that matches nothing, an EMA
+    slower than the run)."""
 
     def __init__(self, config: TrainConfig, plugins: Sequence[Plugin] = (),
                  progress: bool = True, label: str = "training", save_every: int = 0,
                  state_path: Path | None = None, identity: dict[str, Any] | None = None,
-                 metrics_jsonl: Path | None = None):
+                 metrics_jsonl: Path | None = None, ranks: Ranks | None = None,
+                 warn: Callable[[str], None] = warnings.warn):
         if save_every < 0 or (save_every and state_path is None):
             raise TrainingError("save_every must be >= 0, with a state path when positive")
         self.config, self.plugins = config, list(plugins)
-        self.progress, self.label = progress, label
-        self.save_every, self.state_path = save_every, state_path
+        self.ranks, self.warn = ranks, warn
+        main = ranks is None or ranks.main
+        self.progress, self.label = progress and main, label
+        self.save_every, self.state_path = (save_every, state_path) if main else (0, None)
         self.identity = identity if identity is not None else {"config": config.describe()}
-        self.metrics_jsonl = metrics_jsonl
+        self.metrics_jsonl = metrics_jsonl if main else None
         self.model: nn.Module | None = None
 
     def fit(self, model: nn.Module, data: Dataset | ImageFolder,
@@ -196,10 +210,16 @@ class Trainer:
             model = plugin.wrap(model)
         model = model.to(device)  # parameters a plugin added
         self.model = model
-        frozen_bns = _freeze(model, config.freeze)
+        frozen_bns, unmatched = _freeze(model, config.freeze)
+        for pattern in unmatched:
+            self.warn(f"--freeze {pattern!r} matches no parameter of the model (names look "
+                      f"like {next(name for name, _ in model.named_parameters())!r})")
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise TrainingError("every parameter is frozen: nothing to train")
+        rank, ranks = (0, 1) if self.ranks is None else (self.ranks.rank, self.ranks.size)
+        if ranks > 1:
+            check_batches(data.train_size, config.batch_size, ranks)
         optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
                                     nesterov=config.nesterov and config.momentum > 0,
                                     weight_decay=config.weight_decay)
@@ -217,7 +237,12 @@ class Trainer:
             restore_random_states(resume["random"])
             step, first_epoch = resume["step"], resume["epoch"] + 1
             result.history = list(resume["history"])
+        network = model if ranks == 1 else wrap(model, device)  # after loading a run state
         total_steps = config.epochs * steps_per_epoch
+        if config.ema_decay is not None:
+            slow = ema_warning(config.ema_decay, total_steps)
+            if slow is not None:
+                self.warn(slow)
         for epoch in range(first_epoch, config.epochs + 1):
             epoch_start = time.time()
             for plugin in self.plugins:
@@ -227,8 +252,10 @@ class Trainer:
                 bn.eval()
             progress = Progress(steps_per_epoch, f"{self.label} epoch {epoch}/{config.epochs}",
                                 enabled=self.progress)
-            loss_sum, wrong, seen, train_start = 0.0, 0, 0, time.time()
-            batches = data.train_batches(config.batch_size, config.seed, epoch)
+            loss_sum, seen, train_start = 0.0, 0, time.time()
+            wrong = torch.zeros((), dtype=torch.int64, device=device)  # summed on the device
+            batches = (data.train_batches(config.batch_size, config.seed, epoch) if ranks == 1
+                       else data.train_batches(config.batch_size, config.seed, epoch, rank, ranks))
             for batch, (inputs, targets) in enumerate(batches):
                 inputs, targets = to_device(inputs, device), to_device(targets, device)
                 if config.channels_last:
@@ -236,39 +263,56 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = schedule(step)
                 with autocast(device, config.precision):
-                    logits = model(inputs)
-                    loss = config.task_weight * F.cross_entropy(
+                    logits = network(inputs)
+                    task = config.task_weight * F.cross_entropy(
                         logits, targets, label_smoothing=config.label_smoothing)
+                    loss = task
                     context = Step(model, inputs, targets, logits, epoch, step)
                     for plugin in self.plugins:
                         term = plugin.loss(context)
                         if term is not None:
                             loss = loss + term
-                if not torch.isfinite(loss):
+                value = loss.item()  # the step's one wait for the device: check, running loss
+                if not math.isfinite(value):
                     raise TrainingError(
-                        f"the loss is {loss.item()} at epoch {epoch}, step {batch + 1}: "
+                        f"the loss is {value} at epoch {epoch}, step {batch + 1}: "
                         f"training diverged (try a lower --lr)")
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                if ranks > 1:  # this process's share of the global batch (archc.train.distributed)
+                    share = len(targets) * ranks / min(
+                        config.batch_size, data.train_size - batch * config.batch_size)
+                    scaler.scale(loss + (share - 1.0) * task).backward()
+                else:
+                    scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 if ema is not None:
                     _ema_update(ema, model, config.ema_decay)
-                loss_sum += loss.item() * len(targets)
-                wrong += int((logits.argmax(1) != targets).sum())
+                loss_sum += value * len(targets)
+                wrong += (logits.argmax(1) != targets).sum()
                 seen += len(targets)
                 step += 1
-                rate = seen / max(time.time() - train_start, 1e-9)
+                rate = seen * ranks / max(time.time() - train_start, 1e-9)
                 progress.update(batch + 1, f"loss {loss_sum / seen:.4f}, {rate:.0f} images/s, "
                                 f"ETA {_duration((total_steps - step) * config.batch_size / rate)}")
             progress.close()
+            wrong = int(wrong)
+            if ranks > 1:
+                loss_sum, wrong, seen = all_sum([loss_sum, wrong, seen], device)
+                seen = round(seen)
             metrics = {"epoch": epoch, "lr": schedule(step - 1), "train_loss": loss_sum / seen,
-                       "train_error": 100.0 * wrong / seen,
+                       "train_error": 100.0 * wrong / seen, "images": seen,
                        "images_per_second": seen / max(time.time() - train_start, 1e-9)}
             kept = {"val": model} if ema is None else {"val": model, "ema_val": ema}
+            if ranks > 1:
+                broadcast_buffers(*kept.values())
             for prefix, evaluated in kept.items():
-                batches = data.val_batches(config.batch_size)
-                for key, value in evaluate_batches(evaluated, batches, device).items():
+                if ranks == 1:
+                    sums = _evaluation_sums(evaluated, data.val_batches(config.batch_size), device)
+                else:
+                    sums = all_sum(_evaluation_sums(evaluated, data.val_batches(
+                        config.batch_size, rank, ranks), device), device)
+                for key, value in _evaluation_metrics(*sums).items():
                     metrics[f"{prefix}_{key}"] = value
             metrics["seconds"] = time.time() - epoch_start
             result.history.append(metrics)
@@ -291,32 +335,57 @@ class Trainer:
 
 
 def evaluate(model: nn.Module | Callable[[Tensor], Tensor], x: np.ndarray, y: np.ndarray,
-             batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
+             batch_size: int = 256, device: torch.device | str = "cpu",
+             predictions: list[tuple[int, int]] | None = None) -> dict[str, float]:
     """Mean cross-entropy, top-1 error and accuracy (percent) of `model` in eval mode, in
-    float32, with the batches on `device` (where an nn.Module must already be)."""
+    float32, with the batches on `device` (where an nn.Module must already be); `predictions`
+    as in `evaluate_batches`."""
     return evaluate_batches(model, ((torch.from_numpy(x[start:start + batch_size]),
                                      torch.from_numpy(y[start:start + batch_size]))
-                                    for start in range(0, len(y), batch_size)), device)
+                                    for start in range(0, len(y), batch_size)), device,
+                            predictions)
 
 
 def evaluate_batches(model: nn.Module | Callable[[Tensor], Tensor],
                      batches: Iterable[tuple[Tensor, Tensor]],
-                     device: torch.device | str = "cpu") -> dict[str, float]:
-    """`evaluate` over (inputs, targets) batches (a data set's `val_batches`)."""
+                     device: torch.device | str = "cpu",
+                     predictions: list[tuple[int, int]] | None = None) -> dict[str, float]:
+    """`evaluate` over (inputs, targets) batches (a data set's `val_batches`); (label, top-1
+    class) of every example, in the batches' order, is appended to `predictions` when it is
+    given (paired tests of two models need them: archc.common.accuracy_stats)."""
+    return _evaluation_metrics(*_evaluation_sums(model, batches, device, predictions))
+
+
+def _evaluation_sums(model: nn.Module | Callable[[Tensor], Tensor],
+                     batches: Iterable[tuple[Tensor, Tensor]],
+                     device: torch.device | str,
+                     predictions: list[tuple[int, int]] | None = None) -> tuple[float, int, int]:
+    """(summed cross-entropy, wrong, seen) of `model` in eval mode over `batches`; the
+    (label, top-1) pairs appended to `predictions` when given."""
     device = torch.device(device)
     if isinstance(model, nn.Module):
         was_training = model.training
         model.eval()
-    loss_sum, wrong, seen = 0.0, 0, 0
+    losses, wrong, seen = [], torch.zeros((), dtype=torch.int64, device=device), 0
+    pairs: list[tuple[Tensor, Tensor]] = []
     with torch.no_grad():
-        for inputs, targets in batches:
+        for inputs, targets in batches:  # read back at the end: no wait for the device per batch
             inputs, targets = to_device(inputs, device), to_device(targets, device)
             logits = model(inputs).float()
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-            wrong += int((logits.argmax(1) != targets).sum())
+            losses.append(F.cross_entropy(logits, targets, reduction="sum"))
+            top1 = logits.argmax(1)
+            wrong += (top1 != targets).sum()
             seen += len(targets)
+            if predictions is not None:
+                pairs.append((targets, top1))
     if isinstance(model, nn.Module):
         model.train(was_training)
+    for targets, top1 in pairs:
+        predictions.extend(zip(targets.tolist(), top1.tolist(), strict=True))
+    return sum(loss.item() for loss in losses), int(wrong), seen
+
+
+def _evaluation_metrics(loss_sum: float, wrong: float, seen: float) -> dict[str, float]:
     error = 100.0 * wrong / seen
     return {"loss": loss_sum / seen, "error": error, "accuracy": 100.0 - error}
 
@@ -343,16 +412,40 @@ def _schedule(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], floa
     return lr
 
 
-def _freeze(model: nn.Module, patterns: Sequence[str]) -> list[nn.Module]:
-    """Freeze the parameters matching `patterns`; return the BNs to keep in eval mode."""
+def _freeze(model: nn.Module, patterns: Sequence[str]) -> tuple[list[nn.Module], list[str]]:
+    """Freeze the parameters matching `patterns`; return the BNs to keep in eval mode and the
+    patterns that matched no parameter."""
     if not patterns:
-        return []
+        return [], []
+    matched = set()
     for name, parameter in model.named_parameters():
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+        hits = {pattern for pattern in patterns if fnmatch.fnmatchcase(name, pattern)}
+        if hits:
             parameter.requires_grad_(False)
+            matched |= hits
     return [module for module in model.modules()
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
-            and not module.weight.requires_grad and not module.bias.requires_grad]
+            and not module.weight.requires_grad and not module.bias.requires_grad], [
+        pattern for pattern in patterns if pattern not in matched]
+
+
+def ema_warning(decay: float, steps: int) -> str | None:
+    """A warning when an EMA of `decay` is too slow for a run of `steps` optimizer steps: the
+    initial (random) weights keep a weight decay**steps in the final average, more than 1% when
+    the run is shorter than about 4.6 of the average's horizons 1/(1 - decay); the suggested
+    decay has a horizon of a tenth of the run (initial weight e^-10)."""
+    kept = decay ** steps
+    if kept <= 0.01:
+        return None
+    rate = 10.0 / steps  # 1 - decay for a horizon of steps / 10, rounded up to 2 digits
+    unit = 10.0 ** (math.floor(math.log10(rate)) - 1)
+    fits = 1.0 - math.ceil(round(rate / unit, 6)) * unit
+    advice = (f"use --ema {fits:.{max(0, -round(math.log10(unit)))}f} or less (an average over "
+              f"about the last tenth of the run)" if fits >= 0.5 else
+              "the run is too short for an EMA")
+    return (f"--ema {decay:g} averages over about {1 / (1 - decay):,.0f} steps but the run has "
+            f"{steps:,}: the final EMA still holds {100 * kept:.0f}% of the initial random "
+            f"weights; {advice}")
 
 
 def _ema_copy(model: nn.Module) -> nn.Module:
@@ -390,13 +483,21 @@ def train_spec(spec: dict[str, Any], *, data: str, epochs: int, seed: int = 0,
     check_classes(model_spec.num_classes, dataset)
     options = dict(config or {}, epochs=epochs, seed=seed)
     options["freeze"] = tuple(options.get("freeze", ()))
-    trainer = Trainer(TrainConfig(**options), progress=False)
+    # the sweep warns about its configuration once, before any model trains (archc.cli.space)
+    trainer = Trainer(TrainConfig(**options), progress=False, warn=lambda text: None)
     result = trainer.fit(build(model_spec, seed=seed), dataset)
     return result.metrics()
 
 
-def check_classes(num_classes: int, dataset: Dataset | ImageFolder) -> None:
+def check_classes(num_classes: int, dataset: Dataset | ImageFolder) -> str | None:
+    """`DataError` when the data has more classes than the model outputs; a warning (returned)
+    when it has fewer: legal, but the extra outputs are never a target."""
     if dataset.classes > num_classes:
         raise DataError(
             f"the model has {num_classes} outputs but {dataset.name} has {dataset.classes} "
             f"classes: set num_classes: {dataset.classes} in the spec")
+    if dataset.classes < num_classes:
+        return (f"the model has {num_classes} outputs but {dataset.name} has "
+                f"{dataset.classes} classes: outputs {dataset.classes}..{num_classes - 1} are "
+                f"never a target (set num_classes: {dataset.classes} in the spec)")
+    return None

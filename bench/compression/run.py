@@ -3,7 +3,9 @@
     python bench/compression/run.py OUT_DIR      # writes OUT_DIR/results.json and the checkpoints
 
 Every figure in docs/compression.md comes from the results.json this writes; each entry records
-the command line that produced it.
+the command line that produced it and, for each accuracy, the model's correctness on every
+validation image (`right*`: "1" right, "0" wrong, from `archc eval --predictions`), from which
+tables.py computes the intervals and the paired tests.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ HERE = Path(__file__).parent
 EPOCHS, FINE_TUNE = 15, 8
 TRAIN = ["--data", "digits", "--lr", "0.1", "--warmup-epochs", "1", "--threads", "1"]
 TUNE = ["--data", "digits", "--lr", "0.02", "--threads", "1"]
+SEEDS = (0, 1, 2)  # training seeds of the pruning-criterion comparison (0: every other entry)
+# (entry of seed 0, the model it prunes, prune options): the criteria compared right after pruning
+CRITERIA = (("resnet_l1_p50", "resnet", ("--macs", "0.5")),
+            ("resnet_slim_bn_p50", "resnet_slimming",
+             ("--macs", "0.5", "--criterion", "bn-scale", "--global")),
+            ("resnet_bn_p50", "resnet", ("--macs", "0.5", "--criterion", "bn-scale", "--global")),
+            ("resnet_l1_global_p50", "resnet", ("--macs", "0.5", "--global")),
+            ("resnet_random_p50", "resnet", ("--macs", "0.5", "--criterion", "random")))
 
 
 def archc(*args: str) -> dict:
@@ -29,8 +39,27 @@ def archc(*args: str) -> dict:
     return json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
 
 
-def accuracy(ckpt: Path) -> float:
-    return archc("eval", ckpt, "--data", "digits")["accuracy"]
+def scored(model: Path) -> tuple[float, str]:
+    """(accuracy, correctness) of a checkpoint or ONNX file on the digits validation split, from
+    `archc eval --predictions`: the correctness is one character per validation image, "1" right
+    and "0" wrong, in the split's order, for the paired tests of tables.py."""
+    predictions = model.with_name(model.name + ".predictions.json")
+    metrics = archc("eval", model, "--data", "digits", "--predictions", predictions)
+    document = json.loads(predictions.read_text())
+    right = "".join("1" if label == top1 else "0"
+                    for label, top1 in zip(document["labels"], document["predictions"],
+                                           strict=True))
+    return metrics["accuracy"], right
+
+
+def trained_accuracy(ckpt: Path, metrics: dict) -> tuple[float, str]:
+    """`scored(ckpt)`, compared with the final validation error `archc train` reported (a
+    difference is printed: the saved model is not the one the loop last evaluated)."""
+    accuracy, right = scored(ckpt)
+    if abs(accuracy - (100 - metrics["final_error"])) > 1e-9:
+        print(f"note: {ckpt.name}: archc eval gives {accuracy:.2f}%, archc train reported "
+              f"{100 - metrics['final_error']:.2f}%", file=sys.stderr, flush=True)
+    return accuracy, right
 
 
 def main(out: Path) -> None:
@@ -47,25 +76,34 @@ def main(out: Path) -> None:
             metrics = archc("train", HERE / spec, "-o", ckpt, "--epochs", epochs, *TRAIN,
                             *extra)
             shown = [Path(e).name if e.endswith(".pt") else e for e in map(str, extra)]
+            accuracy, right = trained_accuracy(ckpt, metrics)
             results[name] = {"command": f"archc train {spec} --epochs {epochs} "
-                             + " ".join(TRAIN + shown),
-                             "accuracy": 100 - metrics["final_error"]}
+                             + " ".join(TRAIN + shown), "accuracy": accuracy, "right": right}
             save()
         return ckpt
 
-    def pruned(name: str, source: Path, *options: str, teacher: Path | None = None) -> Path:
+    def pruned(name: str, source: Path, *options: str, teacher: Path | None = None,
+               fine_tune: bool = True) -> Path:
         ckpt, tuned = out / f"{name}.pt", out / f"{name}_ft.pt"
+        if name not in results and not fine_tune:
+            report = archc("prune", source, "-o", ckpt, "--json", *options)
+            entry = {"command": f"archc prune {source.name} " + " ".join(options),
+                     "macs": report["macs"], "params": report["params"]}
+            entry["accuracy_pruned"], entry["right_pruned"] = scored(ckpt)
+            results[name] = entry
+            save()
         if name not in results:
             report = archc("prune", source, "-o", ckpt, "--json", *options)
             entry = {"command": f"archc prune {source.name} " + " ".join(options),
-                     "macs": report["macs"], "params": report["params"],
-                     "accuracy_pruned": accuracy(ckpt)}
+                     "macs": report["macs"], "params": report["params"]}
+            entry["accuracy_pruned"], entry["right_pruned"] = scored(ckpt)
             kd = [] if teacher is None else ["--teacher", str(teacher), "--kd-weight", "0.7"]
             metrics = archc("train", ckpt, "-o", tuned, "--epochs", FINE_TUNE, *TUNE, *kd)
             shown = [Path(o).name if o.endswith(".pt") else o for o in kd]
             entry["fine_tune"] = (f"archc train {ckpt.name} --epochs {FINE_TUNE} "
                                   + " ".join(TUNE + shown))
-            entry["accuracy_fine_tuned"] = 100 - metrics["final_error"]
+            entry["accuracy_fine_tuned"], entry["right_fine_tuned"] = trained_accuracy(tuned,
+                                                                                       metrics)
             results[name] = entry
             save()
         return tuned
@@ -88,6 +126,15 @@ def main(out: Path) -> None:
     pruned("resnet_bn_p50", resnet, "--macs", "0.5", "--criterion", "bn-scale", "--global")
     pruned("resnet_random_p50", resnet, "--macs", "0.5", "--criterion", "random")
     pruned("resnet_l1_global_p50", resnet, "--macs", "0.5", "--global")
+    # the same criteria right after pruning, on ResNets trained with two more seeds: is the
+    # ranking a property of the criterion or of one trained model?
+    for seed in SEEDS[1:]:
+        base = trained(f"resnet_seed{seed}", "digits_resnet.yaml", "--seed", str(seed))
+        slimmed = trained(f"resnet_slimming_seed{seed}", "digits_resnet.yaml", "--slimming",
+                          "1e-4", "--seed", str(seed))
+        for criterion, source, options in CRITERIA:
+            pruned(f"{criterion}_seed{seed}", slimmed if source == "resnet_slimming" else base,
+                   *options, fine_tune=False)
     # low-rank across energies
     for model, ckpt in (("resnet", resnet), ("regnetx", regnet)):
         for energy in ("0.99", "0.95", "0.9", "0.8", "0.6"):
@@ -100,8 +147,8 @@ def main(out: Path) -> None:
                                  "--data digits",
                                  "macs": report["macs"], "params": report["params"],
                                  "output_error": report["output_error"],
-                                 "layers": len(report["layers"]),
-                                 "accuracy": accuracy(target)}
+                                 "layers": len(report["layers"])}
+                results[name]["accuracy"], results[name]["right"] = scored(target)
                 save()
     # the Kx1 -> 1xK chain instead of Tucker-2 for the ResNet's 3x3 convs
     for energy in ("0.9", "0.8", "0.6"):
@@ -114,7 +161,8 @@ def main(out: Path) -> None:
                              "spatial --data digits",
                              "macs": report["macs"], "params": report["params"],
                              "output_error": report["output_error"],
-                             "layers": len(report["layers"]), "accuracy": accuracy(target)}
+                             "layers": len(report["layers"])}
+            results[name]["accuracy"], results[name]["right"] = scored(target)
             save()
     # distillation: the half-width student with and without the ResNet teacher
     trained("student_plain", "digits_resnet_half.yaml")
@@ -126,8 +174,9 @@ def main(out: Path) -> None:
     if "reducenet_reduced" not in results:
         reduced = out / "reducenet_reduced.pt"
         archc("reduce", reducenet, "-o", reduced)
+        accuracy, right = scored(reduced)
         results["reducenet_reduced"] = {"command": "archc reduce reducenet_train.pt",
-                                        "accuracy": accuracy(reduced)}
+                                        "accuracy": accuracy, "right": right}
         save()
     steps = (("reducenet_reduced_ft", "reducenet_reduced", FINE_TUNE, []),
              ("reducenet_lora", "reducenet_reduced_ft", 4, ["--lora", "4"]))
@@ -138,8 +187,9 @@ def main(out: Path) -> None:
             metrics = archc("train", out / f"{source}.pt", "-o", out / f"{name}.pt", "--epochs",
                             epochs, *options)
             shown = [o if o != str(reducenet) else "reducenet_train.pt" for o in options]
+            accuracy, right = trained_accuracy(out / f"{name}.pt", metrics)
             results[name] = {"command": f"archc train {source}.pt --epochs {epochs} "
-                             + " ".join(shown), "accuracy": 100 - metrics["final_error"],
+                             + " ".join(shown), "accuracy": accuracy, "right": right,
                              **{k: v for k, v in metrics.get("compression", {}).items()
                                 if k.startswith("merge")}}
             save()
@@ -152,10 +202,11 @@ def main(out: Path) -> None:
     if "reducenet_fused" not in results:
         onnx = out / "reducenet_fused.onnx"
         report = archc("fuse", out / "reducenet_lora.pt", "-o", onnx, "--json")
+        accuracy, right = scored(onnx)
         results["reducenet_fused"] = {
             "command": "archc fuse reducenet_lora.pt -o reducenet_fused.onnx",
             "params": report["deploy_form"]["params"], "convs": report["deploy_form"]["convs"],
-            "accuracy": archc("eval", onnx, "--data", "digits")["accuracy"]}
+            "accuracy": accuracy, "right": right}
         save()
     print(json.dumps(results, indent=1))
 

@@ -104,6 +104,11 @@ def test_qat_fine_tunes_the_deploy_form_and_ships_integer_convs(checkpoint, tmp_
     assert report["quantized_layers"] == 4  # the deploy form: 3 fused convs and the classifier
     assert report["quantized_ops"]["QLinearConv"] == 3 and report["float_convs"] == 0
     assert len(report["fake_quant_accuracy"]) == 1 and report["int8_accuracy"] > 50
+    # QAT's int8 model against the deploy form's fp32, image by image on the same 360 images
+    paired = report["qat_int8_vs_deploy_fp32"]
+    assert paired["n"] == 360 and paired["test"] == "exact McNemar"
+    assert 100 * paired["correct_a"] / 360 == pytest.approx(report["deploy_fp32_accuracy"])
+    assert 100 * paired["correct_b"] / 360 == pytest.approx(report["int8_accuracy"])
     assert out.is_file()
 
 

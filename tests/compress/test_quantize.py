@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 
 from archc.backends.export import export_onnx
 from archc.cli.main import main
+from archc.common.accuracy_stats import mcnemar_exact
 from archc.compress.quantize import layer_losses, quantize, read_model, sqnr_db
 from archc.frontend.loading import spec_from_mapping
 from archc.frontend.lower import build
@@ -84,6 +85,12 @@ def test_quantize_measures_and_writes_a_model_ort_runs(trained, tmp_path, capsys
     b = int8.run(None, {"input": data.val_x})[0]
     assert sqnr_db(a, b) == pytest.approx(report["sqnr_db"], abs=1e-6)
     assert 100 * np.mean(b.argmax(1) == data.val_y) == pytest.approx(report["int8_accuracy"])
+    # int8 against fp32 image by image: the discordant counts of the exact McNemar test
+    right_a, right_b = a.argmax(1) == data.val_y, b.argmax(1) == data.val_y
+    paired = report["int8_vs_fp32"]
+    assert (paired["n"], paired["only_a"], paired["only_b"]) == (
+        360, int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum()))
+    assert paired["p_value"] == pytest.approx(mcnemar_exact(paired["only_a"], paired["only_b"]))
     assert not list(tmp_path.glob(".*partial"))
 
 
@@ -102,8 +109,8 @@ def test_text_report(trained, tmp_path, capsys):
     code, text, err = run(capsys, "quantize", trained, "--calib", "digits", "-o",
                           tmp_path / "q.onnx", "--samples", 64, "--latency-rounds", 1)
     assert code == 0, err
-    for words in ("SQNR", "top-1 agreement", "accuracy: fp32", "layers that lose most",
-                  "int8/fp32", "wrote"):
+    for words in ("SQNR", "top-1 agreement", "accuracy: fp32", "exact McNemar: ",
+                  "layers that lose most", "int8/fp32", "wrote"):
         assert words in text
 
 

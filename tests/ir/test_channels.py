@@ -366,7 +366,7 @@ def test_shuffle_refusals():
 
 class Constants(nn.Module):
     """Per-channel constants: a layer scale and a shift (read per channel: channelwise members),
-    one read twice and a per-pixel one (fixed)."""
+    one read twice (fixed) and a per-pixel one (a position embedding: a channelwise member)."""
 
     def __init__(self):
         super().__init__()
@@ -391,6 +391,9 @@ def test_per_channel_constants_are_channelwise_members():
     assert not scaled.fixed
     reads = [read for node in scaled.channelwise for read in graph.constants.get(node, ())]
     assert sorted(reads) == [("beta", 1, "shift"), ("gamma", 0, "scale")]
-    for target, node in (("d", "mul_1"), ("f", "add_2")):  # read twice; per pixel
-        assert _group(gm, graph, target).fixed == (
-            f"{channels.UNSUPPORTED}: per-channel operand of a lower rank ({node})")
+    assert _group(gm, graph, "d").fixed == (  # read twice
+        f"{channels.UNSUPPORTED}: per-channel operand of a lower rank (mul_1)")
+    embedded = _group(gm, graph, "f")
+    assert not embedded.fixed
+    assert [read for node in embedded.channelwise for read in graph.constants.get(node, ())] \
+        == [("pos", 0, "shift")]

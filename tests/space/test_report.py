@@ -77,9 +77,10 @@ def test_the_report_folder(tmp_path, capsys):
     assert summary["plots"] == plots
     errors = np.array([r["best_error"] for r in _lines(results)])
     printed = capsys.readouterr().out.splitlines()
+    ordered = np.sort(errors)  # 16 models: the 4th and 13th errors hold the median (97.9%)
     assert printed == [
         f"alpha: 16 models (0 failed), error min {errors.min():.2f} mean {errors.mean():.2f} "
-        f"median {np.median(errors):.2f}",
+        f"median {np.median(errors):.2f} [95%: {ordered[3]:.2f}, {ordered[12]:.2f}]",
         f"wrote {out}/: {', '.join(plots)}, summary.json, summary.md"]
     text = (out / "summary.md").read_text()
     assert text.startswith("# Sweep analysis")
@@ -108,6 +109,8 @@ def test_summary_numbers_are_the_statistics_of_the_results(tmp_path):
     (space,) = summary["spaces"]
     records = _lines(results)
     errors = np.array([r["best_error"] for r in records])
+    band = space["error"].pop("median_interval")
+    assert band == list(stats.median_interval(errors))
     assert space["error"] == pytest.approx({"min": errors.min(), "mean": errors.mean(),
                                             "median": np.median(errors), "max": errors.max()})
     best = records[int(np.argmin(errors))]

@@ -21,6 +21,7 @@ from archc.space.stats import (
     ks_exact_p,
     ks_two_sample,
     log_bins,
+    median_interval,
     normalized_weights,
     stratified_permutation_test,
     weighted_ks_statistic,
@@ -263,3 +264,32 @@ def test_bootstrap_interval_coverage_by_simulation():
     assert excluded / 200 >= 0.9
     assert abs(np.median(medians) - 12) < 1.0
     assert 0.75 <= np.mean(predicted) <= 0.97
+
+
+def test_median_interval_by_hand():
+    # n = 24: P(X <= 6) = 0.0113 for X ~ Binomial(24, 1/2), P(X <= 7) = 0.0320 > 0.025
+    low, high, coverage = median_interval(np.arange(24.0)[::-1])
+    assert (low, high) == (6.0, 17.0)  # the 7th and 18th smallest
+    assert coverage == pytest.approx(1 - 2 * scipy.stats.binom.cdf(6, 24, 0.5))
+    assert median_interval(np.arange(5.0)) is None  # 1 - 2 / 32 < 95%: no interval
+    assert median_interval(np.arange(6.0))[:2] == (0.0, 5.0)  # 1 - 2 / 64
+
+
+@given(st.integers(6, 400))
+def test_median_interval_is_the_narrowest_reaching_95(n):
+    low, high, coverage = median_interval(np.arange(float(n)))
+    j = int(low) + 1
+    assert high == n - j and coverage >= 0.95
+    assert coverage == pytest.approx(1 - 2 * scipy.stats.binom.cdf(j - 1, n, 0.5), abs=1e-9)
+    if j + 1 <= n // 2:  # one order statistic further in would fall below 95%
+        assert 1 - 2 * scipy.stats.binom.cdf(j, n, 0.5) < 0.95
+
+
+def test_median_interval_covers_the_median_95_percent_of_the_time():
+    """1,000 samples of 24 exponential errors: the true median ln 2 falls inside at least the
+    nominal 97.7% of the time, up to sampling noise (3 standard errors)."""
+    generator = rng(7)
+    samples = generator.exponential(size=(1000, 24))
+    inside = [low <= math.log(2) <= high for low, high, _ in map(median_interval, samples)]
+    coverage = median_interval(samples[0])[2]
+    assert np.mean(inside) >= coverage - 3 * math.sqrt(coverage * (1 - coverage) / 1000)

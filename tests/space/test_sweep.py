@@ -184,3 +184,69 @@ def test_a_space_without_n(tmp_path, capsys):
                  "--epochs", "1", "-o", str(results)]) == 2
     assert "needs -n N" in capsys.readouterr().err
     assert not results.exists()
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--gpus-per-model", "1"], "reserve Ray resources per model: add --ray"),
+    (["--cpus-per-model", "2", "--workers", "2"], "reserve Ray resources per model: add --ray"),
+    (["--ray", "--device", "cuda"], "--device cuda with --ray needs --gpus-per-model"),
+])
+def test_ray_resources_without_ray_are_refused(samples, tmp_path, capsys, argv, phrase):
+    results = tmp_path / "results.jsonl"
+    assert sweep(samples, results, *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and phrase in err[0], err
+    assert not results.exists()
+
+
+def test_a_request_no_ray_node_meets_is_refused():
+    from archc.errors import ArchcError
+    from archc.space.sweep import check_capacity
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]  # a dead node counts not
+    check_capacity(nodes, {"num_cpus": 4, "num_gpus": 0.5}, "local")
+    with pytest.raises(ArchcError, match="--cpus-per-model 8: no node of the Ray cluster"):
+        check_capacity(nodes, {"num_cpus": 8, "num_gpus": 0}, "local")
+    with pytest.raises(ArchcError, match=r"--gpus-per-model 2: .* \(the largest has 1\)"):
+        check_capacity(nodes, {"num_cpus": 1, "num_gpus": 2}, "local")
+
+
+def test_the_builtin_and_a_user_trainer_get_the_same_settings(samples, tmp_path, monkeypatch):
+    import archc.train
+    from tests.sweep_trainers import placement
+
+    options = ["--device", "cpu", "--precision", "bf16", "--batch-size", "32", "--ema", "0.9"]
+    assert sweep(samples, tmp_path / "user.jsonl", *options,
+                 trainer="tests.sweep_trainers:placement") == 0
+    monkeypatch.setattr(archc.train, "train_spec", placement, raising=False)
+    assert sweep(samples, tmp_path / "builtin.jsonl", *options, trainer=None) == 0
+    user, builtin = lines(tmp_path / "user.jsonl"), lines(tmp_path / "builtin.jsonl")
+    assert [r["config"] for r in user] == [r["config"] for r in builtin]
+    assert user[0]["config"] == user[0]["setup"]["options"]
+    assert (user[0]["config"]["device"], user[0]["config"]["precision"]) == ("cpu", "bf16")
+
+
+def test_a_224_pixel_space_on_digits_is_warned_about(samples, tmp_path, capsys, monkeypatch):
+    """The shipped spaces' 224x224 models with 1000 outputs, swept on 8x8 digits with the
+    built-in trainer (faked here): two warnings, and the sweep goes on; a space sized for digits
+    (32 px, 10 outputs) gets none."""
+    import archc.train
+    from tests.sweep_trainers import fake
+    from tests.train.test_train import TINY
+
+    monkeypatch.setattr(archc.train, "train_spec", fake, raising=False)
+    assert sweep(samples, tmp_path / "big.jsonl", trainer=None) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning: ")]
+    assert len(warnings) == 2, warnings
+    assert "the model has 1000 outputs but digits has 10 classes" in warnings[0]
+    assert warnings[0].endswith("; for a space: --set base.num_classes=10")
+    assert ("the models read 224x224 images but the images of digits are 8x8: each is "
+            "upscaled 28x" in warnings[1] and "--set base.input.size=32" in warnings[1])
+    assert len(lines(tmp_path / "big.jsonl")) == 8
+    small = tmp_path / "small.jsonl"
+    small.write_text(json.dumps({"id": "tiny", "spec": {**TINY, "input": {"channels": 1,
+                                                                          "size": 32}}}) + "\n")
+    assert sweep(small, tmp_path / "results.jsonl", "--ema", "0.9", trainer=None) == 0
+    assert "warning:" not in capsys.readouterr().err

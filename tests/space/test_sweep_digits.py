@@ -1,7 +1,8 @@
 """The sweep acceptance test: 16 RegNetX samples trained on digits (input 32, 2 epochs) give
 the same results in one process (killed halfway, then resumed), in two worker processes and as
 tasks on a local Ray with 2 CPUs started here. Slow (about a minute on 2 cores); the only module
-that starts Ray."""
+that starts Ray. Also on a local Ray: each task gets the resources `--cpus-per-model` asks for
+(about 20 s on a loaded machine)."""
 
 from __future__ import annotations
 
@@ -75,3 +76,32 @@ def test_workers_ray_and_resume_agree(tmp_path):
         ray.shutdown()
     assert comparable(on_ray) == reference
     assert len({r["best_error"] for r in reference.values()}) > 1  # models really differ
+
+
+@pytest.mark.slow
+def test_ray_tasks_get_the_resources_asked_for(tmp_path, capsys, monkeypatch):
+    """On a local Ray of 2 CPUs: `--cpus-per-model 2` reserves both for each model (Ray's own
+    record of the task), `--device auto` reaches a task without a GPU as `cpu`, and a GPU
+    request this Ray cannot meet is refused before any task waits for ever."""
+    import ray
+
+    monkeypatch.chdir(ROOT)  # the trainer module is imported from the repository
+    samples = tmp_path / "samples.jsonl"
+    assert main(["space", "sample", str(ROOT / "spaces/regnetx.yaml"), "-n", "2", "--seed", "1",
+                 "-o", str(samples), *SMALL_REGNETX]) == 0
+    sweep = ["space", "sweep", str(samples), "--data", "digits", "--epochs", "1", "--ray",
+             "--trainer", "tests.sweep_trainers:placement", "--device", "auto"]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        results = tmp_path / "ray.jsonl"
+        assert main([*sweep, "-o", str(results), "--cpus-per-model", "2"]) == 0
+        capsys.readouterr()
+        assert main([*sweep, "-o", str(tmp_path / "gpu.jsonl"), "--gpus-per-model", "1"]) == 2
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--gpus-per-model 1: no node of the Ray cluster (local) has 1 GPUs" in err[-1]
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["resources"] for r in records] == [{"CPU": 2.0}] * 2
+    assert {r["config"]["device"] for r in records} == {"cpu"}
+    assert {r["setup"]["options"]["device"] for r in records} == {"auto"}  # recorded as typed

@@ -152,3 +152,16 @@ def test_fake_quantization_trains_under_autocast(digits):  # noqa: F811
     config = TrainConfig(epochs=1, batch_size=128, lr=0.05, precision="bf16")
     result = Trainer(config, [FakeQuant()], progress=False).fit(tiny_model(), digits)
     assert math.isfinite(result.history[0]["train_loss"])
+
+
+def test_deterministic_mode_without_the_nan_fill_and_restored():
+    import torch.utils.deterministic as deterministic
+
+    from archc.train.device import deterministic_algorithms
+
+    before = (torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory)
+    with deterministic_algorithms():
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not deterministic.fill_uninitialized_memory  # no NaN pass over every new buffer
+    assert (torch.are_deterministic_algorithms_enabled(),
+            deterministic.fill_uninitialized_memory) == before

@@ -179,14 +179,40 @@ def test_train_then_eval_checkpoint_and_onnx(tmp_path, capsys):
     assert metrics == json.loads((tmp_path / "m.json").read_text())
     assert metrics["val_size"] == 360 and len(metrics["errors"]) == 1
     assert "validation error" in out.err
-    assert main(["eval", str(ckpt), "--data", "digits"]) == 0
+    assert main(["eval", str(ckpt), "--data", "digits", "--predictions",
+                 str(tmp_path / "ckpt.json")]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["error"] == pytest.approx(metrics["final_error"])
+    # the counts and the 95% Wilson interval behind the accuracy, and every example's top-1
+    assert evaluated["samples"] == 360
+    assert evaluated["accuracy"] == pytest.approx(100 * evaluated["correct"] / 360)
+    low, high = evaluated["accuracy_interval_95"]
+    assert 0 <= low < evaluated["accuracy"] < high <= 100
+    by_ckpt = json.loads((tmp_path / "ckpt.json").read_text())
+    assert len(by_ckpt["labels"]) == len(by_ckpt["predictions"]) == 360
+    assert sum(a == b for a, b in zip(by_ckpt["labels"], by_ckpt["predictions"],
+                                      strict=True)) == evaluated["correct"]
     onnx = tmp_path / "tiny.onnx"
     assert main(["fuse", str(ckpt), "-o", str(onnx)]) == 0
     capsys.readouterr()
-    assert main(["eval", str(onnx), "--data", "digits"]) == 0
+    assert main(["eval", str(onnx), "--data", "digits", "--predictions",
+                 str(tmp_path / "onnx.json")]) == 0
     assert json.loads(capsys.readouterr().out)["error"] == pytest.approx(metrics["final_error"])
+    by_onnx = json.loads((tmp_path / "onnx.json").read_text())
+    assert by_onnx["labels"] == by_ckpt["labels"]  # the same examples in the same order
+    # the fused ONNX model against the checkpoint, image by image: the same function
+    assert main(["eval", str(onnx), "--data", "digits", "--against",
+                 str(tmp_path / "ckpt.json")]) == 0
+    against = json.loads(capsys.readouterr().out)["against"]
+    assert (against["n"], against["correct_a"]) == (360, evaluated["correct"])
+    assert against["only_a"] == against["only_b"] == 0 and against["p_value"] == 1.0
+    assert against["verdict"] == "no detectable difference at n = 360 (p = 1)"
+    # a predictions file of other examples (here: the labels reordered) is refused
+    by_ckpt["labels"] = by_ckpt["labels"][::-1]
+    (tmp_path / "other.json").write_text(json.dumps(by_ckpt))
+    assert main(["eval", str(onnx), "--data", "digits", "--against",
+                 str(tmp_path / "other.json")]) == 2
+    assert "labels are not this data's 360 validation labels" in capsys.readouterr().err
     assert main(["train", str(ckpt), "--data", "digits", "--epochs", "1", "--batch-size", "128",
                  "-o", str(tmp_path / "again.pt")]) == 0  # fine-tuning a checkpoint
     assert (tmp_path / "again.pt").exists()
@@ -198,14 +224,19 @@ def test_train_then_eval_checkpoint_and_onnx(tmp_path, capsys):
     (["train", "WIDE", "--data", "digits", "-o", "OUT"], "has 10 classes"),
     (["eval", "NOTONNX", "--data", "digits"], "cannot load the ONNX model"),
     (["eval", "SPEC", "--data", "digits"], "give a trained checkpoint"),
+    (["eval", "SPEC", "--data", "digits", "--against", "nowhere.json"], "cannot read it"),
+    (["eval", "SPEC", "--data", "digits", "--against", "SPEC"], "not a predictions file"),
+    (["eval", "SPEC", "--data", "digits", "--against", "UNEVEN"], "lists of one length"),
 ])
 def test_bad_training_input_one_line_exit_2(tmp_path, capsys, argv, phrase):
     (tmp_path / "s.json").write_text(json.dumps(TINY))
     (tmp_path / "w.json").write_text(json.dumps({**TINY, "num_classes": 5}))
     np.savez(tmp_path / "bad.npz", x=np.zeros((4, 3, 16, 16)))
     (tmp_path / "m.onnx").write_bytes(b"garbage")
+    (tmp_path / "uneven.json").write_text(json.dumps({"labels": [1, 2], "predictions": [1]}))
     names = {"SPEC": "s.json", "WIDE": "w.json", "OUT": "out.pt", "BADNPZ": "bad.npz",
-             "NOTONNX": "m.onnx", "nowhere.npz": "nowhere.npz"}
+             "NOTONNX": "m.onnx", "nowhere.npz": "nowhere.npz", "nowhere.json": "nowhere.json",
+             "UNEVEN": "uneven.json"}
     argv = [str(tmp_path / names[a]) if a in names else a for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
