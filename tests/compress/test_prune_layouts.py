@@ -165,6 +165,13 @@ def _conv_group(model: nn.Module):
     (lambda m, y: m.norm(y), nn.Linear(8, 8), "Linear over a dim that does not hold the channels"),
     (lambda m, y: m.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), nn.BatchNorm2d(8),
      "BatchNorm2d on a tensor with its channels on dim 3"),
+    (lambda m, y: m.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), nn.GroupNorm(2, 8),
+     "GroupNorm on a tensor with its channels on dim 3"),
+    (lambda m, y: m.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), nn.PReLU(8),
+     "PReLU on a tensor with its channels on dim 3"),
+    (lambda m, y: F.pixel_unshuffle(F.pixel_shuffle(y.permute(0, 2, 3, 1), 2), 2)
+     .permute(0, 3, 1, 2), None, "pixel_shuffle on a tensor with its channels on dim 3"),
+    (lambda m, y: y[:, None][:, 0], None, "indexing"),
     (lambda m, y: y + y.permute(0, 3, 1, 2), None, "operands with their channels on different"),
     (lambda m, y: y - y.mean(1, keepdim=True), None, "reduction over the channels"),
 ])
@@ -190,3 +197,23 @@ def test_permutes_that_only_move_the_channels_are_followed():
     group = _conv_group(Block(lambda m, y: F.gelu(m.norm(y)).transpose(1, 3).transpose(2, 3),
                               Permute([0, 2, 3, 1])))
     assert not group.fixed
+
+
+class _Gamma(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.randn(8))
+
+
+@pytest.mark.parametrize("view", [lambda g: g, lambda g: g.view(1, 1, 1, -1),
+                                  lambda g: g[None, None, None, :]])
+def test_a_layer_scale_viewed_onto_the_last_dim_is_a_per_channel_constant(view):
+    """gamma [C] times an NHWC tensor, directly or through views adding size-1 dims (the chain
+    of `constant_chain` on the tensor's channel dim): pruned along gamma's own dim 0."""
+    model = Block(lambda m, y: (y.permute(0, 2, 3, 1) * view(m.norm.g)).permute(0, 3, 1, 2),
+                  _Gamma())
+    gm = torch.fx.symbolic_trace(model.eval())
+    graph = analyze_channels(gm, (torch.randn(2, 3, 8, 8),))
+    group = graph.of(next(n for n in gm.graph.nodes if n.target == "conv"))
+    assert not group.fixed
+    assert list(graph.constants.values()) == [(("norm.g", 0, "scale"),)]

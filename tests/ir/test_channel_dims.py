@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from archc.ir.channel_dims import (
     head_split,
     index_items,
+    index_place,
     permuted_dim,
     reduced_dim,
     reshaped_dim,
@@ -106,3 +107,14 @@ def test_index_items_expand_an_ellipsis_and_refuse_what_they_cannot_follow():
     assert index_items((slice(None), 0), 3) == [slice(None), 0, slice(None)]
     assert index_items((None, slice(None)), 3) is None
     assert index_items((Ellipsis, Ellipsis), 3) is None
+
+
+def test_index_place_finds_the_item_of_a_dim_past_ellipses_and_new_dims():
+    assert index_place((slice(None), slice(2, 5)), 4, 1) == 1
+    assert index_place((Ellipsis, slice(2, 5)), 4, 3) == 1
+    assert index_place((Ellipsis, slice(2, 5), None), 4, 3) == 1  # `x[..., a:b, None]`
+    assert index_place((slice(None), slice(2, 5), None, None), 4, 1) == 1
+    assert index_place((Ellipsis, slice(0, 1)), 4, 1) == 0  # the Ellipsis covers dim 1
+    x = torch.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    index = (Ellipsis, slice(1, 3), None)
+    assert x[index].shape[3] == 2 and index[index_place(index, 4, 3)] == slice(1, 3)
