@@ -98,10 +98,12 @@ def threads_set(count: int) -> Iterator[None]:
     """XNNPACK's thread pool in ExecuTorch sized to `count` threads (as `archc bench --threads`
     sizes the other runtimes'), restored after. ExecuTorch calls the reset unsafe while a program
     runs; none runs while it is called here."""
-    from executorch.extension.pybindings import portable_lib
+    from archc.backends.export import quiet
 
-    saved = portable_lib._threadpool_get_thread_count()
-    with _native_stderr_silenced():
+    with quiet(), _native_stderr_silenced():  # torchao and the CPU probe report on loading
+        from executorch.extension.pybindings import portable_lib
+
+        saved = portable_lib._threadpool_get_thread_count()
         portable_lib._unsafe_reset_threadpool(count)
     try:
         yield
