@@ -52,9 +52,54 @@ def _native_stderr_silenced() -> Iterator[None]:
             os.close(saved)
 
 
-def program_bytes(gm: GraphModule, example_input: torch.Tensor) -> tuple[bytes, int, int]:
+def canonical(x: torch.Tensor) -> torch.Tensor:
+    """`x` with the row-major strides of its shape. A tensor whose size-1 dimensions carry other
+    strides (one transposed from NHWC with one channel) still counts as contiguous in torch, but
+    ExecuTorch reads a dim order from the strides: exported so, the program gains strided copies;
+    run so, XNNPACK rejects the input's shape."""
+    expected, step = [], 1
+    for size in reversed(x.shape):
+        expected.insert(0, step)
+        step *= size
+    if list(x.stride()) == expected:
+        return x
+    return torch.empty(x.shape, dtype=x.dtype).copy_(x)
+
+
+def calibration_batches(x: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """`x` in chunks of exactly `batch` (the program's static batch); a short last chunk is filled
+    with the first images again, so that no padding enters the calibrated ranges."""
+    if len(x) % batch:
+        x = torch.cat([x, x.repeat(batch // len(x) + 1, 1, 1, 1)[:batch - len(x) % batch]])
+    return [canonical(chunk) for chunk in x.split(batch)]
+
+
+def _quantized(exported, example_input: torch.Tensor, calibration: torch.Tensor,
+               per_channel: bool):
+    """The exported program quantized to int8 by XNNPACK's quantizer (pt2e): symmetric int8
+    weights per output channel (or per tensor), int8 activations calibrated on `calibration`
+    (min/max observers), re-exported for lowering."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer()
+    quantizer.set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    for chunk in calibration_batches(calibration, example_input.shape[0]):
+        prepared(chunk)
+    converted = convert_pt2e(prepared)
+    return torch.export.export(converted, (example_input,))
+
+
+def program_bytes(gm: GraphModule, example_input: torch.Tensor,
+                  calibration: torch.Tensor | None = None, per_channel: bool = True
+                  ) -> tuple[bytes, int, int]:
     """The graph lowered to XNNPACK as `.pte` bytes, with how many of its compute nodes XNNPACK
-    took (delegate calls) and how many stayed portable ops."""
+    took (delegate calls) and how many stayed portable ops. With `calibration` (images), int8
+    through XNNPACK's quantizer first (`_quantized`)."""
     require()
     from archc.backends.export import quiet
 
@@ -66,11 +111,15 @@ def program_bytes(gm: GraphModule, example_input: torch.Tensor) -> tuple[bytes, 
             )
             from executorch.exir import to_edge_transform_and_lower
 
+            example_input = canonical(example_input)
             exported = torch.export.export(gm.eval(), (example_input,))
+            if calibration is not None:
+                exported = _quantized(exported, example_input, calibration, per_channel)
             lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
             program = lowered.to_executorch()
-    except Exception as exc:  # exporter and lowering raise many types
-        raise ExportError(f"ExecuTorch lowering failed: {first_line(exc)}") from None
+    except Exception as exc:  # exporter, quantizer and lowering raise many types
+        step = "int8 quantization or lowering" if calibration is not None else "lowering"
+        raise ExportError(f"ExecuTorch {step} failed: {first_line(exc)}") from None
     calls = [node for node in lowered.exported_program().graph.nodes if node.op == "call_function"]
     delegated = sum("call_delegate" in str(node.target) for node in calls)
     portable = sum("getitem" not in str(node.target) for node in calls) - delegated
@@ -88,7 +137,7 @@ def runner(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # the program reads `data` in place: the closure keeps both alive as long as `run`
-        return method.execute([x.contiguous()])[0] if program and data else None
+        return method.execute([canonical(x)])[0] if program and data else None
 
     return run
 
