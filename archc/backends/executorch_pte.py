@@ -3,11 +3,15 @@ against the float64 reference, written atomically.
 
 Lowering: `torch.export` of the deploy graph at the example input's shape, then
 `executorch.exir.to_edge_transform_and_lower` with the `XnnpackPartitioner` (XNNPACK's CPU kernels
-take every op they support; the rest stay portable ExecuTorch ops) and `to_executorch()`. The
-batch is static: ExecuTorch plans its memory for the shapes it was exported at. The program's
-bytes are loaded by `executorch.runtime.Runtime`, run on the example input, and held at fp32 to
-the artifact tolerance (`archc.ir.verify`: `--rtol`, or ten times the model's own float32
-rounding) against the float64 model.
+take every op they support; the rest stay portable ExecuTorch ops) and `to_executorch()`.
+ExecuTorch plans its memory ahead for the largest shapes a program takes, so a dynamic batch
+has an upper bound (`batch_bound`: 8, or three times the example's batch), and the program is
+checked at the example's batch, three times it and the bound (measured: a bound of 16 declared
+to `torch.export` ran only up to 15 in ExecuTorch 1.5.1, so the bound is run, not assumed); with
+a static batch, at the example's batch only. int8 programs (`calibration`) have a static
+batch. The program's bytes are loaded by `executorch.runtime.Runtime`, run on those inputs, and
+held at fp32 to the artifact tolerance (`archc.ir.verify`: `--rtol`, or ten times the model's
+own float32 rounding) against the float64 model.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from archc.errors import ExportError, first_line
 from archc.ir.verify import float64_function
 
 EXTRA = "executorch"
+MAX_BATCH = 8  # upper bound of a dynamic batch (`batch_bound`); memory is planned for it
 
 
 def require(purpose: str = "writing ExecuTorch programs (.pte)") -> None:
@@ -94,14 +99,26 @@ def _quantized(exported, example_input: torch.Tensor, calibration: torch.Tensor,
     return torch.export.export(converted, (example_input,))
 
 
+def batch_bound(example_input: torch.Tensor) -> int:
+    """The largest batch a dynamic-batch program takes: `MAX_BATCH`, or three times the example's
+    batch where that is larger (the batch the check runs besides the example's)."""
+    return max(MAX_BATCH, 3 * example_input.shape[0])
+
+
 def program_bytes(gm: GraphModule, example_input: torch.Tensor,
-                  calibration: torch.Tensor | None = None, per_channel: bool = True
-                  ) -> tuple[bytes, int, int]:
+                  calibration: torch.Tensor | None = None, per_channel: bool = True,
+                  max_batch: int | None = None) -> tuple[bytes, int, int]:
     """The graph lowered to XNNPACK as `.pte` bytes, with how many of its compute nodes XNNPACK
     took (delegate calls) and how many stayed portable ops. With `calibration` (images), int8
-    through XNNPACK's quantizer first (`_quantized`)."""
+    through XNNPACK's quantizer first (`_quantized`; static batch). With `max_batch`, the batch
+    dimension is dynamic from 1 to `max_batch`."""
     require()
-    from archc.backends.export import quiet
+    from archc.backends.export import _trace_input, quiet
+
+    dynamic = None
+    if max_batch is not None:
+        dynamic = ({0: torch.export.Dim("batch", min=1, max=max_batch)},)
+        example_input = _trace_input(example_input, True)
 
     try:
         with quiet(), _native_stderr_silenced(), torch.no_grad():
@@ -112,7 +129,7 @@ def program_bytes(gm: GraphModule, example_input: torch.Tensor,
             from executorch.exir import to_edge_transform_and_lower
 
             example_input = canonical(example_input)
-            exported = torch.export.export(gm.eval(), (example_input,))
+            exported = torch.export.export(gm.eval(), (example_input,), dynamic_shapes=dynamic)
             if calibration is not None:
                 exported = _quantized(exported, example_input, calibration, per_channel)
             lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
@@ -162,17 +179,33 @@ def threads_set(count: int) -> Iterator[None]:
 
 
 def export_executorch(gm: GraphModule, path: str | Path, example_input: torch.Tensor, *,
-                      rtol: float = 1e-5) -> EmitReport:
+                      rtol: float = 1e-5, dynamic_batch: bool = False) -> EmitReport:
     """Write `path` (.pte), verified in ExecuTorch's runtime (module docstring)."""
+    from archc.backends.export import check_output
+
     report = EmitReport(Path(path), "pte", verified_with="ExecuTorch runtime (XNNPACK)")
     gm = gm.eval()
-    data, delegated, portable = program_bytes(gm, example_input)
+    bound = batch_bound(example_input) if dynamic_batch else None
+    data, delegated, portable = program_bytes(gm, example_input, max_batch=bound)
     reference, report.reference = float64_function(gm, example_input)
     with _native_stderr_silenced():
         run = runner(data)
-        verify_emitted(report, reference, run, example_input, False, rtol)
+        verify_emitted(report, reference, run, example_input, dynamic_batch, rtol)
+        if bound is not None:
+            largest = example_input[torch.arange(bound) % example_input.shape[0]]
+            checked = report.relative_error, report.max_abs_error
+            check_output(report, reference(largest), run(largest).double(), rtol)
+            report.relative_error, report.max_abs_error = max(
+                checked, (report.relative_error, report.max_abs_error))
+    report.notes = [note for note in report.notes if not note.startswith("dynamic batch")]
     report.notes.append(f"XNNPACK delegate calls: {delegated}, portable ops left: {portable}")
-    report.notes.append(f"static batch {example_input.shape[0]}")
+    batch = example_input.shape[0]
+    if bound is None:
+        report.notes.append(f"static batch {batch}")
+    else:
+        sizes = ", ".join(map(str, dict.fromkeys([batch, 3 * batch, bound])))
+        report.notes.append(f"dynamic batch 1 to {bound} (memory planned for {bound}), checked "
+                            f"at {sizes}")
     with atomic_output(report.path) as temporary:
         temporary.write_bytes(data)
     report.bytes = len(data)

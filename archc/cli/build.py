@@ -289,10 +289,10 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
             dynamic_batch=dynamic_batch, simplify=not getattr(args, "no_simplify", False),
             exporter=args.onnx_exporter, rtol=rtol,
         )
-    if suffix == ".pte":  # fp32, NCHW, the example's batch (option_problem)
+    if suffix == ".pte":  # fp32, NCHW (option_problem)
         from archc.backends.executorch_pte import export_executorch
 
-        return export_executorch(gm, output, example, rtol=rtol)
+        return export_executorch(gm, output, example, rtol=rtol, dynamic_batch=dynamic_batch)
     form = export.deploy_form(
         gm, example, dtype=args.dtype, channels_last=args.channels_last, rtol=rtol, source=source
     )

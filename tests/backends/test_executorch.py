@@ -30,7 +30,7 @@ def tiny(tmp_path):
 def test_a_spec_builds_to_a_program_run_in_executorch(tiny, tmp_path, capsys):
     out = tmp_path / "m.pte"
     assert main(["build", str(tiny), "-o", str(out), "--init", "random", "--batch", "2",
-                 "--json"]) == 0
+                 "--static-batch", "--json"]) == 0
     written = json.loads(capsys.readouterr().out)["output"]
     assert written["reference"] == "float64 PyTorch"
     assert written["relative_error"] <= written["tolerance"] <= 1e-5
@@ -42,6 +42,23 @@ def test_a_spec_builds_to_a_program_run_in_executorch(tiny, tmp_path, capsys):
         exact = archc.build(tiny, init="random").double()(x.double())
     got = executorch_pte.runner(out.read_bytes())(x)
     assert relative_error(exact, got.double()) <= written["tolerance"]
+
+
+def test_a_dynamic_batch_program_runs_every_batch_up_to_its_bound(tiny, tmp_path, capsys):
+    out = tmp_path / "m.pte"
+    assert main(["build", str(tiny), "-o", str(out), "--init", "random", "--json"]) == 0
+    written = json.loads(capsys.readouterr().out)["output"]
+    assert ("dynamic batch 1 to 8 (memory planned for 8), checked at 1, 3, 8"
+            in written["notes"])
+    assert written["relative_error"] <= written["tolerance"]
+    model = archc.build(tiny, init="random").double()
+    run = executorch_pte.runner(out.read_bytes())
+    for batch in (1, 5, 8):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            assert relative_error(model(x.double()), run(x).double()) <= written["tolerance"]
+    with pytest.raises(RuntimeError):  # beyond the bound ExecuTorch planned memory for
+        run(torch.randn(9, 3, 32, 32))
 
 
 def test_fuse_writes_a_program(tiny, tmp_path, capsys):
