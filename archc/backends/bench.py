@@ -22,10 +22,11 @@ fails to load the model: the table never reports the speed of a wrong answer.
 Ceiling. What a convolution can reach on this machine, measured rather than assumed: one large
 dense 3x3 convolution (`CEILING_CHANNELS` in and out at `CEILING_SIDE` x `CEILING_SIDE`, batch
 1; dense and wide enough that no runtime is limited by memory traffic or overhead) timed in every
-installed runtime of `CEILING_RUNTIMES` at fp32 and bf16, each checked like a model. The ceiling
-of a precision is the fastest of them in GFLOP/s (2 x the multiply-adds archc counts,
-`archc.ir.analysis.executed_flops`, over the median time); a model's row reports its own GFLOP/s
-counted the same way and the fraction of the ceiling at its precision. The ceiling's
+installed runtime of `CEILING_RUNTIMES` at fp32 and bf16 (ExecuTorch only where the model is
+timed in it too: its runtime is not loaded otherwise), each checked like a model. The ceiling of
+a precision is the fastest of them in GFLOP/s (2 x the multiply-adds archc counts,
+`archc.ir.analysis.executed_flops`, over the median time); a model's row reports its own
+GFLOP/s counted the same way and the fraction of the ceiling at its precision. The ceiling's
 configurations take turns with the model's in the same rounds, so both see the same load.
 
 Timing: `archc.common.timing.interleaved` (warm-ups, then the configurations take turns in
@@ -299,16 +300,18 @@ def _onnx_of(gm: GraphModule, x: torch.Tensor) -> Callable[[], bytes]:
 
 
 def ceiling_candidates(threads: int, *, channels: int | None = None, side: int | None = None,
-                       dtypes: tuple[str, ...] = CEILING_DTYPES) -> list[Candidate]:
-    """The ceiling's configurations: the convolution in every runtime of `CEILING_RUNTIMES` at
-    every precision of `dtypes` the runtime computes in."""
+                       dtypes: tuple[str, ...] = CEILING_DTYPES,
+                       runtimes: tuple[str, ...] | None = None) -> list[Candidate]:
+    """The ceiling's configurations: the convolution in every runtime of `runtimes` (default
+    `CEILING_RUNTIMES`) at every precision of `dtypes` the runtime computes in."""
     gm, x = ceiling_conv(channels, side)
     reference, _ = float64_function(gm, x)
     onnx, flop = _onnx_of(gm, x), executed_flop(gm, x)
     return [Candidate(f"{CEILING_PREFIX}{runtime} {dtype}",
                       lambda r=runtime, d=dtype: prepare(r, gm, x, onnx, threads, d),
                       x, reference, flop)
-            for runtime in CEILING_RUNTIMES for dtype in dtypes if dtype in DTYPES[runtime]]
+            for runtime in (runtimes or CEILING_RUNTIMES) for dtype in dtypes
+            if dtype in DTYPES[runtime]]
 
 
 @contextlib.contextmanager
@@ -394,9 +397,12 @@ def bench(train: GraphModule, deploy: GraphModule, x: torch.Tensor, *, runtimes:
     candidates += [Candidate(runtime, lambda r=runtime: prepare(r, deploy, x, onnx, threads,
                                                                 dtype),
                              x, reference, flop_deploy) for runtime in runtimes]
-    conv = ceiling_candidates(threads, dtypes=tuple(dict.fromkeys((*CEILING_DTYPES, dtype)))
+    # ExecuTorch's runtime (its thread pool, its CPU probe) is loaded only when it was asked for
+    conv = ceiling_candidates(threads, dtypes=tuple(dict.fromkeys((*CEILING_DTYPES, dtype))),
+                              runtimes=tuple(r for r in CEILING_RUNTIMES
+                                             if r != "executorch" or r in runtimes)
                               ) if ceiling else []
-    with threads_set(threads, executorch=ceiling or "executorch" in runtimes):
+    with threads_set(threads, executorch="executorch" in runtimes):
         rows, left_out, iterations, before, after = measure(candidates + conv, rounds,
                                                             tolerance, progress)
     found = _ceiling(rows, left_out, tuple(conv[0].x.shape)) if conv else None
