@@ -25,10 +25,8 @@ import argparse
 import contextlib
 import io
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,24 +66,15 @@ def correctness(model: Path) -> str:
 def latency(fp32: Path, int8: Path, batch: int, args) -> dict[str, float]:
     import numpy as np
 
-    from archc.compress.quantize import read_model, session
+    from archc.backends.onnx_runtime import cpu_session
+    from archc.compress.quantize import interleaved_latency, read_model
 
     _, model_input = read_model(fp32)
     x = np.random.default_rng(0).uniform(0, 1, (batch, model_input.channels, model_input.size,
                                                   model_input.size)).astype(np.float32)
-    sessions = {"fp32": session(str(fp32), args.threads), "int8": session(str(int8),
-                                                                          args.threads)}
-    for sess in sessions.values():
-        for _ in range(5):
-            sess.run(None, {model_input.name: x})
-    times: dict[str, list[float]] = {key: [] for key in sessions}
-    for _ in range(args.rounds):
-        for key, sess in sessions.items():
-            start = time.perf_counter()
-            for _ in range(args.iterations):
-                sess.run(None, {model_input.name: x})
-            times[key].append(1e3 * (time.perf_counter() - start) / args.iterations)
-    return {key: statistics.median(values) for key, values in times.items()}
+    sessions = {"fp32": cpu_session(str(fp32), args.threads),
+                "int8": cpu_session(str(int8), args.threads)}
+    return interleaved_latency(sessions, model_input.name, x, args.rounds, args.iterations)
 
 
 def bench_spec(name: str, work: Path, args) -> dict:

@@ -23,7 +23,8 @@ Measured per spec:
   produce (the train-form module through `torch.onnx.export` with default settings) vs archc's
   ONNX of the deploy form;
 - achieved GFLOP/s of the deploy form (archc's multiply-add count x 2 / time) against the
-  machine's measured fp32 matrix-multiply peak;
+  machine's measured fp32 convolution ceiling (`archc.backends.bench.conv_ceiling`: a large dense
+  3x3 conv in every installed runtime, the fastest one's GFLOP/s) at the same thread count;
 - `archc build` wall time of every shipped spec (and of torch.onnx's exporter on one), each
   against an `import torch` run just before it (`tool-cost`: specs up to 1 GFLOP get
   `--tool-cost-rounds` rounds, default 3, larger ones `--tool-cost-large-rounds`, default 1);
@@ -73,21 +74,6 @@ DEFAULT_SPECS = [
     "shufflenet_v2_x1_0",
     "resnet50",
 ]
-
-
-def matmul_peak_gflops(threads: int, size: int = 1024, repeats: int = 20) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 def ort_session(model_bytes: bytes, threads: int):
@@ -373,7 +359,7 @@ def bench_pass_cost(args) -> list[dict]:
     return list(rows.values())
 
 
-def deploy_section(results: list[dict], peak: dict[int, float], args) -> str:
+def deploy_section(results: list[dict], ceiling: dict, args) -> str:
     lines = [
         "Measured by `python bench/run.py --sections deploy` (see its docstring for the protocol)."
         " Times are the median of per-round medians with the [min-max] of round medians; rounds "
@@ -416,15 +402,17 @@ def deploy_section(results: list[dict], peak: dict[int, float], args) -> str:
             )
     lines += [
         "",
-        "## Achieved throughput of the deploy form vs the matmul peak",
+        "## Achieved throughput of the deploy form vs the convolution ceiling",
         "",
-        "Peak: best of repeated 1024x1024 fp32 `torch.mm`: "
-        + ", ".join(f"{peak[t]:.1f} GFLOP/s at {t} thread(s)" for t in sorted(peak))
-        + ". It is a reference, not the machine's ceiling: one square matmul through torch; "
-        "ONNX Runtime's own convolution kernels can run faster than it, hence fractions above "
-        "100%.",
+        "Ceiling: a "
+        + next(iter(ceiling.values())).document()["conv"]
+        + ", timed in every installed runtime at fp32 (interleaved rounds, median; "
+        "`archc.backends.bench.conv_ceiling`), the fastest one's GFLOP/s: "
+        + ", ".join(f"{_best(ceiling[t])} at {t} thread(s)" for t in sorted(ceiling))
+        + ". GFLOP/s = 2 x archc's multiply-add count / median time.",
         "",
-        "| spec | eager deploy | fraction of peak | ORT archc (2 threads) | fraction |",
+        "| spec | eager deploy | fraction of ceiling | ORT archc "
+        f"({max(args.ort_threads)} threads) | fraction |",
         "|---|---|---|---|---|",
     ]
     for r in results:
@@ -434,10 +422,15 @@ def deploy_section(results: list[dict], peak: dict[int, float], args) -> str:
         ort = flop / r["ort"][f"archc@{ort_threads}"].median / 1e9
         lines.append(
             f"| {r['name']} | {eager:.1f} GFLOP/s | "
-            f"{eager / peak[args.eager_threads]:.0%} | {ort:.1f} GFLOP/s | "
-            f"{ort / peak[ort_threads]:.0%} |"
+            f"{eager / ceiling[args.eager_threads].best('fp32').gflops:.0%} | {ort:.1f} GFLOP/s | "
+            f"{ort / ceiling[ort_threads].best('fp32').gflops:.0%} |"
         )
     return "\n".join(lines)
+
+
+def _best(ceiling) -> str:
+    row = ceiling.best("fp32")
+    return f"{row.gflops:.1f} GFLOP/s ({row.runtime})"
 
 
 def pass_cost_section(rows: list[dict], args) -> str:
@@ -679,12 +672,15 @@ def main() -> None:
 
     sections = {}
     if "deploy" in wanted:
-        peak = {t: matmul_peak_gflops(t) for t in sorted({1, 2, args.eager_threads})}
+        from archc.backends.bench import conv_ceiling
+
+        ceiling = {t: conv_ceiling(t, args.rounds, dtypes=("fp32",))
+                   for t in sorted({*args.ort_threads, args.eager_threads})}
         results = []
         for name in args.specs.split(","):
             print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
             results.append(bench_spec(name, args))
-        sections["deploy"] = deploy_section(results, peak, args)
+        sections["deploy"] = deploy_section(results, ceiling, args)
     if "families" in wanted:
         sections["families"] = families_section(bench_families(args), args)
     if "pass-cost" in wanted:

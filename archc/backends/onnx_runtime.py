@@ -58,11 +58,13 @@ def onnx_classifier(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor],
     return run, (channels, height), classes
 
 
-def cpu_session(model: str | bytes, threads: int = 1, optimized: bool = True):
+def cpu_session(model: str | bytes, threads: int = 1, optimized: bool = True,
+                save_optimized: Path | None = None):
     """An ONNX Runtime CPU session with `threads` intra-op threads that does not spin-wait: with
     sessions run in turns (interleaved timing), one session's spinning thread pool would steal
     the cores from the next (measured: a 2x penalty on whichever runs second). `optimized`:
-    ORT's full graph optimizations, else none (to check the file itself)."""
+    ORT's full graph optimizations, else none (to check the file itself). `save_optimized`:
+    where ORT writes the graph it optimized (to count the kernels it chose)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -72,4 +74,6 @@ def cpu_session(model: str | bytes, threads: int = 1, optimized: bool = True):
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
+    if save_optimized is not None:
+        options.optimized_model_filepath = str(save_optimized)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

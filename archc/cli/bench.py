@@ -45,6 +45,14 @@ def add_commands(commands) -> None:
                        "may use)")
     bench.add_argument("--rounds", type=arguments.positive_int, default=7, metavar="R",
                        help="interleaved timing rounds (default 7)")
+    bench.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                       help="precision of the deploy form: fp32 (default), or bf16 / fp16 in "
+                       "the runtimes that compute in them (OpenVINO's inference precision, "
+                       "PyTorch on a cast copy); the others are left out with the reason")
+    bench.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                       help="skip the convolution ceiling (a large dense 3x3 conv timed in "
+                       "every installed runtime at fp32 and bf16, in the same rounds as the "
+                       "model; each row's GFLOP/s is reported as a fraction of it)")
     bench.add_argument("--seed", type=arguments.seed, default=0,
                        help="weight and input seed (default 0)")
     bench.add_argument("--rtol", type=arguments.open_unit_interval, default=1e-5,
@@ -70,7 +78,7 @@ def _bench(args: argparse.Namespace) -> int:
     threads = args.threads or len(os.sched_getaffinity(0))
     report = bench(train, result.graph_module, example, runtimes=args.runtimes, threads=threads,
                    rounds=args.rounds, tolerance=artifact_tolerance(args.rtol, result.noise),
-                   progress=out.progress)
+                   dtype=args.dtype, ceiling=args.ceiling, progress=out.progress)
     out.say(_table(report, name, shape))
     out.report({"command": "bench", "name": name, "source": str(args.model),
                 "input_shape": list(shape), **report.document()})
@@ -101,23 +109,46 @@ def _train_form(args: argparse.Namespace):
 def _table(report, name: str, shape) -> str:
     fastest = report.fastest().timing.median
     train = report.train_form().timing.median
-    lines = [f"{name} at {'x'.join(map(str, shape))}, {report.threads} thread"
+    lines = [f"{name} at {'x'.join(map(str, shape))}, {report.dtype}, {report.threads} thread"
              f"{'s' if report.threads > 1 else ''}, {report.rounds} interleaved rounds of "
              f"{report.iterations} runs; load average "
              f"{report.load_before[0]:.2f} before, {report.load_after[0]:.2f} after",
              f"{'runtime':<20} {'precision':<9} {'median':>10} {'spread (round medians)':>24} "
-             f"{'vs fastest':>10} {'vs train':>9}  error vs {report.reference}"]
+             f"{'vs fastest':>10} {'vs train':>9} {'GFLOP/s':>8} {'of ceiling':>10}  "
+             f"error vs {report.reference}"]
     for row in sorted(report.rows, key=lambda row: row.timing.median):
-        spread = f"{min(row.timing.rounds) * 1e3:.2f}-{max(row.timing.rounds) * 1e3:.2f} ms"
+        fraction = report.fraction(row)
         lines.append(
             f"{row.runtime:<20} {row.precision:<9} {row.timing.median * 1e3:>7.2f} ms "
-            f"{spread:>24} {row.timing.median / fastest:>9.2f}x "
-            f"{train / row.timing.median:>8.2f}x  {row.relative_error:.1e} "
+            f"{_spread(row):>24} {row.timing.median / fastest:>9.2f}x "
+            f"{train / row.timing.median:>8.2f}x {row.gflops:>8.1f} "
+            f"{'-' if fraction is None else f'{fraction:.0%}':>10}  {row.relative_error:.1e} "
             f"(tolerance {row.tolerance:.1e})")
     lines += [f"left out: {runtime}: {reason}" for runtime, reason in report.left_out.items()]
     lines.append("vs fastest: time / the fastest's; vs train: the train form's time / time "
-                 "(a speed-up)")
+                 "(a speed-up); GFLOP/s: 2 x executed multiply-adds / time")
+    if report.ceiling is not None:
+        lines += _ceiling_lines(report.ceiling)
     return "\n".join(lines)
+
+
+def _spread(row) -> str:
+    return f"{min(row.timing.rounds) * 1e3:.2f}-{max(row.timing.rounds) * 1e3:.2f} ms"
+
+
+def _ceiling_lines(ceiling) -> list[str]:
+    batch, channels, side = ceiling.shape[0], ceiling.shape[1], ceiling.shape[2]
+    best = [f"{precision} {row.gflops:.1f} GFLOP/s ({row.runtime})"
+            for precision in ("fp32", "bf16", "fp16")
+            if (row := ceiling.best(precision)) is not None]
+    lines = [f"conv ceiling (3x3 conv {channels}->{channels} at {side}x{side}, batch {batch}, "
+             f"in the same rounds): {', '.join(best) or 'no runtime measured it'}; "
+             "of ceiling: a row's GFLOP/s / the ceiling at its precision"]
+    for row in sorted(ceiling.rows, key=lambda row: -row.gflops):
+        lines.append(f"  {row.runtime:<18} {row.precision:<9} {row.timing.median * 1e3:>7.2f} ms "
+                     f"{_spread(row):>24} {row.gflops:>8.1f} GFLOP/s")
+    lines += [f"  left out: {name}: {reason}" for name, reason in ceiling.left_out.items()]
+    return lines
 
 
 HANDLERS = {"bench": _bench}

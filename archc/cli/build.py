@@ -255,6 +255,7 @@ def _build(args: argparse.Namespace) -> int:
         f"(multiply-adds), {count_text(report.acts)} acts per sample at "
         f"{'x'.join(map(str, shape[1:]))} (spec form)"
     )
+    deploy = gm
     if args.output.suffix.lower() == ".pt":
         emitted = checkpoint.save_checkpoint(gm, spec.to_dict(), args.output, example,
                                              rtol=args.rtol)
@@ -262,7 +263,7 @@ def _build(args: argparse.Namespace) -> int:
         deploy, noise = _run_passes(gm, args, example, pipeline, out, document)
         emitted = _emit(deploy, args.output, example, args, spec.name, str(args.spec), noise,
                         source=gm)
-    _print_emitted(emitted, out, document, args)
+    _print_emitted(emitted, out, document, args, deploy, example)
     return 0
 
 
@@ -288,10 +289,10 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
             dynamic_batch=dynamic_batch, simplify=not getattr(args, "no_simplify", False),
             exporter=args.onnx_exporter, rtol=rtol,
         )
-    if suffix == ".pte":  # fp32, NCHW, the example's batch (option_problem)
+    if suffix == ".pte":  # fp32, NCHW (option_problem)
         from archc.backends.executorch_pte import export_executorch
 
-        return export_executorch(gm, output, example, rtol=rtol)
+        return export_executorch(gm, output, example, rtol=rtol, dynamic_batch=dynamic_batch)
     form = export.deploy_form(
         gm, example, dtype=args.dtype, channels_last=args.channels_last, rtol=rtol, source=source
     )
@@ -470,11 +471,14 @@ def _fuse(args: argparse.Namespace) -> int:
     output = args.output or args.checkpoint.with_name(f"{model.name}.fused.pt2")
     emitted = _emit(gm, output, example, args, model.name, args.checkpoint.name, noise,
                     source=model.graph_module)
-    _print_emitted(emitted, out, document, args)
+    _print_emitted(emitted, out, document, args, gm, example)
     return 0
 
 
-def _print_emitted(emitted, out: Output, document: dict, args=None) -> None:
+def _print_emitted(emitted, out: Output, document: dict, args=None, deploy=None,
+                   example=None) -> None:
+    """Say what was written; then `--int8` quantizes it (`deploy` at `example`: the graph that
+    was emitted)."""
     details = "; ".join([size_text(emitted.bytes), *emitted.notes])
     out.say(f"wrote {emitted.path} ({details})")
     out.say(
@@ -490,7 +494,7 @@ def _print_emitted(emitted, out: Output, document: dict, args=None) -> None:
     if emitted.precision:
         document["output"]["precision"] = emitted.precision
     if args is not None and args.int8:
-        document["int8"] = cli_quant.chain(args, emitted.path, out)
+        document["int8"] = cli_quant.chain(args, emitted.path, out, deploy, example)
     out.report(document)
 
 

@@ -103,15 +103,18 @@ def add_commands(commands) -> None:
 def add_chain_options(parser: argparse.ArgumentParser) -> None:
     """`--int8 --calib DATA` (and the quantization options) for `build` and `fuse`."""
     parser.add_argument("--int8", action="store_true",
-                        help="also write an int8 QDQ model <OUT stem>.int8.onnx (needs --calib "
-                        "and an .onnx OUT)")
+                        help="also write an int8 model: <OUT stem>.int8.onnx (QDQ, ONNX "
+                        "Runtime's quantizer) for an .onnx OUT, <OUT stem>.int8.pte (XNNPACK's "
+                        "quantizer) for a .pte OUT; needs --calib")
     parser.add_argument("--calib", metavar="DATA", default=None,
                         help="calibration data of --int8: digits, a .npz or class folders")
     _add_quantization_options(parser)
 
 
 def int8_path(output: Path) -> Path:
-    return output.with_name(f"{output.stem}.int8.onnx")
+    """Where `--int8` writes: `<OUT stem>.int8.onnx`, or `.int8.pte` for an ExecuTorch program."""
+    suffix = ".pte" if output.suffix.lower() == ".pte" else ".onnx"
+    return output.with_name(f"{output.stem}.int8{suffix}")
 
 
 def chain_problem(args: argparse.Namespace, output: Path) -> str | None:
@@ -120,18 +123,47 @@ def chain_problem(args: argparse.Namespace, output: Path) -> str | None:
         return "--calib is the calibration data of --int8: add --int8" if args.calib else None
     if args.calib is None:
         return "--int8 needs calibration data: add --calib DATA (digits, a .npz or folders)"
-    if output.suffix.lower() != ".onnx":
-        return f"--int8 quantizes an ONNX model: give an .onnx output, not {output.suffix}"
+    if output.suffix.lower() == ".pte":
+        if args.method != "minmax" or args.keep_float:
+            return ("--int8 for .pte goes through XNNPACK's quantizer, which calibrates min/max "
+                    "and quantizes every layer it supports: drop --method / --keep-float")
+    elif output.suffix.lower() != ".onnx":
+        return (f"--int8 quantizes an ONNX model or an ExecuTorch program: give an .onnx or "
+                f".pte output, not {output.suffix}")
     return arguments.check_output_location(int8_path(output))
 
 
-def chain(args: argparse.Namespace, onnx_path: Path, out) -> dict | None:
-    """Quantize the model `build`/`fuse` wrote, if `--int8`; print as `archc quantize`."""
+def chain(args: argparse.Namespace, path: Path, out, deploy=None, example=None) -> dict | None:
+    """Quantize the model `build`/`fuse` wrote, if `--int8`: the .onnx file as `archc quantize`
+    does, or, for a .pte, the deploy graph `deploy` (traced at `example`) through XNNPACK's
+    quantizer (`archc.compress.quantize_pte`)."""
     if not args.int8:
         return None
-    report = _run(args, onnx_path, args.calib, int8_path(onnx_path), out.progress)
-    _say(report, onnx_path, args.calib, out)
+    if path.suffix.lower() == ".pte":
+        from archc.compress.quantize_pte import quantize_program
+
+        program = quantize_program(deploy, example, args.calib, int8_path(path),
+                                   samples=args.samples, per_channel=not args.per_tensor,
+                                   progress=out.progress)
+        _say_program(program, args.calib, out)
+        return program.document()
+    report = _run(args, path, args.calib, int8_path(path), out.progress)
+    _say(report, path, args.calib, out)
     return report.document()
+
+
+def _say_program(report, data: str, out) -> None:
+    weights = "per-channel" if report.per_channel else "per-tensor"
+    out.say(f"wrote {report.output} ({size_text(report.bytes)}): int8 ExecuTorch program, "
+            f"XNNPACK quantizer, min/max calibration on "
+            f"{counted(report.calibration_samples, 'image')} of {data}, {weights} weights; "
+            f"XNNPACK delegate calls: {report.delegated}, portable ops left: {report.portable}")
+    out.say(f"verified in ExecuTorch's runtime against the fp32 model in float64: relative "
+            f"error {report.relative_error:.2e} (int8 tolerance {report.tolerance:g})")
+    out.say(f"held-out ({report.held_out_samples} validation images): SQNR "
+            f"{_db(report.sqnr_db)} dB, top-1 agreement {report.top1_agreement:.2f}%; "
+            f"accuracy: fp32 {report.fp32_accuracy:.2f}%, int8 {report.int8_accuracy:.2f}% "
+            f"({report.int8_accuracy - report.fp32_accuracy:+.2f} points)")
 
 
 def _run(args: argparse.Namespace, model: Path, data: str, output: Path, progress):

@@ -30,9 +30,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ import numpy as np
 
 from archc.common.accuracy_stats import PairedComparison, compare_paired
 from archc.common.suggest import did_you_mean
+from archc.common.timing import interleaved
 from archc.errors import ArchcError
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -201,20 +200,6 @@ class _Reader:
         self.index = 0
 
 
-def session(model: str | bytes, threads: int = 1, optimized: Path | None = None):
-    """A CPU ORT session that does not spin-wait (interleaved sessions share the cores)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if optimized is not None:
-        options.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
 def _run(sess, name: str, x: np.ndarray, batch: int | None) -> np.ndarray:
     outputs = [sess.run(None, {name: part})[0] for part in _batches(x, batch)]
     return np.concatenate(outputs)[:len(x)]
@@ -252,13 +237,14 @@ def quantize(model_path: Path, data: str, output: Path, *, method: str = "minmax
     if len(dataset.val_x) == 0:
         raise QuantizationError(f"{data}: no held-out images to measure the int8 model on")
     kept = resolve_keep_float(model, keep_float)
+    from archc.backends.onnx_runtime import cpu_session
     from archc.common.fileio import atomic_output
 
     with tempfile.TemporaryDirectory(prefix="archc-quantize-") as folder:
         work = Path(folder)
         fp32 = _preprocess(model_path, work, progress)
         try:
-            fp32_session = session(str(fp32))
+            fp32_session = cpu_session(str(fp32))
         except Exception as exc:
             raise QuantizationError(f"{model_path}: ONNX Runtime cannot run it "
                                     f"({type(exc).__name__}: {_first(exc)})") from None
@@ -281,7 +267,7 @@ def quantize(model_path: Path, data: str, output: Path, *, method: str = "minmax
             progress("checking the int8 model in ONNX Runtime")
             optimized = work / "int8.optimized.onnx"
             try:
-                int8_session = session(str(temporary), optimized=optimized)
+                int8_session = cpu_session(str(temporary), save_optimized=optimized)
                 quantized_ops, float_convs = _ops_after_optimization(optimized)
                 report = _measure(fp32, temporary, fp32_session, int8_session, model_input,
                                   dataset, threads, latency_rounds, layers, progress)
@@ -377,9 +363,11 @@ def _measure(fp32: Path, int8: Path, fp32_session, int8_session, model_input: Mo
     report.layers = layer_losses(fp32, int8, model_input, x[:HELD_OUT_LAYER_SAMPLES])[:layers]
     if rounds > 0:
         progress(f"latency: {rounds} interleaved rounds")
+        from archc.backends.onnx_runtime import cpu_session
+
         one = x[:1] if model_input.batch is None else next(_batches(x, model_input.batch))
         timing = interleaved_latency(
-            {"fp32": session(str(fp32), threads), "int8": session(str(int8), threads)},
+            {"fp32": cpu_session(str(fp32), threads), "int8": cpu_session(str(int8), threads)},
             model_input.name, one, rounds)
         report.fp32_ms, report.int8_ms = timing["fp32"], timing["int8"]
     return report
@@ -387,19 +375,11 @@ def _measure(fp32: Path, int8: Path, fp32_session, int8_session, model_input: Mo
 
 def interleaved_latency(sessions: dict, name: str, x: np.ndarray, rounds: int,
                         iterations: int = 20, warmup: int = 5) -> dict[str, float]:
-    """Median milliseconds per run of each session; the sessions take turns in every round, so
-    drifts of the machine hit all of them alike."""
-    for sess in sessions.values():
-        for _ in range(warmup):
-            sess.run(None, {name: x})
-    times: dict[str, list[float]] = {key: [] for key in sessions}
-    for _ in range(rounds):
-        for key, sess in sessions.items():
-            start = time.perf_counter()
-            for _ in range(iterations):
-                sess.run(None, {name: x})
-            times[key].append(1e3 * (time.perf_counter() - start) / iterations)
-    return {key: statistics.median(values) for key, values in times.items()}
+    """Median milliseconds per run of each ORT session on `x`, the sessions taking turns in
+    every round (`archc.common.timing.interleaved`)."""
+    timings = interleaved({key: lambda sess=sess: sess.run(None, {name: x})
+                           for key, sess in sessions.items()}, rounds, iterations, warmup)
+    return {key: 1e3 * timing.median for key, timing in timings.items()}
 
 
 def layer_losses(fp32: Path, int8: Path, model_input: ModelInput, x: np.ndarray
@@ -479,7 +459,9 @@ def _outputs(model, names: list[str], model_input: ModelInput, x: np.ndarray
         if name not in existing:
             model.graph.output.append(
                 onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    sess = session(model.SerializeToString())
+    from archc.backends.onnx_runtime import cpu_session
+
+    sess = cpu_session(model.SerializeToString())
     wanted = [output.name for output in model.graph.output]
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for part in _batches(x, model_input.batch):

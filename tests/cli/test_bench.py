@@ -1,6 +1,8 @@
 """`archc bench`: rows for the train form and each runtime asked for, ratios that read right, the
 --json shape, and every reason a runtime is left out (not installed, disagrees with float64,
-archc writes nothing for it); an unknown runtime name is a usage error."""
+archc writes nothing for it, a precision it does not run in); the convolution ceiling (on a tiny
+conv: its speed is not asserted) is the fastest runtime per precision and every row's fraction
+reads against it; an unknown runtime name is a usage error."""
 
 from __future__ import annotations
 
@@ -25,8 +27,17 @@ def tiny(tmp_path):
     return path
 
 
-def bench_json(argv: list[str], capsys) -> dict:
-    assert main(["bench", "--rounds", "2", "--threads", "1", "--json", *argv]) == 0
+@pytest.fixture
+def tiny_ceiling(monkeypatch):
+    """The ceiling's conv at 8 channels on 8x8, in ONNX Runtime and PyTorch only (cheap)."""
+    monkeypatch.setattr(bench_module, "CEILING_CHANNELS", 8)
+    monkeypatch.setattr(bench_module, "CEILING_SIDE", 8)
+    monkeypatch.setattr(bench_module, "CEILING_RUNTIMES", ("ort", "torch"))
+
+
+def bench_json(argv: list[str], capsys, ceiling: bool = False) -> dict:
+    assert main(["bench", "--rounds", "2", "--threads", "1", "--json", *argv,
+                 *([] if ceiling else ["--no-ceiling"])]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -48,7 +59,8 @@ def test_every_runtime_asked_for_gets_a_checked_row(tiny, capsys):
 
 def test_the_table_names_every_row_and_why_one_is_left_out(tiny, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "executorch", None)  # what an install without it looks like
-    argv = ["bench", str(tiny), "--runtimes", "ort,executorch", "--rounds", "2", "--threads", "1"]
+    argv = ["bench", str(tiny), "--runtimes", "ort,executorch", "--rounds", "2", "--threads", "1",
+            "--no-ceiling"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "torch (train form)" in text and "\nort " in text and "vs fastest" in text
@@ -109,6 +121,63 @@ def test_executorch_is_timed_after_its_check(tiny, capsys):
     rows = {row["runtime"]: row for row in report["rows"]}
     assert set(rows) == {"torch (train form)", "executorch"}
     assert rows["executorch"]["relative_error"] <= rows["executorch"]["tolerance"]
+
+
+def test_the_ceiling_is_the_fastest_runtime_per_precision(tiny, tiny_ceiling, capsys):
+    report = bench_json([str(tiny), "--runtimes", "ort,torch"], capsys, ceiling=True)
+    ceiling = report["ceiling"]
+    assert ceiling["conv"] == "3x3 conv 8->8 at 8x8, batch 1" and ceiling["left_out"] == {}
+    rows = {row["runtime"]: row for row in ceiling["rows"]}
+    assert set(rows) == {"ort fp32", "torch fp32", "torch bf16"}
+    assert rows["torch bf16"]["precision"] == "bf16"
+    for row in rows.values():  # 2 x (8 x 8 x 9 + 8 bias) multiply-adds x 64 pixels per run
+        assert row["gflops"] == pytest.approx(2 * (8 * 8 * 9 + 8) * 64 / row["median_ms"] / 1e6)
+        assert row["relative_error"] <= row["tolerance"]
+    for precision in ("fp32", "bf16"):
+        best = max((row for row in rows.values() if row["precision"] == precision),
+                   key=lambda row: row["gflops"])
+        assert ceiling["ceiling"][precision] == {"runtime": best["runtime"],
+                                                 "gflops": best["gflops"]}
+    fp32 = ceiling["ceiling"]["fp32"]["gflops"]
+    for row in report["rows"]:
+        assert row["fraction_of_ceiling"] == pytest.approx(row["gflops"] / fp32)
+
+
+def test_the_table_states_the_ceiling_and_each_row_s_fraction(tiny, tiny_ceiling, capsys):
+    assert main(["bench", str(tiny), "--runtimes", "torch", "--rounds", "2", "--threads",
+                 "1"]) == 0
+    text = capsys.readouterr().out
+    assert "of ceiling" in text and "conv ceiling (3x3 conv 8->8 at 8x8, batch 1" in text
+    torch_row = next(line for line in text.splitlines() if line.startswith("torch  "))
+    assert torch_row.split()[9].endswith("%")  # the fraction column
+
+
+def test_a_ceiling_runtime_that_disagrees_is_left_out_of_the_ceiling(tiny, tiny_ceiling, capsys,
+                                                                      monkeypatch):
+    def wrong(onnx: bytes, threads: int):
+        return bench_module.Prepared(lambda x: torch.zeros(1, 8, 8, 8))
+
+    monkeypatch.setattr(bench_module, "_ort", wrong)
+    report = bench_json([str(tiny), "--runtimes", "torch"], capsys, ceiling=True)
+    assert report["ceiling"]["left_out"]["ort fp32"].startswith("disagrees with the float64")
+    assert report["ceiling"]["ceiling"]["fp32"]["runtime"] == "torch fp32"
+
+
+def test_conv_ceiling_alone_measures_every_runtime_asked(monkeypatch):
+    monkeypatch.setattr(bench_module, "CEILING_RUNTIMES", ("ort", "torch"))
+    ceiling = bench_module.conv_ceiling(1, rounds=2, channels=4, side=6, dtypes=("fp32",))
+    assert [row.runtime for row in ceiling.rows] == ["ort fp32", "torch fp32"]
+    assert ceiling.shape == (1, 4, 6, 6) and ceiling.best("bf16") is None
+    assert ceiling.fraction(ceiling.best("fp32")) == 1.0
+
+
+def test_bf16_runs_where_the_runtime_computes_in_it_and_says_where_not(tiny, capsys):
+    report = bench_json([str(tiny), "--runtimes", "ort,torch", "--dtype", "bf16"], capsys)
+    rows = {row["runtime"]: row for row in report["rows"]}
+    assert report["dtype"] == "bf16" and rows["torch"]["precision"] == "bf16"
+    assert rows["torch (train form)"]["precision"] == "fp32"
+    assert rows["torch"]["tolerance"] == pytest.approx(10 * torch.finfo(torch.bfloat16).eps)
+    assert report["left_out"] == {"ort": "archc runs ort at fp32 only, not bf16"}
 
 
 @pytest.mark.parametrize("runtimes, phrase", [

@@ -210,7 +210,7 @@ def test_build_chain_options_are_checked_first(tmp_path, capsys):
     for argv, words in [(["-o", tmp_path / "m.onnx", "--int8"], "needs calibration data"),
                         (["-o", tmp_path / "m.onnx", "--calib", "digits"], "add --int8"),
                         (["-o", tmp_path / "m.pt2", "--int8", "--calib", "digits"],
-                         "give an .onnx output")]:
+                         "give an .onnx or .pte output")]:
         code, _, err = run(capsys, "build", spec, *argv)
         assert code == 2 and words in err, err
     assert not list(tmp_path.glob("m*"))
