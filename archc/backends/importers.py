@@ -44,6 +44,7 @@ class ImportedModel:
     kind: str  # "archc checkpoint", "torch.export program", "pickled nn.Module"
     input_shape: tuple[int, ...] | None  # from the spec or the program's example inputs
     spec: dict | None = None
+    module: nn.Module | None = None  # a pickled model as unpickled: its own class, not the trace
 
 
 def load_model(path: str | Path, *, trust_pickle: bool = False) -> ImportedModel:
@@ -126,7 +127,8 @@ def _load_pickled_module(data: bytes, path: Path) -> ImportedModel:
             f"{path}: the pickle holds a {type(model).__name__}, not an nn.Module"
         )
     gm = trace(model.eval(), str(path))
-    return ImportedModel(gm, path.stem, "pickled nn.Module", inferred_input_shape(gm))
+    return ImportedModel(gm, path.stem, "pickled nn.Module", inferred_input_shape(gm),
+                         module=model)
 
 
 DEFAULT_SIDE = 224  # spatial size of a pickled model's example input, unless --input-shape
@@ -173,6 +175,17 @@ def check_example(gm: GraphModule, example: torch.Tensor, source: str) -> None:
         raise CheckpointError(
             f"{source}: the model does not run at the example input {shape} "
             f"({first_line(exc)}); give its input shape with --input-shape N,C,H,W") from None
+
+
+def canonical_graph(gm: GraphModule, example: torch.Tensor) -> GraphModule:
+    """A foreign model's graph in the canonical form (the `canonical` pipeline: BatchNorm modules
+    for functional BN, no in-place ops or shape guards), which the channel analysis reads and in
+    which an exported program's BatchNorms train as modules."""
+    import archc.passes  # noqa: F401 - registers the catalogue
+    from archc.rewrite.pipeline import PassContext, pipelines, run_pipeline
+
+    context = PassContext(example_inputs=(example,))
+    return run_pipeline(gm, list(pipelines()["canonical"]), context).graph_module
 
 
 def trace(model: nn.Module, source: str) -> GraphModule:
