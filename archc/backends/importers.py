@@ -180,12 +180,52 @@ def check_example(gm: GraphModule, example: torch.Tensor, source: str) -> None:
 def canonical_graph(gm: GraphModule, example: torch.Tensor) -> GraphModule:
     """A foreign model's graph in the canonical form (the `canonical` pipeline: BatchNorm modules
     for functional BN, no in-place ops or shape guards), which the channel analysis reads and in
-    which an exported program's BatchNorms train as modules."""
+    which an exported program's BatchNorms train as modules, under the source model's names."""
     import archc.passes  # noqa: F401 - registers the catalogue
     from archc.rewrite.pipeline import PassContext, pipelines, run_pipeline
 
     context = PassContext(example_inputs=(example,))
-    return run_pipeline(gm, list(pipelines()["canonical"]), context).graph_module
+    gm = run_pipeline(gm, list(pipelines()["canonical"]), context).graph_module
+    _drop_unread_tensors(gm)
+    _restore_norm_names(gm)
+    return gm
+
+
+def _drop_unread_tensors(gm) -> None:
+    """Delete the parameters and buffers no node reads: canonicalisation leaves the lifted
+    BatchNorm tensors on their old owner beside the new module that shares them, and a copy made
+    by `.to(device)` would then drift from the one in use."""
+    read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    names = [name for name, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in gm.named_buffers(remove_duplicate=False)]
+    for name in names:
+        owner = name.rpartition(".")[0]
+        if name in read or any(owner == c or owner.startswith(c + ".") for c in called):
+            continue
+        delattr(gm.get_submodule(owner) if owner else gm, name.rpartition(".")[2])
+    gm.delete_all_unused_submodules()
+
+
+def _restore_norm_names(gm) -> None:
+    """`bn1.norm` -> `bn1`: canonicalisation puts the BatchNorm it makes beside the lifted
+    tensors' owner (`bn1`), which is left empty; the module takes the owner's place, so the
+    parameters keep the source model's names (`bn1.weight`) and a program written back and read
+    again has the same names."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.target.endswith(".norm"):
+            continue
+        owner = node.target.rpartition(".")[0]
+        holder = gm.get_submodule(owner)
+        if type(holder) is not nn.Module or list(holder.named_children()) != [
+                ("norm", gm.get_submodule(node.target))] or next(
+                holder.named_parameters(recurse=False), None) or next(
+                holder.named_buffers(recurse=False), None):
+            continue
+        parent, _, name = owner.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, holder.norm)
+        node.target = owner
+    gm.recompile()
 
 
 def trace(model: nn.Module, source: str) -> GraphModule:

@@ -17,8 +17,9 @@ an `nn.BatchNorm` module again: in training mode it normalises with batch statis
 its running ones, so fine-tuning trains BN as the original network would. Two things a program
 cannot give back: dropout, which an eval-mode export records as the identity, stays off, and a
 program exported in training mode (BN on batch statistics) is refused. Parameters stay
-`nn.Parameter`s under their original names (`layer1.0.conv1.weight`; a BatchNorm's become
-`bn1.norm.weight`), so `--freeze` patterns read much as in the source model.
+`nn.Parameter`s under their original names (`layer1.0.conv1.weight`, `bn1.weight`), so
+`--freeze` patterns read as in the source model, and a program written back and read again keeps
+them.
 
 The input (channels, height, width) comes from the spec, from the program's example input, or
 from `input_shape` (`--input-shape`); a pickled module records none, so its first conv's channels
@@ -170,7 +171,6 @@ def load_trainable(path: Path, *, trust_pickle: bool = False,
             raise CheckpointError(f"{path}: cannot bring the program to canonical form "
                                   f"({first_line(exc)})") from None
         _refuse_batch_statistics(module, path)
-        _drop_unread_tensors(module)
     return Trainable(path, imported.kind, imported.name, shape,
                      _outputs(module, example, path), None, module)
 
@@ -225,22 +225,6 @@ def _refuse_batch_statistics(module: nn.Module, path: Path) -> None:
             raise CheckpointError(f"{path}: the program was exported in training mode (BatchNorm "
                                   f"{node.name} uses batch statistics); export the model after "
                                   f"model.eval()")
-
-
-def _drop_unread_tensors(gm) -> None:
-    """Delete the parameters and buffers no node reads: canonicalisation leaves the lifted
-    BatchNorm tensors on their old owner beside the new module that shares them, and a copy made
-    by `.to(device)` would then drift from the one in use."""
-    read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
-    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
-    names = [name for name, _ in gm.named_parameters(remove_duplicate=False)]
-    names += [name for name, _ in gm.named_buffers(remove_duplicate=False)]
-    for name in names:
-        owner = name.rpartition(".")[0]
-        if name in read or any(owner == c or owner.startswith(c + ".") for c in called):
-            continue
-        delattr(gm.get_submodule(owner) if owner else gm, name.rpartition(".")[2])
-    gm.delete_all_unused_submodules()
 
 
 def save_pickled_module(module: nn.Module, path: Path, example: torch.Tensor,
