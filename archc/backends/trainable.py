@@ -48,7 +48,7 @@ CHECKPOINT = "archc checkpoint"
 PROGRAM = "torch.export program"
 PICKLED = "pickled nn.Module"
 OUTPUT_SUFFIX = {SPEC: ".pt", CHECKPOINT: ".pt", PROGRAM: ".pt2", PICKLED: ".pt"}
-MODEL_SUFFIXES = (".pt", ".pt2")  # read as models; any other path is a spec
+MODEL_SUFFIXES = (".pt", ".pth", ".pt2")  # read as models; any other path is a spec
 
 
 @dataclass

@@ -107,12 +107,14 @@ def _tiny() -> nn.Module:
 
 
 def test_pickled_module_is_fine_tuned_and_written_back_pickled(tmp_path, capsys):
-    source, tuned = tmp_path / "tiny.pt", tmp_path / "tuned.pt"
+    source, tuned = tmp_path / "tiny.pth", tmp_path / "tuned.pt"
     model = _tiny()
     torch.save(model, source)
+    # its own teacher: a pickled teacher is read at the student's input (it records none)
     metrics = _run(capsys, "train", str(source), "--trust-pickle", "--input-shape", "1,3,16,16",
-                   "--data", "digits", "--epochs", "1", "--batch-size", "128", "-o", str(tuned))
-    assert metrics["kind"] == PICKLED
+                   "--data", "digits", "--epochs", "1", "--batch-size", "128", "-o", str(tuned),
+                   "--teacher", str(source))
+    assert metrics["kind"] == PICKLED and metrics["compression"]["teacher"] == str(source)
     back = torch.load(tuned, weights_only=False)
     assert type(back) is type(model)  # the user's own class, not a trace
     assert not torch.equal(back.conv.weight, model.conv.weight)
