@@ -12,7 +12,8 @@
                       and dropout tails, becomes that module followed by its tails)
     batch_free_reshape  x.view(N, 2, 58, 8, 8) with N the batch (an exported program's literal)
                                                             -> x.view(-1, 2, 58, 8, 8): the
-                      artifact keeps accepting any batch size
+                      artifact keeps accepting any batch size; x.view(N, -1) -> x.view(-1, F)
+                      with F the recorded output's size
     in_place          a.add_(b), a += b, aten.add_(a, b), relu_(a), F.relu(a, inplace=True)
                                                             -> the same op out of place, every
                       later reader of `a` reading the result instead
@@ -336,19 +337,24 @@ def _literal_sizes(node: Node) -> list | None:
 
 def _batch_reshape(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None:
     sizes = _literal_sizes(node)
-    if sizes is None or len(sizes) < 2 or -1 in sizes or not isinstance(node.args[0], Node):
+    if sizes is None or len(sizes) < 2 or not isinstance(node.args[0], Node):
         return None
     shape = node_shape(node.args[0])
     inputs = [node_shape(n) for n in gm.graph.nodes if n.op == "placeholder"]
     batch = inputs[0][0] if inputs and inputs[0] else None
     if shape is None or not shape or batch is None or not sizes[0] == shape[0] == batch:
         return None
+    if -1 in sizes:  # view(N, -1): only with the recorded output, whose sizes replace the -1
+        out = node_shape(node)
+        if sizes.count(-1) != 1 or out is None or len(out) != len(sizes) or out[0] != batch:
+            return None
     return (node,)
 
 
 def _free_batch(match: Match, plan) -> str:
     node = match.anchor
-    sizes = [-1, *_literal_sizes(node)[1:]]
+    sizes = _literal_sizes(node)
+    sizes = [-1, *(node_shape(node)[1:] if -1 in sizes else sizes[1:])]
     node.args = (node.args[0], sizes) if node.op == "call_function" else (node.args[0], *sizes)
     return f"{node.name}: the batch size of its shape is -1 (any batch)"
 
@@ -365,7 +371,7 @@ RULES = (
     # F.batch_norm(x, μ, σ², γ, β, False, m, ε) -> BatchNormNd(x)
     Rule("functional_bn", _batch_norm_call, _check_batch_norm, _to_module,
          "F.batch_norm(eval) = BatchNorm module"),
-    # x.view(N, ...) -> x.view(-1, ...) for the batch size N
+    # x.view(N, ...) -> x.view(-1, ...) for the batch size N (view(N, -1) -> view(-1, F))
     Rule("batch_free_reshape", _batch_reshape, always, _free_batch,
          "view(N, s...) = view(-1, s...) when the input holds N samples"),
     # a.op_(b) -> op(a, b), later readers of a read the result

@@ -211,6 +211,17 @@ def _outputs(module: nn.Module, example: torch.Tensor, path: Path) -> int:
         raise CheckpointError(f"{path}: the model's output is a {output.dtype} tensor of shape "
                               f"{list(output.shape)} for a batch of {example.shape[0]}, not "
                               f"[N, K] class logits")
+    other = torch.cat([example, example[:1]])  # training feeds batches of any size
+    try:
+        with torch.no_grad():
+            shape = tuple(module(other).shape)
+    except Exception as exc:
+        shape = f"fails ({first_line(exc)})"
+    if shape != (len(other), output.shape[1]):
+        raise CheckpointError(f"{path}: at a batch of {len(other)} the model's output {shape} is "
+                              f"not [{len(other)}, {output.shape[1]}]: it holds a fixed batch "
+                              f"size; export it with a dynamic batch (dynamic_shapes={{'x': "
+                              f"{{0: torch.export.Dim('batch')}}}})")
     return int(output.shape[1])
 
 

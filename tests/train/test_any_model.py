@@ -60,6 +60,11 @@ class _TwoHeads(_Features):
         return y, y * 2
 
 
+class _FixedBatch(_Features):
+    def forward(self, x):
+        return self.conv(x).mean((2, 3)).expand(2, 4)  # the batch of 2 it was exported at
+
+
 class _Tiny(_Features):
     def __init__(self, classes=10):
         super().__init__()
@@ -149,6 +154,7 @@ def test_program_resumes_from_its_run_state(tmp_path, capsys):
     ("features", "shape [2, 4, 16, 16] for a batch of 2, not [N, K] class logits"),
     ("tuple", "returns a tuple, not one [N, K] tensor"),
     ("training", "exported in training mode"),
+    ("fixed batch", "holds a fixed batch size; export it with a dynamic batch"),
     ("five", "gives 5 outputs but digits has 10 classes"),
     ("program -o .pt", "written back in its own format, as a torch.export program"),
     ("pickle -o .pt2", "written back in its own format, as a pickled nn.Module"),
@@ -161,7 +167,7 @@ def test_program_resumes_from_its_run_state(tmp_path, capsys):
 ])
 def test_refused_models_one_line_exit_2(tmp_path, capsys, case, phrase):
     files = {"pickle.pt": _Tiny(), "features.pt2": _Features(), "tuple.pt2": _TwoHeads(),
-             "five.pt2": _Tiny(5), "tiny.pt2": _Tiny()}
+             "five.pt2": _Tiny(5), "tiny.pt2": _Tiny(), "fixed batch.pt2": _FixedBatch()}
     for name, model in files.items():
         if name.endswith(".pt2"):
             _export(model.eval(), tmp_path / name)
@@ -173,7 +179,8 @@ def test_refused_models_one_line_exit_2(tmp_path, capsys, case, phrase):
     spec.write_text(json.dumps(TINY))
     out = tmp_path / "out.pt2"
     model = {"pickle": "pickle.pt", "features": "features.pt2", "tuple": "tuple.pt2",
-             "training": "training.pt2", "five": "five.pt2", "program -o .pt": "tiny.pt2",
+             "training": "training.pt2", "five": "five.pt2", "fixed batch": "fixed batch.pt2",
+             "program -o .pt": "tiny.pt2",
              "pickle -o .pt2": "pickle.pt", "oblong": "pickle.pt",
              "input shape of a spec": "s.json"}.get(case, "tiny.pt2")
     extra = {"program -o .pt": ["-o", str(tmp_path / "out.pt")],
