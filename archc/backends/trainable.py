@@ -57,7 +57,7 @@ class Trainable:
     kind: str  # SPEC, CHECKPOINT, PROGRAM or PICKLED
     name: str
     input_shape: tuple[int, int, int, int]  # (1, C, H, W)
-    num_outputs: int | None  # classes; None for a spec until built (its num_classes)
+    num_outputs: int  # K of its [N, K] logits (a spec's num_classes)
     spec: dict[str, Any] | None = None  # archc's spec, for a spec or a checkpoint
     module: nn.Module | None = None  # None for a spec: `model(seed)` builds it
 
