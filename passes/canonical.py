@@ -16,7 +16,7 @@
     batch_free_reshape  x.view(N, 2, 58, 8, 8) with N the batch (an exported program's literal)
                                                             -> x.view(-1, 2, 58, 8, 8): the
                       artifact keeps accepting any batch size (x.view(N, 64, 2, -1): the -1
-                      becomes the size it stood for)
+                      becomes the size it stood for: x.view(N, -1) -> x.view(-1, F))
     parameter_view    gamma.view(1, 64, 1, 1) of a parameter with 64 values (an exported
                       program's literal)                    -> gamma.view(1, -1, 1, 1): the
                       view follows the parameter's size
@@ -402,6 +402,10 @@ def _batch_reshape(gm: GraphModule, node: Node, memo) -> tuple[Node, ...] | None
     batch = inputs[0][0] if inputs and inputs[0] else None
     if shape is None or not shape or batch is None or not sizes[0] == shape[0] == batch:
         return None
+    if -1 in sizes:  # view(N, -1): only with the recorded output, whose sizes replace the -1
+        out = node_shape(node)
+        if sizes.count(-1) != 1 or out is None or len(out) != len(sizes) or out[0] != batch:
+            return None
     return (node,)
 
 

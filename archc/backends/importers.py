@@ -46,6 +46,7 @@ class ImportedModel:
     kind: str  # "archc checkpoint", "torch.export program", "pickled nn.Module"
     input_shape: tuple[int, ...] | None  # from the spec or the program's example inputs
     spec: dict | None = None
+    module: nn.Module | None = None  # a pickled model as unpickled: its own class, not the trace
 
 
 def load_model(path: str | Path, *, trust_pickle: bool = False) -> ImportedModel:
@@ -128,7 +129,8 @@ def _load_pickled_module(data: bytes, path: Path) -> ImportedModel:
             f"{path}: the pickle holds a {type(model).__name__}, not an nn.Module"
         )
     gm = trace(model.eval(), str(path))
-    return ImportedModel(gm, path.stem, "pickled nn.Module", inferred_input_shape(gm))
+    return ImportedModel(gm, path.stem, "pickled nn.Module", inferred_input_shape(gm),
+                         module=model)
 
 
 DEFAULT_SIDE = 224  # spatial size of a pickled model's example input, unless --input-shape
@@ -175,6 +177,57 @@ def check_example(gm: GraphModule, example: torch.Tensor, source: str) -> None:
         raise CheckpointError(
             f"{source}: the model does not run at the example input {shape} "
             f"({first_line(exc)}); give its input shape with --input-shape N,C,H,W") from None
+
+
+def canonical_graph(gm: GraphModule, example: torch.Tensor) -> GraphModule:
+    """A foreign model's graph in the canonical form (the `canonical` pipeline: BatchNorm modules
+    for functional BN, no in-place ops or shape guards), which the channel analysis reads and in
+    which an exported program's BatchNorms train as modules, under the source model's names."""
+    import archc.passes  # noqa: F401 - registers the catalogue
+    from archc.rewrite.pipeline import PassContext, pipelines, run_pipeline
+
+    context = PassContext(example_inputs=(example,))
+    gm = run_pipeline(gm, list(pipelines()["canonical"]), context).graph_module
+    _drop_unread_tensors(gm)
+    _restore_norm_names(gm)
+    return gm
+
+
+def _drop_unread_tensors(gm) -> None:
+    """Delete the parameters and buffers no node reads: canonicalisation leaves the lifted
+    BatchNorm tensors on their old owner beside the new module that shares them, and a copy made
+    by `.to(device)` would then drift from the one in use."""
+    read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    names = [name for name, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in gm.named_buffers(remove_duplicate=False)]
+    for name in names:
+        owner = name.rpartition(".")[0]
+        if name in read or any(owner == c or owner.startswith(c + ".") for c in called):
+            continue
+        delattr(gm.get_submodule(owner) if owner else gm, name.rpartition(".")[2])
+    gm.delete_all_unused_submodules()
+
+
+def _restore_norm_names(gm) -> None:
+    """`bn1.norm` -> `bn1`: canonicalisation puts the BatchNorm it makes beside the lifted
+    tensors' owner (`bn1`), which is left empty; the module takes the owner's place, so the
+    parameters keep the source model's names (`bn1.weight`) and a program written back and read
+    again has the same names."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.target.endswith(".norm"):
+            continue
+        owner = node.target.rpartition(".")[0]
+        holder = gm.get_submodule(owner)
+        if type(holder) is not nn.Module or list(holder.named_children()) != [
+                ("norm", gm.get_submodule(node.target))] or next(
+                holder.named_parameters(recurse=False), None) or next(
+                holder.named_buffers(recurse=False), None):
+            continue
+        parent, _, name = owner.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, holder.norm)
+        node.target = owner
+    gm.recompile()
 
 
 def trace(model: nn.Module, source: str) -> GraphModule:

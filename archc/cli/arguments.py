@@ -193,6 +193,22 @@ def shape(text: str) -> tuple[int, ...]:
     return sizes
 
 
+MODEL_SOURCES = ("a spec, an archc checkpoint (.pt), a torch.export program (.pt2) or, with "
+                 "--trust-pickle, a whole pickled nn.Module (.pt)")
+
+
+def add_model_source_options(parser: argparse.ArgumentParser) -> None:
+    """--trust-pickle and --input-shape of the commands that read any model
+    (archc.backends.trainable)."""
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow a whole pickled nn.Module (the model and --teacher): "
+                        "unpickling runs its code")
+    parser.add_argument("--input-shape", type=shape, metavar="N,C,S,S",
+                        help="input of a model without a spec (default: a program's example "
+                        "input; a pickled module's first conv channels at 224x224); the data "
+                        "are resized to SxS")
+
+
 def unknown_pass(option: str, name: str) -> str | None:
     """Why `name` (given to `option`) is not a pass of the catalogue, with the closest name."""
     if name in PASS_NAMES:

@@ -85,9 +85,14 @@ def add_commands(commands) -> None:
         "rank keeps --energy of the squared singular values, or is searched to meet --macs. "
         "Reports the relative error of every layer. See docs/compression.md.",
     )
-    lowrank.add_argument("checkpoint", type=Path, metavar="CKPT", help="archc checkpoint (.pt)")
-    lowrank.add_argument("-o", "--output", type=_checkpoint_output, required=True, metavar="OUT",
-                         help="decomposed checkpoint (.pt)")
+    lowrank.add_argument("checkpoint", type=Path, metavar="MODEL",
+                         help="archc checkpoint (.pt), torch.export program (.pt2) or, with "
+                         "--trust-pickle, a whole pickled nn.Module (.pt)")
+    lowrank.add_argument("-o", "--output", type=arguments.output_path((".pt", ".pt2")),
+                         required=True, metavar="OUT",
+                         help="decomposed archc checkpoint (.pt) of an archc checkpoint; a "
+                         "torch.export program (.pt2) of any other model")
+    arguments.add_model_source_options(lowrank)
     target = lowrank.add_mutually_exclusive_group()
     target.add_argument("--energy", type=_energy, default=None, metavar="E",
                         help="keep this fraction of each layer's squared singular values, in "
@@ -112,46 +117,25 @@ def add_commands(commands) -> None:
         "weight is carried over by name. Fine-tune it with `archc train REDUCED.pt --teacher "
         "TRAIN.pt --freeze 'head.*'`; see docs/compression.md.",
     )
-    reduce.add_argument("checkpoint", type=Path, metavar="CKPT", help="train-phase checkpoint")
+    reduce.add_argument("checkpoint", type=Path, metavar="CKPT",
+                        help="train-phase archc checkpoint (.pt); a .pt2 program has no spec "
+                        "to reduce, but can be the reduced model's --teacher")
     reduce.add_argument("-o", "--output", type=_checkpoint_output, required=True, metavar="OUT",
                         help="reduced checkpoint (.pt)")
 
 
-def _load(path: Path):
-    from archc.backends.checkpoint import load_checkpoint
-    from archc.frontend.loading import spec_from_mapping
-    from archc.frontend.lower import input_shape
-    from archc.ir.init import random_input
-
-    spec_dict, gm = load_checkpoint(path)
-    spec = spec_from_mapping(spec_dict, str(path))
-    return spec_dict, gm, random_input(input_shape(spec, batch=2), 0)
-
-
 def _prune(args: argparse.Namespace) -> int:
-    from archc.backends.importers import check_example, load_model
-    from archc.compress.pruning import (
-        PruneConfig,
-        PruneError,
-        canonical_graph,
-        prune,
-        prune_to_macs,
-    )
+    from archc.backends.importers import canonical_graph, check_example, load_model
+    from archc.compress.pruning import PruneConfig, PruneError, prune, prune_to_macs
     from archc.frontend.loading import spec_from_mapping
     from archc.frontend.lower import input_shape
     from archc.ir.init import random_input
 
     model = load_model(args.checkpoint, trust_pickle=args.trust_pickle)
-    if model.spec is None and args.output.suffix.lower() != ".pt2":
-        raise PruneError(f"{args.output}: {args.checkpoint} is a {model.kind}, not an archc "
-                         f"checkpoint: its pruned form is written as a torch.export program "
-                         f"(-o NAME.pt2)")
+    check_rewritten_output(model, args.checkpoint, args.output, "pruned", PruneError)
     if model.spec is None and args.spec_output is not None:
         raise PruneError(f"{args.spec_output}: {args.checkpoint} is a {model.kind}: it has no "
                          f"spec to prune into one")
-    if model.spec is not None and args.output.suffix.lower() != ".pt":
-        raise PruneError(f"{args.output}: a pruned archc checkpoint is written as .pt (then "
-                         f"`archc fuse` it to .pt2, .onnx or .py)")
     if model.spec is not None:
         spec = spec_from_mapping(model.spec, str(args.checkpoint))
         example = random_input(input_shape(spec, batch=2), 0)
@@ -188,6 +172,19 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_rewritten_output(model, source: Path, output: Path, what: str, error) -> None:
+    """`error` unless `output` has the format a rewritten `model` (an ImportedModel or a
+    Trainable) is written in: an archc checkpoint stays one (.pt), any other model becomes a
+    torch.export program (.pt2)."""
+    suffix = output.suffix.lower()
+    if model.spec is None and suffix != ".pt2":
+        raise error(f"{output}: {source} is a {model.kind}, not an archc checkpoint: its "
+                    f"{what} form is written as a torch.export program (-o NAME.pt2)")
+    if model.spec is not None and suffix != ".pt":
+        raise error(f"{output}: a {what} archc checkpoint is written as .pt (then `archc fuse` "
+                    f"it to .pt2, .onnx or .py)")
+
+
 def _save_pruned(args: argparse.Namespace, spec, spec_dict: dict, gm, example,
                  document: dict) -> str:
     """Save a pruned archc checkpoint, as a new spec where one expresses it (and write that
@@ -211,19 +208,24 @@ def _save_pruned(args: argparse.Namespace, spec, spec_dict: dict, gm, example,
 
 
 def _lowrank(args: argparse.Namespace) -> int:
-    from archc.backends.checkpoint import save_checkpoint
+    from archc.backends.trainable import SPEC, load_trainable
     from archc.compress.lowrank import decompose, decompose_to_macs
+    from archc.errors import CheckpointError
 
-    spec_dict, gm, example = _load(args.checkpoint)
+    source = load_trainable(args.checkpoint, trust_pickle=args.trust_pickle,
+                            input_shape=args.input_shape)
+    if source.kind == SPEC:
+        raise CheckpointError(f"{args.checkpoint}: a spec has no trained weights; decompose a "
+                              f"trained model (.pt, .pt2)")
+    check_rewritten_output(source, args.checkpoint, args.output, "decomposed", CheckpointError)
+    gm, example = source.graph_module(), source.example()
     measured_on = "a random input"
     if args.data is not None:
         import torch
 
-        from archc.frontend.loading import spec_from_mapping
         from archc.train.data import load_data
 
-        spec = spec_from_mapping(spec_dict, str(args.checkpoint))
-        data = load_data(args.data, spec.input.channels, spec.input.size)
+        data = load_data(args.data, source.channels, source.size)
         example = torch.from_numpy(data.val_x[:256])
         measured_on = f"{len(example)} validation images of {data.name}"
     if args.macs is not None:
@@ -231,8 +233,15 @@ def _lowrank(args: argparse.Namespace) -> int:
     else:
         result = decompose(gm, example, 0.9 if args.energy is None else args.energy,
                            kxk=args.kxk)
-    save_checkpoint(result.graph_module, spec_dict, args.output, example[:2])
-    document = {"command": "lowrank", "source": str(args.checkpoint),
+    if source.spec is not None:
+        from archc.backends.checkpoint import save_checkpoint
+
+        save_checkpoint(result.graph_module, source.spec, args.output, example[:2])
+    else:
+        from archc.backends.export import export_program
+
+        export_program(result.graph_module, args.output, example[:2], dynamic_batch=True)
+    document = {"command": "lowrank", "source": str(args.checkpoint), "kind": source.kind,
                 "output": str(args.output), "energy": result.energy,
                 "params": list(result.params), "macs": list(result.macs),
                 "output_error": result.output_error, "error_measured_on": measured_on,
@@ -246,10 +255,14 @@ def _lowrank(args: argparse.Namespace) -> int:
 
 
 def _reduce(args: argparse.Namespace) -> int:
-    from archc.backends.checkpoint import save_checkpoint
-    from archc.compress.reducenet import reduce
+    from archc.backends.checkpoint import load_checkpoint, save_checkpoint
+    from archc.compress.reducenet import ReduceError, reduce
 
-    spec_dict, gm, _ = _load(args.checkpoint)
+    if args.checkpoint.suffix.lower() == ".pt2":
+        raise ReduceError(f"{args.checkpoint}: a torch.export program has no spec, and the "
+                          f"reduced phase is a spec change (phase: reduced): reduce the archc "
+                          f"checkpoint it came from; the program can be its --teacher")
+    spec_dict, gm = load_checkpoint(args.checkpoint)
     reduced_dict, reduced = reduce(spec_dict, gm)
     from archc.frontend.loading import spec_from_mapping
     from archc.frontend.lower import input_shape
@@ -289,8 +302,10 @@ def add_train_options(train: argparse.ArgumentParser) -> None:
                        metavar="LAMBDA",
                        help="network slimming: add LAMBDA * sum |BN gamma| to the loss (e.g. "
                        "1e-4); then `archc prune --criterion bn-scale --global`")
-    group.add_argument("--teacher", type=Path, default=None, metavar="CKPT",
-                       help="distil from this trained checkpoint (same classes and input)")
+    group.add_argument("--teacher", type=Path, default=None, metavar="MODEL",
+                       help="distil from this trained model: an archc checkpoint, a .pt2 "
+                       "program or (--trust-pickle) a pickled module, with the student's "
+                       "classes and input")
     group.add_argument("--kd-temperature", type=arguments.positive_float, default=4.0, metavar="T",
                        help="softmax temperature of the distillation loss (default 4)")
     group.add_argument("--kd-weight", type=arguments.closed_unit_interval, default=0.5, metavar="W",
@@ -304,9 +319,10 @@ def add_train_options(train: argparse.ArgumentParser) -> None:
                        "instead; the branches are merged into the convs before saving")
 
 
-def train_plugins(args: argparse.Namespace, spec) -> tuple[list, dict, dict]:
-    """(plugins, TrainConfig overrides, description) of `archc train`'s compression options;
-    a teacher whose classes or input differ from the student's is a DataError."""
+def train_plugins(args: argparse.Namespace, student) -> tuple[list, dict, dict]:
+    """(plugins, TrainConfig overrides, description) of `archc train`'s compression options for
+    `student` (an `archc.backends.trainable.Trainable`); a teacher whose classes or input differ
+    from the student's is a DataError."""
     plugins, overrides, described = [], {}, {}
     if args.freeze:
         overrides["freeze"] = tuple(args.freeze)
@@ -321,23 +337,33 @@ def train_plugins(args: argparse.Namespace, spec) -> tuple[list, dict, dict]:
         plugins.append(Slimming(args.slimming))
         described["slimming"] = args.slimming
     if args.teacher is not None:
-        from archc.backends.checkpoint import load_checkpoint
         from archc.compress.train_plugins import Distillation
-        from archc.errors import DataError
-        from archc.frontend.loading import spec_from_mapping
 
-        teacher_dict, teacher = load_checkpoint(args.teacher)
-        teacher_spec = spec_from_mapping(teacher_dict, str(args.teacher))
-        if teacher_spec.num_classes != spec.num_classes:
-            raise DataError(f"--teacher {args.teacher} has {teacher_spec.num_classes} classes "
-                            f"but the student has {spec.num_classes}")
-        if (teacher_spec.input.channels, teacher_spec.input.size) != (
-                spec.input.channels, spec.input.size):
-            raise DataError(f"--teacher {args.teacher} takes {teacher_spec.input.channels}x"
-                            f"{teacher_spec.input.size}x{teacher_spec.input.size} input but the "
-                            f"student {spec.input.channels}x{spec.input.size}x{spec.input.size}")
+        teacher = load_teacher(args.teacher, student, args.trust_pickle)
         plugins.append(Distillation(teacher, args.kd_temperature, args.kd_weight))
         overrides["task_weight"] = 1.0 - args.kd_weight
         described.update(teacher=str(args.teacher), kd_temperature=args.kd_temperature,
                          kd_weight=args.kd_weight)
     return plugins, overrides, described
+
+
+def load_teacher(path: Path, student, trust_pickle: bool):
+    """The trained module of `--teacher` in any format `load_trainable` reads, with the same
+    classes and input as `student`; a DataError otherwise."""
+    from archc.backends.trainable import PICKLED, SPEC, load_trainable
+    from archc.errors import DataError
+
+    teacher = load_trainable(path, trust_pickle=trust_pickle)
+    if teacher.kind == SPEC:
+        raise DataError(f"--teacher {path}: a spec has no trained weights; give a trained model "
+                        f"(an archc checkpoint, a .pt2 program or a pickled module)")
+    if teacher.kind == PICKLED and teacher.input_shape != student.input_shape:
+        # a pickled module records no input size: read it at the student's
+        teacher = load_trainable(path, trust_pickle=True, input_shape=student.input_shape)
+    if teacher.num_outputs != student.num_outputs:
+        raise DataError(f"--teacher {path} has {teacher.num_outputs} classes but the student "
+                        f"has {student.num_outputs}")
+    if teacher.input_shape != student.input_shape:
+        shown = ["x".join(map(str, m.input_shape[1:])) for m in (teacher, student)]
+        raise DataError(f"--teacher {path} takes {shown[0]} input but the student {shown[1]}")
+    return teacher.model()

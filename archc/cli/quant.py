@@ -67,13 +67,16 @@ def add_commands(commands) -> None:
 
     qat = commands.add_parser(
         "qat",
-        help="quantization-aware fine-tuning of a checkpoint's deploy form; int8 QDQ ONNX out",
-        description="Fuse CKPT to its deploy form (default passes), fine-tune it with fake "
+        help="quantization-aware fine-tuning of a model's deploy form; int8 QDQ ONNX out",
+        description="Fuse MODEL to its deploy form (default passes), fine-tune it with fake "
         "quantization (ORT's per-channel int8 weights and uint8 activations, straight-through) "
         "in the shared training loop, and write the int8 QDQ model through ONNX Runtime's "
         "quantizer, reported as `archc quantize` reports. See docs/quantization.md.",
     )
-    qat.add_argument("checkpoint", type=Path, metavar="CKPT", help="archc checkpoint (.pt)")
+    qat.add_argument("checkpoint", type=Path, metavar="MODEL",
+                     help="archc checkpoint (.pt), torch.export program (.pt2) or, with "
+                     "--trust-pickle, a whole pickled nn.Module (.pt)")
+    arguments.add_model_source_options(qat)
     qat.add_argument("--data", required=True, metavar="DATA",
                      help="training and calibration data: digits, a .npz or class folders")
     qat.add_argument("-o", "--output", type=arguments.output_path((".onnx",)), required=True,
@@ -230,29 +233,31 @@ def _qat(args: argparse.Namespace) -> int:
     import tempfile
 
     import archc.passes  # noqa: F401 - registers the catalogue
-    from archc.backends.checkpoint import load_checkpoint
     from archc.backends.export import export_onnx
+    from archc.backends.trainable import SPEC, load_trainable
     from archc.common.accuracy_stats import compare_paired
     from archc.compress.qat import FakeQuant, unwrap
-    from archc.compress.quantize import quantize
-    from archc.frontend.loading import spec_from_mapping
-    from archc.frontend.lower import input_shape
-    from archc.ir.init import random_input
+    from archc.compress.quantize import QuantizationError, quantize
     from archc.rewrite.pipeline import PassContext, resolve_pipeline, run_pipeline
     from archc.train.data import load_data
     from archc.train.loop import TrainConfig, Trainer, check_classes, evaluate
 
     out = Output(args)
     device = arguments.resolved_device(args)
-    spec_dict, model = load_checkpoint(args.checkpoint)
-    spec = spec_from_mapping(spec_dict, str(args.checkpoint))
-    data = load_data(args.data, spec.input.channels, spec.input.size)
-    mismatch = check_classes(spec.num_classes, data)
+    source = load_trainable(args.checkpoint, trust_pickle=args.trust_pickle,
+                            input_shape=args.input_shape)
+    if source.kind == SPEC:
+        raise QuantizationError(f"{args.checkpoint}: a spec has no trained weights; give a "
+                                f"trained model (.pt, .pt2)")
+    data = load_data(args.data, source.channels, source.size)
+    source.check_classes(data.classes, data.name)
+    mismatch = check_classes(source.num_outputs, data)
     if mismatch is not None:
         out.warning(mismatch)
-    example = random_input(input_shape(spec, batch=2), 0)
-    out.progress(f"{spec.name}: fusing to the deploy form")
-    deploy = run_pipeline(model, resolve_pipeline("default"),
+    example = source.example()
+    name = source.name
+    out.progress(f"{name}: fusing to the deploy form")
+    deploy = run_pipeline(source.graph_module(), resolve_pipeline("default"),
                           PassContext(example_inputs=(example,))).graph_module
     outcomes: list[tuple[int, int]] = []
     before = evaluate(deploy, data.val_x, data.val_y, predictions=outcomes)["accuracy"]
@@ -260,15 +265,15 @@ def _qat(args: argparse.Namespace) -> int:
                          weight_decay=args.weight_decay, seed=args.seed,
                          threads=args.train_threads, device=device, precision=args.precision)
     plugin = FakeQuant()
-    result = Trainer(config, [plugin], progress=out.show_progress, label=f"{spec.name} qat",
+    result = Trainer(config, [plugin], progress=out.show_progress, label=f"{name} qat",
                      warn=out.warning).fit(deploy, data)
     fake = [100.0 - error for error in result.errors]
-    out.say(f"{spec.name}: deploy form fp32 {before:.2f}%; fake-quantized fine-tuning of "
+    out.say(f"{name}: deploy form fp32 {before:.2f}%; fake-quantized fine-tuning of "
             f"{counted(plugin.wrapped, 'layer')}, validation top-1 per epoch: "
             + ", ".join(f"{value:.2f}%" for value in fake))
     tuned = unwrap(result.model)
     with tempfile.TemporaryDirectory(prefix="archc-qat-") as folder:
-        fp32 = Path(folder) / f"{spec.name}.qat.fp32.onnx"
+        fp32 = Path(folder) / f"{name}.qat.fp32.onnx"
         export_onnx(tuned, fp32, example[:1], dynamic_batch=True)
         report = quantize(fp32, args.data, args.output, samples=args.samples,
                           latency_rounds=args.latency_rounds, threads=args.threads,

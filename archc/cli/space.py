@@ -199,16 +199,21 @@ def add_commands(commands) -> None:
 
     train = commands.add_parser(
         "train",
-        help="train a spec or a checkpoint on a data set; write a checkpoint",
-        description="Train SPEC (built with archc's initialisation) or CKPT (fine-tuned) with the "
-        "shared loop: SGD with momentum, cosine schedule, weight decay, optional label "
-        "smoothing and EMA. Progress on stderr, metrics as JSON on stdout.",
+        help="train a spec or fine-tune a model (archc checkpoint, .pt2, pickled module)",
+        description="Train SPEC (built with archc's initialisation) or fine-tune MODEL (an archc "
+        "checkpoint, a torch.export program or, with --trust-pickle, a pickled nn.Module) with "
+        "the shared loop: SGD with momentum, cosine schedule, weight decay, optional label "
+        "smoothing and EMA. The result is written in the model's own format. Progress on "
+        "stderr, metrics as JSON on stdout.",
     )
-    train.add_argument("model", type=Path, metavar="SPEC|CKPT",
-                       help="spec file (.yaml/.json) or archc checkpoint (.pt)")
-    train.add_argument("-o", "--output", type=arguments.output_path((".pt",)), required=True,
-                       metavar="CKPT",
-                       help="checkpoint to write (.pt)")
+    train.add_argument("model", type=Path, metavar="SPEC|MODEL",
+                       help=arguments.MODEL_SOURCES)
+    train.add_argument("-o", "--output", type=arguments.output_path((".pt", ".pt2")),
+                       required=True, metavar="OUT",
+                       help="the trained model in the input's format: an archc checkpoint (.pt) "
+                       "of a spec or checkpoint, a .pt2 program of a program, a pickled module "
+                       "(.pt) of a pickled module")
+    arguments.add_model_source_options(train)
     train.add_argument("--seed", type=arguments.seed, default=0,
                        help="weights and batch order (default 0)")
     train.add_argument("--metrics", type=arguments.output_path((".json",)), metavar="FILE",
@@ -236,11 +241,15 @@ def add_commands(commands) -> None:
 
     evaluate = commands.add_parser(
         "eval",
-        help="validation error of a checkpoint or an ONNX model on a data set",
-        description="Evaluate CKPT (archc checkpoint, eager PyTorch) or MODEL.onnx (ONNX Runtime) "
-        "on the validation split of DATA; metrics as JSON on stdout.",
+        help="validation error of a trained model or an ONNX model on a data set",
+        description="Evaluate MODEL (an archc checkpoint, a torch.export program or, with "
+        "--trust-pickle, a pickled nn.Module: eager PyTorch) or MODEL.onnx (ONNX Runtime) on "
+        "the validation split of DATA; metrics as JSON on stdout.",
     )
-    evaluate.add_argument("model", type=Path, metavar="CKPT|MODEL.onnx")
+    evaluate.add_argument("model", type=Path, metavar="MODEL|MODEL.onnx",
+                          help="archc checkpoint (.pt), torch.export program (.pt2), pickled "
+                          "nn.Module (.pt, with --trust-pickle) or ONNX model (.onnx)")
+    arguments.add_model_source_options(evaluate)
     evaluate.add_argument("--data", required=True, metavar="DATA",
                           help="digits, a .npz with x and y, or a directory of class folders")
     evaluate.add_argument("--batch-size", type=arguments.positive_int, default=256,
@@ -537,18 +546,6 @@ def _upscaling_warning(data, size: int, reader: str, advice: str) -> str | None:
             f"{size}x{size} inputs for {height}x{width} content; {advice}")
 
 
-def _load_trainable(path: Path):
-    """(spec dict, GraphModule) of a spec file or an archc checkpoint."""
-    if path.suffix.lower() == ".pt":
-        from archc.backends.checkpoint import load_checkpoint
-
-        return load_checkpoint(path)
-    from archc.frontend.loading import load_spec
-
-    spec = load_spec(path)
-    return spec.to_dict(), None
-
-
 def _train(args: argparse.Namespace) -> int:
     """`archc train`; under torchrun, one of the processes training the model together
     (archc.train.distributed): rank 0 alone prints and writes."""
@@ -564,30 +561,29 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_on(args: argparse.Namespace, device: str, ranks) -> int:
-    spec_dict, model = _load_trainable(args.model)
-    from archc.backends.checkpoint import save_checkpoint
+    from archc.backends.trainable import load_trainable
     from archc.common.fileio import atomic_output
-    from archc.frontend.loading import spec_from_mapping
-    from archc.frontend.lower import build, input_shape
-    from archc.ir.init import random_input
     from archc.train.data import open_data
     from archc.train.loop import TrainConfig, Trainer, check_classes
     from archc.train.state import load_run_state
 
     main = ranks is None or ranks.main
+    source = load_trainable(args.model, trust_pickle=args.trust_pickle,
+                            input_shape=args.input_shape)
+    source.check_output(args.output)
     out = Output(args if main else argparse.Namespace(quiet=True))
-    spec = spec_from_mapping(spec_dict, str(args.model))
-    plugins, overrides, compression = cli_compress.train_plugins(args, spec)
+    plugins, overrides, compression = cli_compress.train_plugins(args, source)
     config = TrainConfig(epochs=args.epochs, seed=args.seed,
                          **{**_training_options(args), "device": device, **overrides})
-    identity = {"spec": spec_dict, "data": args.data, "augment": args.augment,
+    identity = {**source.identity(), "data": args.data, "augment": args.augment,
                 "config": config.describe(),
                 "compression": compression}
     resume = None if args.resume is None else load_run_state(args.resume, identity)
-    data = open_data(args.data, spec.input.channels, spec.input.size, args.augment, args.workers,
+    data = open_data(args.data, source.channels, source.size, args.augment, args.workers,
                      pin_memory=_pins_memory(device))
-    for warning in (check_classes(spec.num_classes, data),
-                    _upscaling_warning(data, spec.input.size, "the model reads",
+    source.check_classes(data.classes, data.name)
+    for warning in (check_classes(source.num_outputs, data),
+                    _upscaling_warning(data, source.size, "the model reads",
                                        "for digits, the specs "
                                        "bench/compression/digits_*.yaml read 8x8")):
         if warning is not None:
@@ -595,10 +591,9 @@ def _train_on(args: argparse.Namespace, device: str, ranks) -> int:
     out.note(data.describe() + ("" if ranks is None else
                                 f"; {ranks.size} processes share every batch of "
                                 f"{args.batch_size}"))
-    if model is None:
-        model = build(spec, seed=args.seed)
+    model = source.model(seed=args.seed)
     state_path = args.output.with_suffix(".state.pt") if args.save_every else None
-    trainer = Trainer(config, plugins, progress=out.show_progress, label=spec.name,
+    trainer = Trainer(config, plugins, progress=out.show_progress, label=source.name,
                       save_every=args.save_every or 0, state_path=state_path, identity=identity,
                       metrics_jsonl=args.metrics_jsonl, ranks=ranks, warn=out.warning)
     result = trainer.fit(model, data, resume=resume)
@@ -608,10 +603,11 @@ def _train_on(args: argparse.Namespace, device: str, ranks) -> int:
         out.note(f"epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}, validation "
                  f"error {epoch['val_error']:.2f}%" + (f" (EMA {epoch['ema_val_error']:.2f}%)"
                                                        if "ema_val_error" in epoch else ""))
-    example = random_input(input_shape(spec, batch=2), args.seed)
+    example = source.example(batch=2, seed=args.seed)
     compression.update(cli_compress.after_training(plugins, result.model, example, out))
-    save_checkpoint(result.model, spec_dict, args.output, example)
-    metrics = {"model": spec.name, "data": data.name, "train_size": data.train_size,
+    source.save(result.model, args.output, example)
+    metrics = {"model": source.name, "kind": source.kind, "data": data.name,
+               "train_size": data.train_size,
                "val_size": data.val_size, "config": config.describe(),
                **({"compression": compression} if compression else {}), **result.metrics(),
                "checkpoint": str(args.output),
@@ -654,14 +650,15 @@ def _eval(args: argparse.Namespace) -> int:
 
         run, (channels, size), outputs = onnx_classifier(args.model)
     else:
-        spec_dict, model = _load_trainable(args.model)
-        if model is None:
-            raise DataError(f"{args.model}: give a trained checkpoint (.pt) or an ONNX model")
-        from archc.frontend.loading import spec_from_mapping
+        from archc.backends.trainable import SPEC, load_trainable
 
-        spec = spec_from_mapping(spec_dict, str(args.model))
-        run, channels, size, outputs = (model.to(device), spec.input.channels, spec.input.size,
-                                        spec.num_classes)
+        source = load_trainable(args.model, trust_pickle=args.trust_pickle,
+                                input_shape=args.input_shape)
+        if source.kind == SPEC:
+            raise DataError(f"{args.model}: a spec has no trained weights; give a trained "
+                            f"checkpoint (.pt), program (.pt2) or ONNX model")
+        run, channels, size, outputs = (source.model().to(device), source.channels, source.size,
+                                        source.num_outputs)
     data = open_data(args.data, channels, size, workers=args.workers,
                      pin_memory=_pins_memory(device))
     if data.classes > outputs:

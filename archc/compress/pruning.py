@@ -23,7 +23,7 @@ left whole with `keep_normalized`, and exactness holds for every other group.
 The removal is `archc.rewrite.channel_resize.resize_channels` with each group's kept channels as
 its sources (no new channels), and a candidate's MACs are counted by `archc.ir.analysis`'s
 per-layer formula at the kept counts. A model archc did not build is first brought to the
-canonical form the analysis reads (`canonical_graph`).
+canonical form the analysis reads (`archc.backends.importers.canonical_graph`).
 
 Scores (one per channel of a group, higher is kept):
 - `l1` / `l2`: the L1 / L2 norm of the channel's rows in every producer (summed over producers,
@@ -464,16 +464,6 @@ def _keep(unit: _Unit, want: int, round_to: int) -> np.ndarray:
         local = scores[s * per:(s + 1) * per]
         kept.append(s * per + np.sort(np.argsort(-local, kind="stable")[:k]))
     return np.concatenate(kept)
-
-
-def canonical_graph(gm: GraphModule, example: Tensor) -> GraphModule:
-    """A foreign model's graph in the canonical form (the `canonical` pipeline: BatchNorm modules
-    for functional BN, no in-place ops or shape guards), which the channel analysis reads."""
-    import archc.passes  # noqa: F401 - registers the catalogue
-    from archc.rewrite.pipeline import PassContext, pipelines, run_pipeline
-
-    context = PassContext(example_inputs=(example,))
-    return run_pipeline(gm, list(pipelines()["canonical"]), context).graph_module
 
 
 def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archc.backends.importers import lift_aten_graph
+from archc.backends.importers import canonical_graph, lift_aten_graph
 from archc.cli.main import main
-from archc.compress.pruning import PruneConfig, canonical_graph, prune
+from archc.compress.pruning import PruneConfig, prune
 from archc.ir import channels
 from archc.ir.channels import analyze_channels
 from archc.ir.init import random_input, randomize

@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
+from archc.backends.importers import canonical_graph
 from archc.cli.main import main
-from archc.compress.pruning import PruneConfig, canonical_graph, prune
+from archc.compress.pruning import PruneConfig, prune
 from archc.ir.init import random_input, randomize
 from tests.helpers import kill_half
 from tests.wild.prunable import NETWORKS

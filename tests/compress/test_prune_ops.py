@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from torch import nn
 
+from archc.backends.importers import canonical_graph
 from archc.cli.main import main
-from archc.compress.pruning import PruneConfig, PruneError, canonical_graph, prune
+from archc.compress.pruning import PruneConfig, PruneError, prune
 from archc.ir import channels
 from archc.ir.channels import analyze_channels
 from archc.ir.init import random_input, randomize

@@ -112,6 +112,26 @@ def test_qat_fine_tunes_the_deploy_form_and_ships_integer_convs(checkpoint, tmp_
     assert out.is_file()
 
 
+@pytest.mark.slow
+def test_qat_reads_a_program(checkpoint, tmp_path, capsys):
+    """The train-form checkpoint as a torch.export program: the same deploy form (3 fused convs
+    and the classifier) is fine-tuned and quantized."""
+    from archc.backends.checkpoint import load_checkpoint
+    from archc.backends.export import export_program
+
+    program, out = tmp_path / "rep.pt2", tmp_path / "rep.int8.onnx"
+    export_program(load_checkpoint(checkpoint)[1], program, torch.rand(2, 1, 8, 8),
+                   dynamic_batch=True)
+    code = main(["qat", str(program), "--data", "digits", "-o", str(out), "--epochs", "1",
+                 "--samples", "64", "--latency-rounds", "0", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert report["source"] == str(program) and report["quantized_layers"] == 4
+    assert report["quantized_ops"]["QLinearConv"] == 3 and report["int8_accuracy"] > 50
+    assert out.is_file()
+
+
 def test_qat_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

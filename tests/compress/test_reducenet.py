@@ -82,10 +82,13 @@ def test_cli_train_reduce_distil_merge(tmp_path, capsys):
     train, reduced, tuned = tmp_path / "train.pt", tmp_path / "reduced.pt", tmp_path / "ft.pt"
     assert main(["train", str(spec), "-o", str(train), *common]) == 0
     assert main(["reduce", str(train), "-o", str(reduced)]) == 0
+    program = tmp_path / "train.pt2"  # the train phase's deploy form, as a teacher
+    assert main(["fuse", str(train), "-o", str(program), "-q"]) == 0
     capsys.readouterr()
-    assert main(["train", str(reduced), "-o", str(tuned), "--teacher", str(train), "--freeze",
+    assert main(["train", str(reduced), "-o", str(tuned), "--teacher", str(program), "--freeze",
                  "head.*", "--lora", "2", *common]) == 0
     metrics = json.loads(capsys.readouterr().out)
+    assert metrics["compression"]["teacher"] == str(program)
     assert metrics["compression"]["merged_branches"] > 0
     assert metrics["compression"]["merge_relative_error"] <= 1e-5
     _, before = load_checkpoint(reduced)
@@ -95,3 +98,6 @@ def test_cli_train_reduce_distil_merge(tmp_path, capsys):
     assert not torch.equal(before.get_submodule("stem.conv").weight,
                            after.get_submodule("stem.conv").weight)  # merged branch
     assert main(["reduce", str(reduced), "-o", str(tmp_path / "x.pt")]) == 2
+    capsys.readouterr()
+    assert main(["reduce", str(program), "-o", str(tmp_path / "x.pt")]) == 2
+    assert "a torch.export program has no spec" in capsys.readouterr().err

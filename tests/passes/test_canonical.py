@@ -211,8 +211,18 @@ def test_batch_free_reshape_accepts_any_batch():
         assert gm(random_input((5, 3, 8, 8), 1, F64)).shape == (5, 256)
 
 
-def test_a_reshape_whose_first_size_is_not_the_batch_is_kept():
-    gm, report = _canonicalize(ConvThen(lambda m, y, x: y.view(4, 2, 64)))
+def test_a_batch_and_minus_one_reshape_accepts_any_batch():
+    """view(N, -1), as `x.view(x.size(0), -1)` is recorded by a program exported at batch N:
+    the -1 takes the recorded size, the batch becomes -1."""
+    gm, report = _canonicalize(ConvThen(lambda m, y, x: y.view(2, -1) * 2.0))
+    assert report.fired["batch_free_reshape"] == 1
+    with torch.no_grad():
+        assert gm(random_input((5, 3, 8, 8), 1, F64)).shape == (5, 256)
+
+
+@pytest.mark.parametrize("reshape", [lambda y: y.view(4, 2, 64), lambda y: y.view(4, -1)])
+def test_a_reshape_whose_first_size_is_not_the_batch_is_kept(reshape):
+    gm, report = _canonicalize(ConvThen(lambda m, y, x: reshape(y)))
     assert not report.fired["batch_free_reshape"]
 
 
