@@ -101,6 +101,9 @@ def resize_weight(weight: Tensor, out_source: Tensor, in_source: Tensor, groups:
     if out_channels % groups or out_size % new_groups or in_size % new_groups:
         raise ValueError(f"{out_channels} -> {out_size} outputs and {in_size} inputs do not "
                          f"divide into {groups} -> {new_groups} groups")
+    if groups == new_groups == 1 and bool((out_source >= 0).all()) \
+            and bool((in_source >= 0).all()):  # dense, removal only: rows and columns
+        return weight.detach().index_select(0, out_source).index_select(1, in_source)
     out_width, new_in_width = out_channels // groups, in_size // new_groups
     new_group = torch.arange(out_size) // (out_size // new_groups)
     _check_groups(new_group, out_source // out_width,
