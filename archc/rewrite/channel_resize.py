@@ -274,8 +274,11 @@ def _replace(gm: GraphModule, name: str, old: nn.Module, config: dict,
     reference = next(old.parameters(), None)
     if reference is None:
         reference = next(old.buffers())
-    with torch.device(reference.device):
+    with torch.device("meta"):  # every tensor is set below: no initialization to pay for
         new = make_module(config).to(reference.dtype)
+    if {key for key, _ in (*new.named_parameters(), *new.named_buffers())} - tensors.keys():
+        raise ResizeError(f"{name}: the resize gives only {', '.join(tensors)}")
+    new = new.to_empty(device=reference.device)
     new.train(old.training)
     with torch.no_grad():
         for key, value in tensors.items():
