@@ -434,13 +434,14 @@ def _keep(unit: _Unit, want: int, round_to: int) -> np.ndarray:
     return np.concatenate(kept)
 
 
-def canonical_graph(gm: GraphModule, example: Tensor) -> GraphModule:
+def canonical_graph(gm: GraphModule, example: Tensor, verify: bool = True) -> GraphModule:
     """A foreign model's graph in the canonical form (the `canonical` pipeline: BatchNorm modules
-    for functional BN, no in-place ops or shape guards), which the channel analysis reads."""
+    for functional BN, no in-place ops or shape guards), which the channel analysis reads;
+    `verify`: the pipeline checks its passes in float64 (`--no-verify` turns it off)."""
     import archc.passes  # noqa: F401 - registers the catalogue
     from archc.rewrite.pipeline import PassContext, pipelines, run_pipeline
 
-    context = PassContext(example_inputs=(example,))
+    context = PassContext(example_inputs=(example,), verify=verify)
     return run_pipeline(gm, list(pipelines()["canonical"]), context).graph_module
 
 
