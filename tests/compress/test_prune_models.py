@@ -98,3 +98,28 @@ def test_pruned_program_prunes_again(tmp_path, capsys):
     assert main(["prune", str(once), "--ratio", "0.3", "-o", str(twice), "--json"]) == 0
     second = json.loads(capsys.readouterr().out)
     assert second["macs"][0] == first["macs"][1] and second["macs"][1] < first["macs"][1]
+
+
+def test_canonical_checks_run_at_a_small_input_and_shapes_at_the_example(monkeypatch):
+    """A large example: the float64 checks of the canonical pipeline run at one 64x64 sample,
+    the shapes are recorded at the example, and the graph computes what the model does there;
+    a graph whose sizes are fixed is checked at the example itself."""
+    from archc.compress import pruning
+    from archc.ir.shapes import node_shape
+
+    example = random_input((1, 3, 96, 96), 0)
+    gm = torch.fx.symbolic_trace(_model("resnet_basic"))
+    assert pruning._verification_input(gm, example).shape == (1, 3, 64, 64)
+    canonical = canonical_graph(gm, example)
+    placeholder = next(n for n in canonical.graph.nodes if n.op == "placeholder")
+    assert node_shape(placeholder) == (1, 3, 96, 96)
+    torch.testing.assert_close(canonical(example), gm(example))
+    fixed = torch.fx.symbolic_trace(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, 2, 1), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 48 * 48, 10)).eval())
+    assert pruning._verification_input(fixed, example) is None
+    assert canonical_graph(fixed, example)(example).shape == (1, 10)
+    assert pruning._verification_input(gm, random_input(SHAPE, 0)) is None  # small already
+    monkeypatch.setattr(pruning, "propagate_shapes", lambda *args: False)
+    with pytest.raises(pruning.PruneError, match="does not run at the example input 1x3x96x96"):
+        canonical_graph(gm, example)
