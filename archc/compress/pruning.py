@@ -462,16 +462,23 @@ def canonical_graph(gm: GraphModule, example: Tensor, verify: bool = True) -> Gr
 
 def _verification_input(gm: GraphModule, example: Tensor) -> Tensor | None:
     """One random sample of VERIFY_SIDE x VERIFY_SIDE, if the example is an image batch larger
-    than that and `gm` runs at it (a graph with sizes fixed at the example's does not); else
-    None."""
+    than that, `gm` runs at it (a graph with sizes fixed at the example's does not), and no
+    feature map larger than 1x1 at the example shrinks below 2x2 at it (on a 1x1 map a 3x3
+    kernel's off-centre taps read only padding: a rewrite that misplaced them would pass, as
+    `archc.rewrite.pipeline` says); else None."""
     if example.ndim != 4 or max(example.shape[2:]) <= VERIFY_SIDE:
         return None
     small = random_input((1, example.shape[1], VERIFY_SIDE, VERIFY_SIDE), 0, example.dtype)
-    try:
-        with torch.no_grad():
-            gm(small)
-    except Exception:  # sizes baked in (a flatten into a fixed Linear, a reshape): the example
+    if not propagate_shapes(gm, (small,)):
         return None
+    at_small = {node: node_shape(node) for node in gm.graph.nodes}
+    if not propagate_shapes(gm, (example,)):
+        return None
+    for node, shape in at_small.items():
+        full = node_shape(node)
+        if shape is not None and full is not None and len(shape) == len(full) == 4 and any(
+                f > 1 and s < 2 for f, s in zip(full[2:], shape[2:])):
+            return None
     return small
 
 

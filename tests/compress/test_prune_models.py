@@ -103,7 +103,8 @@ def test_pruned_program_prunes_again(tmp_path, capsys):
 def test_canonical_checks_run_at_a_small_input_and_shapes_at_the_example(monkeypatch):
     """A large example: the float64 checks of the canonical pipeline run at one 64x64 sample,
     the shapes are recorded at the example, and the graph computes what the model does there;
-    a graph whose sizes are fixed is checked at the example itself."""
+    a graph whose sizes are fixed, or whose maps the small input shrinks to 1x1, is checked at
+    the example itself."""
     from archc.compress import pruning
     from archc.ir.shapes import node_shape
 
@@ -120,6 +121,9 @@ def test_canonical_checks_run_at_a_small_input_and_shapes_at_the_example(monkeyp
     assert pruning._verification_input(fixed, example) is None
     assert canonical_graph(fixed, example)(example).shape == (1, 10)
     assert pruning._verification_input(gm, random_input(SHAPE, 0)) is None  # small already
+    deep = torch.fx.symbolic_trace(torch.nn.Sequential(  # 96 -> 2x2 maps, 64 -> 1x1: too small
+        torch.nn.Conv2d(3, 4, 3, 64, 1), torch.nn.Conv2d(4, 4, 3, 1, 1)).eval())
+    assert pruning._verification_input(deep, example) is None
     monkeypatch.setattr(pruning, "propagate_shapes", lambda *args: False)
     with pytest.raises(pruning.PruneError, match="does not run at the example input 1x3x96x96"):
         canonical_graph(gm, example)
