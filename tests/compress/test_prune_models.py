@@ -129,3 +129,18 @@ def test_canonical_checks_run_at_a_small_input_and_shapes_at_the_example(monkeyp
     monkeypatch.setattr(pruning, "propagate_shapes", lambda *args: False)
     with pytest.raises(pruning.PruneError, match="does not run at the example input 1x3x96x96"):
         canonical_graph(gm, example)
+
+
+def test_no_verify_skips_the_canonical_checks(monkeypatch):
+    """`archc prune --no-verify` (`canonical_graph(verify=False)`): no float64 reference run."""
+    from archc.ir import verify
+
+    def refuse(*args):
+        raise RuntimeError("float64 reference run")
+
+    monkeypatch.setattr(verify, "float64_reference", refuse)
+    gm = torch.fx.symbolic_trace(_model("resnet_basic"))
+    example = random_input(SHAPE, 0)
+    assert canonical_graph(gm, example, verify=False)(example).shape == (2, 10)
+    with pytest.raises(RuntimeError, match="float64 reference run"):
+        canonical_graph(gm, example)
