@@ -450,36 +450,49 @@ def canonical_graph(gm: GraphModule, example: Tensor, verify: bool = True) -> Gr
     import archc.passes  # noqa: F401 - registers the catalogue
     from archc.rewrite.pipeline import PassContext, pipelines, run_pipeline
 
+    def canonical(inputs: Tensor) -> GraphModule:
+        context = PassContext(example_inputs=(inputs,), verify=verify)
+        return run_pipeline(gm, list(pipelines()["canonical"]), context).graph_module
+
     checked = _verification_input(gm, example) if verify else None
-    context = PassContext(example_inputs=(example if checked is None else checked,),
-                          verify=verify)
-    canonical = run_pipeline(gm, list(pipelines()["canonical"]), context).graph_module
-    if checked is not None and not propagate_shapes(canonical, (example,)):
+    if checked is None:
+        return canonical(example)
+    result = canonical(checked)
+    at_small = {node.name: node_shape(node) for node in result.graph.nodes}
+    if not propagate_shapes(result, (example,)):
         raise PruneError(f"the canonical graph does not run at the example input "
                          f"{'x'.join(map(str, example.shape))}")
-    return canonical
+    if _maps_shrunk(result, at_small):
+        return canonical(example)
+    return result
 
 
 def _verification_input(gm: GraphModule, example: Tensor) -> Tensor | None:
     """One random sample of VERIFY_SIDE x VERIFY_SIDE, if the example is an image batch larger
-    than that, `gm` runs at it (a graph with sizes fixed at the example's does not), and no
-    feature map larger than 1x1 at the example shrinks below 2x2 at it (on a 1x1 map a 3x3
-    kernel's off-centre taps read only padding: a rewrite that misplaced them would pass, as
-    `archc.rewrite.pipeline` says); else None."""
+    than that and `gm` runs at it (a graph with sizes fixed at the example's does not); else
+    None."""
     if example.ndim != 4 or max(example.shape[2:]) <= VERIFY_SIDE:
         return None
     small = random_input((1, example.shape[1], VERIFY_SIDE, VERIFY_SIDE), 0, example.dtype)
-    if not propagate_shapes(gm, (small,)):
+    try:
+        with torch.no_grad():
+            gm(small)
+    except Exception:  # sizes baked in (a flatten into a fixed Linear, a reshape): the example
         return None
-    at_small = {node: node_shape(node) for node in gm.graph.nodes}
-    if not propagate_shapes(gm, (example,)):
-        return None
-    for node, shape in at_small.items():
-        full = node_shape(node)
-        if shape is not None and full is not None and len(shape) == len(full) == 4 and any(
-                f > 1 and s < 2 for f, s in zip(full[2:], shape[2:])):
-            return None
     return small
+
+
+def _maps_shrunk(gm: GraphModule, at_small: dict[str, tuple[int, ...] | None]) -> bool:
+    """Whether a feature map larger than 1x1 at the recorded (example) shapes was below 2x2 at
+    the small input: on such a map a 3x3 kernel's off-centre taps read only padding, so a
+    rewrite that misplaced them would pass (`archc.rewrite.pipeline` says the same); the checks
+    are then made at the example."""
+    for node in gm.graph.nodes:
+        full, small = node_shape(node), at_small.get(node.name)
+        if small is not None and full is not None and len(small) == len(full) == 4 and any(
+                f > 1 and s < 2 for f, s in zip(full[2:], small[2:])):
+            return True
+    return False
 
 
 def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):

@@ -107,6 +107,7 @@ def test_canonical_checks_run_at_a_small_input_and_shapes_at_the_example(monkeyp
     the example itself."""
     from archc.compress import pruning
     from archc.ir.shapes import node_shape
+    from archc.rewrite import pipeline as pruning_pipeline
 
     example = random_input((1, 3, 96, 96), 0)
     gm = torch.fx.symbolic_trace(_model("resnet_basic"))
@@ -123,7 +124,17 @@ def test_canonical_checks_run_at_a_small_input_and_shapes_at_the_example(monkeyp
     assert pruning._verification_input(gm, random_input(SHAPE, 0)) is None  # small already
     deep = torch.fx.symbolic_trace(torch.nn.Sequential(  # 96 -> 2x2 maps, 64 -> 1x1: too small
         torch.nn.Conv2d(3, 4, 3, 64, 1), torch.nn.Conv2d(4, 4, 3, 1, 1)).eval())
-    assert pruning._verification_input(deep, example) is None
+    checked_at = []
+    run = pruning_pipeline.run_pipeline
+
+    def spy(model, names, context):
+        checked_at.append(tuple(context.example_inputs[0].shape))
+        return run(model, names, context)
+
+    monkeypatch.setattr(pruning_pipeline, "run_pipeline", spy)
+    canonical_graph(gm, example)
+    canonical_graph(deep, example)
+    assert checked_at == [(1, 3, 64, 64), (1, 3, 64, 64), (1, 3, 96, 96)]
     small = pruning._verification_input(gm, example)
     monkeypatch.setattr(pruning, "_verification_input", lambda *args: small)
     monkeypatch.setattr(pruning, "propagate_shapes", lambda *args: False)
