@@ -165,6 +165,7 @@ def bench_speed(args) -> dict:
         torch.export.save(torch.export.export(model, (example,)), folder / "r50.pt2")
         torch.save(model, folder / "r50.pt")
         report: dict = {}
+        load = os.getloadavg()
 
         def archc_run(*extra: str):
             def run():
@@ -180,8 +181,7 @@ def bench_speed(args) -> dict:
         }, rounds=args.rounds, iters=1, warmup=1)
         tp_model = torch.load(folder / "tp.pt", weights_only=False)
     tp_macs = archc_macs(tp_model, example.shape)
-    return {"timings": timings, "ratio": tuned, "archc": report, "tp": tp_macs,
-            "load": os.getloadavg()}
+    return {"timings": timings, "ratio": tuned, "archc": report, "tp": tp_macs, "load": load}
 
 
 def speed_section(result: dict, args) -> str:
@@ -216,6 +216,7 @@ def speed_section(result: dict, args) -> str:
 def bench_model(name: str, args) -> dict:
     import torch
 
+    from archc.backends.export import quiet
     from archc.ir.init import random_input
     from archc.train.data import load_data
     from archc.train.loop import TrainConfig, Trainer
@@ -259,8 +260,9 @@ def bench_model(name: str, args) -> dict:
     sessions = {}
     latency_input = random_input(LATENCY_SHAPE, 2).numpy()
     for key, model in [("unpruned", base), *candidates.items()]:
-        session, input_name, _ = ort_session(baseline_onnx(model, torch.from_numpy(
-            latency_input)), threads=1)
+        with quiet():
+            onnx = baseline_onnx(model, torch.from_numpy(latency_input))
+        session, input_name, _ = ort_session(onnx, threads=1)
         sessions[key] = (lambda s=session, n=input_name: s.run(None, {n: latency_input}))
     timings = interleaved(sessions, rounds=args.rounds, iters=args.iters, warmup=3)
     row["latency"] = {key: timing.median for key, timing in timings.items()}
