@@ -74,6 +74,10 @@ def add_commands(commands) -> None:
                        metavar="FILE",
                        help="also write the pruned model's spec (YAML, or JSON for .json); an "
                        "error if the pruned widths are not expressible as a spec")
+    prune.add_argument("--no-verify", dest="verify", action="store_false",
+                       help="a model archc did not build: do not check the passes that bring "
+                       "its graph to canonical form in float64 (the written program is still "
+                       "compared with the pruned model)")
     prune.add_argument("--json", action="store_true",
                        help="print one machine-readable JSON report on stdout instead of text")
 
@@ -142,7 +146,7 @@ def _prune(args: argparse.Namespace) -> int:
     else:
         example = random_input(args.input_shape or model.input_shape or (1, 3, 224, 224), 0)
         check_example(model.graph_module, example, str(args.checkpoint))
-        model.graph_module = canonical_graph(model.graph_module, example)
+        model.graph_module = canonical_graph(model.graph_module, example, args.verify)
 
     def config(ratio: float) -> PruneConfig:
         return PruneConfig(ratio, args.criterion, args.global_threshold, args.round_to,

@@ -62,7 +62,6 @@ The result is the spec's graph plus `archc.ir.graph_edits` edits, saved as an ar
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -76,8 +75,9 @@ from torch.fx import GraphModule, Node
 from archc.errors import ArchcError
 from archc.ir.analysis import complexity_report, module_complexity, module_macs
 from archc.ir.channels import ChannelGraph, ChannelGroup, analyze_channels
-from archc.ir.graph import attribute
+from archc.ir.graph import attribute, copy_module
 from archc.ir.ops import BN_MODULES, CONV_MODULES
+from archc.ir.shapes import has_shapes, node_shape
 from archc.rewrite.channel_resize import (
     Sources,
     complete_sources,
@@ -231,18 +231,26 @@ def _module(gm: GraphModule, node: Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _rows(module: nn.Module) -> tuple[Tensor, Tensor | None] | None:
-    if isinstance(module, (*CONV_MODULES, nn.Linear)):
-        weight = module.weight.detach().double()
-        return weight.reshape(weight.shape[0], -1), (
-            None if module.bias is None else module.bias.detach().double())
-    return None
+def _row_stats(module: nn.Module, criterion: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(norm, alive) per output row of a conv or Linear, in float64: the criterion's norm of the
+    row (L1, else L2) and whether the row or its bias is nonzero; None for another module."""
+    if not isinstance(module, (*CONV_MODULES, nn.Linear)):
+        return None
+    weight = module.weight.detach().double()
+    rows = weight.reshape(weight.shape[0], -1)
+    norm = torch.linalg.vector_norm(rows, ord=1 if criterion == "l1" else 2, dim=1)
+    alive = (rows != 0).any(1)
+    if module.bias is not None:
+        alive |= module.bias.detach() != 0
+    return norm.numpy(), alive.numpy()
 
 
 def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelGroup,
-                    criterion: str, rng: np.random.Generator) -> np.ndarray | None:
+                    criterion: str, rng: np.random.Generator,
+                    row_stats: dict[Node, tuple[np.ndarray, np.ndarray] | None]
+                    ) -> np.ndarray | None:
     """Scores of the channels of a leaf group (None: the criterion has nothing to go on);
-    dead channels get -inf."""
+    dead channels get -inf. `row_stats`: each producer's `_row_stats`, filled as they are met."""
     n = leaf.size
     norm = np.zeros(n)
     gamma = np.zeros(n)
@@ -252,16 +260,13 @@ def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelG
         group = cg.groups[top]
         at = torch.from_numpy(channels)
         for node in group.producers:
-            found = _rows(_module(gm, node))
-            if found is None:
+            if node not in row_stats:
+                row_stats[node] = _row_stats(_module(gm, node), criterion)
+            if row_stats[node] is None:
                 return None
-            weight, bias = found
-            rows = weight[at]
-            p = 1 if criterion == "l1" else 2
-            norm += torch.linalg.vector_norm(rows, ord=p, dim=1).numpy()
-            alive |= (rows != 0).any(1).numpy()
-            if bias is not None:
-                alive |= (bias[at] != 0).numpy()
+            row_norm, row_alive = row_stats[node]
+            norm += row_norm[channels]
+            alive |= row_alive[channels]
             producers += 1
         for node in group.channelwise:
             module = _module(gm, node)
@@ -306,6 +311,7 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
     pieces_of = _unit_pieces(cg)
     in_unit = {leaf for pieces in pieces_of.values() for leaf in pieces}
     scored: dict[int, np.ndarray] = {}
+    row_stats: dict[Node, tuple[np.ndarray, np.ndarray] | None] = {}
     skipped_no_bn = normalized = 0
     fixed: dict[str, int] = {}
     for group in cg.groups:
@@ -330,13 +336,13 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
             for leaf, channels in pieces_of[group.index].items():
                 piece = cg.groups[leaf]
                 found = None if piece.fixed or piece.norm_groups else _channel_scores(
-                    gm, cg, positions, piece, config.criterion, rng)
+                    gm, cg, positions, piece, config.criterion, rng, row_stats)
                 if found is None:
                     scores = None
                     break
                 scores[channels] = found
         else:
-            scores = _channel_scores(gm, cg, positions, group, config.criterion, rng)
+            scores = _channel_scores(gm, cg, positions, group, config.criterion, rng, row_stats)
         if scores is None:
             skipped_no_bn += config.criterion == "bn-scale"
             continue
@@ -467,9 +473,15 @@ def _keep(unit: _Unit, want: int, round_to: int) -> np.ndarray:
 
 
 def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):
-    """(copy of gm with shapes, its channel graph, units, notes, complexity before)."""
-    gm = copy.deepcopy(gm)
-    before = complexity_report(gm, tuple(example_input.shape)).total
+    """(copy of gm with shapes, its channel graph, units, notes, complexity before). The copy
+    shares gm's tensors (the resize replaces modules and tensors, never writes them); shapes
+    gm has recorded for this input (the canonical pipeline's) are reused, not propagated again."""
+    gm = copy_module(gm)
+    shape = tuple(example_input.shape)
+    recorded = has_shapes(gm) and next(
+        (node_shape(n) for n in gm.graph.nodes if n.op == "placeholder"), None)
+    before = complexity_report(
+        gm, None if recorded and recorded[1:] == shape[1:] else shape).total
     cg = analyze_channels(gm)
     notes: list[str] = []
     units = _units(gm, cg, config, notes)

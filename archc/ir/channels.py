@@ -96,7 +96,7 @@ from archc.ir.channel_dims import (
     reshaped_dim,
     transposed_dim,
 )
-from archc.ir.graph import arg, called_once, describe
+from archc.ir.graph import ALIASES, arg, called_once, describe, module_aliases
 from archc.ir.ops import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_METHODS,
@@ -305,8 +305,15 @@ def analyze_channels(gm: GraphModule, example_inputs: tuple[Tensor, ...] | None 
     if example_inputs is not None:
         propagate_shapes(gm, tuple(example_inputs))
     builder = _Builder(gm)
-    for node in gm.graph.nodes:
-        builder.visit(node)
+    known = ALIASES in gm.meta  # `called_once` of every module call reads the aliases: once
+    if not known:
+        gm.meta[ALIASES] = module_aliases(gm)
+    try:
+        for node in gm.graph.nodes:
+            builder.visit(node)
+    finally:
+        if not known:
+            gm.meta.pop(ALIASES, None)
     return builder.finish()
 
 

@@ -129,6 +129,9 @@ def resize_weight(weight: Tensor, out_source: Tensor, in_source: Tensor, groups:
     if out_channels % groups or out_size % new_groups or in_size % new_groups:
         raise ValueError(f"{out_channels} -> {out_size} outputs and {in_size} inputs do not "
                          f"divide into {groups} -> {new_groups} groups")
+    if groups == new_groups == 1 and bool((out_source >= 0).all()) \
+            and bool((in_source >= 0).all()):  # dense, removal only: rows and columns
+        return weight.detach().index_select(0, out_source).index_select(1, in_source)
     out_width, new_in_width = out_channels // groups, in_size // new_groups
     new_group = torch.arange(out_size) // (out_size // new_groups)
     _check_groups(new_group, out_source // out_width,
@@ -337,8 +340,11 @@ def _replace(gm: GraphModule, name: str, old: nn.Module, config: dict,
     reference = next(old.parameters(), None)
     if reference is None:
         reference = next(old.buffers())
-    with torch.device(reference.device):
+    with torch.device("meta"):  # every tensor is set below: no initialization to pay for
         new = make_module(config).to(reference.dtype)
+    if {key for key, _ in (*new.named_parameters(), *new.named_buffers())} - tensors.keys():
+        raise ResizeError(f"{name}: the resize gives only {', '.join(tensors)}")
+    new = new.to_empty(device=reference.device)
     new.train(old.training)
     with torch.no_grad():
         for key, value in tensors.items():

@@ -99,3 +99,60 @@ def test_pruned_program_prunes_again(tmp_path, capsys):
     assert main(["prune", str(once), "--ratio", "0.3", "-o", str(twice), "--json"]) == 0
     second = json.loads(capsys.readouterr().out)
     assert second["macs"][0] == first["macs"][1] and second["macs"][1] < first["macs"][1]
+
+
+def test_canonical_checks_run_at_a_small_input_and_shapes_at_the_example(monkeypatch):
+    """A large example: the float64 checks of the canonical pipeline run at one 64x64 sample,
+    the shapes are recorded at the example, and the graph computes what the model does there;
+    a graph whose sizes are fixed, or whose maps the small input shrinks to 1x1, is checked at
+    the example itself."""
+    from archc.backends import importers
+    from archc.ir.shapes import node_shape
+    from archc.rewrite import pipeline as pruning_pipeline
+
+    example = random_input((1, 3, 96, 96), 0)
+    gm = torch.fx.symbolic_trace(_model("resnet_basic"))
+    assert importers._verification_input(gm, example).shape == (1, 3, 64, 64)
+    canonical = canonical_graph(gm, example)
+    placeholder = next(n for n in canonical.graph.nodes if n.op == "placeholder")
+    assert node_shape(placeholder) == (1, 3, 96, 96)
+    torch.testing.assert_close(canonical(example), gm(example))
+    fixed = torch.fx.symbolic_trace(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, 2, 1), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 48 * 48, 10)).eval())
+    assert importers._verification_input(fixed, example) is None
+    assert canonical_graph(fixed, example)(example).shape == (1, 10)
+    assert importers._verification_input(gm, random_input(SHAPE, 0)) is None  # small already
+    deep = torch.fx.symbolic_trace(torch.nn.Sequential(  # 96 -> 2x2 maps, 64 -> 1x1: too small
+        torch.nn.Conv2d(3, 4, 3, 64, 1), torch.nn.Conv2d(4, 4, 3, 1, 1)).eval())
+    checked_at = []
+    run = pruning_pipeline.run_pipeline
+
+    def spy(model, names, context):
+        checked_at.append(tuple(context.example_inputs[0].shape))
+        return run(model, names, context)
+
+    monkeypatch.setattr(pruning_pipeline, "run_pipeline", spy)
+    canonical_graph(gm, example)
+    canonical_graph(deep, example)
+    assert checked_at == [(1, 3, 64, 64), (1, 3, 64, 64), (1, 3, 96, 96)]
+    small = importers._verification_input(gm, example)
+    monkeypatch.setattr(importers, "_verification_input", lambda *args: small)
+    monkeypatch.setattr(importers, "propagate_shapes", lambda *args: False)
+    with pytest.raises(importers.CheckpointError, match="does not run at the example input 1x3x96x96"):
+        canonical_graph(gm, example)
+
+
+def test_no_verify_skips_the_canonical_checks(monkeypatch):
+    """`archc prune --no-verify` (`canonical_graph(verify=False)`): no float64 reference run."""
+    from archc.ir import verify
+
+    def refuse(*args):
+        raise RuntimeError("float64 reference run")
+
+    monkeypatch.setattr(verify, "float64_reference", refuse)
+    gm = torch.fx.symbolic_trace(_model("resnet_basic"))
+    example = random_input(SHAPE, 0)
+    assert canonical_graph(gm, example, verify=False)(example).shape == (2, 10)
+    with pytest.raises(RuntimeError, match="float64 reference run"):
+        canonical_graph(gm, example)

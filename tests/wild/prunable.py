@@ -69,19 +69,23 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
+    """Stages `layer1`, `layer2`, ... (one per entry of `layers`); `resnet50()` is torchvision's
+    ResNet-50 layout."""
+
     def __init__(self, block=BasicBlock, layers=(1, 1, 1), widths=(16, 32, 64), groups=1,
-                 width_per_group=64, num_classes=10):
+                 width_per_group=64, num_classes=10, stem=16):
         super().__init__()
-        self.inplanes, self.groups, self.base_width = 16, groups, width_per_group
+        self.inplanes, self.groups, self.base_width = stem, groups, width_per_group
         self.conv1 = nn.Conv2d(3, self.inplanes, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(block, widths[0], layers[0])
-        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
-        self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
+        self.stages = len(layers)
+        for i, (width, blocks) in enumerate(zip(widths, layers)):
+            setattr(self, f"layer{i + 1}",
+                    self._make_layer(block, width, blocks, stride=1 if i == 0 else 2))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(widths[2] * block.expansion, num_classes)
+        self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
 
     def _make_layer(self, block, planes, blocks, stride=1):
         downsample = None
@@ -97,9 +101,20 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        for i in range(self.stages):
+            x = getattr(self, f"layer{i + 1}")(x)
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
+
+
+def resnet50(num_classes: int = 1000) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), num_classes=num_classes,
+                  stem=64)
+
+
+def resnet18(num_classes: int = 1000) -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), num_classes=num_classes,
+                  stem=64)
 
 
 class ConvBNActivation(nn.Sequential):
