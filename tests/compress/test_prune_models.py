@@ -139,7 +139,8 @@ def test_canonical_checks_run_at_a_small_input_and_shapes_at_the_example(monkeyp
     small = importers._verification_input(gm, example)
     monkeypatch.setattr(importers, "_verification_input", lambda *args: small)
     monkeypatch.setattr(importers, "propagate_shapes", lambda *args: False)
-    with pytest.raises(importers.CheckpointError, match="does not run at the example input 1x3x96x96"):
+    with pytest.raises(importers.CheckpointError,
+                       match="does not run at the example input 1x3x96x96"):
         canonical_graph(gm, example)
 
 
