@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ import torch
 from torch.fx import GraphModule
 
 from archc.common.fileio import atomic_output
-from archc.errors import ExportError
+from archc.errors import ExportError, first_line
 from archc.ir.graph import copy_module
 from archc.ir.verify import (
     artifact_tolerance,
@@ -247,8 +248,11 @@ def export_program(
     *,
     dynamic_batch: bool = False,
     rtol: float = 1e-5,
+    spec: dict | None = None,
 ) -> EmitReport:
-    """torch.export to a `.pt2` archive, reloaded and verified."""
+    """torch.export to a `.pt2` archive, reloaded and verified. `spec`, archc's spec of a model
+    whose parameters and buffers the program holds under the spec model's own names, is stored in
+    the archive (`SPEC_FILE`, read back by `program_spec`)."""
     report = EmitReport(Path(path), "pt2", verified_with="torch.export.load")
     dynamic_shapes = {_input_name(gm): {0: torch.export.Dim("batch")}} if dynamic_batch else None
     try:
@@ -263,7 +267,8 @@ def export_program(
             f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         ) from exc
     buffer = io.BytesIO()
-    torch.export.save(program, buffer)
+    extra = {SPEC_FILE: json.dumps(spec, sort_keys=True)} if spec is not None else None
+    torch.export.save(program, buffer, extra_files=extra)
     data = buffer.getvalue()
     reloaded = torch.export.load(io.BytesIO(data)).module()
     verify_emitted(report, gm, reloaded, example_input, dynamic_batch, rtol)
@@ -271,6 +276,37 @@ def export_program(
         temporary.write_bytes(data)
     report.bytes = len(data)
     return report
+
+
+SPEC_FILE = "archc_spec.json"  # the extra file of a program written from a spec model
+
+
+def program_spec(path: str | Path) -> dict | None:
+    """The spec `export_program` stored in the `.pt2` at `path`, or None if it holds none."""
+    extra = {SPEC_FILE: ""}
+    try:
+        with quiet():
+            torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:
+        raise ExportError(f"{path}: not a torch.export program ({first_line(exc)})") from None
+    text = extra[SPEC_FILE]
+    if not text:
+        return None
+    try:
+        spec = json.loads(text)
+    except ValueError as exc:
+        raise ExportError(f"{path}: its {SPEC_FILE} is not JSON ({exc})") from None
+    if not isinstance(spec, dict):
+        raise ExportError(f"{path}: its {SPEC_FILE} holds a {type(spec).__name__}, not a spec")
+    return spec
+
+
+def same_weights(program_gm: torch.nn.Module, spec_model: torch.nn.Module) -> bool:
+    """Whether `program_gm` holds float32 weights under exactly the names of `spec_model` (no pass
+    folded or renamed any), so that the spec of `spec_model` describes the program too."""
+    state = program_gm.state_dict()
+    return state.keys() == spec_model.state_dict().keys() and all(
+        value.dtype == torch.float32 for value in state.values() if value.is_floating_point())
 
 
 DEPLOY_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -6,7 +6,8 @@
   archc checkpoint (.pt);
 - an archc checkpoint (.pt): its GraphModule; written back as an archc checkpoint;
 - a torch.export program (.pt2): the lifted graph in canonical form; written back as a program
-  (`export_program`, dynamic batch), as archc's other `.pt2` outputs;
+  (`export_program`, dynamic batch), as archc's other `.pt2` outputs, with the spec archc stored
+  in it (`program_spec`: a program written from a spec model) if any;
 - a whole pickled nn.Module (.pt, only with `trust_pickle`): the unpickled module itself, its own
   class and forward; written back pickled (`torch.save(module)`, reloaded and checked).
 
@@ -60,6 +61,7 @@ class Trainable:
     num_outputs: int  # K of its [N, K] logits (a spec's num_classes)
     spec: dict[str, Any] | None = None  # archc's spec, for a spec or a checkpoint
     module: nn.Module | None = None  # None for a spec: `model(seed)` builds it
+    program_spec: dict[str, Any] | None = None  # the spec a .pt2 stores (`program_spec`)
 
     @property
     def channels(self) -> int:
@@ -127,7 +129,8 @@ class Trainable:
 
             return save_checkpoint(module, self.spec, path, example)
         if self.kind == PROGRAM:
-            return export_program(module, path, example, dynamic_batch=True)
+            return export_program(module, path, example, dynamic_batch=True,
+                                  spec=self.program_spec)
         return save_pickled_module(module, path, example)
 
 
@@ -171,8 +174,13 @@ def load_trainable(path: Path, *, trust_pickle: bool = False,
             raise CheckpointError(f"{path}: cannot bring the program to canonical form "
                                   f"({first_line(exc)})") from None
         _refuse_batch_statistics(module, path)
+    stored = None
+    if imported.kind == PROGRAM:
+        from archc.backends.export import program_spec
+
+        stored = program_spec(path)
     return Trainable(path, imported.kind, imported.name, shape,
-                     _outputs(module, example, path), None, module)
+                     _outputs(module, example, path), None, module, stored)
 
 
 def _example(shape: tuple[int, ...]) -> torch.Tensor:

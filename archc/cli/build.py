@@ -262,17 +262,19 @@ def _build(args: argparse.Namespace) -> int:
     else:
         deploy, noise = _run_passes(gm, args, example, pipeline, out, document)
         emitted = _emit(deploy, args.output, example, args, spec.name, str(args.spec), noise,
-                        source=gm)
+                        source=gm, spec=spec.to_dict())
     _print_emitted(emitted, out, document, args, deploy, example)
     return 0
 
 
 def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source_name: str,
-          noise: float | None, source=None):
+          noise: float | None, source=None, spec: dict | None = None):
     """Cast to the deploy dtype/layout, then write `output` in the format of its extension,
     verified at `--rtol` or, for a model whose own float32 rounding is larger, at a multiple of
     that rounding (`noise`: measured by the pipeline, else here). `source` is the model before
-    the passes: in fp16 / bf16 the deploy form is allowed its own rounding in that format."""
+    the passes: in fp16 / bf16 the deploy form is allowed its own rounding in that format. A
+    `.pt2` stores `spec`, the spec of `source`, if the passes left its weights as they were
+    (`same_weights`: `archc reduce` reads it back)."""
     from archc.backends import export
     from archc.ir import verify
 
@@ -326,6 +328,8 @@ def _emit(gm, output: Path, example, args: argparse.Namespace, name: str, source
             form.example_input,
             dynamic_batch=dynamic_batch,
             rtol=form.rtol,
+            spec=spec if spec is not None and source is not None
+            and export.same_weights(form.graph_module, source) else None,
         )
     emitted.notes[:0] = form.notes
     emitted.rtol = form.rtol
@@ -470,7 +474,7 @@ def _fuse(args: argparse.Namespace) -> int:
     gm, noise = _run_passes(model.graph_module, args, example, pipeline, out, document)
     output = args.output or args.checkpoint.with_name(f"{model.name}.fused.pt2")
     emitted = _emit(gm, output, example, args, model.name, args.checkpoint.name, noise,
-                    source=model.graph_module)
+                    source=model.graph_module, spec=model.spec)
     _print_emitted(emitted, out, document, args, gm, example)
     return 0
 

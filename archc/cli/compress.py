@@ -25,6 +25,7 @@ def _energy(text: str) -> float:
 
 
 _checkpoint_output = arguments.output_path((".pt",))
+_reduced_output = arguments.output_path((".pt", ".pt2"))
 
 
 def add_commands(commands) -> None:
@@ -115,17 +116,22 @@ def add_commands(commands) -> None:
 
     reduce = commands.add_parser(
         "reduce",
-        help="ReduceNet: the reduced phase (branch1 dropped) of a train-phase checkpoint",
-        description="Write the reduced phase of a train-phase ReduceNet checkpoint: every "
-        "reducenet stage becomes phase: reduced (scaler 0, branch1 not built) and every other "
-        "weight is carried over by name. Fine-tune it with `archc train REDUCED.pt --teacher "
-        "TRAIN.pt --freeze 'head.*'`; see docs/compression.md.",
+        help="ReduceNet: the reduced phase (branch1 dropped) of a train-phase checkpoint or "
+        "program",
+        description="Write the reduced phase of a train-phase ReduceNet checkpoint or .pt2 "
+        "program: every reducenet stage becomes phase: reduced (scaler 0, branch1 not built) and "
+        "every other weight is carried over by name. A .pt2 must store the spec archc wrote in "
+        "it (a program of a spec model whose weights no pass changed: `archc build --passes "
+        "none`, `archc train X.pt2`, `archc reduce`); the reduced model is written in the "
+        "input's format. Fine-tune it with `archc train REDUCED.pt --teacher TRAIN.pt --freeze "
+        "'head.*'`; see docs/compression.md.",
     )
-    reduce.add_argument("checkpoint", type=Path, metavar="CKPT",
-                        help="train-phase archc checkpoint (.pt); a .pt2 program has no spec "
-                        "to reduce, but can be the reduced model's --teacher")
-    reduce.add_argument("-o", "--output", type=_checkpoint_output, required=True, metavar="OUT",
-                        help="reduced checkpoint (.pt)")
+    reduce.add_argument("checkpoint", type=Path, metavar="MODEL",
+                        help="train-phase archc checkpoint (.pt) or .pt2 program that stores "
+                        "its spec")
+    reduce.add_argument("-o", "--output", type=_reduced_output, required=True, metavar="OUT",
+                        help="reduced model: a checkpoint (.pt) of a checkpoint, a program "
+                        "(.pt2) of a program")
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -262,11 +268,23 @@ def _reduce(args: argparse.Namespace) -> int:
     from archc.backends.checkpoint import load_checkpoint, save_checkpoint
     from archc.compress.reducenet import ReduceError, reduce
 
+    program = None
     if args.checkpoint.suffix.lower() == ".pt2":
-        raise ReduceError(f"{args.checkpoint}: a torch.export program has no spec, and the "
-                          f"reduced phase is a spec change (phase: reduced): reduce the archc "
-                          f"checkpoint it came from; the program can be its --teacher")
-    spec_dict, gm = load_checkpoint(args.checkpoint)
+        from archc.backends.trainable import load_trainable
+
+        program = load_trainable(args.checkpoint)
+        if program.program_spec is None:
+            raise ReduceError(f"{args.checkpoint}: the torch.export program stores no archc spec "
+                              f"(archc_spec.json; archc writes it in a .pt2 of a spec model "
+                              f"whose weights no pass changed), and the reduced phase is a spec "
+                              f"change: reduce the archc checkpoint it came from")
+        program.check_output(args.output)
+        spec_dict, gm = program.program_spec, program.graph_module()
+    else:
+        if args.output.suffix.lower() != ".pt":
+            raise ReduceError(f"-o {args.output}: {args.checkpoint} is an archc checkpoint: the "
+                              f"reduced model is written in its format (-o NAME.pt)")
+        spec_dict, gm = load_checkpoint(args.checkpoint)
     reduced_dict, reduced = reduce(spec_dict, gm)
     from archc.frontend.loading import spec_from_mapping
     from archc.frontend.lower import input_shape
@@ -276,7 +294,12 @@ def _reduce(args: argparse.Namespace) -> int:
     example = random_input(input_shape(spec_from_mapping(reduced_dict), batch=2), 0)
     before = complexity_report(gm, tuple(example.shape)).total
     after = complexity_report(reduced, tuple(example.shape)).total
-    save_checkpoint(reduced, reduced_dict, args.output, example)
+    if program is not None:
+        from archc.backends.export import export_program
+
+        export_program(reduced, args.output, example, dynamic_batch=True, spec=reduced_dict)
+    else:
+        save_checkpoint(reduced, reduced_dict, args.output, example)
     if not getattr(args, "quiet", False):
         print(f"{spec_dict['name']} -> {reduced_dict['name']}: params {before.params:,} -> "
               f"{after.params:,}, MACs {before.flops:,} -> {after.flops:,} per sample")

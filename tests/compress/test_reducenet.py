@@ -14,6 +14,8 @@ from torch import nn
 
 import archc
 from archc.backends.checkpoint import load_checkpoint
+from archc.backends.export import SPEC_FILE, program_spec, same_weights
+from archc.backends.trainable import load_trainable
 from archc.cli.main import main
 from archc.compress.lowrank_algebra import frobenius_relative_error, merge_low_rank_branch
 from archc.compress.reducenet import (
@@ -23,6 +25,7 @@ from archc.compress.reducenet import (
     merge_branches,
     reduce,
 )
+from archc.errors import ExportError
 
 TINY = {"name": "tiny_reducenet", "input": {"channels": 1, "size": 8}, "num_classes": 10,
         "stem": {"type": "simple", "width": 8, "stride": 1}, "head": {"type": "classifier"},
@@ -100,4 +103,61 @@ def test_cli_train_reduce_distil_merge(tmp_path, capsys):
     assert main(["reduce", str(reduced), "-o", str(tmp_path / "x.pt")]) == 2
     capsys.readouterr()
     assert main(["reduce", str(program), "-o", str(tmp_path / "x.pt")]) == 2
-    assert "a torch.export program has no spec" in capsys.readouterr().err
+    assert "stores no archc spec (archc_spec.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_program_stores_its_spec_only_when_the_weights_are_the_spec_models(tmp_path):
+    """`archc build -o X.pt2` stores the spec (`archc_spec.json`) with `--passes none` or
+    `--channels-last`, not after the default passes fold the BNs, nor in fp16 (`same_weights`); a
+    stored file that is not a spec is refused."""
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(TINY))
+
+    def build(out, *extra):
+        assert main(["build", str(spec), "-o", str(tmp_path / out), "-q", *extra]) == 0
+
+    build("plain.pt2", "--passes", "none", "--channels-last")
+    assert program_spec(tmp_path / "plain.pt2") == archc.build(TINY).meta["archc_spec"]
+    build("folded.pt2")
+    assert program_spec(tmp_path / "folded.pt2") is None
+    model = archc.build(TINY)
+    assert same_weights(model, archc.build(TINY)) and not same_weights(model.half(), model)
+    program = torch.export.load(str(tmp_path / "folded.pt2"))
+    for text, message in [("{", "is not JSON"), ("[1]", "holds a list, not a spec")]:
+        torch.export.save(program, tmp_path / "bad.pt2", extra_files={SPEC_FILE: text})
+        with pytest.raises(ExportError, match=message):
+            program_spec(tmp_path / "bad.pt2")
+    (tmp_path / "junk.pt2").write_bytes(b"junk")
+    with pytest.raises(ExportError, match="not a torch.export program"):
+        program_spec(tmp_path / "junk.pt2")
+
+
+@pytest.mark.slow
+def test_cli_reduce_program_stores_and_carries_spec(tmp_path, capsys):
+    """A .pt2 of the spec model (no pass changed its weights) stores its spec: `archc reduce`
+    gives the weights it gives the equivalent checkpoint, as a .pt2 that trains."""
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(TINY))
+    program, checkpoint = tmp_path / "x.pt2", tmp_path / "x.pt"
+    assert main(["build", str(spec), "-o", str(program), "--passes", "none", "-q"]) == 0
+    assert main(["build", str(spec), "-o", str(checkpoint), "-q"]) == 0
+    reduced_program, reduced_checkpoint = tmp_path / "r.pt2", tmp_path / "r.pt"
+    assert main(["reduce", str(program), "-o", str(reduced_program), "-q"]) == 0
+    assert main(["reduce", str(checkpoint), "-o", str(reduced_checkpoint), "-q"]) == 0
+    reduced_dict, expected = load_checkpoint(reduced_checkpoint)
+    loaded = load_trainable(reduced_program)
+    assert loaded.program_spec == reduced_dict
+    state, wanted = loaded.module.state_dict(), expected.state_dict()
+    assert state.keys() == wanted.keys()
+    for key, value in wanted.items():
+        assert torch.equal(state[key], value), key
+    tuned = tmp_path / "ft.pt2"
+    assert main(["train", str(reduced_program), "-o", str(tuned), "--teacher", str(program),
+                 "--data", "digits", "--epochs", "1", "--batch-size", "256", "-q"]) == 0
+    assert program_spec(tuned) == reduced_dict  # written back with its spec
+    capsys.readouterr()
+    assert main(["reduce", str(tuned), "-o", str(tmp_path / "y.pt2")]) == 2  # already reduced
+    assert main(["reduce", str(program), "-o", str(tmp_path / "y.pt")]) == 2  # format kept
+    assert main(["reduce", str(checkpoint), "-o", str(tmp_path / "y.pt2")]) == 2
+    assert "written in its format (-o NAME.pt)" in capsys.readouterr().err
