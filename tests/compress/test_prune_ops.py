@@ -23,7 +23,7 @@ from archc.ir.channels import analyze_channels
 from archc.ir.init import random_input, randomize
 from archc.ir.shapes import propagate_shapes
 from archc.rewrite.channel_resize import composite_source, kept_norm_groups
-from tests.helpers import kill_half
+from tests.helpers import Fn, kill_half
 from tests.wild.prunable_ops import NETWORKS
 
 SHAPE = (2, 3, 16, 16)
@@ -153,15 +153,6 @@ class Fixture(nn.Module):
 
     def forward(self, x):
         return self.b(self.middle(self.a(x)))
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 class GroupNormOfCat(nn.Module):
