@@ -135,8 +135,10 @@ def test_each_data_kind_hands_out_the_pieces(tmp_path, kind):
         data = open_data("digits", 1, 8)
     else:
         data = open_data(str(make_folder(tmp_path / "images", per_class=9)), 3, 8, "basic", 2)
-    for whole, *pieces in zip(data.train_batches(7, 3, 2), data.train_batches(7, 3, 2, 0, 2),
-                              data.train_batches(7, 3, 2, 1, 2)):
+    # one loader at a time (each with its own worker processes), then compared
+    whole_run, *piece_runs = (list(data.train_batches(7, 3, 2, *share))
+                              for share in ((), (0, 2), (1, 2)))
+    for whole, *pieces in zip(whole_run, *piece_runs, strict=True):
         for index in (0, 1):  # inputs, targets
             assert torch.equal(torch.cat([p[index] for p in pieces]), whole[index])
     val = [torch.cat([b[1] for b in data.val_batches(5, rank, 3)]) for rank in range(3)]
