@@ -74,7 +74,7 @@ from torch.fx import GraphModule, Node
 
 from archc.errors import ArchcError
 from archc.ir.analysis import complexity_report, module_complexity, module_macs
-from archc.ir.channels import ChannelGraph, ChannelGroup, analyze_channels
+from archc.ir.channels import STATISTIC, ChannelGraph, ChannelGroup, analyze_channels
 from archc.ir.graph import attribute, copy_module
 from archc.ir.ops import BN_MODULES, CONV_MODULES
 from archc.ir.shapes import has_shapes, node_shape
@@ -315,7 +315,8 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
     skipped_no_bn = normalized = 0
     fixed: dict[str, int] = {}
     for group in cg.groups:
-        if group.fixed and not group.fixed.startswith(("model input", "model output")):
+        if group.fixed and not group.fixed.startswith(("model input", "model output",
+                                                       STATISTIC)):
             reason = group.fixed.split(" (")[0]
             fixed[reason] = fixed.get(reason, 0) + 1
         if group.fixed or (group.parts and group.index not in pieces_of) or group.size < 2 \

@@ -129,9 +129,10 @@ NORM_PARTS = "a GroupNorm normalizes a concatenated, split or shuffled group"
 UNSUPPORTED = "an op the channel analysis does not model touches these channels"
 HEADS = "attention scores: one per head (heads keep their count; their dims are pruned)"
 PADDED = "constant channels a pad adds"
+STATISTIC = "a mean or variance over the channels: one value per position"
 _PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHUFFLE_GROUPS, SHUFFLE_SIZES,
              SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, NORM_PARTS, SIZE_READ, HEADS, PADDED,
-             UNSUPPORTED)
+             STATISTIC, UNSUPPORTED)
 
 # Ops that map channel c of every operand to channel c of the result; modules by exact type (a
 # subclass may compute something else).
@@ -142,6 +143,7 @@ _ELEMENTWISE = {
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
     operator.add, operator.sub, operator.mul, operator.iadd, operator.isub, operator.imul,
     operator.neg, torch.add, torch.sub, torch.mul, torch.neg, torch.clamp, F.dropout,
+    operator.pow, torch.pow, torch.sqrt, torch.rsqrt, "pow", "sqrt", "rsqrt",
     F.dropout1d, F.dropout2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
     "add", "sub", "mul", "add_", "sub_", "mul_", "neg", "relu_", "clamp", "clamp_min",
@@ -153,6 +155,8 @@ _SCALE_OR_SHIFT = {
     **dict.fromkeys((operator.add, operator.sub, operator.iadd, operator.isub, torch.add,
                      torch.sub, "add", "sub", "add_", "sub_"), "shift"),
 }
+# reductions that, over the channels with keepdim, are a norm's statistics (`statistic`)
+_STATISTICS = (torch.mean, "mean", torch.var, "var", torch.std, "std")
 _HARMLESS_ATTRIBUTES = {"dtype", "device", "ndim", "is_cuda", "layout"}
 # shape-only views a per-channel constant may pass through (`gamma.view(1, -1, 1, 1)`)
 _CONSTANT_VIEWS = {*RESHAPES, torch.unsqueeze, torch.squeeze, torch.flatten, "unsqueeze",
@@ -182,8 +186,8 @@ _RULES: dict[object, str] = {
     **dict.fromkeys((torch.transpose, torch.permute, "transpose", "permute"), "transpose"),
     **dict.fromkeys((nn.ChannelShuffle, torch.channel_shuffle, torch.native_channel_shuffle,
                      F.channel_shuffle), "shuffle"),
-    **dict.fromkeys((torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax",
-                     "amin"), "reduction"),
+    **dict.fromkeys((torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std, "mean",
+                     "sum", "amax", "amin", "var", "std"), "reduction"),
     **dict.fromkeys((builtins.getattr, "size", "dim"), "metadata"),
 }
 
@@ -909,7 +913,12 @@ class _Builder:
         dims = arg(node, 1, "dim")
         dims = [dims] if isinstance(dims, int) else list(dims or [])
         dims = [normal_dim(d, len(shape)) for d in dims]
-        keep = bool(arg(node, 2, "keepdim", False))
+        if target in _STATISTICS[2:]:  # var and std: (x, dim, unbiased, keepdim) positionally
+            keep = bool(node.kwargs.get("keepdim", node.args[3] if len(node.args) > 3 else False))
+        else:
+            keep = bool(arg(node, 2, "keepdim", False))
+        if keep and dims == [self.dim(x)] and target in _STATISTICS:
+            return self.statistic(node, x)
         dim = None if not dims or None in dims or 0 in dims else reduced_dim(dims, keep,
                                                                              self.dim(x))
         if dim is None or _channel_shape(node) is None:
@@ -917,6 +926,16 @@ class _Builder:
         if dim != 1:
             self.dims[node] = dim
         self.tie(x, node)
+
+    def statistic(self, node: Node, x: Node) -> None:
+        """`x.mean(1, keepdim=True)`, a variance likewise: a hand-written norm's statistics span
+        x's group (`normalized`, as a LayerNorm's); the one-channel result is fixed and broadcasts
+        over the channels where it is used (`x - u`, `x / sqrt(s + eps)`)."""
+        if self.dim(x) != 1:
+            self.dims[node] = self.dim(x)
+        self.role("normalized", node, x)
+        self.fix([node], STATISTIC)
+        self.role("producers", node, node)
 
     def metadata(self, node: Node, target) -> None:
         """`x.size()`, `x.shape`, `x.dim()`, `x.dtype`: only the channel count matters."""
