@@ -162,7 +162,12 @@ def inferred_input_shape(gm: GraphModule) -> tuple[int, ...] | None:
 
 
 def check_example(gm: GraphModule, example: torch.Tensor, source: str) -> None:
-    """One-line errors for an example input the model cannot take (`--input-shape`)."""
+    """One-line errors for a model of several inputs and an example input the model cannot
+    take (`--input-shape`)."""
+    inputs = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(inputs) > 1:  # a class or timestep index beside the image (nn.Embedding)
+        raise CheckpointError(f"{source}: the model takes {len(inputs)} inputs "
+                              f"({', '.join(inputs)}); archc reads models of one input tensor")
     found = first_layer(gm)
     shape = "x".join(map(str, example.shape))
     if found is not None:

@@ -235,6 +235,18 @@ def test_refusal(case):
     assert group.fixed.startswith(reason) and "\n" not in group.fixed
 
 
+def test_a_model_with_a_label_input_is_refused_by_the_cli(tmp_path, capsys):
+    """The embedding's model takes the labels as a second input: `archc prune` says so in one
+    line (the analysis alone, given both inputs, fixes the embedded group: `test_refusal`)."""
+    source = tmp_path / "m.pt2"
+    model = LabelEmbedding().eval()
+    torch.export.save(torch.export.export(model, (random_input((2, 3, 8, 8), 0),
+                                                  torch.tensor([1, 7]))), str(source))
+    assert main(["prune", str(source), "--ratio", "0.5", "-o", str(tmp_path / "p.pt2")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "the model takes 2 inputs" in error and "\n" not in error
+
+
 @pytest.mark.parametrize("middle, note", [
     (nn.GroupNorm(1, 8), "a GroupNorm with one group normalizes all these channels together"),
     (nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=2), nn.GroupNorm(2, 8)),
