@@ -127,6 +127,23 @@ def test_pickled_super_resolution_prunes_to_a_mac_target(tmp_path, capsys):
     assert program(random_input(SHAPE, 3)).shape == (2, 3, 32, 32)
 
 
+def test_round_to_holds_on_both_sides_of_a_pixel_shuffle():
+    """round_to applies to the coarse group (the unit); the fine side, r² = 4 channels per
+    coarse one, is then a multiple too, and whole blocks go: every conv width in the
+    super-resolution net is a multiple of 8 but those reading or writing the image (its 3
+    channels, 12 unshuffled, 3 + 8 concatenated)."""
+    example = random_input(SHAPE, 0)
+    gm = _graph("super_resolution", "trace", example).float()
+    pruned = prune(gm, example, PruneConfig(0.5, round_to=8)).graph_module
+    widths = {(name, side): getattr(m, f"{side}_channels") for name, m in
+              pruned.named_modules() if isinstance(m, nn.Conv2d) for side in ("in", "out")}
+    assert {key for key, w in widths.items() if w % 8} == {
+        ("conv_first", "in"), ("refine", "in"), ("refine", "out")}
+    modules = dict(pruned.named_modules())
+    assert modules["upsample.0"].out_channels == 4 * modules["upsample.3"].in_channels
+    assert modules["upsample.3"].in_channels % 8 == 0 and modules["upsample.3"].in_channels < 16
+
+
 def test_pixel_unshuffle_modules_prune_exactly():
     """nn.PixelUnshuffle -> conv -> nn.PixelShuffle between two convs: both coarse groups and the
     fine one in between are pruned (dead channels, float64); the fine group's conv loses whole
