@@ -107,6 +107,7 @@ from archc.ir.ops import (
     MAX_POOL_MODULES,
     RESHAPES,
     node_target,
+    op_kind,
     reshape_sizes,
 )
 from archc.ir.shapes import node_shape, propagate_shapes
@@ -429,9 +430,13 @@ class _Builder:
             self.role("producers", node, node)
 
     def unsupported(self, node: Node, what: str = "") -> None:
+        """Fix what `node` touches, the reason naming the op: `...: Embedding (embed)`,
+        `...: aten.roll.default (roll)`, or what about it is not modelled, `...: reduction over
+        the channels (Tensor.sum at sum_1)`."""
         target = node_target(self.gm, node)
-        what = what or getattr(target, "__name__", str(target))
-        self.opaque(node, f"{UNSUPPORTED}: {what} ({node.name})")
+        op = str(target) if isinstance(target, torch._ops.OpOverload) else op_kind(self.gm, node)
+        self.opaque(node, f"{UNSUPPORTED}: {what} ({op} at {node.name})" if what else
+                    f"{UNSUPPORTED}: {op} ({node.name})")
 
     # ---- rules, one per kind of op ----
 
@@ -687,6 +692,8 @@ class _Builder:
 
     def cat(self, node: Node, target=None) -> None:
         tensors = arg(node, 0, "tensors")
+        if not isinstance(tensors, (tuple, list)):  # `cat(x.split(4, 1))`: a list node
+            return self.unsupported(node, "cat of a list computed in the graph")
         out = _channel_shape(node)
         if out is None or not all(map(_channel_shape, tensors)) \
                 or not self.same_dim(node, tensors):

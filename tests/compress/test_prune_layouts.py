@@ -154,6 +154,12 @@ class Block(nn.Module):
         return self.head(self.tail(self, self.conv(x)))
 
 
+class _Bare(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Parameter(torch.randn(1, 8, 1, 1))
+
+
 def _conv_group(model: nn.Module):
     gm = torch.fx.symbolic_trace(model.eval())
     graph = analyze_channels(gm, (torch.randn(2, 3, 8, 8),))
@@ -178,13 +184,26 @@ def _conv_group(model: nn.Module):
      .permute(0, 3, 1, 2), None, "pixel_shuffle on a tensor with its channels on dim 3"),
     (lambda m, y: y[:, None][:, 0], None, "indexing"),
     (lambda m, y: y + y.permute(0, 3, 1, 2), None, "operands with their channels on different"),
+    (lambda m, y: m.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), nn.Conv2d(8, 8, 1),
+     "Conv2d on a tensor with its channels on dim 3"),
+    (lambda m, y: torch.cat([y, y.permute(0, 2, 3, 1)], 1)[:, :8], None, "cat (cat)"),
+    (lambda m, y: y / torch.sigmoid(y), None, "division by a tensor"),
+    (lambda m, y: y * m.norm.c + m.norm.c, _Bare(), "constant tensor"),
+    (lambda m, y: torch.cat(y.split(4, 1), 1), None, "split used as a whole"),
+    (lambda m, y: y.split(8, 1)[0], None, "split into one or empty pieces"),
+    (lambda m, y: torch.cat([y[:, 4:4], y], 1), None, "empty channel slice"),
+    (lambda m, y: (y.flatten(2) @ torch.ones(64, 64)).view(2, 8, 8, 8), None,
+     "matmul of these ranks"),
+    (lambda m, y: y.mT.mT, None, "attribute mT"),
+    (lambda m, y: torch.roll(y, 1, 1), None, "roll (roll)"),
     (lambda m, y: y - y.sum(1, keepdim=True), None, "reduction over the channels"),
     (lambda m, y: y * y.mean(1)[:, None], None, "reduction over the channels"),
 ])
 def test_ops_the_analysis_cannot_follow_fix_their_channels(tail, norm, message):
+    """Each reason names the op and its node, in one line: `...: what (op at node)`."""
     group = _conv_group(Block(tail, norm))
     assert group.fixed.startswith(channels.UNSUPPORTED) and message in group.fixed
-    assert "\n" not in group.fixed
+    assert "\n" not in group.fixed and group.fixed.endswith(")")
 
 
 @pytest.mark.parametrize("stats", [
@@ -202,6 +221,23 @@ def test_a_hand_written_channels_first_norm_normalizes_its_group(stats):
     group = graph.of(next(n for n in gm.graph.nodes if n.target == "conv"))
     assert not group.fixed and len(group.normalized) == 2
     assert {g.fixed for g in graph.groups if g.size == 1} == {channels.STATISTIC}
+
+
+def test_a_cat_of_a_list_the_graph_computes_is_refused():
+    gm = torch.fx.symbolic_trace(Block(lambda m, y: torch.cat(y.split(4, 1), 1)).eval())
+    graph = analyze_channels(gm, (torch.randn(2, 3, 8, 8),))
+    cat = next(n for n in gm.graph.nodes if n.target is torch.cat)
+    assert graph.of(cat).fixed == (f"{channels.UNSUPPORTED}: cat of a list computed in the graph "
+                                   f"(cat at cat)")
+
+
+def test_an_aten_op_of_a_program_is_named_in_its_refusal():
+    model = Block(lambda m, y: torch.roll(y, 1, 1)).eval()
+    example = torch.randn(2, 3, 8, 8)
+    gm = lift_aten_graph(torch.export.export(model, (example,)).module())
+    graph = analyze_channels(gm, (example,))
+    roll = next(n for n in gm.graph.nodes if "roll" in n.name)
+    assert graph.of(roll).fixed == f"{channels.UNSUPPORTED}: aten.roll.default ({roll.name})"
 
 
 def test_a_reshape_that_merges_the_channels_with_other_dims_is_refused():
