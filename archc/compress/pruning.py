@@ -15,7 +15,9 @@ shuffles it refuses) are left alone.
 Channels-last blocks (ConvNeXt) prune the same way: the analysis follows the channels through
 permutes, so a Linear on the last dim is a producer/consumer like a 1x1 conv, and a LayerNorm over
 the channels and a layer scale gamma [C] are channelwise members (weight, bias and gamma lose the
-removed entries). A LayerNorm's mean and variance run over all the channels of its group
+removed entries); so are the per-channel weight and bias of a LayerNorm written out by hand over
+dim 1 (the original ConvNeXt's `x.mean(1, keepdim=True)` ...), whose statistics normalize the group
+as a LayerNorm's do. A LayerNorm's mean and variance run over all the channels of its group
 (`ChannelGroup.normalized`), so removing any of them, even a dead one, changes its output: such
 groups are pruned as Torch-Pruning prunes them (the note says how many; fine-tune afterwards), or
 left whole with `keep_normalized`, and exactness holds for every other group.
@@ -39,7 +41,8 @@ How many to keep: per layer, each group keeps ceil((1 - ratio) * size) channels;
 `global_threshold` the scores are normalized per group (l1/l2 divided by the group's largest,
 bn-scale and random taken as they are) and one threshold over all groups removes `ratio` of all
 prunable channels. Every group keeps at least one unit, and its kept count is rounded up to a
-multiple of `round_to` (and of the grouped convs' segment count).
+multiple of `round_to` (and of the grouped convs' segment count); a composite follows its leaves,
+so a pixel shuffle's fine side, r² channels per kept coarse one, is a multiple too.
 
 GroupNorm (G groups of C/G channels) is pruned by whole groups, its group count decreasing: a
 channel removed from inside a group would change that group's mean and variance, so only removing
