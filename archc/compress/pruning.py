@@ -484,6 +484,11 @@ def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):
     shape = tuple(example_input.shape)
     recorded = has_shapes(gm) and next(
         (node_shape(n) for n in gm.graph.nodes if n.op == "placeholder"), None)
+    inputs = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(inputs) > 1 and not recorded:  # labels or a timestep beside the image
+        raise PruneError(f"the model takes {len(inputs)} inputs ({', '.join(inputs)}) and prune "
+                         f"one example: record the shapes of all first "
+                         f"(archc.ir.shapes.propagate_shapes)")
     before = complexity_report(
         gm, None if recorded and recorded[1:] == shape[1:] else shape).total
     cg = analyze_channels(gm)

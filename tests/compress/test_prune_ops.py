@@ -252,6 +252,18 @@ def test_refusal(case):
     assert group.fixed.startswith(reason) and "\n" not in group.fixed
 
 
+def test_pruning_a_model_with_a_label_input_names_what_it_lacks():
+    """Without the shapes of both inputs prune says it has one example; with them, the embedded
+    group is fixed and the error names nn.Embedding."""
+    x, labels = random_input((2, 3, 8, 8), 0), torch.tensor([1, 7])
+    gm = torch.fx.symbolic_trace(LabelEmbedding().eval())
+    with pytest.raises(PruneError, match=r"takes 2 inputs \(x, labels\)"):
+        prune(gm, x, PruneConfig(0.5))
+    propagate_shapes(gm, (x, labels))
+    with pytest.raises(PruneError, match=f"{channels.UNSUPPORTED}: Embedding$"):
+        prune(gm, x, PruneConfig(0.5))
+
+
 def test_a_model_with_a_label_input_is_refused_by_the_cli(tmp_path, capsys):
     """The embedding's model takes the labels as a second input: `archc prune` says so in one
     line (the analysis alone, given both inputs, fixes the embedded group: `test_refusal`)."""
