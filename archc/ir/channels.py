@@ -22,7 +22,9 @@ and one channel order, so that pruning or padding edits a whole group at once.
   is an elementwise op reading a per-channel constant (`constants`: a layer scale, a bare
   [1, C, 1, 1] parameter, a position embedding [1, C, H, W], or a [C] vector through views adding
   size-1 dims, on whichever dim holds the channels). A LayerNorm's statistics span the group
-  (`normalized`: no removal there is exact); a GroupNorm's group count goes to `norm_groups`: its
+  (`normalized`: no removal there is exact), and so do a mean or variance over the channel dim
+  with keepdim (a LayerNorm written out by hand; their one-channel result is `STATISTIC`); a
+  GroupNorm's group count goes to `norm_groups`: its
   group changes by whole norm groups only. BN, GroupNorm, PReLU, pixel shuffles and convs read
   their channels on dim 1.
 - Attention: a reshape splitting the channels into heads, [.., h d, ..] -> [.., h, d, ..], makes
