@@ -24,9 +24,8 @@ and one channel order, so that pruning or padding edits a whole group at once.
   size-1 dims, on whichever dim holds the channels). A LayerNorm's statistics span the group
   (`normalized`: no removal there is exact), and so do a mean or variance over the channel dim
   with keepdim (a LayerNorm written out by hand; their one-channel result is `STATISTIC`); a
-  GroupNorm's group count goes to `norm_groups`: its
-  group changes by whole norm groups only. BN, GroupNorm, PReLU, pixel shuffles and convs read
-  their channels on dim 1.
+  GroupNorm's group count goes to `norm_groups`: its group changes by whole norm groups only.
+  BN, GroupNorm, PReLU, pixel shuffles and convs read their channels on dim 1.
 - Attention: a reshape splitting the channels into heads, [.., h d, ..] -> [.., h, d, ..], makes
   its input h lockstep segments of its result's group (every head keeps the same dims, as a
   shuffle's input below); merging heads back is the reverse. `q @ k.T` ties q's and k's channels
