@@ -6,7 +6,8 @@
   back to modules: `aten.conv{1,2,3}d(x, W, b, s, p, d, g)` -> `nn.ConvNd`, `aten.linear` ->
   `nn.Linear`, an affine `aten.group_norm` -> `nn.GroupNorm`; parameters keep their names.
   Functional aten ops become the torch functions a traced module calls (`ATEN_TO_TORCH`:
-  `aten.add.Tensor` -> `torch.add`, ...), `aten.slice` the indexing `x[:, a:b]`. aten BatchNorm
+  `aten.add.Tensor` -> `torch.add`, ...), `aten.slice` the indexing `x[:, a:b]`,
+  `aten.upsample_nearest2d.vec` and the other upsamples `F.interpolate`. aten BatchNorm
   and in-place ops are brought to the same form as a traced module's by `canonicalize`.
 - a whole pickled `nn.Module` (`torch.save(model)`): unpickling runs arbitrary code, so it is read
   only with an explicit `trust_pickle=True` (`--trust-pickle`); then traced with `symbolic_trace`.
@@ -161,7 +162,12 @@ def inferred_input_shape(gm: GraphModule) -> tuple[int, ...] | None:
 
 
 def check_example(gm: GraphModule, example: torch.Tensor, source: str) -> None:
-    """One-line errors for an example input the model cannot take (`--input-shape`)."""
+    """One-line errors for a model of several inputs and an example input the model cannot
+    take (`--input-shape`)."""
+    inputs = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(inputs) > 1:  # a class or timestep index beside the image (nn.Embedding)
+        raise CheckpointError(f"{source}: the model takes {len(inputs)} inputs "
+                              f"({', '.join(inputs)}); archc reads models of one input tensor")
     found = first_layer(gm)
     shape = "x".join(map(str, example.shape))
     if found is not None:
@@ -346,6 +352,8 @@ def lift_aten_graph(exported: nn.Module) -> GraphModule:
             node.target = ATEN_TO_TORCH[node.target]
         elif node.op == "call_function" and node.target == torch.ops.aten.slice.Tensor:
             _as_indexing(node)
+        elif node.op == "call_function" and node.target in _UPSAMPLES:
+            _as_interpolate(node)
         elif node.op == "call_function" and node.target == torch.ops.aten.linear.default:
             weight, bias = _attr(exported, node.args[1]), _attr(exported, _arg(node, 2))
             module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -366,6 +374,31 @@ def lift_aten_graph(exported: nn.Module) -> GraphModule:
     gm = GraphModule(root, graph)
     gm.graph.lint()
     return gm.eval()
+
+
+# aten.upsample_*.vec overloads -> the `F.interpolate` mode that decomposes to each; the linear
+# modes take align_corners before the scales
+_UPSAMPLES = {
+    **{getattr(_ATEN, f"upsample_nearest{n}d").vec: "nearest" for n in (1, 2, 3)},
+    **{getattr(_ATEN, f"_upsample_nearest_exact{n}d").vec: "nearest-exact" for n in (1, 2, 3)},
+    _ATEN.upsample_linear1d.vec: "linear", _ATEN.upsample_bilinear2d.vec: "bilinear",
+    _ATEN.upsample_trilinear3d.vec: "trilinear", _ATEN.upsample_bicubic2d.vec: "bicubic",
+}
+
+
+def _as_interpolate(node: Node) -> None:
+    """`aten.upsample_bilinear2d.vec(x, size, align_corners, scales)` (nearest: no
+    align_corners) -> `F.interpolate(x, size, scales, mode, align_corners)`, as traced code
+    calls it."""
+    mode = _UPSAMPLES[node.target]
+    if mode.startswith("nearest"):
+        (x, size, scales), align_corners = node.args[:3], None
+    else:
+        x, size, align_corners, scales = node.args[:4]
+    node.target = torch.nn.functional.interpolate
+    node.args = (x,)
+    node.kwargs = {"size": size, "scale_factor": scales, "mode": mode,
+                   "align_corners": align_corners}
 
 
 def _as_indexing(node: Node) -> None:

@@ -15,7 +15,9 @@ shuffles it refuses) are left alone.
 Channels-last blocks (ConvNeXt) prune the same way: the analysis follows the channels through
 permutes, so a Linear on the last dim is a producer/consumer like a 1x1 conv, and a LayerNorm over
 the channels and a layer scale gamma [C] are channelwise members (weight, bias and gamma lose the
-removed entries). A LayerNorm's mean and variance run over all the channels of its group
+removed entries); so are the per-channel weight and bias of a LayerNorm written out by hand over
+dim 1 (the original ConvNeXt's `x.mean(1, keepdim=True)` ...), whose statistics normalize the group
+as a LayerNorm's do. A LayerNorm's mean and variance run over all the channels of its group
 (`ChannelGroup.normalized`), so removing any of them, even a dead one, changes its output: such
 groups are pruned as Torch-Pruning prunes them (the note says how many; fine-tune afterwards), or
 left whole with `keep_normalized`, and exactness holds for every other group.
@@ -39,7 +41,8 @@ How many to keep: per layer, each group keeps ceil((1 - ratio) * size) channels;
 `global_threshold` the scores are normalized per group (l1/l2 divided by the group's largest,
 bn-scale and random taken as they are) and one threshold over all groups removes `ratio` of all
 prunable channels. Every group keeps at least one unit, and its kept count is rounded up to a
-multiple of `round_to` (and of the grouped convs' segment count).
+multiple of `round_to` (and of the grouped convs' segment count); a composite follows its leaves,
+so a pixel shuffle's fine side, r² channels per kept coarse one, is a multiple too.
 
 GroupNorm (G groups of C/G channels) is pruned by whole groups, its group count decreasing: a
 channel removed from inside a group would change that group's mean and variance, so only removing
@@ -74,7 +77,7 @@ from torch.fx import GraphModule, Node
 
 from archc.errors import ArchcError
 from archc.ir.analysis import complexity_report, module_complexity, module_macs
-from archc.ir.channels import ChannelGraph, ChannelGroup, analyze_channels
+from archc.ir.channels import STATISTIC, ChannelGraph, ChannelGroup, analyze_channels
 from archc.ir.graph import attribute, copy_module
 from archc.ir.ops import BN_MODULES, CONV_MODULES
 from archc.ir.shapes import has_shapes, node_shape
@@ -315,7 +318,8 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
     skipped_no_bn = normalized = 0
     fixed: dict[str, int] = {}
     for group in cg.groups:
-        if group.fixed and not group.fixed.startswith(("model input", "model output")):
+        if group.fixed and not group.fixed.startswith(("model input", "model output",
+                                                       STATISTIC)):
             reason = group.fixed.split(" (")[0]
             fixed[reason] = fixed.get(reason, 0) + 1
         if group.fixed or (group.parts and group.index not in pieces_of) or group.size < 2 \
@@ -480,6 +484,11 @@ def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):
     shape = tuple(example_input.shape)
     recorded = has_shapes(gm) and next(
         (node_shape(n) for n in gm.graph.nodes if n.op == "placeholder"), None)
+    inputs = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(inputs) > 1 and not recorded:  # labels or a timestep beside the image
+        raise PruneError(f"the model takes {len(inputs)} inputs ({', '.join(inputs)}) and prune "
+                         f"one example: record the shapes of all first "
+                         f"(archc.ir.shapes.propagate_shapes)")
     before = complexity_report(
         gm, None if recorded and recorded[1:] == shape[1:] else shape).total
     cg = analyze_channels(gm)

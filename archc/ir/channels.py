@@ -22,9 +22,10 @@ and one channel order, so that pruning or padding edits a whole group at once.
   is an elementwise op reading a per-channel constant (`constants`: a layer scale, a bare
   [1, C, 1, 1] parameter, a position embedding [1, C, H, W], or a [C] vector through views adding
   size-1 dims, on whichever dim holds the channels). A LayerNorm's statistics span the group
-  (`normalized`: no removal there is exact); a GroupNorm's group count goes to `norm_groups`: its
-  group changes by whole norm groups only. BN, GroupNorm, PReLU, pixel shuffles and convs read
-  their channels on dim 1.
+  (`normalized`: no removal there is exact), and so do a mean or variance over the channel dim
+  with keepdim (a LayerNorm written out by hand; their one-channel result is `STATISTIC`); a
+  GroupNorm's group count goes to `norm_groups`: its group changes by whole norm groups only.
+  BN, GroupNorm, PReLU, pixel shuffles and convs read their channels on dim 1.
 - Attention: a reshape splitting the channels into heads, [.., h d, ..] -> [.., h, d, ..], makes
   its input h lockstep segments of its result's group (every head keeps the same dims, as a
   shuffle's input below); merging heads back is the reverse. `q @ k.T` ties q's and k's channels
@@ -107,6 +108,7 @@ from archc.ir.ops import (
     MAX_POOL_MODULES,
     RESHAPES,
     node_target,
+    op_kind,
     reshape_sizes,
 )
 from archc.ir.shapes import node_shape, propagate_shapes
@@ -129,9 +131,10 @@ NORM_PARTS = "a GroupNorm normalizes a concatenated, split or shuffled group"
 UNSUPPORTED = "an op the channel analysis does not model touches these channels"
 HEADS = "attention scores: one per head (heads keep their count; their dims are pruned)"
 PADDED = "constant channels a pad adds"
+STATISTIC = "a mean or variance over the channels: one value per position"
 _PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHUFFLE_GROUPS, SHUFFLE_SIZES,
              SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, NORM_PARTS, SIZE_READ, HEADS, PADDED,
-             UNSUPPORTED)
+             STATISTIC, UNSUPPORTED)
 
 # Ops that map channel c of every operand to channel c of the result; modules by exact type (a
 # subclass may compute something else).
@@ -142,6 +145,7 @@ _ELEMENTWISE = {
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
     operator.add, operator.sub, operator.mul, operator.iadd, operator.isub, operator.imul,
     operator.neg, torch.add, torch.sub, torch.mul, torch.neg, torch.clamp, F.dropout,
+    operator.pow, torch.pow, torch.sqrt, torch.rsqrt, "pow", "sqrt", "rsqrt",
     F.dropout1d, F.dropout2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
     "add", "sub", "mul", "add_", "sub_", "mul_", "neg", "relu_", "clamp", "clamp_min",
@@ -153,6 +157,8 @@ _SCALE_OR_SHIFT = {
     **dict.fromkeys((operator.add, operator.sub, operator.iadd, operator.isub, torch.add,
                      torch.sub, "add", "sub", "add_", "sub_"), "shift"),
 }
+# reductions that, over the channels with keepdim, are a norm's statistics (`statistic`)
+_STATISTICS = (torch.mean, "mean", torch.var, "var", torch.std, "std")
 _HARMLESS_ATTRIBUTES = {"dtype", "device", "ndim", "is_cuda", "layout"}
 # shape-only views a per-channel constant may pass through (`gamma.view(1, -1, 1, 1)`)
 _CONSTANT_VIEWS = {*RESHAPES, torch.unsqueeze, torch.squeeze, torch.flatten, "unsqueeze",
@@ -182,8 +188,8 @@ _RULES: dict[object, str] = {
     **dict.fromkeys((torch.transpose, torch.permute, "transpose", "permute"), "transpose"),
     **dict.fromkeys((nn.ChannelShuffle, torch.channel_shuffle, torch.native_channel_shuffle,
                      F.channel_shuffle), "shuffle"),
-    **dict.fromkeys((torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax",
-                     "amin"), "reduction"),
+    **dict.fromkeys((torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std, "mean",
+                     "sum", "amax", "amin", "var", "std"), "reduction"),
     **dict.fromkeys((builtins.getattr, "size", "dim"), "metadata"),
 }
 
@@ -425,9 +431,13 @@ class _Builder:
             self.role("producers", node, node)
 
     def unsupported(self, node: Node, what: str = "") -> None:
+        """Fix what `node` touches, the reason naming the op: `...: Embedding (embed)`,
+        `...: aten.roll.default (roll)`, or what about it is not modelled, `...: reduction over
+        the channels (Tensor.sum at sum_1)`."""
         target = node_target(self.gm, node)
-        what = what or getattr(target, "__name__", str(target))
-        self.opaque(node, f"{UNSUPPORTED}: {what} ({node.name})")
+        op = str(target) if isinstance(target, torch._ops.OpOverload) else op_kind(self.gm, node)
+        self.opaque(node, f"{UNSUPPORTED}: {what} ({op} at {node.name})" if what else
+                    f"{UNSUPPORTED}: {op} ({node.name})")
 
     # ---- rules, one per kind of op ----
 
@@ -683,6 +693,8 @@ class _Builder:
 
     def cat(self, node: Node, target=None) -> None:
         tensors = arg(node, 0, "tensors")
+        if not isinstance(tensors, (tuple, list)):  # `cat(x.split(4, 1))`: a list node
+            return self.unsupported(node, "cat of a list computed in the graph")
         out = _channel_shape(node)
         if out is None or not all(map(_channel_shape, tensors)) \
                 or not self.same_dim(node, tensors):
@@ -909,7 +921,12 @@ class _Builder:
         dims = arg(node, 1, "dim")
         dims = [dims] if isinstance(dims, int) else list(dims or [])
         dims = [normal_dim(d, len(shape)) for d in dims]
-        keep = bool(arg(node, 2, "keepdim", False))
+        if target in _STATISTICS[2:]:  # var and std: (x, dim, unbiased, keepdim) positionally
+            keep = bool(node.kwargs.get("keepdim", node.args[3] if len(node.args) > 3 else False))
+        else:
+            keep = bool(arg(node, 2, "keepdim", False))
+        if keep and dims == [self.dim(x)] and target in _STATISTICS:
+            return self.statistic(node, x)
         dim = None if not dims or None in dims or 0 in dims else reduced_dim(dims, keep,
                                                                              self.dim(x))
         if dim is None or _channel_shape(node) is None:
@@ -917,6 +934,16 @@ class _Builder:
         if dim != 1:
             self.dims[node] = dim
         self.tie(x, node)
+
+    def statistic(self, node: Node, x: Node) -> None:
+        """`x.mean(1, keepdim=True)`, a variance likewise: a hand-written norm's statistics span
+        x's group (`normalized`, as a LayerNorm's); the one-channel result is fixed and broadcasts
+        over the channels where it is used (`x - u`, `x / sqrt(s + eps)`)."""
+        if self.dim(x) != 1:
+            self.dims[node] = self.dim(x)
+        self.role("normalized", node, x)
+        self.fix([node], STATISTIC)
+        self.role("producers", node, node)
 
     def metadata(self, node: Node, target) -> None:
         """`x.size()`, `x.shape`, `x.dim()`, `x.dtype`: only the channel count matters."""

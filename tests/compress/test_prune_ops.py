@@ -92,6 +92,7 @@ def test_dead_channels_pruned_exactly(name, route):
         "face_net": {"conv1.prelu.weight", "conv_3.conv.prelu.weight"},
         "metaformer": {"pos_embed", "down_bias", "stage1.layer_scale_1",
                        "stage2.layer_scale_2"},
+        "fpn_unet": set(),  # convs and BatchNorms only: the MACs and the outputs tell
     }[name]
     assert expected <= halved, (halved, expected)
     for key in halved:
@@ -102,7 +103,8 @@ def test_dead_channels_pruned_exactly(name, route):
 
 
 @pytest.mark.slow  # two CLI runs, each exporting and verifying a program (~6 s of CPU)
-@pytest.mark.parametrize("name", ["super_resolution", "group_norm_resnet", "metaformer"])
+@pytest.mark.parametrize("name", ["super_resolution", "group_norm_resnet", "metaformer",
+                                  "fpn_unet"])
 def test_pruned_program_prunes_again(tmp_path, capsys, name):
     source, once, twice = tmp_path / "m.pt2", tmp_path / "p.pt2", tmp_path / "pp.pt2"
     torch.export.save(torch.export.export(_model(name), (random_input(SHAPE, 0),)), str(source))
@@ -123,6 +125,23 @@ def test_pickled_super_resolution_prunes_to_a_mac_target(tmp_path, capsys):
     assert 0.4 * report["macs"][0] <= report["macs"][1] <= 0.5 * report["macs"][0]
     program = torch.export.load(str(out)).module()
     assert program(random_input(SHAPE, 3)).shape == (2, 3, 32, 32)
+
+
+def test_round_to_holds_on_both_sides_of_a_pixel_shuffle():
+    """round_to applies to the coarse group (the unit); the fine side, r² = 4 channels per
+    coarse one, is then a multiple too, and whole blocks go: every conv width in the
+    super-resolution net is a multiple of 8 but those reading or writing the image (its 3
+    channels, 12 unshuffled, 3 + 8 concatenated)."""
+    example = random_input(SHAPE, 0)
+    gm = _graph("super_resolution", "trace", example).float()
+    pruned = prune(gm, example, PruneConfig(0.5, round_to=8)).graph_module
+    widths = {(name, side): getattr(m, f"{side}_channels") for name, m in
+              pruned.named_modules() if isinstance(m, nn.Conv2d) for side in ("in", "out")}
+    assert {key for key, w in widths.items() if w % 8} == {
+        ("conv_first", "in"), ("refine", "in"), ("refine", "out")}
+    modules = dict(pruned.named_modules())
+    assert modules["upsample.0"].out_channels == 4 * modules["upsample.3"].in_channels
+    assert modules["upsample.3"].in_channels % 8 == 0 and modules["upsample.3"].in_channels < 16
 
 
 def test_pixel_unshuffle_modules_prune_exactly():
@@ -231,6 +250,30 @@ def test_refusal(case):
     graph = analyze_channels(gm, inputs)
     group = next(g for g in graph.groups if any(str(n.target) == where for n in g.tensors))
     assert group.fixed.startswith(reason) and "\n" not in group.fixed
+
+
+def test_pruning_a_model_with_a_label_input_names_what_it_lacks():
+    """Without the shapes of both inputs prune says it has one example; with them, the embedded
+    group is fixed and the error names nn.Embedding."""
+    x, labels = random_input((2, 3, 8, 8), 0), torch.tensor([1, 7])
+    gm = torch.fx.symbolic_trace(LabelEmbedding().eval())
+    with pytest.raises(PruneError, match=r"takes 2 inputs \(x, labels\)"):
+        prune(gm, x, PruneConfig(0.5))
+    propagate_shapes(gm, (x, labels))
+    with pytest.raises(PruneError, match=f"{channels.UNSUPPORTED}: Embedding$"):
+        prune(gm, x, PruneConfig(0.5))
+
+
+def test_a_model_with_a_label_input_is_refused_by_the_cli(tmp_path, capsys):
+    """The embedding's model takes the labels as a second input: `archc prune` says so in one
+    line (the analysis alone, given both inputs, fixes the embedded group: `test_refusal`)."""
+    source = tmp_path / "m.pt2"
+    model = LabelEmbedding().eval()
+    torch.export.save(torch.export.export(model, (random_input((2, 3, 8, 8), 0),
+                                                  torch.tensor([1, 7]))), str(source))
+    assert main(["prune", str(source), "--ratio", "0.5", "-o", str(tmp_path / "p.pt2")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "the model takes 2 inputs" in error and "\n" not in error
 
 
 @pytest.mark.parametrize("middle, note", [

@@ -392,7 +392,7 @@ def test_per_channel_constants_are_channelwise_members():
     reads = [read for node in scaled.channelwise for read in graph.constants.get(node, ())]
     assert sorted(reads) == [("beta", 1, "shift"), ("gamma", 0, "scale")]
     assert _group(gm, graph, "d").fixed == (  # read twice
-        f"{channels.UNSUPPORTED}: per-channel operand of a lower rank (mul_1)")
+        f"{channels.UNSUPPORTED}: per-channel operand of a lower rank (mul at mul_1)")
     embedded = _group(gm, graph, "f")
     assert not embedded.fixed
     assert [read for node in embedded.channelwise for read in graph.constants.get(node, ())] \
