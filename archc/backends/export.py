@@ -78,27 +78,29 @@ def quiet() -> Iterator[None]:
 class _SchemaHints(types.ModuleType):
     """The `typing` module as torch's program deserializer sees it during `load_program`, with
     `get_type_hints` computed once per (class, namespaces): the deserializer asks for the hints of
-    its schema dataclasses once per serialized object (20,000 times for a ResNet-50, half of a
+    its schema dataclasses once per serialized object (10,000 times for a ResNet-50, a third of a
     load's time), and a class's hints in a fixed namespace do not change."""
 
     def __init__(self) -> None:
         super().__init__("typing")
-        self._hints: dict[tuple, dict] = {}
+        self._hints: dict[tuple, tuple] = {}  # key -> (hints, the namespaces the ids name)
 
     def __getattr__(self, name: str):
         return getattr(typing, name)
 
     def get_type_hints(self, obj, globalns=None, localns=None, include_extras=False):
         key = (obj, id(globalns), id(localns), include_extras)
-        if key not in self._hints:
-            self._hints[key] = typing.get_type_hints(obj, globalns, localns, include_extras)
-        return self._hints[key]
+        if key not in self._hints:  # holding the namespaces keeps their ids from being reused
+            hints = typing.get_type_hints(obj, globalns, localns, include_extras)
+            self._hints[key] = (hints, globalns, localns)
+        return self._hints[key][0]
 
 
 def load_program(source, extra_files: dict[str, str] | None = None):
     """`torch.export.load(source, extra_files=...)`, with the deserializer's type hints cached
     (`_SchemaHints`) for the load; where torch's serializer module has no `typing` global (another
-    torch version), a plain load."""
+    torch version), a plain load. A load that starts in another thread meanwhile finds the cache
+    in place, uses it (the same hints) and leaves it to this one to undo."""
     from torch._export.serde import serialize
 
     if getattr(serialize, "typing", None) is not typing:
