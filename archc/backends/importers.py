@@ -28,6 +28,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from archc.backends.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_bytes
+from archc.backends.export import load_program
 from archc.errors import CheckpointError, first_line
 from archc.frontend.loading import spec_from_mapping
 from archc.frontend.lower import input_shape
@@ -308,7 +309,7 @@ def _load_program(data: bytes, path: Path) -> ImportedModel:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        program = torch.export.load(io.BytesIO(data))
+        program = load_program(io.BytesIO(data))
     except Exception as exc:
         raise CheckpointError(
             f"{path}: not a loadable torch.export program ({first_line(exc)})"
