@@ -644,8 +644,8 @@ class _Builder:
         result's channels (its last dim) are the weight's columns, a channelwise member."""
         module = self.gm.get_submodule(node.target)
         out = _channel_shape(node)
-        if out is None:
-            return self.unsupported(node, "Embedding of a scalar index")
+        if out is None:  # a scalar index: one vector, no channel space (a view of it to
+            return  # [1, C, 1, 1] moves the channel dim and fixes what it meets)
         if module.max_norm is not None:  # renormalizes each looked-up row over its channels
             return self.unsupported(node, "Embedding with max_norm")
         if len(out) > 2:
