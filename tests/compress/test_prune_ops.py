@@ -464,3 +464,46 @@ def test_new_module_configs_rebuild_the_module(module):
     assert type(rebuilt) is type(module) and module_config(rebuilt) == module_config(module)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
         {k: v.shape for k, v in module.state_dict().items()}
+
+
+class Conditioned(nn.Module):
+    """A conv whose channels a label embedding shifts (`h + emb(y)`) or scales (`h * emb(y)`)."""
+
+    def __init__(self, channels_: int, classes: int, shift: bool):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, channels_, 1), nn.Conv2d(channels_, 2, 1)
+        self.embed = nn.Embedding(classes, channels_)
+        self.shift = shift
+
+    def forward(self, x, labels):
+        e = self.embed(labels)[:, :, None, None]
+        return self.b(torch.relu(self.a(x) + e if self.shift else self.a(x) * e))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(2, 8), st.integers(1, 5), st.booleans(), st.data())
+def test_embedding_columns_follow_their_channels(channels_, classes, shift, data):
+    """With random channels dead (the embedding's columns 0 there when it shifts them), removing
+    them takes the same columns out of the embedding, exactly (float64), for any labels."""
+    from archc.rewrite.channel_resize import resize_channels
+
+    gm = torch.fx.symbolic_trace(Conditioned(channels_, classes, shift)).double()
+    labels = torch.tensor(data.draw(st.lists(st.integers(0, classes - 1), min_size=2,
+                                             max_size=2)))
+    x = random_input((2, 3, 4, 4), 0).double()
+    graph = analyze_channels(gm, (x, labels))
+    group = graph.of(next(n for n in gm.graph.nodes if n.name == "embed"))
+    assert not group.fixed and group.size == channels_
+    dead = data.draw(st.lists(st.integers(0, channels_ - 1), unique=True, max_size=channels_ - 1))
+    with torch.no_grad():
+        gm.a.weight[dead] = 0
+        gm.a.bias[dead] = 0
+        if shift:
+            gm.embed.weight[:, dead] = 0
+    others = torch.tensor([classes - 1, 0])
+    expected = gm(x, labels), gm(x, others)
+    kept = torch.tensor([c for c in range(channels_) if c not in dead])
+    columns = gm.embed.weight[:, kept].clone()
+    resize_channels(gm, graph, {group.index: kept})
+    assert torch.equal(gm.embed.weight, columns) and gm.embed.embedding_dim == len(kept)
+    torch.testing.assert_close((gm(x, labels), gm(x, others)), expected, rtol=1e-12, atol=1e-12)
