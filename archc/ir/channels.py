@@ -1115,7 +1115,8 @@ class _Builder:
         for root in norms_of.keys() & chosen.keys():
             reasons.setdefault(root, []).append(NORM_PARTS)
         pieces = set().union(*pieces_of.values())
-        for root in roots:  # a safety net: no rule leaves such a group
+        for root in roots:  # no conv or Linear writes it: an Embedding's alone (a timestep MLP's
+            # input; a lookup has no rows to score), else a safety net (no other rule leaves one)
             if root not in chosen and root not in pieces and not members[root]["producers"]:
                 reasons.setdefault(root, []).append(f"{UNSUPPORTED}: no op writes these channels")
         fixed = {root: min(rs, key=_priority) for root, rs in reasons.items()}

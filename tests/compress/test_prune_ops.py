@@ -206,6 +206,19 @@ class LabelEmbedding(nn.Module):
         return self.b(self.a(x) + self.embed(labels)[:, :, None, None])
 
 
+class TimestepMLP(nn.Module):
+    """A diffusion-style timestep embedding through an MLP, added to the features: nothing but
+    the lookup writes the embedded channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.embed, self.mlp = nn.Embedding(10, 6), nn.Linear(6, 8)
+
+    def forward(self, x, labels):
+        return self.b(self.a(x) + self.mlp(F.silu(self.embed(labels)))[:, :, None, None])
+
+
 class FunctionalGroupNorm(nn.Module):
     def __init__(self):
         super().__init__()
@@ -237,6 +250,8 @@ REFUSED = {  # id -> (model, the module writing the refused group, reason)
                            f"{channels.UNSUPPORTED}: prelu with a shared or computed slope"),
     "embedding_max_norm": (LabelEmbedding(max_norm=1.0), "a",
                            f"{channels.UNSUPPORTED}: Embedding with max_norm"),
+    "embedding_read_by_a_linear_alone": (TimestepMLP(), "embed",
+                                         f"{channels.UNSUPPORTED}: no op writes these channels"),
     "constant_view_hard_codes_channels": (HardCodedScale(), "a", channels.SIZE_READ),
 }
 
@@ -245,7 +260,7 @@ REFUSED = {  # id -> (model, the module writing the refused group, reason)
 def test_refusal(case):
     model, where, reason = REFUSED[case]
     inputs = (random_input((2, 3, 8, 8), 0),)
-    if isinstance(model, LabelEmbedding):
+    if isinstance(model, (LabelEmbedding, TimestepMLP)):
         inputs += (torch.tensor([1, 7]),)
     gm = torch.fx.symbolic_trace(model)
     graph = analyze_channels(gm, inputs)
