@@ -34,8 +34,8 @@ Scores (one per channel of a group, higher is kept):
   groups without a BN are not pruned by this criterion;
 - `random`: seeded uniform scores, the control.
 A *dead* channel (every producer row and bias exactly 0, every BN mapping 0 to 0, every depthwise
-bias 0) is exactly 0 wherever it is read, so removing it preserves the output exactly; every
-criterion ranks dead channels first.
+bias 0, every Embedding's column 0) is exactly 0 wherever it is read, so removing it preserves the
+output exactly; every criterion ranks dead channels first.
 
 How many to keep: per layer, each group keeps ceil((1 - ratio) * size) channels; with
 `global_threshold` the scores are normalized per group (l1/l2 divided by the group's largest,
@@ -80,7 +80,7 @@ from archc.ir.analysis import complexity_report, module_complexity, module_macs
 from archc.ir.channels import STATISTIC, ChannelGraph, ChannelGroup, analyze_channels
 from archc.ir.graph import attribute, copy_module
 from archc.ir.ops import BN_MODULES, CONV_MODULES
-from archc.ir.shapes import has_shapes, node_shape
+from archc.ir.shapes import has_shapes, node_shape, node_value, propagate_shapes
 from archc.rewrite.channel_resize import (
     Sources,
     complete_sources,
@@ -290,6 +290,8 @@ def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelG
                 alive |= (shift != 0).numpy()
             elif isinstance(module, (*CONV_MODULES, nn.GroupNorm)) and module.bias is not None:
                 alive |= (module.bias.detach()[at] != 0).numpy()  # a dead GroupNorm group is β
+            elif isinstance(module, nn.Embedding):  # a label's row added in: its column
+                alive |= (module.weight.detach()[:, at] != 0).any(0).numpy()
             for name, axis, kind in cg.constants.get(node, ()):
                 if kind == "shift":  # a dead channel plus a constant is not dead
                     shift = attribute(gm, name).detach().index_select(axis, at)
@@ -476,28 +478,44 @@ def _keep(unit: _Unit, want: int, round_to: int) -> np.ndarray:
     return np.concatenate(kept)
 
 
-def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):
-    """(copy of gm with shapes, its channel graph, units, notes, complexity before). The copy
-    shares gm's tensors (the resize replaces modules and tensors, never writes them); shapes
-    gm has recorded for this input (the canonical pipeline's) are reused, not propagated again."""
+def _prepare(gm: GraphModule, example_input: Tensor | tuple[Tensor, ...], config: PruneConfig):
+    """(copy of gm with shapes, its channel graph, units, notes, complexity before, the inputs
+    that record its shapes). The copy shares gm's tensors (the resize replaces modules and
+    tensors, never writes them); shapes gm has recorded for this input (the canonical pipeline's)
+    are reused, not propagated again. A model of several inputs (a class or timestep label beside
+    the image) takes a tuple of examples, one per input, or its recorded shapes."""
     gm = copy_module(gm)
-    shape = tuple(example_input.shape)
-    recorded = has_shapes(gm) and next(
-        (node_shape(n) for n in gm.graph.nodes if n.op == "placeholder"), None)
-    inputs = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
-    if len(inputs) > 1 and not recorded:  # labels or a timestep beside the image
+    examples = tuple(example_input) if isinstance(example_input, (tuple, list)) \
+        else (example_input,)
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    inputs = [node.name for node in placeholders]
+    recorded = has_shapes(gm) and next(map(node_shape, placeholders), None)
+    if len(examples) > 1 and len(examples) != len(inputs):
         raise PruneError(f"the model takes {len(inputs)} inputs ({', '.join(inputs)}) and prune "
-                         f"one example: record the shapes of all first "
-                         f"(archc.ir.shapes.propagate_shapes)")
-    before = complexity_report(
-        gm, None if recorded and recorded[1:] == shape[1:] else shape).total
+                         f"{len(examples)} examples")
+    if len(inputs) > 1 and len(examples) == 1:
+        if not recorded:  # labels or a timestep beside the image
+            raise PruneError(f"the model takes {len(inputs)} inputs ({', '.join(inputs)}) and "
+                             f"prune one example: give one per input (a tuple) or record the "
+                             f"shapes of all first (archc.ir.shapes.propagate_shapes)")
+        examples = tuple(map(node_value, placeholders))  # meta tensors of the recorded shapes
+    elif len(examples) > 1 and not propagate_shapes(gm, examples):
+        raise PruneError(f"the model does not run on the examples of its inputs "
+                         f"({', '.join(inputs)})")
+    if len(examples) > 1:
+        shapes = examples
+        before = complexity_report(gm).total
+    else:
+        shapes = (tuple(examples[0].shape),)
+        before = complexity_report(
+            gm, None if recorded and recorded[1:] == shapes[0][1:] else shapes[0]).total
     cg = analyze_channels(gm)
     notes: list[str] = []
     units = _units(gm, cg, config, notes)
     if not units:
         why = "; ".join(notes) or "no conv or Linear writes a channel group that may change"
         raise PruneError(f"no channel group can be pruned: {why}")
-    return gm, cg, units, notes, before
+    return gm, cg, units, notes, before, shapes
 
 
 def _sources(units: list[_Unit], decisions: list[np.ndarray]) -> Sources:
@@ -529,14 +547,15 @@ def _estimated_macs(gm: GraphModule, cg: ChannelGraph, sources: Sources, before:
     return total
 
 
-def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig,
+def prune(gm: GraphModule, example_input: Tensor | tuple[Tensor, ...], config: PruneConfig,
           prepared=None) -> PruneResult:
     """A pruned copy of `gm` (see the module docstring); `gm` is left as it is."""
-    gm, cg, units, notes, before = prepared or _prepare(gm, example_input, config)
+    gm, cg, units, notes, before, shapes = prepared or _prepare(gm, example_input, config)
     macs_before = module_complexity(gm)
     decisions = _decide(units, config)
     resize_channels(gm, cg, _sources(units, decisions))
-    after = complexity_report(gm, tuple(example_input.shape)).total
+    propagate_shapes(gm, shapes)
+    after = complexity_report(gm).total
     macs_after = module_complexity(gm)
     changes = []
     for unit, kept in zip(units, decisions):
@@ -554,7 +573,7 @@ def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig,
                        changes, notes)
 
 
-def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
+def prune_to_macs(gm: GraphModule, example_input: Tensor | tuple[Tensor, ...], target: float,
                   make_config: Callable[[float], PruneConfig], steps: int = 12) -> PruneResult:
     """Bisect the ratio so that the pruned model has at most `target` (a fraction) of the MACs,
     as close as the steps allow; the result with the largest MACs not above the target. The
@@ -568,7 +587,7 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
     if not 0 < target < 1:
         raise PruneError(f"the MACs target must be a fraction in (0, 1), not {target}")
     prepared = _prepare(gm, example_input, make_config(0.5))
-    copy_, cg, units, notes, before = prepared
+    copy_, cg, units, notes, before, _ = prepared
 
     def fits(config: PruneConfig) -> bool:
         sources = _sources(units, _decide(units, config))

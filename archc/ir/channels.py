@@ -25,7 +25,10 @@ and one channel order, so that pruning or padding edits a whole group at once.
   (`normalized`: no removal there is exact), and so do a mean or variance over the channel dim
   with keepdim (a LayerNorm written out by hand; their one-channel result is `STATISTIC`); a
   GroupNorm's group count goes to `norm_groups`: its group changes by whole norm groups only.
-  BN, GroupNorm, PReLU, pixel shuffles and convs read their channels on dim 1.
+  BN, GroupNorm, PReLU, pixel shuffles and convs read their channels on dim 1. An nn.Embedding
+  (a class or timestep label: `h + emb(y)[:, :, None, None]`, a conditional norm's
+  `gamma = emb(y)`) is a channelwise member of its result's group (the columns of its weight
+  [num, C], the result's last dim); its integer indices carry no channels and tie nothing.
 - Attention: a reshape splitting the channels into heads, [.., h d, ..] -> [.., h, d, ..], makes
   its input h lockstep segments of its result's group (every head keeps the same dims, as a
   shuffle's input below); merging heads back is the reverse. `q @ k.T` ties q's and k's channels
@@ -174,6 +177,7 @@ _RULES: dict[object, str] = {
     nn.LayerNorm: "layer_norm",
     nn.GroupNorm: "group_norm",
     **dict.fromkeys((nn.PReLU, F.prelu), "prelu"),
+    nn.Embedding: "embedding",
     **dict.fromkeys((nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle),
                     "pixel_shuffle"),
     **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), "cat"),
@@ -431,7 +435,7 @@ class _Builder:
             self.role("producers", node, node)
 
     def unsupported(self, node: Node, what: str = "") -> None:
-        """Fix what `node` touches, the reason naming the op: `...: Embedding (embed)`,
+        """Fix what `node` touches, the reason naming the op: `...: Unfold (unfold)`,
         `...: aten.roll.default (roll)`, or what about it is not modelled, `...: reduction over
         the channels (Tensor.sum at sum_1)`."""
         target = node_target(self.gm, node)
@@ -633,6 +637,23 @@ class _Builder:
             self.unread.remove(weight)
             self.constants.setdefault(node, []).append((str(weight.target), 0, "slope"))
             self.role("channelwise", node, node)
+
+    def embedding(self, node: Node, target=None) -> None:
+        """nn.Embedding: row i of its weight [num, C] for each index i. The indices are not
+        channels (their group, a model input's or any other, is left as it is: not tied); the
+        result's channels (its last dim) are the weight's columns, a channelwise member."""
+        module = self.gm.get_submodule(node.target)
+        out = _channel_shape(node)
+        if out is None:  # a scalar index: one vector, no channel space (a view of it to
+            return  # [1, C, 1, 1] moves the channel dim and fixes what it meets)
+        if module.max_norm is not None:  # renormalizes each looked-up row over its channels
+            return self.unsupported(node, "Embedding with max_norm")
+        if len(out) > 2:
+            self.dims[node] = len(out) - 1
+        self.of(node)
+        self.role("channelwise", node, node)
+        if not called_once(self.gm, node):
+            self.fix([node], SHARED_MODULE)
 
     def pixel_shuffle(self, node: Node, target) -> None:
         """y = pixel_shuffle(x, r): y's channel c is x's channels c r² .. c r² + r² - 1, so x
@@ -1094,7 +1115,8 @@ class _Builder:
         for root in norms_of.keys() & chosen.keys():
             reasons.setdefault(root, []).append(NORM_PARTS)
         pieces = set().union(*pieces_of.values())
-        for root in roots:  # a safety net: no rule leaves such a group
+        for root in roots:  # no conv or Linear writes it: an Embedding's alone (a timestep MLP's
+            # input; a lookup has no rows to score), else a safety net (no other rule leaves one)
             if root not in chosen and root not in pieces and not members[root]["producers"]:
                 reasons.setdefault(root, []).append(f"{UNSUPPORTED}: no op writes these channels")
         fixed = {root: min(rs, key=_priority) for root, rs in reasons.items()}

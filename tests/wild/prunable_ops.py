@@ -16,7 +16,10 @@ libraries write them, for `archc prune` on models archc did not build:
   `y * gamma.view(1, -1, 1, 1)` (timm's LayerScale2d), plus a learned bias
   `nn.Parameter(torch.zeros(1, C, 1, 1))` added to a bias-free conv;
 - `FeaturePyramidUNet`: an FPN top-down path and a UNet-style decoder joined by `F.interpolate`
-  (nearest and bilinear), which a torch.export program spells `aten.upsample_*2d.vec`.
+  (nearest and bilinear), which a torch.export program spells `aten.upsample_*2d.vec`;
+- `ClassConditional` (two inputs: the image and its class labels, not in `NETWORKS`): a
+  label embedding added to a conv's features (`h + emb(y)[:, :, None, None]`) and a BigGAN-style
+  class-conditional BatchNorm (`bn(h) * (1 + gain(y)[..]) + bias(y)[..]`, Brock et al. 2019).
 
 Written from the papers' descriptions (Wang et al. 2021, Lim et al. 2017, Wu and He 2018, Chen et
 al. 2018, Yu et al. 2022)."""
@@ -230,6 +233,27 @@ class FeaturePyramidUNet(nn.Module):
         p = F.interpolate(self.smooth(p), size=c1.shape[-2:], mode="bilinear",
                           align_corners=False)
         return self.classifier(self.decode(torch.cat([p, c1], 1)))
+
+
+class ClassConditional(nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU())
+        self.conv1 = nn.Conv2d(16, 32, 3, padding=1)
+        self.label = nn.Embedding(classes, 32)
+        self.conv2 = nn.Conv2d(32, 32, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(32)
+        self.gain, self.bias = nn.Embedding(classes, 32), nn.Embedding(classes, 32)
+        self.conv3 = nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x, labels):
+        h = F.relu(self.conv1(self.stem(x)) + self.label(labels)[:, :, None, None])
+        h = self.bn(self.conv2(h))
+        h = h * (1 + self.gain(labels)[:, :, None, None]) + self.bias(labels)[:, :, None, None]
+        h = F.relu(self.conv3(F.relu(h)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 
 
 NETWORKS = {
