@@ -57,6 +57,18 @@ Grouped convs (g groups, not depthwise) read and write g equal segments:
   conv keeps its group width and has fewer groups. A set of groups mixing different group counts
   falls back to keep-count.
 
+Attention heads (`ChannelGraph.heads`) are units of their own, as in Michel et al. 2019 ("Are
+Sixteen Heads Really Better than One?", which prunes whole heads by importance): removing head i
+removes its segment of q, k, v (the rows of the projection writing them), of the merged output
+(the columns of the output projection), its scores channel and its rows of per-head constants
+(LeViT's attention biases), and rewrites a literal head count in the split's reshape. A head is
+*dead* when every value channel it reads is dead or every column the output projection reads of
+it is 0: it contributes nothing, and removing it is exact. `heads` chooses:
+- `dims` (the default): the head dims are pruned by the ratio (every head keeps the same dims) and
+  only dead heads go, so the pruning stays as fine-grained as the channels and exact where dead;
+- `heads`: the heads are pruned by the ratio (ceil((1 - ratio) h) kept, at least one, by the
+  criterion's norm of their q, k and v rows, dead heads first) and the head dims are left whole.
+
 The result is the spec's graph plus `archc.ir.graph_edits` edits, saved as an archc checkpoint.
 """
 
@@ -74,8 +86,9 @@ from torch.fx import GraphModule, Node
 
 from archc.errors import ArchcError
 from archc.ir.analysis import complexity_report, module_complexity, module_macs
-from archc.ir.channels import ChannelGraph, ChannelGroup, analyze_channels
+from archc.ir.channels import ChannelGraph, ChannelGroup, Heads, analyze_channels
 from archc.ir.graph import attribute, copy_module
+from archc.ir.graph_edits import put_reshape
 from archc.ir.ops import BN_MODULES, CONV_MODULES
 from archc.ir.shapes import has_shapes, node_shape
 from archc.rewrite.channel_resize import (
@@ -88,6 +101,7 @@ from archc.rewrite.channel_resize import (
 
 CRITERIA = ("l1", "l2", "bn-scale", "random")
 GROUP_POLICIES = ("keep-count", "keep-width")
+HEAD_POLICIES = ("dims", "heads")
 
 
 class PruneError(ArchcError):
@@ -107,6 +121,8 @@ class PruneConfig:
     grouped_ratio: float | None = None
     # leave the groups a LayerNorm normalizes whole (their pruning is never exact)
     keep_normalized: bool = False
+    # attention: prune the head dims and only dead heads ("dims"), or whole heads ("heads")
+    heads: str = "dims"
 
     def __post_init__(self):
         for name in ("ratio", "grouped_ratio"):
@@ -119,6 +135,9 @@ class PruneConfig:
         if self.group_policy not in GROUP_POLICIES:
             raise PruneError(f"unknown group policy {self.group_policy!r}; one of "
                              f"{', '.join(GROUP_POLICIES)}")
+        if self.heads not in HEAD_POLICIES:
+            raise PruneError(f"unknown heads policy {self.heads!r}; one of "
+                             f"{', '.join(HEAD_POLICIES)}")
         if self.round_to < 1:
             raise PruneError("round_to must be at least 1")
 
@@ -168,6 +187,7 @@ class _Unit:
     whole_segments: bool  # keep-width: remove whole segments
     scores: list[np.ndarray] = field(default_factory=list)  # per group, per channel
     pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (leaf, its channels)
+    heads: Heads | None = None  # whole attention heads: one score per head
 
     @property
     def size(self) -> int:
@@ -314,12 +334,14 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
     row_stats: dict[Node, tuple[np.ndarray, np.ndarray] | None] = {}
     skipped_no_bn = normalized = 0
     fixed: dict[str, int] = {}
+    whole_heads = [h for h in cg.heads if not h.fixed and h.count > 1]
+    head_dims = {p for h in whole_heads for p in h.pieces} if config.heads == "heads" else set()
     for group in cg.groups:
         if group.fixed and not group.fixed.startswith(("model input", "model output")):
             reason = group.fixed.split(" (")[0]
             fixed[reason] = fixed.get(reason, 0) + 1
         if group.fixed or (group.parts and group.index not in pieces_of) or group.size < 2 \
-                or group.index in in_unit:
+                or group.index in in_unit or group.index in head_dims:
             continue
         if group.norm_groups == 1 or group.norm_groups and group.groups:
             notes.append(f"{group.label()}: " + (
@@ -397,7 +419,96 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
                                    list(pieces_of.get(g.index, {}).items())))
             continue
         units.append(unit)
+    for heads in cg.heads:
+        if heads.fixed:
+            notes.append(f"heads of {cg.groups[heads.wholes[0]].label()} left as they are: "
+                         f"{heads.fixed}")
+    for heads in whole_heads:
+        scores = _head_scores(gm, cg, positions, heads, config.criterion, rng, row_stats)
+        if scores is not None:
+            units.append(_Unit([cg.groups[heads.wholes[0]]], 1, False, [scores], heads=heads))
     return units
+
+
+def _segment(heads: Heads, group: ChannelGroup, head: int) -> np.ndarray:
+    """The channels of head `head` in a group laid out as the heads' lockstep segments."""
+    width = group.size // heads.count
+    return np.arange(head * width, (head + 1) * width)
+
+
+def _head_scores(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads, criterion: str,
+                 rng: np.random.Generator, row_stats) -> np.ndarray | None:
+    """One score per head (None: the criterion has nothing to go on): the criterion's norm of
+    the head's rows in the producers of the head splits' inputs (q, k and v), -inf for a dead
+    head: its value channels (the leaves of the merges' head dims) are dead rows wherever a
+    producer writes them, or the merges' consumers read only zero columns of it."""
+    norm, gamma = np.zeros(heads.count), np.zeros(heads.count)
+    dead = np.zeros(heads.count, dtype=bool)
+    producers = bns = 0
+    for index in heads.wholes:
+        group = cg.groups[index]
+        for node in group.producers:
+            if node not in row_stats:
+                row_stats[node] = _row_stats(_module(gm, node), criterion)
+            if row_stats[node] is None:
+                return None
+            producers += 1
+            row_norm = row_stats[node][0]
+            norm += [row_norm[_segment(heads, group, i)].sum() for i in range(heads.count)]
+        for node in group.channelwise:
+            module = _module(gm, node)
+            if isinstance(module, BN_MODULES) and module.affine:
+                bns += 1
+                weight = module.weight.detach().double().abs().numpy()
+                gamma += [weight[_segment(heads, group, i)].sum() for i in range(heads.count)]
+        if not group.producers:  # a merge: its consumers' columns, its value channels' rows
+            values = {leaf.index for part in group.parts[:1]
+                      for leaf in cg.leaves(cg.groups[part.group])}
+            dead |= _dead_heads(gm, cg, positions, heads, group, values)
+    if producers == 0 or criterion == "bn-scale" and bns == 0:
+        return None
+    scores = {"l1": norm, "l2": norm, "bn-scale": gamma}.get(criterion)
+    scores = rng.random(heads.count) if scores is None else scores
+    return np.where(dead, -np.inf, scores)
+
+
+def _dead_heads(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads,
+                merge: ChannelGroup, values: set[int]) -> np.ndarray:
+    """Per head: whether the merge `merge` reads nothing of it (its consumers' columns of the
+    head are 0) or its value channels `values` are dead in the head splits' inputs."""
+    unread = np.full(heads.count, bool(merge.consumers))
+    for node in merge.consumers:
+        module = _module(gm, node)
+        if not isinstance(module, (*CONV_MODULES, nn.Linear)) or getattr(module, "groups", 1) > 1:
+            unread[:] = False
+            break
+        columns = module.weight.detach().movedim(1, 0).reshape(merge.size, -1)
+        unread &= [not columns[_segment(heads, merge, i)].any() for i in range(heads.count)]
+    alive = np.zeros(heads.count, dtype=bool)
+    for leaf in values:
+        for top, channels in positions[leaf]:
+            group = cg.groups[top]
+            if top not in heads.wholes or not group.producers:
+                continue
+            rows = _alive_rows(gm, cg, group)
+            for i in range(heads.count):
+                alive[i] |= rows[np.intersect1d(channels, _segment(heads, group, i))].any()
+    return unread | ~alive
+
+
+def _alive_rows(gm: GraphModule, cg: ChannelGraph, group: ChannelGroup) -> np.ndarray:
+    """Per channel of a group: whether a producer writes something nonzero there (a row or a
+    bias) or a BN maps its 0 to something else."""
+    alive = np.zeros(group.size, dtype=bool)
+    for node in group.producers:
+        alive |= _row_stats(_module(gm, node), "l1")[1]
+    for node in group.channelwise:
+        module = _module(gm, node)
+        if isinstance(module, BN_MODULES) and module.affine and module.running_mean is not None:
+            shift = module.bias.double() - module.weight.double() * module.running_mean.double() \
+                / torch.sqrt(module.running_var.double() + module.eps)
+            alive |= (shift != 0).numpy()
+    return alive
 
 
 def _step(unit: _Unit, round_to: int) -> int:
@@ -412,19 +523,23 @@ def _decide(units: list[_Unit], config: PruneConfig) -> list[np.ndarray]:
     """The kept channel indices of each unit (sorted), shared by its groups."""
     if config.global_threshold:
         pooled = []
-        for unit in units:
-            s = _unit_scores(unit)
+        for unit in units:  # heads are decided per attention (below)
+            s = _unit_scores(unit) if unit.heads is None else np.zeros(1)
             if config.criterion in ("l1", "l2"):
                 finite = s[np.isfinite(s)]
                 top = finite.max() if finite.size and finite.max() > 0 else 1.0
                 s = s / top
-            pooled.append(np.repeat(s, unit.size // len(s)))
+            pooled.append(np.repeat(s, unit.size // len(s)) if unit.heads is None else s[:0])
         everything = np.concatenate(pooled)
         cut = int(math.floor(config.ratio * everything.size))
         threshold = np.sort(everything)[cut - 1] if cut > 0 else -np.inf
         wanted = [int((p > threshold).sum()) for p in pooled]
     else:
         wanted = [math.ceil((1 - _unit_ratio(unit, config)) * unit.size) for unit in units]
+    for at, unit in enumerate(units):
+        if unit.heads is not None:  # "dims": only the dead heads go
+            wanted[at] = math.ceil((1 - config.ratio) * unit.size) if config.heads == "heads" \
+                else int(np.isfinite(unit.scores[0]).sum())
     return [_every_piece(unit, _keep(unit, want, config.round_to))
             for unit, want in zip(units, wanted)]
 
@@ -491,15 +606,38 @@ def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):
     return gm, cg, units, notes, before
 
 
-def _sources(units: list[_Unit], decisions: list[np.ndarray]) -> Sources:
-    """group -> its kept channels (`archc.rewrite.channel_resize` sources without new channels)."""
+def head_source(source: Tensor, width: int, kept: Tensor) -> Tensor:
+    """The source of a group laid out as heads of `width` channels (head i: channels
+    [i width, (i + 1) width)) that keeps the heads `kept`: the entries of its `source` (every
+    head's kept dims) in kept heads, s // width in kept."""
+    return source[torch.isin(source // width, kept)]
+
+
+def _sources(cg: ChannelGraph, units: list[_Unit], decisions: list[np.ndarray]) -> Sources:
+    """group -> its kept channels (`archc.rewrite.channel_resize` sources without new channels);
+    a head split's input or merge's output that loses heads keeps the kept heads' segments of
+    its source, a scores group the kept heads."""
     kept_of: dict[int, np.ndarray] = {}
     for unit, kept in zip(units, decisions):
+        if unit.heads is not None:
+            continue
         for group in unit.groups:
             kept_of[group.index] = kept
         for leaf, channels in unit.pieces:
             kept_of[leaf] = np.flatnonzero(np.isin(channels, kept))
-    return {index: torch.as_tensor(kept, dtype=torch.long) for index, kept in kept_of.items()}
+    sources = {index: torch.as_tensor(kept, dtype=torch.long) for index, kept in kept_of.items()}
+    removed = [(unit.heads, torch.as_tensor(kept, dtype=torch.long))
+               for unit, kept in zip(units, decisions)
+               if unit.heads is not None and kept.size < unit.size]
+    complete = complete_sources(cg, sources) if removed else {}
+    for heads, kept in removed:
+        for index in heads.wholes:
+            size = cg.groups[index].size
+            sources[index] = head_source(complete.get(index, torch.arange(size)),
+                                         size // heads.count, kept)
+        for index in heads.scores:
+            sources[index] = kept
+    return sources
 
 
 def _estimated_macs(gm: GraphModule, cg: ChannelGraph, sources: Sources, before: int) -> int:
@@ -526,18 +664,25 @@ def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig,
     gm, cg, units, notes, before = prepared or _prepare(gm, example_input, config)
     macs_before = module_complexity(gm)
     decisions = _decide(units, config)
-    resize_channels(gm, cg, _sources(units, decisions))
+    resize_channels(gm, cg, _sources(cg, units, decisions))
+    for unit, kept in zip(units, decisions):
+        if unit.heads is not None and kept.size < unit.size:
+            for node, place in unit.heads.literals:
+                put_reshape(gm, node, place, int(kept.size))
+    if any(unit.heads is not None for unit in units):
+        gm.recompile()
     after = complexity_report(gm, tuple(example_input.shape)).total
     macs_after = module_complexity(gm)
     changes = []
     for unit, kept in zip(units, decisions):
-        policy = "norm-groups" if unit.groups[0].norm_groups else "keep-width" \
-            if unit.whole_segments else "keep-count" if unit.segments > 1 else "channels"
+        policy = "heads" if unit.heads is not None else "norm-groups" \
+            if unit.groups[0].norm_groups else "keep-width" if unit.whole_segments \
+            else "keep-count" if unit.segments > 1 else "channels"
         for group in unit.groups:
             names = {str(n.target) for n in (*group.producers, *group.consumers,
                                              *group.channelwise) if n.op == "call_module"}
             changes.append(GroupChange(
-                group.label(), group.size, int(kept.size), policy,
+                group.label(), unit.size if unit.heads else group.size, int(kept.size), policy,
                 sum(macs_before[n].flops for n in names), sum(macs_after[n].flops for n in names),
                 sum(macs_before[n].params for n in names),
                 sum(macs_after[n].params for n in names)))
@@ -562,12 +707,12 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
     copy_, cg, units, notes, before = prepared
 
     def fits(config: PruneConfig) -> bool:
-        sources = _sources(units, _decide(units, config))
+        sources = _sources(cg, units, _decide(units, config))
         return _estimated_macs(copy_, cg, sources, before.flops) <= target * before.flops
 
     best = _smallest_fitting_ratio(lambda r: fits(make_config(r)), 0.0, 0.99, steps)
     if best is None:
-        sources = _sources(units, _decide(units, make_config(0.99)))
+        sources = _sources(cg, units, _decide(units, make_config(0.99)))
         fraction = _estimated_macs(copy_, cg, sources, before.flops) / before.flops
         raise PruneError(f"cannot reach {100 * target:.0f}% of the MACs: at ratio 0.99 the "
                          f"pruned model keeps {100 * fraction:.1f}% (its other channels are "
