@@ -67,7 +67,8 @@ it is 0: it contributes nothing, and removing it is exact. `heads` chooses:
 - `dims` (the default): the head dims are pruned by the ratio (every head keeps the same dims) and
   only dead heads go, so the pruning stays as fine-grained as the channels and exact where dead;
 - `heads`: the heads are pruned by the ratio (ceil((1 - ratio) h) kept, at least one, by the
-  criterion's norm of their q, k and v rows, dead heads first) and the head dims are left whole.
+  sum of the criterion's norms of their q, k and v rows, dead heads first) and the head dims
+  are left whole.
 
 The result is the spec's graph plus `archc.ir.graph_edits` edits, saved as an archc checkpoint.
 """
@@ -265,6 +266,36 @@ def _row_stats(module: nn.Module, criterion: str) -> tuple[np.ndarray, np.ndarra
     return norm.numpy(), alive.numpy()
 
 
+def _bn_affine(module: nn.Module, at: Tensor) -> tuple[Tensor, Tensor]:
+    """A BatchNorm's (γ, β) at channels `at`, in float64 (1 and 0 without affine)."""
+    if module.affine:
+        return module.weight.detach().double()[at], module.bias.detach().double()[at]
+    return torch.ones(len(at), dtype=torch.float64), torch.zeros(len(at), dtype=torch.float64)
+
+
+def _channelwise_alive(gm: GraphModule, cg: ChannelGraph, group: ChannelGroup,
+                       at: Tensor) -> np.ndarray:
+    """Per channel `at` of a group: whether a channelwise member maps its 0 to something else
+    (a BN's shift β - γ μ / σ, a depthwise conv's or GroupNorm's bias, a per-channel shift)."""
+    alive = np.zeros(len(at), dtype=bool)
+    for node in group.channelwise:
+        module = _module(gm, node)
+        if isinstance(module, BN_MODULES):
+            g, b = _bn_affine(module, at)
+            if module.track_running_stats and module.running_mean is not None:
+                mean = module.running_mean.double()[at]
+                var = module.running_var.double()[at]
+                b = b - g * mean / torch.sqrt(var + module.eps)
+            alive |= (b != 0).numpy()
+        elif isinstance(module, (*CONV_MODULES, nn.GroupNorm)) and module.bias is not None:
+            alive |= (module.bias.detach()[at] != 0).numpy()  # a dead GroupNorm group is β
+        for name, axis, kind in cg.constants.get(node, ()):
+            if kind == "shift":  # a dead channel plus a constant is not dead
+                shift = attribute(gm, name).detach().index_select(axis, at)
+                alive |= (shift.movedim(axis, 0).reshape(len(at), -1) != 0).any(1).numpy()
+    return alive
+
+
 def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelGroup,
                     criterion: str, rng: np.random.Generator,
                     row_stats: dict[Node, tuple[np.ndarray, np.ndarray] | None]
@@ -292,25 +323,8 @@ def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelG
             module = _module(gm, node)
             if isinstance(module, BN_MODULES):
                 bns += 1
-                if module.affine:
-                    g = module.weight.detach().double()[at]
-                    b = module.bias.detach().double()[at]
-                else:
-                    g, b = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-                gamma += g.abs().numpy()
-                if module.track_running_stats and module.running_mean is not None:
-                    mean = module.running_mean.double()[at]
-                    var = module.running_var.double()[at]
-                    shift = b - g * mean / torch.sqrt(var + module.eps)
-                else:
-                    shift = b
-                alive |= (shift != 0).numpy()
-            elif isinstance(module, (*CONV_MODULES, nn.GroupNorm)) and module.bias is not None:
-                alive |= (module.bias.detach()[at] != 0).numpy()  # a dead GroupNorm group is β
-            for name, axis, kind in cg.constants.get(node, ()):
-                if kind == "shift":  # a dead channel plus a constant is not dead
-                    shift = attribute(gm, name).detach().index_select(axis, at)
-                    alive |= (shift.movedim(axis, 0).reshape(n, -1) != 0).any(1).numpy()
+                gamma += _bn_affine(module, at)[0].abs().numpy()
+        alive |= _channelwise_alive(gm, cg, group, at)
     if producers == 0:
         return None
     if criterion in ("l1", "l2"):
@@ -438,8 +452,9 @@ def _segment(heads: Heads, group: ChannelGroup, head: int) -> np.ndarray:
 
 def _head_scores(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads, criterion: str,
                  rng: np.random.Generator, row_stats) -> np.ndarray | None:
-    """One score per head (None: the criterion has nothing to go on): the criterion's norm of
-    the head's rows in the producers of the head splits' inputs (q, k and v), -inf for a dead
+    """One score per head (None: the criterion has nothing to go on): the sum of the criterion's
+    norms of the head's rows in the producers of the head splits' inputs (q, k and v; bn-scale:
+    |γ| of their BNs, random: seeded), -inf for a dead
     head: its value channels (the leaves of the merges' head dims) are dead rows wherever a
     producer writes them, or the merges' consumers read only zero columns of it."""
     norm, gamma = np.zeros(heads.count), np.zeros(heads.count)
@@ -461,10 +476,11 @@ def _head_scores(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads, cri
                 bns += 1
                 weight = module.weight.detach().double().abs().numpy()
                 gamma += [weight[_segment(heads, group, i)].sum() for i in range(heads.count)]
+    for group in (cg.groups[index] for index in heads.wholes):
         if not group.producers:  # a merge: its consumers' columns, its value channels' rows
             values = {leaf.index for part in group.parts[:1]
                       for leaf in cg.leaves(cg.groups[part.group])}
-            dead |= _dead_heads(gm, cg, positions, heads, group, values)
+            dead |= _dead_heads(gm, cg, positions, heads, group, values, row_stats)
     if producers == 0 or criterion == "bn-scale" and bns == 0:
         return None
     scores = {"l1": norm, "l2": norm, "bn-scale": gamma}.get(criterion)
@@ -473,9 +489,10 @@ def _head_scores(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads, cri
 
 
 def _dead_heads(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads,
-                merge: ChannelGroup, values: set[int]) -> np.ndarray:
+                merge: ChannelGroup, values: set[int], row_stats) -> np.ndarray:
     """Per head: whether the merge `merge` reads nothing of it (its consumers' columns of the
-    head are 0) or its value channels `values` are dead in the head splits' inputs."""
+    head are 0) or its value channels `values` are dead in the head splits' inputs (`row_stats`
+    holds their producers')."""
     unread = np.full(heads.count, bool(merge.consumers))
     for node in merge.consumers:
         module = _module(gm, node)
@@ -490,25 +507,12 @@ def _dead_heads(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads,
             group = cg.groups[top]
             if top not in heads.wholes or not group.producers:
                 continue
-            rows = _alive_rows(gm, cg, group)
+            rows = _channelwise_alive(gm, cg, group, torch.arange(group.size))
+            for node in group.producers:
+                rows |= row_stats[node][1]
             for i in range(heads.count):
                 alive[i] |= rows[np.intersect1d(channels, _segment(heads, group, i))].any()
     return unread | ~alive
-
-
-def _alive_rows(gm: GraphModule, cg: ChannelGraph, group: ChannelGroup) -> np.ndarray:
-    """Per channel of a group: whether a producer writes something nonzero there (a row or a
-    bias) or a BN maps its 0 to something else."""
-    alive = np.zeros(group.size, dtype=bool)
-    for node in group.producers:
-        alive |= _row_stats(_module(gm, node), "l1")[1]
-    for node in group.channelwise:
-        module = _module(gm, node)
-        if isinstance(module, BN_MODULES) and module.affine and module.running_mean is not None:
-            shift = module.bias.double() - module.weight.double() * module.running_mean.double() \
-                / torch.sqrt(module.running_var.double() + module.eps)
-            alive |= (shift != 0).numpy()
-    return alive
 
 
 def _step(unit: _Unit, round_to: int) -> int:
