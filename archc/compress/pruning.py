@@ -61,9 +61,9 @@ Attention heads (`ChannelGraph.heads`) are units of their own, as in Michel et a
 Sixteen Heads Really Better than One?", which prunes whole heads by importance): removing head i
 removes its segment of q, k, v (the rows of the projection writing them), of the merged output
 (the columns of the output projection), its scores channel and its rows of per-head constants
-(LeViT's attention biases), and rewrites a literal head count in the split's reshape. A head is
-*dead* when every value channel it reads is dead or every column the output projection reads of
-it is 0: it contributes nothing, and removing it is exact. `heads` chooses:
+(LeViT's attention biases); the resize rewrites a literal head count in the split's reshape.
+A head is *dead* when every value channel it reads is dead or every column the output
+projection reads of it is 0: it contributes nothing, and removing it is exact. `heads` chooses:
 - `dims` (the default): the head dims are pruned by the ratio (every head keeps the same dims) and
   only dead heads go, so the pruning stays as fine-grained as the channels and exact where dead;
 - `heads`: the heads are pruned by the ratio (ceil((1 - ratio) h) kept, at least one, by the
@@ -89,7 +89,6 @@ from archc.errors import ArchcError
 from archc.ir.analysis import complexity_report, module_complexity, module_macs
 from archc.ir.channels import ChannelGraph, ChannelGroup, Heads, analyze_channels
 from archc.ir.graph import attribute, copy_module
-from archc.ir.graph_edits import put_reshape
 from archc.ir.ops import BN_MODULES, CONV_MODULES
 from archc.ir.shapes import has_shapes, node_shape
 from archc.rewrite.channel_resize import (
@@ -669,12 +668,6 @@ def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig,
     macs_before = module_complexity(gm)
     decisions = _decide(units, config)
     resize_channels(gm, cg, _sources(cg, units, decisions))
-    for unit, kept in zip(units, decisions):
-        if unit.heads is not None and kept.size < unit.size:
-            for node, place in unit.heads.literals:
-                put_reshape(gm, node, place, int(kept.size))
-    if any(unit.heads is not None for unit in units):
-        gm.recompile()
     after = complexity_report(gm, tuple(example_input.shape)).total
     macs_after = module_complexity(gm)
     changes = []

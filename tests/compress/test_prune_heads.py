@@ -206,6 +206,29 @@ def test_a_constant_not_indexed_by_the_heads_keeps_them():
     assert result.graph_module(torch.randn(2, 3, 4, 4)).shape == (2, 5)
 
 
+class _TwoCounts(nn.Module):
+    """Head dims of 8 in 2 heads and in 4 heads, tied by an add after summing over the heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Conv2d(3, 6, 2, 2), nn.Linear(8, 5)
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(6, 32)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        b, n, _ = x.shape
+        y = self.a(x).view(b, n, 2, -1).sum(2) + self.b(x).view(b, n, 4, -1).sum(2)
+        return self.head(y.mean(1))
+
+
+def test_linked_head_splits_with_different_counts_keep_their_heads():
+    gm = torch.fx.symbolic_trace(_TwoCounts().eval())
+    graph = analyze_channels(gm, (torch.randn(2, 3, 4, 4),))
+    assert [h.fixed for h in graph.heads] == [f"{channels.SEGMENT_CONFLICT} (head counts [2, 4])"]
+    result = prune(gm, torch.randn(2, 3, 4, 4), PruneConfig(0.5, heads="heads"))
+    assert not any(g.policy == "heads" for g in result.groups)
+
+
 def test_an_unknown_heads_policy_is_refused():
     with pytest.raises(Exception, match="unknown heads policy"):
         PruneConfig(0.5, heads="tokens")
