@@ -37,7 +37,8 @@ and one channel order, so that pruning or padding edits a whole group at once.
   groups (one channel a head; a per-head constant, a scale [h, 1, 1] or LeViT's
   `attention_biases[:, idxs]` of shape [h, N], is a channelwise member) and the place of each
   split's literal head count; removing head i removes segment i of every split and merge and
-  channel i of the scores.
+  channel i of the scores. Heads stay whole (`Heads.fixed`) where a head count is computed
+  (`HEAD_COUNT`) or an op inside the attention reads a constant not per head (`HEAD_CONSTANT`).
 - Composites: `cat(dim=1)` makes its result's group the concatenation of its inputs' groups
   (`parts`); a split, chunk or slice on dim 1 makes its input's group the concatenation of the
   pieces. Two layouts of one group with the same parts identify their pieces (`cat([a, b])` split
