@@ -490,8 +490,9 @@ def _head_scores(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads, cri
 def _dead_heads(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads,
                 merge: ChannelGroup, values: set[int], row_stats) -> np.ndarray:
     """Per head: whether the merge `merge` reads nothing of it (its consumers' columns of the
-    head are 0) or its value channels `values` are dead in the head splits' inputs (`row_stats`
-    holds their producers')."""
+    head are 0) or its value channels `values` are dead: 0 rows in the head splits' inputs
+    (`row_stats` holds their producers'), no channelwise member there or in any other group
+    holding them (the merge, a pad) mapping 0 to something else, and no other producer."""
     unread = np.full(heads.count, bool(merge.consumers))
     for node in merge.consumers:
         module = _module(gm, node)
@@ -504,9 +505,10 @@ def _dead_heads(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads,
     for leaf in values:
         for top, channels in positions[leaf]:
             group = cg.groups[top]
-            if top not in heads.wholes or not group.producers:
-                continue
             rows = _channelwise_alive(gm, cg, group, torch.arange(group.size))
+            if top not in heads.wholes:  # v itself, or another group holding it: all heads
+                alive |= bool(group.producers) or rows[channels].any()
+                continue
             for node in group.producers:
                 rows |= row_stats[node][1]
             for i in range(heads.count):

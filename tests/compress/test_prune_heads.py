@@ -176,6 +176,33 @@ def test_removing_dead_heads_is_exact(heads, data):
     torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-12, atol=1e-12)
 
 
+class _ShiftedValues(_Attention):
+    """v + beta with beta [4] per head dim (the same in every head): a dead value row is not 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.heads, -1).permute(0, 2, 1, 3).chunk(3, dim=-1)
+        attn = ((q @ k.transpose(-1, -2)) * self.temperature).softmax(-1)
+        x = x + self.proj((attn @ (v + self.beta)).transpose(1, 2).reshape(b, n, -1))
+        return self.head(x.mean(1))
+
+
+def test_zero_value_rows_under_a_shift_are_not_a_dead_head():
+    model = _ShiftedValues().double().eval()
+    with torch.no_grad():
+        model.qkv.weight[8:12], model.qkv.bias[8:12] = 0, 0  # head 0's value rows
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    result = prune(gm, x, PruneConfig(0.01))
+    assert [(g.before, g.after) for g in result.groups if g.policy == "heads"] == [(3, 3)]
+    torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-12, atol=1e-12)
+
+
 def test_a_computed_head_count_is_refused():
     gm = torch.fx.symbolic_trace(_Attention(computed=True).eval())
     graph = analyze_channels(gm, (torch.randn(2, 3, 4, 4),))
