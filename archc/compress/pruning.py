@@ -60,6 +60,19 @@ Grouped convs (g groups, not depthwise) read and write g equal segments:
   conv keeps its group width and has fewer groups. A set of groups mixing different group counts
   falls back to keep-count.
 
+Attention heads (`ChannelGraph.heads`) are units of their own, as in Michel et al. 2019 ("Are
+Sixteen Heads Really Better than One?", which prunes whole heads by importance): removing head i
+removes its segment of q, k, v (the rows of the projection writing them), of the merged output
+(the columns of the output projection), its scores channel and its rows of per-head constants
+(LeViT's attention biases); the resize rewrites a literal head count in the split's reshape.
+A head is *dead* when every value channel it reads is dead or every column the output
+projection reads of it is 0: it contributes nothing, and removing it is exact. `heads` chooses:
+- `dims` (the default): the head dims are pruned by the ratio (every head keeps the same dims) and
+  only dead heads go, so the pruning stays as fine-grained as the channels and exact where dead;
+- `heads`: the heads are pruned by the ratio (ceil((1 - ratio) h) kept, at least one, by the
+  sum of the criterion's norms of their q, k and v rows, dead heads first) and the head dims
+  are left whole.
+
 The result is the spec's graph plus `archc.ir.graph_edits` edits, saved as an archc checkpoint.
 """
 
@@ -77,7 +90,7 @@ from torch.fx import GraphModule, Node
 
 from archc.errors import ArchcError
 from archc.ir.analysis import complexity_report, module_complexity, module_macs
-from archc.ir.channels import STATISTIC, ChannelGraph, ChannelGroup, analyze_channels
+from archc.ir.channels import STATISTIC, ChannelGraph, ChannelGroup, Heads, analyze_channels
 from archc.ir.graph import attribute, copy_module
 from archc.ir.ops import BN_MODULES, CONV_MODULES
 from archc.ir.shapes import has_shapes, node_shape, node_value, propagate_shapes
@@ -91,6 +104,7 @@ from archc.rewrite.channel_resize import (
 
 CRITERIA = ("l1", "l2", "bn-scale", "random")
 GROUP_POLICIES = ("keep-count", "keep-width")
+HEAD_POLICIES = ("dims", "heads")
 
 
 class PruneError(ArchcError):
@@ -110,6 +124,8 @@ class PruneConfig:
     grouped_ratio: float | None = None
     # leave the groups a LayerNorm normalizes whole (their pruning is never exact)
     keep_normalized: bool = False
+    # attention: prune the head dims and only dead heads ("dims"), or whole heads ("heads")
+    heads: str = "dims"
 
     def __post_init__(self):
         for name in ("ratio", "grouped_ratio"):
@@ -122,6 +138,9 @@ class PruneConfig:
         if self.group_policy not in GROUP_POLICIES:
             raise PruneError(f"unknown group policy {self.group_policy!r}; one of "
                              f"{', '.join(GROUP_POLICIES)}")
+        if self.heads not in HEAD_POLICIES:
+            raise PruneError(f"unknown heads policy {self.heads!r}; one of "
+                             f"{', '.join(HEAD_POLICIES)}")
         if self.round_to < 1:
             raise PruneError("round_to must be at least 1")
 
@@ -171,6 +190,7 @@ class _Unit:
     whole_segments: bool  # keep-width: remove whole segments
     scores: list[np.ndarray] = field(default_factory=list)  # per group, per channel
     pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (leaf, its channels)
+    heads: Heads | None = None  # whole attention heads: one score per head
 
     @property
     def size(self) -> int:
@@ -248,6 +268,39 @@ def _row_stats(module: nn.Module, criterion: str) -> tuple[np.ndarray, np.ndarra
     return norm.numpy(), alive.numpy()
 
 
+def _bn_affine(module: nn.Module, at: Tensor) -> tuple[Tensor, Tensor]:
+    """A BatchNorm's (γ, β) at channels `at`, in float64 (1 and 0 without affine)."""
+    if module.affine:
+        return module.weight.detach().double()[at], module.bias.detach().double()[at]
+    return torch.ones(len(at), dtype=torch.float64), torch.zeros(len(at), dtype=torch.float64)
+
+
+def _channelwise_alive(gm: GraphModule, cg: ChannelGraph, group: ChannelGroup,
+                       at: Tensor) -> np.ndarray:
+    """Per channel `at` of a group: whether a channelwise member maps its 0 to something else
+    (a BN's shift β - γ μ / σ, a depthwise conv's or GroupNorm's bias, an embedding's
+    column, a per-channel shift)."""
+    alive = np.zeros(len(at), dtype=bool)
+    for node in group.channelwise:
+        module = _module(gm, node)
+        if isinstance(module, BN_MODULES):
+            g, b = _bn_affine(module, at)
+            if module.track_running_stats and module.running_mean is not None:
+                mean = module.running_mean.double()[at]
+                var = module.running_var.double()[at]
+                b = b - g * mean / torch.sqrt(var + module.eps)
+            alive |= (b != 0).numpy()
+        elif isinstance(module, (*CONV_MODULES, nn.GroupNorm)) and module.bias is not None:
+            alive |= (module.bias.detach()[at] != 0).numpy()  # a dead GroupNorm group is β
+        elif isinstance(module, nn.Embedding):  # a label's row added in: its column
+            alive |= (module.weight.detach()[:, at] != 0).any(0).numpy()
+        for name, axis, kind in cg.constants.get(node, ()):
+            if kind == "shift":  # a dead channel plus a constant is not dead
+                shift = attribute(gm, name).detach().index_select(axis, at)
+                alive |= (shift.movedim(axis, 0).reshape(len(at), -1) != 0).any(1).numpy()
+    return alive
+
+
 def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelGroup,
                     criterion: str, rng: np.random.Generator,
                     row_stats: dict[Node, tuple[np.ndarray, np.ndarray] | None]
@@ -275,27 +328,8 @@ def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelG
             module = _module(gm, node)
             if isinstance(module, BN_MODULES):
                 bns += 1
-                if module.affine:
-                    g = module.weight.detach().double()[at]
-                    b = module.bias.detach().double()[at]
-                else:
-                    g, b = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-                gamma += g.abs().numpy()
-                if module.track_running_stats and module.running_mean is not None:
-                    mean = module.running_mean.double()[at]
-                    var = module.running_var.double()[at]
-                    shift = b - g * mean / torch.sqrt(var + module.eps)
-                else:
-                    shift = b
-                alive |= (shift != 0).numpy()
-            elif isinstance(module, (*CONV_MODULES, nn.GroupNorm)) and module.bias is not None:
-                alive |= (module.bias.detach()[at] != 0).numpy()  # a dead GroupNorm group is β
-            elif isinstance(module, nn.Embedding):  # a label's row added in: its column
-                alive |= (module.weight.detach()[:, at] != 0).any(0).numpy()
-            for name, axis, kind in cg.constants.get(node, ()):
-                if kind == "shift":  # a dead channel plus a constant is not dead
-                    shift = attribute(gm, name).detach().index_select(axis, at)
-                    alive |= (shift.movedim(axis, 0).reshape(n, -1) != 0).any(1).numpy()
+                gamma += _bn_affine(module, at)[0].abs().numpy()
+        alive |= _channelwise_alive(gm, cg, group, at)
     if producers == 0:
         return None
     if criterion in ("l1", "l2"):
@@ -319,13 +353,15 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
     row_stats: dict[Node, tuple[np.ndarray, np.ndarray] | None] = {}
     skipped_no_bn = normalized = 0
     fixed: dict[str, int] = {}
+    whole_heads = [h for h in cg.heads if not h.fixed and h.count > 1]
+    head_dims = {p for h in whole_heads for p in h.pieces} if config.heads == "heads" else set()
     for group in cg.groups:
         if group.fixed and not group.fixed.startswith(("model input", "model output",
                                                        STATISTIC)):
             reason = group.fixed.split(" (")[0]
             fixed[reason] = fixed.get(reason, 0) + 1
         if group.fixed or (group.parts and group.index not in pieces_of) or group.size < 2 \
-                or group.index in in_unit:
+                or group.index in in_unit or group.index in head_dims:
             continue
         if group.norm_groups == 1 or group.norm_groups and group.groups:
             notes.append(f"{group.label()}: " + (
@@ -403,7 +439,88 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
                                    list(pieces_of.get(g.index, {}).items())))
             continue
         units.append(unit)
+    for heads in cg.heads:
+        if heads.fixed:
+            notes.append(f"heads of {cg.groups[heads.wholes[0]].label()} left as they are: "
+                         f"{heads.fixed}")
+    for heads in whole_heads:
+        scores = _head_scores(gm, cg, positions, heads, config.criterion, rng, row_stats)
+        if scores is not None:
+            units.append(_Unit([cg.groups[heads.wholes[0]]], 1, False, [scores], heads=heads))
     return units
+
+
+def _segment(heads: Heads, group: ChannelGroup, head: int) -> np.ndarray:
+    """The channels of head `head` in a group laid out as the heads' lockstep segments."""
+    width = group.size // heads.count
+    return np.arange(head * width, (head + 1) * width)
+
+
+def _head_scores(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads, criterion: str,
+                 rng: np.random.Generator, row_stats) -> np.ndarray | None:
+    """One score per head (None: the criterion has nothing to go on): the sum of the criterion's
+    norms of the head's rows in the producers of the head splits' inputs (q, k and v; bn-scale:
+    |γ| of their BNs, random: seeded), -inf for a dead
+    head: its value channels (the leaves of the merges' head dims) are dead rows wherever a
+    producer writes them, or the merges' consumers read only zero columns of it."""
+    norm, gamma = np.zeros(heads.count), np.zeros(heads.count)
+    dead = np.zeros(heads.count, dtype=bool)
+    producers = bns = 0
+    for index in heads.wholes:
+        group = cg.groups[index]
+        for node in group.producers:
+            if node not in row_stats:
+                row_stats[node] = _row_stats(_module(gm, node), criterion)
+            if row_stats[node] is None:
+                return None
+            producers += 1
+            row_norm = row_stats[node][0]
+            norm += [row_norm[_segment(heads, group, i)].sum() for i in range(heads.count)]
+        for node in group.channelwise:
+            module = _module(gm, node)
+            if isinstance(module, BN_MODULES) and module.affine:
+                bns += 1
+                weight = module.weight.detach().double().abs().numpy()
+                gamma += [weight[_segment(heads, group, i)].sum() for i in range(heads.count)]
+    for group in (cg.groups[index] for index in heads.wholes):
+        if not group.producers:  # a merge: its consumers' columns, its value channels' rows
+            values = {leaf.index for part in group.parts[:1]
+                      for leaf in cg.leaves(cg.groups[part.group])}
+            dead |= _dead_heads(gm, cg, positions, heads, group, values, row_stats)
+    if producers == 0 or criterion == "bn-scale" and bns == 0:
+        return None
+    scores = {"l1": norm, "l2": norm, "bn-scale": gamma}.get(criterion)
+    scores = rng.random(heads.count) if scores is None else scores
+    return np.where(dead, -np.inf, scores)
+
+
+def _dead_heads(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads,
+                merge: ChannelGroup, values: set[int], row_stats) -> np.ndarray:
+    """Per head: whether the merge `merge` reads nothing of it (its consumers' columns of the
+    head are 0) or its value channels `values` are dead: 0 rows in the head splits' inputs
+    (`row_stats` holds their producers'), no channelwise member there or in any other group
+    holding them (the merge, a pad) mapping 0 to something else, and no other producer."""
+    unread = np.full(heads.count, bool(merge.consumers))
+    for node in merge.consumers:
+        module = _module(gm, node)
+        if not isinstance(module, (*CONV_MODULES, nn.Linear)) or getattr(module, "groups", 1) > 1:
+            unread[:] = False
+            break
+        columns = module.weight.detach().movedim(1, 0).reshape(merge.size, -1)
+        unread &= [not columns[_segment(heads, merge, i)].any() for i in range(heads.count)]
+    alive = np.zeros(heads.count, dtype=bool)
+    for leaf in values:
+        for top, channels in positions[leaf]:
+            group = cg.groups[top]
+            rows = _channelwise_alive(gm, cg, group, torch.arange(group.size))
+            if top not in heads.wholes:  # v itself, or another group holding it: all heads
+                alive |= bool(group.producers) or rows[channels].any()
+                continue
+            for node in group.producers:
+                rows |= row_stats[node][1]
+            for i in range(heads.count):
+                alive[i] |= rows[np.intersect1d(channels, _segment(heads, group, i))].any()
+    return unread | ~alive
 
 
 def _step(unit: _Unit, round_to: int) -> int:
@@ -418,19 +535,23 @@ def _decide(units: list[_Unit], config: PruneConfig) -> list[np.ndarray]:
     """The kept channel indices of each unit (sorted), shared by its groups."""
     if config.global_threshold:
         pooled = []
-        for unit in units:
-            s = _unit_scores(unit)
+        for unit in units:  # heads are decided per attention (below)
+            s = _unit_scores(unit) if unit.heads is None else np.zeros(1)
             if config.criterion in ("l1", "l2"):
                 finite = s[np.isfinite(s)]
                 top = finite.max() if finite.size and finite.max() > 0 else 1.0
                 s = s / top
-            pooled.append(np.repeat(s, unit.size // len(s)))
+            pooled.append(np.repeat(s, unit.size // len(s)) if unit.heads is None else s[:0])
         everything = np.concatenate(pooled)
         cut = int(math.floor(config.ratio * everything.size))
         threshold = np.sort(everything)[cut - 1] if cut > 0 else -np.inf
         wanted = [int((p > threshold).sum()) for p in pooled]
     else:
         wanted = [math.ceil((1 - _unit_ratio(unit, config)) * unit.size) for unit in units]
+    for at, unit in enumerate(units):
+        if unit.heads is not None:  # "dims": only the dead heads go
+            wanted[at] = math.ceil((1 - config.ratio) * unit.size) if config.heads == "heads" \
+                else int(np.isfinite(unit.scores[0]).sum())
     return [_every_piece(unit, _keep(unit, want, config.round_to))
             for unit, want in zip(units, wanted)]
 
@@ -518,15 +639,38 @@ def _prepare(gm: GraphModule, example_input: Tensor | tuple[Tensor, ...], config
     return gm, cg, units, notes, before, shapes
 
 
-def _sources(units: list[_Unit], decisions: list[np.ndarray]) -> Sources:
-    """group -> its kept channels (`archc.rewrite.channel_resize` sources without new channels)."""
+def head_source(source: Tensor, width: int, kept: Tensor) -> Tensor:
+    """The source of a group laid out as heads of `width` channels (head i: channels
+    [i width, (i + 1) width)) that keeps the heads `kept`: the entries of its `source` (every
+    head's kept dims) in kept heads, s // width in kept."""
+    return source[torch.isin(source // width, kept)]
+
+
+def _sources(cg: ChannelGraph, units: list[_Unit], decisions: list[np.ndarray]) -> Sources:
+    """group -> its kept channels (`archc.rewrite.channel_resize` sources without new channels);
+    a head split's input or merge's output that loses heads keeps the kept heads' segments of
+    its source, a scores group the kept heads."""
     kept_of: dict[int, np.ndarray] = {}
     for unit, kept in zip(units, decisions):
+        if unit.heads is not None:
+            continue
         for group in unit.groups:
             kept_of[group.index] = kept
         for leaf, channels in unit.pieces:
             kept_of[leaf] = np.flatnonzero(np.isin(channels, kept))
-    return {index: torch.as_tensor(kept, dtype=torch.long) for index, kept in kept_of.items()}
+    sources = {index: torch.as_tensor(kept, dtype=torch.long) for index, kept in kept_of.items()}
+    removed = [(unit.heads, torch.as_tensor(kept, dtype=torch.long))
+               for unit, kept in zip(units, decisions)
+               if unit.heads is not None and kept.size < unit.size]
+    complete = complete_sources(cg, sources) if removed else {}
+    for heads, kept in removed:
+        for index in heads.wholes:
+            size = cg.groups[index].size
+            sources[index] = head_source(complete.get(index, torch.arange(size)),
+                                         size // heads.count, kept)
+        for index in heads.scores:
+            sources[index] = kept
+    return sources
 
 
 def _estimated_macs(gm: GraphModule, cg: ChannelGraph, sources: Sources, before: int) -> int:
@@ -553,19 +697,20 @@ def prune(gm: GraphModule, example_input: Tensor | tuple[Tensor, ...], config: P
     gm, cg, units, notes, before, shapes = prepared or _prepare(gm, example_input, config)
     macs_before = module_complexity(gm)
     decisions = _decide(units, config)
-    resize_channels(gm, cg, _sources(units, decisions))
+    resize_channels(gm, cg, _sources(cg, units, decisions))
     propagate_shapes(gm, shapes)
     after = complexity_report(gm).total
     macs_after = module_complexity(gm)
     changes = []
     for unit, kept in zip(units, decisions):
-        policy = "norm-groups" if unit.groups[0].norm_groups else "keep-width" \
-            if unit.whole_segments else "keep-count" if unit.segments > 1 else "channels"
+        policy = "heads" if unit.heads is not None else "norm-groups" \
+            if unit.groups[0].norm_groups else "keep-width" if unit.whole_segments \
+            else "keep-count" if unit.segments > 1 else "channels"
         for group in unit.groups:
             names = {str(n.target) for n in (*group.producers, *group.consumers,
                                              *group.channelwise) if n.op == "call_module"}
             changes.append(GroupChange(
-                group.label(), group.size, int(kept.size), policy,
+                group.label(), unit.size if unit.heads else group.size, int(kept.size), policy,
                 sum(macs_before[n].flops for n in names), sum(macs_after[n].flops for n in names),
                 sum(macs_before[n].params for n in names),
                 sum(macs_after[n].params for n in names)))
@@ -590,12 +735,12 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor | tuple[Tensor, ...], t
     copy_, cg, units, notes, before, _ = prepared
 
     def fits(config: PruneConfig) -> bool:
-        sources = _sources(units, _decide(units, config))
+        sources = _sources(cg, units, _decide(units, config))
         return _estimated_macs(copy_, cg, sources, before.flops) <= target * before.flops
 
     best = _smallest_fitting_ratio(lambda r: fits(make_config(r)), 0.0, 0.99, steps)
     if best is None:
-        sources = _sources(units, _decide(units, make_config(0.99)))
+        sources = _sources(cg, units, _decide(units, make_config(0.99)))
         fraction = _estimated_macs(copy_, cg, sources, before.flops) / before.flops
         raise PruneError(f"cannot reach {100 * target:.0f}% of the MACs: at ratio 0.99 the "
                          f"pruned model keeps {100 * fraction:.1f}% (its other channels are "

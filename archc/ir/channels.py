@@ -35,7 +35,14 @@ and one channel order, so that pruning or padding edits a whole group at once.
   (they are contracted) and writes scores without channels (`HEADS`); `scores @ v` keeps v's;
   in linear attention `k.T @ v` keeps v's with k's as its rows and `q @ kv` ties q to them. A
   constant pad of the channel dim adds fixed pieces (`PADDED`). Literal channel counts in
-  reshapes are recorded (`ChannelGraph.sizes`) and rewritten by a resize.
+  reshapes are recorded (`ChannelGraph.sizes`) and rewritten by a resize. Whole heads are units
+  too (`ChannelGraph.heads`, one `Heads` per attention): the head splits and merges whose
+  lockstep groups the products link (q, k, v and the scores of one attention), the scores
+  groups (one channel a head; a per-head constant, a scale [h, 1, 1] or LeViT's
+  `attention_biases[:, idxs]` of shape [h, N], is a channelwise member) and the place of each
+  split's literal head count; removing head i removes segment i of every split and merge and
+  channel i of the scores. Heads stay whole (`Heads.fixed`) where a head count is computed
+  (`HEAD_COUNT`) or an op inside the attention reads a constant not per head (`HEAD_CONSTANT`).
 - Composites: `cat(dim=1)` makes its result's group the concatenation of its inputs' groups
   (`parts`); a split, chunk or slice on dim 1 makes its input's group the concatenation of the
   pieces. Two layouts of one group with the same parts identify their pieces (`cat([a, b])` split
@@ -132,12 +139,14 @@ GROUPED_PARTS = "a grouped conv reads or writes a concatenated or split group"
 SIZE_READ = "the graph reads or hard-codes this channel count (size(1), shape[1], view)"
 NORM_PARTS = "a GroupNorm normalizes a concatenated, split or shuffled group"
 UNSUPPORTED = "an op the channel analysis does not model touches these channels"
-HEADS = "attention scores: one per head (heads keep their count; their dims are pruned)"
+HEADS = "attention scores: one per head (pruned by whole heads only, `ChannelGraph.heads`)"
+HEAD_COUNT = "the graph computes a head count"
+HEAD_CONSTANT = "a constant read inside the attention is not indexed by its heads"
 PADDED = "constant channels a pad adds"
 STATISTIC = "a mean or variance over the channels: one value per position"
 _PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHUFFLE_GROUPS, SHUFFLE_SIZES,
-             SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, NORM_PARTS, SIZE_READ, HEADS, PADDED,
-             STATISTIC, UNSUPPORTED)
+             SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, NORM_PARTS, SIZE_READ, HEAD_COUNT,
+             HEAD_CONSTANT, HEADS, PADDED, STATISTIC, UNSUPPORTED)
 
 # Ops that map channel c of every operand to channel c of the result; modules by exact type (a
 # subclass may compute something else).
@@ -213,6 +222,20 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Heads:
+    """The heads of one attention, removable as units: head i is segment i of every group in
+    `wholes` (a head split's input, a head merge's output: `count` lockstep segments of the head
+    dims) and channel i of every group in `scores` (dim 1 of `q @ k.T`)."""
+
+    count: int
+    wholes: tuple[int, ...]
+    scores: tuple[int, ...]
+    pieces: tuple[int, ...]  # the leaf groups inside one head (its head dims)
+    literals: tuple[tuple[Node, int], ...]  # head split -> the place of its literal head count
+    fixed: str = ""  # why the heads cannot be removed; "" if they can
+
+
+@dataclass(frozen=True)
 class ChannelGroup:
     """Channel dimensions that must keep one size and one order (see the module docstring)."""
 
@@ -271,6 +294,7 @@ class ChannelGraph:
     constants: dict[Node, tuple[tuple[str, int, str], ...]] = field(default_factory=dict)
     # reshape node -> the place in its sizes of a literal channel count (its result's channels)
     sizes: dict[Node, int] = field(default_factory=dict)
+    heads: list[Heads] = field(default_factory=list)  # attention heads, units of their own
 
     def of(self, node: Node) -> ChannelGroup:
         return self.groups[self.index[node]]
@@ -390,6 +414,19 @@ class _Builder:
         self.sizes: dict[Node, int] = {}  # ChannelGraph.sizes
         # `k.T @ v`: its rows are k's channels, its channel dim v's -> the space of the rows
         self.rows: dict[Node, int] = {}
+        # head splits and merges: (reshape, whole space, lockstep space, heads, the place of a
+        # literal head count, -1 if none, None if computed); products of one attention: (scores
+        # space, q's or v's space)
+        self.head_reshapes: list[tuple[Node, int, int, int, int | None]] = []
+        self.head_links: list[tuple[int, int]] = []
+        # `table[:, idxs]` (LeViT's attention biases [h, N] gathered by a buffer of indices) ->
+        # the table, read per head by the one shift using it (`per_channel_constant`)
+        self.tables: dict[Node, Node] = {}
+        for node in gm.graph.nodes:
+            table = _head_table(node)
+            if table is not None:
+                self.tables[node] = table
+                self.done.update((node, table, *_node_args(node)))
 
     # ---- spaces ----
 
@@ -508,6 +545,8 @@ class _Builder:
                 continue
             if operand in self.chains:  # a view of a constant this op does not read per channel
                 self.unsupported(operand, "constant tensor")
+            if operand in self.tables:
+                self.unsupported(operand, "indexing")
             if lead == 0:
                 if operand not in self.space and position != 1:  # a constant read whole
                     self.dims[operand] = position
@@ -524,7 +563,11 @@ class _Builder:
         lines up with `node`'s channel dim. It is then a channelwise member, pruned with the
         channels (along the constant's own channel dim)."""
         kind = _SCALE_OR_SHIFT.get(node_target(self.gm, node))
-        if operand in self.chains:
+        if operand in self.tables:  # a table of one row per channel, gathered along its rows
+            if kind is None or position != 0:
+                return False
+            operand = self.tables[operand]
+        elif operand in self.chains:
             constant, _ = self.chains[operand]
             shape = node_shape(operand)
             if kind is None or any(n != 1 for d, n in enumerate(shape) if d != position):
@@ -533,7 +576,8 @@ class _Builder:
             operand = constant
         elif operand.op != "get_attr" or kind is None or len(operand.users) != 1:
             return False
-        self.unread.remove(operand)
+        if operand in self.unread:
+            self.unread.remove(operand)
         self.constants.setdefault(node, []).append((str(operand.target), position, kind))
         self.role("channelwise", node, node)
         return True
@@ -826,10 +870,15 @@ class _Builder:
             d = after[dim]
             self.layouts.append((self.of(x), tuple((self.of(node), i * d, 1, d)
                                                    for i in range(heads[1]))))
+            place = None  # the head count requested: -1, a literal or computed
+            if target in RESHAPES and len(sizes) == len(after):
+                place = -1 if sizes[c] == -1 else c if type(sizes[c]) is int else None
+            self.head_reshapes.append((node, self.of(x), self.of(node), heads[1], place))
         else:
             d = before[c]
             self.layouts.append((self.of(node), tuple((self.of(x), i * d, 1, d)
                                                       for i in range(heads[1]))))
+            self.head_reshapes.append((node, self.of(node), self.of(x), heads[1], -1))
 
     def matmul(self, node: Node, target=None) -> None:
         """Attention's products: `q @ k.T` contracts the channels of q and k (one group, pruned
@@ -845,6 +894,7 @@ class _Builder:
         if ca == rank - 1 and cb == rank - 2:
             self.tie(a, b)
             self.fix([node], HEADS)
+            self.head_links.append((self.of(node), self.of(a)))
             return self.role("producers", node, node)
         if cb != rank - 1 or b not in self.space:
             return self.unsupported(node, "matmul that mixes channels")
@@ -854,6 +904,8 @@ class _Builder:
             self.tie(a, self.rows[b])
         elif ca >= rank - 2:
             return self.unsupported(node, "matmul that mixes channels")
+        if ca == 1 and a in self.space:  # scores @ v
+            self.head_links.append((self.of(a), self.of(b)))
         self.dims[node] = rank - 1
         self.tie(b, node)
 
@@ -1141,7 +1193,64 @@ class _Builder:
         cuts = {node: number[find(space)] for node, space in self.cuts.items()}
         constants = {node: tuple(read) for node, read in self.constants.items()}
         dims = {node: dim for node, dim in self.dims.items() if node in self.space}
-        return ChannelGraph(groups, index, dims, cuts, constants, dict(self.sizes))
+        graph = ChannelGraph(groups, index, dims, cuts, constants, dict(self.sizes))
+        graph.heads = self.head_sets(graph, number, reasons)
+        return graph
+
+    def head_sets(self, graph: ChannelGraph, number: dict[int, int],
+                  reasons: dict[int, list[str]]) -> list[Heads]:
+        """The heads of each attention: head splits and merges whose lockstep groups share a
+        leaf, or that the scores' products link, are one set (`Heads`)."""
+        find = self.uf.__getitem__
+        index = {space: number[find(space)] for space in range(len(self.size))}
+        links = UnionFind()
+
+        def leaves(space: int) -> list[tuple[str, int]]:
+            return [("l", leaf.index) for leaf in graph.leaves(graph.groups[index[space]])]
+
+        for _, whole, piece, _, _ in self.head_reshapes:
+            links.union(("w", index[whole]), *leaves(piece))
+        for scores, other in self.head_links:
+            links.union(("s", index[scores]), *leaves(other))
+        found = []
+        for members in links.to_sets():
+            records = [r for r in self.head_reshapes if ("w", index[r[1]]) in members]
+            if not records:
+                continue
+            wholes = tuple(sorted({index[r[1]] for r in records}))
+            scores = tuple(sorted(i for kind, i in members if kind == "s"))
+            counts = {r[3] for r in records}
+            why = [graph.groups[w].fixed for w in wholes if graph.groups[w].fixed]
+            why += [r for s in scores for space, rs in reasons.items() if number[space] == s
+                    for r in rs if r != HEADS]
+            if len(counts) > 1:
+                why.append(f"{SEGMENT_CONFLICT} (head counts {sorted(counts)})")
+            why += [f"{HEAD_COUNT} ({r[0].name})" for r in records if r[4] is None]
+            why += [f"{HEAD_CONSTANT} ({n.name})" for n in self.unindexed(records)]
+            found.append(Heads(
+                counts.pop() if len(counts) == 1 else 0, wholes, scores,
+                tuple(sorted(i for kind, i in members if kind == "l")),
+                tuple((r[0], r[4]) for r in records if r[4] is not None and r[4] >= 0),
+                min(why, key=_priority) if why else ""))
+        return found
+
+    def unindexed(self, records) -> list[Node]:
+        """The ops between an attention's head splits and its merges (or, without merges, after
+        its splits) that read a constant other than as a per-channel constant (whose channels
+        are the heads on the scores): removing heads would leave it whole."""
+        splits = [r[0] for r in records if self.space.get(r[0]) == r[2]]
+        merges = [r[0] for r in records if self.space.get(r[0]) == r[1]]
+        region = _reachable(splits, lambda n: n.users)
+        if merges:
+            region &= _reachable(merges, _node_args)
+        found = []
+        for node in region:
+            read = {name for name, _, _ in self.constants.get(node, ())}
+            for a in _node_args(node):
+                if a not in region and (a.op == "get_attr" and str(a.target) not in read or (
+                        a in self.tables or a in self.chains) and node not in self.constants):
+                    found.append(node)
+        return found
 
     def members(self) -> dict[int, dict[str, list[Node]]]:
         """root -> {"tensors" | role: nodes in graph order}."""
@@ -1158,6 +1267,38 @@ class _Builder:
                 if node not in listed:
                     listed.append(node)
         return members
+
+
+def _reachable(starts: list[Node], step) -> set[Node]:
+    """`starts` and every node reached from them by `step` (users or inputs)."""
+    found, todo = set(starts), list(starts)
+    while todo:
+        for other in step(todo.pop()):
+            if other not in found:
+                found.add(other)
+                todo.append(other)
+    return found
+
+
+def _head_table(node: Node) -> Node | None:
+    """The constant of `table[:, idxs]` (`aten.index(table, [None, idxs])`): a parameter or
+    buffer gathered along its other dims by constant index buffers, keeping its rows, read once
+    by a shift; None for anything else."""
+    if node.target is operator.getitem:
+        table, index = node.args
+        items = list(index) if isinstance(index, tuple) else None
+        rows = slice(None)
+    elif node.target is torch.ops.aten.index.Tensor:
+        table, items = node.args
+        rows = None
+    else:
+        return None
+    if not isinstance(table, Node) or table.op != "get_attr" or len(table.users) != 1 \
+            or not items or len(items) < 2 or items[0] != rows or not all(
+                isinstance(i, Node) and i.op == "get_attr" and len(i.users) == 1
+                for i in items[1:]) or len(node.users) != 1:
+        return None
+    return table if next(iter(node.users)).target in _SCALE_OR_SHIFT else None
 
 
 def _only_views(node: Node, target) -> bool:

@@ -40,7 +40,9 @@ exactly (a removed channel must be dead, a new channel is exactly 0 wherever it 
   the number of new channels before it, a `NEW` channel counting with the channel before it
   (`cut_bounds`); a chunk becomes a split;
 - a reshape that writes a resized group's channel count as a literal (`graph.sizes`:
-  `reshape(B, N, 64)` merging attention heads) requests the new count.
+  `reshape(B, N, 64)` merging attention heads) requests the new count; a head split that writes
+  its head count as a literal (`graph.heads`: `view(B, N, 4, -1)`) requests the new count of
+  heads, its input's new size over its result's.
 
 Every change is recorded as a graph edit (`archc.ir.graph_edits`: `module`, `tensor`, `split`), so
 an archc checkpoint of the resized graph rebuilds it. Modules are replaced, never written in place.
@@ -252,6 +254,13 @@ def resize_channels(gm: GraphModule, graph: ChannelGraph, sources: Sources) -> N
     for node, at in graph.sizes.items():
         if graph.index[node] in sources:
             put_reshape(gm, node, at, len(sources[graph.index[node]]))
+    for heads in graph.heads:
+        for node, at in heads.literals:
+            whole, head = graph.index[node.args[0]], graph.index[node]
+            if whole in sources:
+                count = len(sources[whole]) // len(_source(graph, sources, head))
+                if count != heads.count:
+                    put_reshape(gm, node, at, count)
     gm.graph.lint()
     gm.recompile()
 
