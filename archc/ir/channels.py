@@ -172,6 +172,7 @@ _RULES: dict[object, str] = {
                     "pixel_shuffle"),
     **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), "cat"),
     **dict.fromkeys((torch.split, torch.chunk, "split", "chunk"), "split"),
+    **dict.fromkeys((torch.unbind, "unbind", torch.ops.aten.unbind.int), "unbind"),
     operator.getitem: "getitem",
     **dict.fromkeys((nn.Flatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                      "view", "reshape", "flatten", "squeeze", "unsqueeze", "reshape_as",
@@ -380,6 +381,10 @@ class _Builder:
         self.sizes: dict[Node, int] = {}  # ChannelGraph.sizes
         # `k.T @ v`: its rows are k's channels, its channel dim v's -> the space of the rows
         self.rows: dict[Node, int] = {}
+        # a read channel count (`C` of `B, C, H, W = x.shape`) that only reshapes use -> x;
+        # `reshape` ties x to those that request it as their own channel count (`read_sizes`)
+        self.read: dict[Node, Node] = {}
+        self.read_by: dict[Node, int] = {}  # such a read -> how many reshapes took it so
 
     # ---- spaces ----
 
@@ -723,6 +728,24 @@ class _Builder:
         self.cuts[node] = self.of(x)
         self.concatenation(x, pieces)
 
+    def unbind(self, node: Node, target=None) -> None:
+        """`unbind(dim)` of another dim than the channels (FastViT's q, k, v after its
+        [3, heads, d] split): every piece keeps the input's channels, one dim lower past dim."""
+        x = node.args[0]
+        shape = _channel_shape(x)
+        users = list(node.users)
+        if shape is None or not all(u.target is operator.getitem and isinstance(u.args[1], int)
+                                    for u in users):
+            return self.unsupported(node, "unbind used as a whole")
+        dim, c = normal_dim(arg(node, 1, "dim", 0), len(shape)), self.dim(x)
+        if dim is None or dim == c or len(shape) < 3:
+            return self.unsupported(node, "unbind of the channels")
+        self.done.update(users)
+        for user in users:
+            if c - (dim < c) != 1:
+                self.dims[user] = c - (dim < c)
+            self.tie(x, user)
+
     def getitem(self, node: Node, target=None) -> None:
         x, index = node.args
         shape = _channel_shape(x)
@@ -765,11 +788,15 @@ class _Builder:
         if before is None or after is None:
             return self.opaque(node, MOVES_CHANNELS)
         c = self.dim(x)
+        read = False
         dim, heads = reshaped_dim(before, after, c), None
-        if dim is None and head_split(before, after, c):
-            dim, heads = c + 1, ("split", after[c])
-        elif dim is None and 0 < c < len(after) + 1 and head_split(after, before, c - 1):
-            dim, heads = c - 1, ("merge", before[c - 1])
+        split = head_split(before, after, c) if dim is None else None
+        merged = next((m for m in range(c - 1, -1, -1) if head_split(after, before, m) == (m, c)),
+                      None) if dim is None and not split else None
+        if split:
+            dim, heads = split[1], ("split", math.prod(after[c:split[1]]))
+        elif merged is not None:
+            dim, heads = merged, ("merge", math.prod(before[merged:c]))
         if dim is None:
             return self.opaque(node, MOVES_CHANNELS)
         if target in ("reshape_as", torch.Tensor.reshape_as):  # another tensor's sizes
@@ -778,13 +805,16 @@ class _Builder:
                 return self.opaque(node, MOVES_CHANNELS)
         elif target in RESHAPES:
             sizes = reshape_sizes(node) or ()
-            if len(sizes) != len(after) or sizes[dim] != -1 and not (
-                    type(sizes[dim]) is int and sizes[dim] == after[dim]):
+            read = len(sizes) == len(after) and self.read_sizes(node, sizes, dim)
+            if not read and (len(sizes) != len(after) or sizes[dim] != -1 and not (
+                    type(sizes[dim]) is int and sizes[dim] == after[dim])):
                 return self.opaque(node, SIZE_READ)  # a computed channel count
-            if sizes[dim] != -1:
+            if not read and sizes[dim] != -1:
                 self.sizes[node] = dim
         if dim != 1:
             self.dims[node] = dim
+        if read:
+            self.tie(self.read[sizes[dim]], node)
         if heads is None:
             self.tie(x, node)
             if target in ("reshape_as", torch.Tensor.reshape_as):
@@ -931,7 +961,8 @@ class _Builder:
         c = self.dim(x)
         dim = arg(node, 1, "dim") if target == "size" else None
         if dim is not None:
-            read = normal_dim(dim, len(shape)) == c and not self.shuffles_only(node, x)
+            read = normal_dim(dim, len(shape)) == c and not self.shuffles_only(node, x) \
+                and not self.reshapes_only(node, x)
         else:  # a whole torch.Size: which items does the graph take?
             read = False
             for user in node.users:
@@ -942,9 +973,33 @@ class _Builder:
                     channels = c in range(*index.indices(len(shape)))
                 else:
                     channels = True  # the shape escapes whole
-                read |= channels and not self.shuffles_only(user, x)
+                read |= channels and not self.shuffles_only(user, x) \
+                    and not (isinstance(index, int) and self.reshapes_only(user, x))
         if read:
             self.fix([x], SIZE_READ)
+
+    def reshapes_only(self, value: Node, x: Node) -> bool:
+        """Whether a read channel count of x only feeds reshapes as one of their sizes (FastViT's
+        `reshape(B, N, C)` merging heads, C read from the block's input): recorded in `read`,
+        each reshape that requests it as its own channel count tied to x (`read_sizes`), x fixed
+        in `finish` if another takes it."""
+        if not value.users or not all(
+                node_target(self.gm, user) in RESHAPES and value in (reshape_sizes(user) or ())
+                for user in value.users):
+            return False
+        self.read[value] = x
+        return True
+
+    def read_sizes(self, node: Node, sizes: tuple, dim: int) -> bool:
+        """Whether `sizes[dim]` (a reshape's requested channel count) is a channel count read
+        from a tensor of as many channels (`read`): tie that tensor to the result, so both keep
+        one size and the reshape follows it (`reshape` ties them)."""
+        x = self.read.get(sizes[dim])
+        if x is None or self.channels(x) != _channel_shape(node)[dim] \
+                or sizes.count(sizes[dim]) != 1:
+            return False
+        self.read_by[sizes[dim]] = self.read_by.get(sizes[dim], 0) + 1
+        return True
 
     def shuffles_only(self, value: Node, x: Node) -> bool:
         """Whether a size read from x only feeds accepted shuffles of x (whose sizes follow x's
@@ -990,10 +1045,16 @@ class _Builder:
                             if find(a[0]) != find(b[0]):
                                 self.uf.union(a[0], b[0])
                                 changed = True
-                    elif _concatenated(other) and not _concatenated(first):
+                    elif _concatenated(other) and not _concatenated(first) \
+                            or _refines(first, other):
                         self.active.remove(other)
                         self.cut(other, first)
                         changed = True
+                    elif _refines(other, first):  # cut the chosen one: compare again
+                        self.active.remove(first)
+                        self.cut(first, other)
+                        changed = True
+                        break
                     else:
                         conflicts.add(whole)
             if not changed:
@@ -1043,7 +1104,12 @@ class _Builder:
     def finish(self) -> ChannelGraph:
         for constant in self.unread:
             self.unsupported(constant, "constant tensor")
+        for value, x in self.read.items():  # a read count another op takes
+            if self.read_by.get(value, 0) != len(value.users):
+                self.fix([x], SIZE_READ)
         chosen, conflicts = self.unify_layouts()
+        while self.align_grouped(chosen):
+            chosen, conflicts = self.unify_layouts()
         find = self.uf.__getitem__
         roots = list(dict.fromkeys(find(s) for s in range(len(self.size))))  # creation order
         number = {root: i for i, root in enumerate(roots)}
@@ -1060,7 +1126,8 @@ class _Builder:
         for root in conflicts:
             reasons.setdefault(root, []).append(SEGMENT_CONFLICT)
         for root in groups_of.keys() & chosen.keys():
-            reasons.setdefault(root, []).append(GROUPED_PARTS)
+            if not all(_runs(_leaf_parts(chosen, find, root), g) for g in groups_of[root]):
+                reasons.setdefault(root, []).append(GROUPED_PARTS)
         norms_of: dict[int, int] = {}
         for space, g in self.normed:
             norms_of[find(space)] = math.gcd(norms_of.get(find(space), 0), g)
@@ -1093,6 +1160,22 @@ class _Builder:
         constants = {node: tuple(read) for node, read in self.constants.items()}
         dims = {node: dim for node, dim in self.dims.items() if node in self.space}
         return ChannelGraph(groups, index, dims, cuts, constants, dict(self.sizes))
+
+    def align_grouped(self, chosen: dict[int, tuple]) -> bool:
+        """A grouped conv (g groups) on a composite whose leaves, one after the other, fall into
+        g runs of C/g channels with the same leaf sizes in each run (EfficientViT's grouped conv
+        over q, k and v of every head, g = 3 heads): tie the leaves at the same place in every
+        run, so every conv group keeps as many channels. Whether any tie was new."""
+        find = self.uf.__getitem__
+        tied = False
+        for space, g in self.grouped:
+            runs = _runs(_leaf_parts(chosen, find, find(space)), g)
+            for places in zip(*runs):
+                for leaf in places[1:]:
+                    if find(leaf) != find(places[0]):
+                        self.uf.union(leaf, places[0])
+                        tied = True
+        return tied
 
     def members(self) -> dict[int, dict[str, list[Node]]]:
         """root -> {"tensors" | role: nodes in graph order}."""
@@ -1140,6 +1223,40 @@ def _concatenated(layout: _Layout) -> bool:
             return False
         offset += size
     return True
+
+
+def _leaf_parts(chosen: dict[int, tuple], find, root: int) -> list[tuple[int, int]]:
+    """(leaf root, size) of a composite's leaves in channel order, through nested layouts; [] for
+    a leaf or a layout with strided parts (an interleave)."""
+    if root not in chosen:
+        return []
+    leaves = []
+    for space, _, stride, size in chosen[root]:
+        if stride != 1:
+            return []
+        leaves += _leaf_parts(chosen, find, find(space)) or [(find(space), size)]
+    return leaves
+
+
+def _runs(leaves: list[tuple[int, int]], g: int) -> list[list[int]]:
+    """`leaves` cut into g runs of equal size with the same leaf sizes in each, as the leaves
+    of each run; [] if they do not fall so."""
+    if g < 2 or not leaves or len(leaves) % g:
+        return []
+    n = len(leaves) // g
+    runs = [leaves[i * n:(i + 1) * n] for i in range(g)]
+    if any([size for _, size in run] != [size for _, size in runs[0]] for run in runs):
+        return []
+    return [[leaf for leaf, _ in run] for run in runs]
+
+
+def _refines(fine: _Layout, coarse: _Layout) -> bool:
+    """Two concatenations of one whole, every boundary of `coarse` one of `fine` (a cat of
+    attention heads split again into heads: each coarse piece is a run of fine ones)."""
+    if not (_concatenated(fine) and _concatenated(coarse)) or _signature(fine) == \
+            _signature(coarse):
+        return False
+    return {p[1] for p in coarse[1]} <= {p[1] for p in fine[1]}
 
 
 def _chosen(layouts: list[_Layout]) -> _Layout:

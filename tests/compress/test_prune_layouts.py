@@ -24,9 +24,10 @@ from tests.helpers import kill_half
 from tests.wild.attention import NETWORKS as ATTENTION
 from tests.wild.channels_last import NETWORKS as CHANNELS_LAST
 from tests.wild.channels_last import Permute
+from tests.wild.hybrids import NETWORKS as HYBRIDS
 
 SHAPE = (2, 3, 32, 32)
-NETWORKS = {**CHANNELS_LAST, **ATTENTION}
+NETWORKS = {**CHANNELS_LAST, **ATTENTION, **HYBRIDS}
 
 
 def _model(make):
@@ -113,7 +114,7 @@ def test_efficientvit_linear_attention_loses_the_same_dims_in_every_head():
 # 20-70 s each on the shared 2-core machine; one network per family (timm's ConvNeXt variants
 # are checked through both graph routes above)
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["torchvision_convnext", *ATTENTION])
+@pytest.mark.parametrize("name", ["torchvision_convnext", *ATTENTION, *HYBRIDS])
 def test_prunes_to_the_macs_target_by_both_routes_and_again(tmp_path, capsys, name):
     model = _model(NETWORKS[name])
     pickled, program = tmp_path / "m.pt", tmp_path / "m.pt2"
