@@ -25,9 +25,12 @@ and one channel order, so that pruning or padding edits a whole group at once.
   (`normalized`: no removal there is exact); a GroupNorm's group count goes to `norm_groups`: its
   group changes by whole norm groups only. BN, GroupNorm, PReLU, pixel shuffles and convs read
   their channels on dim 1.
-- Attention: a reshape splitting the channels into heads, [.., h d, ..] -> [.., h, d, ..], makes
-  its input h lockstep segments of its result's group (every head keeps the same dims, as a
-  shuffle's input below); merging heads back is the reverse. `q @ k.T` ties q's and k's channels
+- Attention: a reshape splitting the channels into heads, [.., h d, ..] -> [.., h, d, ..] (or
+  over several dims, [.., 3 h d] -> [.., 3, h, d]), makes its input h lockstep segments of its
+  result's group (every head keeps the same dims, as a shuffle's input below); merging heads
+  back is the reverse (never into the batch dim); `unbind` of another dim ties its pieces.
+  A channel count read from a tensor (`B, C, H, W = x.shape`) that reshapes alone take, as
+  their own channel count, ties the tensor to their results. `q @ k.T` ties q's and k's channels
   (they are contracted) and writes scores without channels (`HEADS`); `scores @ v` keeps v's;
   in linear attention `k.T @ v` keeps v's with k's as its rows and `q @ kv` ties q to them. A
   constant pad of the channel dim adds fixed pieces (`PADDED`). Literal channel counts in
@@ -35,7 +38,9 @@ and one channel order, so that pruning or padding edits a whole group at once.
 - Composites: `cat(dim=1)` makes its result's group the concatenation of its inputs' groups
   (`parts`); a split, chunk or slice on dim 1 makes its input's group the concatenation of the
   pieces. Two layouts of one group with the same parts identify their pieces (`cat([a, b])` split
-  at the same point gives back a and b); concatenations with different boundaries conflict.
+  at the same point gives back a and b); of two concatenations, one whose boundaries are all the
+  other's is cut by it (heads concatenated, then split into heads again); other concatenations
+  with different boundaries conflict.
 - Pixel shuffles: y = pixel_shuffle(x, r) reads channels c r² .. c r² + r² - 1 of x for its
   channel c, so x interleaves r² copies of y's group (parts (y, k, stride r²)); pixel_unshuffle
   the reverse. Removing a channel of the coarse side removes its block of r² on the fine side.
@@ -48,17 +53,19 @@ and one channel order, so that pruning or padding edits a whole group at once.
   analysis cuts Q into pieces where needed (Q is `refined`) and the cut piece interleaves them.
 - Grouped convs: a conv with g groups (not depthwise) reads g equal segments of its input group
   and writes g equal segments of its output group; `groups` lists these g, and a new size must
-  stay divisible by `divisor = lcm(groups)` with every segment changed alike.
+  stay divisible by `divisor = lcm(groups)` with every segment changed alike. On a composite
+  whose leaves fall into g equal runs (EfficientViT's 1x1 conv with a group per q, k or v of a
+  head) the leaves at one place in every run are tied, so each conv group keeps as many.
 - Fixed: a group whose size cannot change carries the reason in `fixed`: model inputs and outputs,
   an op the analysis does not model (the conservative default: anything unknown fixes every
   channel space it touches), a graph that reads or computes the channel count (`x.size(1)`,
   `view(n, 2 * n)`; the size reads inside a shuffle's spelling are part of it), a reshape that
   merges or splits the channel dim other than into heads and is not a shuffle, a shuffle whose
   group count is computed in the graph or whose reshape hard-codes a channel-dependent size, a
-  module called twice, conflicting layouts, a grouped conv on a composite (ShuffleNetV1's
-  grouped 1x1 convs around its shuffle), a GroupNorm of a composite (its norm groups need not
-  line up with the parts). A fixed composite fixes its parts; a fixed part leaves its composite
-  free.
+  module called twice, conflicting layouts, a grouped conv on a composite that its groups cut
+  otherwise (ShuffleNetV1's grouped 1x1 conv reading its shuffle's output), a GroupNorm of a
+  composite (its norm groups need not line up with the parts). A fixed composite fixes its
+  parts; a fixed part leaves its composite free.
 
 Usage::
 
@@ -791,12 +798,15 @@ class _Builder:
         read = False
         dim, heads = reshaped_dim(before, after, c), None
         split = head_split(before, after, c) if dim is None else None
-        merged = next((m for m in range(c - 1, -1, -1) if head_split(after, before, m) == (m, c)),
-                      None) if dim is None and not split else None
+        merged = next((m for m in range(c - 1, 0, -1) if head_split(after, before, m) == (m, c)),
+                      None) if dim is None and not split else None  # never into the batch dim
         if split:
             dim, heads = split[1], ("split", math.prod(after[c:split[1]]))
         elif merged is not None:
             dim, heads = merged, ("merge", math.prod(before[merged:c]))
+        if dim is None and c and after and after[0] % math.prod(before[:c + 1]) == 0:
+            return self.opaque(node, f"{MOVES_CHANNELS}: a reshape merges the channels into the "
+                                     f"batch dim ({node.name})")  # MobileViT's unfold and fold
         if dim is None:
             return self.opaque(node, MOVES_CHANNELS)
         if target in ("reshape_as", torch.Tensor.reshape_as):  # another tensor's sizes

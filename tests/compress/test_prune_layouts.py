@@ -112,9 +112,11 @@ def test_efficientvit_linear_attention_loses_the_same_dims_in_every_head():
 
 # pickles, exports, prunes (a MACs search), re-exports and verifies each network by both routes:
 # 20-70 s each on the shared 2-core machine; one network per family (timm's ConvNeXt variants
-# are checked through both graph routes above)
+# are checked through both graph routes above; MobileViT in test_prune_hybrids: its exported
+# program bakes the batch size into the unfold's reshapes, so the pruned program cannot be
+# re-exported with a dynamic batch)
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["torchvision_convnext", *ATTENTION, *HYBRIDS])
+@pytest.mark.parametrize("name", ["torchvision_convnext", *ATTENTION, "fastvit"])
 def test_prunes_to_the_macs_target_by_both_routes_and_again(tmp_path, capsys, name):
     model = _model(NETWORKS[name])
     pickled, program = tmp_path / "m.pt", tmp_path / "m.pt2"

@@ -130,4 +130,105 @@ class FastVit(nn.Module):
         return self.head(self.final_conv(x))
 
 
-NETWORKS = {"fastvit": FastVit}
+# ---- MobileViT ----
+
+class TokenAttention(nn.Module):
+    """timm's vision_transformer `Attention` on tokens [B, N, C] (unfused path)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class TransformerBlock(nn.Module):
+    """timm's vision_transformer `Block`: pre-norm attention and MLP (SiLU, as MobileViT's)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=2.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = TokenAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.SiLU(),
+                                 nn.Linear(int(dim * mlp_ratio), dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class MobileVitBlock(nn.Module):
+    def __init__(self, in_chs, transformer_dim, num_heads=2, depth=1, patch_size=2):
+        super().__init__()
+        self.conv_kxk = ConvNormAct(in_chs, in_chs, 3)
+        self.conv_1x1 = nn.Conv2d(in_chs, transformer_dim, 1, bias=False)
+        self.transformer = nn.Sequential(*(TransformerBlock(transformer_dim, num_heads)
+                                           for _ in range(depth)))
+        self.norm = nn.LayerNorm(transformer_dim)
+        self.conv_proj = ConvNormAct(transformer_dim, in_chs, 1)
+        self.conv_fusion = ConvNormAct(2 * in_chs, in_chs, 3)
+        self.patch_size = (patch_size, patch_size)
+        self.patch_area = patch_size * patch_size
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv_1x1(self.conv_kxk(x))
+        patch_h, patch_w = self.patch_size
+        B, C, H, W = x.shape
+        num_patch_h, num_patch_w = H // patch_h, W // patch_w
+        num_patches = num_patch_h * num_patch_w
+        # unfold: [B, C, H, W] -> [B * C * n_h, n_w, p_h, p_w] -> [B * P, N, C]
+        x = x.reshape(B * C * num_patch_h, patch_h, num_patch_w, patch_w).transpose(1, 2)
+        x = x.reshape(B, C, num_patches, self.patch_area).transpose(1, 3).reshape(
+            B * self.patch_area, num_patches, -1)
+        x = self.norm(self.transformer(x))
+        # fold: [B * P, N, C] -> [B, C, H, W]
+        x = x.contiguous().view(B, self.patch_area, num_patches, -1)
+        x = x.transpose(1, 3).reshape(B * C * num_patch_h, num_patch_w, patch_h, patch_w)
+        x = x.transpose(1, 2).reshape(B, C, num_patch_h * patch_h, num_patch_w * patch_w)
+        x = self.conv_proj(x)
+        return self.conv_fusion(torch.cat((shortcut, x), dim=1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block (timm's mobilevit stages use it before every MobileViT block)."""
+
+    def __init__(self, c_in, c_out, stride=1, expand=4):
+        super().__init__()
+        mid = c_in * expand
+        self.conv_pw = ConvNormAct(c_in, mid, 1)
+        self.conv_dw = ConvNormAct(mid, mid, 3, stride, groups=mid)
+        self.conv_pwl = ConvNormAct(mid, c_out, 1, act=False)
+        self.has_skip = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        y = self.conv_pwl(self.conv_dw(self.conv_pw(x)))
+        return x + y if self.has_skip else y
+
+
+class MobileVit(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = ConvNormAct(3, 8, 3, 2)
+        self.stages = nn.Sequential(InvertedResidual(8, 16, 2), InvertedResidual(16, 16),
+                                    MobileVitBlock(16, 32))
+        self.final_conv = ConvNormAct(16, 64, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
+                                  nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.head(self.final_conv(self.stages(self.stem(x))))
+
+
+NETWORKS = {"fastvit": FastVit, "mobilevit": MobileVit}
