@@ -1,6 +1,6 @@
-"""Pruning the attention of more CNN hybrids (tests/wild/hybrids.py, timm's FastViT and MobileViT;
-tests/wild/attention.py's EfficientViT with multi-scale aggregation) by its head dims; the
-exactness and MACs checks of every network are in test_prune_layouts."""
+"""Pruning the attention of more CNN hybrids (tests/wild/hybrids.py: timm's FastViT, MobileViT and
+EfficientFormer; tests/wild/attention.py's EfficientViT with multi-scale aggregation) by its head
+dims; the exactness and MACs checks of every network are in test_prune_layouts."""
 
 from __future__ import annotations
 
@@ -56,6 +56,19 @@ def test_fastvit_attention_loses_the_same_dims_of_q_k_v_in_every_head(route):
     for block in ("blocks.0", "blocks.1"):
         qkv, proj = (pruned.get_submodule(f"{block}.token_mixer.{n}") for n in ("qkv", "proj"))
         assert qkv.out_features == 3 * 2 * 8 and proj.in_features == 2 * 8  # 2 heads of 8 dims
+    assert pruned(random_input(SHAPE, 5)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("route", ["trace", "export"])
+def test_efficientformer_attention_loses_the_same_dims_in_every_head(route):
+    """LeViT's split (`reshape(B, N, heads, -1)`, `split([key_dim, key_dim, val_dim], dim=3)`)
+    on plain Linears; the attention biases, indexed by relative position, stay whole."""
+    example = random_input(SHAPE, 0)
+    gm = _graph(_model(HYBRIDS["efficientformer"]), route, example)
+    pruned = prune(gm, example, PruneConfig(0.5)).graph_module
+    qkv, proj = (pruned.get_submodule(f"stage1.token_mixer.{n}") for n in ("qkv", "proj"))
+    assert qkv.out_features == 2 * (4 + 4 + 8) and proj.in_features == 2 * 8  # 2 heads
+    assert pruned.get_submodule("stage1.token_mixer").attention_biases.shape == (2, 16)
     assert pruned(random_input(SHAPE, 5)).shape == (2, 10)
 
 

@@ -116,7 +116,8 @@ def test_efficientvit_linear_attention_loses_the_same_dims_in_every_head():
 # program bakes the batch size into the unfold's reshapes, so the pruned program cannot be
 # re-exported with a dynamic batch)
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["torchvision_convnext", *ATTENTION, "fastvit"])
+@pytest.mark.parametrize("name", ["torchvision_convnext", *ATTENTION, "fastvit",
+                                  "efficientformer"])
 def test_prunes_to_the_macs_target_by_both_routes_and_again(tmp_path, capsys, name):
     model = _model(NETWORKS[name])
     pickled, program = tmp_path / "m.pt", tmp_path / "m.pt2"

@@ -15,10 +15,31 @@ Reparameterization"), its attention stage:
 - the conditional position encoding `RepConditionalPosEnc` (a residual depthwise 7x7 conv) before
   the attention blocks; a conv stem and a conv, pool, Linear head.
 
+MobileViT (Mehta and Rastegari 2022, "MobileViT: Light-weight, General-purpose, and
+Mobile-friendly Vision Transformer"), its `MobileVitBlock`: a 3x3 ConvNormAct and a 1x1 conv to
+the transformer's width; unfold into patches `reshape(B * C * n_h, p_h, n_w, p_w).transpose(1, 2)`
+then `reshape(B, C, N, P).transpose(1, 3).reshape(B * P, N, -1)` (tokens of every patch
+position); timm's ViT `Block`s (LayerNorm, `Attention` with the same [3, heads, d] split as
+FastViT's, `B, N, C = x.shape` and `reshape(B, N, C)`, an MLP) and a LayerNorm; fold back by the
+reverse reshapes; a 1x1 ConvNormAct projection and a 3x3 ConvNormAct fusing it with the block's
+input (`cat((shortcut, x), dim=1)`); MobileNetV2 inverted residuals before it.
+
+EfficientFormer (Li et al. 2022, "EfficientFormer: Vision Transformers at MobileNet Speed"): 4D
+`MetaBlock2d`s (`pool(x) - x` token mixing with `AvgPool2d(3, 1, 1, count_include_pad=False)`,
+a `ConvMlpWithNorm` of 1x1 convs with BN, `LayerScale2d` as `x * gamma.view(1, -1, 1, 1)`), a
+strided ConvNorm downsampling, `Flat` (`x.flatten(2).transpose(1, 2)`), a `MetaBlock1d`
+(LayerNorm, LeViT-style `Attention`: one Linear writing q, k, v of every head,
+`reshape(B, N, num_heads, -1).permute(0, 2, 1, 3)`, `split([key_dim, key_dim, val_dim], dim=3)`,
+attention biases, `reshape(B, N, val_attn_dim)`; a layer scale [C]; LayerNorm and a Linear MLP),
+a LayerNorm and a Linear head on the mean token.
+
 Widths, resolution and depth are tiny; the structure is timm's. Departures, none of which changes
 what is computed in eval mode: attention is the unfused path (`fused_attn=False`: explicit
-`q @ k.transpose(-2, -1)`, softmax, `@ v`, not `F.scaled_dot_product_attention`); the stem is
-plain conv, BN, GELU (timm's is reparameterizable MobileOne blocks, which fold to that).
+`q @ k.transpose(-2, -1)`, softmax, `@ v`, not `F.scaled_dot_product_attention`); FastViT's stem
+is plain conv, BN, GELU (timm's is reparameterizable MobileOne blocks, which fold to that);
+MobileViT's unfold has no interpolation branch (the resolution is a multiple of the patch size);
+EfficientFormer's attention biases are indexed directly (timm caches them per device in eval
+mode, which symbolic tracing cannot follow) and it has no distillation head.
 """
 
 from __future__ import annotations
@@ -231,4 +252,124 @@ class MobileVit(nn.Module):
         return self.head(self.final_conv(self.stages(self.stem(x))))
 
 
-NETWORKS = {"fastvit": FastVit, "mobilevit": MobileVit}
+# ---- EfficientFormer ----
+
+class Pooling(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+    def forward(self, x):
+        return self.pool(x) - x
+
+
+class ConvMlpWithNorm(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.norm1 = nn.Conv2d(dim, hidden, 1), nn.BatchNorm2d(hidden)
+        self.act = nn.GELU()
+        self.fc2, self.norm2 = nn.Conv2d(hidden, dim, 1), nn.BatchNorm2d(dim)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        x = self.drop(self.act(self.norm1(self.fc1(x))))
+        return self.drop(self.norm2(self.fc2(x)))
+
+
+class EfficientFormerLayerScale2d(nn.Module):
+    def __init__(self, dim, init_values=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+class MetaBlock2d(nn.Module):
+    def __init__(self, dim, mlp_ratio=4.0):
+        super().__init__()
+        self.token_mixer = Pooling()
+        self.ls1 = EfficientFormerLayerScale2d(dim)
+        self.mlp = ConvMlpWithNorm(dim, int(dim * mlp_ratio))
+        self.ls2 = EfficientFormerLayerScale2d(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.token_mixer(x))
+        return x + self.ls2(self.mlp(x))
+
+
+class FormerAttention(nn.Module):
+    """timm's efficientformer `Attention` (LeViT's, with plain Linears)."""
+
+    def __init__(self, dim, key_dim=8, num_heads=2, attn_ratio=2, resolution=4):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = key_dim ** -0.5
+        self.key_dim = key_dim
+        self.key_attn_dim = key_dim * num_heads
+        self.val_dim = int(attn_ratio * key_dim)
+        self.val_attn_dim = self.val_dim * num_heads
+        self.qkv = nn.Linear(dim, self.key_attn_dim * 2 + self.val_attn_dim)
+        self.proj = nn.Linear(self.val_attn_dim, dim)
+        pos = torch.stack(torch.meshgrid(torch.arange(resolution), torch.arange(resolution),
+                                         indexing="ij")).flatten(1)
+        rel_pos = (pos[..., :, None] - pos[..., None, :]).abs()
+        rel_pos = (rel_pos[0] * resolution) + rel_pos[1]
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
+        self.register_buffer("attention_bias_idxs", rel_pos)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x)
+        qkv = qkv.reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = attn + self.attention_biases[:, self.attention_bias_idxs]
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, self.val_attn_dim)
+        return self.proj(x)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_values=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class MetaBlock1d(nn.Module):
+    def __init__(self, dim, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.token_mixer = FormerAttention(dim)
+        self.ls1 = LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(),
+                                 nn.Linear(int(dim * mlp_ratio), dim))
+        self.ls2 = LayerScale(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.token_mixer(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class EfficientFormer(nn.Module):
+    def __init__(self, widths=(16, 32), num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(ConvNormAct(3, widths[0] // 2, 3, 2),
+                                  ConvNormAct(widths[0] // 2, widths[0], 3, 2))
+        self.stage0 = MetaBlock2d(widths[0])
+        self.downsample = ConvNormAct(widths[0], widths[1], 3, 2, act=False)
+        self.stage1 = MetaBlock1d(widths[1])
+        self.norm = nn.LayerNorm(widths[1])
+        self.head = nn.Linear(widths[1], num_classes)
+
+    def forward(self, x):
+        x = self.downsample(self.stage0(self.stem(x)))
+        x = self.stage1(x.flatten(2).transpose(1, 2))
+        return self.head(self.norm(x).mean(1))
+
+
+NETWORKS = {"fastvit": FastVit, "mobilevit": MobileVit, "efficientformer": EfficientFormer}
