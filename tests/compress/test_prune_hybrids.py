@@ -4,15 +4,18 @@ dims; the exactness and MACs checks of every network are in test_prune_layouts."
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import given, settings
 from torch import nn
 
 from archc.compress.pruning import PruneConfig, prune, prune_to_macs
 from archc.ir import channels
 from archc.ir.channels import analyze_channels
-from archc.ir.init import random_input
+from archc.ir.init import random_input, randomize
 from tests.compress.test_prune_layouts import SHAPE, Block, _conv_group, _graph, _model
+from tests.helpers import kill_half
 from tests.wild.attention import NETWORKS as ATTENTION
 from tests.wild.hybrids import NETWORKS as HYBRIDS
 
@@ -123,3 +126,48 @@ def test_a_read_channel_count_is_followed_as_a_reshapes_channel_count_only():
     assert not analyze_channels(follows, (x,)).of(_named(follows, "conv")).fixed
     other = torch.fx.symbolic_trace(ReadCount("height").eval())
     assert analyze_channels(other, (x,)).of(_named(other, "conv")).fixed == channels.SIZE_READ
+
+
+class GroupedOverRuns(nn.Module):
+    """Convs writing pieces of the given sizes, concatenated `runs` times over (each run its own
+    convs), read by a depthwise conv and a conv with one group per run, or per piece
+    (`per_piece`: the pieces of each place must then keep one size)."""
+
+    def __init__(self, sizes, runs, per_piece):
+        super().__init__()
+        self.pieces = nn.ModuleList(nn.Sequential(nn.Conv2d(3, n, 1), nn.BatchNorm2d(n))
+                                    for _ in range(runs) for n in sizes)
+        total = runs * sum(sizes)
+        self.dw = nn.Conv2d(total, total, 3, padding=1, groups=total)
+        self.grouped = nn.Conv2d(total, total, 1, groups=runs * len(sizes) if per_piece
+                                 else runs)
+        self.head = nn.Conv2d(2 * total, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([p(x) for p in self.pieces], 1)
+        return self.head(torch.cat([y, self.grouped(self.dw(y).relu())], 1))
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.integers(2, 4), min_size=1, max_size=3), st.integers(2, 3), st.booleans(),
+       st.integers(0, 2 ** 16))
+def test_a_grouped_conv_over_equal_runs_of_pieces_prunes_exactly(sizes, runs, per_piece, seed):
+    """The pieces at one place of every run are tied (one group per place, or one for all when
+    a group reads a single piece of equal sizes): dead channels removed exactly, in float64, and
+    the grouped conv keeps its group count."""
+    if per_piece:
+        sizes = [sizes[0]] * len(sizes)
+    example = random_input((2, 3, 6, 6), seed % 97).double()
+    gm = torch.fx.symbolic_trace(randomize(GroupedOverRuns(sizes, runs, per_piece), seed)
+                                 .double().eval())
+    graph = analyze_channels(gm, (example,))
+    grouped = graph.of(_named(gm, "dw"))
+    assert not grouped.fixed and len({g.index for g in graph.leaves(grouped)}) == len(
+        set(sizes) if per_piece else sizes)
+    kill_half(gm, example)
+    result = prune(gm, example, PruneConfig(0.5))
+    pruned = result.graph_module
+    assert pruned.get_submodule("grouped").groups == gm.get_submodule("grouped").groups
+    assert result.macs[1] < result.macs[0]
+    x = random_input((2, 3, 6, 6), 5).double()
+    torch.testing.assert_close(pruned(x), gm(x), rtol=1e-12, atol=1e-12)

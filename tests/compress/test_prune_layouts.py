@@ -178,6 +178,9 @@ def _conv_group(model: nn.Module):
     (lambda m, y: y[:, None][:, 0], None, "indexing"),
     (lambda m, y: y + y.permute(0, 3, 1, 2), None, "operands with their channels on different"),
     (lambda m, y: y - y.mean(1, keepdim=True), None, "reduction over the channels"),
+    (lambda m, y: torch.stack([y.unbind(1)[i] for i in range(8)], 1), None,
+     "unbind of the channels"),
+    (lambda m, y: torch.stack(y.unbind(2), 2), None, "unbind used as a whole"),
 ])
 def test_ops_the_analysis_cannot_follow_fix_their_channels(tail, norm, message):
     group = _conv_group(Block(tail, norm))
