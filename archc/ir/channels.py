@@ -745,8 +745,10 @@ class _Builder:
                                     for u in users):
             return self.unsupported(node, "unbind used as a whole")
         dim, c = normal_dim(arg(node, 1, "dim", 0), len(shape)), self.dim(x)
-        if dim is None or dim == c or len(shape) < 3:
+        if dim is None or dim == c:
             return self.unsupported(node, "unbind of the channels")
+        if len(shape) < 3:
+            return self.unsupported(node, "unbind to tensors of rank 1")
         self.done.update(users)
         for user in users:
             if c - (dim < c) != 1:
@@ -804,7 +806,7 @@ class _Builder:
             dim, heads = split[1], ("split", math.prod(after[c:split[1]]))
         elif merged is not None:
             dim, heads = merged, ("merge", math.prod(before[merged:c]))
-        if dim is None and c and after and after[0] % math.prod(before[:c + 1]) == 0:
+        if dim is None and c and before[c] > 1 and after[0] % math.prod(before[:c + 1]) == 0:
             return self.opaque(node, f"{MOVES_CHANNELS}: a reshape merges the channels into the "
                                      f"batch dim ({node.name})")  # MobileViT's unfold and fold
         if dim is None:
@@ -1235,16 +1237,18 @@ def _concatenated(layout: _Layout) -> bool:
     return True
 
 
-def _leaf_parts(chosen: dict[int, tuple], find, root: int) -> list[tuple[int, int]]:
+def _leaf_parts(chosen: dict[int, tuple], find, root: int, seen: frozenset = frozenset()
+                ) -> list[tuple[int, int]]:
     """(leaf root, size) of a composite's leaves in channel order, through nested layouts; [] for
-    a leaf or a layout with strided parts (an interleave)."""
-    if root not in chosen:
+    a leaf, a layout with strided parts (an interleave) or one that contains itself."""
+    if root not in chosen or root in seen:
         return []
     leaves = []
     for space, _, stride, size in chosen[root]:
-        if stride != 1:
+        inner = _leaf_parts(chosen, find, find(space), seen | {root})
+        if stride != 1 or find(space) in chosen and not inner:
             return []
-        leaves += _leaf_parts(chosen, find, find(space)) or [(find(space), size)]
+        leaves += inner or [(find(space), size)]
     return leaves
 
 
