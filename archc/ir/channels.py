@@ -29,9 +29,12 @@ and one channel order, so that pruning or padding edits a whole group at once.
   (a class or timestep label: `h + emb(y)[:, :, None, None]`, a conditional norm's
   `gamma = emb(y)`) is a channelwise member of its result's group (the columns of its weight
   [num, C], the result's last dim); its integer indices carry no channels and tie nothing.
-- Attention: a reshape splitting the channels into heads, [.., h d, ..] -> [.., h, d, ..], makes
-  its input h lockstep segments of its result's group (every head keeps the same dims, as a
-  shuffle's input below); merging heads back is the reverse. `q @ k.T` ties q's and k's channels
+- Attention: a reshape splitting the channels into heads, [.., h d, ..] -> [.., h, d, ..] (or
+  over several dims, [.., 3 h d] -> [.., 3, h, d]), makes its input h lockstep segments of its
+  result's group (every head keeps the same dims, as a shuffle's input below); merging heads
+  back is the reverse (never into the batch dim); `unbind` of another dim ties its pieces.
+  A channel count read from a tensor (`B, C, H, W = x.shape`) that reshapes alone take, as
+  their own channel count, ties the tensor to their results. `q @ k.T` ties q's and k's channels
   (they are contracted) and writes scores without channels (`HEADS`); `scores @ v` keeps v's;
   in linear attention `k.T @ v` keeps v's with k's as its rows and `q @ kv` ties q to them. A
   constant pad of the channel dim adds fixed pieces (`PADDED`). Literal channel counts in
@@ -46,7 +49,9 @@ and one channel order, so that pruning or padding edits a whole group at once.
 - Composites: `cat(dim=1)` makes its result's group the concatenation of its inputs' groups
   (`parts`); a split, chunk or slice on dim 1 makes its input's group the concatenation of the
   pieces. Two layouts of one group with the same parts identify their pieces (`cat([a, b])` split
-  at the same point gives back a and b); concatenations with different boundaries conflict.
+  at the same point gives back a and b); of two concatenations, one whose boundaries are all the
+  other's is cut by it (heads concatenated, then split into heads again); other concatenations
+  with different boundaries conflict.
 - Pixel shuffles: y = pixel_shuffle(x, r) reads channels c r² .. c r² + r² - 1 of x for its
   channel c, so x interleaves r² copies of y's group (parts (y, k, stride r²)); pixel_unshuffle
   the reverse. Removing a channel of the coarse side removes its block of r² on the fine side.
@@ -59,17 +64,19 @@ and one channel order, so that pruning or padding edits a whole group at once.
   analysis cuts Q into pieces where needed (Q is `refined`) and the cut piece interleaves them.
 - Grouped convs: a conv with g groups (not depthwise) reads g equal segments of its input group
   and writes g equal segments of its output group; `groups` lists these g, and a new size must
-  stay divisible by `divisor = lcm(groups)` with every segment changed alike.
+  stay divisible by `divisor = lcm(groups)` with every segment changed alike. On a composite
+  whose leaves fall into g equal runs (EfficientViT's 1x1 conv with a group per q, k or v of a
+  head) the leaves at one place in every run are tied, so each conv group keeps as many.
 - Fixed: a group whose size cannot change carries the reason in `fixed`: model inputs and outputs,
   an op the analysis does not model (the conservative default: anything unknown fixes every
   channel space it touches), a graph that reads or computes the channel count (`x.size(1)`,
   `view(n, 2 * n)`; the size reads inside a shuffle's spelling are part of it), a reshape that
   merges or splits the channel dim other than into heads and is not a shuffle, a shuffle whose
   group count is computed in the graph or whose reshape hard-codes a channel-dependent size, a
-  module called twice, conflicting layouts, a grouped conv on a composite (ShuffleNetV1's
-  grouped 1x1 convs around its shuffle), a GroupNorm of a composite (its norm groups need not
-  line up with the parts). A fixed composite fixes its parts; a fixed part leaves its composite
-  free.
+  module called twice, conflicting layouts, a grouped conv on a composite that its groups cut
+  otherwise (ShuffleNetV1's grouped 1x1 conv reading its shuffle's output), a GroupNorm of a
+  composite (its norm groups need not line up with the parts). A fixed composite fixes its
+  parts; a fixed part leaves its composite free.
 
 Usage::
 
@@ -140,13 +147,14 @@ SIZE_READ = "the graph reads or hard-codes this channel count (size(1), shape[1]
 NORM_PARTS = "a GroupNorm normalizes a concatenated, split or shuffled group"
 UNSUPPORTED = "an op the channel analysis does not model touches these channels"
 HEADS = "attention scores: one per head (pruned by whole heads only, `ChannelGraph.heads`)"
-HEAD_COUNT = "the graph computes a head count"
+HEAD_COUNT = "the graph computes a head count, or splits the heads over several dims"
 HEAD_CONSTANT = "a constant read inside the attention is not indexed by its heads"
+HEAD_GROUPED = "a grouped conv reads or writes the heads' channels in groups of its own"
 PADDED = "constant channels a pad adds"
 STATISTIC = "a mean or variance over the channels: one value per position"
 _PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHUFFLE_GROUPS, SHUFFLE_SIZES,
              SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, NORM_PARTS, SIZE_READ, HEAD_COUNT,
-             HEAD_CONSTANT, HEADS, PADDED, STATISTIC, UNSUPPORTED)
+             HEAD_CONSTANT, HEAD_GROUPED, HEADS, PADDED, STATISTIC, UNSUPPORTED)
 
 # Ops that map channel c of every operand to channel c of the result; modules by exact type (a
 # subclass may compute something else).
@@ -191,6 +199,7 @@ _RULES: dict[object, str] = {
                     "pixel_shuffle"),
     **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), "cat"),
     **dict.fromkeys((torch.split, torch.chunk, "split", "chunk"), "split"),
+    **dict.fromkeys((torch.unbind, "unbind", torch.ops.aten.unbind.int), "unbind"),
     operator.getitem: "getitem",
     **dict.fromkeys((nn.Flatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                      "view", "reshape", "flatten", "squeeze", "unsqueeze", "reshape_as",
@@ -396,6 +405,7 @@ class _Builder:
             if not reason:
                 self.shuffled.update(dict.fromkeys(shuffle.nodes, shuffle))
         self.grouped: list[tuple[int, int]] = []  # (space, g)
+        self.grouped_convs: list[Node] = []  # the convs of `grouped`, in graph order
         self.normed: list[tuple[int, int]] = []  # (space, a GroupNorm's group count)
         # end of a view chain from a constant -> (the get_attr, the chain's nodes): see
         # `constant_chain`; the chain's nodes are left to the op reading its end
@@ -427,6 +437,10 @@ class _Builder:
             if table is not None:
                 self.tables[node] = table
                 self.done.update((node, table, *_node_args(node)))
+        # a read channel count (`C` of `B, C, H, W = x.shape`) that only reshapes use -> x;
+        # `reshape` ties x to those that request it as their own channel count (`read_sizes`)
+        self.read: dict[Node, Node] = {}
+        self.read_by: dict[Node, int] = {}  # such a read -> how many reshapes took it so
 
     # ---- spaces ----
 
@@ -739,6 +753,7 @@ class _Builder:
         self.role("producers", node, node)
         if g > 1:
             self.grouped += [(self.of(x), g), (self.of(node), g)]
+            self.grouped_convs.append(node)
         if not called_once(self.gm, node):
             self.fix([x, node], SHARED_MODULE)
 
@@ -800,6 +815,26 @@ class _Builder:
         self.cuts[node] = self.of(x)
         self.concatenation(x, pieces)
 
+    def unbind(self, node: Node, target=None) -> None:
+        """`unbind(dim)` of another dim than the channels (FastViT's q, k, v after its
+        [3, heads, d] split): every piece keeps the input's channels, one dim lower past dim."""
+        x = node.args[0]
+        shape = _channel_shape(x)
+        users = list(node.users)
+        if shape is None or not all(u.target is operator.getitem and isinstance(u.args[1], int)
+                                    for u in users):
+            return self.unsupported(node, "unbind used as a whole")
+        dim, c = normal_dim(arg(node, 1, "dim", 0), len(shape)), self.dim(x)
+        if dim is None or dim == c:
+            return self.unsupported(node, "unbind of the channels")
+        if len(shape) < 3:
+            return self.unsupported(node, "unbind to tensors of rank 1")
+        self.done.update(users)
+        for user in users:
+            if c - (dim < c) != 1:
+                self.dims[user] = c - (dim < c)
+            self.tie(x, user)
+
     def getitem(self, node: Node, target=None) -> None:
         x, index = node.args
         shape = _channel_shape(x)
@@ -842,11 +877,18 @@ class _Builder:
         if before is None or after is None:
             return self.opaque(node, MOVES_CHANNELS)
         c = self.dim(x)
+        read = False
         dim, heads = reshaped_dim(before, after, c), None
-        if dim is None and head_split(before, after, c):
-            dim, heads = c + 1, ("split", after[c])
-        elif dim is None and 0 < c < len(after) + 1 and head_split(after, before, c - 1):
-            dim, heads = c - 1, ("merge", before[c - 1])
+        split = head_split(before, after, c) if dim is None else None
+        merged = next((m for m in range(c - 1, 0, -1) if head_split(after, before, m) == (m, c)),
+                      None) if dim is None and not split else None  # never into the batch dim
+        if split:
+            dim, heads = split[1], ("split", math.prod(after[c:split[1]]))
+        elif merged is not None:
+            dim, heads = merged, ("merge", math.prod(before[merged:c]))
+        if dim is None and c and before[c] > 1 and after[0] % math.prod(before[:c + 1]) == 0:
+            return self.opaque(node, f"{MOVES_CHANNELS}: a reshape merges the channels into the "
+                                     f"batch dim ({node.name})")  # MobileViT's unfold and fold
         if dim is None:
             return self.opaque(node, MOVES_CHANNELS)
         if target in ("reshape_as", torch.Tensor.reshape_as):  # another tensor's sizes
@@ -855,13 +897,16 @@ class _Builder:
                 return self.opaque(node, MOVES_CHANNELS)
         elif target in RESHAPES:
             sizes = reshape_sizes(node) or ()
-            if len(sizes) != len(after) or sizes[dim] != -1 and not (
-                    type(sizes[dim]) is int and sizes[dim] == after[dim]):
+            read = len(sizes) == len(after) and self.read_sizes(node, sizes, dim)
+            if not read and (len(sizes) != len(after) or sizes[dim] != -1 and not (
+                    type(sizes[dim]) is int and sizes[dim] == after[dim])):
                 return self.opaque(node, SIZE_READ)  # a computed channel count
-            if sizes[dim] != -1:
+            if not read and sizes[dim] != -1:
                 self.sizes[node] = dim
         if dim != 1:
             self.dims[node] = dim
+        if read:
+            self.tie(self.read[sizes[dim]], node)
         if heads is None:
             self.tie(x, node)
             if target in ("reshape_as", torch.Tensor.reshape_as):
@@ -871,7 +916,7 @@ class _Builder:
             self.layouts.append((self.of(x), tuple((self.of(node), i * d, 1, d)
                                                    for i in range(heads[1]))))
             place = None  # the head count requested: -1, a literal or computed
-            if target in RESHAPES and len(sizes) == len(after):
+            if target in RESHAPES and len(sizes) == len(after) and dim == c + 1:
                 place = -1 if sizes[c] == -1 else c if type(sizes[c]) is int else None
             self.head_reshapes.append((node, self.of(x), self.of(node), heads[1], place))
         else:
@@ -1031,7 +1076,8 @@ class _Builder:
         c = self.dim(x)
         dim = arg(node, 1, "dim") if target == "size" else None
         if dim is not None:
-            read = normal_dim(dim, len(shape)) == c and not self.shuffles_only(node, x)
+            read = normal_dim(dim, len(shape)) == c and not self.shuffles_only(node, x) \
+                and not self.reshapes_only(node, x)
         else:  # a whole torch.Size: which items does the graph take?
             read = False
             for user in node.users:
@@ -1042,9 +1088,33 @@ class _Builder:
                     channels = c in range(*index.indices(len(shape)))
                 else:
                     channels = True  # the shape escapes whole
-                read |= channels and not self.shuffles_only(user, x)
+                read |= channels and not self.shuffles_only(user, x) \
+                    and not (isinstance(index, int) and self.reshapes_only(user, x))
         if read:
             self.fix([x], SIZE_READ)
+
+    def reshapes_only(self, value: Node, x: Node) -> bool:
+        """Whether a read channel count of x only feeds reshapes as one of their sizes (FastViT's
+        `reshape(B, N, C)` merging heads, C read from the block's input): recorded in `read`,
+        each reshape that requests it as its own channel count tied to x (`read_sizes`), x fixed
+        in `finish` if another takes it."""
+        if not value.users or not all(
+                node_target(self.gm, user) in RESHAPES and value in (reshape_sizes(user) or ())
+                for user in value.users):
+            return False
+        self.read[value] = x
+        return True
+
+    def read_sizes(self, node: Node, sizes: tuple, dim: int) -> bool:
+        """Whether `sizes[dim]` (a reshape's requested channel count) is a channel count read
+        from a tensor of as many channels (`read`): tie that tensor to the result, so both keep
+        one size and the reshape follows it (`reshape` ties them)."""
+        x = self.read.get(sizes[dim])
+        if x is None or self.channels(x) != _channel_shape(node)[dim] \
+                or sizes.count(sizes[dim]) != 1:
+            return False
+        self.read_by[sizes[dim]] = self.read_by.get(sizes[dim], 0) + 1
+        return True
 
     def shuffles_only(self, value: Node, x: Node) -> bool:
         """Whether a size read from x only feeds accepted shuffles of x (whose sizes follow x's
@@ -1090,10 +1160,16 @@ class _Builder:
                             if find(a[0]) != find(b[0]):
                                 self.uf.union(a[0], b[0])
                                 changed = True
-                    elif _concatenated(other) and not _concatenated(first):
+                    elif _concatenated(other) and not _concatenated(first) \
+                            or _refines(first, other):
                         self.active.remove(other)
                         self.cut(other, first)
                         changed = True
+                    elif _refines(other, first):  # cut the chosen one: compare again
+                        self.active.remove(first)
+                        self.cut(first, other)
+                        changed = True
+                        break
                     else:
                         conflicts.add(whole)
             if not changed:
@@ -1143,7 +1219,12 @@ class _Builder:
     def finish(self) -> ChannelGraph:
         for constant in self.unread:
             self.unsupported(constant, "constant tensor")
+        for value, x in self.read.items():  # a read count another op takes
+            if self.read_by.get(value, 0) != len(value.users):
+                self.fix([x], SIZE_READ)
         chosen, conflicts = self.unify_layouts()
+        while self.align_grouped(chosen):
+            chosen, conflicts = self.unify_layouts()
         find = self.uf.__getitem__
         roots = list(dict.fromkeys(find(s) for s in range(len(self.size))))  # creation order
         number = {root: i for i, root in enumerate(roots)}
@@ -1160,7 +1241,8 @@ class _Builder:
         for root in conflicts:
             reasons.setdefault(root, []).append(SEGMENT_CONFLICT)
         for root in groups_of.keys() & chosen.keys():
-            reasons.setdefault(root, []).append(GROUPED_PARTS)
+            if not all(_runs(_leaf_parts(chosen, find, root), g) for g in groups_of[root]):
+                reasons.setdefault(root, []).append(GROUPED_PARTS)
         norms_of: dict[int, int] = {}
         for space, g in self.normed:
             norms_of[find(space)] = math.gcd(norms_of.get(find(space), 0), g)
@@ -1208,6 +1290,9 @@ class _Builder:
         def leaves(space: int) -> list[tuple[str, int]]:
             return [("l", leaf.index) for leaf in graph.leaves(graph.groups[index[space]])]
 
+        conv_leaves = {conv: {leaf.index for arg in (conv.args[0], conv) for leaf in
+                              graph.leaves(graph.groups[index[self.space[arg]]])}
+                       for conv in self.grouped_convs}
         for _, whole, piece, _, _ in self.head_reshapes:
             links.union(("w", index[whole]), *leaves(piece))
         for scores, other in self.head_links:
@@ -1227,6 +1312,8 @@ class _Builder:
                 why.append(f"{SEGMENT_CONFLICT} (head counts {sorted(counts)})")
             why += [f"{HEAD_COUNT} ({r[0].name})" for r in records if r[4] is None]
             why += [f"{HEAD_CONSTANT} ({n.name})" for n in self.unindexed(records)]
+            why += [f"{HEAD_GROUPED} ({conv.name})" for conv in self.grouped_convs
+                    if {("l", leaf) for leaf in conv_leaves[conv]} & members]
             found.append(Heads(
                 counts.pop() if len(counts) == 1 else 0, wholes, scores,
                 tuple(sorted(i for kind, i in members if kind == "l")),
@@ -1251,6 +1338,22 @@ class _Builder:
                         a in self.tables or a in self.chains) and node not in self.constants):
                     found.append(node)
         return found
+
+    def align_grouped(self, chosen: dict[int, tuple]) -> bool:
+        """A grouped conv (g groups) on a composite whose leaves, one after the other, fall into
+        g runs of C/g channels with the same leaf sizes in each run (EfficientViT's grouped conv
+        over q, k and v of every head, g = 3 heads): tie the leaves at the same place in every
+        run, so every conv group keeps as many channels. Whether any tie was new."""
+        find = self.uf.__getitem__
+        tied = False
+        for space, g in self.grouped:
+            runs = _runs(_leaf_parts(chosen, find, find(space)), g)
+            for places in zip(*runs):
+                for leaf in places[1:]:
+                    if find(leaf) != find(places[0]):
+                        self.uf.union(leaf, places[0])
+                        tied = True
+        return tied
 
     def members(self) -> dict[int, dict[str, list[Node]]]:
         """root -> {"tensors" | role: nodes in graph order}."""
@@ -1330,6 +1433,42 @@ def _concatenated(layout: _Layout) -> bool:
             return False
         offset += size
     return True
+
+
+def _leaf_parts(chosen: dict[int, tuple], find, root: int, seen: frozenset = frozenset()
+                ) -> list[tuple[int, int]]:
+    """(leaf root, size) of a composite's leaves in channel order, through nested layouts; [] for
+    a leaf, a layout with strided parts (an interleave) or one that contains itself."""
+    if root not in chosen or root in seen:
+        return []
+    leaves = []
+    for space, _, stride, size in chosen[root]:
+        inner = _leaf_parts(chosen, find, find(space), seen | {root})
+        if stride != 1 or find(space) in chosen and not inner:
+            return []
+        leaves += inner or [(find(space), size)]
+    return leaves
+
+
+def _runs(leaves: list[tuple[int, int]], g: int) -> list[list[int]]:
+    """`leaves` cut into g runs of equal size with the same leaf sizes in each, as the leaves
+    of each run; [] if they do not fall so."""
+    if g < 2 or not leaves or len(leaves) % g:
+        return []
+    n = len(leaves) // g
+    runs = [leaves[i * n:(i + 1) * n] for i in range(g)]
+    if any([size for _, size in run] != [size for _, size in runs[0]] for run in runs):
+        return []
+    return [[leaf for leaf, _ in run] for run in runs]
+
+
+def _refines(fine: _Layout, coarse: _Layout) -> bool:
+    """Two concatenations of one whole, every boundary of `coarse` one of `fine` (a cat of
+    attention heads split again into heads: each coarse piece is a run of fine ones)."""
+    if not (_concatenated(fine) and _concatenated(coarse)) or _signature(fine) == \
+            _signature(coarse):
+        return False
+    return {p[1] for p in coarse[1]} <= {p[1] for p in fine[1]}
 
 
 def _chosen(layouts: list[_Layout]) -> _Layout:

@@ -21,7 +21,9 @@ from archc.ir.channels import analyze_channels
 from archc.ir.init import random_input
 from tests.compress.test_prune_layouts import SHAPE, _graph, _model
 from tests.helpers import kill_half
+from tests.wild.attention import NETWORKS as ATTENTION
 from tests.wild.attention import EfficientVit, Levit
+from tests.wild.hybrids import NETWORKS as HYBRIDS
 
 NETWORKS = {"levit": lambda: Levit(num_heads=4), "efficientvit": EfficientVit}  # 4 heads each
 
@@ -254,6 +256,31 @@ def test_linked_head_splits_with_different_counts_keep_their_heads():
     assert [h.fixed for h in graph.heads] == [f"{channels.SEGMENT_CONFLICT} (head counts [2, 4])"]
     result = prune(gm, torch.randn(2, 3, 4, 4), PruneConfig(0.5, heads="heads"))
     assert not any(g.policy == "heads" for g in result.groups)
+
+
+@pytest.mark.parametrize("route", ["trace", "export"])
+def test_a_grouped_conv_over_the_heads_keeps_them(route):
+    """EfficientViT's multi-scale aggregation: its 1x1 conv groups q, k and v of every head on its
+    own, so removing a head would cut conv groups its aggregated twin still reads."""
+    example = random_input(SHAPE, 0).double()
+    gm = _graph(_model(ATTENTION["efficientvit_multiscale"]).double(), route, example)
+    graph = analyze_channels(gm)
+    assert [h.fixed.split(" (")[0] for h in graph.heads] == [channels.HEAD_GROUPED]
+    result = prune(gm, example, PruneConfig(0.5, heads="heads"))
+    assert not any(g.policy == "heads" for g in result.groups)
+    assert any(channels.HEAD_GROUPED in note for note in result.notes)
+    assert result.graph_module(example).shape == (2, 10)
+
+
+@pytest.mark.parametrize("route", ["trace", "export"])
+def test_heads_split_over_several_dims_stay_whole(route):
+    """FastViT's `reshape(B, N, 3, heads, head_dim)`: its 3 h segments are not h heads."""
+    example = random_input(SHAPE, 0).double()
+    gm = _graph(_model(HYBRIDS["fastvit"]).double(), route, example)
+    assert analyze_channels(gm).heads and all(h.fixed for h in analyze_channels(gm).heads)
+    result = prune(gm, example, PruneConfig(0.5, heads="heads"))
+    assert not any(g.policy == "heads" for g in result.groups)
+    assert result.graph_module(example).shape == (2, 10)
 
 
 def test_an_unknown_heads_policy_is_refused():

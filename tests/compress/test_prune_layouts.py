@@ -24,9 +24,10 @@ from tests.helpers import kill_half
 from tests.wild.attention import NETWORKS as ATTENTION
 from tests.wild.channels_last import NETWORKS as CHANNELS_LAST
 from tests.wild.channels_last import Permute
+from tests.wild.hybrids import NETWORKS as HYBRIDS
 
 SHAPE = (2, 3, 32, 32)
-NETWORKS = {**CHANNELS_LAST, **ATTENTION}
+NETWORKS = {**CHANNELS_LAST, **ATTENTION, **HYBRIDS}
 
 
 def _model(make):
@@ -116,9 +117,12 @@ def test_efficientvit_linear_attention_loses_the_same_dims_in_every_head():
 
 # pickles, exports, prunes (a MACs search), re-exports and verifies each network by both routes:
 # 20-70 s each on the shared 2-core machine; one network per family (timm's ConvNeXt variants
-# are checked through both graph routes above)
+# are checked through both graph routes above; MobileViT in test_prune_hybrids: its exported
+# program bakes the batch size into the unfold's reshapes, so the pruned program cannot be
+# re-exported with a dynamic batch)
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["torchvision_convnext", "original_convnext", *ATTENTION])
+@pytest.mark.parametrize("name", ["torchvision_convnext", "original_convnext", *ATTENTION,
+                                  "fastvit", "efficientformer"])
 def test_prunes_to_the_macs_target_by_both_routes_and_again(tmp_path, capsys, name):
     model = _model(NETWORKS[name])
     pickled, program = tmp_path / "m.pt", tmp_path / "m.pt2"
@@ -198,6 +202,9 @@ def _conv_group(model: nn.Module):
     (lambda m, y: torch.roll(y, 1, 1), None, "roll (roll)"),
     (lambda m, y: y - y.sum(1, keepdim=True), None, "reduction over the channels"),
     (lambda m, y: y * y.mean(1)[:, None], None, "reduction over the channels"),
+    (lambda m, y: torch.stack([y.unbind(1)[i] for i in range(8)], 1), None,
+     "unbind of the channels"),
+    (lambda m, y: torch.stack(y.unbind(2), 2), None, "unbind used as a whole"),
 ])
 def test_ops_the_analysis_cannot_follow_fix_their_channels(tail, norm, message):
     """Each reason names the op and its node, in one line: `...: what (op at node)`."""

@@ -223,7 +223,7 @@ REFUSED = {  # id -> (reason, middle module, the refused group's first producer)
     "normed": (layout.NORMED, nn.GroupNorm(3, 12), "a"),
     "shared_module": (channels.SHARED_MODULE, Shared(), "a"),
     "segment_conflict": (channels.SEGMENT_CONFLICT, ConcatSplit([6, 18]), "middle.p"),
-    "grouped_parts": (channels.GROUPED_PARTS, ConcatSplit([12, 12], groups=2), "middle.p"),
+    "grouped_parts": (channels.GROUPED_PARTS, ConcatSplit([12, 12], groups=3), "middle.p"),
 }
 
 
