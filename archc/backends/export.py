@@ -154,7 +154,7 @@ def verify_emitted(report: EmitReport, gm, run, example_input: Inputs,
         worst = max(worst, (report.relative_error, report.max_abs_error))
     report.relative_error, report.max_abs_error = worst
     if dynamic_batch:
-        sizes = [as_inputs(x)[0].shape[0] for x in checks]
+        sizes = [next(t.shape[0] for t in as_inputs(x) if t.ndim) for x in checks]
         report.notes.append(f"dynamic batch checked at {sizes[0]} and {sizes[1]}")
 
 
