@@ -112,31 +112,49 @@ def load_program(source, extra_files: dict[str, str] | None = None):
         serialize.typing = typing
 
 
-def _trace_input(example_input: torch.Tensor, dynamic_batch: bool) -> torch.Tensor:
-    """With a dynamic batch, trace at batch >= 2: torch.export specializes a batch of 1."""
-    if dynamic_batch and example_input.shape[0] == 1:
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # one example, or one per model input
+
+
+def as_inputs(example: Inputs) -> tuple[torch.Tensor, ...]:
+    """The examples of a model's inputs as a tuple: a single tensor is the only one."""
+    return example if isinstance(example, tuple) else (example,)
+
+
+def _trace_input(example_input: Inputs, dynamic_batch: bool) -> Inputs:
+    """With a dynamic batch, trace at batch >= 2: torch.export specializes a batch of 1. Each
+    input of several gets the same batch (they share it)."""
+    if isinstance(example_input, tuple):
+        return tuple(_trace_input(x, dynamic_batch) for x in example_input)
+    if dynamic_batch and example_input.ndim and example_input.shape[0] == 1:
         return torch.cat([example_input, example_input.flip(-1)], 0)
     return example_input
 
 
-def _check_inputs(example_input: torch.Tensor, dynamic_batch: bool) -> list[torch.Tensor]:
-    """The example input, and with a dynamic batch also a batch of another size."""
+def _check_inputs(example_input: Inputs, dynamic_batch: bool) -> list[Inputs]:
+    """The example input, and with a dynamic batch also a batch of another size (for several
+    inputs, each input's batch of that size)."""
     if not dynamic_batch:
         return [example_input]
+    if isinstance(example_input, tuple):
+        return [example_input, tuple(_check_inputs(x, True)[1] for x in example_input)]
+    if not example_input.ndim:
+        return [example_input, example_input]
     return [example_input, torch.cat([example_input, example_input.flip(-1), example_input], 0)]
 
 
-def verify_emitted(report: EmitReport, gm, run, example_input: torch.Tensor,
+def verify_emitted(report: EmitReport, gm, run, example_input: Inputs,
                    dynamic_batch: bool, rtol: float) -> None:
-    """Compare `run(x)` with eager `gm(x)` on every check input; keep the worst error."""
+    """Compare `run(*x)` with eager `gm(*x)` on every check input (a tensor, or a tuple with one
+    tensor per model input); keep the worst error."""
     worst = (0.0, 0.0)
-    for x in _check_inputs(example_input, dynamic_batch):
+    checks = _check_inputs(example_input, dynamic_batch)
+    for x in checks:
         with torch.no_grad():
-            check_output(report, gm(x), run(x), rtol)
+            check_output(report, gm(*as_inputs(x)), run(*as_inputs(x)), rtol)
         worst = max(worst, (report.relative_error, report.max_abs_error))
     report.relative_error, report.max_abs_error = worst
     if dynamic_batch:
-        sizes = [x.shape[0] for x in _check_inputs(example_input, dynamic_batch)]
+        sizes = [next(t.shape[0] for t in as_inputs(x) if t.ndim) for x in checks]
         report.notes.append(f"dynamic batch checked at {sizes[0]} and {sizes[1]}")
 
 
@@ -145,6 +163,18 @@ def _input_name(gm: GraphModule) -> str:
     if len(placeholders) != 1:
         raise ExportError(f"expected a graph with one input, found {len(placeholders)}")
     return str(placeholders[0])
+
+
+def _batch_shapes(gm: GraphModule, example_input: Inputs) -> dict:
+    """torch.export's `dynamic_shapes`: one `batch` dimension shared by every input's dim 0
+    (an input without dims, a scalar, has none)."""
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    examples = as_inputs(example_input)
+    if len(names) != len(examples):
+        raise ExportError(f"the graph takes {len(names)} inputs ({', '.join(names)}) and the "
+                          f"export {len(examples)} examples")
+    batch = torch.export.Dim("batch")
+    return {name: {0: batch} if x.ndim else None for name, x in zip(names, examples)}
 
 
 def check_output(report: EmitReport, reference: torch.Tensor, output: torch.Tensor,
@@ -283,7 +313,7 @@ def _onnxruntime_session(model_bytes: bytes):
 def export_program(
     gm: GraphModule,
     path: str | Path,
-    example_input: torch.Tensor,
+    example_input: Inputs,
     *,
     dynamic_batch: bool = False,
     rtol: float = 1e-5,
@@ -291,14 +321,16 @@ def export_program(
 ) -> EmitReport:
     """torch.export to a `.pt2` archive, reloaded and verified. `spec`, archc's spec of a model
     whose parameters and buffers the program holds under the spec model's own names, is stored in
-    the archive (`SPEC_FILE`, read back by `program_spec`)."""
+    the archive (`SPEC_FILE`, read back by `program_spec`). A model of several inputs (an image
+    and its class labels) takes a tuple, one example per input; with `dynamic_batch` they share
+    one batch dimension, and the program is verified with all of them."""
     report = EmitReport(Path(path), "pt2", verified_with="torch.export.load")
-    dynamic_shapes = {_input_name(gm): {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    dynamic_shapes = _batch_shapes(gm, example_input) if dynamic_batch else None
     try:
         with quiet():
             program = torch.export.export(
                 gm.eval(),
-                (_trace_input(example_input, dynamic_batch),),
+                as_inputs(_trace_input(example_input, dynamic_batch)),
                 dynamic_shapes=dynamic_shapes,
             )
     except Exception as exc:

@@ -34,7 +34,7 @@ from archc.errors import CheckpointError, first_line
 from archc.frontend.loading import spec_from_mapping
 from archc.frontend.lower import input_shape
 from archc.ir.graph import attribute
-from archc.ir.init import random_input
+from archc.ir.init import generator, random_input
 from archc.ir.ops import ATEN_TO_TORCH, CONV_MODULES
 from archc.ir.shapes import node_shape, propagate_shapes
 
@@ -52,6 +52,17 @@ class ImportedModel:
     input_shape: tuple[int, ...] | None  # from the spec or the program's example inputs
     spec: dict | None = None
     module: nn.Module | None = None  # a pickled model as unpickled: its own class, not the trace
+    inputs: tuple[InputShape, ...] | None = None  # every input's, as the program records them
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """One model input's example: its sizes (batch first), its dtype, and for an integer input
+    the exclusive upper bound of its random values (None: the `num_embeddings` of the
+    nn.Embedding the input feeds)."""
+    sizes: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    bound: int | None = None
 
 
 def load_model(path: str | Path, *, trust_pickle: bool = False) -> ImportedModel:
@@ -163,13 +174,76 @@ def inferred_input_shape(gm: GraphModule) -> tuple[int, ...] | None:
     return (1, module.in_channels, *([DEFAULT_SIDE] * (module.weight.ndim - 2)))
 
 
-def check_example(gm: GraphModule, example: torch.Tensor, source: str) -> None:
-    """One-line errors for a model of several inputs and an example input the model cannot
-    take (`--input-shape`)."""
+def example_inputs(model: ImportedModel, given: list[InputShape] | None,
+                   source: str) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Random examples of a model without a spec, one per input (`given`, from
+    `--input-shape`, else the shapes and dtypes a program records, else a pickled module's
+    `inferred_input_shape`): a tensor for a model of one input, a tuple for several. A float
+    input is standard normal; an integer one (class labels) uniform in [0, bound), the bound
+    given or the `num_embeddings` of the nn.Embedding the input feeds. One-line errors
+    (CheckpointError) for a count of shapes that is not the model's count of inputs, batches
+    that differ, and an integer input of unknown bound."""
+    names = [node.name for node in model.graph_module.graph.nodes if node.op == "placeholder"]
+    shapes = given or model.inputs
+    if shapes is None and len(names) == 1:
+        shapes = (InputShape(model.input_shape or (1, 3, DEFAULT_SIDE, DEFAULT_SIDE)),)
+    if shapes is None or len(shapes) != len(names):
+        example = "--input-shape 1,3,32,32 --input-shape 1:int64:10"
+        got = f"{len(shapes)} --input-shape" if shapes else "no --input-shape"
+        raise CheckpointError(f"{source}: the model takes {len(names)} inputs "
+                              f"({', '.join(names)}) and {got}: give one --input-shape per "
+                              f"input, in order, e.g. {example}")
+    if len({shape.sizes[0] for shape in shapes}) > 1:
+        raise CheckpointError(f"{source}: --input-shape batches differ "
+                              f"({', '.join(str(s.sizes[0]) for s in shapes)}): the inputs "
+                              f"share their batch dimension")
+    examples = []
+    for seed, (name, shape) in enumerate(zip(names, shapes)):
+        if shape.dtype.is_floating_point:
+            examples.append(random_input(shape.sizes, seed, shape.dtype))
+            continue
+        bound = shape.bound or embedding_rows(model.graph_module, name)
+        if bound is None:
+            raise CheckpointError(
+                f"{source}: input {name} is {str(shape.dtype).removeprefix('torch.')} and feeds "
+                f"no nn.Embedding: give the bound of its values, --input-shape "
+                f"{','.join(map(str, shape.sizes))}:{str(shape.dtype).removeprefix('torch.')}"
+                f":BOUND")
+        values = generator(seed, "input").integers(0, bound, size=shape.sizes)
+        examples.append(torch.from_numpy(values).to(shape.dtype))
+    return examples[0] if len(examples) == 1 else tuple(examples)
+
+
+def embedding_rows(gm: GraphModule, name: str) -> int | None:
+    """The least `num_embeddings` of the nn.Embeddings that input `name` indexes directly: its
+    values' exclusive upper bound; None if it indexes none."""
+    rows = [gm.get_submodule(user.target).num_embeddings
+            for node in gm.graph.nodes if node.op == "placeholder" and node.name == name
+            for user in node.users if user.op == "call_module"
+            and isinstance(gm.get_submodule(user.target), nn.Embedding) and user.args[0] is node]
+    return min(rows, default=None)
+
+
+def check_example(gm: GraphModule, example: torch.Tensor | tuple[torch.Tensor, ...],
+                  source: str) -> None:
+    """One-line errors for example inputs the model cannot take (`--input-shape`): a tuple has
+    one per input of a model of several; a single tensor is refused for a model of several
+    inputs (the commands other than `archc prune` read models of one)."""
+    if isinstance(example, tuple):
+        shape = ", ".join("x".join(map(str, x.shape)) or "scalar" for x in example)
+        try:
+            with torch.no_grad():
+                gm(*example)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{source}: the model does not run at the example inputs {shape} "
+                f"({first_line(exc)}); give each input's shape with --input-shape") from None
+        return
     inputs = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
     if len(inputs) > 1:  # a class or timestep index beside the image (nn.Embedding)
         raise CheckpointError(f"{source}: the model takes {len(inputs)} inputs "
-                              f"({', '.join(inputs)}); archc reads models of one input tensor")
+                              f"({', '.join(inputs)}); this command reads models of one input "
+                              f"tensor (`archc prune` reads several)")
     found = first_layer(gm)
     shape = "x".join(map(str, example.shape))
     if found is not None:
@@ -321,17 +395,19 @@ def _load_program(data: bytes, path: Path) -> ImportedModel:
         ) from None
     finally:
         logger.setLevel(level)
-    shape = None
+    shape, inputs = None, None
     example = getattr(program, "example_inputs", None)
     if example and example[0] and isinstance(example[0][0], torch.Tensor):
         shape = tuple(example[0][0].shape)
+        if not example[1] and all(isinstance(x, torch.Tensor) for x in example[0]):
+            inputs = tuple(InputShape(tuple(x.shape), x.dtype) for x in example[0])
     try:
         gm = lift_aten_graph(program.module())
     except Exception as exc:
         raise CheckpointError(
             f"{path}: cannot import the program's graph ({first_line(exc)})"
         ) from None
-    return ImportedModel(gm, path.stem, "torch.export program", shape)
+    return ImportedModel(gm, path.stem, "torch.export program", shape, inputs=inputs)
 
 
 _CONVS = {  # the aten conv overloads a lifted program calls -> the module each becomes

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 # The pass names of the catalogue (archc.passes), written out so that checking `--after` and
@@ -191,6 +192,61 @@ def shape(text: str) -> tuple[int, ...]:
     if min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape of positive sizes")
     return sizes
+
+
+# The dtypes `--input-shape SIZES:DTYPE` names (torch's names), written out to stay torch-free
+INPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32")
+
+
+@dataclass(frozen=True)
+class InputOption:
+    """One model input of `--input-shape SIZES[:DTYPE[:BOUND]]`: its sizes (batch first), its
+    dtype's torch name, and for an integer input the exclusive upper bound of its random values
+    (None: the `num_embeddings` of the nn.Embedding it feeds)."""
+    sizes: tuple[int, ...]
+    dtype: str = "float32"
+    bound: int | None = None
+
+
+def input_option(text: str) -> InputOption:
+    """`1,3,224,224` (a float32 image), `1,3,32,32:float64`, `1:int64:10` (one class index per
+    sample, values in [0, 10)) or `1:int64` (the bound read from the nn.Embedding the input
+    feeds). A float input has 2 to 5 sizes, an integer one 1 to 5; the bound is a positive
+    integer and only an integer input takes one."""
+    parts = text.split(":")
+    if len(parts) > 3:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has {len(parts) - 1} colons: give SIZES[:DTYPE[:BOUND]], e.g. 1:int64:10")
+    dtype = parts[1] if len(parts) > 1 else "float32"
+    if dtype not in INPUT_DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown dtype {dtype!r}; one of {', '.join(INPUT_DTYPES)}")
+    integer = dtype.startswith("int")
+    try:
+        sizes = tuple(int(part) for part in parts[0].replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,224,224 or "
+                                         f"1:int64:10") from None
+    if not (1 if integer else 2) <= len(sizes) <= 5:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has {len(sizes)} sizes: give {'1' if integer else '2'} to 5 sizes, batch "
+            f"first (N,C,H,W for an image, N:int64 for a class index)")
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape of positive sizes")
+    bound = None
+    if len(parts) == 3:
+        if not integer:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: a bound is for an integer input (int64, int32), not {dtype}")
+        try:
+            bound = int(parts[2])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: the bound {parts[2]!r} is not an "
+                                             f"integer") from None
+        if bound < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: the bound {bound} is not positive "
+                                             f"(values are drawn from [0, bound))")
+    return InputOption(sizes, dtype, bound)
 
 
 MODEL_SOURCES = ("a spec, an archc checkpoint (.pt), a torch.export program (.pt2) or, with "

@@ -47,9 +47,13 @@ def add_commands(commands) -> None:
                        "torch.export program (.pt2) of any other model")
     prune.add_argument("--trust-pickle", action="store_true",
                        help="allow a whole pickled nn.Module: unpickling runs its code")
-    prune.add_argument("--input-shape", type=arguments.shape, metavar="N,C,H,W",
-                       help="example input shape of a model without a spec (default: the "
-                       "program's, or a pickled module's first layer channels at 224x224)")
+    prune.add_argument("--input-shape", type=arguments.input_option, action="append",
+                       metavar="SIZES[:DTYPE[:BOUND]]",
+                       help="example input of a model without a spec, once per input in "
+                       "order: 1,3,224,224 (float32), 1:int64:10 (class labels in [0, 10); "
+                       "without :10, the rows of the nn.Embedding it feeds); default: the "
+                       "program's inputs, or a pickled module's first layer channels at "
+                       "224x224")
     amount = prune.add_mutually_exclusive_group(required=True)
     amount.add_argument("--ratio", type=arguments.open_unit_interval, metavar="R",
                         help="fraction of each group's channels (or, with --global, of all "
@@ -138,7 +142,12 @@ def add_commands(commands) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from archc.backends.importers import canonical_graph, check_example, load_model
+    from archc.backends.importers import (
+        canonical_graph,
+        check_example,
+        example_inputs,
+        load_model,
+    )
     from archc.compress.pruning import PruneConfig, PruneError, prune, prune_to_macs
     from archc.frontend.loading import spec_from_mapping
     from archc.frontend.lower import input_shape
@@ -153,7 +162,7 @@ def _prune(args: argparse.Namespace) -> int:
         spec = spec_from_mapping(model.spec, str(args.checkpoint))
         example = random_input(input_shape(spec, batch=2), 0)
     else:
-        example = random_input(args.input_shape or model.input_shape or (1, 3, 224, 224), 0)
+        example = example_inputs(model, _input_shapes(args.input_shape), str(args.checkpoint))
         check_example(model.graph_module, example, str(args.checkpoint))
         model.graph_module = canonical_graph(model.graph_module, example, args.verify)
 
@@ -183,6 +192,17 @@ def _prune(args: argparse.Namespace) -> int:
         print(spec_line)
         print(f"wrote {args.output}")
     return 0
+
+
+def _input_shapes(options: list[arguments.InputOption] | None):
+    """`--input-shape` values as `archc.backends.importers.InputShape`s (None if not given)."""
+    if not options:
+        return None
+    import torch
+
+    from archc.backends.importers import InputShape
+
+    return [InputShape(o.sizes, getattr(torch, o.dtype), o.bound) for o in options]
 
 
 def check_rewritten_output(model, source: Path, output: Path, what: str, error) -> None:

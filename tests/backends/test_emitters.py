@@ -320,3 +320,43 @@ def test_export_program_refuses_a_reloaded_program_that_differs(monkeypatch, tmp
     with pytest.raises(ExportError, match="differs from eager"):
         export_program(gm, tmp_path / "out.pt2", torch.randn(2, 3, 8, 8))
     assert not (tmp_path / "out.pt2").exists()
+
+
+class _Labelled(nn.Module):
+    """An image and its class labels: the label's embedding added to the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.embed = nn.Conv2d(3, 4, 3, padding=1), nn.Embedding(10, 4)
+
+    def forward(self, x, labels):
+        return self.conv(x) + self.embed(labels)[:, :, None, None]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_export_program_of_several_inputs_shares_one_dynamic_batch(tmp_path, batch):
+    """A model of an image and its labels: the .pt2 takes both, with one batch dimension shared
+    by them (traced at 2 where the example's batch is 1), and is verified with both, at two
+    batch sizes; the reloaded program matches eager at other sizes and labels."""
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(_Labelled().eval())
+    x, labels = torch.randn(batch, 3, 8, 8), torch.arange(3, 3 + batch)
+    report = export_program(gm, tmp_path / "m.pt2", (x, labels), dynamic_batch=True)
+    assert f"dynamic batch checked at {batch} and {3 * batch}" in report.notes
+    program = torch.export.load(str(tmp_path / "m.pt2"))
+    assert [tuple(s.shape) for s in program.example_inputs[0]] == [
+        (max(batch, 2), 3, 8, 8), (max(batch, 2),)]
+    reloaded = program.module()
+    for size in (1, 5):
+        x, labels = torch.randn(size, 3, 8, 8), torch.randint(0, 10, (size,))
+        torch.testing.assert_close(reloaded(x, labels), gm(x, labels), rtol=1e-6, atol=1e-6)
+    sizes = [node.meta["val"].shape[0] for node in program.graph.nodes
+             if node.op == "placeholder" and node.name in ("x", "labels")]
+    assert len(sizes) == 2 and not isinstance(sizes[0], int) and str(sizes[0]) == str(sizes[1])
+
+
+def test_export_program_refuses_a_count_of_examples_that_is_not_the_inputs(tmp_path):
+    gm = torch.fx.symbolic_trace(_Labelled().eval())
+    with pytest.raises(ExportError, match=r"takes 2 inputs \(x, labels\) and the export 1"):
+        export_program(gm, tmp_path / "m.pt2", torch.randn(2, 3, 8, 8), dynamic_batch=True)
+    assert not (tmp_path / "m.pt2").exists()

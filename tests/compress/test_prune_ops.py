@@ -285,18 +285,6 @@ def test_pruning_a_model_with_a_label_input_names_what_it_lacks():
         assert pruned(x, labels).shape == (2, 4, 8, 8)
 
 
-def test_a_model_with_a_label_input_is_refused_by_the_cli(tmp_path, capsys):
-    """The embedding's model takes the labels as a second input: `archc prune` says so in one
-    line (the Python API prunes it: `prune(gm, (x, labels), config)`)."""
-    source = tmp_path / "m.pt2"
-    model = LabelEmbedding().eval()
-    torch.export.save(torch.export.export(model, (random_input((2, 3, 8, 8), 0),
-                                                  torch.tensor([1, 7]))), str(source))
-    assert main(["prune", str(source), "--ratio", "0.5", "-o", str(tmp_path / "p.pt2")]) != 0
-    error = capsys.readouterr().err.strip()
-    assert "the model takes 2 inputs" in error and "\n" not in error
-
-
 def _conditional(route: str):
     """`ClassConditional` in float64 with random weights, embeddings and BN statistics, traced or
     lifted from a torch.export program; (graph, image, labels)."""
