@@ -39,7 +39,8 @@ How many to keep: per layer, each group keeps ceil((1 - ratio) * size) channels;
 `global_threshold` the scores are normalized per group (l1/l2 divided by the group's largest,
 bn-scale and random taken as they are) and one threshold over all groups removes `ratio` of all
 prunable channels. Every group keeps at least one unit, and its kept count is rounded up to a
-multiple of `round_to` (and of the grouped convs' segment count).
+multiple of `round_to` (and of the grouped convs' segment count). `prune_to_macs` with `round_to`
+> 1 then fills the rounded counts back up towards the MACs target, one step at a time.
 
 GroupNorm (G groups of C/G channels) is pruned by whole groups, its group count decreasing: a
 channel removed from inside a group would change that group's mean and variance, so only removing
@@ -408,8 +409,13 @@ def _step(unit: _Unit, round_to: int) -> int:
     return math.lcm(unit.segments, round_to)
 
 
-def _decide(units: list[_Unit], config: PruneConfig) -> list[np.ndarray]:
-    """The kept channel indices of each unit (sorted), shared by its groups."""
+def _decide(units: list[_Unit], config: PruneConfig,
+            counts: list[int] | None = None) -> list[np.ndarray]:
+    """The kept channel indices of each unit (sorted), shared by its groups; `counts` (per unit,
+    multiples of its step) replace the counts the config's ratio asks for."""
+    if counts is not None:
+        return [_every_piece(unit, _keep(unit, count, config.round_to))
+                for unit, count in zip(units, counts)]
     if config.global_threshold:
         pooled = []
         for unit in units:
@@ -521,11 +527,12 @@ def _estimated_macs(gm: GraphModule, cg: ChannelGraph, sources: Sources, before:
 
 
 def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig,
-          prepared=None) -> PruneResult:
-    """A pruned copy of `gm` (see the module docstring); `gm` is left as it is."""
+          prepared=None, counts: list[int] | None = None) -> PruneResult:
+    """A pruned copy of `gm` (see the module docstring); `gm` is left as it is. `counts`: each
+    unit's kept count, in place of the ratio's (`prune_to_macs`'s fill)."""
     gm, cg, units, notes, before = prepared or _prepare(gm, example_input, config)
     macs_before = module_complexity(gm)
-    decisions = _decide(units, config)
+    decisions = _decide(units, config, counts)
     resize_channels(gm, cg, _sources(units, decisions))
     after = complexity_report(gm, tuple(example_input.shape)).total
     macs_after = module_complexity(gm)
@@ -555,7 +562,14 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
     Per layer, the groups of grouped convs keep counts in steps of their segment count, so one
     ratio for all can stop well below the target (the next step is above it). The grouped
     groups then keep the ratio found, and a second bisection lowers the other groups' ratio to
-    fill up to the target."""
+    fill up to the target.
+
+    With `round_to` > 1 every count moves in steps of `round_to`, and one ratio moves the steps of
+    all groups at once (a 16-channel group keeps 16 or 8, a 32 one 32, 24, 16 or 8, all crossing
+    at the same ratios), so the largest fitting ratio can stop far below the target (a timm-style
+    stage: 30% of the MACs for a target of 50%). The counts found are then filled up one step at
+    a time (`_fill_counts`): the unit keeping the smallest fraction of its channels grows first,
+    as long as the MACs stay within the target."""
     if not 0 < target < 1:
         raise PruneError(f"the MACs target must be a fraction in (0, 1), not {target}")
     prepared = _prepare(gm, example_input, make_config(0.5))
@@ -581,7 +595,42 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
             config = replace(make_config(refill), grouped_ratio=best)
             notes.append(f"ratio {refill:.3f}; the groups of grouped convs {best:.3f} (their "
                          f"kept counts move in whole steps)")
-    return prune(gm, example_input, config, prepared)
+    counts = None
+    if config.round_to > 1 and not config.global_threshold:
+        start = [kept.size for kept in _decide(units, config)]
+
+        def fits_counts(counts: list[int]) -> bool:
+            sources = _sources(units, _decide(units, config, counts))
+            return _estimated_macs(copy_, cg, sources, before.flops) <= target * before.flops
+
+        counts = _fill_counts(units, start, [_step(u, config.round_to) for u in units],
+                              fits_counts)
+        grown = sum(c != s for c, s in zip(counts, start))
+        if grown:
+            notes.append(f"round-to {config.round_to}: {grown} of {len(units)} groups kept one "
+                         f"or more steps more than the ratio's count, filling up to the target")
+    return prune(gm, example_input, config, prepared, counts)
+
+
+def _fill_counts(units: list[_Unit], counts: list[int], steps: list[int],
+                 fits: Callable[[list[int]], bool]) -> list[int]:
+    """Grow the kept counts one step at a time while `fits`: always the unit keeping the smallest
+    fraction count / size (ties: the earlier unit) among those that can still grow. A unit whose
+    next step does not fit never will (the MACs only grow as counts grow), so it stops there.
+    Each count stays a multiple of its step or the unit's whole size."""
+    counts = list(counts)
+    open_ = {i for i, unit in enumerate(units) if counts[i] < unit.size}
+    while open_:
+        i = min(open_, key=lambda j: (counts[j] / units[j].size, j))
+        trial = list(counts)
+        trial[i] = min(units[i].size, counts[i] + steps[i])
+        if fits(trial):
+            counts = trial
+            if counts[i] == units[i].size:
+                open_.discard(i)
+        else:
+            open_.discard(i)
+    return counts
 
 
 def _smallest_fitting_ratio(fits: Callable[[float], bool], low: float, high: float,
