@@ -568,8 +568,9 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
     all groups at once (a 16-channel group keeps 16 or 8, a 32 one 32, 24, 16 or 8, all crossing
     at the same ratios), so the largest fitting ratio can stop far below the target (a timm-style
     stage: 30% of the MACs for a target of 50%). The counts found are then filled up one step at
-    a time (`_fill_counts`): the unit keeping the smallest fraction of its channels grows first,
-    as long as the MACs stay within the target."""
+    a time (`_fill_counts`): the units keeping the smallest fraction of their channels grow
+    first, units of one size and count together (the blocks of a stage stay alike), as long as
+    the MACs stay within the target."""
     if not 0 < target < 1:
         raise PruneError(f"the MACs target must be a fraction in (0, 1), not {target}")
     prepared = _prepare(gm, example_input, make_config(0.5))
@@ -603,8 +604,12 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
             sources = _sources(units, _decide(units, config, counts))
             return _estimated_macs(copy_, cg, sources, before.flops) <= target * before.flops
 
-        counts = _fill_counts(units, start, [_step(u, config.round_to) for u in units],
-                              fits_counts)
+        alike: dict[tuple, list[int]] = {}
+        for i, (unit, count) in enumerate(zip(units, start)):
+            alike.setdefault((unit.size, count, unit.segments, unit.whole_segments), []).append(i)
+        counts = _fill_counts([unit.size for unit in units], start,
+                              [_step(unit, config.round_to) for unit in units],
+                              list(alike.values()), fits_counts)
         grown = sum(c != s for c, s in zip(counts, start))
         if grown:
             notes.append(f"round-to {config.round_to}: {grown} of {len(units)} groups kept one "
@@ -612,24 +617,28 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
     return prune(gm, example_input, config, prepared, counts)
 
 
-def _fill_counts(units: list[_Unit], counts: list[int], steps: list[int],
-                 fits: Callable[[list[int]], bool]) -> list[int]:
-    """Grow the kept counts one step at a time while `fits`: always the unit keeping the smallest
-    fraction count / size (ties: the earlier unit) among those that can still grow. A unit whose
-    next step does not fit never will (the MACs only grow as counts grow), so it stops there.
-    Each count stays a multiple of its step or the unit's whole size."""
+def _fill_counts(sizes: list[int], counts: list[int], steps: list[int],
+                 together: list[list[int]], fits: Callable[[list[int]], bool]) -> list[int]:
+    """Grow the kept counts one step at a time while `fits`. The units of a set in `together`
+    (a partition of the indices) grow together, so units alike before the fill stay alike (the
+    blocks of a stage: the result keeps a spec); always the set keeping the smallest fraction
+    count / size (ties: the earlier set) among those that can still grow. A set whose next step
+    does not fit never will (the MACs only grow as counts grow), so it stops there. Each count
+    stays a multiple of its step or its unit's whole size."""
     counts = list(counts)
-    open_ = {i for i, unit in enumerate(units) if counts[i] < unit.size}
+    open_ = {k for k, members in enumerate(together)
+             if any(counts[i] < sizes[i] for i in members)}
     while open_:
-        i = min(open_, key=lambda j: (counts[j] / units[j].size, j))
+        k = min(open_, key=lambda j: (min(counts[i] / sizes[i] for i in together[j]), j))
         trial = list(counts)
-        trial[i] = min(units[i].size, counts[i] + steps[i])
+        for i in together[k]:
+            trial[i] = min(sizes[i], counts[i] + steps[i])
         if fits(trial):
             counts = trial
-            if counts[i] == units[i].size:
-                open_.discard(i)
+            if all(counts[i] == sizes[i] for i in together[k]):
+                open_.discard(k)
         else:
-            open_.discard(i)
+            open_.discard(k)
     return counts
 
 

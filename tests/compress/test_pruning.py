@@ -144,27 +144,35 @@ def test_rounded_macs_search_fills_up_to_the_target():
        step=st.sampled_from([1, 2, 8]), budget=st.floats(0.1, 1.0), seed=st.integers(0, 99))
 def test_fill_grows_counts_to_a_maximal_fitting_set(sizes, step, budget, seed):
     """The fill: the result fits, every count is a multiple of the step or the unit's size, no
-    count shrinks, and no unit could grow one more step and still fit (MACs modelled as a
-    positive weighted sum of products of neighbouring counts, growing with every count)."""
+    count shrinks, the units of a set grow together, and no set could grow one more step and
+    still fit (MACs modelled as a positive weighted sum of products of neighbouring counts,
+    growing with every count)."""
     rng = np.random.default_rng(seed)
-    units = [_Unit([], 1, False, [np.zeros(size)]) for size in sizes]
     weights = rng.random(len(sizes)) + 0.1
+    labels = rng.integers(0, 3, len(sizes))
+    together = [[i for i in range(len(sizes)) if labels[i] == k] for k in set(labels.tolist())]
 
     def cost(counts):
         padded = [3, *counts]
         return sum(w * a * b for w, a, b in zip(weights, padded, padded[1:]))
 
+    def grow(counts, members):
+        return [min(size, c + step) if i in members else c
+                for i, (c, size) in enumerate(zip(counts, sizes))]
+
     start = [min(size, step) for size in sizes]
     limit = cost(start) + budget * (cost(sizes) - cost(start))
-    counts = _fill_counts(units, start, [step] * len(sizes), lambda c: cost(c) <= limit)
+    counts = _fill_counts(sizes, start, [step] * len(sizes), together, lambda c: cost(c) <= limit)
     assert cost(counts) <= limit
     for count, begin, size in zip(counts, start, sizes):
         assert begin <= count <= size and (count % step == 0 or count == size)
-    for i, size in enumerate(sizes):
-        if counts[i] < size:
-            grown = list(counts)
-            grown[i] = min(size, counts[i] + step)
-            assert cost(grown) > limit
+    for members in together:  # as many steps each, except where a unit reached its size
+        taken = [-(-(counts[i] - start[i]) // step) for i in members]
+        assert len({n for n, i in zip(taken, members) if counts[i] < sizes[i]}) <= 1
+        assert max(taken) == max([n for n, i in zip(taken, members) if counts[i] < sizes[i]],
+                                 default=max(taken))
+        if any(counts[i] < sizes[i] for i in members):
+            assert cost(grow(counts, members)) > limit
 
 
 def test_keep_count_chooses_each_groups_own_channels():
