@@ -7,7 +7,9 @@
 
 Neither torchvision nor timm is a dependency: the models are the torchvision- and timm-style
 definitions of `tests/wild/prunable.py` (ResNet-18/50, MobileNetV2, a ResNeXt bottleneck net, a
-timm-style SE stage) and archc's own ShuffleNetV2 and RegNetX specs, built at 10 classes.
+timm-style SE stage), of `tests/wild/channels_last.py` (timm's ConvNeXt) and
+`tests/wild/attention.py` (LeViT, EfficientViT), and archc's own ShuffleNetV2 and RegNetX
+specs, built at 10 classes.
 
 Sections (each between `<!-- begin: NAME -->` markers, rewritten alone):
 - `prune-speed` (docs/performance.md): a ResNet-50 (torchvision layout, 224x224) pruned to 50% of
@@ -17,13 +19,23 @@ Sections (each between `<!-- begin: NAME -->` markers, rewritten alone):
   with `--no-verify`) against Torch-Pruning on the pickled module (`torch.load`, DependencyGraph,
   L1 magnitude importance, the pruning step at the ratio tuned beforehand to reach 50% of the MACs,
   its MAC count, `torch.save`). Medians of the rounds and the load average are reported.
-- `prune-models` (docs/compression.md): per model, at 3x32x32: success or the refusal, MACs and
-  parameters kept (both counted by archc's rule), wall time (archc through the pickle route,
-  `--trust-pickle`, writing a `.pt2`; Torch-Pruning as above, its ratio tuned by bisection to the
-  largest MACs not above 50%), ONNX Runtime latency of each pruned model at 1x3x224x224 (one
-  thread, interleaved, medians; `archc.common.timing`), the same for `--round-to 8` of both
-  tools, and the digits validation error after the same fine-tuning (`archc.train.loop`) of the
-  same trained base model.
+- `prune-models` (docs/compression.md): per model, at 3x32x32: success or the refusal (or
+  Torch-Pruning's error, one line with the frame it was raised in; its pruned model must run),
+  MACs and parameters kept (both counted by archc's rule), wall time (archc's CLI on the pickled
+  module with `--trust-pickle`, or, for a model torch cannot pickle (the archc-built
+  GraphModules of ShuffleNetV2 and RegNetX), on its `torch.export` `.pt2`, writing a `.pt2`;
+  Torch-Pruning on `torch.load` of the pickle as above, or on a deepcopy in memory, its ratio
+  tuned by bisection to the largest MACs not above 50%), each unrounded and with `--round-to 8` /
+  `round_to=8`; ONNX Runtime latency of the unpruned and the four pruned models at 1x3x224x224
+  (LeViT, fixed-resolution: 1x3x32x32), one thread, all interleaved in one run (medians of the
+  rounds, `archc.common.timing`), and each rounded model's median over its unrounded one (slower
+  or faster only where the ranges of round medians do not overlap); the digits validation
+  accuracy of every model after the same fine-tuning (`archc.train.loop`) of the same trained
+  base model, with its 95% Wilson interval, and archc against Torch-Pruning at equal rounding
+  by the exact McNemar test (`archc.common.accuracy_stats`).
+
+The ConvNeXt-, LeViT- and EfficientViT-style networks are those of `tests/wild/channels_last.py`
+and `tests/wild/attention.py`.
 """
 
 from __future__ import annotations
