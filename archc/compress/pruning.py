@@ -568,9 +568,13 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
     all groups at once (a 16-channel group keeps 16 or 8, a 32 one 32, 24, 16 or 8, all crossing
     at the same ratios), so the largest fitting ratio can stop far below the target (a timm-style
     stage: 30% of the MACs for a target of 50%). The counts found are then filled up one step at
-    a time (`_fill_counts`): the units keeping the smallest fraction of their channels grow
-    first, units of one size and count together (the blocks of a stage stay alike), as long as
-    the MACs stay within the target."""
+    a time (`_fill_counts`): the units keeping the smallest fraction of their cap grow first,
+    units of one size, count and cap together (the blocks of a stage stay alike), as long as the
+    MACs stay within the target. A unit's cap is the count the same search without rounding
+    gives it, rounded up to its step: no group keeps more than one step above the unrounded
+    pruning (filling by fraction alone gave a ResNeXt stage's 16-channel groups all 16 channels
+    where the unrounded pruning keeps 8, and the model 9% more ORT time than the unrounded
+    one)."""
     if not 0 < target < 1:
         raise PruneError(f"the MACs target must be a fraction in (0, 1), not {target}")
     prepared = _prepare(gm, example_input, make_config(0.5))
@@ -580,36 +584,44 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
         sources = _sources(units, _decide(units, config))
         return _estimated_macs(copy_, cg, sources, before.flops) <= target * before.flops
 
-    best = _smallest_fitting_ratio(lambda r: fits(make_config(r)), 0.0, 0.99, steps)
-    if best is None:
-        sources = _sources(units, _decide(units, make_config(0.99)))
-        fraction = _estimated_macs(copy_, cg, sources, before.flops) / before.flops
-        raise PruneError(f"cannot reach {100 * target:.0f}% of the MACs: at ratio 0.99 the "
-                         f"pruned model keeps {100 * fraction:.1f}% (its other channels are "
-                         f"fixed)")
-    config = make_config(best)
-    grouped = {unit.segments > 1 for unit in units}
-    if not config.global_threshold and grouped == {False, True}:
-        refill = _smallest_fitting_ratio(
-            lambda r: fits(replace(make_config(r), grouped_ratio=best)), 0.0, best, steps)
-        if refill is not None and refill < best:
-            config = replace(make_config(refill), grouped_ratio=best)
-            notes.append(f"ratio {refill:.3f}; the groups of grouped convs {best:.3f} (their "
-                         f"kept counts move in whole steps)")
+    def search(make: Callable[[float], PruneConfig]) -> tuple[PruneConfig, str | None]:
+        best = _smallest_fitting_ratio(lambda r: fits(make(r)), 0.0, 0.99, steps)
+        if best is None:
+            sources = _sources(units, _decide(units, make(0.99)))
+            fraction = _estimated_macs(copy_, cg, sources, before.flops) / before.flops
+            raise PruneError(f"cannot reach {100 * target:.0f}% of the MACs: at ratio 0.99 the "
+                             f"pruned model keeps {100 * fraction:.1f}% (its other channels are "
+                             f"fixed)")
+        config = make(best)
+        grouped = {unit.segments > 1 for unit in units}
+        if not config.global_threshold and grouped == {False, True}:
+            refill = _smallest_fitting_ratio(
+                lambda r: fits(replace(make(r), grouped_ratio=best)), 0.0, best, steps)
+            if refill is not None and refill < best:
+                return (replace(make(refill), grouped_ratio=best),
+                        f"ratio {refill:.3f}; the groups of grouped convs {best:.3f} (their "
+                        f"kept counts move in whole steps)")
+        return config, None
+
+    config, note = search(make_config)
+    notes += [note] if note else []
     counts = None
     if config.round_to > 1 and not config.global_threshold:
-        start = [kept.size for kept in _decide(units, config)]
+        unrounded, _ = search(lambda r: replace(make_config(r), round_to=1))
+        steps_ = [_step(unit, config.round_to) for unit in units]
+        caps = [min(unit.size, math.ceil(kept.size / step) * step)
+                for unit, kept, step in zip(units, _decide(units, unrounded), steps_)]
+        start = [min(kept.size, cap) for kept, cap in zip(_decide(units, config), caps)]
 
         def fits_counts(counts: list[int]) -> bool:
             sources = _sources(units, _decide(units, config, counts))
             return _estimated_macs(copy_, cg, sources, before.flops) <= target * before.flops
 
         alike: dict[tuple, list[int]] = {}
-        for i, (unit, count) in enumerate(zip(units, start)):
-            alike.setdefault((unit.size, count, unit.segments, unit.whole_segments), []).append(i)
-        counts = _fill_counts([unit.size for unit in units], start,
-                              [_step(unit, config.round_to) for unit in units],
-                              list(alike.values()), fits_counts)
+        for i, (unit, count, cap) in enumerate(zip(units, start, caps)):
+            alike.setdefault((unit.size, count, cap, unit.segments, unit.whole_segments),
+                             []).append(i)
+        counts = _fill_counts(caps, start, steps_, list(alike.values()), fits_counts)
         grown = sum(c != s for c, s in zip(counts, start))
         if grown:
             notes.append(f"round-to {config.round_to}: {grown} of {len(units)} groups kept one "
@@ -619,7 +631,8 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
 
 def _fill_counts(sizes: list[int], counts: list[int], steps: list[int],
                  together: list[list[int]], fits: Callable[[list[int]], bool]) -> list[int]:
-    """Grow the kept counts one step at a time while `fits`. The units of a set in `together`
+    """Grow the kept counts one step at a time while `fits`, each up to at most its `sizes`
+    entry (`prune_to_macs`: the unrounded count rounded up). The units of a set in `together`
     (a partition of the indices) grow together, so units alike before the fill stay alike (the
     blocks of a stage: the result keeps a spec); always the set keeping the smallest fraction
     count / size (ties: the earlier set) among those that can still grow. A set whose next step
