@@ -28,11 +28,12 @@ Sections (each between `<!-- begin: NAME -->` markers, rewritten alone):
   tuned by bisection to the largest MACs not above 50%), each unrounded and with `--round-to 8` /
   `round_to=8`; ONNX Runtime latency of the unpruned and the four pruned models at 1x3x224x224
   (LeViT, fixed-resolution: 1x3x32x32), one thread, all interleaved in one run (medians of the
-  rounds, `archc.common.timing`), and each rounded model's median over its unrounded one (slower
-  or faster only where the ranges of round medians do not overlap); the digits validation
-  accuracy of every model after the same fine-tuning (`archc.train.loop`) of the same trained
-  base model, with its 95% Wilson interval, and archc against Torch-Pruning at equal rounding
-  by the exact McNemar test (`archc.common.accuracy_stats`).
+  rounds, `archc.common.timing`; by default the CPU time of the process, `--ort-clock cpu`, so
+  that other processes on a shared machine do not stretch it), and each rounded model's median
+  over its unrounded one (slower or faster only where the ranges of round medians do not
+  overlap); the digits validation accuracy of every model after the same fine-tuning
+  (`archc.train.loop`) of the same trained base model, with its 95% Wilson interval, and archc
+  against Torch-Pruning at equal rounding by the exact McNemar test (`archc.common.accuracy_stats`).
 
 The ConvNeXt-, LeViT- and EfficientViT-style networks are those of `tests/wild/channels_last.py`
 and `tests/wild/attention.py`.
@@ -60,6 +61,7 @@ MODELS = ["resnet18", "mobilenet_v2", "resnext_bottleneck", "timm_style", "shuff
           "regnetx_200mf", "timm_convnext", "levit", "efficientvit"]
 FIXED_RESOLUTION = {"levit"}  # attention biases indexed by position: latency at SIDE, not 224
 SECTIONS = ("speed", "models")
+CLOCKS = {"cpu": "CPU time of the process", "wall": "wall time"}
 TARGET = 0.5
 SIDE = 32  # pruning and fine-tuning input side; latency is measured at 224
 LATENCY_SHAPE = (1, 3, 224, 224)
@@ -331,7 +333,8 @@ def bench_model(name: str, args) -> dict:
             row[f"{key} onnx failed"] = _one_line(exc)
             continue
         sessions[key] = (lambda s=session, n=input_name: s.run(None, {n: latency_input}))
-    timings = interleaved(sessions, rounds=args.rounds, iters=args.iters, warmup=3)
+    clock = time.process_time if args.ort_clock == "cpu" else time.perf_counter
+    timings = interleaved(sessions, rounds=args.rounds, iters=args.iters, warmup=3, clock=clock)
     row["latency"] = {key: timing.rounds for key, timing in timings.items()}
     tune = TrainConfig(epochs=args.tune_epochs, batch_size=64, lr=0.01, seed=0)
     for key, model in candidates.items():
@@ -383,6 +386,7 @@ def models_section(rows: list[dict], args) -> str:
     n = len(rows[0]["base right"]) if rows else 0
     lines = [
         f"`python bench/pruning.py --sections models --rounds {args.rounds} --iters {args.iters} "
+        f"--ort-clock {args.ort_clock} "
         f"--base-epochs {args.base_epochs} --tune-epochs {args.tune_epochs}`: each model trained "
         f"{args.base_epochs} epochs on digits (3x{SIDE}x{SIDE}), pruned to {100 * TARGET:.0f}% "
         f"of its MACs by archc (`archc prune --macs {TARGET}`, L1, per-group ratio searched; on "
@@ -393,7 +397,8 @@ def models_section(rows: list[dict], args) -> str:
         f"deepcopy in memory for the models that do not pickle), each with and without "
         f"`--round-to 8` / `round_to=8`, then every pruned model fine-tuned {args.tune_epochs} "
         f"epochs with `archc.train.loop` (same config and seed). Kept MACs and params by archc's "
-        f"counting rule. ORT: one thread, 1x3x224x224 (LeViT, whose attention biases fix its "
+        f"counting rule. ORT: {CLOCKS[args.ort_clock]} "
+        f"per run, one thread, 1x3x224x224 (LeViT, whose attention biases fix its "
         f"resolution: 1x3x{SIDE}x{SIDE}), all of a model's variants interleaved in one run, "
         f"median of {args.rounds} rounds of {args.iters} [min-max of the round medians]; "
         f"\"vs unrounded\" is the round-to 8 model's median over the same tool's unrounded one, "
@@ -469,6 +474,9 @@ def main() -> None:
     parser.add_argument("--tp-steps", type=int, default=8)
     parser.add_argument("--base-epochs", type=int, default=4)
     parser.add_argument("--tune-epochs", type=int, default=2)
+    parser.add_argument("--ort-clock", choices=("cpu", "wall"), default="cpu",
+                        help="models section: ORT latency as the CPU time of this process "
+                        "(one-thread sessions; robust to other processes) or wall time")
     parser.add_argument("--out", type=Path, default=None,
                         help="one file for both sections (default: the docs)")
     parser.add_argument("--json", type=Path, default=None, help="also dump the raw rows here")
