@@ -435,6 +435,13 @@ def _decide(units: list[_Unit], config: PruneConfig,
             for unit, want in zip(units, wanted)]
 
 
+def _counts(units: list[_Unit], config: PruneConfig) -> list[int]:
+    """The count `_keep` keeps of each unit at this (per-layer) config, before `_every_piece`
+    adds a refined unit's empty pieces back."""
+    return [_count(unit, math.ceil((1 - _unit_ratio(unit, config)) * unit.size), config.round_to)
+            for unit in units]
+
+
 def _every_piece(unit: _Unit, kept: np.ndarray) -> np.ndarray:
     """Each piece of a refined unit keeps at least one channel, its best: no tensor is left
     without channels."""
@@ -461,9 +468,14 @@ def _unit_scores(unit: _Unit) -> np.ndarray:
     return total
 
 
-def _keep(unit: _Unit, want: int, round_to: int) -> np.ndarray:
+def _count(unit: _Unit, want: int, round_to: int) -> int:
+    """`want` rounded up to the unit's step, at least one step, at most the whole unit."""
     step = _step(unit, round_to)
-    count = min(unit.size, max(step, math.ceil(want / step) * step))
+    return min(unit.size, max(step, math.ceil(want / step) * step))
+
+
+def _keep(unit: _Unit, want: int, round_to: int) -> np.ndarray:
+    count = _count(unit, want, round_to)
     scores = _unit_scores(unit)
     if unit.whole_segments:
         width = unit.size // unit.segments
@@ -609,9 +621,9 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
     if config.round_to > 1 and not config.global_threshold:
         unrounded, _ = search(lambda r: replace(make_config(r), round_to=1))
         steps_ = [_step(unit, config.round_to) for unit in units]
-        caps = [min(unit.size, math.ceil(kept.size / step) * step)
-                for unit, kept, step in zip(units, _decide(units, unrounded), steps_)]
-        start = [min(kept.size, cap) for kept, cap in zip(_decide(units, config), caps)]
+        caps = [_count(unit, count, config.round_to)
+                for unit, count in zip(units, _counts(units, unrounded))]
+        start = [min(count, cap) for count, cap in zip(_counts(units, config), caps)]
 
         def fits_counts(counts: list[int]) -> bool:
             sources = _sources(units, _decide(units, config, counts))
