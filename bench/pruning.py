@@ -18,7 +18,9 @@ Sections (each between `<!-- begin: NAME -->` markers, rewritten alone):
   analysis, scores, the ratio search, the resize, re-export verified against eager; and the same
   with `--no-verify`) against Torch-Pruning on the pickled module (`torch.load`, DependencyGraph,
   L1 magnitude importance, the pruning step at the ratio tuned beforehand to reach 50% of the MACs,
-  its MAC count, `torch.save`). Medians of the rounds and the load average are reported.
+  its MAC count, `torch.save`), and Torch-Pruning writing a `.pt2` as archc does (the same,
+  then `torch.export` with a dynamic batch and `torch.export.save`; it cannot read a `.pt2`
+  itself). Medians of the rounds and the load average are reported.
 - `prune-models` (docs/compression.md): per model, at 3x32x32: success or the refusal (or
   Torch-Pruning's error, one line with the frame it was raised in; its pruned model must run),
   MACs and parameters kept (both counted by archc's rule), wall time (archc's CLI on the pickled
@@ -133,14 +135,22 @@ def tp_ratio(model, example, round_to: int | None = None, steps: int = 10) -> fl
 
 
 def tp_run(source: Path, out: Path, example, ratio: float, round_to: int | None = None) -> None:
-    """What a Torch-Pruning user runs: load the pickled model, prune, count, save."""
+    """What a Torch-Pruning user runs: load the pickled model, prune, count, save; `out` a .pt2:
+    export the pruned module with a dynamic batch as archc writes its programs (Torch-Pruning
+    cannot read a .pt2 itself: its tracer calls `eval()`, which an exported module refuses)."""
     import torch
     import torch_pruning as tp
 
     model = torch.load(source, weights_only=False)  # the benchmark's own file
     tp_prune(model, example, ratio, round_to)
     tp.utils.count_ops_and_params(model, example)
-    torch.save(model, out)
+    if out.suffix == ".pt2":
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.export.export(model, (torch.cat([example, example]),),
+                                      dynamic_shapes=({0: batch},))
+        torch.export.save(program, out)
+    else:
+        torch.save(model, out)
 
 
 # ---- archc ----
@@ -199,6 +209,8 @@ def bench_speed(args) -> dict:
             "archc (.pt2, --no-verify)": archc_run("--no-verify"),
             "Torch-Pruning (pickled module)": lambda: tp_run(
                 folder / "r50.pt", folder / "tp.pt", example, tuned),
+            "Torch-Pruning, then torch.export to .pt2": lambda: tp_run(
+                folder / "r50.pt", folder / "tp.pt2", example, tuned),
         }, rounds=args.rounds, iters=1, warmup=1)
         tp_model = torch.load(folder / "tp.pt", weights_only=False)
     tp_macs = archc_macs(tp_model, example.shape)
@@ -208,6 +220,7 @@ def bench_speed(args) -> dict:
 def speed_section(result: dict, args) -> str:
     timings, report = result["timings"], result["archc"]
     tp = timings["Torch-Pruning (pickled module)"].median
+    tp_pt2 = timings["Torch-Pruning, then torch.export to .pt2"].median
     (m0, m1), (p0, p1) = report["macs"], report["params"]
     tp_macs, tp_params = result["tp"]
     lines = [
@@ -217,8 +230,9 @@ def speed_section(result: dict, args) -> str:
         f"(median of {args.rounds} rounds, [min-max]). {machine()}; load average at the start "
         f"of the timed rounds {' '.join(f'{v:.1f}' for v in result['load'])}.",
         "",
-        "| run | wall time | vs Torch-Pruning | MACs kept | params kept |",
-        "|---|---|---|---|---|",
+        "| run | wall time | vs Torch-Pruning | vs Torch-Pruning + export | MACs kept "
+        "| params kept |",
+        "|---|---|---|---|---|---|",
     ]
     for label, timing in timings.items():
         if label.startswith("archc"):
@@ -226,7 +240,7 @@ def speed_section(result: dict, args) -> str:
         else:
             kept = f"{100 * tp_macs / m0:.1f}% | {100 * tp_params / p0:.1f}%"
         lines.append(f"| {label} | {timing.text()} | "
-                     f"{timing.median / tp:.2f}x | {kept} |")
+                     f"{timing.median / tp:.2f}x | {timing.median / tp_pt2:.2f}x | {kept} |")
     lines += ["", f"Torch-Pruning's uniform ratio {result['ratio']:.3f} was tuned beforehand "
               f"(bisection, {args.tp_steps} tries, not timed) to the largest MACs not above the "
               f"target; archc's time includes its own ratio search. Both MAC counts by archc's "

@@ -65,7 +65,8 @@ from archc.rewrite.rules import (
 
 NAME = "align_channels"
 DOUBLES = "padding would more than double the channels"
-SHUFFLED = "a channel shuffle reorders these channels (padding through it is not implemented)"
+SHUFFLED = ("a channel or pixel shuffle interleaves these channels (padding through it is not "
+            "implemented)")
 NORMALIZED = "a LayerNorm normalizes these channels: a zero channel would change its statistics"
 NORMED = "a GroupNorm normalizes these channels (zero channels would change its statistics)"
 NEEDS_INPUTS = "needs example inputs (PassContext.example_inputs or input_shape) for the shapes"

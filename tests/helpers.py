@@ -96,7 +96,10 @@ def kill_half(gm, example, whole_segments: bool = False) -> None:
     gamma and beta 0. A unit is a free leaf group, or a group the analysis cut into pieces; a group
     with GroupNorms loses the first half of its norm groups, whole; groups a LayerNorm normalizes
     have no dead channels (PruneConfig.keep_normalized leaves them)."""
-    cg = analyze_channels(gm, (example.to(next(gm.parameters()).dtype),))
+    dtype = next(gm.parameters()).dtype
+    examples = example if isinstance(example, tuple) else (example,)  # several: a label too
+    cg = analyze_channels(gm, tuple(x.to(dtype) if x.is_floating_point() else x
+                                    for x in examples))
     positions = _positions(cg)
     pieces = _unit_pieces(cg)
     in_unit = {leaf for unit in pieces.values() for leaf in unit}
@@ -122,7 +125,7 @@ def kill_half(gm, example, whole_segments: bool = False) -> None:
 
 def _zero(gm, cg, group, channels) -> None:
     """Channels of a group exactly 0: its producers' rows and biases, its BNs' gamma and beta,
-    its depthwise convs' biases, its per-channel shifts."""
+    its depthwise convs' biases, its Embeddings' columns, its per-channel shifts."""
     with torch.no_grad():
         for node in group.producers:
             module = gm.get_submodule(node.target)
@@ -139,5 +142,7 @@ def _zero(gm, cg, group, channels) -> None:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.weight[channels] = 0
                 module.bias[channels] = 0
+            elif isinstance(module, nn.Embedding):  # its columns are the channels
+                module.weight[:, channels] = 0
             elif getattr(module, "bias", None) is not None:
                 module.bias[channels] = 0

@@ -4,9 +4,11 @@
   and rebuilt from its spec.
 - torch.export program (`.pt2`): the parameterized layers of its aten-level graph are *lifted*
   back to modules: `aten.conv{1,2,3}d(x, W, b, s, p, d, g)` -> `nn.ConvNd`, `aten.linear` ->
-  `nn.Linear`, an affine `aten.group_norm` -> `nn.GroupNorm`; parameters keep their names.
+  `nn.Linear`, an affine `aten.group_norm` -> `nn.GroupNorm`, `aten.embedding(W, indices)`
+  -> `nn.Embedding`; parameters keep their names.
   Functional aten ops become the torch functions a traced module calls (`ATEN_TO_TORCH`:
-  `aten.add.Tensor` -> `torch.add`, ...), `aten.slice` the indexing `x[:, a:b]`. aten BatchNorm
+  `aten.add.Tensor` -> `torch.add`, ...), `aten.slice` the indexing `x[:, a:b]`,
+  `aten.upsample_nearest2d.vec` and the other upsamples `F.interpolate`. aten BatchNorm
   and in-place ops are brought to the same form as a traced module's by `canonicalize`.
 - a whole pickled `nn.Module` (`torch.save(model)`): unpickling runs arbitrary code, so it is read
   only with an explicit `trust_pickle=True` (`--trust-pickle`); then traced with `symbolic_trace`.
@@ -27,6 +29,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from archc.backends.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_bytes
+from archc.backends.export import load_program
 from archc.errors import CheckpointError, first_line
 from archc.frontend.loading import spec_from_mapping
 from archc.frontend.lower import input_shape
@@ -161,7 +164,12 @@ def inferred_input_shape(gm: GraphModule) -> tuple[int, ...] | None:
 
 
 def check_example(gm: GraphModule, example: torch.Tensor, source: str) -> None:
-    """One-line errors for an example input the model cannot take (`--input-shape`)."""
+    """One-line errors for a model of several inputs and an example input the model cannot
+    take (`--input-shape`)."""
+    inputs = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(inputs) > 1:  # a class or timestep index beside the image (nn.Embedding)
+        raise CheckpointError(f"{source}: the model takes {len(inputs)} inputs "
+                              f"({', '.join(inputs)}); archc reads models of one input tensor")
     found = first_layer(gm)
     shape = "x".join(map(str, example.shape))
     if found is not None:
@@ -184,7 +192,8 @@ def check_example(gm: GraphModule, example: torch.Tensor, source: str) -> None:
 VERIFY_SIDE = 64  # the canonical pipeline's float64 checks run at this spatial side, if smaller
 
 
-def canonical_graph(gm: GraphModule, example: torch.Tensor, verify: bool = True) -> GraphModule:
+def canonical_graph(gm: GraphModule, example: torch.Tensor | tuple[torch.Tensor, ...],
+                    verify: bool = True) -> GraphModule:
     """A foreign model's graph in the canonical form (the `canonical` pipeline: BatchNorm modules
     for functional BN, no in-place ops or shape guards), which the channel analysis reads and in
     which an exported program's BatchNorms train as modules, under the source model's names, with
@@ -193,15 +202,18 @@ def canonical_graph(gm: GraphModule, example: torch.Tensor, verify: bool = True)
     `verify` (`--no-verify` turns it off): the pipeline checks its passes in float64, at one
     sample of VERIFY_SIDE x VERIFY_SIDE where the example is larger and the graph runs at that
     size (float64 convolutions have no fast CPU kernels: at 224x224 these checks were a third of
-    pruning a ResNet-50), else at the example."""
+    pruning a ResNet-50), else at the example. A model of several inputs (an image and its class
+    labels) takes a tuple, one example per input, and is checked at them."""
     import archc.passes  # noqa: F401 - registers the catalogue
     from archc.rewrite.pipeline import PassContext, pipelines, run_pipeline
 
-    def canonical(inputs: torch.Tensor) -> GraphModule:
-        context = PassContext(example_inputs=(inputs,), verify=verify)
+    def canonical(inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> GraphModule:
+        context = PassContext(example_inputs=inputs if isinstance(inputs, tuple) else (inputs,),
+                              verify=verify)
         return run_pipeline(gm, list(pipelines()["canonical"]), context).graph_module
 
-    checked = _verification_input(gm, example) if verify else None
+    checked = _verification_input(gm, example) if verify and not isinstance(example, tuple) \
+        else None
     if checked is None:
         result = canonical(example)
     else:
@@ -302,7 +314,7 @@ def _load_program(data: bytes, path: Path) -> ImportedModel:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        program = torch.export.load(io.BytesIO(data))
+        program = load_program(io.BytesIO(data))
     except Exception as exc:
         raise CheckpointError(
             f"{path}: not a loadable torch.export program ({first_line(exc)})"
@@ -346,11 +358,20 @@ def lift_aten_graph(exported: nn.Module) -> GraphModule:
             node.target = ATEN_TO_TORCH[node.target]
         elif node.op == "call_function" and node.target == torch.ops.aten.slice.Tensor:
             _as_indexing(node)
+        elif node.op == "call_function" and node.target in _UPSAMPLES:
+            _as_interpolate(node)
         elif node.op == "call_function" and node.target == torch.ops.aten.linear.default:
             weight, bias = _attr(exported, node.args[1]), _attr(exported, _arg(node, 2))
             module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
             _assign(module, weight=weight, bias=bias)
             _lift(node, module, root, graph)
+        elif node.op == "call_function" and node.target == torch.ops.aten.embedding.default \
+                and isinstance(node.args[0], Node) and node.args[0].op == "get_attr":
+            weight = _attr(exported, node.args[0])  # (weight, indices, padding_idx, ...)
+            padding = _arg(node, 2)
+            module = nn.Embedding(*weight.shape, None if padding in (None, -1) else padding)
+            _assign(module, weight=weight)
+            _lift(node, module, root, graph, node.args[0], node.args[1])
         elif node.op == "call_function" and node.target == torch.ops.aten.group_norm.default \
                 and isinstance(_arg(node, 2), Node) and isinstance(_arg(node, 3), Node):
             weight, bias = _attr(exported, node.args[2]), _attr(exported, node.args[3])
@@ -366,6 +387,31 @@ def lift_aten_graph(exported: nn.Module) -> GraphModule:
     gm = GraphModule(root, graph)
     gm.graph.lint()
     return gm.eval()
+
+
+# aten.upsample_*.vec overloads -> the `F.interpolate` mode that decomposes to each; the linear
+# modes take align_corners before the scales
+_UPSAMPLES = {
+    **{getattr(_ATEN, f"upsample_nearest{n}d").vec: "nearest" for n in (1, 2, 3)},
+    **{getattr(_ATEN, f"_upsample_nearest_exact{n}d").vec: "nearest-exact" for n in (1, 2, 3)},
+    _ATEN.upsample_linear1d.vec: "linear", _ATEN.upsample_bilinear2d.vec: "bilinear",
+    _ATEN.upsample_trilinear3d.vec: "trilinear", _ATEN.upsample_bicubic2d.vec: "bicubic",
+}
+
+
+def _as_interpolate(node: Node) -> None:
+    """`aten.upsample_bilinear2d.vec(x, size, align_corners, scales)` (nearest: no
+    align_corners) -> `F.interpolate(x, size, scales, mode, align_corners)`, as traced code
+    calls it."""
+    mode = _UPSAMPLES[node.target]
+    if mode.startswith("nearest"):
+        (x, size, scales), align_corners = node.args[:3], None
+    else:
+        x, size, align_corners, scales = node.args[:4]
+    node.target = torch.nn.functional.interpolate
+    node.args = (x,)
+    node.kwargs = {"size": size, "scale_factor": scales, "mode": mode,
+                   "align_corners": align_corners}
 
 
 def _as_indexing(node: Node) -> None:
@@ -385,15 +431,17 @@ def _plain_signature(graph) -> None:
         output.args = (result[0],)
 
 
-def _lift(node: Node, module: nn.Module, root: dict, graph, weight: Node | None = None) -> None:
-    """Replace `node` by a call of `module`, named after its weight's owner (`s1.conv.weight` ->
-    `s1.conv`; the weight is the call's second argument unless given). A weight used by several
-    calls keeps one shared module, as in the source model."""
+def _lift(node: Node, module: nn.Module, root: dict, graph, weight: Node | None = None,
+          x: Node | None = None) -> None:
+    """Replace `node` by a call of `module` on `x` (the call's first argument unless given),
+    named after its weight's owner (`s1.conv.weight` -> `s1.conv`; the weight is the call's
+    second argument unless given). A weight used by several calls keeps one shared module, as in
+    the source model."""
     target = str((weight or node.args[1]).target)
     name = target.rsplit(".", 1)[0] if "." in target else f"{target}_module"
     root.setdefault(name, module)
     with graph.inserting_after(node):
-        replacement = graph.call_module(name, (node.args[0],))
+        replacement = graph.call_module(name, (node.args[0] if x is None else x,))
     replacement.meta = dict(node.meta)
     node.replace_all_uses_with(replacement)
     graph.erase_node(node)

@@ -68,6 +68,9 @@ def add_commands(commands) -> None:
                        default="keep-count",
                        help="grouped convs: keep the group count with per-group top-k "
                        "channels (default), or keep the group width and remove whole groups")
+    prune.add_argument("--heads", choices=("dims", "heads"), default="dims",
+                       help="attention: prune the head dims and only dead heads (default), or "
+                       "whole heads (Michel et al. 2019) keeping the head dims")
     prune.add_argument("--seed", type=arguments.seed, default=0,
                        help="seed of the random criterion (default 0)")
     prune.add_argument("--spec", dest="spec_output",
@@ -156,7 +159,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     def config(ratio: float) -> PruneConfig:
         return PruneConfig(ratio, args.criterion, args.global_threshold, args.round_to,
-                           args.group_policy, args.seed)
+                           args.group_policy, args.seed, heads=args.heads)
 
     if args.ratio is not None:
         result = prune(model.graph_module, example, config(args.ratio))

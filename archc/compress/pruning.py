@@ -15,7 +15,9 @@ shuffles it refuses) are left alone.
 Channels-last blocks (ConvNeXt) prune the same way: the analysis follows the channels through
 permutes, so a Linear on the last dim is a producer/consumer like a 1x1 conv, and a LayerNorm over
 the channels and a layer scale gamma [C] are channelwise members (weight, bias and gamma lose the
-removed entries). A LayerNorm's mean and variance run over all the channels of its group
+removed entries); so are the per-channel weight and bias of a LayerNorm written out by hand over
+dim 1 (the original ConvNeXt's `x.mean(1, keepdim=True)` ...), whose statistics normalize the group
+as a LayerNorm's do. A LayerNorm's mean and variance run over all the channels of its group
 (`ChannelGroup.normalized`), so removing any of them, even a dead one, changes its output: such
 groups are pruned as Torch-Pruning prunes them (the note says how many; fine-tune afterwards), or
 left whole with `keep_normalized`, and exactness holds for every other group.
@@ -32,15 +34,17 @@ Scores (one per channel of a group, higher is kept):
   groups without a BN are not pruned by this criterion;
 - `random`: seeded uniform scores, the control.
 A *dead* channel (every producer row and bias exactly 0, every BN mapping 0 to 0, every depthwise
-bias 0) is exactly 0 wherever it is read, so removing it preserves the output exactly; every
-criterion ranks dead channels first.
+bias 0, every Embedding's column 0) is exactly 0 wherever it is read, so removing it preserves the
+output exactly; every criterion ranks dead channels first.
 
 How many to keep: per layer, each group keeps ceil((1 - ratio) * size) channels; with
 `global_threshold` the scores are normalized per group (l1/l2 divided by the group's largest,
 bn-scale and random taken as they are) and one threshold over all groups removes `ratio` of all
 prunable channels. Every group keeps at least one unit, and its kept count is rounded up to a
-multiple of `round_to` (and of the grouped convs' segment count). `prune_to_macs` with `round_to`
-> 1 then fills the rounded counts back up towards the MACs target, one step at a time.
+multiple of `round_to` (and of the grouped convs' segment count); a composite follows its leaves,
+so a pixel shuffle's fine side, r² channels per kept coarse one, is a multiple too.
+`prune_to_macs` with `round_to` > 1 then fills the rounded counts back up towards the MACs
+target, one step at a time.
 
 GroupNorm (G groups of C/G channels) is pruned by whole groups, its group count decreasing: a
 channel removed from inside a group would change that group's mean and variance, so only removing
@@ -57,6 +61,19 @@ Grouped convs (g groups, not depthwise) read and write g equal segments:
   through that conv) lose the same segments, scored by the sum of their channels' scores; the
   conv keeps its group width and has fewer groups. A set of groups mixing different group counts
   falls back to keep-count.
+
+Attention heads (`ChannelGraph.heads`) are units of their own, as in Michel et al. 2019 ("Are
+Sixteen Heads Really Better than One?", which prunes whole heads by importance): removing head i
+removes its segment of q, k, v (the rows of the projection writing them), of the merged output
+(the columns of the output projection), its scores channel and its rows of per-head constants
+(LeViT's attention biases); the resize rewrites a literal head count in the split's reshape.
+A head is *dead* when every value channel it reads is dead or every column the output
+projection reads of it is 0: it contributes nothing, and removing it is exact. `heads` chooses:
+- `dims` (the default): the head dims are pruned by the ratio (every head keeps the same dims) and
+  only dead heads go, so the pruning stays as fine-grained as the channels and exact where dead;
+- `heads`: the heads are pruned by the ratio (ceil((1 - ratio) h) kept, at least one, by the
+  sum of the criterion's norms of their q, k and v rows, dead heads first) and the head dims
+  are left whole.
 
 The result is the spec's graph plus `archc.ir.graph_edits` edits, saved as an archc checkpoint.
 """
@@ -75,10 +92,10 @@ from torch.fx import GraphModule, Node
 
 from archc.errors import ArchcError
 from archc.ir.analysis import complexity_report, module_complexity, module_macs
-from archc.ir.channels import ChannelGraph, ChannelGroup, analyze_channels
+from archc.ir.channels import STATISTIC, ChannelGraph, ChannelGroup, Heads, analyze_channels
 from archc.ir.graph import attribute, copy_module
 from archc.ir.ops import BN_MODULES, CONV_MODULES
-from archc.ir.shapes import has_shapes, node_shape
+from archc.ir.shapes import has_shapes, node_shape, node_value, propagate_shapes
 from archc.rewrite.channel_resize import (
     Sources,
     complete_sources,
@@ -89,6 +106,7 @@ from archc.rewrite.channel_resize import (
 
 CRITERIA = ("l1", "l2", "bn-scale", "random")
 GROUP_POLICIES = ("keep-count", "keep-width")
+HEAD_POLICIES = ("dims", "heads")
 
 
 class PruneError(ArchcError):
@@ -108,6 +126,8 @@ class PruneConfig:
     grouped_ratio: float | None = None
     # leave the groups a LayerNorm normalizes whole (their pruning is never exact)
     keep_normalized: bool = False
+    # attention: prune the head dims and only dead heads ("dims"), or whole heads ("heads")
+    heads: str = "dims"
 
     def __post_init__(self):
         for name in ("ratio", "grouped_ratio"):
@@ -120,6 +140,9 @@ class PruneConfig:
         if self.group_policy not in GROUP_POLICIES:
             raise PruneError(f"unknown group policy {self.group_policy!r}; one of "
                              f"{', '.join(GROUP_POLICIES)}")
+        if self.heads not in HEAD_POLICIES:
+            raise PruneError(f"unknown heads policy {self.heads!r}; one of "
+                             f"{', '.join(HEAD_POLICIES)}")
         if self.round_to < 1:
             raise PruneError("round_to must be at least 1")
 
@@ -169,6 +192,7 @@ class _Unit:
     whole_segments: bool  # keep-width: remove whole segments
     scores: list[np.ndarray] = field(default_factory=list)  # per group, per channel
     pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (leaf, its channels)
+    heads: Heads | None = None  # whole attention heads: one score per head
 
     @property
     def size(self) -> int:
@@ -246,6 +270,39 @@ def _row_stats(module: nn.Module, criterion: str) -> tuple[np.ndarray, np.ndarra
     return norm.numpy(), alive.numpy()
 
 
+def _bn_affine(module: nn.Module, at: Tensor) -> tuple[Tensor, Tensor]:
+    """A BatchNorm's (γ, β) at channels `at`, in float64 (1 and 0 without affine)."""
+    if module.affine:
+        return module.weight.detach().double()[at], module.bias.detach().double()[at]
+    return torch.ones(len(at), dtype=torch.float64), torch.zeros(len(at), dtype=torch.float64)
+
+
+def _channelwise_alive(gm: GraphModule, cg: ChannelGraph, group: ChannelGroup,
+                       at: Tensor) -> np.ndarray:
+    """Per channel `at` of a group: whether a channelwise member maps its 0 to something else
+    (a BN's shift β - γ μ / σ, a depthwise conv's or GroupNorm's bias, an embedding's
+    column, a per-channel shift)."""
+    alive = np.zeros(len(at), dtype=bool)
+    for node in group.channelwise:
+        module = _module(gm, node)
+        if isinstance(module, BN_MODULES):
+            g, b = _bn_affine(module, at)
+            if module.track_running_stats and module.running_mean is not None:
+                mean = module.running_mean.double()[at]
+                var = module.running_var.double()[at]
+                b = b - g * mean / torch.sqrt(var + module.eps)
+            alive |= (b != 0).numpy()
+        elif isinstance(module, (*CONV_MODULES, nn.GroupNorm)) and module.bias is not None:
+            alive |= (module.bias.detach()[at] != 0).numpy()  # a dead GroupNorm group is β
+        elif isinstance(module, nn.Embedding):  # a label's row added in: its column
+            alive |= (module.weight.detach()[:, at] != 0).any(0).numpy()
+        for name, axis, kind in cg.constants.get(node, ()):
+            if kind == "shift":  # a dead channel plus a constant is not dead
+                shift = attribute(gm, name).detach().index_select(axis, at)
+                alive |= (shift.movedim(axis, 0).reshape(len(at), -1) != 0).any(1).numpy()
+    return alive
+
+
 def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelGroup,
                     criterion: str, rng: np.random.Generator,
                     row_stats: dict[Node, tuple[np.ndarray, np.ndarray] | None]
@@ -273,25 +330,8 @@ def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelG
             module = _module(gm, node)
             if isinstance(module, BN_MODULES):
                 bns += 1
-                if module.affine:
-                    g = module.weight.detach().double()[at]
-                    b = module.bias.detach().double()[at]
-                else:
-                    g, b = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-                gamma += g.abs().numpy()
-                if module.track_running_stats and module.running_mean is not None:
-                    mean = module.running_mean.double()[at]
-                    var = module.running_var.double()[at]
-                    shift = b - g * mean / torch.sqrt(var + module.eps)
-                else:
-                    shift = b
-                alive |= (shift != 0).numpy()
-            elif isinstance(module, (*CONV_MODULES, nn.GroupNorm)) and module.bias is not None:
-                alive |= (module.bias.detach()[at] != 0).numpy()  # a dead GroupNorm group is β
-            for name, axis, kind in cg.constants.get(node, ()):
-                if kind == "shift":  # a dead channel plus a constant is not dead
-                    shift = attribute(gm, name).detach().index_select(axis, at)
-                    alive |= (shift.movedim(axis, 0).reshape(n, -1) != 0).any(1).numpy()
+                gamma += _bn_affine(module, at)[0].abs().numpy()
+        alive |= _channelwise_alive(gm, cg, group, at)
     if producers == 0:
         return None
     if criterion in ("l1", "l2"):
@@ -315,12 +355,15 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
     row_stats: dict[Node, tuple[np.ndarray, np.ndarray] | None] = {}
     skipped_no_bn = normalized = 0
     fixed: dict[str, int] = {}
+    whole_heads = [h for h in cg.heads if not h.fixed and h.count > 1]
+    head_dims = {p for h in whole_heads for p in h.pieces} if config.heads == "heads" else set()
     for group in cg.groups:
-        if group.fixed and not group.fixed.startswith(("model input", "model output")):
+        if group.fixed and not group.fixed.startswith(("model input", "model output",
+                                                       STATISTIC)):
             reason = group.fixed.split(" (")[0]
             fixed[reason] = fixed.get(reason, 0) + 1
         if group.fixed or (group.parts and group.index not in pieces_of) or group.size < 2 \
-                or group.index in in_unit:
+                or group.index in in_unit or group.index in head_dims:
             continue
         if group.norm_groups == 1 or group.norm_groups and group.groups:
             notes.append(f"{group.label()}: " + (
@@ -398,7 +441,88 @@ def _units(gm: GraphModule, cg: ChannelGraph, config: PruneConfig,
                                    list(pieces_of.get(g.index, {}).items())))
             continue
         units.append(unit)
+    for heads in cg.heads:
+        if heads.fixed:
+            notes.append(f"heads of {cg.groups[heads.wholes[0]].label()} left as they are: "
+                         f"{heads.fixed}")
+    for heads in whole_heads:
+        scores = _head_scores(gm, cg, positions, heads, config.criterion, rng, row_stats)
+        if scores is not None:
+            units.append(_Unit([cg.groups[heads.wholes[0]]], 1, False, [scores], heads=heads))
     return units
+
+
+def _segment(heads: Heads, group: ChannelGroup, head: int) -> np.ndarray:
+    """The channels of head `head` in a group laid out as the heads' lockstep segments."""
+    width = group.size // heads.count
+    return np.arange(head * width, (head + 1) * width)
+
+
+def _head_scores(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads, criterion: str,
+                 rng: np.random.Generator, row_stats) -> np.ndarray | None:
+    """One score per head (None: the criterion has nothing to go on): the sum of the criterion's
+    norms of the head's rows in the producers of the head splits' inputs (q, k and v; bn-scale:
+    |γ| of their BNs, random: seeded), -inf for a dead
+    head: its value channels (the leaves of the merges' head dims) are dead rows wherever a
+    producer writes them, or the merges' consumers read only zero columns of it."""
+    norm, gamma = np.zeros(heads.count), np.zeros(heads.count)
+    dead = np.zeros(heads.count, dtype=bool)
+    producers = bns = 0
+    for index in heads.wholes:
+        group = cg.groups[index]
+        for node in group.producers:
+            if node not in row_stats:
+                row_stats[node] = _row_stats(_module(gm, node), criterion)
+            if row_stats[node] is None:
+                return None
+            producers += 1
+            row_norm = row_stats[node][0]
+            norm += [row_norm[_segment(heads, group, i)].sum() for i in range(heads.count)]
+        for node in group.channelwise:
+            module = _module(gm, node)
+            if isinstance(module, BN_MODULES) and module.affine:
+                bns += 1
+                weight = module.weight.detach().double().abs().numpy()
+                gamma += [weight[_segment(heads, group, i)].sum() for i in range(heads.count)]
+    for group in (cg.groups[index] for index in heads.wholes):
+        if not group.producers:  # a merge: its consumers' columns, its value channels' rows
+            values = {leaf.index for part in group.parts[:1]
+                      for leaf in cg.leaves(cg.groups[part.group])}
+            dead |= _dead_heads(gm, cg, positions, heads, group, values, row_stats)
+    if producers == 0 or criterion == "bn-scale" and bns == 0:
+        return None
+    scores = {"l1": norm, "l2": norm, "bn-scale": gamma}.get(criterion)
+    scores = rng.random(heads.count) if scores is None else scores
+    return np.where(dead, -np.inf, scores)
+
+
+def _dead_heads(gm: GraphModule, cg: ChannelGraph, positions, heads: Heads,
+                merge: ChannelGroup, values: set[int], row_stats) -> np.ndarray:
+    """Per head: whether the merge `merge` reads nothing of it (its consumers' columns of the
+    head are 0) or its value channels `values` are dead: 0 rows in the head splits' inputs
+    (`row_stats` holds their producers'), no channelwise member there or in any other group
+    holding them (the merge, a pad) mapping 0 to something else, and no other producer."""
+    unread = np.full(heads.count, bool(merge.consumers))
+    for node in merge.consumers:
+        module = _module(gm, node)
+        if not isinstance(module, (*CONV_MODULES, nn.Linear)) or getattr(module, "groups", 1) > 1:
+            unread[:] = False
+            break
+        columns = module.weight.detach().movedim(1, 0).reshape(merge.size, -1)
+        unread &= [not columns[_segment(heads, merge, i)].any() for i in range(heads.count)]
+    alive = np.zeros(heads.count, dtype=bool)
+    for leaf in values:
+        for top, channels in positions[leaf]:
+            group = cg.groups[top]
+            rows = _channelwise_alive(gm, cg, group, torch.arange(group.size))
+            if top not in heads.wholes:  # v itself, or another group holding it: all heads
+                alive |= bool(group.producers) or rows[channels].any()
+                continue
+            for node in group.producers:
+                rows |= row_stats[node][1]
+            for i in range(heads.count):
+                alive[i] |= rows[np.intersect1d(channels, _segment(heads, group, i))].any()
+    return unread | ~alive
 
 
 def _step(unit: _Unit, round_to: int) -> int:
@@ -412,34 +536,33 @@ def _step(unit: _Unit, round_to: int) -> int:
 def _decide(units: list[_Unit], config: PruneConfig,
             counts: list[int] | None = None) -> list[np.ndarray]:
     """The kept channel indices of each unit (sorted), shared by its groups; `counts` (per unit,
-    multiples of its step) replace the counts the config's ratio asks for."""
-    if counts is not None:
-        return [_every_piece(unit, _keep(unit, count, config.round_to))
-                for unit, count in zip(units, counts)]
+    multiples of its step) replace the counts the config asks for."""
+    return [_every_piece(unit, _keep(unit, want, config.round_to))
+            for unit, want in zip(units, _wanted(units, config) if counts is None else counts)]
+
+
+def _wanted(units: list[_Unit], config: PruneConfig) -> list[int]:
+    """How many channels the config asks each unit to keep, before `_keep` rounds it."""
     if config.global_threshold:
         pooled = []
-        for unit in units:
-            s = _unit_scores(unit)
+        for unit in units:  # heads are decided per attention (below)
+            s = _unit_scores(unit) if unit.heads is None else np.zeros(1)
             if config.criterion in ("l1", "l2"):
                 finite = s[np.isfinite(s)]
                 top = finite.max() if finite.size and finite.max() > 0 else 1.0
                 s = s / top
-            pooled.append(np.repeat(s, unit.size // len(s)))
+            pooled.append(np.repeat(s, unit.size // len(s)) if unit.heads is None else s[:0])
         everything = np.concatenate(pooled)
         cut = int(math.floor(config.ratio * everything.size))
         threshold = np.sort(everything)[cut - 1] if cut > 0 else -np.inf
         wanted = [int((p > threshold).sum()) for p in pooled]
     else:
         wanted = [math.ceil((1 - _unit_ratio(unit, config)) * unit.size) for unit in units]
-    return [_every_piece(unit, _keep(unit, want, config.round_to))
-            for unit, want in zip(units, wanted)]
-
-
-def _counts(units: list[_Unit], config: PruneConfig) -> list[int]:
-    """The count `_keep` keeps of each unit at this (per-layer) config, before `_every_piece`
-    adds a refined unit's empty pieces back."""
-    return [_count(unit, math.ceil((1 - _unit_ratio(unit, config)) * unit.size), config.round_to)
-            for unit in units]
+    for at, unit in enumerate(units):
+        if unit.heads is not None:  # "dims": only the dead heads go
+            wanted[at] = math.ceil((1 - config.ratio) * unit.size) if config.heads == "heads" \
+                else int(np.isfinite(unit.scores[0]).sum())
+    return wanted
 
 
 def _every_piece(unit: _Unit, kept: np.ndarray) -> np.ndarray:
@@ -469,7 +592,8 @@ def _unit_scores(unit: _Unit) -> np.ndarray:
 
 
 def _count(unit: _Unit, want: int, round_to: int) -> int:
-    """`want` rounded up to the unit's step, at least one step, at most the whole unit."""
+    """`want` rounded up to the unit's step, at least one step, at most the whole unit: what
+    `_keep` keeps before `_every_piece` adds a refined unit's empty pieces back."""
     step = _step(unit, round_to)
     return min(unit.size, max(step, math.ceil(want / step) * step))
 
@@ -490,34 +614,78 @@ def _keep(unit: _Unit, want: int, round_to: int) -> np.ndarray:
     return np.concatenate(kept)
 
 
-def _prepare(gm: GraphModule, example_input: Tensor, config: PruneConfig):
-    """(copy of gm with shapes, its channel graph, units, notes, complexity before). The copy
-    shares gm's tensors (the resize replaces modules and tensors, never writes them); shapes
-    gm has recorded for this input (the canonical pipeline's) are reused, not propagated again."""
+def _prepare(gm: GraphModule, example_input: Tensor | tuple[Tensor, ...], config: PruneConfig):
+    """(copy of gm with shapes, its channel graph, units, notes, complexity before, the inputs
+    that record its shapes). The copy shares gm's tensors (the resize replaces modules and
+    tensors, never writes them); shapes gm has recorded for this input (the canonical pipeline's)
+    are reused, not propagated again. A model of several inputs (a class or timestep label beside
+    the image) takes a tuple of examples, one per input, or its recorded shapes."""
     gm = copy_module(gm)
-    shape = tuple(example_input.shape)
-    recorded = has_shapes(gm) and next(
-        (node_shape(n) for n in gm.graph.nodes if n.op == "placeholder"), None)
-    before = complexity_report(
-        gm, None if recorded and recorded[1:] == shape[1:] else shape).total
+    examples = tuple(example_input) if isinstance(example_input, (tuple, list)) \
+        else (example_input,)
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    inputs = [node.name for node in placeholders]
+    recorded = has_shapes(gm) and next(map(node_shape, placeholders), None)
+    if len(examples) > 1 and len(examples) != len(inputs):
+        raise PruneError(f"the model takes {len(inputs)} inputs ({', '.join(inputs)}) and prune "
+                         f"{len(examples)} examples")
+    if len(inputs) > 1 and len(examples) == 1:
+        if not recorded:  # labels or a timestep beside the image
+            raise PruneError(f"the model takes {len(inputs)} inputs ({', '.join(inputs)}) and "
+                             f"prune one example: give one per input (a tuple) or record the "
+                             f"shapes of all first (archc.ir.shapes.propagate_shapes)")
+        examples = tuple(map(node_value, placeholders))  # meta tensors of the recorded shapes
+    elif len(examples) > 1 and not propagate_shapes(gm, examples):
+        raise PruneError(f"the model does not run on the examples of its inputs "
+                         f"({', '.join(inputs)})")
+    if len(examples) > 1:
+        shapes = examples
+        before = complexity_report(gm).total
+    else:
+        shapes = (tuple(examples[0].shape),)
+        before = complexity_report(
+            gm, None if recorded and recorded[1:] == shapes[0][1:] else shapes[0]).total
     cg = analyze_channels(gm)
     notes: list[str] = []
     units = _units(gm, cg, config, notes)
     if not units:
         why = "; ".join(notes) or "no conv or Linear writes a channel group that may change"
         raise PruneError(f"no channel group can be pruned: {why}")
-    return gm, cg, units, notes, before
+    return gm, cg, units, notes, before, shapes
 
 
-def _sources(units: list[_Unit], decisions: list[np.ndarray]) -> Sources:
-    """group -> its kept channels (`archc.rewrite.channel_resize` sources without new channels)."""
+def head_source(source: Tensor, width: int, kept: Tensor) -> Tensor:
+    """The source of a group laid out as heads of `width` channels (head i: channels
+    [i width, (i + 1) width)) that keeps the heads `kept`: the entries of its `source` (every
+    head's kept dims) in kept heads, s // width in kept."""
+    return source[torch.isin(source // width, kept)]
+
+
+def _sources(cg: ChannelGraph, units: list[_Unit], decisions: list[np.ndarray]) -> Sources:
+    """group -> its kept channels (`archc.rewrite.channel_resize` sources without new channels);
+    a head split's input or merge's output that loses heads keeps the kept heads' segments of
+    its source, a scores group the kept heads."""
     kept_of: dict[int, np.ndarray] = {}
     for unit, kept in zip(units, decisions):
+        if unit.heads is not None:
+            continue
         for group in unit.groups:
             kept_of[group.index] = kept
         for leaf, channels in unit.pieces:
             kept_of[leaf] = np.flatnonzero(np.isin(channels, kept))
-    return {index: torch.as_tensor(kept, dtype=torch.long) for index, kept in kept_of.items()}
+    sources = {index: torch.as_tensor(kept, dtype=torch.long) for index, kept in kept_of.items()}
+    removed = [(unit.heads, torch.as_tensor(kept, dtype=torch.long))
+               for unit, kept in zip(units, decisions)
+               if unit.heads is not None and kept.size < unit.size]
+    complete = complete_sources(cg, sources) if removed else {}
+    for heads, kept in removed:
+        for index in heads.wholes:
+            size = cg.groups[index].size
+            sources[index] = head_source(complete.get(index, torch.arange(size)),
+                                         size // heads.count, kept)
+        for index in heads.scores:
+            sources[index] = kept
+    return sources
 
 
 def _estimated_macs(gm: GraphModule, cg: ChannelGraph, sources: Sources, before: int) -> int:
@@ -538,25 +706,27 @@ def _estimated_macs(gm: GraphModule, cg: ChannelGraph, sources: Sources, before:
     return total
 
 
-def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig,
+def prune(gm: GraphModule, example_input: Tensor | tuple[Tensor, ...], config: PruneConfig,
           prepared=None, counts: list[int] | None = None) -> PruneResult:
     """A pruned copy of `gm` (see the module docstring); `gm` is left as it is. `counts`: each
     unit's kept count, in place of the ratio's (`prune_to_macs`'s fill)."""
-    gm, cg, units, notes, before = prepared or _prepare(gm, example_input, config)
+    gm, cg, units, notes, before, shapes = prepared or _prepare(gm, example_input, config)
     macs_before = module_complexity(gm)
     decisions = _decide(units, config, counts)
-    resize_channels(gm, cg, _sources(units, decisions))
-    after = complexity_report(gm, tuple(example_input.shape)).total
+    resize_channels(gm, cg, _sources(cg, units, decisions))
+    propagate_shapes(gm, shapes)
+    after = complexity_report(gm).total
     macs_after = module_complexity(gm)
     changes = []
     for unit, kept in zip(units, decisions):
-        policy = "norm-groups" if unit.groups[0].norm_groups else "keep-width" \
-            if unit.whole_segments else "keep-count" if unit.segments > 1 else "channels"
+        policy = "heads" if unit.heads is not None else "norm-groups" \
+            if unit.groups[0].norm_groups else "keep-width" if unit.whole_segments \
+            else "keep-count" if unit.segments > 1 else "channels"
         for group in unit.groups:
             names = {str(n.target) for n in (*group.producers, *group.consumers,
                                              *group.channelwise) if n.op == "call_module"}
             changes.append(GroupChange(
-                group.label(), group.size, int(kept.size), policy,
+                group.label(), unit.size if unit.heads else group.size, int(kept.size), policy,
                 sum(macs_before[n].flops for n in names), sum(macs_after[n].flops for n in names),
                 sum(macs_before[n].params for n in names),
                 sum(macs_after[n].params for n in names)))
@@ -564,7 +734,7 @@ def prune(gm: GraphModule, example_input: Tensor, config: PruneConfig,
                        changes, notes)
 
 
-def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
+def prune_to_macs(gm: GraphModule, example_input: Tensor | tuple[Tensor, ...], target: float,
                   make_config: Callable[[float], PruneConfig], steps: int = 12) -> PruneResult:
     """Bisect the ratio so that the pruned model has at most `target` (a fraction) of the MACs,
     as close as the steps allow; the result with the largest MACs not above the target. The
@@ -590,16 +760,16 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
     if not 0 < target < 1:
         raise PruneError(f"the MACs target must be a fraction in (0, 1), not {target}")
     prepared = _prepare(gm, example_input, make_config(0.5))
-    copy_, cg, units, notes, before = prepared
+    copy_, cg, units, notes, before, _ = prepared
 
     def fits(config: PruneConfig) -> bool:
-        sources = _sources(units, _decide(units, config))
+        sources = _sources(cg, units, _decide(units, config))
         return _estimated_macs(copy_, cg, sources, before.flops) <= target * before.flops
 
     def search(make: Callable[[float], PruneConfig]) -> tuple[PruneConfig, str | None]:
         best = _smallest_fitting_ratio(lambda r: fits(make(r)), 0.0, 0.99, steps)
         if best is None:
-            sources = _sources(units, _decide(units, make(0.99)))
+            sources = _sources(cg, units, _decide(units, make(0.99)))
             fraction = _estimated_macs(copy_, cg, sources, before.flops) / before.flops
             raise PruneError(f"cannot reach {100 * target:.0f}% of the MACs: at ratio 0.99 the "
                              f"pruned model keeps {100 * fraction:.1f}% (its other channels are "
@@ -621,12 +791,15 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor, target: float,
     if config.round_to > 1 and not config.global_threshold:
         unrounded, _ = search(lambda r: replace(make_config(r), round_to=1))
         steps_ = [_step(unit, config.round_to) for unit in units]
-        caps = [_count(unit, count, config.round_to)
-                for unit, count in zip(units, _counts(units, unrounded))]
-        start = [min(count, cap) for count, cap in zip(_counts(units, config), caps)]
+        start = [_count(unit, want, config.round_to)
+                 for unit, want in zip(units, _wanted(units, config))]
+        # a unit's cap: its unrounded count rounded up; heads stay as the config decides them
+        caps = [count if unit.heads is not None else _count(unit, want, config.round_to)
+                for unit, count, want in zip(units, start, _wanted(units, unrounded))]
+        start = [min(count, cap) for count, cap in zip(start, caps)]
 
         def fits_counts(counts: list[int]) -> bool:
-            sources = _sources(units, _decide(units, config, counts))
+            sources = _sources(cg, units, _decide(units, config, counts))
             return _estimated_macs(copy_, cg, sources, before.flops) <= target * before.flops
 
         alike: dict[tuple, list[int]] = {}

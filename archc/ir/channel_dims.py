@@ -17,7 +17,8 @@ when the op does more than move it (merges it with another dim, splits it, reduc
 
 `head_split` recognizes the one reshape that splits the channel dim itself in a way pruning can
 follow: [.., h d, ..] -> [.., h, d, ..] (attention heads, `archc.ir.channels`), the dims after it
-free to be reshaped among themselves ([N, h d, H, W] -> [N, h, d, H W], EfficientViT).
+free to be reshaped among themselves ([N, h d, H, W] -> [N, h, d, H W], EfficientViT), the heads
+themselves possibly over several dims ([N, L, 3 h d] -> [N, L, 3, h, d], FastViT).
 """
 
 from __future__ import annotations
@@ -65,18 +66,19 @@ def reduced_dim(dims: Sequence[int], keepdim: bool, c: int) -> int | None:
 
 
 def head_split(before: Sequence[int], after: Sequence[int], c: int) -> tuple[int, int] | None:
-    """(heads dim, head-size dim) of a reshape that splits channel dim c of C = h d channels into
-    two adjacent dims [h, d], keeps the dims before it and the number of elements after it
-    (None otherwise)."""
-    if len(after) < c + 2 or c >= len(before):
+    """(first heads dim, head-size dim) of a reshape that splits channel dim c of C = h d
+    channels into adjacent dims [h_1, .., h_k, d] (h = h_1 .. h_k >= 2 heads; k = 1 for
+    [h, d], k = 2 for FastViT's [3, heads, d]), keeps the dims before it and the number of
+    elements after it (None otherwise); the head-size dim is the first that completes C."""
+    if len(after) < c + 2 or c >= len(before) or tuple(after[:c]) != tuple(before[:c]):
         return None
-    if tuple(after[:c]) != tuple(before[:c]) \
-            or math.prod(after[c + 2:]) != math.prod(before[c + 1:]):
-        return None
-    heads, size = after[c], after[c + 1]
-    if heads * size != before[c] or heads < 2 or size < 1:
-        return None
-    return c, c + 1
+    for j in range(c + 1, len(after)):
+        heads = math.prod(after[c:j])
+        if heads * after[j] == before[c]:
+            if heads < 2 or math.prod(after[j + 1:]) != math.prod(before[c + 1:]):
+                return None
+            return c, j
+    return None
 
 
 def index_items(index, rank: int) -> list | None:

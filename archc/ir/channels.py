@@ -22,20 +22,36 @@ and one channel order, so that pruning or padding edits a whole group at once.
   is an elementwise op reading a per-channel constant (`constants`: a layer scale, a bare
   [1, C, 1, 1] parameter, a position embedding [1, C, H, W], or a [C] vector through views adding
   size-1 dims, on whichever dim holds the channels). A LayerNorm's statistics span the group
-  (`normalized`: no removal there is exact); a GroupNorm's group count goes to `norm_groups`: its
-  group changes by whole norm groups only. BN, GroupNorm, PReLU, pixel shuffles and convs read
-  their channels on dim 1.
-- Attention: a reshape splitting the channels into heads, [.., h d, ..] -> [.., h, d, ..], makes
-  its input h lockstep segments of its result's group (every head keeps the same dims, as a
-  shuffle's input below); merging heads back is the reverse. `q @ k.T` ties q's and k's channels
+  (`normalized`: no removal there is exact), and so do a mean or variance over the channel dim
+  with keepdim (a LayerNorm written out by hand; their one-channel result is `STATISTIC`); a
+  GroupNorm's group count goes to `norm_groups`: its group changes by whole norm groups only.
+  BN, GroupNorm, PReLU, pixel shuffles and convs read their channels on dim 1. An nn.Embedding
+  (a class or timestep label: `h + emb(y)[:, :, None, None]`, a conditional norm's
+  `gamma = emb(y)`) is a channelwise member of its result's group (the columns of its weight
+  [num, C], the result's last dim); its integer indices carry no channels and tie nothing.
+- Attention: a reshape splitting the channels into heads, [.., h d, ..] -> [.., h, d, ..] (or
+  over several dims, [.., 3 h d] -> [.., 3, h, d]), makes its input h lockstep segments of its
+  result's group (every head keeps the same dims, as a shuffle's input below); merging heads
+  back is the reverse (never into the batch dim); `unbind` of another dim ties its pieces.
+  A channel count read from a tensor (`B, C, H, W = x.shape`) that reshapes alone take, as
+  their own channel count, ties the tensor to their results. `q @ k.T` ties q's and k's channels
   (they are contracted) and writes scores without channels (`HEADS`); `scores @ v` keeps v's;
   in linear attention `k.T @ v` keeps v's with k's as its rows and `q @ kv` ties q to them. A
   constant pad of the channel dim adds fixed pieces (`PADDED`). Literal channel counts in
-  reshapes are recorded (`ChannelGraph.sizes`) and rewritten by a resize.
+  reshapes are recorded (`ChannelGraph.sizes`) and rewritten by a resize. Whole heads are units
+  too (`ChannelGraph.heads`, one `Heads` per attention): the head splits and merges whose
+  lockstep groups the products link (q, k, v and the scores of one attention), the scores
+  groups (one channel a head; a per-head constant, a scale [h, 1, 1] or LeViT's
+  `attention_biases[:, idxs]` of shape [h, N], is a channelwise member) and the place of each
+  split's literal head count; removing head i removes segment i of every split and merge and
+  channel i of the scores. Heads stay whole (`Heads.fixed`) where a head count is computed
+  (`HEAD_COUNT`) or an op inside the attention reads a constant not per head (`HEAD_CONSTANT`).
 - Composites: `cat(dim=1)` makes its result's group the concatenation of its inputs' groups
   (`parts`); a split, chunk or slice on dim 1 makes its input's group the concatenation of the
   pieces. Two layouts of one group with the same parts identify their pieces (`cat([a, b])` split
-  at the same point gives back a and b); concatenations with different boundaries conflict.
+  at the same point gives back a and b); of two concatenations, one whose boundaries are all the
+  other's is cut by it (heads concatenated, then split into heads again); other concatenations
+  with different boundaries conflict.
 - Pixel shuffles: y = pixel_shuffle(x, r) reads channels c r² .. c r² + r² - 1 of x for its
   channel c, so x interleaves r² copies of y's group (parts (y, k, stride r²)); pixel_unshuffle
   the reverse. Removing a channel of the coarse side removes its block of r² on the fine side.
@@ -48,17 +64,19 @@ and one channel order, so that pruning or padding edits a whole group at once.
   analysis cuts Q into pieces where needed (Q is `refined`) and the cut piece interleaves them.
 - Grouped convs: a conv with g groups (not depthwise) reads g equal segments of its input group
   and writes g equal segments of its output group; `groups` lists these g, and a new size must
-  stay divisible by `divisor = lcm(groups)` with every segment changed alike.
+  stay divisible by `divisor = lcm(groups)` with every segment changed alike. On a composite
+  whose leaves fall into g equal runs (EfficientViT's 1x1 conv with a group per q, k or v of a
+  head) the leaves at one place in every run are tied, so each conv group keeps as many.
 - Fixed: a group whose size cannot change carries the reason in `fixed`: model inputs and outputs,
   an op the analysis does not model (the conservative default: anything unknown fixes every
   channel space it touches), a graph that reads or computes the channel count (`x.size(1)`,
   `view(n, 2 * n)`; the size reads inside a shuffle's spelling are part of it), a reshape that
   merges or splits the channel dim other than into heads and is not a shuffle, a shuffle whose
   group count is computed in the graph or whose reshape hard-codes a channel-dependent size, a
-  module called twice, conflicting layouts, a grouped conv on a composite (ShuffleNetV1's
-  grouped 1x1 convs around its shuffle), a GroupNorm of a composite (its norm groups need not
-  line up with the parts). A fixed composite fixes its parts; a fixed part leaves its composite
-  free.
+  module called twice, conflicting layouts, a grouped conv on a composite that its groups cut
+  otherwise (ShuffleNetV1's grouped 1x1 conv reading its shuffle's output), a GroupNorm of a
+  composite (its norm groups need not line up with the parts). A fixed composite fixes its
+  parts; a fixed part leaves its composite free.
 
 Usage::
 
@@ -107,6 +125,7 @@ from archc.ir.ops import (
     MAX_POOL_MODULES,
     RESHAPES,
     node_target,
+    op_kind,
     reshape_sizes,
 )
 from archc.ir.shapes import node_shape, propagate_shapes
@@ -127,11 +146,15 @@ GROUPED_PARTS = "a grouped conv reads or writes a concatenated or split group"
 SIZE_READ = "the graph reads or hard-codes this channel count (size(1), shape[1], view)"
 NORM_PARTS = "a GroupNorm normalizes a concatenated, split or shuffled group"
 UNSUPPORTED = "an op the channel analysis does not model touches these channels"
-HEADS = "attention scores: one per head (heads keep their count; their dims are pruned)"
+HEADS = "attention scores: one per head (pruned by whole heads only, `ChannelGraph.heads`)"
+HEAD_COUNT = "the graph computes a head count, or splits the heads over several dims"
+HEAD_CONSTANT = "a constant read inside the attention is not indexed by its heads"
+HEAD_GROUPED = "a grouped conv reads or writes the heads' channels in groups of its own"
 PADDED = "constant channels a pad adds"
+STATISTIC = "a mean or variance over the channels: one value per position"
 _PRIORITY = (MODEL_INPUT, MODEL_OUTPUT, MOVES_CHANNELS, SHUFFLE_GROUPS, SHUFFLE_SIZES,
-             SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, NORM_PARTS, SIZE_READ, HEADS, PADDED,
-             UNSUPPORTED)
+             SHARED_MODULE, SEGMENT_CONFLICT, GROUPED_PARTS, NORM_PARTS, SIZE_READ, HEAD_COUNT,
+             HEAD_CONSTANT, HEAD_GROUPED, HEADS, PADDED, STATISTIC, UNSUPPORTED)
 
 # Ops that map channel c of every operand to channel c of the result; modules by exact type (a
 # subclass may compute something else).
@@ -142,6 +165,7 @@ _ELEMENTWISE = {
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
     operator.add, operator.sub, operator.mul, operator.iadd, operator.isub, operator.imul,
     operator.neg, torch.add, torch.sub, torch.mul, torch.neg, torch.clamp, F.dropout,
+    operator.pow, torch.pow, torch.sqrt, torch.rsqrt, "pow", "sqrt", "rsqrt",
     F.dropout1d, F.dropout2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
     "add", "sub", "mul", "add_", "sub_", "mul_", "neg", "relu_", "clamp", "clamp_min",
@@ -153,6 +177,8 @@ _SCALE_OR_SHIFT = {
     **dict.fromkeys((operator.add, operator.sub, operator.iadd, operator.isub, torch.add,
                      torch.sub, "add", "sub", "add_", "sub_"), "shift"),
 }
+# reductions that, over the channels with keepdim, are a norm's statistics (`statistic`)
+_STATISTICS = (torch.mean, "mean", torch.var, "var", torch.std, "std")
 _HARMLESS_ATTRIBUTES = {"dtype", "device", "ndim", "is_cuda", "layout"}
 # shape-only views a per-channel constant may pass through (`gamma.view(1, -1, 1, 1)`)
 _CONSTANT_VIEWS = {*RESHAPES, torch.unsqueeze, torch.squeeze, torch.flatten, "unsqueeze",
@@ -168,10 +194,12 @@ _RULES: dict[object, str] = {
     nn.LayerNorm: "layer_norm",
     nn.GroupNorm: "group_norm",
     **dict.fromkeys((nn.PReLU, F.prelu), "prelu"),
+    nn.Embedding: "embedding",
     **dict.fromkeys((nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle),
                     "pixel_shuffle"),
     **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), "cat"),
     **dict.fromkeys((torch.split, torch.chunk, "split", "chunk"), "split"),
+    **dict.fromkeys((torch.unbind, "unbind", torch.ops.aten.unbind.int), "unbind"),
     operator.getitem: "getitem",
     **dict.fromkeys((nn.Flatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                      "view", "reshape", "flatten", "squeeze", "unsqueeze", "reshape_as",
@@ -182,8 +210,8 @@ _RULES: dict[object, str] = {
     **dict.fromkeys((torch.transpose, torch.permute, "transpose", "permute"), "transpose"),
     **dict.fromkeys((nn.ChannelShuffle, torch.channel_shuffle, torch.native_channel_shuffle,
                      F.channel_shuffle), "shuffle"),
-    **dict.fromkeys((torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax",
-                     "amin"), "reduction"),
+    **dict.fromkeys((torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std, "mean",
+                     "sum", "amax", "amin", "var", "std"), "reduction"),
     **dict.fromkeys((builtins.getattr, "size", "dim"), "metadata"),
 }
 
@@ -200,6 +228,20 @@ class Part:
 
     def positions(self) -> range:
         return range(self.offset, self.offset + self.stride * self.size, self.stride)
+
+
+@dataclass(frozen=True)
+class Heads:
+    """The heads of one attention, removable as units: head i is segment i of every group in
+    `wholes` (a head split's input, a head merge's output: `count` lockstep segments of the head
+    dims) and channel i of every group in `scores` (dim 1 of `q @ k.T`)."""
+
+    count: int
+    wholes: tuple[int, ...]
+    scores: tuple[int, ...]
+    pieces: tuple[int, ...]  # the leaf groups inside one head (its head dims)
+    literals: tuple[tuple[Node, int], ...]  # head split -> the place of its literal head count
+    fixed: str = ""  # why the heads cannot be removed; "" if they can
 
 
 @dataclass(frozen=True)
@@ -261,6 +303,7 @@ class ChannelGraph:
     constants: dict[Node, tuple[tuple[str, int, str], ...]] = field(default_factory=dict)
     # reshape node -> the place in its sizes of a literal channel count (its result's channels)
     sizes: dict[Node, int] = field(default_factory=dict)
+    heads: list[Heads] = field(default_factory=list)  # attention heads, units of their own
 
     def of(self, node: Node) -> ChannelGroup:
         return self.groups[self.index[node]]
@@ -362,6 +405,7 @@ class _Builder:
             if not reason:
                 self.shuffled.update(dict.fromkeys(shuffle.nodes, shuffle))
         self.grouped: list[tuple[int, int]] = []  # (space, g)
+        self.grouped_convs: list[Node] = []  # the convs of `grouped`, in graph order
         self.normed: list[tuple[int, int]] = []  # (space, a GroupNorm's group count)
         # end of a view chain from a constant -> (the get_attr, the chain's nodes): see
         # `constant_chain`; the chain's nodes are left to the op reading its end
@@ -380,6 +424,23 @@ class _Builder:
         self.sizes: dict[Node, int] = {}  # ChannelGraph.sizes
         # `k.T @ v`: its rows are k's channels, its channel dim v's -> the space of the rows
         self.rows: dict[Node, int] = {}
+        # head splits and merges: (reshape, whole space, lockstep space, heads, the place of a
+        # literal head count, -1 if none, None if computed); products of one attention: (scores
+        # space, q's or v's space)
+        self.head_reshapes: list[tuple[Node, int, int, int, int | None]] = []
+        self.head_links: list[tuple[int, int]] = []
+        # `table[:, idxs]` (LeViT's attention biases [h, N] gathered by a buffer of indices) ->
+        # the table, read per head by the one shift using it (`per_channel_constant`)
+        self.tables: dict[Node, Node] = {}
+        for node in gm.graph.nodes:
+            table = _head_table(node)
+            if table is not None:
+                self.tables[node] = table
+                self.done.update((node, table, *_node_args(node)))
+        # a read channel count (`C` of `B, C, H, W = x.shape`) that only reshapes use -> x;
+        # `reshape` ties x to those that request it as their own channel count (`read_sizes`)
+        self.read: dict[Node, Node] = {}
+        self.read_by: dict[Node, int] = {}  # such a read -> how many reshapes took it so
 
     # ---- spaces ----
 
@@ -425,9 +486,13 @@ class _Builder:
             self.role("producers", node, node)
 
     def unsupported(self, node: Node, what: str = "") -> None:
+        """Fix what `node` touches, the reason naming the op: `...: Unfold (unfold)`,
+        `...: aten.roll.default (roll)`, or what about it is not modelled, `...: reduction over
+        the channels (Tensor.sum at sum_1)`."""
         target = node_target(self.gm, node)
-        what = what or getattr(target, "__name__", str(target))
-        self.opaque(node, f"{UNSUPPORTED}: {what} ({node.name})")
+        op = str(target) if isinstance(target, torch._ops.OpOverload) else op_kind(self.gm, node)
+        self.opaque(node, f"{UNSUPPORTED}: {what} ({op} at {node.name})" if what else
+                    f"{UNSUPPORTED}: {op} ({node.name})")
 
     # ---- rules, one per kind of op ----
 
@@ -494,6 +559,8 @@ class _Builder:
                 continue
             if operand in self.chains:  # a view of a constant this op does not read per channel
                 self.unsupported(operand, "constant tensor")
+            if operand in self.tables:
+                self.unsupported(operand, "indexing")
             if lead == 0:
                 if operand not in self.space and position != 1:  # a constant read whole
                     self.dims[operand] = position
@@ -510,7 +577,11 @@ class _Builder:
         lines up with `node`'s channel dim. It is then a channelwise member, pruned with the
         channels (along the constant's own channel dim)."""
         kind = _SCALE_OR_SHIFT.get(node_target(self.gm, node))
-        if operand in self.chains:
+        if operand in self.tables:  # a table of one row per channel, gathered along its rows
+            if kind is None or position != 0:
+                return False
+            operand = self.tables[operand]
+        elif operand in self.chains:
             constant, _ = self.chains[operand]
             shape = node_shape(operand)
             if kind is None or any(n != 1 for d, n in enumerate(shape) if d != position):
@@ -519,7 +590,8 @@ class _Builder:
             operand = constant
         elif operand.op != "get_attr" or kind is None or len(operand.users) != 1:
             return False
-        self.unread.remove(operand)
+        if operand in self.unread:
+            self.unread.remove(operand)
         self.constants.setdefault(node, []).append((str(operand.target), position, kind))
         self.role("channelwise", node, node)
         return True
@@ -624,6 +696,23 @@ class _Builder:
             self.constants.setdefault(node, []).append((str(weight.target), 0, "slope"))
             self.role("channelwise", node, node)
 
+    def embedding(self, node: Node, target=None) -> None:
+        """nn.Embedding: row i of its weight [num, C] for each index i. The indices are not
+        channels (their group, a model input's or any other, is left as it is: not tied); the
+        result's channels (its last dim) are the weight's columns, a channelwise member."""
+        module = self.gm.get_submodule(node.target)
+        out = _channel_shape(node)
+        if out is None:  # a scalar index: one vector, no channel space (a view of it to
+            return  # [1, C, 1, 1] moves the channel dim and fixes what it meets)
+        if module.max_norm is not None:  # renormalizes each looked-up row over its channels
+            return self.unsupported(node, "Embedding with max_norm")
+        if len(out) > 2:
+            self.dims[node] = len(out) - 1
+        self.of(node)
+        self.role("channelwise", node, node)
+        if not called_once(self.gm, node):
+            self.fix([node], SHARED_MODULE)
+
     def pixel_shuffle(self, node: Node, target) -> None:
         """y = pixel_shuffle(x, r): y's channel c is x's channels c r² .. c r² + r² - 1, so x
         interleaves r² copies of y's group (parts (y, k, stride r²)): pruning y's channel c
@@ -664,6 +753,7 @@ class _Builder:
         self.role("producers", node, node)
         if g > 1:
             self.grouped += [(self.of(x), g), (self.of(node), g)]
+            self.grouped_convs.append(node)
         if not called_once(self.gm, node):
             self.fix([x, node], SHARED_MODULE)
 
@@ -683,6 +773,8 @@ class _Builder:
 
     def cat(self, node: Node, target=None) -> None:
         tensors = arg(node, 0, "tensors")
+        if not isinstance(tensors, (tuple, list)):  # `cat(x.split(4, 1))`: a list node
+            return self.unsupported(node, "cat of a list computed in the graph")
         out = _channel_shape(node)
         if out is None or not all(map(_channel_shape, tensors)) \
                 or not self.same_dim(node, tensors):
@@ -722,6 +814,26 @@ class _Builder:
             self.tie(pieces[user.args[1] % len(sizes)], user)
         self.cuts[node] = self.of(x)
         self.concatenation(x, pieces)
+
+    def unbind(self, node: Node, target=None) -> None:
+        """`unbind(dim)` of another dim than the channels (FastViT's q, k, v after its
+        [3, heads, d] split): every piece keeps the input's channels, one dim lower past dim."""
+        x = node.args[0]
+        shape = _channel_shape(x)
+        users = list(node.users)
+        if shape is None or not all(u.target is operator.getitem and isinstance(u.args[1], int)
+                                    for u in users):
+            return self.unsupported(node, "unbind used as a whole")
+        dim, c = normal_dim(arg(node, 1, "dim", 0), len(shape)), self.dim(x)
+        if dim is None or dim == c:
+            return self.unsupported(node, "unbind of the channels")
+        if len(shape) < 3:
+            return self.unsupported(node, "unbind to tensors of rank 1")
+        self.done.update(users)
+        for user in users:
+            if c - (dim < c) != 1:
+                self.dims[user] = c - (dim < c)
+            self.tie(x, user)
 
     def getitem(self, node: Node, target=None) -> None:
         x, index = node.args
@@ -765,11 +877,18 @@ class _Builder:
         if before is None or after is None:
             return self.opaque(node, MOVES_CHANNELS)
         c = self.dim(x)
+        read = False
         dim, heads = reshaped_dim(before, after, c), None
-        if dim is None and head_split(before, after, c):
-            dim, heads = c + 1, ("split", after[c])
-        elif dim is None and 0 < c < len(after) + 1 and head_split(after, before, c - 1):
-            dim, heads = c - 1, ("merge", before[c - 1])
+        split = head_split(before, after, c) if dim is None else None
+        merged = next((m for m in range(c - 1, 0, -1) if head_split(after, before, m) == (m, c)),
+                      None) if dim is None and not split else None  # never into the batch dim
+        if split:
+            dim, heads = split[1], ("split", math.prod(after[c:split[1]]))
+        elif merged is not None:
+            dim, heads = merged, ("merge", math.prod(before[merged:c]))
+        if dim is None and c and before[c] > 1 and after[0] % math.prod(before[:c + 1]) == 0:
+            return self.opaque(node, f"{MOVES_CHANNELS}: a reshape merges the channels into the "
+                                     f"batch dim ({node.name})")  # MobileViT's unfold and fold
         if dim is None:
             return self.opaque(node, MOVES_CHANNELS)
         if target in ("reshape_as", torch.Tensor.reshape_as):  # another tensor's sizes
@@ -778,13 +897,16 @@ class _Builder:
                 return self.opaque(node, MOVES_CHANNELS)
         elif target in RESHAPES:
             sizes = reshape_sizes(node) or ()
-            if len(sizes) != len(after) or sizes[dim] != -1 and not (
-                    type(sizes[dim]) is int and sizes[dim] == after[dim]):
+            read = len(sizes) == len(after) and self.read_sizes(node, sizes, dim)
+            if not read and (len(sizes) != len(after) or sizes[dim] != -1 and not (
+                    type(sizes[dim]) is int and sizes[dim] == after[dim])):
                 return self.opaque(node, SIZE_READ)  # a computed channel count
-            if sizes[dim] != -1:
+            if not read and sizes[dim] != -1:
                 self.sizes[node] = dim
         if dim != 1:
             self.dims[node] = dim
+        if read:
+            self.tie(self.read[sizes[dim]], node)
         if heads is None:
             self.tie(x, node)
             if target in ("reshape_as", torch.Tensor.reshape_as):
@@ -793,10 +915,15 @@ class _Builder:
             d = after[dim]
             self.layouts.append((self.of(x), tuple((self.of(node), i * d, 1, d)
                                                    for i in range(heads[1]))))
+            place = None  # the head count requested: -1, a literal or computed
+            if target in RESHAPES and len(sizes) == len(after) and dim == c + 1:
+                place = -1 if sizes[c] == -1 else c if type(sizes[c]) is int else None
+            self.head_reshapes.append((node, self.of(x), self.of(node), heads[1], place))
         else:
             d = before[c]
             self.layouts.append((self.of(node), tuple((self.of(x), i * d, 1, d)
                                                       for i in range(heads[1]))))
+            self.head_reshapes.append((node, self.of(node), self.of(x), heads[1], -1))
 
     def matmul(self, node: Node, target=None) -> None:
         """Attention's products: `q @ k.T` contracts the channels of q and k (one group, pruned
@@ -812,6 +939,7 @@ class _Builder:
         if ca == rank - 1 and cb == rank - 2:
             self.tie(a, b)
             self.fix([node], HEADS)
+            self.head_links.append((self.of(node), self.of(a)))
             return self.role("producers", node, node)
         if cb != rank - 1 or b not in self.space:
             return self.unsupported(node, "matmul that mixes channels")
@@ -821,6 +949,8 @@ class _Builder:
             self.tie(a, self.rows[b])
         elif ca >= rank - 2:
             return self.unsupported(node, "matmul that mixes channels")
+        if ca == 1 and a in self.space:  # scores @ v
+            self.head_links.append((self.of(a), self.of(b)))
         self.dims[node] = rank - 1
         self.tie(b, node)
 
@@ -909,7 +1039,12 @@ class _Builder:
         dims = arg(node, 1, "dim")
         dims = [dims] if isinstance(dims, int) else list(dims or [])
         dims = [normal_dim(d, len(shape)) for d in dims]
-        keep = bool(arg(node, 2, "keepdim", False))
+        if target in _STATISTICS[2:]:  # var and std: (x, dim, unbiased, keepdim) positionally
+            keep = bool(node.kwargs.get("keepdim", node.args[3] if len(node.args) > 3 else False))
+        else:
+            keep = bool(arg(node, 2, "keepdim", False))
+        if keep and dims == [self.dim(x)] and target in _STATISTICS:
+            return self.statistic(node, x)
         dim = None if not dims or None in dims or 0 in dims else reduced_dim(dims, keep,
                                                                              self.dim(x))
         if dim is None or _channel_shape(node) is None:
@@ -917,6 +1052,16 @@ class _Builder:
         if dim != 1:
             self.dims[node] = dim
         self.tie(x, node)
+
+    def statistic(self, node: Node, x: Node) -> None:
+        """`x.mean(1, keepdim=True)`, a variance likewise: a hand-written norm's statistics span
+        x's group (`normalized`, as a LayerNorm's); the one-channel result is fixed and broadcasts
+        over the channels where it is used (`x - u`, `x / sqrt(s + eps)`)."""
+        if self.dim(x) != 1:
+            self.dims[node] = self.dim(x)
+        self.role("normalized", node, x)
+        self.fix([node], STATISTIC)
+        self.role("producers", node, node)
 
     def metadata(self, node: Node, target) -> None:
         """`x.size()`, `x.shape`, `x.dim()`, `x.dtype`: only the channel count matters."""
@@ -931,7 +1076,8 @@ class _Builder:
         c = self.dim(x)
         dim = arg(node, 1, "dim") if target == "size" else None
         if dim is not None:
-            read = normal_dim(dim, len(shape)) == c and not self.shuffles_only(node, x)
+            read = normal_dim(dim, len(shape)) == c and not self.shuffles_only(node, x) \
+                and not self.reshapes_only(node, x)
         else:  # a whole torch.Size: which items does the graph take?
             read = False
             for user in node.users:
@@ -942,9 +1088,33 @@ class _Builder:
                     channels = c in range(*index.indices(len(shape)))
                 else:
                     channels = True  # the shape escapes whole
-                read |= channels and not self.shuffles_only(user, x)
+                read |= channels and not self.shuffles_only(user, x) \
+                    and not (isinstance(index, int) and self.reshapes_only(user, x))
         if read:
             self.fix([x], SIZE_READ)
+
+    def reshapes_only(self, value: Node, x: Node) -> bool:
+        """Whether a read channel count of x only feeds reshapes as one of their sizes (FastViT's
+        `reshape(B, N, C)` merging heads, C read from the block's input): recorded in `read`,
+        each reshape that requests it as its own channel count tied to x (`read_sizes`), x fixed
+        in `finish` if another takes it."""
+        if not value.users or not all(
+                node_target(self.gm, user) in RESHAPES and value in (reshape_sizes(user) or ())
+                for user in value.users):
+            return False
+        self.read[value] = x
+        return True
+
+    def read_sizes(self, node: Node, sizes: tuple, dim: int) -> bool:
+        """Whether `sizes[dim]` (a reshape's requested channel count) is a channel count read
+        from a tensor of as many channels (`read`): tie that tensor to the result, so both keep
+        one size and the reshape follows it (`reshape` ties them)."""
+        x = self.read.get(sizes[dim])
+        if x is None or self.channels(x) != _channel_shape(node)[dim] \
+                or sizes.count(sizes[dim]) != 1:
+            return False
+        self.read_by[sizes[dim]] = self.read_by.get(sizes[dim], 0) + 1
+        return True
 
     def shuffles_only(self, value: Node, x: Node) -> bool:
         """Whether a size read from x only feeds accepted shuffles of x (whose sizes follow x's
@@ -990,10 +1160,16 @@ class _Builder:
                             if find(a[0]) != find(b[0]):
                                 self.uf.union(a[0], b[0])
                                 changed = True
-                    elif _concatenated(other) and not _concatenated(first):
+                    elif _concatenated(other) and not _concatenated(first) \
+                            or _refines(first, other):
                         self.active.remove(other)
                         self.cut(other, first)
                         changed = True
+                    elif _refines(other, first):  # cut the chosen one: compare again
+                        self.active.remove(first)
+                        self.cut(first, other)
+                        changed = True
+                        break
                     else:
                         conflicts.add(whole)
             if not changed:
@@ -1043,7 +1219,12 @@ class _Builder:
     def finish(self) -> ChannelGraph:
         for constant in self.unread:
             self.unsupported(constant, "constant tensor")
+        for value, x in self.read.items():  # a read count another op takes
+            if self.read_by.get(value, 0) != len(value.users):
+                self.fix([x], SIZE_READ)
         chosen, conflicts = self.unify_layouts()
+        while self.align_grouped(chosen):
+            chosen, conflicts = self.unify_layouts()
         find = self.uf.__getitem__
         roots = list(dict.fromkeys(find(s) for s in range(len(self.size))))  # creation order
         number = {root: i for i, root in enumerate(roots)}
@@ -1060,14 +1241,16 @@ class _Builder:
         for root in conflicts:
             reasons.setdefault(root, []).append(SEGMENT_CONFLICT)
         for root in groups_of.keys() & chosen.keys():
-            reasons.setdefault(root, []).append(GROUPED_PARTS)
+            if not all(_runs(_leaf_parts(chosen, find, root), g) for g in groups_of[root]):
+                reasons.setdefault(root, []).append(GROUPED_PARTS)
         norms_of: dict[int, int] = {}
         for space, g in self.normed:
             norms_of[find(space)] = math.gcd(norms_of.get(find(space), 0), g)
         for root in norms_of.keys() & chosen.keys():
             reasons.setdefault(root, []).append(NORM_PARTS)
         pieces = set().union(*pieces_of.values())
-        for root in roots:  # a safety net: no rule leaves such a group
+        for root in roots:  # no conv or Linear writes it: an Embedding's alone (a timestep MLP's
+            # input; a lookup has no rows to score), else a safety net (no other rule leaves one)
             if root not in chosen and root not in pieces and not members[root]["producers"]:
                 reasons.setdefault(root, []).append(f"{UNSUPPORTED}: no op writes these channels")
         fixed = {root: min(rs, key=_priority) for root, rs in reasons.items()}
@@ -1092,7 +1275,85 @@ class _Builder:
         cuts = {node: number[find(space)] for node, space in self.cuts.items()}
         constants = {node: tuple(read) for node, read in self.constants.items()}
         dims = {node: dim for node, dim in self.dims.items() if node in self.space}
-        return ChannelGraph(groups, index, dims, cuts, constants, dict(self.sizes))
+        graph = ChannelGraph(groups, index, dims, cuts, constants, dict(self.sizes))
+        graph.heads = self.head_sets(graph, number, reasons)
+        return graph
+
+    def head_sets(self, graph: ChannelGraph, number: dict[int, int],
+                  reasons: dict[int, list[str]]) -> list[Heads]:
+        """The heads of each attention: head splits and merges whose lockstep groups share a
+        leaf, or that the scores' products link, are one set (`Heads`)."""
+        find = self.uf.__getitem__
+        index = {space: number[find(space)] for space in range(len(self.size))}
+        links = UnionFind()
+
+        def leaves(space: int) -> list[tuple[str, int]]:
+            return [("l", leaf.index) for leaf in graph.leaves(graph.groups[index[space]])]
+
+        conv_leaves = {conv: {leaf.index for arg in (conv.args[0], conv) for leaf in
+                              graph.leaves(graph.groups[index[self.space[arg]]])}
+                       for conv in self.grouped_convs}
+        for _, whole, piece, _, _ in self.head_reshapes:
+            links.union(("w", index[whole]), *leaves(piece))
+        for scores, other in self.head_links:
+            links.union(("s", index[scores]), *leaves(other))
+        found = []
+        for members in links.to_sets():
+            records = [r for r in self.head_reshapes if ("w", index[r[1]]) in members]
+            if not records:
+                continue
+            wholes = tuple(sorted({index[r[1]] for r in records}))
+            scores = tuple(sorted(i for kind, i in members if kind == "s"))
+            counts = {r[3] for r in records}
+            why = [graph.groups[w].fixed for w in wholes if graph.groups[w].fixed]
+            why += [r for s in scores for space, rs in reasons.items() if number[space] == s
+                    for r in rs if r != HEADS]
+            if len(counts) > 1:
+                why.append(f"{SEGMENT_CONFLICT} (head counts {sorted(counts)})")
+            why += [f"{HEAD_COUNT} ({r[0].name})" for r in records if r[4] is None]
+            why += [f"{HEAD_CONSTANT} ({n.name})" for n in self.unindexed(records)]
+            why += [f"{HEAD_GROUPED} ({conv.name})" for conv in self.grouped_convs
+                    if {("l", leaf) for leaf in conv_leaves[conv]} & members]
+            found.append(Heads(
+                counts.pop() if len(counts) == 1 else 0, wholes, scores,
+                tuple(sorted(i for kind, i in members if kind == "l")),
+                tuple((r[0], r[4]) for r in records if r[4] is not None and r[4] >= 0),
+                min(why, key=_priority) if why else ""))
+        return found
+
+    def unindexed(self, records) -> list[Node]:
+        """The ops between an attention's head splits and its merges (or, without merges, after
+        its splits) that read a constant other than as a per-channel constant (whose channels
+        are the heads on the scores): removing heads would leave it whole."""
+        splits = [r[0] for r in records if self.space.get(r[0]) == r[2]]
+        merges = [r[0] for r in records if self.space.get(r[0]) == r[1]]
+        region = _reachable(splits, lambda n: n.users)
+        if merges:
+            region &= _reachable(merges, _node_args)
+        found = []
+        for node in region:
+            read = {name for name, _, _ in self.constants.get(node, ())}
+            for a in _node_args(node):
+                if a not in region and (a.op == "get_attr" and str(a.target) not in read or (
+                        a in self.tables or a in self.chains) and node not in self.constants):
+                    found.append(node)
+        return found
+
+    def align_grouped(self, chosen: dict[int, tuple]) -> bool:
+        """A grouped conv (g groups) on a composite whose leaves, one after the other, fall into
+        g runs of C/g channels with the same leaf sizes in each run (EfficientViT's grouped conv
+        over q, k and v of every head, g = 3 heads): tie the leaves at the same place in every
+        run, so every conv group keeps as many channels. Whether any tie was new."""
+        find = self.uf.__getitem__
+        tied = False
+        for space, g in self.grouped:
+            runs = _runs(_leaf_parts(chosen, find, find(space)), g)
+            for places in zip(*runs):
+                for leaf in places[1:]:
+                    if find(leaf) != find(places[0]):
+                        self.uf.union(leaf, places[0])
+                        tied = True
+        return tied
 
     def members(self) -> dict[int, dict[str, list[Node]]]:
         """root -> {"tensors" | role: nodes in graph order}."""
@@ -1109,6 +1370,38 @@ class _Builder:
                 if node not in listed:
                     listed.append(node)
         return members
+
+
+def _reachable(starts: list[Node], step) -> set[Node]:
+    """`starts` and every node reached from them by `step` (users or inputs)."""
+    found, todo = set(starts), list(starts)
+    while todo:
+        for other in step(todo.pop()):
+            if other not in found:
+                found.add(other)
+                todo.append(other)
+    return found
+
+
+def _head_table(node: Node) -> Node | None:
+    """The constant of `table[:, idxs]` (`aten.index(table, [None, idxs])`): a parameter or
+    buffer gathered along its other dims by constant index buffers, keeping its rows, read once
+    by a shift; None for anything else."""
+    if node.target is operator.getitem:
+        table, index = node.args
+        items = list(index) if isinstance(index, tuple) else None
+        rows = slice(None)
+    elif node.target is torch.ops.aten.index.Tensor:
+        table, items = node.args
+        rows = None
+    else:
+        return None
+    if not isinstance(table, Node) or table.op != "get_attr" or len(table.users) != 1 \
+            or not items or len(items) < 2 or items[0] != rows or not all(
+                isinstance(i, Node) and i.op == "get_attr" and len(i.users) == 1
+                for i in items[1:]) or len(node.users) != 1:
+        return None
+    return table if next(iter(node.users)).target in _SCALE_OR_SHIFT else None
 
 
 def _only_views(node: Node, target) -> bool:
@@ -1140,6 +1433,42 @@ def _concatenated(layout: _Layout) -> bool:
             return False
         offset += size
     return True
+
+
+def _leaf_parts(chosen: dict[int, tuple], find, root: int, seen: frozenset = frozenset()
+                ) -> list[tuple[int, int]]:
+    """(leaf root, size) of a composite's leaves in channel order, through nested layouts; [] for
+    a leaf, a layout with strided parts (an interleave) or one that contains itself."""
+    if root not in chosen or root in seen:
+        return []
+    leaves = []
+    for space, _, stride, size in chosen[root]:
+        inner = _leaf_parts(chosen, find, find(space), seen | {root})
+        if stride != 1 or find(space) in chosen and not inner:
+            return []
+        leaves += inner or [(find(space), size)]
+    return leaves
+
+
+def _runs(leaves: list[tuple[int, int]], g: int) -> list[list[int]]:
+    """`leaves` cut into g runs of equal size with the same leaf sizes in each, as the leaves
+    of each run; [] if they do not fall so."""
+    if g < 2 or not leaves or len(leaves) % g:
+        return []
+    n = len(leaves) // g
+    runs = [leaves[i * n:(i + 1) * n] for i in range(g)]
+    if any([size for _, size in run] != [size for _, size in runs[0]] for run in runs):
+        return []
+    return [[leaf for leaf, _ in run] for run in runs]
+
+
+def _refines(fine: _Layout, coarse: _Layout) -> bool:
+    """Two concatenations of one whole, every boundary of `coarse` one of `fine` (a cat of
+    attention heads split again into heads: each coarse piece is a run of fine ones)."""
+    if not (_concatenated(fine) and _concatenated(coarse)) or _signature(fine) == \
+            _signature(coarse):
+        return False
+    return {p[1] for p in coarse[1]} <= {p[1] for p in fine[1]}
 
 
 def _chosen(layouts: list[_Layout]) -> _Layout:

@@ -9,7 +9,7 @@ them on a freshly built graph (on the meta device when loading, then the state_d
 Edits are dicts of plain values (loadable with `torch.load(weights_only=True)`):
 - `{"op": "module", "name": N, "config": C}`: put a new module built from C at N (replacing
   what is there; containers on the way are created). C is `module_config(m)` of a Conv1d/2d/3d,
-  BatchNorm1d/2d/3d, LayerNorm, Linear, GroupNorm or PReLU.
+  BatchNorm1d/2d/3d, LayerNorm, Linear, GroupNorm, PReLU or Embedding.
 - `{"op": "split", "node": n, "sizes": [..], "dim": d}`: a split/chunk of dim d (1 if absent)
   cuts these sizes now (a chunk becomes a split); a slice `x[:, a:b]` takes
   `{"node": n, "slice": [a, b], "at": i}`, i the place of the channel slice in the index (1 if
@@ -42,8 +42,8 @@ _BN_TYPES = {kind.__name__: kind for kind in BN_MODULES}
 
 
 def module_config(module: nn.Module) -> dict[str, Any]:
-    """The constructor arguments of a conv, BN, LayerNorm, Linear, GroupNorm or PReLU, as plain
-    values."""
+    """The constructor arguments of a conv, BN, LayerNorm, Linear, GroupNorm, PReLU or
+    Embedding, as plain values."""
     kind = type(module).__name__
     if kind in _CONV_TYPES and type(module) is _CONV_TYPES[kind]:
         return {"type": kind, "in": module.in_channels, "out": module.out_channels,
@@ -67,6 +67,11 @@ def module_config(module: nn.Module) -> dict[str, Any]:
                 "features": module.num_channels, "eps": module.eps, "affine": module.affine}
     if type(module) is nn.PReLU:
         return {"type": "PReLU", "features": module.num_parameters}
+    if type(module) is nn.Embedding:
+        return {"type": "Embedding", "num": module.num_embeddings,
+                "features": module.embedding_dim, "padding_idx": module.padding_idx,
+                "max_norm": module.max_norm, "norm_type": module.norm_type,
+                "scale_grad_by_freq": module.scale_grad_by_freq, "sparse": module.sparse}
     raise ValueError(f"cannot record a {kind} module")
 
 
@@ -94,6 +99,10 @@ def make_module(config: dict[str, Any]) -> nn.Module:
                             affine=config["affine"])
     if kind == "PReLU":
         return nn.PReLU(config["features"])
+    if kind == "Embedding":
+        return nn.Embedding(config["num"], config["features"], config["padding_idx"],
+                            config["max_norm"], config["norm_type"], config["scale_grad_by_freq"],
+                            config["sparse"])
     raise ValueError(f"unknown module type {kind!r}")
 
 

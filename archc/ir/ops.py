@@ -78,7 +78,8 @@ ATEN_TO_TORCH = {
     _ATEN.softmax.int: torch.softmax, _ATEN.reshape_as.default: torch.Tensor.reshape_as,
     _ATEN.constant_pad_nd.default: torch.constant_pad_nd, _ATEN.pad.default: F.pad,
     _ATEN.pixel_shuffle.default: F.pixel_shuffle, _ATEN.pixel_unshuffle.default:
-    F.pixel_unshuffle, _ATEN.prelu.default: F.prelu,
+    F.pixel_unshuffle, _ATEN.prelu.default: F.prelu, _ATEN.pow.Tensor_Scalar: torch.pow,
+    _ATEN.sqrt.default: torch.sqrt, _ATEN.rsqrt.default: torch.rsqrt,
 }
 
 

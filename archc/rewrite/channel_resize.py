@@ -30,7 +30,8 @@ exactly (a removed channel must be dead, a new channel is exactly 0 wherever it 
 - GroupNorm: γ, β gathered with s; its groups are removed whole (`kept_norm_groups`: the kept
   channels must be whole old groups, so every kept group's statistics are unchanged), new
   channels are refused; PReLU with one slope per channel: slopes gathered, 0 on new channels
-  (prelu(0) = 0);
+  (prelu(0) = 0); an Embedding [num, C]: its columns gathered with s, 0 on new channels (a
+  looked-up row is 0 there);
 - a per-channel constant (`graph.constants`: a layer scale `x * gamma`, a shift `x + beta`, a
   position embedding `x + pos`, a functional PReLU's slopes): gathered along its channel dim with
   s, 0 on new channels;
@@ -39,7 +40,9 @@ exactly (a removed channel must be dead, a new channel is exactly 0 wherever it 
   the number of new channels before it, a `NEW` channel counting with the channel before it
   (`cut_bounds`); a chunk becomes a split;
 - a reshape that writes a resized group's channel count as a literal (`graph.sizes`:
-  `reshape(B, N, 64)` merging attention heads) requests the new count.
+  `reshape(B, N, 64)` merging attention heads) requests the new count; a head split that writes
+  its head count as a literal (`graph.heads`: `view(B, N, 4, -1)`) requests the new count of
+  heads, its input's new size over its result's.
 
 Every change is recorded as a graph edit (`archc.ir.graph_edits`: `module`, `tensor`, `split`), so
 an archc checkpoint of the resized graph rebuilds it. Modules are replaced, never written in place.
@@ -224,8 +227,8 @@ def resized_layers(gm: GraphModule, graph: ChannelGraph, sources: Sources
         module = gm.get_submodule(node.target)
         if type(module) not in _LAYERS:
             continue
-        out_group, in_group = graph.index[node], graph.index[node.args[0]]
-        if out_group in sources or in_group in sources:
+        out_group, in_group = graph.index[node], graph.index.get(node.args[0], -1)
+        if out_group in sources or in_group in sources:  # -1: an Embedding's indices
             yield node, module, _source(graph, sources, in_group), \
                 _source(graph, sources, out_group)
 
@@ -251,11 +254,21 @@ def resize_channels(gm: GraphModule, graph: ChannelGraph, sources: Sources) -> N
     for node, at in graph.sizes.items():
         if graph.index[node] in sources:
             put_reshape(gm, node, at, len(sources[graph.index[node]]))
+    for heads in graph.heads:
+        for node, at in heads.literals:
+            whole, head = graph.index[node.args[0]], graph.index[node]
+            if whole in sources:
+                count = len(sources[whole]) // len(_source(graph, sources, head))
+                if count != heads.count:
+                    put_reshape(gm, node, at, count)
     gm.graph.lint()
     gm.recompile()
 
 
 def _source(graph: ChannelGraph, sources: Sources, group: int) -> Tensor:
+    """The group's source (-1: no group, an Embedding's indices: an empty one)."""
+    if group < 0:
+        return torch.empty(0, dtype=torch.long)
     found = sources.get(group)
     return torch.arange(graph.groups[group].size) if found is None else found
 
@@ -320,6 +333,13 @@ def _resize_prelu(prelu: nn.PReLU, in_source: Tensor, out_source: Tensor
         "weight": gather(prelu.weight, out_source)}
 
 
+def _resize_embedding(embedding: nn.Embedding, in_source: Tensor, out_source: Tensor
+                      ) -> tuple[dict, dict[str, Tensor]]:
+    """W'[:, c'] = W[:, s[c']] (the channels are the weight's columns), 0 on new channels."""
+    return {**module_config(embedding), "features": len(out_source)}, {
+        "weight": gather(embedding.weight, out_source, dim=1)}
+
+
 # module type -> its handler: (module, input source, output source) -> (config, tensors), None
 # if the module stays as it is
 _LAYERS: dict[type, Callable[[nn.Module, Tensor, Tensor],
@@ -330,6 +350,7 @@ _LAYERS: dict[type, Callable[[nn.Module, Tensor, Tensor],
     nn.LayerNorm: _resize_layer_norm,
     nn.GroupNorm: _resize_group_norm,
     nn.PReLU: _resize_prelu,
+    nn.Embedding: _resize_embedding,
 }
 
 

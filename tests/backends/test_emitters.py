@@ -8,6 +8,7 @@ import functools
 import operator
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import onnxruntime as ort
@@ -268,3 +269,54 @@ def test_checkpoint_refuses_deploy_options(tmp_path, capsys):
     ]
     assert main(argv) == 2
     assert "float32 (train) form" in capsys.readouterr().err
+
+
+def _small_program(tmp_path: Path, seed: int) -> tuple[Path, nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    path = tmp_path / f"small{seed}.pt2"
+    torch.export.save(torch.export.export(model, (x,)), str(path), extra_files={"note": "hi"})
+    return path, model, x
+
+
+def test_load_program_is_torch_export_load_with_the_hints_cached(monkeypatch, tmp_path):
+    """`load_program` reads the same program (graph, tensors, extra files) as torch.export.load,
+    and leaves torch's deserializer as it found it, also after a failed load."""
+    from torch._export.serde import serialize
+
+    from archc.backends.export import load_program
+
+    path, model, x = _small_program(tmp_path, 0)
+    extra = {"note": ""}
+    ours, theirs = load_program(str(path), extra), torch.export.load(str(path))
+    assert extra["note"] == "hi"
+    assert str(ours.graph) == str(theirs.graph)
+    assert ours.state_dict.keys() == theirs.state_dict.keys()
+    assert all(torch.equal(ours.state_dict[k], theirs.state_dict[k]) for k in ours.state_dict)
+    torch.testing.assert_close(ours.module()(x), model(x), rtol=0, atol=0)
+
+    def failing(source, extra_files=None):
+        assert serialize.typing is not typing  # the cache is in place during the load
+        raise ValueError("corrupt")
+
+    monkeypatch.setattr(torch.export, "load", failing)
+    with pytest.raises(ValueError, match="corrupt"):
+        load_program(str(path))
+    assert serialize.typing is typing
+
+
+def test_export_program_refuses_a_reloaded_program_that_differs(monkeypatch, tmp_path):
+    """The reload check of a written .pt2 still compares what the (cached-hints) loader reads
+    back with eager: a loader that returns another model's program is refused, nothing written."""
+    import archc.backends.export as export
+
+    path, _, _ = _small_program(tmp_path, 1)
+    monkeypatch.setattr(export, "load_program", lambda source, extra=None: torch.export.load(
+        str(path)))
+    torch.manual_seed(2)
+    gm = torch.fx.symbolic_trace(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval())
+    with pytest.raises(ExportError, match="differs from eager"):
+        export_program(gm, tmp_path / "out.pt2", torch.randn(2, 3, 8, 8))
+    assert not (tmp_path / "out.pt2").exists()

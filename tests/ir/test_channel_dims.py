@@ -80,6 +80,20 @@ def test_a_head_split_makes_channel_i_d_plus_j_head_i_dim_j(n, heads, d, spatial
     assert bool((split == expected[None, :, :, None]).all())
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(2, 3), st.integers(2, 4),
+       st.integers(1, 4))
+def test_a_head_split_over_several_dims_makes_channel_i_d_plus_j_head_i_dim_j(n, outer, heads, d,
+                                                                             tokens):
+    """FastViT's [N, L, 3 h d] -> [N, L, 3, h, d]: the heads are the 3 h pieces of d channels."""
+    x = _labelled((n, tokens, outer * heads * d), 2)
+    target = (n, tokens, outer, heads, d)
+    assert head_split(x.shape, target, 2) == (2, 4)
+    split = x.reshape(target)
+    expected = (torch.arange(outer * heads)[:, None] * d + torch.arange(d)[None, :])
+    assert bool((split == expected.view(1, 1, outer, heads, d)).all())
+
+
 def test_what_is_not_a_head_split():
     assert head_split((2, 4, 3, 5), (2, 12, 5), 1) is None  # a merge
     assert head_split((2, 12, 5), (2, 12, 5, 1), 1) is None  # nothing split

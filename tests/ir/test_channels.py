@@ -161,19 +161,29 @@ def test_grouped_convs_constrain_segments_and_depthwise_ties():
 
 
 class GroupedOnConcat(nn.Module):
-    def __init__(self):
+    def __init__(self, a=8, b=16):
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 12, 1), nn.Conv2d(3, 12, 1)
-        self.c = nn.Conv2d(24, 8, 1, groups=2)
+        self.a, self.b = nn.Conv2d(3, a, 1), nn.Conv2d(3, b, 1)
+        self.c = nn.Conv2d(a + b, 8, 1, groups=2)
 
     def forward(self, x):
         return self.c(torch.cat([self.a(x), self.b(x)], 1))
 
 
 def test_grouped_conv_on_a_composite_is_fixed():
+    """cat([8, 16]) read by 2 groups of 12: the second group reads a and part of b."""
     gm, graph = _graph(GroupedOnConcat())
     assert _input_group(gm, graph, "c").fixed == channels.GROUPED_PARTS
     assert _group(gm, graph, "a").fixed == channels.GROUPED_PARTS  # parts follow the whole
+
+
+def test_grouped_conv_whose_groups_read_whole_parts_ties_them():
+    """cat([12, 12]) read by 2 groups of 12: each group reads one part; the parts are tied (the
+    same channels go from each), so every conv group keeps as many."""
+    gm, graph = _graph(GroupedOnConcat(12, 12))
+    whole = _input_group(gm, graph, "c")
+    assert not whole.fixed and [p.group for p in whole.parts] == [_group(gm, graph, "a").index] * 2
+    assert _group(gm, graph, "a") is _group(gm, graph, "b")
 
 
 class SE(nn.Module):
@@ -392,7 +402,7 @@ def test_per_channel_constants_are_channelwise_members():
     reads = [read for node in scaled.channelwise for read in graph.constants.get(node, ())]
     assert sorted(reads) == [("beta", 1, "shift"), ("gamma", 0, "scale")]
     assert _group(gm, graph, "d").fixed == (  # read twice
-        f"{channels.UNSUPPORTED}: per-channel operand of a lower rank (mul_1)")
+        f"{channels.UNSUPPORTED}: per-channel operand of a lower rank (mul at mul_1)")
     embedded = _group(gm, graph, "f")
     assert not embedded.fixed
     assert [read for node in embedded.channelwise for read in graph.constants.get(node, ())] \

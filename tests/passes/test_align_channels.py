@@ -215,11 +215,15 @@ REFUSED = {  # id -> (reason, middle module, the refused group's first producer)
                        "a"),
     "size_read": (channels.SIZE_READ, Fn(lambda x: x / x.shape[1]), "a"),
     "unsupported": (channels.UNSUPPORTED, nn.LocalResponseNorm(3), "a"),
+    "pixel_shuffled": (layout.SHUFFLED,
+                       Fn(lambda x: F.pixel_unshuffle(F.pixel_shuffle(x, 2), 2)), "a"),
     "normalized": (layout.NORMALIZED, ChannelsLastNorm(), "a"),
+    "normalized_by_hand": (layout.NORMALIZED, Fn(lambda x: (x - x.mean(1, keepdim=True)) / (
+        x.var(1, keepdim=True, unbiased=False) + 1e-5).sqrt()), "a"),
     "normed": (layout.NORMED, nn.GroupNorm(3, 12), "a"),
     "shared_module": (channels.SHARED_MODULE, Shared(), "a"),
     "segment_conflict": (channels.SEGMENT_CONFLICT, ConcatSplit([6, 18]), "middle.p"),
-    "grouped_parts": (channels.GROUPED_PARTS, ConcatSplit([12, 12], groups=2), "middle.p"),
+    "grouped_parts": (channels.GROUPED_PARTS, ConcatSplit([12, 12], groups=3), "middle.p"),
 }
 
 

@@ -16,7 +16,10 @@ LeViT:
 
 EfficientViT (MIT):
 - `LiteMLA`: a 1x1 `ConvNormAct` writes q, k, v of every head (head-major, 3 dim channels a
-  head); `reshape(B, -1, 3 * dim, H * W).transpose(-1, -2)`, `chunk(3, dim=-1)`, ReLU kernels on
+  head); with multi-scale aggregation (`scales=(5,)`, `efficientvit_multiscale`) a depthwise 5x5
+  conv over those 3 total_dim channels and a 1x1 conv with 3 heads groups (one of q, k or v of
+  one head each) write as many more heads, concatenated after them;
+  `reshape(B, -1, 3 * dim, H * W).transpose(-1, -2)`, `chunk(3, dim=-1)`, ReLU kernels on
   q and k, `F.pad(v, (0, 1), value=1.)` (a ones channel: the normalizer), `kv = k.T @ v`,
   `out = q @ kv`, `out[..., :-1] / (out[..., -1:] + eps)`, the heads merged back with
   `transpose(-1, -2).reshape(B, -1, H, W)` and a 1x1 `ConvNormAct` projection;
@@ -25,10 +28,11 @@ EfficientViT (MIT):
 
 Widths, resolution and depth are tiny; the structure is the libraries'. Departures, none of
 which changes what is computed in eval mode: LeViT's attention biases are indexed directly
-(LeViT caches them per device in eval mode, which symbolic tracing cannot follow); LiteMLA has no
-multi-scale aggregation branch (`scales=()`, the grouped convs over the heads that the channel
-analysis does not follow yet) and no float32 casts or autocast guard around its products (timm
-marks the module not traceable because of them); the head is conv, pool, Linear.
+(LeViT caches them per device in eval mode, which symbolic tracing cannot follow);
+`EfficientVit`'s LiteMLA has no multi-scale aggregation branch (`scales=()`;
+`efficientvit_multiscale` has timm's), and no LiteMLA has float32 casts or autocast guard around
+its products (timm marks the module not traceable because of them); the head is conv, pool,
+Linear.
 """
 
 from __future__ import annotations
@@ -187,16 +191,21 @@ class MBConv(nn.Module):
 
 
 class LiteMLA(nn.Module):
-    def __init__(self, in_channels, out_channels, dim=4, eps=1e-5):
+    def __init__(self, in_channels, out_channels, dim=4, eps=1e-5, scales=()):
         super().__init__()
         self.eps = eps
         heads = in_channels // dim
         total_dim = heads * dim
         self.dim = dim
         self.qkv = ConvNormAct(in_channels, 3 * total_dim, 1, norm_layer=None, act_layer=None)
-        self.aggreg = nn.ModuleList()
+        self.aggreg = nn.ModuleList([
+            nn.Sequential(
+                nn.Conv2d(3 * total_dim, 3 * total_dim, scale, padding=scale // 2,
+                          groups=3 * total_dim, bias=False),
+                nn.Conv2d(3 * total_dim, 3 * total_dim, 1, groups=3 * heads, bias=False))
+            for scale in scales])
         self.kernel_func = nn.ReLU(inplace=False)
-        self.proj = ConvNormAct(total_dim, out_channels, 1, act_layer=None)
+        self.proj = ConvNormAct(total_dim * (1 + len(scales)), out_channels, 1, act_layer=None)
 
     def _attn(self, q, k, v):
         kv = k.transpose(-1, -2) @ v
@@ -235,9 +244,10 @@ class ResidualBlock(nn.Module):
 
 
 class EfficientVitBlock(nn.Module):
-    def __init__(self, channels, head_dim=4):
+    def __init__(self, channels, head_dim=4, scales=()):
         super().__init__()
-        self.context_module = ResidualBlock(LiteMLA(channels, channels, head_dim), nn.Identity())
+        self.context_module = ResidualBlock(LiteMLA(channels, channels, head_dim, scales=scales),
+                                            nn.Identity())
         self.local_module = ResidualBlock(MBConv(channels, channels), nn.Identity())
 
     def forward(self, x):
@@ -245,12 +255,12 @@ class EfficientVitBlock(nn.Module):
 
 
 class EfficientVit(nn.Module):
-    def __init__(self, widths=(8, 16), num_classes=10):
+    def __init__(self, widths=(8, 16), num_classes=10, scales=()):
         super().__init__()
         self.stem = nn.Sequential(ConvNormAct(3, widths[0], 3, 2, act_layer=nn.Hardswish),
                                   ResidualBlock(DSConv(widths[0], widths[0]), nn.Identity()))
         self.stages = nn.Sequential(ResidualBlock(MBConv(widths[0], widths[1], 2), None),
-                                    EfficientVitBlock(widths[1]))
+                                    EfficientVitBlock(widths[1], scales=scales))
         self.head = nn.Sequential(ConvNormAct(widths[1], 32, 1, act_layer=nn.Hardswish),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
                                   nn.Linear(32, num_classes))
@@ -259,4 +269,10 @@ class EfficientVit(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-NETWORKS = {"levit": Levit, "efficientvit": EfficientVit}
+def efficientvit_multiscale():
+    """EfficientViT with timm's default multi-scale aggregation, `scales=(5,)`."""
+    return EfficientVit(scales=(5,))
+
+
+NETWORKS = {"levit": Levit, "efficientvit": EfficientVit,
+            "efficientvit_multiscale": efficientvit_multiscale}

@@ -182,3 +182,79 @@ NETWORKS = {
     "timm_convnext": TimmConvNeXt,
     "timm_convnext_conv_mlp": lambda: TimmConvNeXt(conv_mlp=True),
 }
+
+
+# ---- the original ConvNeXt (facebookresearch/ConvNeXt, models/convnext.py) ----
+
+class OriginalLayerNorm(nn.Module):
+    """ConvNeXt's own LayerNorm: `F.layer_norm` channels last; channels first written out by
+    hand (mean and biased variance over dim 1, weight and bias [C] indexed onto [C, 1, 1])."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6,
+                 data_format: str = "channels_last"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(normalized_shape))
+        self.bias = nn.Parameter(torch.zeros(normalized_shape))
+        self.eps = eps
+        self.data_format = data_format
+        self.normalized_shape = (normalized_shape,)
+
+    def forward(self, x):
+        if self.data_format == "channels_last":
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class OriginalBlock(nn.Module):
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 0.5):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = OriginalLayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x):
+        input = x
+        x = self.dwconv(x)
+        x = x.permute(0, 2, 3, 1)
+        x = self.norm(x)
+        x = self.pwconv1(x)
+        x = self.act(x)
+        x = self.pwconv2(x)
+        x = self.gamma * x
+        x = x.permute(0, 3, 1, 2)
+        return input + self.drop_path(x)
+
+
+class OriginalConvNeXt(nn.Module):
+    """Two stages of the original: stem and downsampling layers normalize channels first by
+    hand, blocks channels last; the head pools with `x.mean([-2, -1])` and normalizes."""
+
+    def __init__(self, dims=(16, 32), depths=(1, 1), num_classes: int = 10):
+        super().__init__()
+        self.downsample_layers = nn.ModuleList([nn.Sequential(
+            nn.Conv2d(3, dims[0], kernel_size=4, stride=4),
+            OriginalLayerNorm(dims[0], eps=1e-6, data_format="channels_first"))])
+        for i in range(len(dims) - 1):
+            self.downsample_layers.append(nn.Sequential(
+                OriginalLayerNorm(dims[i], eps=1e-6, data_format="channels_first"),
+                nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
+        self.stages = nn.ModuleList(
+            nn.Sequential(*(OriginalBlock(dim, 0.1) for _ in range(depth)))
+            for dim, depth in zip(dims, depths))
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x):
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+        return self.head(self.norm(x.mean([-2, -1])))
+
+
+NETWORKS["original_convnext"] = OriginalConvNeXt

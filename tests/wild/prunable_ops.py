@@ -14,7 +14,12 @@ libraries write them, for `archc prune` on models archc did not build:
   stem, token mixing by `pool(x) - x`, MLPs of 1x1 convs and layer scales kept as bare
   `nn.Parameter` vectors, applied as `gamma.unsqueeze(-1).unsqueeze(-1) * y` (PoolFormer) and
   `y * gamma.view(1, -1, 1, 1)` (timm's LayerScale2d), plus a learned bias
-  `nn.Parameter(torch.zeros(1, C, 1, 1))` added to a bias-free conv.
+  `nn.Parameter(torch.zeros(1, C, 1, 1))` added to a bias-free conv;
+- `FeaturePyramidUNet`: an FPN top-down path and a UNet-style decoder joined by `F.interpolate`
+  (nearest and bilinear), which a torch.export program spells `aten.upsample_*2d.vec`;
+- `ClassConditional` (two inputs: the image and its class labels, not in `NETWORKS`): a
+  label embedding added to a conv's features (`h + emb(y)[:, :, None, None]`) and a BigGAN-style
+  class-conditional BatchNorm (`bn(h) * (1 + gain(y)[..]) + bias(y)[..]`, Brock et al. 2019).
 
 Written from the papers' descriptions (Wang et al. 2021, Lim et al. 2017, Wu and He 2018, Chen et
 al. 2018, Yu et al. 2022)."""
@@ -196,9 +201,65 @@ class MetaFormer(nn.Module):
         return self.head(self.norm(x).mean([-2, -1]))
 
 
+def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class FeaturePyramidUNet(nn.Module):
+    """An FPN top-down path (1x1 laterals plus the coarser level upsampled by
+    `F.interpolate(scale_factor=2, mode="nearest")`, torchvision's FeaturePyramidNetwork) and a
+    UNet-style decoder (the pyramid's finest level upsampled bilinearly to the encoder's first
+    map, `size=c1.shape[-2:]`, concatenated with it), then a per-pixel classifier."""
+
+    def __init__(self, widths=(16, 32, 32), pyramid: int = 16, classes: int = 4):
+        super().__init__()
+        self.enc = nn.ModuleList([conv_bn_relu(3, widths[0], 2)] + [
+            conv_bn_relu(a, b, 2) for a, b in zip(widths, widths[1:])])
+        self.lateral = nn.ModuleList(nn.Conv2d(w, pyramid, 1) for w in widths)
+        self.smooth = conv_bn_relu(pyramid, pyramid)
+        self.decode = conv_bn_relu(pyramid + widths[0], widths[0])
+        self.classifier = nn.Conv2d(widths[0], classes, 1)
+
+    def forward(self, x):
+        features = []
+        for layer in self.enc:
+            x = layer(x)
+            features.append(x)
+        p = self.lateral[2](features[2])
+        p = self.lateral[1](features[1]) + F.interpolate(p, scale_factor=2, mode="nearest")
+        p = self.lateral[0](features[0]) + F.interpolate(p, scale_factor=2, mode="nearest")
+        c1 = features[0]
+        p = F.interpolate(self.smooth(p), size=c1.shape[-2:], mode="bilinear",
+                          align_corners=False)
+        return self.classifier(self.decode(torch.cat([p, c1], 1)))
+
+
+class ClassConditional(nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU())
+        self.conv1 = nn.Conv2d(16, 32, 3, padding=1)
+        self.label = nn.Embedding(classes, 32)
+        self.conv2 = nn.Conv2d(32, 32, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(32)
+        self.gain, self.bias = nn.Embedding(classes, 32), nn.Embedding(classes, 32)
+        self.conv3 = nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x, labels):
+        h = F.relu(self.conv1(self.stem(x)) + self.label(labels)[:, :, None, None])
+        h = self.bn(self.conv2(h))
+        h = h * (1 + self.gain(labels)[:, :, None, None]) + self.bias(labels)[:, :, None, None]
+        h = F.relu(self.conv3(F.relu(h)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
 NETWORKS = {
     "super_resolution": SuperResolution,
     "group_norm_resnet": GroupNormResNet,
     "face_net": FaceNet,
     "metaformer": MetaFormer,
+    "fpn_unet": FeaturePyramidUNet,
 }
