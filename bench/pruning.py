@@ -7,7 +7,9 @@
 
 Neither torchvision nor timm is a dependency: the models are the torchvision- and timm-style
 definitions of `tests/wild/prunable.py` (ResNet-18/50, MobileNetV2, a ResNeXt bottleneck net, a
-timm-style SE stage) and archc's own ShuffleNetV2 and RegNetX specs, built at 10 classes.
+timm-style SE stage), of `tests/wild/channels_last.py` (timm's ConvNeXt) and
+`tests/wild/attention.py` (LeViT, EfficientViT), and archc's own ShuffleNetV2 and RegNetX
+specs, built at 10 classes.
 
 Sections (each between `<!-- begin: NAME -->` markers, rewritten alone):
 - `prune-speed` (docs/performance.md): a ResNet-50 (torchvision layout, 224x224) pruned to 50% of
@@ -19,13 +21,24 @@ Sections (each between `<!-- begin: NAME -->` markers, rewritten alone):
   its MAC count, `torch.save`), and Torch-Pruning writing a `.pt2` as archc does (the same,
   then `torch.export` with a dynamic batch and `torch.export.save`; it cannot read a `.pt2`
   itself). Medians of the rounds and the load average are reported.
-- `prune-models` (docs/compression.md): per model, at 3x32x32: success or the refusal, MACs and
-  parameters kept (both counted by archc's rule), wall time (archc through the pickle route,
-  `--trust-pickle`, writing a `.pt2`; Torch-Pruning as above, its ratio tuned by bisection to the
-  largest MACs not above 50%), ONNX Runtime latency of each pruned model at 1x3x224x224 (one
-  thread, interleaved, medians; `archc.common.timing`), the same for `--round-to 8` of both
-  tools, and the digits validation error after the same fine-tuning (`archc.train.loop`) of the
-  same trained base model.
+- `prune-models` (docs/compression.md): per model, at 3x32x32: success or the refusal (or
+  Torch-Pruning's error, one line with the frame it was raised in; its pruned model must run),
+  MACs and parameters kept (both counted by archc's rule), wall time (archc's CLI on the pickled
+  module with `--trust-pickle`, or, for a model torch cannot pickle (the archc-built
+  GraphModules of ShuffleNetV2 and RegNetX), on its `torch.export` `.pt2`, writing a `.pt2`;
+  Torch-Pruning on `torch.load` of the pickle as above, or on a deepcopy in memory, its ratio
+  tuned by bisection to the largest MACs not above 50%), each unrounded and with `--round-to 8` /
+  `round_to=8`; ONNX Runtime latency of the unpruned and the four pruned models at 1x3x224x224
+  (LeViT, fixed-resolution: 1x3x32x32), one thread, all interleaved in one run (medians of the
+  rounds, `archc.common.timing`; by default the CPU time of the process, `--ort-clock cpu`, so
+  that other processes on a shared machine do not stretch it), and each rounded model's median
+  over its unrounded one (slower or faster only where the ranges of round medians do not
+  overlap); the digits validation accuracy of every model after the same fine-tuning
+  (`archc.train.loop`) of the same trained base model, with its 95% Wilson interval, and archc
+  against Torch-Pruning at equal rounding by the exact McNemar test (`archc.common.accuracy_stats`).
+
+The ConvNeXt-, LeViT- and EfficientViT-style networks are those of `tests/wild/channels_last.py`
+and `tests/wild/attention.py`.
 """
 
 from __future__ import annotations
@@ -47,8 +60,10 @@ from archc.common.timing import interleaved
 
 sys.path.insert(0, str(ROOT))
 MODELS = ["resnet18", "mobilenet_v2", "resnext_bottleneck", "timm_style", "shufflenet_v2_x0_5",
-          "regnetx_200mf"]
+          "regnetx_200mf", "timm_convnext", "levit", "efficientvit"]
+FIXED_RESOLUTION = {"levit"}  # attention biases indexed by position: latency at SIDE, not 224
 SECTIONS = ("speed", "models")
+CLOCKS = {"cpu": "CPU time of the process", "wall": "wall time"}
 TARGET = 0.5
 SIDE = 32  # pruning and fine-tuning input side; latency is measured at 224
 LATENCY_SHAPE = (1, 3, 224, 224)
@@ -60,7 +75,7 @@ def build_model(name: str, classes: int = 10):
 
     import archc
     from archc.ir.init import random_input, randomize
-    from tests.wild import prunable
+    from tests.wild import attention, channels_last, prunable
 
     if name in ("shufflenet_v2_x0_5", "regnetx_200mf"):
         spec = yaml.safe_load((ROOT / "specs" / f"{name}.yaml").read_text())
@@ -68,6 +83,10 @@ def build_model(name: str, classes: int = 10):
         model = archc.build(spec, init="random")
     elif name in ("resnet18", "resnet50"):
         model = getattr(prunable, name)(classes)
+    elif name in channels_last.NETWORKS:
+        model = channels_last.NETWORKS[name]()
+    elif name in attention.NETWORKS:
+        model = attention.NETWORKS[name]()
     else:
         model = prunable.NETWORKS[name]()
     side = 224 if name == "resnet50" else SIDE
@@ -115,7 +134,7 @@ def tp_ratio(model, example, round_to: int | None = None, steps: int = 10) -> fl
     return high
 
 
-def tp_run(source: Path, out: Path, example, ratio: float) -> None:
+def tp_run(source: Path, out: Path, example, ratio: float, round_to: int | None = None) -> None:
     """What a Torch-Pruning user runs: load the pickled model, prune, count, save; `out` a .pt2:
     export the pruned module with a dynamic batch as archc writes its programs (Torch-Pruning
     cannot read a .pt2 itself: its tracer calls `eval()`, which an exported module refuses)."""
@@ -123,7 +142,7 @@ def tp_run(source: Path, out: Path, example, ratio: float) -> None:
     import torch_pruning as tp
 
     model = torch.load(source, weights_only=False)  # the benchmark's own file
-    tp_prune(model, example, ratio)
+    tp_prune(model, example, ratio, round_to)
     tp.utils.count_ops_and_params(model, example)
     if out.suffix == ".pt2":
         batch = torch.export.Dim("batch", min=1)
@@ -156,7 +175,8 @@ def archc_pruned(model, example, round_to: int = 1):
     from archc.backends.importers import canonical_graph
     from archc.compress.pruning import PruneConfig, prune_to_macs
 
-    gm = canonical_graph(torch.fx.symbolic_trace(model), example)
+    traced = model if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model)
+    gm = canonical_graph(traced, example)
     return prune_to_macs(gm, example, TARGET,
                          lambda r: PruneConfig(r, round_to=round_to)).graph_module
 
@@ -228,6 +248,52 @@ def speed_section(result: dict, args) -> str:
     return "\n".join(lines)
 
 
+def save_source(model, folder: Path, example) -> tuple[Path, list[str]]:
+    """The file `archc prune` reads and its extra arguments: the pickled module (`--trust-pickle`)
+    where torch can pickle it, else a torch.export program (archc-built GraphModules do not
+    pickle: torch.fx's import-block writer fails on their generated code)."""
+    import torch
+
+    shape = ["--input-shape", f"1,3,{SIDE},{SIDE}"]
+    source = folder / "model.pt"
+    try:
+        torch.save(model, source)
+        return source, ["--trust-pickle", *shape]
+    except Exception:  # noqa: BLE001 - any pickling failure sends the model the .pt2 way
+        source.unlink(missing_ok=True)
+        source = folder / "model.pt2"
+        torch.export.save(torch.export.export(model, (example,)), source)
+        return source, shape
+
+
+def tp_candidate(base, source: Path, folder: Path, example, round_to: int | None,
+                 steps: int) -> tuple[object, float, str]:
+    """(Torch-Pruning's pruned model, its wall time, the route): its ratio tuned beforehand, then
+    timed as a user runs it: `torch.load` of the pickle, prune, count, `torch.save`; for a model
+    torch cannot pickle, the same on a deepcopy in memory. The pruned model must run."""
+    import torch
+    import torch_pruning as tp
+
+    ratio = tp_ratio(base, example, round_to, steps)
+    start = time.perf_counter()
+    if source.suffix == ".pt":
+        tp_run(source, folder / "tp.pt", example, ratio, round_to)
+        route = "pickle"
+    else:
+        tp.utils.count_ops_and_params(tp_prune(copy.deepcopy(base), example, ratio, round_to),
+                                      example)
+        route = "in memory"
+    seconds = time.perf_counter() - start
+    model = tp_prune(copy.deepcopy(base), example, ratio, round_to)
+    with torch.no_grad():
+        model(example)  # a pruning that breaks the forward is a failure, not a result
+    return model, seconds, route
+
+
+def latency_shape(name: str) -> tuple[int, ...]:
+    return (1, 3, SIDE, SIDE) if name in FIXED_RESOLUTION else LATENCY_SHAPE
+
+
 def bench_model(name: str, args) -> dict:
     import torch
 
@@ -236,97 +302,181 @@ def bench_model(name: str, args) -> dict:
     from archc.train.data import load_data
     from archc.train.loop import TrainConfig, Trainer
 
-    row: dict = {"model": name}
+    row: dict = {"model": name, "latency shape": latency_shape(name)}
     example = random_input((1, 3, SIDE, SIDE), 0)
     data = load_data("digits", 3, SIDE)
     train = TrainConfig(epochs=args.base_epochs, batch_size=64, lr=0.05, seed=0)
     base = Trainer(train, progress=False).fit(build_model(name), data).model.eval()
-    row["base_error"] = _error(base, data)
+    row["base right"] = _right(base, data)
     base_macs, base_params = archc_macs(base, example.shape)
     candidates: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as folder:
-        source = Path(folder) / "model.pt"
-        torch.save(base, source)
+        folder = Path(folder)
+        source, extra = save_source(base, folder, example)
+        row["route"] = source.suffix
         for round_to in (1, 8):
-            key = f"archc{'' if round_to == 1 else ' r8'}"
+            suffix = "" if round_to == 1 else " r8"
             try:
                 start = time.perf_counter()
-                archc_cli([str(source), "--trust-pickle", "--input-shape", f"1,3,{SIDE},{SIDE}",
-                           "--macs", str(TARGET), "--round-to", str(round_to), "-o",
-                           str(Path(folder) / "out.pt2")])
-                row[f"{key} seconds"] = time.perf_counter() - start
-                candidates[key] = archc_pruned(copy.deepcopy(base), example, round_to)
-            except Exception as exc:  # a refusal is a result
-                row[f"{key} refused"] = str(exc).splitlines()[0][:120]
+                archc_cli([str(source), *extra, "--macs", str(TARGET), "--round-to",
+                           str(round_to), "-o", str(folder / "out.pt2")])
+                row[f"archc{suffix} seconds"] = time.perf_counter() - start
+                candidates[f"archc{suffix}"] = archc_pruned(copy.deepcopy(base), example,
+                                                            round_to)
+            except Exception as exc:  # noqa: BLE001 - a refusal is a result
+                row[f"archc{suffix} refused"] = _one_line(exc)
             try:
-                ratio = tp_ratio(base, example, None if round_to == 1 else round_to,
-                                 args.tp_steps)
-                start = time.perf_counter()
-                tp_run(source, Path(folder) / "tp.pt", example, ratio)
-                row[f"tp{'' if round_to == 1 else ' r8'} seconds"] = time.perf_counter() - start
-                candidates[f"tp{'' if round_to == 1 else ' r8'}"] = tp_prune(
-                    copy.deepcopy(base), example, ratio, None if round_to == 1 else round_to)
-            except Exception as exc:
-                row[f"tp{'' if round_to == 1 else ' r8'} refused"] = \
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                model, seconds, route = tp_candidate(
+                    base, source, folder, example, None if round_to == 1 else round_to,
+                    args.tp_steps)
+                candidates[f"tp{suffix}"] = model
+                row[f"tp{suffix} seconds"], row["tp route"] = seconds, route
+            except Exception as exc:  # noqa: BLE001 - Torch-Pruning's failure is a result
+                row[f"tp{suffix} refused"] = _one_line(exc)
     for key, model in candidates.items():
         macs, params = archc_macs(model, example.shape)
         row[f"{key} kept"] = (macs / base_macs, params / base_params)
     sessions = {}
-    latency_input = random_input(LATENCY_SHAPE, 2).numpy()
+    latency_input = random_input(row["latency shape"], 2).numpy()
     for key, model in [("unpruned", base), *candidates.items()]:
-        with quiet():
-            onnx = baseline_onnx(model, torch.from_numpy(latency_input))
-        session, input_name, _ = ort_session(onnx, threads=1)
+        try:
+            with quiet():
+                onnx = baseline_onnx(model, torch.from_numpy(latency_input))
+            session, input_name, _ = ort_session(onnx, threads=1)
+        except Exception as exc:  # noqa: BLE001 - an export failure is a result
+            row[f"{key} onnx failed"] = _one_line(exc)
+            continue
         sessions[key] = (lambda s=session, n=input_name: s.run(None, {n: latency_input}))
-    timings = interleaved(sessions, rounds=args.rounds, iters=args.iters, warmup=3)
-    row["latency"] = {key: timing.median for key, timing in timings.items()}
+    clock = time.process_time if args.ort_clock == "cpu" else time.perf_counter
+    timings = interleaved(sessions, rounds=args.rounds, iters=args.iters, warmup=3, clock=clock)
+    row["latency"] = {key: timing.rounds for key, timing in timings.items()}
     tune = TrainConfig(epochs=args.tune_epochs, batch_size=64, lr=0.01, seed=0)
-    for key in ("archc", "tp"):
-        if key in candidates:
-            tuned = Trainer(tune, progress=False).fit(candidates[key], data).model.eval()
-            row[f"{key} error"] = _error(tuned, data)
+    for key, model in candidates.items():
+        tuned = Trainer(tune, progress=False).fit(model, data).model.eval()
+        row[f"{key} right"] = _right(tuned, data)
     return row
 
 
-def _error(model, data) -> float:
+def _one_line(exc: Exception) -> str:
+    """'ZeroDivisionError: integer division or modulo by zero (torch_pruning/.../x.py:fn)': the
+    error and the innermost frame it was raised in."""
+    import traceback
+
+    text = str(exc).strip().splitlines()
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    if frames:
+        parts = Path(frames[-1].filename).parts
+        where = f" (in {'/'.join(parts[-2:])}:{frames[-1].name})"
+    return f"{type(exc).__name__}: {text[0][:140] if text else ''}{where}"
+
+
+def _right(model, data) -> str:
+    """'1' per validation image the model classifies right, '0' per wrong one (in order)."""
     from archc.train.loop import evaluate_batches
 
-    return evaluate_batches(model, data.val_batches(256))["error"]
+    predictions: list[tuple[int, int]] = []
+    evaluate_batches(model, data.val_batches(256), predictions=predictions)
+    return "".join("1" if label == top1 else "0" for label, top1 in predictions)
+
+
+def rounded_vs_unrounded(rounded: list[float], unrounded: list[float]) -> str:
+    """'0.97x (within the spread)': the ratio of the round-to 8 model's median ORT latency to the
+    unrounded one's, both from the same interleaved rounds; 'slower'/'faster' only when the two
+    ranges of round medians do not overlap."""
+    import statistics
+
+    ratio = statistics.median(rounded) / statistics.median(unrounded)
+    if min(rounded) > max(unrounded):
+        verdict = "slower: the ranges do not overlap"
+    elif max(rounded) < min(unrounded):
+        verdict = "faster: the ranges do not overlap"
+    else:
+        verdict = "within the spread"
+    return f"{ratio:.2f}x ({verdict})"
 
 
 def models_section(rows: list[dict], args) -> str:
+    n = len(rows[0]["base right"]) if rows else 0
     lines = [
-        f"`python bench/pruning.py --sections models`: each model trained {args.base_epochs} "
-        f"epochs on digits (3x{SIDE}x{SIDE}), pruned to {100 * TARGET:.0f}% of its MACs by "
-        f"archc (`archc prune --trust-pickle --macs {TARGET}`, L1, per-group ratio searched) and "
-        f"by Torch-Pruning 1.6 (MetaPruner, L1 magnitude importance, uniform ratio tuned by "
-        f"bisection to the largest MACs not above the target, classifier ignored), then both "
-        f"fine-tuned {args.tune_epochs} epochs with `archc.train.loop` (same config and seed). "
-        f"Kept MACs and params by archc's counting rule. ORT: one thread, 1x3x224x224, "
-        f"interleaved, median of {args.rounds} rounds of {args.iters}. {machine()}.",
+        f"`python bench/pruning.py --sections models --rounds {args.rounds} --iters {args.iters} "
+        f"--ort-clock {args.ort_clock} "
+        f"--base-epochs {args.base_epochs} --tune-epochs {args.tune_epochs}`: each model trained "
+        f"{args.base_epochs} epochs on digits (3x{SIDE}x{SIDE}), pruned to {100 * TARGET:.0f}% "
+        f"of its MACs by archc (`archc prune --macs {TARGET}`, L1, per-group ratio searched; on "
+        f"the pickled module with `--trust-pickle`, or on a `.pt2` export where torch cannot "
+        f"pickle the model: the archc-built ShuffleNetV2 and RegNetX) and by Torch-Pruning 1.6 "
+        f"(MetaPruner, L1 magnitude importance, uniform ratio tuned by bisection to the largest "
+        f"MACs not above the target, classifier ignored; `torch.load` of the pickle, or a "
+        f"deepcopy in memory for the models that do not pickle), each with and without "
+        f"`--round-to 8` / `round_to=8`, then every pruned model fine-tuned {args.tune_epochs} "
+        f"epochs with `archc.train.loop` (same config and seed). Kept MACs and params by archc's "
+        f"counting rule. ORT: {CLOCKS[args.ort_clock]} "
+        f"per run, one thread, 1x3x224x224 (LeViT, whose attention biases fix its "
+        f"resolution: 1x3x{SIDE}x{SIDE}), all of a model's variants interleaved in one run, "
+        f"median of {args.rounds} rounds of {args.iters} [min-max of the round medians]; "
+        f"\"vs unrounded\" is the round-to 8 model's median over the same tool's unrounded one, "
+        f"called slower or faster only when the two ranges do not overlap. Accuracy on the "
+        f"{n} digits validation images, 95% Wilson interval; archc against Torch-Pruning at the "
+        f"same rounding: accuracy difference in points (images only archc gets right : images "
+        f"only Torch-Pruning gets right, exact McNemar p). {machine()}.",
         "",
-        "| model | tool | kept MACs / params | wall s | ORT ms (unpruned) | ORT ms round-to 8 "
-        "| val error % (base) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | tool | kept MACs / params | wall s | ORT ms | vs unrounded | accuracy "
+        "[95%] | archc vs Torch-Pruning |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        latency = row.get("latency", {})
-        for tool, label in (("archc", "archc"), ("tp", "Torch-Pruning")):
-            if f"{tool} refused" in row:
-                lines.append(f"| {row['model']} | {label} | refused: {row[f'{tool} refused']} "
-                             f"| | | | |")
-                continue
-            macs, params = row[f"{tool} kept"]
-            rounded = latency.get(f"{tool} r8")
-            rounded_text = "refused" if rounded is None else (
-                f"{1e3 * rounded:.2f} ({100 * row[f'{tool} r8 kept'][0]:.1f}% MACs)")
-            lines.append(
-                f"| {row['model']} | {label} | {100 * macs:.1f}% / {100 * params:.1f}% | "
-                f"{row[f'{tool} seconds']:.1f} | {1e3 * latency[tool]:.2f} "
-                f"({1e3 * latency['unpruned']:.2f}) | {rounded_text} | "
-                f"{row.get(f'{tool} error', float('nan')):.1f} ({row['base_error']:.1f}) |")
+        lines += _model_lines(row)
     return "\n".join(lines)
+
+
+def _ort_cell(row: dict, key: str) -> str:
+    import statistics
+
+    if key in row.get("latency", {}):
+        runs = row["latency"][key]
+        return f"{1e3 * statistics.median(runs):.2f} [{1e3 * min(runs):.2f}-{1e3 * max(runs):.2f}]"
+    return f"no ONNX: {row[f'{key} onnx failed']}" if f"{key} onnx failed" in row else ""
+
+
+def _accuracy_cell(row: dict, key: str) -> str:
+    from archc.common.accuracy_stats import accuracy_with_interval
+
+    bits = row.get(f"{key} right")
+    return accuracy_with_interval(bits.count("1"), len(bits), counts=False) if bits else ""
+
+
+def _model_lines(row: dict) -> list[str]:
+    """The table rows of one model: unpruned, then archc and Torch-Pruning, each unrounded and
+    at round-to 8."""
+    from archc.common.accuracy_stats import compare_paired
+
+    latency, model = row.get("latency", {}), row["model"]
+    shape = "" if tuple(row["latency shape"]) == LATENCY_SHAPE else f" (ORT at {SIDE}x{SIDE})"
+    lines = [f"| {model}{shape} | unpruned | 100% / 100% | | {_ort_cell(row, 'unpruned')} | | "
+             f"{_accuracy_cell(row, 'base')} | |"]
+    for tool, label in (("archc", "archc"), ("tp", "Torch-Pruning")):
+        for suffix in ("", " r8"):
+            key = f"{tool}{suffix}"
+            name = f"{label}{' round-to 8' if suffix else ''}"
+            if f"{key} refused" in row:
+                reason = row[f"{key} refused"].replace("|", "/")
+                lines.append(f"| {model} | {name} | failed: {reason} | | | | | |")
+                continue
+            macs, params = row[f"{key} kept"]
+            route = ".pt2" if tool == "archc" and row["route"] == ".pt2" else \
+                "in memory" if tool == "tp" and row.get("tp route") == "in memory" else ""
+            seconds = f"{row[f'{key} seconds']:.1f}{f' ({route})' if route else ''}"
+            versus = rounded_vs_unrounded(latency[key], latency[tool]) \
+                if suffix and key in latency and tool in latency else ""
+            paired, other = "", f"tp{suffix}"
+            if tool == "archc" and f"{key} right" in row and f"{other} right" in row:
+                paired = compare_paired([b == "1" for b in row[f"{other} right"]],
+                                        [b == "1" for b in row[f"{key} right"]]).difference()
+            lines.append(f"| {model} | {name} | {100 * macs:.1f}% / {100 * params:.1f}% | "
+                         f"{seconds} | {_ort_cell(row, key)} | {versus} | "
+                         f"{_accuracy_cell(row, key)} | {paired} |")
+    return lines
 
 
 def main() -> None:
@@ -338,6 +488,9 @@ def main() -> None:
     parser.add_argument("--tp-steps", type=int, default=8)
     parser.add_argument("--base-epochs", type=int, default=4)
     parser.add_argument("--tune-epochs", type=int, default=2)
+    parser.add_argument("--ort-clock", choices=("cpu", "wall"), default="cpu",
+                        help="models section: ORT latency as the CPU time of this process "
+                        "(one-thread sessions; robust to other processes) or wall time")
     parser.add_argument("--out", type=Path, default=None,
                         help="one file for both sections (default: the docs)")
     parser.add_argument("--json", type=Path, default=None, help="also dump the raw rows here")

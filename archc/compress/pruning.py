@@ -43,6 +43,8 @@ bn-scale and random taken as they are) and one threshold over all groups removes
 prunable channels. Every group keeps at least one unit, and its kept count is rounded up to a
 multiple of `round_to` (and of the grouped convs' segment count); a composite follows its leaves,
 so a pixel shuffle's fine side, r² channels per kept coarse one, is a multiple too.
+`prune_to_macs` with `round_to` > 1 then fills the rounded counts back up towards the MACs
+target, one step at a time.
 
 GroupNorm (G groups of C/G channels) is pruned by whole groups, its group count decreasing: a
 channel removed from inside a group would change that group's mean and variance, so only removing
@@ -531,8 +533,16 @@ def _step(unit: _Unit, round_to: int) -> int:
     return math.lcm(unit.segments, round_to)
 
 
-def _decide(units: list[_Unit], config: PruneConfig) -> list[np.ndarray]:
-    """The kept channel indices of each unit (sorted), shared by its groups."""
+def _decide(units: list[_Unit], config: PruneConfig,
+            counts: list[int] | None = None) -> list[np.ndarray]:
+    """The kept channel indices of each unit (sorted), shared by its groups; `counts` (per unit,
+    multiples of its step) replace the counts the config asks for."""
+    return [_every_piece(unit, _keep(unit, want, config.round_to))
+            for unit, want in zip(units, _wanted(units, config) if counts is None else counts)]
+
+
+def _wanted(units: list[_Unit], config: PruneConfig) -> list[int]:
+    """How many channels the config asks each unit to keep, before `_keep` rounds it."""
     if config.global_threshold:
         pooled = []
         for unit in units:  # heads are decided per attention (below)
@@ -552,8 +562,7 @@ def _decide(units: list[_Unit], config: PruneConfig) -> list[np.ndarray]:
         if unit.heads is not None:  # "dims": only the dead heads go
             wanted[at] = math.ceil((1 - config.ratio) * unit.size) if config.heads == "heads" \
                 else int(np.isfinite(unit.scores[0]).sum())
-    return [_every_piece(unit, _keep(unit, want, config.round_to))
-            for unit, want in zip(units, wanted)]
+    return wanted
 
 
 def _every_piece(unit: _Unit, kept: np.ndarray) -> np.ndarray:
@@ -582,9 +591,15 @@ def _unit_scores(unit: _Unit) -> np.ndarray:
     return total
 
 
-def _keep(unit: _Unit, want: int, round_to: int) -> np.ndarray:
+def _count(unit: _Unit, want: int, round_to: int) -> int:
+    """`want` rounded up to the unit's step, at least one step, at most the whole unit: what
+    `_keep` keeps before `_every_piece` adds a refined unit's empty pieces back."""
     step = _step(unit, round_to)
-    count = min(unit.size, max(step, math.ceil(want / step) * step))
+    return min(unit.size, max(step, math.ceil(want / step) * step))
+
+
+def _keep(unit: _Unit, want: int, round_to: int) -> np.ndarray:
+    count = _count(unit, want, round_to)
     scores = _unit_scores(unit)
     if unit.whole_segments:
         width = unit.size // unit.segments
@@ -692,11 +707,12 @@ def _estimated_macs(gm: GraphModule, cg: ChannelGraph, sources: Sources, before:
 
 
 def prune(gm: GraphModule, example_input: Tensor | tuple[Tensor, ...], config: PruneConfig,
-          prepared=None) -> PruneResult:
-    """A pruned copy of `gm` (see the module docstring); `gm` is left as it is."""
+          prepared=None, counts: list[int] | None = None) -> PruneResult:
+    """A pruned copy of `gm` (see the module docstring); `gm` is left as it is. `counts`: each
+    unit's kept count, in place of the ratio's (`prune_to_macs`'s fill)."""
     gm, cg, units, notes, before, shapes = prepared or _prepare(gm, example_input, config)
     macs_before = module_complexity(gm)
-    decisions = _decide(units, config)
+    decisions = _decide(units, config, counts)
     resize_channels(gm, cg, _sources(cg, units, decisions))
     propagate_shapes(gm, shapes)
     after = complexity_report(gm).total
@@ -728,7 +744,19 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor | tuple[Tensor, ...], t
     Per layer, the groups of grouped convs keep counts in steps of their segment count, so one
     ratio for all can stop well below the target (the next step is above it). The grouped
     groups then keep the ratio found, and a second bisection lowers the other groups' ratio to
-    fill up to the target."""
+    fill up to the target.
+
+    With `round_to` > 1 every count moves in steps of `round_to`, and one ratio moves the steps of
+    all groups at once (a 16-channel group keeps 16 or 8, a 32 one 32, 24, 16 or 8, all crossing
+    at the same ratios), so the largest fitting ratio can stop far below the target (a timm-style
+    stage: 30% of the MACs for a target of 50%). The counts found are then filled up one step at
+    a time (`_fill_counts`): the units keeping the smallest fraction of their cap grow first,
+    units of one size, count and cap together (the blocks of a stage stay alike), as long as the
+    MACs stay within the target. A unit's cap is the count the same search without rounding
+    gives it, rounded up to its step: no group keeps more than one step above the unrounded
+    pruning (filling by fraction alone gave a ResNeXt stage's 16-channel groups all 16 channels
+    where the unrounded pruning keeps 8, and the model 9% more ORT time than the unrounded
+    one)."""
     if not 0 < target < 1:
         raise PruneError(f"the MACs target must be a fraction in (0, 1), not {target}")
     prepared = _prepare(gm, example_input, make_config(0.5))
@@ -738,23 +766,78 @@ def prune_to_macs(gm: GraphModule, example_input: Tensor | tuple[Tensor, ...], t
         sources = _sources(cg, units, _decide(units, config))
         return _estimated_macs(copy_, cg, sources, before.flops) <= target * before.flops
 
-    best = _smallest_fitting_ratio(lambda r: fits(make_config(r)), 0.0, 0.99, steps)
-    if best is None:
-        sources = _sources(cg, units, _decide(units, make_config(0.99)))
-        fraction = _estimated_macs(copy_, cg, sources, before.flops) / before.flops
-        raise PruneError(f"cannot reach {100 * target:.0f}% of the MACs: at ratio 0.99 the "
-                         f"pruned model keeps {100 * fraction:.1f}% (its other channels are "
-                         f"fixed)")
-    config = make_config(best)
-    grouped = {unit.segments > 1 for unit in units}
-    if not config.global_threshold and grouped == {False, True}:
-        refill = _smallest_fitting_ratio(
-            lambda r: fits(replace(make_config(r), grouped_ratio=best)), 0.0, best, steps)
-        if refill is not None and refill < best:
-            config = replace(make_config(refill), grouped_ratio=best)
-            notes.append(f"ratio {refill:.3f}; the groups of grouped convs {best:.3f} (their "
-                         f"kept counts move in whole steps)")
-    return prune(gm, example_input, config, prepared)
+    def search(make: Callable[[float], PruneConfig]) -> tuple[PruneConfig, str | None]:
+        best = _smallest_fitting_ratio(lambda r: fits(make(r)), 0.0, 0.99, steps)
+        if best is None:
+            sources = _sources(cg, units, _decide(units, make(0.99)))
+            fraction = _estimated_macs(copy_, cg, sources, before.flops) / before.flops
+            raise PruneError(f"cannot reach {100 * target:.0f}% of the MACs: at ratio 0.99 the "
+                             f"pruned model keeps {100 * fraction:.1f}% (its other channels are "
+                             f"fixed)")
+        config = make(best)
+        grouped = {unit.segments > 1 for unit in units}
+        if not config.global_threshold and grouped == {False, True}:
+            refill = _smallest_fitting_ratio(
+                lambda r: fits(replace(make(r), grouped_ratio=best)), 0.0, best, steps)
+            if refill is not None and refill < best:
+                return (replace(make(refill), grouped_ratio=best),
+                        f"ratio {refill:.3f}; the groups of grouped convs {best:.3f} (their "
+                        f"kept counts move in whole steps)")
+        return config, None
+
+    config, note = search(make_config)
+    notes += [note] if note else []
+    counts = None
+    if config.round_to > 1 and not config.global_threshold:
+        unrounded, _ = search(lambda r: replace(make_config(r), round_to=1))
+        steps_ = [_step(unit, config.round_to) for unit in units]
+        start = [_count(unit, want, config.round_to)
+                 for unit, want in zip(units, _wanted(units, config))]
+        # a unit's cap: its unrounded count rounded up; heads stay as the config decides them
+        caps = [count if unit.heads is not None else _count(unit, want, config.round_to)
+                for unit, count, want in zip(units, start, _wanted(units, unrounded))]
+        start = [min(count, cap) for count, cap in zip(start, caps)]
+
+        def fits_counts(counts: list[int]) -> bool:
+            sources = _sources(cg, units, _decide(units, config, counts))
+            return _estimated_macs(copy_, cg, sources, before.flops) <= target * before.flops
+
+        alike: dict[tuple, list[int]] = {}
+        for i, (unit, count, cap) in enumerate(zip(units, start, caps)):
+            alike.setdefault((unit.size, count, cap, unit.segments, unit.whole_segments),
+                             []).append(i)
+        counts = _fill_counts(caps, start, steps_, list(alike.values()), fits_counts)
+        grown = sum(c != s for c, s in zip(counts, start))
+        if grown:
+            notes.append(f"round-to {config.round_to}: {grown} of {len(units)} groups kept one "
+                         f"or more steps more than the ratio's count, filling up to the target")
+    return prune(gm, example_input, config, prepared, counts)
+
+
+def _fill_counts(sizes: list[int], counts: list[int], steps: list[int],
+                 together: list[list[int]], fits: Callable[[list[int]], bool]) -> list[int]:
+    """Grow the kept counts one step at a time while `fits`, each up to at most its `sizes`
+    entry (`prune_to_macs`: the unrounded count rounded up). The units of a set in `together`
+    (a partition of the indices) grow together, so units alike before the fill stay alike (the
+    blocks of a stage: the result keeps a spec); always the set keeping the smallest fraction
+    count / size (ties: the earlier set) among those that can still grow. A set whose next step
+    does not fit never will (the MACs only grow as counts grow), so it stops there. Each count
+    stays a multiple of its step or its unit's whole size."""
+    counts = list(counts)
+    open_ = {k for k, members in enumerate(together)
+             if any(counts[i] < sizes[i] for i in members)}
+    while open_:
+        k = min(open_, key=lambda j: (min(counts[i] / sizes[i] for i in together[j]), j))
+        trial = list(counts)
+        for i in together[k]:
+            trial[i] = min(sizes[i], counts[i] + steps[i])
+        if fits(trial):
+            counts = trial
+            if all(counts[i] == sizes[i] for i in together[k]):
+                open_.discard(k)
+        else:
+            open_.discard(k)
+    return counts
 
 
 def _smallest_fitting_ratio(fits: Callable[[float], bool], low: float, high: float,
