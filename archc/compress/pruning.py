@@ -29,7 +29,10 @@ canonical form the analysis reads (`archc.backends.importers.canonical_graph`).
 
 Scores (one per channel of a group, higher is kept):
 - `l1` / `l2`: the L1 / L2 norm of the channel's rows in every producer (summed over producers,
-  e.g. both branches of a residual add);
+  e.g. both branches of a residual add), each through the gain |γ| / sqrt(var + eps) of a
+  BatchNorm that alone reads the producer: the norm of the row that folding the BN would give,
+  since a BN divides the row's own scale back out (w and its BN (a w, a μ, a² σ²) compute the
+  same function and score alike);
 - `bn-scale`: |gamma| summed over the group's BatchNorms (network slimming, Liu et al. 2017);
   groups without a BN are not pruned by this criterion;
 - `random`: seeded uniform scores, the control.
@@ -270,6 +273,19 @@ def _row_stats(module: nn.Module, criterion: str) -> tuple[np.ndarray, np.ndarra
     return norm.numpy(), alive.numpy()
 
 
+def _bn_gain(gm: GraphModule, producer: Node, at: Tensor) -> np.ndarray | float:
+    """|γ| / sqrt(var + eps) at channels `at` of the BatchNorm that alone reads a producer's output
+    (1 without one): the factor folding that BN into the producer scales its rows by, so that the
+    rows' norm is the norm of the layer the BN makes of them (a conv's row norm alone says nothing
+    under a BN, which divides it back out)."""
+    users = list(producer.users)
+    bn = _module(gm, users[0]) if len(users) == 1 else None
+    if not isinstance(bn, BN_MODULES) or not bn.track_running_stats or bn.running_var is None:
+        return 1.0
+    gamma, _ = _bn_affine(bn, at)
+    return (gamma.abs() / torch.sqrt(bn.running_var.double()[at] + bn.eps)).numpy()
+
+
 def _bn_affine(module: nn.Module, at: Tensor) -> tuple[Tensor, Tensor]:
     """A BatchNorm's (γ, β) at channels `at`, in float64 (1 and 0 without affine)."""
     if module.affine:
@@ -323,7 +339,7 @@ def _channel_scores(gm: GraphModule, cg: ChannelGraph, positions, leaf: ChannelG
             if row_stats[node] is None:
                 return None
             row_norm, row_alive = row_stats[node]
-            norm += row_norm[channels]
+            norm += row_norm[channels] * _bn_gain(gm, node, at)
             alive |= row_alive[channels]
             producers += 1
         for node in group.channelwise:

@@ -477,3 +477,53 @@ def test_layer_scales_pruned_and_replayed_by_the_checkpoint(tmp_path):
     save_checkpoint(result.graph_module, spec, tmp_path / "p.pt", X32)  # verifies the reload
     _, reloaded = load_checkpoint(tmp_path / "p.pt")
     torch.testing.assert_close(reloaded(X32), result.graph_module(X32))
+
+
+class _ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+def _kept(model: nn.Module, ratio: float = 0.5) -> torch.Tensor:
+    """The conv's kept output channels (its remaining rows matched against the original's)."""
+    gm = torch.fx.symbolic_trace(model)
+    pruned = prune(gm, torch.randn(2, 3, 8, 8), PruneConfig(ratio)).graph_module
+    rows = pruned.get_submodule("conv").weight.detach()
+    return torch.tensor([int((model.conv.weight.detach() == r).all((1, 2, 3)).nonzero()[0])
+                         for r in rows])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(0.1, 10.0), min_size=6, max_size=6), st.integers(0, 2 ** 16))
+def test_l1_scores_ignore_a_rescaling_that_the_bn_divides_back_out(scales, seed):
+    """Scaling conv row o by a and the BN's running mean by a, its variance by a² computes the
+    same function; the channels kept must not change (the row norm counts through the BN's gain
+    |γ| / sqrt(var + eps): the norm of the folded conv, eps aside)."""
+    torch.manual_seed(seed)
+    model = randomize(_ConvBN(), seed).eval()
+    with torch.no_grad():
+        model.bn.eps = 1e-12
+    before = _kept(model)
+    with torch.no_grad():
+        a = torch.tensor(scales)
+        model.conv.weight.mul_(a[:, None, None, None])
+        model.bn.running_mean.mul_(a)
+        model.bn.running_var.mul_(a * a)
+    assert sorted(_kept(model).tolist()) == sorted(before.tolist())
+
+
+def test_l1_keeps_the_channel_its_bn_amplifies():
+    """Rows of equal norm: the BN's gain decides (|γ| / sqrt(var + eps))."""
+    model = _ConvBN().eval()
+    with torch.no_grad():
+        model.conv.weight.fill_(1.0)
+        model.bn.weight.copy_(torch.tensor([1.0, 5.0, 0.1, 3.0, 0.2, 4.0]))
+        model.bn.running_var.fill_(1.0)
+    gm = torch.fx.symbolic_trace(model)
+    pruned = prune(gm, torch.randn(2, 3, 8, 8), PruneConfig(0.5)).graph_module
+    assert sorted(pruned.get_submodule("bn").weight.tolist()) == [3.0, 4.0, 5.0]
