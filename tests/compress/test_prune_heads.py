@@ -205,13 +205,20 @@ def test_zero_value_rows_under_a_shift_are_not_a_dead_head():
     torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-12, atol=1e-12)
 
 
-def test_a_computed_head_count_is_refused():
-    gm = torch.fx.symbolic_trace(_Attention(computed=True).eval())
+def _heads_kept_whole(model: nn.Module, reason: str):
+    """Traced: the one attention's heads are fixed for `reason`, and pruning by whole heads
+    leaves them (the report says why); the pruned result."""
+    gm = torch.fx.symbolic_trace(model.eval())
     graph = analyze_channels(gm, (torch.randn(2, 3, 4, 4),))
-    assert [h.fixed.split(" (")[0] for h in graph.heads] == [channels.HEAD_COUNT]
+    assert [h.fixed for h in graph.heads] == [reason]
     result = prune(gm, torch.randn(2, 3, 4, 4), PruneConfig(0.5, heads="heads"))
-    assert any(channels.HEAD_COUNT in note for note in result.notes)
     assert not any(g.policy == "heads" for g in result.groups)
+    assert any(reason.split(" (")[0] in note for note in result.notes)
+    return result
+
+
+def test_a_computed_head_count_is_refused():
+    _heads_kept_whole(_Attention(computed=True), f"{channels.HEAD_COUNT} (view)")
 
 
 class _ScaledQuery(_Attention):
@@ -227,11 +234,7 @@ class _ScaledQuery(_Attention):
 
 
 def test_a_constant_not_indexed_by_the_heads_keeps_them():
-    gm = torch.fx.symbolic_trace(_ScaledQuery().eval())
-    graph = analyze_channels(gm, (torch.randn(2, 3, 4, 4),))
-    assert [h.fixed for h in graph.heads] == [f"{channels.HEAD_CONSTANT} (mul)"]
-    result = prune(gm, torch.randn(2, 3, 4, 4), PruneConfig(0.5, heads="heads"))
-    assert not any(g.policy == "heads" for g in result.groups)
+    result = _heads_kept_whole(_ScaledQuery(), f"{channels.HEAD_CONSTANT} (mul)")
     assert result.graph_module(torch.randn(2, 3, 4, 4)).shape == (2, 5)
 
 
@@ -251,11 +254,7 @@ class _TwoCounts(nn.Module):
 
 
 def test_linked_head_splits_with_different_counts_keep_their_heads():
-    gm = torch.fx.symbolic_trace(_TwoCounts().eval())
-    graph = analyze_channels(gm, (torch.randn(2, 3, 4, 4),))
-    assert [h.fixed for h in graph.heads] == [f"{channels.SEGMENT_CONFLICT} (head counts [2, 4])"]
-    result = prune(gm, torch.randn(2, 3, 4, 4), PruneConfig(0.5, heads="heads"))
-    assert not any(g.policy == "heads" for g in result.groups)
+    _heads_kept_whole(_TwoCounts(), f"{channels.SEGMENT_CONFLICT} (head counts [2, 4])")
 
 
 @pytest.mark.parametrize("route", ["trace", "export"])
