@@ -14,6 +14,18 @@ from archc.cli import arguments
 from archc.cli.output import SPEC_FORMATS, Output, write_spec
 
 
+def _add_model_and_output(parser: argparse.ArgumentParser, made: str) -> None:
+    """MODEL and -o OUT of a command that rewrites any model: an archc checkpoint stays one, any
+    other model is written as a torch.export program."""
+    parser.add_argument("checkpoint", type=Path, metavar="MODEL",
+                        help="archc checkpoint (.pt), torch.export program (.pt2) or, with "
+                        "--trust-pickle, a whole pickled nn.Module (.pt)")
+    parser.add_argument("-o", "--output", type=arguments.output_path((".pt", ".pt2")),
+                        required=True, metavar="OUT",
+                        help=f"{made} archc checkpoint (.pt) of an archc checkpoint; a "
+                        "torch.export program (.pt2) of any other model")
+
+
 def _energy(text: str) -> float:
     try:
         value = float(text)
@@ -33,18 +45,12 @@ def add_commands(commands) -> None:
     prune = commands.add_parser(
         "prune",
         help="structured channel pruning of a checkpoint over its channel groups",
-        description="Remove whole channels of CKPT's free channel groups (archc.ir.channels: "
+        description="Remove whole channels of MODEL's free channel groups (archc.ir.channels: "
         "residual adds, concatenations, depthwise convs, grouped convs and SE gates stay "
         "consistent), scored by filter norm, BN scale or at random; write the pruned "
         "checkpoint. See docs/compression.md.",
     )
-    prune.add_argument("checkpoint", type=Path, metavar="MODEL",
-                       help="archc checkpoint (.pt), torch.export program (.pt2) or, with "
-                       "--trust-pickle, a whole pickled nn.Module (.pt)")
-    prune.add_argument("-o", "--output", type=arguments.output_path((".pt", ".pt2")),
-                       required=True, metavar="OUT",
-                       help="pruned archc checkpoint (.pt) of an archc checkpoint; a "
-                       "torch.export program (.pt2) of any other model")
+    _add_model_and_output(prune, "pruned")
     prune.add_argument("--trust-pickle", action="store_true",
                        help="allow a whole pickled nn.Module: unpickling runs its code")
     prune.add_argument("--input-shape", type=arguments.input_option, action="append",
@@ -97,13 +103,7 @@ def add_commands(commands) -> None:
         "rank keeps --energy of the squared singular values, or is searched to meet --macs. "
         "Reports the relative error of every layer. See docs/compression.md.",
     )
-    lowrank.add_argument("checkpoint", type=Path, metavar="MODEL",
-                         help="archc checkpoint (.pt), torch.export program (.pt2) or, with "
-                         "--trust-pickle, a whole pickled nn.Module (.pt)")
-    lowrank.add_argument("-o", "--output", type=arguments.output_path((".pt", ".pt2")),
-                         required=True, metavar="OUT",
-                         help="decomposed archc checkpoint (.pt) of an archc checkpoint; a "
-                         "torch.export program (.pt2) of any other model")
+    _add_model_and_output(lowrank, "decomposed")
     arguments.add_model_source_options(lowrank)
     target = lowrank.add_mutually_exclusive_group()
     target.add_argument("--energy", type=_energy, default=None, metavar="E",
